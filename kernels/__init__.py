@@ -1,0 +1,37 @@
+"""Triton kernels, torch references, custom ops and nn layers for always-sparse training.
+
+Formats: constant fan-in (``fanin``), wrap-around (block-)diagonal (``diag``), unstructured
+coordinates (``sparse``); one SDDMM (``sddmm``) computes every weight gradient and growth score.
+See ``kernels.runtime`` for how CPU tensors choose between the torch path and the Triton
+interpreter.
+"""
+import os
+
+import torch
+
+# Triton runs on CPU only under its interpreter, which must be on before any @triton.jit
+# function is defined (see ENVIRONMENT notes in the README).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import runtime  # noqa: E402
+from .runtime import set_backend, get_backend, use_backend, set_checks  # noqa: E402
+from .sddmm import sddmm, sddmm_ref, sddmm_fwd, _sddmm_kernel, _sddmm_block_kernel  # noqa: E402
+from .fanin import (FanInLinear, fanin_matmul, fanin_matmul_ref, fanin_fwd, fanin_dx,  # noqa: E402
+                    _fanin_fwd_kernel, _fanin_dx_kernel)
+
+__all__ = [
+    "runtime", "set_backend", "get_backend", "use_backend", "set_checks",
+    "sddmm", "sddmm_ref", "sddmm_fwd",
+    "FanInLinear", "fanin_matmul", "fanin_matmul_ref", "fanin_fwd", "fanin_dx",
+]
+from .diag import (DiagLinear, diag_matmul, diag_matmul_ref, diag_fwd, diag_dx,  # noqa: E402
+                   diag_coords, diag_geometry, _diag_block_kernel, _diag_elem_kernel)
+
+__all__ += ["DiagLinear", "diag_matmul", "diag_matmul_ref", "diag_fwd", "diag_dx", "diag_coords",
+            "diag_geometry"]
+from .sparse import SparseLinear, sparse_matmul, sparse_matmul_ref  # noqa: E402
+from .module import SparseLayer  # noqa: E402
+from . import coords  # noqa: E402
+
+__all__ += ["SparseLinear", "sparse_matmul", "sparse_matmul_ref", "SparseLayer", "coords"]

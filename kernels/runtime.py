@@ -1,0 +1,179 @@
+"""Where the kernels run, how they are launched, and the argument checks every op shares.
+
+Backends
+- CUDA tensors always run the Triton kernels.
+- CPU tensors run a fast torch path by default ("torch"). Setting the backend to "triton"
+  (``kernels.set_backend("triton")``, the context manager ``kernels.use_backend("triton")``
+  or the environment variable ``DST_KERNELS_BACKEND=triton``) runs the same Triton kernels
+  through the Triton interpreter instead: slow (about 1-2 ms per program loop iteration),
+  but it executes the exact kernel code, which is what the tests do.
+
+Triton only runs on CPU under its interpreter, and the interpreter must be switched on before
+a ``@triton.jit`` function is defined: ``kernels/__init__.py`` sets ``TRITON_INTERPRET=1``
+when no CUDA device is present, before any kernel module is imported.
+
+Launch configs come from a per-device JSON table in ``kernels/configs/`` written by
+``bench/sweep.py``; entries missing there fall back to the defaults given by each kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("torch", "triton")
+_backend = os.environ.get("DST_KERNELS_BACKEND", "torch")
+_checks = os.environ.get("DST_KERNELS_CHECKS", "1") != "0"
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def set_backend(name: str) -> None:
+    """Choose how CPU tensors are computed: "torch" (fast, default) or "triton" (interpreter)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of ``set_backend``."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def set_checks(enabled: bool) -> None:
+    """Turn the data-dependent index checks (range, repeats) on or off.
+
+    They cost a device synchronisation per call on a GPU; the layers validate indices when a
+    mask changes, so benchmarks may switch the per-call checks off.
+    """
+    global _checks
+    _checks = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    return _checks
+
+
+def runs_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` launches the Triton kernel."""
+    if t.is_cuda:
+        return True
+    return _backend == "triton"
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def device_key(device: torch.device | None = None) -> str:
+    """File stem of the tuned-config table for a device, e.g. "nvidia_h100_80gb_hbm3"."""
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+    elif device is None and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        return "interpreter"
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@lru_cache(maxsize=None)
+def _load_table(path: str, mtime: float) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_table(device: torch.device | None = None) -> dict:
+    path = CONFIG_DIR / f"{device_key(device)}.json"
+    if not path.exists():
+        return {}
+    return _load_table(str(path), path.stat().st_mtime)
+
+
+def shape_bucket(n: int) -> int:
+    """Round a size up to a power of two so that nearby shapes share a tuned entry."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def launch_config(kernel: str, key: dict, default: dict, device: torch.device | None = None) -> dict:
+    """The tuned launch config of ``kernel`` for ``key`` on ``device``, else ``default``.
+
+    Table layout: {kernel: {"<k1>=<v1>,<k2>=<v2>": {config}}}; keys are sorted by name.
+    Under the interpreter the defaults are used unless a table named "interpreter" exists.
+    """
+    entries = config_table(device).get(kernel, {})
+    found = entries.get(format_key(key))
+    if found is None:
+        return dict(default)
+    merged = dict(default)
+    merged.update(found)
+    return merged
+
+
+def format_key(key: dict) -> str:
+    return ",".join(f"{k}={key[k]}" for k in sorted(key))
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_index(name: str, t: torch.Tensor, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_range(name: str, t: torch.Tensor, high: int) -> None:
+    """Every entry of ``t`` in [0, high). Synchronises on a GPU: only when checks are on."""
+    if not _checks or t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= high:
+        raise ValueError(f"{name} must lie in [0, {high}), found values in [{lo}, {hi}]")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_dtype_match(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")

@@ -1,0 +1,218 @@
+"""SDDMM: a dense-dense product sampled at a list of coordinates.
+
+    g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]                  element form, g: [n]
+    g[i] = dy[:, rows[i]*b:(rows[i]+1)*b]^T @ x[:, cols[i]*b:...]  block form, g: [n, b, b]
+
+dy: [T, M], x: [T, N], rows / cols: int32 [n], any order, repeats allowed, n may be 0.
+This one family computes the weight gradient of every sparse format (restricted to the
+active coordinates) and the growth scores of every DST rule, so no dense [M, N] product is
+ever formed. Accumulation is fp32; the result has the dtype of dy.
+
+Example:
+    g = sddmm(dy, x, rows, cols)                 # [n]
+    gb = sddmm(dy, x, brows, bcols, block_size=16)  # [n, 16, 16]
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime as rt
+
+# Bound on the elements of the gathered [T, chunk] temporaries of the torch path.
+_TORCH_CHUNK_ELEMS = 1 << 22
+
+
+def sddmm_ref(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              block_size: int = 1) -> torch.Tensor:
+    """The spec: form the dense product and read it at the coordinates (tests only)."""
+    full = dy.t() @ x  # [M, N]
+    if block_size == 1:
+        return full[rows.long(), cols.long()]
+    b = block_size
+    blocks = full.reshape(full.shape[0] // b, b, full.shape[1] // b, b).permute(0, 2, 1, 3)
+    return blocks[rows.long(), cols.long()]
+
+
+@triton.jit
+def _sddmm_kernel(
+    dy_ptr, x_ptr, rows_ptr, cols_ptr, g_ptr,
+    T, n,
+    stride_dyt, stride_dym, stride_xt, stride_xn,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    r = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    c = tl.load(cols_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        m = (offs_t[:, None] < T) & mask_n[None, :]
+        a = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + r[None, :] * stride_dym, mask=m, other=0.0)
+        b = tl.load(x_ptr + offs_t[:, None] * stride_xt + c[None, :] * stride_xn, mask=m, other=0.0)
+        # Upcast right after the load: the interpreter computes bf16 on raw bits otherwise.
+        acc += tl.sum(a.to(ACC) * b.to(ACC), axis=0)  # [BN]
+    tl.store(g_ptr + offs_n, acc.to(g_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _sddmm_block_kernel(
+    dy_ptr, x_ptr, rows_ptr, cols_ptr, g_ptr,
+    T,
+    stride_dyt, stride_dym, stride_xt, stride_xn,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    r = tl.load(rows_ptr + i).to(tl.int64)
+    c = tl.load(cols_ptr + i).to(tl.int64)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        m = (offs_t[:, None] < T) & mask_b[None, :]
+        a = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + (r * B + offs_b)[None, :] * stride_dym,
+                    mask=m, other=0.0)  # [BT, BB]
+        b = tl.load(x_ptr + offs_t[:, None] * stride_xt + (c * B + offs_b)[None, :] * stride_xn,
+                    mask=m, other=0.0)  # [BT, BB]
+        if UPCAST:
+            a = a.to(ACC)
+            b = b.to(ACC)
+        if USE_DOT:
+            acc += tl.dot(tl.trans(a), b, input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[:, None, :], axis=0)
+    offs_g = i * B * B + offs_b[:, None] * B + offs_b[None, :]
+    tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_b[None, :])
+
+
+def _check(dy, x, rows, cols, block_size):
+    rt.check_float("dy", dy)
+    rt.check_float("x", x)
+    rt.check_dtype_match("x", x, "dy", dy)
+    if dy.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"dy and x must be 2-D [T, M] and [T, N], got {tuple(dy.shape)} and {tuple(x.shape)}")
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy and x must share the token dimension T, got {dy.shape[0]} and {x.shape[0]}")
+    rt.check_index("rows", rows, 1)
+    rt.check_index("cols", cols, 1)
+    if rows.shape != cols.shape:
+        raise ValueError(f"rows and cols must have one length, got {rows.numel()} and {cols.numel()}")
+    rt.check_same_device(dy=dy, x=x, rows=rows, cols=cols)
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if dy.shape[1] % block_size or x.shape[1] % block_size:
+        raise ValueError(f"block_size={block_size} must divide dy.shape[1]={dy.shape[1]} and x.shape[1]={x.shape[1]}")
+    rt.check_range("rows", rows, dy.shape[1] // block_size)
+    rt.check_range("cols", cols, x.shape[1] // block_size)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator of a kernel: fp64 for fp64 inputs (gradcheck), fp32 for everything else."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PRECISION) for tl.dot: the interpreter computes bf16 wrongly, so it gets
+    fp32 operands; on a GPU fp16/bf16 go to tensor cores as they are and fp32 is exact (ieee)."""
+    if rt.interpreting() or dtype in (torch.float32, torch.float64):
+        return True, "ieee"
+    return False, "tf32"
+
+
+def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
+    """Launcher: check, allocate, pick the config, launch."""
+    _check(dy, x, rows, cols, block_size)
+    n, T, b = rows.numel(), dy.shape[0], block_size
+    shape = (n,) if b == 1 else (n, b, b)
+    g = torch.empty(shape, dtype=dy.dtype, device=dy.device)
+    if n == 0:
+        return g
+    if T == 0:
+        return g.zero_()
+    rows, cols = rows.contiguous(), cols.contiguous()
+    if b == 1:
+        cfg = rt.launch_config("sddmm", {"dtype": str(dy.dtype)[6:]},
+                               {"BLOCK_N": 64 if rt.interpreting() else 32,
+                                "BLOCK_T": 256 if rt.interpreting() else 64, "num_warps": 4})
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+        _sddmm_kernel[grid](dy, x, rows, cols, g, T, n,
+                            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], ACC=acc_dtype(dy.dtype),
+                            num_warps=cfg["num_warps"])
+        return g
+    upcast, precision = dot_settings(dy.dtype)
+    block_b = max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b)
+    cfg = rt.launch_config("sddmm_block", {"b": b, "dtype": str(dy.dtype)[6:]},
+                           {"BLOCK_T": 128 if rt.interpreting() else 64, "num_warps": 4, "num_stages": 2})
+    _sddmm_block_kernel[(n,)](dy, x, rows, cols, g, T,
+                              dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+                              B=b, BLOCK_B=block_b, BLOCK_T=cfg["BLOCK_T"],
+                              USE_DOT=b >= 16, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return g
+
+
+def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
+    """CPU path: gather and reduce in chunks of coordinates, never forming [M, N]."""
+    _check(dy, x, rows, cols, block_size)
+    T, b, n = dy.shape[0], block_size, rows.numel()
+    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    dyc, xc = dy.to(acc_dtype), x.to(acc_dtype)
+    if b == 1:
+        out = torch.empty(n, dtype=acc_dtype, device=dy.device)
+        step = max(1, _TORCH_CHUNK_ELEMS // max(T, 1))
+        for s in range(0, n, step):
+            r, c = rows[s:s + step].long(), cols[s:s + step].long()
+            out[s:s + step] = (dyc[:, r] * xc[:, c]).sum(0)
+        return out.to(dy.dtype)
+    dyb = dyc.reshape(T, -1, b)
+    xb = xc.reshape(T, -1, b)
+    out = torch.empty(n, b, b, dtype=acc_dtype, device=dy.device)
+    step = max(1, _TORCH_CHUNK_ELEMS // max(T * b, 1))
+    for s in range(0, n, step):
+        r, c = rows[s:s + step].long(), cols[s:s + step].long()
+        out[s:s + step] = torch.einsum("tni,tnj->nij", dyb[:, r], xb[:, c])
+    return out.to(dy.dtype)
+
+
+@torch.library.custom_op("alwayssparse::sddmm", mutates_args=())
+def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              block_size: int) -> torch.Tensor:
+    if rt.runs_triton(dy):
+        return sddmm_fwd(dy, x, rows, cols, block_size)
+    return sddmm_torch(dy, x, rows, cols, block_size)
+
+
+@_sddmm_op.register_fake
+def _(dy, x, rows, cols, block_size):
+    n = rows.shape[0]
+    shape = (n,) if block_size == 1 else (n, block_size, block_size)
+    return dy.new_empty(shape)
+
+
+def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+          block_size: int = 1) -> torch.Tensor:
+    """Sampled dense-dense product g[i] = sum_t dy[t, rows[i]] x[t, cols[i]].
+
+    Args:
+        dy: [T, M] (or [..., M], flattened to 2-D), x: [T, N] with the same leading shape.
+        rows, cols: int32 [n] coordinates, block coordinates when ``block_size > 1``.
+        block_size: 1 for elements, b > 1 for b x b blocks (b must divide M and N).
+    Returns:
+        g: [n] or [n, b, b] in dy's dtype (accumulated in fp32).
+
+    Example:
+        >>> g = sddmm(torch.randn(8, 5), torch.randn(8, 7), rows, cols)
+    """
+    rt.check_float("dy", dy)
+    rt.check_float("x", x)
+    if dy.dim() > 2:
+        dy = dy.reshape(-1, dy.shape[-1])
+    if x.dim() > 2:
+        x = x.reshape(-1, x.shape[-1])
+    return _sddmm_op(dy, x, rows, cols, block_size)

@@ -445,7 +445,7 @@ class DiagLinear(SparseLayer):
         """Replace the diagonals (a mask update): checks them, then swaps them in."""
         probe = self.values.new_empty(0, self.in_features)
         _check(probe, values.to(self.values.dtype), offsets.to(torch.int32), self.block_size, self.out_features)
-        self.values = torch.nn.Parameter(values.to(self.values.dtype).contiguous())
+        self._swap_values(values.to(self.values.dtype).contiguous())
         self.offsets = offsets.to(torch.int32).contiguous()
 
     @classmethod

@@ -344,7 +344,7 @@ class FanInLinear(SparseLayer):
         x_probe = self.values.new_empty(0, self.in_features)
         with torch.no_grad():
             _check(x_probe, values.to(self.values.dtype), indices, rows, self.out_features)
-        self.values = torch.nn.Parameter(values.to(self.values.dtype).contiguous())
+        self._swap_values(values.to(self.values.dtype).contiguous())
         self.indices = indices.to(torch.int32).contiguous()
         self.rows = rows.to(torch.int32).contiguous()
 

@@ -25,6 +25,13 @@ class SparseLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def _swap_values(self, values: torch.Tensor) -> None:
+        """Give ``self.values`` new contents (and possibly a new shape) while keeping the same
+        Parameter object, so optimizers and hooks holding it stay valid; the caller remaps
+        optimizer state (dst.apply_update does)."""
+        with torch.no_grad():
+            self.values.data = values
+
     def reset_bias(self, bound: float, generator=None) -> None:
         if self.bias is not None:
             with torch.no_grad():

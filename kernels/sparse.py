@@ -198,7 +198,7 @@ class SparseLinear(SparseLayer):
         flat = rows[order].long() * self.in_features + cols[order].long()
         if rt.checks_enabled() and flat.numel() > 1 and bool((flat.diff() == 0).any()):
             raise ValueError("rows/cols must be distinct coordinates; found a repeat")
-        self.values = torch.nn.Parameter(values.to(self.values.dtype)[order].contiguous())
+        self._swap_values(values.to(self.values.dtype)[order].contiguous())
         self.rows = rows[order].contiguous()
         self.cols = cols[order].contiguous()
 

@@ -1,0 +1,128 @@
+"""kernels/diag.py: wrap-around (block-)diagonal product, gradients, geometry and the layer."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import kernels
+from kernels.diag import diag_matmul_ref, diag_to_dense, diagonals_for_density
+
+from .conftest import DEVICE, check_op
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def diag_cases(draw):
+    b = draw(st.sampled_from([1, 1, 2, 4, 16, 32]))
+    R = draw(st.integers(1, 6 if b < 16 else 4))
+    C = draw(st.integers(1, 6 if b < 16 else 4))
+    P = max(R, C)
+    K = draw(st.integers(1, P))
+    T = draw(st.integers(1, 40))
+    dtype = draw(st.sampled_from(DTYPES))
+    return b, R, C, K, T, dtype, draw(st.integers(0, 2 ** 16))
+
+
+def make(g, b, R, C, K):
+    D, P = min(R, C), max(R, C)
+    offsets = torch.randperm(P, generator=g)[:K].to(torch.int32)
+    return torch.randn(K, D, b, b, generator=g), offsets
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=diag_cases())
+def test_diag_matches_dense_reference_with_gradients(backend, case):
+    b, R, C, K, T, dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    values, offsets = make(g, b, R, C, K)
+    x = torch.randn(T, C * b, generator=g)
+    off = offsets.to(DEVICE)
+    check_op(lambda x, v: kernels.diag_matmul(x, v, off, b, R * b),
+             lambda x, v: diag_matmul_ref(x, v, off, b, R * b),
+             [x.to(DEVICE), values.to(DEVICE)], dtype)
+
+
+@pytest.mark.parametrize("b,R,C,K", [(1, 123, 63, 5), (1, 63, 123, 63), (16, 3, 7, 7), (16, 7, 3, 1),
+                                     (64, 2, 1, 2), (32, 1, 3, 3), (8, 5, 5, 5)])
+def test_diag_edge_shapes(backend, b, R, C, K):
+    g = torch.Generator().manual_seed(0)
+    values, offsets = make(g, b, R, C, K)
+    x = torch.randn(3, C * b, generator=g)
+    off = offsets.to(DEVICE)
+    check_op(lambda x, v: kernels.diag_matmul(x, v, off, b, R * b),
+             lambda x, v: diag_matmul_ref(x, v, off, b, R * b),
+             [x.to(DEVICE), values.to(DEVICE)], torch.float32)
+
+
+@pytest.mark.parametrize("R,C", [(4, 4), (6, 3), (3, 6), (5, 2)])
+def test_pattern_follows_the_wraparound_definition(R, C):
+    P, D = max(R, C), min(R, C)
+    for o in range(P):
+        m = diag_to_dense(torch.ones(1, D, 1, 1), torch.tensor([o], dtype=torch.int32), C, R, 1) != 0
+        expected = torch.zeros(R, C, dtype=torch.bool)
+        for i in range(D):
+            if R >= C:
+                expected[(i + o) % R, i] = True
+            else:
+                expected[i, (i + o) % C] = True
+        assert torch.equal(m, expected), (R, C, o)
+
+
+def test_all_diagonals_cover_the_matrix_once():
+    for R, C in [(4, 4), (6, 3), (3, 6)]:
+        P, D = max(R, C), min(R, C)
+        count = diag_to_dense(torch.ones(P, D, 1, 1), torch.arange(P, dtype=torch.int32), C, R, 1)
+        assert torch.equal(count, torch.ones(R, C))
+
+
+def test_one_diagonal_at_offset_zero_is_plain_block_diagonal(backend):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(1, 4, 16, 16, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    y = kernels.diag_matmul(x, values, torch.zeros(1, dtype=torch.int32), 16)
+    torch.testing.assert_close(y, x @ torch.block_diag(*values[0]).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_pattern_is_diagonal_with_the_same_offsets():
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    w = diag_to_dense(torch.ones(3, 3, 2, 2), offsets, 6, 12, 2)  # R = 6, C = 3
+    wt = diag_to_dense(torch.ones(3, 3, 2, 2), offsets, 12, 6, 2)  # R = 3, C = 6
+    assert torch.equal(w.t(), wt)
+
+
+def test_layer_density_and_dense_view():
+    torch.manual_seed(0)
+    layer = kernels.DiagLinear(64, 256, density=0.1, block_size=16)
+    R, C, D, P = layer.geometry
+    assert (R, C, D, P) == (16, 4, 4, 16)
+    assert layer.num_diagonals == diagonals_for_density(64, 256, 16, 0.1) == 2
+    assert layer.mask().sum().item() == layer.nnz() == 2 * 4 * 16 * 16
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_scales_each_diagonal():
+    torch.manual_seed(0)
+    layer = kernels.DiagLinear(32, 32, num_diagonals=4, block_size=8)
+    layer.enable_gate(k_target=2, temperature=1.0, scores=torch.tensor([5.0, 0.0, 0.0, -5.0]))
+    a = layer.gate()
+    assert a.shape == (4,) and 0 <= a.min() and a.max() <= 1 and a[0] == 1
+    x = torch.randn(2, 32)
+    ref = kernels.diag_matmul(x, layer.values * a[:, None, None, None], layer.offsets, 8) + layer.bias
+    torch.testing.assert_close(layer(x), ref)
+    layer(x).sum().backward()
+    assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0
+
+
+def test_from_dense_and_state_dict_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(48, 16)
+    offsets = torch.tensor([1, 4], dtype=torch.int32)
+    layer = kernels.DiagLinear.from_dense(w, offsets, torch.zeros(48), block_size=4)
+    m = layer.mask()
+    torch.testing.assert_close(layer.to_dense(), w * m)
+    other = kernels.DiagLinear(16, 48, num_diagonals=5, block_size=4)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.offsets, offsets) and torch.equal(other.mask(), m)
+    x = torch.randn(2, 16)
+    assert torch.equal(other(x), layer(x))

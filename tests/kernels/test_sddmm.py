@@ -1,0 +1,74 @@
+"""kernels/sddmm.py: the sampled product behind every weight gradient and growth score."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import kernels
+from kernels.sddmm import sddmm_ref
+
+from .conftest import DEVICE, assert_matches
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def sddmm_cases(draw):
+    b = draw(st.sampled_from([1, 1, 2, 16]))
+    M, N = draw(st.integers(1, 9)) * b, draw(st.integers(1, 9)) * b
+    n = draw(st.integers(0, 80))
+    T = draw(st.integers(1, 70))
+    return b, M, N, n, T, draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=sddmm_cases())
+def test_sddmm_matches_dense_product_at_any_coordinates(backend, case):
+    b, M, N, n, T, dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    dy, x = torch.randn(T, M, generator=g).to(dtype), torch.randn(T, N, generator=g).to(dtype)
+    # unsorted, with repeats: drawn with replacement
+    rows = torch.randint(0, M // b, (n,), generator=g, dtype=torch.int32)
+    cols = torch.randint(0, N // b, (n,), generator=g, dtype=torch.int32)
+    dy, x, rows, cols = dy.to(DEVICE), x.to(DEVICE), rows.to(DEVICE), cols.to(DEVICE)
+    out = kernels.sddmm(dy, x, rows, cols, b)
+    lowp = sddmm_ref(dy, x, rows, cols, b) if dtype != torch.float32 else None
+    assert_matches(out, sddmm_ref(dy.double(), x.double(), rows, cols, b), lowp)
+
+
+def test_empty_coordinate_list_gives_empty_result(backend):
+    dy, x = torch.randn(4, 6, device=DEVICE), torch.randn(4, 8, device=DEVICE)
+    e = torch.empty(0, dtype=torch.int32, device=DEVICE)
+    assert kernels.sddmm(dy, x, e, e).shape == (0,)
+    assert kernels.sddmm(dy, x, e, e, 2).shape == (0, 2, 2)
+
+
+def test_repeated_coordinates_give_equal_entries(backend):
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(9, 6, generator=g), torch.randn(9, 8, generator=g)
+    rows = torch.tensor([2, 2, 2, 5], dtype=torch.int32)
+    cols = torch.tensor([7, 7, 7, 0], dtype=torch.int32)
+    out = kernels.sddmm(dy, x, rows, cols)
+    assert out[0] == out[1] == out[2]
+    torch.testing.assert_close(out, sddmm_ref(dy, x, rows, cols), rtol=1e-5, atol=1e-5)
+
+
+def test_noncontiguous_and_batched_inputs(backend):
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randn(6, 2, 5, generator=g).transpose(0, 1)  # [2, 6, 5] non-contiguous
+    x = torch.randn(2, 6, 7, generator=g)
+    rows = torch.tensor([0, 4, 3], dtype=torch.int32)
+    cols = torch.tensor([6, 0, 2], dtype=torch.int32)
+    out = kernels.sddmm(dy, x, rows, cols)
+    torch.testing.assert_close(out, sddmm_ref(dy.reshape(-1, 5), x.reshape(-1, 7), rows, cols), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("b", [1, 4, 16])
+def test_block_form_equals_element_form_summed_over_the_block(backend, b):
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(5, 2 * b, generator=g), torch.randn(5, 3 * b, generator=g)
+    rows, cols = torch.tensor([1, 0], dtype=torch.int32), torch.tensor([2, 2], dtype=torch.int32)
+    blocks = kernels.sddmm(dy, x, rows, cols, b)
+    i = torch.arange(b)
+    er = (rows[:, None, None] * b + i[:, None]).expand(2, b, b).reshape(-1).to(torch.int32)
+    ec = (cols[:, None, None] * b + i[None, :]).expand(2, b, b).reshape(-1).to(torch.int32)
+    torch.testing.assert_close(blocks.reshape(-1), kernels.sddmm(dy, x, er, ec), rtol=1e-5, atol=1e-5)

@@ -282,6 +282,7 @@ def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     if not isinstance(values, torch.Tensor) or values.dim() != 2:
         raise ValueError(f"values must be a 2-D tensor [n_rows, k], got {getattr(values, 'shape', values)!r}")
     out_features = values.shape[0] if out_features is None else int(out_features)
+    rt.check_same_device(x=x, values=values, indices=indices, rows=rows)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = _fanin_op(x2, values, indices, rows, out_features)

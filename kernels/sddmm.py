@@ -211,6 +211,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     """
     rt.check_float("dy", dy)
     rt.check_float("x", x)
+    rt.check_same_device(dy=dy, x=x, rows=rows, cols=cols)
     if dy.dim() > 2:
         dy = dy.reshape(-1, dy.shape[-1])
     if x.dim() > 2:

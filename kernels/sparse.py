@@ -45,7 +45,7 @@ def _csr(values, rows, cols, n_rows, n_cols):
     counts = torch.bincount(r, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=values.device)
     crow[1:] = torch.cumsum(counts, 0)
-    return torch.sparse_csr_tensor(crow, c, v, size=(n_rows, n_cols))
+    return torch.sparse_csr_tensor(crow, c, v, size=(n_rows, n_cols), check_invariants=False)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -136,6 +136,7 @@ def sparse_matmul(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, col
     rt.check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in]")
+    rt.check_same_device(x=x, values=values, rows=rows, cols=cols)
     lead = x.shape[:-1]
     y = _sparse_op(x.reshape(-1, x.shape[-1]), values, rows, cols, int(out_features))
     return y.reshape(*lead, out_features)

@@ -35,3 +35,6 @@ from .module import SparseLayer  # noqa: E402
 from . import coords  # noqa: E402
 
 __all__ += ["SparseLinear", "sparse_matmul", "sparse_matmul_ref", "SparseLayer", "coords"]
+from .export import save_condensed, load_layers, load_into, densify, sparse_from_dense, atomic_write  # noqa: E402
+
+__all__ += ["save_condensed", "load_layers", "load_into", "densify", "sparse_from_dense", "atomic_write"]

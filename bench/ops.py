@@ -1,0 +1,290 @@
+"""The benchmarked products: one ``Case`` per (op, shape, tokens, sparsity, block, dtype,
+ablation), and the ``Problem`` that holds its tensors, its kernel launch, its references and
+its baselines.
+
+Ops (format x product):
+    fanin_fwd  y  = x W^T      constant fan-in (SRigL)      kernel fanin_fwd
+    fanin_dx   dx = dy W                                    kernel fanin_dx
+    fanin_dw   dW at the stored coordinates (SDDMM)         kernel sddmm
+    diag_fwd   y  = x W^T      wrap-around (block-)diagonal  kernel diag_fwd
+    diag_dx    dx = dy W       (DynaDiag)                   kernel diag_dx
+    diag_dw    dW at the stored blocks (block SDDMM)        kernel sddmm_block (sddmm for b = 1)
+    sparse_dw  dW at unstructured coordinates (SDDMM)       kernel sddmm
+(The unstructured forward and input grad are torch.sparse CSR: they are the CSR baseline.)
+
+Baselines, timed on the same inputs: ``dense`` - torch.matmul with a dense [out, in] weight
+(cuBLAS on a GPU), the product a dense layer computes (for dW the full dense gradient);
+``csr`` - torch.sparse CSR with the same pattern (spmm for fwd/dx, sampled_addmm for dW);
+``surv`` (fan-in only) - a dense GEMM restricted to the surviving (non-ablated) neurons.
+
+The kernel's launch config is not chosen here: the launcher looks it up itself (from the
+table, or from ``common.forced_config`` while the sweep tries a candidate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import kernels
+from kernels.coords import random_rows_of_distinct, sample_distinct
+from kernels.diag import diag_coords, diag_geometry, diag_to_dense, diagonals_for_density
+from kernels.fanin import fanin_to_dense
+from kernels.sparse import sparse_to_dense
+
+OPS = ("fanin_fwd", "fanin_dx", "fanin_dw", "diag_fwd", "diag_dx", "diag_dw", "sparse_dw")
+BASELINES = ("dense", "csr", "surv")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str              # one of OPS
+    in_features: int     # W is [out, in]; y = x W^T
+    out_features: int
+    tokens: int          # T: rows of x (batch x sequence)
+    sparsity: float      # fraction of W's entries that are zero
+    block: int = 1       # diagonal block size b (diag ops only)
+    dtype: str = "bfloat16"
+    ablation: float = 0.0  # fan-in: fraction of output neurons ablated (k grows to keep nnz)
+
+    @property
+    def format(self) -> str:
+        return self.op.split("_")[0]
+
+    @property
+    def product(self) -> str:
+        return self.op.split("_")[1]
+
+    def valid(self) -> bool:
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; choose from {OPS}")
+        if self.format != "diag" and self.block != 1:
+            return False
+        if self.format != "fanin" and self.ablation:
+            return False
+        if self.format == "diag":
+            return self.in_features % self.block == 0 and self.out_features % self.block == 0
+        return True
+
+    def label(self) -> str:
+        s = f"{self.op} {self.in_features}->{self.out_features} T={self.tokens} s={self.sparsity:g}"
+        if self.format == "diag":
+            s += f" b={self.block}"
+        if self.ablation:
+            s += f" abl={self.ablation:g}"
+        return s + f" {self.dtype}"
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+class Problem:
+    """Tensors of one case on ``device``, built from a fixed seed (the same case always gets
+    the same tensors). ``run()`` launches the kernel through its public launcher."""
+
+    def __init__(self, case: Case, device: torch.device, seed: int = 0):
+        if not case.valid():
+            raise ValueError(f"invalid case {case}")
+        self.case = case
+        self.device = device
+        self.dtype = _dtype(case.dtype)
+        g = torch.Generator().manual_seed(seed)
+        c, dt = case, self.dtype
+        T, n_in, n_out = c.tokens, c.in_features, c.out_features
+        target_nnz = max(1, round((1.0 - c.sparsity) * n_in * n_out))
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+        self.x = randn(T, n_in)
+        self.dy = randn(T, n_out)
+        self.surv_rows = None
+        if c.format == "fanin":
+            n_rows = max(1, n_out - round(c.ablation * n_out))
+            k = max(1, min(n_in, target_nnz // n_rows))
+            self.rows = torch.randperm(n_out, generator=g)[:n_rows].sort().values.to(device, torch.int32)
+            self.indices = random_rows_of_distinct(n_rows, n_in, k, generator=g, device=device)
+            self.values = (torch.rand(n_rows, k, generator=g) * 2 - 1).div(math.sqrt(k)).to(device, dt)
+            self.coord_rows = self.rows.repeat_interleave(k)
+            self.coord_cols = self.indices.reshape(-1)
+            self.nnz = n_rows * k
+            self.index_bytes = 4 * (self.nnz + n_rows)
+            self.surv_rows = self.rows
+            self.params = f"k={k} active={n_rows}/{n_out}"
+        elif c.format == "diag":
+            b = c.block
+            R, C, D, P = diag_geometry(n_in, n_out, b)
+            K = diagonals_for_density(n_in, n_out, b, 1.0 - c.sparsity)
+            self.offsets = torch.randperm(P, generator=g)[:K].sort().values.to(device, torch.int32)
+            fan_in = K * D * b / R
+            self.values = ((torch.rand(K, D, b, b, generator=g) * 2 - 1) / math.sqrt(fan_in)).to(device, dt)
+            brows, bcols = diag_coords(self.offsets, R, C)
+            self.coord_rows, self.coord_cols = brows.reshape(-1), bcols.reshape(-1)
+            self.nnz = K * D * b * b
+            self.index_bytes = 4 * K if c.product != "dw" else 8 * K * D
+            self.params = f"K={K}/{P} D={D}"
+        else:
+            flat = sample_distinct(n_in * n_out, target_nnz, generator=g).to(device)
+            self.coord_rows = (flat // n_in).to(torch.int32)
+            self.coord_cols = (flat % n_in).to(torch.int32)
+            self.values = ((torch.rand(target_nnz, generator=g) * 2 - 1) / math.sqrt(target_nnz / n_out)).to(device, dt)
+            self.nnz = target_nnz
+            self.index_bytes = 8 * target_nnz
+            self.params = f"nnz={target_nnz}"
+        self.density = self.nnz / (n_in * n_out)
+
+    # --------------------------------------------------------------------- the kernel
+
+    def run(self) -> torch.Tensor:
+        c, p = self.case, self
+        if c.op == "fanin_fwd":
+            return kernels.fanin_fwd(p.x, p.values, p.indices, p.rows, c.out_features)
+        if c.op == "fanin_dx":
+            return kernels.fanin_dx(p.dy, p.values, p.indices, p.rows, c.in_features)
+        if c.op == "diag_fwd":
+            return kernels.diag_fwd(p.x, p.values, p.offsets, c.block, c.out_features)
+        if c.op == "diag_dx":
+            return kernels.diag_dx(p.dy, p.values, p.offsets, c.block, c.in_features)
+        # Every weight gradient is the SDDMM at the stored (block) coordinates.
+        return kernels.sddmm_fwd(p.dy, p.x, p.coord_rows, p.coord_cols, c.block)
+
+    # --------------------------------------------------------------------- references
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [out, in] weight this pattern stands for (for references and baselines)."""
+        c = self.case
+        v = self.values.to(dtype)
+        if c.format == "fanin":
+            return fanin_to_dense(v, self.indices, c.in_features, self.rows, c.out_features)
+        if c.format == "diag":
+            return diag_to_dense(v, self.offsets, c.in_features, c.out_features, c.block)
+        return sparse_to_dense(v, self.coord_rows, self.coord_cols, c.in_features, c.out_features)
+
+    def reference(self, dtype: torch.dtype) -> torch.Tensor:
+        """The product computed by plain torch at ``dtype`` through the dense weight: fp64 is
+        the truth, the kernel's dtype gives torch's own rounding error for the gate."""
+        c = self.case
+        x, dy = self.x.to(dtype), self.dy.to(dtype)
+        if c.product == "fwd":
+            return x @ self.dense_weight(dtype).t()
+        if c.product == "dx":
+            return dy @ self.dense_weight(dtype)
+        return kernels.sddmm_ref(dy, x, self.coord_rows, self.coord_cols, c.block)
+
+    # --------------------------------------------------------------------- baselines
+
+    def baselines(self) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
+        """{name: (fn, note)}: the competitors of this case, prepared outside the timing."""
+        c, dt = self.case, self.dtype
+        out: dict[str, tuple[Callable, str]] = {}
+        w = self.dense_weight(dt)
+        x, dy = self.x, self.dy
+        if c.product == "fwd":
+            out["dense"] = (lambda: torch.matmul(x, w.t()), "x @ W^T")
+        elif c.product == "dx":
+            out["dense"] = (lambda: torch.matmul(dy, w), "dy @ W")
+        else:
+            out["dense"] = (lambda: torch.matmul(dy.t(), x), "dy^T @ x (full dense dW)")
+        csr = self._csr_baseline(w)
+        if csr is not None:
+            out["csr"] = csr
+        if self.surv_rows is not None:
+            w_s = w[self.surv_rows.long()].contiguous()  # [active, in]
+            dy_s = dy[:, self.surv_rows.long()].contiguous()  # [T, active]
+            if c.product == "fwd":
+                out["surv"] = (lambda: torch.matmul(x, w_s.t()), "x @ W_active^T")
+            elif c.product == "dx":
+                out["surv"] = (lambda: torch.matmul(dy_s, w_s), "dy_active @ W_active")
+            else:
+                out["surv"] = (lambda: torch.matmul(dy_s.t(), x), "dy_active^T @ x")
+        return out
+
+    def _csr_baseline(self, w: torch.Tensor):
+        """torch.sparse CSR at the case's dtype, or float32 where the backend has no kernel
+        for it (MKL on CPU has no fp16/bf16 SpMM); None when neither runs."""
+        c = self.case
+        mask = w != 0
+        for dt in (self.dtype, torch.float32):
+            try:
+                wd = w.to(dt)
+                if c.product == "fwd":
+                    a, rhs = wd.to_sparse_csr(), self.x.to(dt).t().contiguous()  # [out, in] @ [in, T]
+                    fn = lambda a=a, rhs=rhs: torch.sparse.mm(a, rhs)
+                elif c.product == "dx":
+                    a, rhs = wd.t().contiguous().to_sparse_csr(), self.dy.to(dt).t().contiguous()
+                    fn = lambda a=a, rhs=rhs: torch.sparse.mm(a, rhs)
+                else:
+                    pattern = mask.to(dt).to_sparse_csr()
+                    lhs, rhs = self.dy.to(dt).t().contiguous(), self.x.to(dt)
+                    fn = lambda p=pattern, lhs=lhs, rhs=rhs: torch.sparse.sampled_addmm(p, lhs, rhs, beta=0.0)
+                fn()
+                note = "" if dt == self.dtype else "computed in float32 (no kernel for the dtype)"
+                return fn, note
+            except (RuntimeError, NotImplementedError):
+                continue
+        return None
+
+    # --------------------------------------------------------------------- roofline numbers
+
+    def flops(self) -> float:
+        """Useful FLOPs: 2 T nnz (a dense product does 2 T in out)."""
+        return 2.0 * self.case.tokens * self.nnz
+
+    def min_bytes(self) -> float:
+        """Bytes a perfect kernel moves: activations in and out once, values and indices once."""
+        c = self.case
+        e = self.x.element_size()
+        # fwd reads x, writes y; dx reads dy, writes dx; dW reads dy and x: T (in + out) each.
+        return c.tokens * (c.in_features + c.out_features) * e + self.nnz * e + self.index_bytes
+
+
+def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[dict]:
+    """Launch configs to try, derived from the parameters the kernel's default names.
+
+    Full: tile sides 16..256 (token tiles no larger than the tokens need), 2/4/8 warps, 2/3/4
+    pipeline stages; tiles of at most 16K elements and at least 2 elements per thread. The
+    default always comes first. Quick (interpreter): the default and one other token tile.
+    """
+    def norm(cfg):
+        return tuple(sorted(cfg.items()))
+
+    first = dict(default)
+    if quick:
+        other = dict(default)
+        other["BLOCK_T"] = 32 if default.get("BLOCK_T") != 32 else 64
+        out = [first, other]
+    else:
+        t_cap = max(16, 1 << max(0, int(t_max - 1).bit_length()))
+        choices = {
+            "BLOCK_T": [v for v in (16, 32, 64, 128, 256) if v <= t_cap],
+            "BLOCK_R": [16, 32, 64, 128],
+            "BLOCK_Q": [16, 32, 64, 128],
+            "BLOCK_N": [16, 32, 64, 128],
+            "num_warps": [2, 4, 8],
+            "num_stages": [2, 3, 4],
+        }
+        names = [k for k in default if k in choices]
+        combos = [{}]
+        for name in names:
+            combos = [dict(cmb, **{name: v}) for cmb in combos for v in choices[name]]
+        out = [first]
+        for cmb in combos:
+            cfg = dict(default)
+            cfg.update(cmb)
+            tile = cfg.get("BLOCK_T", 1) * cfg.get("BLOCK_R", cfg.get("BLOCK_Q", cfg.get("BLOCK_N", max(16, block))))
+            if tile > 16384 or cfg.get("num_warps", 4) * 32 * 2 > tile:
+                continue
+            out.append(cfg)
+    seen, unique = set(), []
+    for cfg in out:
+        if norm(cfg) not in seen:
+            seen.add(norm(cfg))
+            unique.append(cfg)
+    return unique

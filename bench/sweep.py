@@ -1,0 +1,554 @@
+"""Correctness-gated launch-config sweep of every kernel, the tuned per-device table, and the
+speed tables against dense, CSR and (fan-in) the surviving-neuron GEMM.
+
+    python bench/sweep.py                          # full grid on a GPU (split it with --ops)
+    python bench/sweep.py --ops diag_fwd,diag_dx --tokens 50432 --dtypes bfloat16
+    python bench/sweep.py --quick                  # CPU: the whole pipeline, interpreter, < 2 min
+
+1. Tune. For every case at the tuning sparsities, each candidate launch config runs through
+   the real launcher (the config is injected where the launcher looks up its table entry),
+   its output is compared with the fp64 reference (``common.gate``) with fresh outputs
+   NaN-poisoned, and only a passing candidate is timed. A wrong or failing one is logged as
+   rejected and never timed. Cases that share a table key (kernel, dtype, token bucket, b)
+   elect one winner: the lowest geometric mean of time / best time over the group.
+2. Write the winners into ``<table-dir>/<device>.json`` (merged: other entries are kept).
+3. Report. Every case is gated and timed again with the config the kernel itself now picks
+   from the table, beside its baselines; rows are appended to ``sweep.csv`` and the markdown
+   report and the plot are rebuilt from the latest row of every case, so runs split by
+   ``--ops`` add up to one report.
+
+Outputs in --out: sweep.csv, candidates.csv, tuning.csv (appended), sweep.md, speedup.png.
+Formulas: speed-up = baseline time / kernel time (same inputs, same dtype); TFLOP/s =
+2 T nnz / time (useful work only); GB/s = (T (in + out) + nnz) x bytes per element + index
+bytes, over time (the traffic of a perfect kernel).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.ops import BASELINES, OPS, Case, Problem, candidate_space  # noqa: E402
+from kernels import runtime as rt  # noqa: E402
+
+# ViT-B/16 and BERT-base linears (in x out): fc1, fc2, qkv; T = 1 (online), 256, 4096 and
+# 256 x 197 = 50,432 (a ViT-B/16 batch of 256).
+FULL = dict(shapes="768x3072,3072x768,768x2304", tokens="1,256,4096,50432",
+            sparsities="0.8,0.9,0.95,0.99", tune_sparsities="0.9", blocks="1,16,32,64",
+            dtypes="float16,bfloat16", ablations="0,0.3")
+# Interpreter-sized: every op, both kinds of diagonal kernel, ablation, two token counts.
+QUICK = dict(shapes="64x128,128x64", tokens="1,40", sparsities="0.75,0.9", tune_sparsities="0.9",
+             blocks="1,16", dtypes="bfloat16", ablations="0.25")
+
+CASE_FIELDS = ["op", "in_features", "out_features", "tokens", "sparsity", "block", "dtype", "ablation"]
+SWEEP_FIELDS = (["run", "device", "mode"] + CASE_FIELDS +
+                ["params", "nnz", "kernel", "key", "config", "config_source", "status", "reason",
+                 "gate_err", "gate_bound", "kernel_ms"] +
+                [f"{b}_ms" for b in BASELINES] + [f"x_{b}" for b in BASELINES] +
+                ["csr_note", "tflops", "gbps"])
+CAND_FIELDS = (["run", "device", "mode"] + CASE_FIELDS +
+               ["kernel", "key", "config", "status", "reason", "gate_err", "gate_bound", "ms"])
+TUNE_FIELDS = ["run", "device", "mode", "kernel", "key", "winner", "default", "n_cases", "n_candidates",
+               "n_rejected", "x_default", "winner_ms_geomean"]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _floats(s):
+    return [float(v) for v in str(s).split(",") if v.strip()]
+
+
+def _ints(s):
+    return [int(v) for v in str(s).split(",") if v.strip()]
+
+
+def _shapes(s):
+    out = []
+    for item in str(s).split(","):
+        a, b = item.lower().split("x")
+        out.append((int(a), int(b)))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes through the Triton interpreter on CPU (pipeline check, no speed figures)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default bench/results/<device> or bench/results/quick)")
+    p.add_argument("--table-dir", type=Path, default=None,
+                   help="folder of the tuned tables (default kernels/configs; with --quick, <out>/configs)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
+    p.add_argument("--shapes", default=None, help="comma list of INxOUT (W is [out, in])")
+    p.add_argument("--tokens", default=None, help="comma list of T (rows of x)")
+    p.add_argument("--sparsities", default=None, help="sparsities reported")
+    p.add_argument("--tune-sparsities", default=None, help="sparsities the configs are tuned at")
+    p.add_argument("--blocks", default=None, help="diagonal block sizes")
+    p.add_argument("--dtypes", default=None, help="float16, bfloat16, float32")
+    p.add_argument("--ablations", default=None,
+                   help="fan-in: fractions of ablated neurons (a chosen illustration, not measured from training)")
+    p.add_argument("--no-tune", action="store_true", help="skip tuning: report with the current table")
+    p.add_argument("--no-write-table", action="store_true", help="tune but do not write the table")
+    p.add_argument("--max-candidates", type=int, default=0,
+                   help="try at most N candidates per table key (the default plus a seeded random sample)")
+    p.add_argument("--extra-candidate", action="append", default=[], metavar="KERNEL=JSON",
+                   help='add a candidate, e.g. fanin_fwd=\'{"BLOCK_T": 16}\' (repeatable)')
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
+    p.add_argument("--cpu-reps", type=int, default=None, help="timed calls per measurement on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.cpu_reps is None:
+        args.cpu_reps = 1 if args.quick else 20
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in args.ops if o not in OPS]
+    if unknown:
+        p.error(f"unknown op(s) {unknown}; choose from {OPS}")
+    args.shapes = _shapes(args.shapes)
+    args.tokens = _ints(args.tokens)
+    args.sparsities = _floats(args.sparsities)
+    args.tune_sparsities = _floats(args.tune_sparsities)
+    args.blocks = _ints(args.blocks)
+    try:
+        args.dtypes = [str(common.parse_dtype(d.strip())).removeprefix("torch.") for d in args.dtypes.split(",")]
+    except ValueError as e:
+        p.error(str(e))
+    args.ablations = _floats(args.ablations)
+    extras = {}
+    for item in args.extra_candidate:
+        kernel, _, cfg = item.partition("=")
+        try:
+            extras.setdefault(kernel.strip(), []).append(json.loads(cfg))
+        except json.JSONDecodeError as e:
+            p.error(f"--extra-candidate {item!r}: {e}")
+    args.extras = extras
+    if args.out is None:
+        args.out = common.RESULTS / ("quick" if args.quick else rt.device_key())
+    if args.table_dir is None:
+        args.table_dir = args.out / "configs" if args.quick else common.ROOT / "kernels" / "configs"
+    return args
+
+
+def build_cases(args, sparsities, ablations) -> list[Case]:
+    cases = []
+    for op in args.ops:
+        fmt = op.split("_")[0]
+        blocks = args.blocks if fmt == "diag" else [1]
+        ablations = ablations if fmt == "fanin" else [0.0]
+        for (n_in, n_out) in args.shapes:
+            for T in args.tokens:
+                for s in sparsities:
+                    for b in blocks:
+                        for dtype in args.dtypes:
+                            for abl in ablations:
+                                c = Case(op, n_in, n_out, T, s, b, dtype, abl)
+                                if c.valid():
+                                    cases.append(c)
+    return cases
+
+
+# ----------------------------------------------------------------------------- gate + time
+
+class Checks:
+    """Per-call index checks off while timing (they synchronise); on for the gate."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.previous = rt.checks_enabled()
+        rt.set_checks(self.enabled)
+
+    def __exit__(self, *exc):
+        rt.set_checks(self.previous)
+
+
+def references(prob: Problem):
+    truth = prob.reference(torch.float64)
+    lowp = prob.reference(prob.dtype) if prob.dtype in (torch.float16, torch.bfloat16) else None
+    return truth, lowp
+
+
+def gated_time(prob: Problem, truth, lowp, args) -> dict:
+    """Gate the kernel as the launcher configures it now, then time it if (and only if) it
+    passed. Returns status ("timed" | "rejected"), reason, gate_err, gate_bound, ms."""
+    try:
+        with Checks(True), common.poisoned_empty():
+            out = prob.run()
+            common.synchronize()
+    except Exception as e:  # noqa: BLE001 - a failing candidate (compile, resources, launch) is a result
+        msg = str(e).strip().splitlines()
+        return dict(status="rejected", reason=f"error: {type(e).__name__}: {msg[0][:160] if msg else ''}",
+                    gate_err=math.nan, gate_bound=math.nan, ms=math.nan)
+    ok, err, bound, reason = common.gate(out, truth, lowp)
+    del out
+    if not ok:
+        return dict(status="rejected", reason=reason, gate_err=err, gate_bound=bound, ms=math.nan)
+    with Checks(False):
+        ms = common.bench_ms(prob.run, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
+    return dict(status="timed", reason="", gate_err=err, gate_bound=bound, ms=ms)
+
+
+def probe(prob: Problem) -> tuple[str, dict, dict]:
+    calls = common.probe_launch(prob.run)
+    if len(calls) != 1:
+        raise RuntimeError(f"{prob.case.label()}: expected one launch_config lookup, saw {len(calls)}")
+    return calls[0]
+
+
+def _free():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- 1. tune
+
+def tune(args, cases, run_info, log=print) -> dict[str, dict[str, dict]]:
+    dev = common.device()
+    groups: dict[tuple[str, str], dict] = {}
+    for case in cases:
+        prob = Problem(case, dev, args.seed)
+        kernel, key, default = probe(prob)
+        g = groups.setdefault((kernel, rt.format_key(key)),
+                              dict(kernel=kernel, key=key, default=default, cases=[], t_max=0, block=1))
+        g["cases"].append(case)
+        g["t_max"] = max(g["t_max"], case.tokens)
+        g["block"] = max(g["block"], case.block)
+        del prob
+    winners: dict[str, dict[str, dict]] = {}
+    rng = random.Random(args.seed)
+    for (kernel, keystr), g in sorted(groups.items()):
+        cands = candidate_space(g["default"], g["t_max"], g["block"], args.quick)
+        if args.max_candidates and len(cands) > args.max_candidates:
+            cands = cands[:1] + rng.sample(cands[1:], args.max_candidates - 1)
+        for extra in args.extras.get(kernel, []):
+            cfg = dict(g["default"])
+            cfg.update(extra)
+            cands.append(cfg)
+        log(f"[tune] {kernel} {keystr}: {len(cands)} candidates x {len(g['cases'])} cases")
+        times = [dict() for _ in cands]  # candidate -> {case: ms}
+        rows = []
+        for case in g["cases"]:
+            prob = Problem(case, dev, args.seed)
+            truth, lowp = references(prob)
+            for i, cfg in enumerate(cands):
+                with common.forced_config(kernel, cfg):
+                    res = gated_time(prob, truth, lowp, args)
+                if res["status"] == "timed":
+                    times[i][case] = res["ms"]
+                else:
+                    log(f"  rejected {json.dumps(cfg, sort_keys=True)} on {case.label()}: {res['reason']}")
+                rows.append(dict(run_info, **case.fields(), kernel=kernel, key=keystr, config=cfg, **res))
+            del prob, truth, lowp
+            _free()
+        common.append_csv(args.out / "candidates.csv", rows, CAND_FIELDS)
+        best = {case: min((t[case] for t in times if case in t), default=math.nan) for case in g["cases"]}
+        full = [i for i, t in enumerate(times) if len(t) == len(g["cases"])]
+        if not full:
+            log(f"  no candidate passed every case of {kernel} {keystr}: the table keeps its entry")
+            continue
+        score = {i: common.geomean([times[i][c] / best[c] for c in g["cases"]]) for i in full}
+        win = min(full, key=lambda i: (score[i], i))
+        x_default = (common.geomean([times[0][c] / times[win][c] for c in g["cases"]])
+                     if 0 in full else math.nan)
+        winners.setdefault(kernel, {})[keystr] = cands[win]
+        n_rej = sum(1 for r in rows if r["status"] == "rejected")
+        common.append_csv(args.out / "tuning.csv", [dict(
+            run_info, kernel=kernel, key=keystr, winner=cands[win], default=g["default"],
+            n_cases=len(g["cases"]), n_candidates=len(cands), n_rejected=n_rej, x_default=x_default,
+            winner_ms_geomean=common.geomean(times[win].values()))], TUNE_FIELDS)
+        log(f"  winner {json.dumps(cands[win], sort_keys=True)} ({x_default:.2f}x the default)")
+    return winners
+
+
+# ----------------------------------------------------------------------------- 3. report
+
+def report_case(args, case: Case, run_info: dict) -> dict:
+    dev = common.device()
+    prob = Problem(case, dev, args.seed)
+    kernel, key, default = probe(prob)
+    keystr = rt.format_key(key)
+    table = rt.config_table().get(kernel, {})
+    config = rt.launch_config(kernel, key, default)
+    row = dict(run_info, **case.fields(), params=prob.params, nnz=prob.nnz, kernel=kernel, key=keystr,
+               config=config, config_source="table" if keystr in table else "default")
+    truth, lowp = references(prob)
+    res = gated_time(prob, truth, lowp, args)
+    row.update(status=res["status"], reason=res["reason"], gate_err=res["gate_err"],
+               gate_bound=res["gate_bound"], kernel_ms=res["ms"])
+    del truth, lowp
+    if res["status"] == "timed":
+        ms = res["ms"]
+        row["tflops"] = prob.flops() / (ms * 1e-3) / 1e12
+        row["gbps"] = prob.min_bytes() / (ms * 1e-3) / 1e9
+    for name, (fn, note) in prob.baselines().items():
+        t = common.bench_ms(fn, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
+        row[f"{name}_ms"] = t
+        if res["status"] == "timed":
+            row[f"x_{name}"] = t / res["ms"]
+        if name == "csr":
+            row["csr_note"] = note
+    del prob
+    _free()
+    return row
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read_latest(path: Path, id_fields: list[str]) -> list[dict]:
+    """Rows of a CSV, keeping only the last one of each identity (later runs win)."""
+    if not path.exists():
+        return []
+    latest = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            latest[tuple(r.get(k) for k in id_fields)] = r
+    return list(latest.values())
+
+
+def _case_sort(r):
+    return (OPS.index(r["op"]) if r["op"] in OPS else 99, r["dtype"], int(r["in_features"]),
+            int(r["out_features"]), int(r["tokens"]), int(r["block"]), float(r["ablation"]),
+            float(r["sparsity"]))
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """fwd + dx + dW of one layer (a training step's matmuls) where all three were measured."""
+    by = {}
+    for r in rows:
+        ident = (r["op"].split("_")[0], r["in_features"], r["out_features"], r["tokens"], r["sparsity"],
+                 r["block"], r["dtype"], r["ablation"])
+        by.setdefault(ident, {})[r["op"].split("_")[1]] = r
+    out = []
+    for ident, parts in by.items():
+        if set(parts) != {"fwd", "dx", "dw"}:
+            continue
+        row = dict(zip(["format", "in_features", "out_features", "tokens", "sparsity", "block", "dtype",
+                        "ablation"], ident))
+        row["kernel_ms"] = sum(_num(p["kernel_ms"]) for p in parts.values())
+        for b in BASELINES:
+            tot = sum(_num(p.get(f"{b}_ms")) for p in parts.values())
+            row[f"{b}_ms"] = tot
+            row[f"x_{b}"] = tot / row["kernel_ms"] if row["kernel_ms"] > 0 else math.nan
+        out.append(row)
+    return sorted(out, key=lambda r: (r["format"], r["dtype"], int(r["in_features"]), int(r["tokens"]),
+                                      int(r["block"]), float(r["ablation"]), float(r["sparsity"])))
+
+
+def _pick(rows, **want):
+    return [r for r in rows if all(str(r.get(k)) == str(v) or _num(r.get(k)) == _num(v) for k, v in want.items())]
+
+
+def targets(rows: list[dict], train: list[dict]) -> list[dict]:
+    """The issue's H100 bf16 targets at 90% sparsity, with what this report measured."""
+    out = []
+
+    def best(cands, field):
+        vals = [(_num(r.get(field)), r) for r in cands if math.isfinite(_num(r.get(field)))]
+        return max(vals, key=lambda v: v[0]) if vals else (math.nan, None)
+
+    def add(name, goal, cands, field, what):
+        v, r = best(cands, field)
+        where = "" if r is None else (f"{r.get('in_features')}->{r.get('out_features')} T={r.get('tokens')}"
+                                      + (f" b={r.get('block')}" if str(r.get('block')) != "1" else ""))
+        out.append(dict(target=name, goal=goal, measured=v, where=where or "not measured in these results",
+                        met="-" if not math.isfinite(v) else ("yes" if v >= goal else f"no ({v / goal:.0%} of it)"),
+                        what=what))
+
+    big_t = 50432
+    block = [r for r in _pick(rows, op="diag_fwd", tokens=big_t, sparsity=0.9, dtype="bfloat16")
+             if int(r["block"]) >= 16]
+    add("diag/block fwd, T=256x197", 2.0, block, "x_dense", "x dense")
+    blk_train = [r for r in _pick(train, format="diag", tokens=big_t, sparsity=0.9, dtype="bfloat16")
+                 if int(r["block"]) >= 16]
+    add("diag/block fwd+bwd, T=256x197", 1.8, blk_train, "x_dense", "x dense (fwd + dx + dW)")
+    fan = _pick(rows, op="fanin_fwd", in_features=3072, out_features=768, tokens=256, sparsity=0.9,
+                dtype="bfloat16")
+    add("fan-in 3072->768, batch 256", 1.7, fan, "x_dense", "x dense")
+    add("fan-in 3072->768, batch 256 vs CSR", 13.0, fan, "x_csr", "x CSR")
+    online = _pick(rows, op="diag_fwd", tokens=1, sparsity=0.9, dtype="bfloat16")
+    add("online inference (T=1), diag vs CSR", 3.13, online, "x_csr", "x CSR")
+    return out
+
+
+def write_report(args, header: dict) -> None:
+    rows = read_latest(args.out / "sweep.csv", ["device"] + CASE_FIELDS)
+    rows = sorted([r for r in rows if r.get("device") == header["table"]], key=_case_sort)
+    tuning = read_latest(args.out / "tuning.csv", ["device", "kernel", "key"])
+    tuning = [r for r in tuning if r.get("device") == header["table"]]
+    cands = [r for r in read_latest(args.out / "candidates.csv", ["device", "kernel", "key", "config"] + CASE_FIELDS)
+             if r.get("device") == header["table"] and r.get("status") == "rejected"]
+    train = training_rows(rows)
+    interp = any(r.get("mode") == "interpreter" for r in rows) or common.interpreting()
+    runs = sorted({r["run"] for r in rows})
+    md = ["# Kernel sweep: speed-up vs dense, CSR and the surviving-neuron GEMM", ""]
+    if interp:
+        md += [f"> **{common.INTERPRETER_NOTE}** The speed-up columns below compare numpy emulation "
+               "with native torch and mean nothing.", ""]
+    md += ["## Environment", "", common.header_markdown({k: v for k, v in header.items() if k != "note"}), "",
+           f"Runs in this report: {', '.join(runs)}", "",
+           "Speed-up = baseline time / kernel time on the same inputs and dtype. TFLOP/s = 2 T nnz / time "
+           "(useful work). GB/s = ((T (in + out) + nnz) x element bytes + index bytes) / time, the traffic "
+           "of a perfect kernel. dense = torch.matmul (cuBLAS); csr = torch.sparse CSR spmm / "
+           "sampled_addmm; surv = dense GEMM over the surviving (non-ablated) fan-in neurons only. "
+           "Every timed kernel passed the fp64 gate first.", ""]
+    md += ["## Targets (90% sparsity, bf16)", "",
+           common.md_table(targets(rows, train), [("target", "target"), ("goal", "goal"), ("measured", "measured"),
+                                                  ("what", "ratio"), ("met", "met"), ("where", "best at")]), ""]
+    if train:
+        md += ["## Training products (fwd + dx + dW of one layer)", "",
+               common.md_table(train, [("format", "format"), ("in_features", "in"), ("out_features", "out"),
+                                       ("tokens", "T"), ("sparsity", "s"), ("block", "b"), ("ablation", "abl"),
+                                       ("dtype", "dtype"), ("kernel_ms", "kernel ms"), ("dense_ms", "dense ms"),
+                                       ("x_dense", "x dense"), ("x_csr", "x csr"), ("x_surv", "x surv")]), ""]
+    md += ["## Every case", "",
+           common.md_table(rows, [("op", "op"), ("in_features", "in"), ("out_features", "out"), ("tokens", "T"),
+                                  ("sparsity", "s"), ("block", "b"), ("ablation", "abl"), ("dtype", "dtype"),
+                                  ("params", "pattern"), ("status", "gate"), ("config_source", "config"),
+                                  ("kernel_ms", "kernel ms"), ("dense_ms", "dense ms"), ("csr_ms", "csr ms"),
+                                  ("surv_ms", "surv ms"), ("x_dense", "x dense"), ("x_csr", "x csr"),
+                                  ("x_surv", "x surv"), ("tflops", "TFLOP/s"), ("gbps", "GB/s")]), ""]
+    notes = sorted({r["csr_note"] for r in rows if r.get("csr_note")})
+    if notes:
+        md += ["CSR notes: " + "; ".join(notes), ""]
+    if tuning:
+        md += ["## Tuned table entries", "",
+               "x default = geometric mean over the key's cases of default time / winner time.", "",
+               common.md_table(sorted(tuning, key=lambda r: (r["kernel"], r["key"])),
+                               [("kernel", "kernel"), ("key", "key"), ("winner", "winner"),
+                                ("n_candidates", "tried"), ("n_rejected", "rejected runs"),
+                                ("x_default", "x default")]), ""]
+    md += [f"## Rejected by the gate ({len(cands)} candidate runs, never timed)", ""]
+    if cands:
+        md += [common.md_table(cands[:200], [("kernel", "kernel"), ("key", "key"), ("config", "config"),
+                                             ("op", "case op"), ("tokens", "T"), ("reason", "reason")]), ""]
+    (args.out / "sweep.md").write_text("\n".join(md) + "\n")
+    plot(rows, args.out / "speedup.png", interp)
+
+
+def plot(rows: list[dict], path: Path, interp: bool) -> None:
+    """Speed-up vs sparsity: one panel per (op, T), a line per baseline (and block size /
+    ablation), geometric mean over shapes, the bf16 rows where there are any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("status") == "timed"]
+    if not rows:
+        return
+    dtypes = {r["dtype"] for r in rows}
+    dtype = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
+    rows = [r for r in rows if r["dtype"] == dtype]
+    ops = [o for o in OPS if any(r["op"] == o for r in rows)]
+    tokens = sorted({int(r["tokens"]) for r in rows})
+    fig, axes = plt.subplots(len(ops), len(tokens), figsize=(3.6 * len(tokens), 2.6 * len(ops)),
+                             squeeze=False, sharex=True)
+    colors = {"dense": "tab:blue", "csr": "tab:red", "surv": "tab:green"}
+    for i, op in enumerate(ops):
+        for j, T in enumerate(tokens):
+            ax = axes[i][j]
+            sub = [r for r in rows if r["op"] == op and int(r["tokens"]) == T]
+            variants = sorted({(int(r["block"]), float(r["ablation"])) for r in sub})
+            for vi, (b, abl) in enumerate(variants):
+                for base in BASELINES:
+                    pts = {}
+                    for r in sub:
+                        if int(r["block"]) == b and float(r["ablation"]) == abl:
+                            v = _num(r.get(f"x_{base}"))
+                            if math.isfinite(v) and v > 0:
+                                pts.setdefault(float(r["sparsity"]), []).append(v)
+                    if not pts:
+                        continue
+                    xs = sorted(pts)
+                    label = f"vs {base}" + (f" b={b}" if op.startswith("diag") else "") + (
+                        f" abl={abl:g}" if abl else "")
+                    ax.plot(xs, [common.geomean(pts[x]) for x in xs], marker="os^vD<>"[vi % 7],
+                            color=colors[base], linestyle=["-", "--", ":", "-."][vi % 4], label=label)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_title(f"{op}  T={T}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("speed-up")
+            if i == len(ops) - 1:
+                ax.set_xlabel("sparsity")
+            if j == len(tokens) - 1:
+                ax.legend(fontsize=6, loc="best")
+    title = f"speed-up vs sparsity ({dtype}, geometric mean over shapes)"
+    if interp:
+        title += "\nINTERPRETER RUN: NOT SPEED FIGURES"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if len(ops) > 2 else 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None, log=print) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    head = common.header()
+    mode = "interpreter" if common.interpreting() else ("gpu" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available() and not args.quick:
+        log("no GPU: the full grid through the interpreter would take days; running it anyway as asked "
+            "(use --quick for the CPU pipeline check)")
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
+    run_info = dict(run=run_id, device=head["table"], mode=mode)
+    log("\n".join(f"{k}: {v}" for k, v in head.items()))
+    # Tuned without ablation: the key does not see it and the kernels' work per row is the same.
+    tune_cases = build_cases(args, args.tune_sparsities, [0.0])
+    report_cases = build_cases(args, args.sparsities, args.ablations)
+    table_file = common.table_path(args.table_dir, head["table"])
+    if not args.no_tune:
+        winners = tune(args, tune_cases, run_info, log)
+        if winners and not args.no_write_table:
+            meta = {k: head[k] for k in ("gpu", "driver", "torch", "triton", "git", "date") if k in head}
+            meta["written_by"] = "python bench/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            common.merge_table(table_file, winners, meta)
+            log(f"[table] {sum(len(v) for v in winners.values())} entries merged into {table_file}")
+    rows = []
+    with common.table_dir(args.table_dir):
+        for case in report_cases:
+            row = report_case(args, case, run_info)
+            rows.append(row)
+            log(f"[report] {case.label()}: {row['status']} kernel {common.fmt(row.get('kernel_ms'))} ms, "
+                f"dense {common.fmt(row.get('dense_ms'))} ms, x dense {common.fmt(row.get('x_dense'))}"
+                + (f" ({row['reason']})" if row["reason"] else ""))
+    common.append_csv(args.out / "sweep.csv", rows, SWEEP_FIELDS)
+    write_report(args, head)
+    log(f"[out] {args.out}/sweep.md, sweep.csv, candidates.csv, tuning.csv, speedup.png; table {table_file}")
+    if mode == "interpreter":
+        log(common.INTERPRETER_NOTE)
+    bad = [r for r in rows if r["status"] != "timed"]
+    if bad:
+        log(f"{len(bad)} case(s) failed the gate with the tuned config: see sweep.md")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

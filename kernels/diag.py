@@ -337,7 +337,7 @@ def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bl
     out_features = values.shape[1] * block_size if out_features is None else int(out_features)
     rt.check_same_device(x=x, values=values, offsets=offsets)
     lead = x.shape[:-1]
-    y = _diag_op(x.reshape(-1, x.shape[-1]), values, offsets, block_size, out_features)
+    y = _diag_op(rt.flatten_tokens(x), values, offsets, block_size, out_features)
     return y.reshape(*lead, out_features)
 
 

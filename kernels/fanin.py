@@ -284,7 +284,7 @@ def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     out_features = values.shape[0] if out_features is None else int(out_features)
     rt.check_same_device(x=x, values=values, indices=indices, rows=rows)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = rt.flatten_tokens(x)
     y = _fanin_op(x2, values, indices, rows, out_features)
     return y.reshape(*lead, out_features)
 

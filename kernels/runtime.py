@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from functools import lru_cache
@@ -172,6 +173,11 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def flatten_tokens(t: torch.Tensor) -> torch.Tensor:
+    """[..., n] -> [T, n] with T the product of the leading sizes (also when n or T is 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def check_dtype_match(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:

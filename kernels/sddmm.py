@@ -213,7 +213,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     rt.check_float("x", x)
     rt.check_same_device(dy=dy, x=x, rows=rows, cols=cols)
     if dy.dim() > 2:
-        dy = dy.reshape(-1, dy.shape[-1])
+        dy = rt.flatten_tokens(dy)
     if x.dim() > 2:
-        x = x.reshape(-1, x.shape[-1])
+        x = rt.flatten_tokens(x)
     return _sddmm_op(dy, x, rows, cols, block_size)

@@ -138,7 +138,7 @@ def sparse_matmul(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, col
         raise ValueError("x must have at least one dimension [..., in]")
     rt.check_same_device(x=x, values=values, rows=rows, cols=cols)
     lead = x.shape[:-1]
-    y = _sparse_op(x.reshape(-1, x.shape[-1]), values, rows, cols, int(out_features))
+    y = _sparse_op(rt.flatten_tokens(x), values, rows, cols, int(out_features))
     return y.reshape(*lead, out_features)
 
 

@@ -1,0 +1,195 @@
+"""bench/sweep.py: the quick pipeline runs on CPU, the gate rejects wrong configs before they
+are timed, the table is written and read back, and the kernels pick up a tuned config."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels  # before triton: it switches the interpreter on where there is no GPU
+import triton
+from bench import common, sweep
+from kernels import runtime as rt
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = {"fanin_fwd", "fanin_dx", "diag_fwd", "diag_dx", "sddmm", "sddmm_block"}
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _parse_key(key: str) -> dict:
+    return dict(item.split("=", 1) for item in key.split(","))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python bench/sweep.py --quick`` exactly as a user runs it, in a fresh process."""
+    out = tmp_path_factory.mktemp("quick")
+    proc = subprocess.run([sys.executable, "bench/sweep.py", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return out, proc
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU interpreter check")
+def test_quick_sweep_writes_every_output_and_says_timings_are_not_speed_figures(quick_run):
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "NOT speed figures" in proc.stdout
+    for name in ("sweep.csv", "candidates.csv", "tuning.csv", "sweep.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "sweep.md").read_text()
+    assert "NOT speed figures" in md and "torch" in md and "triton" in md and "git" in md
+    rows = _rows(out / "sweep.csv")
+    assert {r["op"] for r in rows} == set(sweep.OPS)
+    assert all(r["status"] == "timed" and r["config_source"] == "table" for r in rows)
+    assert all(r["mode"] == "interpreter" for r in rows)
+    assert any(r["surv_ms"] for r in rows if r["op"].startswith("fanin"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU interpreter check")
+def test_quick_sweep_table_is_written_and_reads_back_through_launch_config(quick_run, monkeypatch):
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((out / "configs" / "interpreter.json").read_text())
+    assert KERNELS <= set(table)
+    assert "git" in table["_meta"] and "written_by" in table["_meta"]
+    monkeypatch.setattr(rt, "CONFIG_DIR", out / "configs")
+    for kernel in KERNELS:
+        for key, cfg in table[kernel].items():
+            assert rt.launch_config(kernel, _parse_key(key), {"unrelated": 1}) == {"unrelated": 1, **cfg}
+
+
+def test_merging_a_table_keeps_the_entries_it_does_not_touch(tmp_path):
+    path = common.table_path(tmp_path, "somegpu")
+    common.merge_table(path, {"fanin_fwd": {"T=1,dtype=float16": {"BLOCK_T": 16}}}, {"git": "a"})
+    common.merge_table(path, {"fanin_fwd": {"T=256,dtype=float16": {"BLOCK_T": 32}},
+                              "sddmm": {"dtype=float16": {"BLOCK_N": 64}}}, {"git": "b"})
+    table = common.read_table(path)
+    assert table["fanin_fwd"] == {"T=1,dtype=float16": {"BLOCK_T": 16}, "T=256,dtype=float16": {"BLOCK_T": 32}}
+    assert table["sddmm"] == {"dtype=float16": {"BLOCK_N": 64}}
+    assert table["_meta"] == {"git": "b"}
+
+
+def test_gate_accepts_a_correct_output_and_rejects_wrong_nan_and_misshapen_ones():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    lowp = truth.to(torch.bfloat16)
+    ok, *_ = common.gate(truth.to(torch.bfloat16), truth, lowp)
+    assert ok
+    wrong = truth.clone()
+    wrong[3, 2] += 0.5
+    assert not common.gate(wrong.to(torch.bfloat16), truth, lowp)[0]
+    unwritten = truth.to(torch.bfloat16)
+    unwritten[-1] = math.nan
+    ok, _, _, reason = common.gate(unwritten, truth, lowp)
+    assert not ok and "non-finite" in reason
+    ok, _, _, reason = common.gate(truth[:4].to(torch.bfloat16), truth, lowp)
+    assert not ok and "shape" in reason
+
+
+class _BuggyLaunches:
+    """Stands in for ``_fanin_fwd_kernel`` and plants launch bugs tied to configs that the
+    kernel itself would run correctly: BLOCK_R=32 drops the last nonzero of every row (K - 1,
+    a loop-bound bug), BLOCK_R=16 leaves the last block of rows unlaunched (a grid bug)."""
+
+    def __init__(self, real, timing):
+        self.real, self.timing, self.timed_bad = real, timing, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args = list(args)
+            if kwargs["BLOCK_R"] == 32:
+                args[7] = args[7] - 1  # K
+            if kwargs["BLOCK_R"] == 16:
+                grid_ = (grid[0], grid[1] - 1)
+            else:
+                grid_ = grid
+            if kwargs["BLOCK_R"] in (16, 32) and self.timing["on"]:
+                self.timed_bad.append(dict(kwargs))
+            return self.real[grid_](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
+def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
+    timing = {"on": False}
+    buggy = _BuggyLaunches(kernels.fanin._fanin_fwd_kernel, timing)
+    monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", buggy)
+    real_bench = common.bench_ms
+
+    def spying_bench(fn, **kw):
+        timing["on"] = True
+        try:
+            return real_bench(fn, **kw)
+        finally:
+            timing["on"] = False
+
+    monkeypatch.setattr(common, "bench_ms", spying_bench)
+    bad = ['fanin_fwd={"BLOCK_R": 32}', 'fanin_fwd={"BLOCK_R": 16}', 'fanin_fwd={"BLOCK_T": 48}']
+    argv = ["--quick", "--ops", "fanin_fwd", "--tokens", "40", "--sparsities", "0.9", "--out", str(tmp_path)]
+    for b in bad:
+        argv += ["--extra-candidate", b]
+    assert sweep.main(argv, log=lambda *a: None) == 0
+
+    cands = _rows(tmp_path / "candidates.csv")
+    by_cfg = {}
+    for r in cands:
+        by_cfg.setdefault(r["config"], []).append(r)
+    reasons = {}
+    for cfg, rows in by_cfg.items():
+        c = json.loads(cfg)
+        if c["BLOCK_R"] in (16, 32) or c["BLOCK_T"] == 48:
+            assert all(r["status"] == "rejected" and r["ms"] == "" for r in rows), rows
+            reasons[(c["BLOCK_R"], c["BLOCK_T"])] = rows[0]["reason"]
+        else:
+            assert all(r["status"] == "timed" and float(r["ms"]) > 0 for r in rows), rows
+    assert len(reasons) == 3
+    assert any(k[0] == 32 and "max error" in v for k, v in reasons.items())      # wrong values
+    assert any(k[0] == 16 and "non-finite" in v for k, v in reasons.items())     # unwritten rows
+    assert any(k[1] == 48 and v.startswith("error:") for k, v in reasons.items())  # does not compile
+    assert buggy.timed_bad == []
+    table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
+    for cfg in table["fanin_fwd"].values():
+        assert cfg["BLOCK_R"] not in (16, 32) and cfg["BLOCK_T"] != 48
+    assert "Rejected by the gate" in (tmp_path / "sweep.md").read_text()
+
+
+def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
+    T, n_in, n_out = 40, 64, 96
+    dtype_name = "float32"
+    key = {"T": rt.shape_bucket(T), "dtype": dtype_name}
+    tuned = {"BLOCK_T": 16, "BLOCK_R": 32, "num_warps": 2}
+    common.merge_table(common.table_path(tmp_path), {"fanin_fwd": {rt.format_key(key): tuned}}, {})
+    monkeypatch.setattr(rt, "CONFIG_DIR", tmp_path)
+    assert rt.launch_config("fanin_fwd", key, {"BLOCK_T": 64, "BLOCK_R": 64, "num_warps": 4}) == tuned
+
+    real = kernels.fanin._fanin_fwd_kernel
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid, kwargs))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", Spy())
+    torch.manual_seed(0)
+    layer = kernels.FanInLinear(n_in, n_out, density=0.1)
+    x = torch.randn(T, n_in)
+    with kernels.use_backend("triton"), torch.no_grad():
+        y = layer(x)  # the public layer -> custom op -> launcher -> table lookup
+    assert len(seen) == 1
+    grid, kw = seen[0]
+    assert (kw["BLOCK_T"], kw["BLOCK_R"], kw["num_warps"]) == (16, 32, 2)
+    assert grid == (triton.cdiv(T, 16), triton.cdiv(n_out, 32))
+    ref = x.double() @ layer.to_dense().double().t() + layer.bias.double()
+    assert torch.allclose(y.double(), ref, atol=1e-5)

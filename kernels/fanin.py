@@ -140,7 +140,7 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
     _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
     has_rows = rows is not None
-    alloc = torch.zeros if (has_rows and n_rows < out_features) else torch.empty
+    alloc = torch.zeros if n_rows < out_features else torch.empty
     y = alloc(T, out_features, dtype=x2.dtype, device=x2.device)
     if T == 0 or n_rows == 0:
         return y.zero_()
@@ -190,7 +190,7 @@ def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tenso
     for s in range(0, n_rows, step):
         part = (xa[:, indices[s:s + step].long()] * va[s:s + step]).sum(-1)  # [T, chunk]
         if rows is None:
-            y[:, s:s + step] = part
+            y[:, s:s + part.shape[1]] = part
         else:
             y[:, rows[s:s + step].long()] = part
     return y.to(x2.dtype)
@@ -202,7 +202,8 @@ def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     dx = dya.new_zeros(T, in_features)
     step = max(1, _TORCH_CHUNK_ELEMS // max(T * max(K, 1), 1))
     for s in range(0, n_rows, step):
-        g = dya[:, s:s + step] if rows is None else dya[:, rows[s:s + step].long()]  # [T, chunk]
+        n = min(step, n_rows - s)
+        g = dya[:, s:s + n] if rows is None else dya[:, rows[s:s + n].long()]  # [T, chunk]
         contrib = g[:, :, None] * va[s:s + step]  # [T, chunk, K]
         dx.index_add_(1, indices[s:s + step].reshape(-1).long(), contrib.reshape(T, -1))
     return dx.to(dy.dtype)

@@ -79,14 +79,17 @@ def diag_matmul_ref(x, values, offsets, block_size, out_features=None):
 @triton.jit
 def _diag_block_kernel(
     a_ptr, values_ptr, offsets_ptr, out_ptr,
-    T, K, D, P,
+    T, K, D, P, N_OUT,
     stride_at, stride_ai, stride_ot, stride_oi,
     B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
     BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0).to(tl.int64)
-    q = tl.program_id(1).to(tl.int64)
+    # Output blocks vary fastest: programs running together read one token tile of the input
+    # (it stays in L2) instead of streaming the whole input once per diagonal.
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid % N_OUT
+    pid_t = pid // N_OUT
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_b = tl.arange(0, BLOCK_B)
     mask_t = offs_t < T
@@ -130,8 +133,10 @@ def _diag_elem_kernel(
     BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BY_OUT: tl.constexpr, ACC: tl.constexpr,
 ):
     # b = 1: a [BT, BQ] tile of outputs, one gathered multiply-add per diagonal.
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_q = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    n_q_tiles = tl.cdiv(N_OUT, BLOCK_Q)
+    pid_q = pid % n_q_tiles
+    pid_t = pid // n_q_tiles
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_t = offs_t < T
@@ -177,7 +182,7 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
     if b == 1:
         cfg = rt.launch_config(kernel_name, {"b": 1, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
                                {"BLOCK_T": 64, "BLOCK_Q": 64, "num_warps": 4})
-        grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(n_out_blocks, cfg["BLOCK_Q"]))
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_out_blocks, cfg["BLOCK_Q"]),)
         _diag_elem_kernel[grid](a, values, offsets, out, T, K, D, P, n_out_blocks,
                                 a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                                 BLOCK_T=cfg["BLOCK_T"], BLOCK_Q=cfg["BLOCK_Q"], BY_OUT=by_out,
@@ -186,8 +191,8 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
     upcast, precision = dot_settings(a.dtype)
     cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
                            {"BLOCK_T": 64 if rt.interpreting() else 128, "num_warps": 4, "num_stages": 3})
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), n_out_blocks)
-    _diag_block_kernel[grid](a, values, offsets, out, T, K, D, P,
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_out_blocks,)
+    _diag_block_kernel[grid](a, values, offsets, out, T, K, D, P, n_out_blocks,
                              a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                              B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b),
                              BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16,

@@ -52,8 +52,11 @@ def _fanin_fwd_kernel(
     stride_xt, stride_xi, stride_vr, stride_ir, stride_yt, stride_yo,
     HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1).to(tl.int64)
+    # Row tiles vary fastest: programs running together share one token tile of x (in L2).
+    pid = tl.program_id(0).to(tl.int64)
+    n_row_tiles = tl.cdiv(n_rows, BLOCK_R)
+    pid_r = pid % n_row_tiles
+    pid_t = pid // n_row_tiles
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_t = offs_t < T
@@ -82,8 +85,11 @@ def _fanin_dx_kernel(
 ):
     # dx[t, indices[r, j]] += dy[t, rows[r]] * values[r, j], scattered with atomics into an
     # fp32 (fp64 for fp64) buffer: a column receives from every row that holds it.
-    pid_t = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1).to(tl.int64)
+    # Row tiles vary fastest: programs running together share one token tile of x (in L2).
+    pid = tl.program_id(0).to(tl.int64)
+    n_row_tiles = tl.cdiv(n_rows, BLOCK_R)
+    pid_r = pid % n_row_tiles
+    pid_t = pid // n_row_tiles
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < n_rows
@@ -148,7 +154,7 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
         return y.zero_()
     values, indices = values.contiguous(), indices.contiguous()
     cfg = _configs("fanin_fwd", T, x2.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(n_rows, cfg["BLOCK_R"]))
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_R"]),)
     _fanin_fwd_kernel[grid](
         x2, values, indices, rows if has_rows else indices, y, T, n_rows, K,
         x2.stride(0), x2.stride(1), values.stride(0), indices.stride(0), y.stride(0), y.stride(1),
@@ -167,7 +173,7 @@ def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     values, indices = values.contiguous(), indices.contiguous()
     has_rows = rows is not None
     cfg = _configs("fanin_dx", T, dy.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(n_rows, cfg["BLOCK_R"]))
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_R"]),)
     _fanin_dx_kernel[grid](
         dy, values, indices, rows if has_rows else indices, dx, T, n_rows, K,
         dy.stride(0), dy.stride(1), values.stride(0), indices.stride(0), dx.stride(0), dx.stride(1),

@@ -38,43 +38,57 @@ def sddmm_ref(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch
 @triton.jit
 def _sddmm_kernel(
     dy_ptr, x_ptr, rows_ptr, cols_ptr, g_ptr,
-    T, n,
+    T, n, T_CHUNK,
     stride_dyt, stride_dym, stride_xt, stride_xn,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr, ACC: tl.constexpr,
 ):
+    # Coordinate tiles vary fastest, token chunks slowest: the programs running together read
+    # one chunk of dy and x, which stays in L2. With SPLIT_T the chunks' partial sums meet in
+    # an fp32 buffer through atomics (more programs when there are few coordinates).
     pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_tiles = tl.cdiv(n, BLOCK_N)
+    pid_n = pid % n_tiles
+    t_start = (pid // n_tiles) * T_CHUNK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
     r = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     c = tl.load(cols_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_N,), dtype=ACC)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        m = (offs_t[:, None] < T) & mask_n[None, :]
+    t_end = tl.minimum(t_start + T_CHUNK, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m = (offs_t[:, None] < t_end) & mask_n[None, :]
         a = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + r[None, :] * stride_dym, mask=m, other=0.0)
         b = tl.load(x_ptr + offs_t[:, None] * stride_xt + c[None, :] * stride_xn, mask=m, other=0.0)
         # Upcast right after the load: the interpreter computes bf16 on raw bits otherwise.
         acc += tl.sum(a.to(ACC) * b.to(ACC), axis=0)  # [BN]
-    tl.store(g_ptr + offs_n, acc.to(g_ptr.dtype.element_ty), mask=mask_n)
+    if SPLIT_T:
+        tl.atomic_add(g_ptr + offs_n, acc, mask=mask_n)
+    else:
+        tl.store(g_ptr + offs_n, acc.to(g_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _sddmm_block_kernel(
     dy_ptr, x_ptr, rows_ptr, cols_ptr, g_ptr,
-    T,
+    T, n, T_CHUNK,
     stride_dyt, stride_dym, stride_xt, stride_xn,
-    B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr,
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
+    # One program per (block coordinate, token chunk); coordinates vary fastest (see above).
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid % n
+    t_start = (pid // n) * T_CHUNK
     r = tl.load(rows_ptr + i).to(tl.int64)
     c = tl.load(cols_ptr + i).to(tl.int64)
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=ACC)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        m = (offs_t[:, None] < T) & mask_b[None, :]
+    t_end = tl.minimum(t_start + T_CHUNK, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m = (offs_t[:, None] < t_end) & mask_b[None, :]
         a = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + (r * B + offs_b)[None, :] * stride_dym,
                     mask=m, other=0.0)  # [BT, BB]
         b = tl.load(x_ptr + offs_t[:, None] * stride_xt + (c * B + offs_b)[None, :] * stride_xn,
@@ -87,7 +101,11 @@ def _sddmm_block_kernel(
         else:
             acc += tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[:, None, :], axis=0)
     offs_g = i * B * B + offs_b[:, None] * B + offs_b[None, :]
-    tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_b[None, :])
+    mask_g = mask_b[:, None] & mask_b[None, :]
+    if SPLIT_T:
+        tl.atomic_add(g_ptr + offs_g, acc, mask=mask_g)
+    else:
+        tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty), mask=mask_g)
 
 
 def _check(dy, x, rows, cols, block_size):
@@ -124,37 +142,67 @@ def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
     return False, "tf32"
 
 
+# Programs to aim for when splitting tokens: about 16 waves on a 132-SM H100 (the sweep can
+# override with an explicit T_CHUNK); small under the interpreter, where programs run one by
+# one, but above 1 so that the tests exercise the split (atomic) path too.
+_TARGET_PROGRAMS_GPU = 2048
+_TARGET_PROGRAMS_INTERPRETER = 4
+
+
+def token_chunk(T: int, n_tiles: int, block_t: int, requested: int = 0) -> int:
+    """Tokens per program: ``requested`` when the table gives one (> 0), else enough chunks for
+    the target program count, never below 4 token tiles per chunk."""
+    if requested > 0:
+        chunk = requested
+    else:
+        target = _TARGET_PROGRAMS_INTERPRETER if rt.interpreting() else _TARGET_PROGRAMS_GPU
+        chunks = max(1, -(-target // max(n_tiles, 1)))
+        chunk = max(-(-T // chunks), 1 if rt.interpreting() else 4 * block_t)
+    return -(-chunk // block_t) * block_t
+
+
 def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     """Launcher: check, allocate, pick the config, launch."""
     _check(dy, x, rows, cols, block_size)
     n, T, b = rows.numel(), dy.shape[0], block_size
     shape = (n,) if b == 1 else (n, b, b)
-    g = torch.empty(shape, dtype=dy.dtype, device=dy.device)
     if n == 0:
-        return g
+        return torch.empty(shape, dtype=dy.dtype, device=dy.device)
     if T == 0:
-        return g.zero_()
+        return torch.zeros(shape, dtype=dy.dtype, device=dy.device)
     rows, cols = rows.contiguous(), cols.contiguous()
+    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if b == 1:
-        cfg = rt.launch_config("sddmm", {"dtype": str(dy.dtype)[6:]},
+        cfg = rt.launch_config("sddmm", {"dtype": str(dy.dtype)[6:], "T": rt.shape_bucket(T)},
                                {"BLOCK_N": 64 if rt.interpreting() else 32,
-                                "BLOCK_T": 256 if rt.interpreting() else 64, "num_warps": 4})
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        _sddmm_kernel[grid](dy, x, rows, cols, g, T, n,
-                            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-                            BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], ACC=acc_dtype(dy.dtype),
-                            num_warps=cfg["num_warps"])
-        return g
+                                "BLOCK_T": 256 if rt.interpreting() else 64, "T_CHUNK": 0, "num_warps": 4})
+        n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+        chunk = token_chunk(T, n_tiles, cfg["BLOCK_T"], cfg["T_CHUNK"])
+        n_chunks = triton.cdiv(T, chunk)
+        g = (torch.zeros(shape, dtype=acc_torch, device=dy.device) if n_chunks > 1
+             else torch.empty(shape, dtype=dy.dtype, device=dy.device))
+        _sddmm_kernel[(n_tiles * n_chunks,)](
+            dy, x, rows, cols, g, T, n, chunk,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SPLIT_T=n_chunks > 1, ACC=acc_dtype(dy.dtype),
+            num_warps=cfg["num_warps"])
+        return g.to(dy.dtype)
     upcast, precision = dot_settings(dy.dtype)
     block_b = max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b)
-    cfg = rt.launch_config("sddmm_block", {"b": b, "dtype": str(dy.dtype)[6:]},
-                           {"BLOCK_T": 128 if rt.interpreting() else 64, "num_warps": 4, "num_stages": 2})
-    _sddmm_block_kernel[(n,)](dy, x, rows, cols, g, T,
-                              dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-                              B=b, BLOCK_B=block_b, BLOCK_T=cfg["BLOCK_T"],
-                              USE_DOT=b >= 16, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
-                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return g
+    cfg = rt.launch_config("sddmm_block", {"b": b, "dtype": str(dy.dtype)[6:], "T": rt.shape_bucket(T)},
+                           {"BLOCK_T": 128 if rt.interpreting() else 64, "T_CHUNK": 0,
+                            "num_warps": 4, "num_stages": 2})
+    chunk = token_chunk(T, n, cfg["BLOCK_T"], cfg["T_CHUNK"])
+    n_chunks = triton.cdiv(T, chunk)
+    g = (torch.zeros(shape, dtype=acc_torch, device=dy.device) if n_chunks > 1
+         else torch.empty(shape, dtype=dy.dtype, device=dy.device))
+    _sddmm_block_kernel[(n * n_chunks,)](
+        dy, x, rows, cols, g, T, n, chunk,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        B=b, BLOCK_B=block_b, BLOCK_T=cfg["BLOCK_T"], SPLIT_T=n_chunks > 1,
+        USE_DOT=b >= 16, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return g.to(dy.dtype)
 
 
 def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:

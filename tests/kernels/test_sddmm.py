@@ -72,3 +72,23 @@ def test_block_form_equals_element_form_summed_over_the_block(backend, b):
     er = (rows[:, None, None] * b + i[:, None]).expand(2, b, b).reshape(-1).to(torch.int32)
     ec = (cols[:, None, None] * b + i[None, :]).expand(2, b, b).reshape(-1).to(torch.int32)
     torch.testing.assert_close(blocks.reshape(-1), kernels.sddmm(dy, x, er, ec), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("b", [1, 2, 16])
+def test_token_split_partial_sums_meet_exactly(monkeypatch, b):
+    """Force several token chunks per coordinate: the atomic (SPLIT_T) path must agree."""
+    from kernels import runtime as rt
+    from kernels.sddmm import sddmm_fwd
+
+    real = rt.launch_config
+    monkeypatch.setattr(rt, "launch_config",
+                        lambda kernel, key, default, device=None: dict(real(kernel, key, default, device),
+                                                                       BLOCK_T=16, T_CHUNK=16))
+    g = torch.Generator().manual_seed(0)
+    dy, x = torch.randn(70, 3 * b, generator=g).to(DEVICE), torch.randn(70, 2 * b, generator=g).to(DEVICE)
+    rows = torch.tensor([0, 2, 1, 2], dtype=torch.int32, device=DEVICE)
+    cols = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = sddmm_fwd(dy.to(dtype), x.to(dtype), rows, cols, b)
+        lowp = sddmm_ref(dy.to(dtype), x.to(dtype), rows, cols, b) if dtype != torch.float32 else None
+        assert_matches(out, sddmm_ref(dy.to(dtype).double(), x.to(dtype).double(), rows, cols, b), lowp)

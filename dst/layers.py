@@ -1,0 +1,53 @@
+"""Build the layer a method trains, and check that a model's sparse layers suit a method."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear
+
+from .config import LAYER_FORMAT, DSTConfig
+
+FORMAT_OF_CLASS = {SparseLinear: "sparse", FanInLinear: "fanin", DiagLinear: "diag"}
+def layer_format(layer: nn.Module) -> str:
+    for cls, fmt in FORMAT_OF_CLASS.items():
+        if isinstance(layer, cls):
+            return fmt
+    return "dense"
+
+
+def check_layer_format(method: str, name: str, layer: SparseLayer, supported: tuple[str, ...]) -> None:
+    """ValueError when ``layer``'s format is not one of the ``supported`` formats of ``method``."""
+    fmt = layer_format(layer)
+    if fmt not in supported:
+        wants = " or ".join(supported) if supported else "no sparse layers (dense nn.Linear only)"
+        raise ValueError(f"method {method!r} runs on {wants} layers; layer {name!r} is "
+                         f"{type(layer).__name__} (format {fmt!r})")
+
+
+def make_layer(cfg: DSTConfig, in_features: int, out_features: int, density: float, *, bias: bool = True,
+               device=None, dtype=None, generator: torch.Generator | None = None) -> nn.Module:
+    """The layer ``cfg.method`` trains, created sparse (no dense weight for sparse formats).
+
+    dense -> nn.Linear; static / set / rigl / gse -> kernels.SparseLinear; srigl ->
+    kernels.FanInLinear; dynadiag -> kernels.DiagLinear(block_size=cfg.block_size).
+    ``density`` in (0, 1] is rounded by the format: nnz for SparseLinear, fan-in k per row
+    for FanInLinear, ceil(density * P) diagonals for DiagLinear.
+
+    Example:
+        >>> fc1 = make_layer(DSTConfig(method="srigl"), 768, 3072, density=0.1)
+    """
+    cfg.validate()
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density!r}")
+    fmt = LAYER_FORMAT[cfg.method]
+    if fmt == "dense":
+        return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    if fmt == "sparse":
+        return SparseLinear(in_features, out_features, density, bias=bias, device=device, dtype=dtype,
+                            generator=generator)
+    if fmt == "fanin":
+        return FanInLinear(in_features, out_features, density, bias=bias, device=device, dtype=dtype,
+                           generator=generator)
+    return DiagLinear(in_features, out_features, density, block_size=cfg.block_size, bias=bias,
+                              device=device, dtype=dtype, generator=generator)

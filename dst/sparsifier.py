@@ -1,0 +1,223 @@
+"""The Sparsifier: finds a model's sparse layers and runs its method's schedule on them.
+
+Training loop (optimizer built after the Sparsifier: DynaDiag adds gate scores):
+
+    sparsifier = dst.Sparsifier(model, cfg, total_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(total_steps):
+        with sparsifier.capture(step):          # hooks only on update steps of gradient rules
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+        stats = sparsifier.step(step, optimizer)  # dict when masks changed, else None
+
+Resume: build the model, the Sparsifier and the optimizer as above, then
+``sparsifier.load_state_dict(sd)`` (gives each layer its saved pattern shapes and gates,
+keeping the Parameter objects the optimizer holds), then ``model.load_state_dict`` and
+``optimizer.load_state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear
+
+from .config import DSTConfig
+from .dynadiag import freeze, init_dynadiag, set_temperature
+from .layers import check_layer_format
+from .rules import rule_for
+from .schedules import cosine_anneal, drop_fraction, is_update_step
+from .scores import UpdateContext
+
+PATTERN_BUFFERS = {SparseLinear: ("rows", "cols"), FanInLinear: ("indices", "rows"), DiagLinear: ("offsets",)}
+
+
+def _pattern_names(layer: SparseLayer) -> tuple[str, ...]:
+    for cls, names in PATTERN_BUFFERS.items():
+        if isinstance(layer, cls):
+            return names
+    raise TypeError(f"unknown sparse layer {type(layer).__name__}")
+
+
+class Sparsifier:
+    """Mask updates of every ``kernels.SparseLayer`` in ``model`` under ``cfg``.
+
+    Args:
+        model: the network; its sparse layers are found with named_modules().
+        cfg: the DST config (validated here).
+        total_steps: length of training, for the schedules (t_end, freeze_at).
+        heads: names of sparse layers that are never ablated (SRigL's classifier head).
+    """
+
+    def __init__(self, model: nn.Module, cfg: DSTConfig, total_steps: int, *, heads=()):
+        cfg.validate()
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.rule = rule_for(cfg.method)
+        self.layers: dict[str, SparseLayer] = {
+            name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
+        for name, layer in self.layers.items():
+            check_layer_format(cfg.method, name, layer, self.rule.formats)
+        unknown = sorted(set(heads) - set(self.layers))
+        if unknown:
+            raise ValueError(f"heads {unknown} are not sparse layers of the model; sparse layers: {sorted(self.layers)}")
+        self.heads = frozenset(heads)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.update_end = cfg.t_end * total_steps
+        self.freeze_step = round(cfg.freeze_at * total_steps)
+        self.frozen = False
+        self.budgets = {name: layer.nnz() for name, layer in self.layers.items()}
+        self.k_targets: dict[str, int] = {}
+        self._records: dict[str, list] = {}
+        if cfg.method == "dynadiag":
+            for name, layer in self.layers.items():
+                self.k_targets[name] = init_dynadiag(layer, cfg.candidates, cfg.temp_start, self.generator)
+
+    # ------------------------------------------------------------------ schedule
+
+    def update_due(self, step: int) -> bool:
+        """Whether ``step(step, ...)`` changes masks (DynaDiag: resamples or freezes)."""
+        if self.cfg.method == "dynadiag":
+            return not self.frozen and (step >= self.freeze_step
+                                        or is_update_step(step, self.cfg.delta_t, self.freeze_step))
+        if self.rule.update is None or not self.layers:
+            return False
+        return is_update_step(step, self.cfg.delta_t, self.update_end)
+
+    def drop_fraction(self, step: int) -> float:
+        horizon = self.freeze_step if self.cfg.method == "dynadiag" else self.update_end
+        return drop_fraction(step, self.cfg.alpha, horizon, self.cfg.drop_schedule)
+
+    def temperature(self, step: int) -> float:
+        return cosine_anneal(step, self.cfg.temp_start, self.cfg.temp_end, self.freeze_step)
+
+    # ------------------------------------------------------------------ capture
+
+    @contextlib.contextmanager
+    def capture(self, step: int):
+        """Record every sparse layer's input x and output gradient dy during the forward and
+        backward run inside the block, on update steps of gradient-based rules only (a no-op
+        otherwise). Several forwards (gradient accumulation) are concatenated along tokens."""
+        if not (self.rule.needs_gradient and self.update_due(step)):
+            yield
+            return
+        handles = [layer.register_forward_hook(self._recorder(name)) for name, layer in self.layers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _recorder(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, module.in_features)
+            slot = [x, None]
+            self._records.setdefault(name, []).append(slot)
+            if output.requires_grad:
+                def grad_hook(grad, slot=slot):
+                    slot[1] = grad.detach().reshape(-1, module.out_features)
+                output.register_hook(grad_hook)
+        return hook
+
+    def _captures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for name, slots in self._records.items():
+            done = [s for s in slots if s[1] is not None]
+            if done:
+                out[name] = (torch.cat([s[1] for s in done]), torch.cat([s[0] for s in done]))
+        return out
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict | None:
+        """After optimizer.step(): anneal DynaDiag's temperature, freeze, or update masks when
+        due. Returns {"step", "drop_fraction", "seconds", "layers": {name: {"kept", "dropped",
+        "grown", "density", ...}}} when masks changed, else None."""
+        try:
+            return self._step(step, optimizer)
+        finally:
+            self._records.clear()
+
+    def _step(self, step, optimizer):
+        cfg = self.cfg
+        if cfg.method == "dynadiag" and not self.frozen:
+            for layer in self.layers.values():
+                set_temperature(layer, self.temperature(step))
+        if not self.update_due(step):
+            return None
+        start = time.perf_counter()
+        frac = self.drop_fraction(step)
+        ctx = UpdateContext(cfg=cfg, optimizer=optimizer, drop_fraction=frac, generator=self.generator,
+                            captures=self._captures() if self.rule.needs_gradient else {},
+                            budgets=self.budgets, heads=self.heads)
+        if cfg.method == "dynadiag" and step >= self.freeze_step:
+            layers = {name: freeze(layer, ctx) for name, layer in self.layers.items()}
+            self.frozen = True
+        else:
+            layers = self.rule.update(cfg.method, self.layers, ctx)
+        return {"step": step, "drop_fraction": frac, "seconds": time.perf_counter() - start, "layers": layers}
+
+    # ------------------------------------------------------------------ state
+
+    def densities(self) -> dict[str, float]:
+        """Stored weights / (out * in) of every sparse layer (DynaDiag before its freeze
+        stores its candidate diagonals too)."""
+        return {name: layer.density() for name, layer in self.layers.items()}
+
+    def state_dict(self) -> dict:
+        layers = {}
+        for name, layer in self.layers.items():
+            entry = {"pattern": {b: getattr(layer, b).detach().cpu().clone() for b in _pattern_names(layer)},
+                     "values_shape": tuple(layer.values.shape), "gate": None}
+            if isinstance(layer, DiagLinear) and layer.scores is not None:
+                entry["gate"] = {"scores": layer.scores.detach().cpu().clone(),
+                                 "temperature": float(layer.temperature), "k_target": layer.k_target}
+            layers[name] = entry
+        return {"method": self.cfg.method, "config": self.cfg.to_dict(), "total_steps": self.total_steps,
+                "generator": self.generator.get_state(), "frozen": self.frozen, "budgets": dict(self.budgets),
+                "k_targets": dict(self.k_targets), "heads": sorted(self.heads), "layers": layers}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore schedules, RNG, gates and each layer's pattern (call before the model's
+        load_state_dict: values of a changed shape are resized here, in the same Parameter,
+        and filled by the model's state dict)."""
+        if sd["method"] != self.cfg.method:
+            raise ValueError(f"state is for method {sd['method']!r}, this Sparsifier runs {self.cfg.method!r}")
+        if set(sd["layers"]) != set(self.layers):
+            raise ValueError(f"state has layers {sorted(sd['layers'])}, the model has {sorted(self.layers)}")
+        self.generator.set_state(sd["generator"])
+        self.frozen = sd["frozen"]
+        self.budgets = dict(sd["budgets"])
+        self.k_targets = dict(sd["k_targets"])
+        for name, layer in self.layers.items():
+            entry = sd["layers"][name]
+            device = layer.values.device
+            for b, t in entry["pattern"].items():
+                setattr(layer, b, t.to(device).clone())
+            shape = tuple(entry["values_shape"])
+            if tuple(layer.values.shape) != shape:
+                with torch.no_grad():
+                    layer.values.data = layer.values.new_zeros(shape)
+            if isinstance(layer, DiagLinear):
+                self._load_gate(layer, entry["gate"])
+
+    @staticmethod
+    def _load_gate(layer: DiagLinear, gate: dict | None) -> None:
+        if gate is None:
+            if layer.scores is not None:
+                layer.disable_gate()
+            return
+        scores = gate["scores"].to(layer.values.device)
+        if layer.scores is None:
+            layer.enable_gate(gate["k_target"], gate["temperature"], scores)
+            return
+        with torch.no_grad():
+            layer.scores.data = scores.clone()
+        layer.temperature = torch.tensor(float(gate["temperature"]), device=layer.values.device)
+        layer.k_target = int(gate["k_target"])

@@ -1,0 +1,174 @@
+"""SRigL (arXiv 2305.02299) on FanInLinear: constant fan-in k per active neuron, neuron ablation.
+
+One update of a layer with nnz budget N (its nnz at the start), current fan-in k and drop
+fraction a:
+1. n_prune = floor(a * nnz), n_keep = nnz - n_prune.
+2. Salient weights: the layer's top n_keep by |w| (active weights) and its top n_prune by
+   |grad| (over every entry with grow="exact", over the active weights plus a sampled
+   candidate set otherwise). A neuron with fewer than max(1, gamma_sal * k) salient
+   weights is ablated; at least ceil(N / in) neurons survive (so that k <= in; the paper
+   states floor(N / in)), the best by salience; ablation is recomputed at every update, so an
+   ablated neuron can come back; a head layer, or ablation=False, keeps every neuron.
+3. k' = floor(N / active neurons).
+4. Drop: a surviving neuron keeps its own top q_r weights by |w|, q_r = how many of its
+   weights are in the layer's top n_keep, at most k' (the public code truncates rows in
+   index order; this keeps the largest).
+5. Grow: each active neuron is filled back to exactly k' with its highest-|grad| entries
+   among those inactive before the update (drop and grow disjoint), grown at 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import FanInLinear
+
+from .apply import apply_mask_update
+from .candidates import band_elems, exact_top, exact_top_per_row, sample_in_rows, sampling_weights
+from .scores import UpdateContext, gradient_score, highest, magnitude_score
+
+
+def surviving_neurons(salience: torch.Tensor, k: int, gamma_sal: float, budget: int, in_features: int) -> torch.Tensor:
+    """Boolean [out]: neurons with at least max(1, gamma_sal * k) salient weights, topped up
+    to ceil(budget / in) by salience (lowest index first on ties)."""
+    alive = salience >= max(1.0, gamma_sal * k)
+    n_min = min(salience.numel(), max(1, math.ceil(budget / in_features)))
+    if int(alive.sum()) < n_min:
+        order = torch.sort(-salience, stable=True).indices
+        alive = torch.zeros_like(alive)
+        alive[order[:n_min]] = True
+    return alive
+
+
+def _rank_in_row(score: torch.Tensor) -> torch.Tensor:
+    """[n, k] rank of each entry within its row by descending score (0 = largest)."""
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    return rank
+
+
+def _top_per_row_of(flat: torch.Tensor, score: torch.Tensor, rows: torch.Tensor, need: torch.Tensor,
+                    in_features: int) -> torch.Tensor:
+    """From candidates (flat, score), the best need[i] of each row rows[i] (sorted, distinct)."""
+    r = torch.div(flat, in_features, rounding_mode="floor")
+    pos = torch.searchsorted(rows, r).clamp_max(max(rows.numel() - 1, 0))
+    inside = rows.numel() > 0
+    member = (rows[pos] == r) if inside else torch.zeros_like(r, dtype=torch.bool)
+    flat, score, pos = flat[member], score[member], pos[member]
+    order = torch.sort(score, descending=True, stable=True).indices
+    order = order[torch.sort(pos[order], stable=True).indices]  # by row, best first within a row
+    pos_sorted = pos[order]
+    first = torch.searchsorted(pos_sorted, pos_sorted)
+    rank = torch.arange(order.numel(), device=flat.device) - first
+    return flat[order[rank < need[pos_sorted]]]
+
+
+def update_srigl(layer: FanInLinear, ctx: UpdateContext, name: str) -> dict:
+    """One SRigL mask update of ``layer`` (module docstring); returns its stats."""
+    cfg, gen = ctx.cfg, ctx.generator
+    out_f, in_f = layer.out_features, layer.in_features
+    budget = ctx.budgets[name]
+    dy, x = ctx.capture(name)
+    device = layer.values.device
+    n_old, k = layer.values.shape
+    nnz = n_old * k
+    old_rows = layer.rows.long()
+    old_cols = layer.indices.long()
+    old_flat = (old_rows[:, None] * in_f + old_cols).reshape(-1)  # storage order
+    active = torch.sort(old_flat).values
+    n_prune = min(nnz, int(math.floor(ctx.drop_fraction * nnz)))
+    w_score = magnitude_score(layer.values)
+    keep_pos = highest(w_score, nnz - n_prune)
+
+    # Salience by |grad|: the layer's top n_prune over all entries, or over active + samples.
+    col_w = None
+    if cfg.grow == "exact":
+        cand = cand_score = None
+        _, grad_top = exact_top(dy, x, n_prune, None, band_elems(budget))
+    else:
+        weights = sampling_weights(cfg.grow, dy, x, gen)
+        col_w = None if weights is None else weights[1]
+        count = torch.zeros(out_f, dtype=torch.int64, device=device)
+        count[old_rows] = k
+        per_row = (in_f - count).clamp_max(math.ceil(cfg.gamma * k))
+        cand = sample_in_rows(torch.arange(out_f, device=device), per_row, in_f, active, col_w, gen)
+        cand_score = gradient_score(dy, x, cand, in_f)
+        pool = torch.cat([old_flat, cand])
+        pool_score = torch.cat([gradient_score(dy, x, old_flat, in_f), cand_score])
+        grad_top = pool[highest(pool_score, n_prune)]
+    salient = torch.unique(torch.cat([old_flat[keep_pos], grad_top]))
+    salience = torch.bincount(torch.div(salient, in_f, rounding_mode="floor"), minlength=out_f)
+
+    if name in ctx.heads or not cfg.ablation:
+        alive = torch.ones(out_f, dtype=torch.bool, device=device)
+    else:
+        alive = surviving_neurons(salience, k, cfg.gamma_sal, budget, in_f)
+    new_rows = torch.nonzero(alive).flatten()  # sorted
+    n_new = new_rows.numel()
+    k_new = min(in_f, budget // n_new)
+
+    # Drop: a surviving neuron keeps its top q_r by |w|; at least enough that k_new fits in
+    # the entries it had free (grow never re-uses a just-dropped entry).
+    kept_mask = torch.zeros(nnz, dtype=torch.bool, device=device)
+    kept_mask[keep_pos] = True
+    q = kept_mask.reshape(n_old, k).sum(1).clamp(min=max(0, k_new - (in_f - k)), max=k_new)
+    q = torch.where(alive[old_rows], q, torch.zeros_like(q))
+    keep_entry = _rank_in_row(w_score.reshape(n_old, k)) < q[:, None]  # [n_old, k]
+
+    # Grow: fill each active neuron to k_new.
+    have = torch.zeros(out_f, dtype=torch.int64, device=device)
+    have[old_rows] = q
+    need = k_new - have[new_rows]  # [n_new]
+    grow_flat = _grow(dy, x, new_rows, need, active, cand, cand_score, col_w, in_f, gen, cfg.grow, budget)
+
+    kept_src = torch.nonzero(keep_entry.reshape(-1)).flatten()
+    new_flat = torch.cat([old_flat[kept_src], grow_flat])
+    src = torch.cat([kept_src, torch.full((grow_flat.numel(),), -1, dtype=torch.int64, device=device)])
+    order = torch.argsort(new_flat)
+    new_flat, src = new_flat[order], src[order]
+    rows_of = torch.div(new_flat, in_f, rounding_mode="floor")
+    counts = torch.bincount(torch.searchsorted(new_rows, rows_of), minlength=n_new)
+    if not bool((counts == k_new).all()):
+        raise AssertionError(f"SRigL update of {name!r} left rows with {counts.unique().tolist()} weights, "
+                             f"not exactly k={k_new}")
+    stats = apply_mask_update(layer, ctx.optimizer, src,
+                              indices=(new_flat % in_f).reshape(n_new, k_new).to(torch.int32),
+                              rows=new_rows.to(torch.int32))
+    stats.update(density=layer.density(), k=k_new, active_neurons=n_new, ablated=out_f - n_new)
+    return stats
+
+
+def _grow(dy, x, new_rows, need, active, cand, cand_score, col_w, in_f, gen, grow, budget) -> torch.Tensor:
+    """need[i] entries of row new_rows[i], inactive before the update, by highest |grad|."""
+    device = active.device
+    todo = need > 0
+    if not bool(todo.any()):
+        return torch.empty(0, dtype=torch.int64, device=device)
+    rows, want = new_rows[todo], need[todo]
+    if grow == "exact":
+        # Second pass over the rows that grow only: memory O(rows * (max need + band)).
+        r_act = torch.div(active, in_f, rounding_mode="floor")
+        pos = torch.searchsorted(rows, r_act).clamp_max(rows.numel() - 1)
+        member = rows[pos] == r_act
+        sub_active = torch.sort(pos[member] * in_f + active[member] % in_f).values
+        _, cols = exact_top_per_row(dy[:, rows], x, int(want.max()), sub_active, band_elems(budget))
+        take = torch.arange(cols.shape[1], device=device)[None, :] < want[:, None]
+        return torch.sort((rows[:, None] * in_f + cols)[take]).values
+    got = _top_per_row_of(cand, cand_score, rows, want, in_f)
+    counts = torch.zeros(rows.numel(), dtype=torch.int64, device=device)
+    if got.numel():
+        counts = torch.bincount(torch.searchsorted(rows, torch.div(got, in_f, rounding_mode="floor")),
+                                minlength=rows.numel())
+    short = want - counts
+    if bool((short > 0).any()):
+        # Rows with too few sampled candidates: fill up from their other free entries.
+        taken = torch.sort(torch.cat([active, cand])).values
+        extra = sample_in_rows(rows[short > 0], short[short > 0], in_f, taken, col_w, gen)
+        got = torch.cat([got, extra])
+    return torch.sort(got).values
+
+
+def update_srigl_layers(method: str, layers: dict[str, FanInLinear], ctx: UpdateContext) -> dict:
+    return {name: update_srigl(layer, ctx, name) for name, layer in layers.items()}

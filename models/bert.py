@@ -1,0 +1,99 @@
+"""A compact BERT encoder with a masked-LM head. qkv, attention out, fc1 and fc2 of every block
+come from a ``linear`` factory (sparse layers of ``kernels`` in training, nn.Linear by
+default); token / position embeddings and the LM head (transform + decoder tied to the token
+embedding) stay dense.
+
+Differences from the original BERT, for quick and stable small-scale training: pre-LN blocks
+with a final LayerNorm, no token-type embedding, no pooler / next-sentence head.
+
+input_ids [B, N] (int64), optional attention_mask [B, N] (1 = token, 0 = padding)
+-> logits [B, N, vocab_size].
+
+Example:
+    >>> cfg = BertConfig.preset("tiny", vocab_size=8000)
+    >>> model = Bert(cfg)
+    >>> logits = model(torch.randint(0, 8000, (4, 128)))   # [4, 128, 8000]
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transformer import Block, LinearFactory, dense_linear
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 8000   # WordPiece vocabulary size (set from the tokenizer)
+    max_len: int = 128       # longest sequence (position embeddings)
+    dim: int = 128           # hidden width
+    depth: int = 2           # transformer blocks
+    heads: int = 2           # attention heads; must divide dim
+    mlp_dim: int = 512       # hidden width of each block's MLP
+    dropout: float = 0.1     # dropout on embeddings, attention, MLP and residual branches
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BertConfig":
+        """A named model size (see ``BERT_PRESETS``) with field overrides."""
+        if name not in BERT_PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(BERT_PRESETS)}")
+        return dataclasses.replace(cls(**BERT_PRESETS[name]), **overrides)
+
+    def validate(self) -> "BertConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+        for f in ("vocab_size", "max_len", "dim", "depth", "heads", "mlp_dim"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        return self
+
+
+# "micro" for tests, "tiny" the CPU default (2 x 128, like the BERT-tiny of Turc et al.), then
+# BERT-mini / small / base / large shapes.
+BERT_PRESETS = {
+    "micro": dict(dim=32, depth=1, heads=2, mlp_dim=64, max_len=64),
+    "tiny": dict(dim=128, depth=2, heads=2, mlp_dim=512, max_len=128),
+    "mini": dict(dim=256, depth=4, heads=4, mlp_dim=1024, max_len=512),
+    "small": dict(dim=512, depth=4, heads=8, mlp_dim=2048, max_len=512),
+    "base": dict(vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072, max_len=512),
+    "large": dict(vocab_size=30522, dim=1024, depth=24, heads=16, mlp_dim=4096, max_len=512),
+}
+
+
+class Bert(nn.Module):
+    """Pre-LN BERT encoder + masked-LM head; ``linear`` builds qkv / out / fc1 / fc2 by name
+    ("blocks.{i}.attn.qkv", "blocks.{i}.attn.out", "blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc2")."""
+
+    def __init__(self, config: BertConfig, linear: LinearFactory = dense_linear):
+        super().__init__()
+        c = config.validate()
+        self.config = c
+        self.tok_embed = nn.Embedding(c.vocab_size, c.dim)
+        self.pos_embed = nn.Embedding(c.max_len, c.dim)
+        self.embed_norm = nn.LayerNorm(c.dim)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear) for i in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.lm_transform = nn.Linear(c.dim, c.dim)
+        self.lm_norm = nn.LayerNorm(c.dim)
+        self.lm_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        with torch.no_grad():
+            for emb in (self.tok_embed, self.pos_embed):
+                emb.weight.normal_(0.0, 0.02)
+
+    def forward(self, input_ids, attention_mask=None):
+        n = input_ids.shape[1]
+        if n > self.config.max_len:
+            raise ValueError(f"sequence length {n} exceeds max_len={self.config.max_len}")
+        pos = torch.arange(n, device=input_ids.device)
+        x = self.drop(self.embed_norm(self.tok_embed(input_ids) + self.pos_embed(pos)))
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block in self.blocks:
+            x = block(x, key_mask)
+        h = self.lm_norm(F.gelu(self.lm_transform(self.norm(x))))
+        return h @ self.tok_embed.weight.t() + self.lm_bias  # decoder tied to the token embedding

@@ -249,8 +249,10 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
     """Launch configs to try, derived from the parameters the kernel's default names.
 
     Full: tile sides 16..256 (token tiles no larger than the tokens need), 2/4/8 warps, 2/3/4
-    pipeline stages; tiles of at most 16K elements and at least 2 elements per thread. The
-    default always comes first. Quick (interpreter): the default and one other token tile.
+    pipeline stages, token chunks per program for the split-T SDDMM (0 = the kernel's own
+    choice, or 512 .. whole T); tiles of at most 16K elements and at least 2 elements per
+    thread. The default always comes first. Quick (interpreter): the default and one other
+    token tile.
     """
     def norm(cfg):
         return tuple(sorted(cfg.items()))
@@ -267,6 +269,7 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
             "BLOCK_R": [16, 32, 64, 128],
             "BLOCK_Q": [16, 32, 64, 128],
             "BLOCK_N": [16, 32, 64, 128],
+            "T_CHUNK": [0] + [v for v in (512, 2048, 8192) if v < t_max] + [t_cap],
             "num_warps": [2, 4, 8],
             "num_stages": [2, 3, 4],
         }
@@ -278,7 +281,8 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
         for cmb in combos:
             cfg = dict(default)
             cfg.update(cmb)
-            tile = cfg.get("BLOCK_T", 1) * cfg.get("BLOCK_R", cfg.get("BLOCK_Q", cfg.get("BLOCK_N", max(16, block))))
+            side = cfg.get("BLOCK_R", cfg.get("BLOCK_Q", cfg.get("BLOCK_N", max(16, block))))
+            tile = cfg.get("BLOCK_T", 1) * side
             if tile > 16384 or cfg.get("num_warps", 4) * 32 * 2 > tile:
                 continue
             out.append(cfg)

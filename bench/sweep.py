@@ -101,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fan-in: fractions of ablated neurons (a chosen illustration, not measured from training)")
     p.add_argument("--no-tune", action="store_true", help="skip tuning: report with the current table")
     p.add_argument("--no-write-table", action="store_true", help="tune but do not write the table")
-    p.add_argument("--max-candidates", type=int, default=0,
-                   help="try at most N candidates per table key (the default plus a seeded random sample)")
+    p.add_argument("--max-candidates", type=int, default=48,
+                   help="try at most N candidates per table key: the default plus a seeded random sample "
+                        "of the rest (0: all of them)")
     p.add_argument("--extra-candidate", action="append", default=[], metavar="KERNEL=JSON",
                    help='add a candidate, e.g. fanin_fwd=\'{"BLOCK_T": 16}\' (repeatable)')
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")

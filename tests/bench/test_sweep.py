@@ -98,7 +98,8 @@ def test_gate_accepts_a_correct_output_and_rejects_wrong_nan_and_misshapen_ones(
 class _BuggyLaunches:
     """Stands in for ``_fanin_fwd_kernel`` and plants launch bugs tied to configs that the
     kernel itself would run correctly: BLOCK_R=32 drops the last nonzero of every row (K - 1,
-    a loop-bound bug), BLOCK_R=16 leaves the last block of rows unlaunched (a grid bug)."""
+    a loop-bound bug), BLOCK_R=16 launches one program too few along the grid's first axis
+    (a grid bug that leaves an output tile unwritten, whatever the grid's layout)."""
 
     def __init__(self, real, timing):
         self.real, self.timing, self.timed_bad = real, timing, []
@@ -108,10 +109,7 @@ class _BuggyLaunches:
             args = list(args)
             if kwargs["BLOCK_R"] == 32:
                 args[7] = args[7] - 1  # K
-            if kwargs["BLOCK_R"] == 16:
-                grid_ = (grid[0], grid[1] - 1)
-            else:
-                grid_ = grid
+            grid_ = (grid[0] - 1,) + tuple(grid[1:]) if kwargs["BLOCK_R"] == 16 else grid
             if kwargs["BLOCK_R"] in (16, 32) and self.timing["on"]:
                 self.timed_bad.append(dict(kwargs))
             return self.real[grid_](*args, **kwargs)
@@ -190,6 +188,6 @@ def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
     assert len(seen) == 1
     grid, kw = seen[0]
     assert (kw["BLOCK_T"], kw["BLOCK_R"], kw["num_warps"]) == (16, 32, 2)
-    assert grid == (triton.cdiv(T, 16), triton.cdiv(n_out, 32))
+    assert math.prod(grid) == triton.cdiv(T, 16) * triton.cdiv(n_out, 32)  # programs of the tuned tiles
     ref = x.double() @ layer.to_dense().double().t() + layer.bias.double()
     assert torch.allclose(y.double(), ref, atol=1e-5)

@@ -1,0 +1,221 @@
+"""CPU online inference: the condensed fan-in and diagonal layers at batch 1 against a dense
+nn.Linear and torch.sparse CSR, by default Linear(3072 -> 768) at 90% sparsity (SRigL's CPU
+setting; its claim: 3.4x dense, 2.5x CSR).
+
+    python bench/cpu_infer.py                    # 3072 -> 768, 90%, batch 1, all cores torch uses
+    python bench/cpu_infer.py --threads 1,2      # one table per thread count
+    python bench/cpu_infer.py --quick            # tiny, for the tests
+
+Every variant's output is checked against the dense nn.Linear of the same weights before it
+is timed. Timing: the variants take turns, round after round (so drift and the load of other
+processes fall on all of them alike); each round times back-to-back calls for about
+``--round-ms``; the figure is the median over rounds of the time per call. Ratio = baseline
+time / variant time. The library layers run their CPU torch path (``kernels`` on CPU
+tensors) with per-call index checks off (the layers validate indices when the pattern
+changes).
+
+Variants:
+    dense nn.Linear          the baseline (MKL GEMV)
+    CSR prebuilt             torch.sparse.mm with a CSR tensor built once: the CSR baseline
+    fan-in (condensed)       kernels.FanInLinear
+    diagonal b=1, b=16       kernels.DiagLinear
+    SparseLinear             kernels.SparseLinear (unstructured; its CSR is rebuilt per call)
+    gather (inline)          the condensed product written inline, (x[:, idx] * v).sum(-1) with
+                             int64 indices made once: the gap to "fan-in" is op/wrapper overhead
+    gather (torch.compile)   the same, compiled by inductor into one C++ loop (skipped with
+                             --quick or when compilation fails)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import kernels  # noqa: E402
+from bench import common  # noqa: E402
+
+FIELDS = ["run", "threads", "in_features", "out_features", "sparsity", "batch", "variant", "params",
+          "us_per_call", "us_q1", "us_q3", "x_dense", "x_csr", "max_err"]
+
+
+class _InlineGather(nn.Module):
+    """The condensed fan-in product inline, with int64 indices prepared once."""
+
+    def __init__(self, layer: kernels.FanInLinear):
+        super().__init__()
+        self.idx = layer.indices.long()
+        self.rows = layer.rows.long()
+        self.values = layer.values.detach()
+        self.bias = layer.bias.detach()
+        self.out_features = layer.out_features
+        self.full = bool(self.rows.numel() == self.out_features)
+
+    def forward(self, x):
+        y = (x[:, self.idx] * self.values).sum(-1)
+        if not self.full:
+            y = x.new_zeros(x.shape[0], self.out_features).index_copy_(1, self.rows, y)
+        return y + self.bias
+
+
+class _PrebuiltCSR(nn.Module):
+    """torch.sparse CSR of a layer's weight, built once; y = (W x^T)^T + b."""
+
+    def __init__(self, layer: kernels.SparseLinear):
+        super().__init__()
+        self.w = layer.to_dense().to_sparse_csr()
+        self.bias = layer.bias.detach()
+
+    def forward(self, x):
+        return torch.sparse.mm(self.w, x.t()).t() + self.bias
+
+
+DENSE, CSR = "dense nn.Linear", "CSR prebuilt"
+
+
+def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: bool, log=print
+          ) -> dict[str, tuple[nn.Module, nn.Module, str]]:
+    """{variant: (module, its dense equivalent, pattern description)}."""
+    g = torch.Generator().manual_seed(seed)
+    density = 1.0 - sparsity
+    dense = nn.Linear(n_in, n_out)
+    csr = kernels.SparseLinear(n_in, n_out, density=density, generator=g)
+    csr_dense = csr.to_linear()
+    fan = kernels.FanInLinear(n_in, n_out, density=density, generator=g)
+    fan_dense = fan.to_linear()
+    out = {DENSE: (dense, dense, f"{n_out}x{n_in} dense"),
+           CSR: (_PrebuiltCSR(csr), csr_dense, f"nnz={csr.nnz()}"),
+           "fan-in (condensed)": (fan, fan_dense, f"k={fan.k}")}
+    for b in (1, 16):
+        if n_in % b == 0 and n_out % b == 0:
+            d = kernels.DiagLinear(n_in, n_out, density=density, block_size=b, generator=g)
+            out[f"diagonal b={b}"] = (d, d.to_linear(), f"K={d.num_diagonals}")
+    out["SparseLinear"] = (csr, csr_dense, f"nnz={csr.nnz()}")
+    out["gather (inline)"] = (_InlineGather(fan), fan_dense, f"k={fan.k}")
+    if compile_gather:
+        try:
+            compiled = torch.compile(_InlineGather(fan))
+            with torch.inference_mode():
+                compiled(torch.zeros(1, n_in))
+            out["gather (torch.compile)"] = (compiled, fan_dense, f"k={fan.k}")
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported platform: skip the variant
+            log(f"gather (torch.compile) skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return out
+
+
+def _time_calls(mod, x, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        mod(x)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def measure(variants, x, rounds: int, round_ms: float) -> dict[str, list[float]]:
+    """Per-call microseconds of every variant, one sample per round, variants interleaved."""
+    names = list(variants)
+    calls = {}
+    for n in names:
+        one = statistics.median(_time_calls(variants[n][0], x, 1) for _ in range(3))
+        calls[n] = max(1, min(10_000, round(round_ms * 1e3 / max(one, 1e-3))))
+    per_call = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            per_call[n].append(_time_calls(variants[n][0], x, calls[n]))
+    return per_call
+
+
+def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    variants = build(args.in_features, args.out_features, args.sparsity, args.seed,
+                     compile_gather=not args.quick, log=log)
+    x = torch.randn(args.batch, args.in_features, generator=torch.Generator().manual_seed(args.seed + 1))
+    errs = {}
+    with torch.inference_mode():
+        for name, (mod, dense_eq, _) in variants.items():
+            y, ref = mod(x), dense_eq(x)
+            err = (y - ref).abs().max().item()
+            if not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"{name}: output differs from its dense equivalent by {err:.3e}")
+            errs[name] = err
+        for mod, _, _ in variants.values():  # warm caches and lazy initialisation
+            for _ in range(3):
+                mod(x)
+        per_call = measure(variants, x, args.rounds, args.round_ms)
+    med = {n: statistics.median(v) for n, v in per_call.items()}
+    rows = []
+    for name, (_, _, params) in variants.items():
+        q = statistics.quantiles(per_call[name], n=4) if len(per_call[name]) >= 2 else [med[name]] * 3
+        rows.append(dict(run=run_id, threads=threads, in_features=args.in_features,
+                         out_features=args.out_features, sparsity=args.sparsity, batch=args.batch,
+                         variant=name, params=params, us_per_call=med[name], us_q1=q[0], us_q3=q[2],
+                         x_dense=med[DENSE] / med[name], x_csr=med[CSR] / med[name], max_err=errs[name]))
+    return rows
+
+
+def main(argv=None, log=print) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--in-features", type=int, default=3072)
+    p.add_argument("--out-features", type=int, default=768)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: torch's)")
+    p.add_argument("--rounds", type=int, default=31, help="timing rounds (median over them)")
+    p.add_argument("--round-ms", type=float, default=20.0, help="time spent on each variant per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny layer, few rounds (tests)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/cpu_infer)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.in_features, args.out_features, args.rounds, args.round_ms = 512, 128, 3, 2.0
+    out = args.out or (common.RESULTS / ("quick" if args.quick else "cpu_infer"))
+    out.mkdir(parents=True, exist_ok=True)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    head = common.header()
+    head.pop("note", None)  # no Triton here: the CPU torch paths, real CPU timings
+    head["timing"] = f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls (perf_counter)"
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
+    previous = kernels.runtime.checks_enabled()
+    kernels.set_checks(False)
+    try:
+        rows = []
+        for t in threads:
+            rows += run_one(args, t, run_id, log)
+    finally:
+        kernels.set_checks(previous)
+        torch.set_num_threads(head["cpu_threads"])
+    common.append_csv(out / "cpu_infer.csv", rows, FIELDS)
+    title = (f"# CPU inference: Linear({args.in_features} -> {args.out_features}) at "
+             f"{args.sparsity:.0%} sparsity, batch {args.batch}")
+    md = [title, "", common.header_markdown(head), "",
+          "Ratio = time of the baseline / time of the variant, measured side by side in one process "
+          "(q1 / q3: quartiles over rounds). CSR = a torch.sparse CSR tensor built once. "
+          "SRigL's CPU claim for this setting: 3.4x dense, 2.5x CSR.", ""]
+    for t in threads:
+        sub = [r for r in rows if r["threads"] == t]
+        md += [f"## {t} thread(s)", "",
+               common.md_table(sub, [("variant", "variant"), ("params", "pattern"), ("us_per_call", "us / call"),
+                                     ("us_q1", "q1"), ("us_q3", "q3"), ("x_dense", "x dense"), ("x_csr", "x CSR")]),
+               ""]
+    (out / "cpu_infer.md").write_text("\n".join(md) + "\n")
+    for t in threads:
+        log(f"threads={t}")
+        for r in rows:
+            if r["threads"] == t:
+                log(f"  {r['variant']:<24} {r['us_per_call']:9.1f} us   x dense {r['x_dense']:6.2f}   "
+                    f"x CSR {r['x_csr']:6.2f}")
+    log(f"[out] {out}/cpu_infer.md, cpu_infer.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -274,10 +274,11 @@ def append_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: _cell(r.get(k)) for k in fields})
+            w.writerow({k: cell(r.get(k)) for k in fields})
 
 
-def _cell(v):
+def cell(v):
+    """How a value is written into a CSV cell."""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     if isinstance(v, dict):

@@ -20,15 +20,20 @@ Variants:
     fan-in (condensed)       kernels.FanInLinear
     diagonal b=1, b=16       kernels.DiagLinear
     SparseLinear             kernels.SparseLinear (unstructured; its CSR is rebuilt per call)
-    gather (inline)          the condensed product written inline, (x[:, idx] * v).sum(-1) with
-                             int64 indices made once: the gap to "fan-in" is op/wrapper overhead
-    gather (torch.compile)   the same, compiled by inductor into one C++ loop (skipped with
-                             --quick or when compilation fails)
+    gather (inline)          the library's condensed formulation written inline,
+                             (x[:, idx] * v).sum(-1), int64 indices made once: the gap to
+                             "fan-in" is op and wrapper overhead
+    index_select (inline)    the same product as one 1-D x.index_select(1, idx_int32) over
+                             [T, out * k], times v, summed over k: a faster plain-torch form
+    index_select (torch.compile)  that, compiled by inductor (skipped with --quick or when
+                             compilation fails)
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import os
 import statistics
 import sys
 import time
@@ -43,16 +48,19 @@ from torch import nn  # noqa: E402
 import kernels  # noqa: E402
 from bench import common  # noqa: E402
 
-FIELDS = ["run", "threads", "in_features", "out_features", "sparsity", "batch", "variant", "params",
-          "us_per_call", "us_q1", "us_q3", "x_dense", "x_csr", "max_err"]
+FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "batch", "variant", "params",
+          "us_per_call", "us_q1", "us_q3", "us_min", "x_dense", "x_csr", "x_dense_min", "x_csr_min", "max_err"]
 
 
 class _InlineGather(nn.Module):
-    """The condensed fan-in product inline, with int64 indices prepared once."""
+    """The condensed fan-in product inline. ``flat``: one 1-D index_select over the int32
+    indices, [T, out * k] (then multiply and sum over k); else 2-D advanced indexing with int64
+    indices made once, as the library's CPU path does."""
 
-    def __init__(self, layer: kernels.FanInLinear):
+    def __init__(self, layer: kernels.FanInLinear, flat: bool):
         super().__init__()
-        self.idx = layer.indices.long()
+        self.flat = flat
+        self.idx = layer.indices.reshape(-1) if flat else layer.indices.long()
         self.rows = layer.rows.long()
         self.values = layer.values.detach()
         self.bias = layer.bias.detach()
@@ -60,7 +68,11 @@ class _InlineGather(nn.Module):
         self.full = bool(self.rows.numel() == self.out_features)
 
     def forward(self, x):
-        y = (x[:, self.idx] * self.values).sum(-1)
+        if self.flat:
+            xg = x.index_select(1, self.idx).view(x.shape[0], *self.values.shape)  # [T, rows, k]
+        else:
+            xg = x[:, self.idx]
+        y = (xg * self.values).sum(-1)
         if not self.full:
             y = x.new_zeros(x.shape[0], self.out_features).index_copy_(1, self.rows, y)
         return y + self.bias
@@ -99,15 +111,16 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
             d = kernels.DiagLinear(n_in, n_out, density=density, block_size=b, generator=g)
             out[f"diagonal b={b}"] = (d, d.to_linear(), f"K={d.num_diagonals}")
     out["SparseLinear"] = (csr, csr_dense, f"nnz={csr.nnz()}")
-    out["gather (inline)"] = (_InlineGather(fan), fan_dense, f"k={fan.k}")
+    out["gather (inline)"] = (_InlineGather(fan, flat=False), fan_dense, f"k={fan.k}")
+    out["index_select (inline)"] = (_InlineGather(fan, flat=True), fan_dense, f"k={fan.k}")
     if compile_gather:
         try:
-            compiled = torch.compile(_InlineGather(fan))
+            compiled = torch.compile(_InlineGather(fan, flat=True))
             with torch.inference_mode():
                 compiled(torch.zeros(1, n_in))
-            out["gather (torch.compile)"] = (compiled, fan_dense, f"k={fan.k}")
+            out["index_select (torch.compile)"] = (compiled, fan_dense, f"k={fan.k}")
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported platform: skip the variant
-            log(f"gather (torch.compile) skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            log(f"index_select (torch.compile) skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     return out
 
 
@@ -152,13 +165,17 @@ def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
                 mod(x)
         per_call = measure(variants, x, args.rounds, args.round_ms)
     med = {n: statistics.median(v) for n, v in per_call.items()}
+    best = {n: min(v) for n, v in per_call.items()}
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan
     rows = []
     for name, (_, _, params) in variants.items():
         q = statistics.quantiles(per_call[name], n=4) if len(per_call[name]) >= 2 else [med[name]] * 3
-        rows.append(dict(run=run_id, threads=threads, in_features=args.in_features,
+        rows.append(dict(run=run_id, threads=threads, load_avg=load, in_features=args.in_features,
                          out_features=args.out_features, sparsity=args.sparsity, batch=args.batch,
                          variant=name, params=params, us_per_call=med[name], us_q1=q[0], us_q3=q[2],
-                         x_dense=med[DENSE] / med[name], x_csr=med[CSR] / med[name], max_err=errs[name]))
+                         us_min=best[name], x_dense=med[DENSE] / med[name], x_csr=med[CSR] / med[name],
+                         x_dense_min=best[DENSE] / best[name], x_csr_min=best[CSR] / best[name],
+                         max_err=errs[name]))
     return rows
 
 
@@ -198,21 +215,25 @@ def main(argv=None, log=print) -> int:
              f"{args.sparsity:.0%} sparsity, batch {args.batch}")
     md = [title, "", common.header_markdown(head), "",
           "Ratio = time of the baseline / time of the variant, measured side by side in one process "
-          "(q1 / q3: quartiles over rounds). CSR = a torch.sparse CSR tensor built once. "
+          "(q1 / q3: quartiles over rounds; min: the fastest round, the least disturbed by other "
+          "processes). CSR = a torch.sparse CSR tensor built once. "
           "SRigL's CPU claim for this setting: 3.4x dense, 2.5x CSR.", ""]
     for t in threads:
         sub = [r for r in rows if r["threads"] == t]
-        md += [f"## {t} thread(s)", "",
+        md += [f"## {t} thread(s) (1-min load average at the end: {sub[0]['load_avg']} on "
+               f"{os.cpu_count()} cores)", "",
                common.md_table(sub, [("variant", "variant"), ("params", "pattern"), ("us_per_call", "us / call"),
-                                     ("us_q1", "q1"), ("us_q3", "q3"), ("x_dense", "x dense"), ("x_csr", "x CSR")]),
+                                     ("us_q1", "q1"), ("us_q3", "q3"), ("us_min", "min"), ("x_dense", "x dense"),
+                                     ("x_csr", "x CSR"), ("x_dense_min", "x dense (min)"),
+                                     ("x_csr_min", "x CSR (min)")]),
                ""]
     (out / "cpu_infer.md").write_text("\n".join(md) + "\n")
     for t in threads:
         log(f"threads={t}")
         for r in rows:
             if r["threads"] == t:
-                log(f"  {r['variant']:<24} {r['us_per_call']:9.1f} us   x dense {r['x_dense']:6.2f}   "
-                    f"x CSR {r['x_csr']:6.2f}")
+                log(f"  {r['variant']:<29} {r['us_per_call']:9.1f} us   x dense {r['x_dense']:6.2f}   "
+                    f"x CSR {r['x_csr']:6.2f}   (min: {r['us_min']:9.1f} us, x dense {r['x_dense_min']:6.2f})")
     log(f"[out] {out}/cpu_infer.md, cpu_infer.csv")
     return 0
 

@@ -95,16 +95,14 @@ class Problem:
         self.case = case
         self.device = device
         self.dtype = _dtype(case.dtype)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # the pattern (small): on the CPU
         c, dt = case, self.dtype
         T, n_in, n_out = c.tokens, c.in_features, c.out_features
         target_nnz = max(1, round((1.0 - c.sparsity) * n_in * n_out))
-
-        def randn(*shape):
-            return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
-
-        self.x = randn(T, n_in)
-        self.dy = randn(T, n_out)
+        # Activations (up to 50,432 x 3072) are drawn on the device itself.
+        g_act = torch.Generator(device=device).manual_seed(seed + 1)
+        self.x = torch.randn(T, n_in, generator=g_act, device=device).to(dt)
+        self.dy = torch.randn(T, n_out, generator=g_act, device=device).to(dt)
         self.surv_rows = None
         if c.format == "fanin":
             n_rows = max(1, n_out - round(c.ablation * n_out))

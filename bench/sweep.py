@@ -31,6 +31,7 @@ import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -109,6 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
     p.add_argument("--cpu-reps", type=int, default=None, help="timed calls per measurement on CPU")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="stop starting new tuning keys / report cases after this many seconds (0: no limit)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip table keys already tuned and cases already in sweep.csv for this device")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -220,7 +225,9 @@ def _free():
 
 # ----------------------------------------------------------------------------- 1. tune
 
-def tune(args, cases, run_info, log=print) -> dict[str, dict[str, dict]]:
+def tune(args, cases, run_info, save, out_of_time, log=print) -> dict[str, dict[str, dict]]:
+    """Elect a winner per table key; ``save(kernel, key, config)`` stores each one as soon as
+    it is known (a sweep cut short keeps what it finished)."""
     dev = common.device()
     groups: dict[tuple[str, str], dict] = {}
     for case in cases:
@@ -234,7 +241,14 @@ def tune(args, cases, run_info, log=print) -> dict[str, dict[str, dict]]:
         del prob
     winners: dict[str, dict[str, dict]] = {}
     rng = random.Random(args.seed)
+    done = common.read_table(common.table_path(args.table_dir, run_info["device"])) if args.resume else {}
     for (kernel, keystr), g in sorted(groups.items()):
+        if keystr in done.get(kernel, {}):
+            log(f"[tune] {kernel} {keystr}: already in the table (--resume)")
+            continue
+        if out_of_time():
+            log(f"[tune] time budget spent: {kernel} {keystr} and the keys after it not tuned (re-run with --resume)")
+            break
         cands = candidate_space(g["default"], g["t_max"], g["block"], args.quick)
         if args.max_candidates and len(cands) > args.max_candidates:
             cands = cands[:1] + rng.sample(cands[1:], args.max_candidates - 1)
@@ -269,6 +283,7 @@ def tune(args, cases, run_info, log=print) -> dict[str, dict[str, dict]]:
         x_default = (common.geomean([times[0][c] / times[win][c] for c in g["cases"]])
                      if 0 in full else math.nan)
         winners.setdefault(kernel, {})[keystr] = cands[win]
+        save(kernel, keystr, cands[win])
         n_rej = sum(1 for r in rows if r["status"] == "rejected")
         common.append_csv(args.out / "tuning.csv", [dict(
             run_info, kernel=kernel, key=keystr, winner=cands[win], default=g["default"],
@@ -524,22 +539,40 @@ def main(argv=None, log=print) -> int:
     tune_cases = build_cases(args, args.tune_sparsities, [0.0])
     report_cases = build_cases(args, args.sparsities, args.ablations)
     table_file = common.table_path(args.table_dir, head["table"])
+    t_start = time.monotonic()
+
+    def out_of_time() -> bool:
+        return bool(args.budget_s) and time.monotonic() - t_start > args.budget_s
+
+    meta = {k: head[k] for k in ("gpu", "driver", "torch", "triton", "git", "date") if k in head}
+    meta["written_by"] = "python bench/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def save(kernel, keystr, config):
+        if not args.no_write_table:
+            common.merge_table(table_file, {kernel: {keystr: config}}, meta)
+
     if not args.no_tune:
-        winners = tune(args, tune_cases, run_info, log)
+        winners = tune(args, tune_cases, run_info, save, out_of_time, log)
         if winners and not args.no_write_table:
-            meta = {k: head[k] for k in ("gpu", "driver", "torch", "triton", "git", "date") if k in head}
-            meta["written_by"] = "python bench/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
-            common.merge_table(table_file, winners, meta)
             log(f"[table] {sum(len(v) for v in winners.values())} entries merged into {table_file}")
+    done = set()
+    if args.resume:
+        done = {tuple(r[k] for k in CASE_FIELDS) for r in read_latest(args.out / "sweep.csv", ["device"] + CASE_FIELDS)
+                if r.get("device") == head["table"]}
     rows = []
     with common.table_dir(args.table_dir):
         for case in report_cases:
+            if tuple(str(common.cell(case.fields()[k])) for k in CASE_FIELDS) in done:
+                continue
+            if out_of_time():
+                log("[report] time budget spent: the remaining cases were not run (re-run with --resume)")
+                break
             row = report_case(args, case, run_info)
             rows.append(row)
+            common.append_csv(args.out / "sweep.csv", [row], SWEEP_FIELDS)
             log(f"[report] {case.label()}: {row['status']} kernel {common.fmt(row.get('kernel_ms'))} ms, "
                 f"dense {common.fmt(row.get('dense_ms'))} ms, x dense {common.fmt(row.get('x_dense'))}"
                 + (f" ({row['reason']})" if row["reason"] else ""))
-    common.append_csv(args.out / "sweep.csv", rows, SWEEP_FIELDS)
     write_report(args, head)
     log(f"[out] {args.out}/sweep.md, sweep.csv, candidates.csv, tuning.csv, speedup.png; table {table_file}")
     if mode == "interpreter":

@@ -1,0 +1,34 @@
+"""Small data for the training tests: 2048 MNIST training images (256 val / test) and a cached
+tokenizer folder per session, so that each run takes seconds."""
+import pytest
+import torch
+
+import train.data
+from train.data import ImageData, load_images
+
+
+@pytest.fixture(scope="session")
+def small_mnist():
+    d = load_images("mnist")
+    return ImageData("mnist-2k", d.train_x[:2048].clone(), d.train_y[:2048].clone(), d.val_x[:256].clone(),
+                     d.val_y[:256].clone(), d.test_x[:256].clone(), d.test_y[:256].clone(), 10)
+
+
+@pytest.fixture
+def tiny_mnist(monkeypatch, small_mnist):
+    """train.vit sees the small MNIST whatever --dataset says (bad names are checked elsewhere)."""
+    monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0: small_mnist)
+    return small_mnist
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    """Tokenizers go to a per-session folder, not the repository's data_cache/."""
+    monkeypatch.setattr(train.data, "CACHE", tmp_path_factory.getbasetemp() / "data_cache")
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

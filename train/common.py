@@ -1,0 +1,443 @@
+"""What the entry points share: config dataclass -> --flags, the usage-error exit, the lr
+schedule, the optimizer, sparse model construction, atomic checkpoints, metrics, summary.
+
+Exit codes: 0 done, 1 the run failed (NaN / inf loss), 2 bad input (flags, preset, dataset,
+checkpoint), 130 / 143 interrupted by SIGINT / SIGTERM after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import kernels
+from dst import METHODS, DSTConfig, layer_densities, make_layer
+from models.transformer import sparse_layer_shapes
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT_FORMAT = "alwayssparse-train/1"
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2, nothing written."""
+
+
+def usage_exit(message: str, prog: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------- config -> flags
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each dataclass field (and the comment-only lines after
+    it), read from the source: the comments are the --help text."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+        if m and m.group(1) in names:
+            last = m.group(1)
+            comments[last] = (m.group(2) or "").strip()
+        elif last and re.match(r"\s+#", line):
+            comments[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return comments
+
+
+def _flag_type(hint):
+    """int / float / str / bool from a field's type hint (``int | None`` -> int)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse prints the whole usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_config(cls, argv=None, prog: str | None = None):
+    """Build ``cls`` (an entry point's config dataclass) from --flags: one flag per field,
+    ``--snake-case``, help from the field comments. A field ``dst: DSTConfig`` becomes the
+    flags of DSTConfig (``--method``, ``--sparsity``, ``--delta-t``, ...); a DST flag left out
+    takes that method's paper default (``DSTConfig.for_method``), and its seed is the run's.
+    Bad flags or values: one line on stderr, exit code 2."""
+    parser = _Parser(prog=prog, description=inspect.getdoc(cls),
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dst_flags = []
+
+    def add(f, hint, comment, default, dest):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(hint)
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=comment)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=default, help=comment, metavar=kind.__name__.upper())
+
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is DSTConfig:
+            dst_hints, dst_comments = typing.get_type_hints(DSTConfig), field_comments(DSTConfig)
+            for g in dataclasses.fields(DSTConfig):
+                if g.name == "seed":
+                    continue
+                note = "; default: the method's paper value" if g.name not in ("method", "sparsity") else ""
+                default = DSTConfig.method if g.name == "method" else None
+                add(g, dst_hints[g.name], dst_comments.get(g.name, "") + note, default, "dst." + g.name)
+                dst_flags.append(g.name)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        add(f, hints[f.name], comments.get(f.name, ""), default, f.name)
+    args = vars(parser.parse_args(argv))
+    values = {k: v for k, v in args.items() if not k.startswith("dst.")}
+    given = {k[4:]: v for k, v in args.items() if k.startswith("dst.") and v is not None}
+    method = given.pop("method")
+    if method not in METHODS:
+        parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    try:
+        dst_cfg = DSTConfig.for_method(method, seed=values.get("seed", 0), **given)
+    except ValueError as e:
+        parser.error(str(e))
+    dst_field = next(f.name for f in dataclasses.fields(cls) if hints[f.name] is DSTConfig)
+    return cls(**values, **{dst_field: dst_cfg})
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"bad --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 autocast on a GPU by default; fp32 on CPU (bf16 matmuls are slow there)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UsageError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def build_sparse_model(build, model_cfg, dst_cfg: DSTConfig, device: torch.device, seed: int):
+    """Build ``build(model_cfg, linear=...)`` with the method's layer for every block linear,
+    each with its share of the density (``dst_cfg.distribution``), created sparse on
+    ``device`` - no dense weight is ever allocated for a sparse layer. Returns
+    (model, {name: target density})."""
+    shapes = sparse_layer_shapes(build, model_cfg)
+    if dst_cfg.method == "dynadiag":
+        b = dst_cfg.block_size
+        for name, (out_f, in_f) in shapes.items():
+            if out_f % b or in_f % b:
+                raise UsageError(f"--block-size {b} must divide the width of every sparse layer; "
+                                 f"{name} is {in_f} -> {out_f}")
+    if dst_cfg.method == "dense":
+        densities = {name: 1.0 for name in shapes}
+    else:
+        densities = layer_densities(shapes, dst_cfg.sparsity, dst_cfg.distribution)
+    generator = torch.Generator().manual_seed(seed)
+
+    def linear(name, in_features, out_features, bias=True):
+        with torch.device("cpu"):  # the layers draw their patterns from a CPU generator
+            layer = make_layer(dst_cfg, in_features, out_features, densities[name], bias=bias,
+                               generator=generator)
+        return layer.to(device)
+
+    with torch.device(device):
+        model = build(model_cfg, linear=linear)
+    return model, densities
+
+
+def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The sparse layers (kernels.SparseLayer) of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, kernels.SparseLayer)}
+
+
+def layer_density_report(model: nn.Module, names) -> dict[str, float]:
+    """Density of each named block linear (1.0 for a dense nn.Linear)."""
+    out = {}
+    for name in names:
+        m = model.get_submodule(name)
+        out[name] = m.density() if isinstance(m, kernels.SparseLayer) else 1.0
+    return out
+
+
+def overall_density(model: nn.Module, names) -> float:
+    nnz = total = 0
+    for name in names:
+        m = model.get_submodule(name)
+        size = m.in_features * m.out_features
+        nnz += m.nnz() if isinstance(m, kernels.SparseLayer) else size
+        total += size
+    return nnz / max(total, 1)
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float):
+    """AdamW or SGD (Nesterov). Weight decay on linear weights and sparse values only - not on
+    biases, norms, embeddings, tokens or DynaDiag's gate scores."""
+    decay_ids = set()
+    for m in model.modules():
+        if isinstance(m, kernels.SparseLayer):
+            decay_ids.add(id(m.values))
+        elif isinstance(m, nn.Linear):
+            decay_ids.add(id(m.weight))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decay_ids], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    raise UsageError(f"--optimizer must be adamw or sgd, got {name!r}")
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, final_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def check_common(cfg) -> None:
+    """Checks of the loop flags both entry points share (UsageError on the first bad one)."""
+    positive = ("steps", "batch_size", "eval_every", "log_every")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup", "ckpt_every", "threads", "eval_examples"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0 or not 0 <= cfg.momentum < 1:
+        raise UsageError("--weight-decay and --grad-clip must be >= 0 and --momentum in [0, 1)")
+    if cfg.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def run_dir(cfg, entry: str) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    d = cfg.dst
+    tag = "dense" if d.method == "dense" else f"{d.method}-s{d.sparsity:g}"
+    return REPO / "runs" / entry / f"{tag}-seed{cfg.seed}"
+
+
+def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder (checked before anything is written)."""
+    done = [p.name for p in (path / "checkpoint.pt", path / "summary.json", path / "metrics.jsonl") if p.exists()]
+    if resume:
+        if not (path / "checkpoint.pt").exists():
+            raise UsageError(f"--resume: no checkpoint at {path / 'checkpoint.pt'}")
+    elif done and not overwrite:
+        raise UsageError(f"{path} already holds a run ({', '.join(done)}); pass --resume or --overwrite")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a kill at any moment leaves
+    either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, entry: str, cfg, step: int, model, optimizer, sparsifier, history) -> None:
+    """Everything a resume needs: model (values + indices), optimizer, DST state, the next step
+    (the data order is a function of seed and step), every RNG state, and the curves."""
+    blob = {
+        "format": CHECKPOINT_FORMAT, "entry": entry, "config": config_to_dict(cfg), "step": step,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
+        "rng": rng_state(), "history": history,
+    }
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# Fields that may differ between the saved run and the resuming one.
+RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir"}
+
+
+def load_checkpoint(path: Path, entry: str, cfg) -> dict:
+    """Read and check a checkpoint (UsageError, one line, when it is unreadable or belongs to
+    another entry point, model, method or format). Never modifies the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / corrupt files raise many kinds of errors
+        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT})")
+    if blob.get("entry") != entry:
+        raise UsageError(f"{path} was written by train.{blob.get('entry')}, not train.{entry}")
+    now, saved = config_to_dict(cfg), blob["config"]
+    diff = sorted(k for k in now if k not in RESUME_FREE and now.get(k) != saved.get(k))
+    if diff:
+        k = diff[0]
+        raise UsageError(f"checkpoint {path} has {k}={saved.get(k)!r}, this run {k}={now.get(k)!r} "
+                         f"({len(diff)} field(s) differ: {', '.join(diff)})")
+    return blob
+
+
+def load_model_state(model: nn.Module, state: dict) -> None:
+    """load_state_dict that keeps every Parameter object (the optimizer holds them) while
+    sparse patterns change shape: parameters are resized in place first."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in state and state[name].shape != p.shape:
+                p.data = torch.empty(state[name].shape, dtype=p.dtype, device=p.device)
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- run-time guards
+
+class StopSignal:
+    """Turns SIGINT / SIGTERM into a flag the loop checks once per step, so that it saves a
+    checkpoint at a step boundary and exits; a second signal exits at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """Peak memory: CUDA allocator peak on a GPU; on CPU the process's peak RSS (all of it:
+    Python, data, model)."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+class Metrics:
+    """Append-only JSON lines (one per log / eval event), flushed at each write. Rows with
+    step >= ``keep_before`` already in the file are dropped first (0 for a fresh run; the
+    checkpoint's step on resume, whose rows the resumed run writes again)."""
+
+    def __init__(self, path: Path, keep_before: int):
+        kept = []
+        if keep_before and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) < keep_before]
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
+        self.file = open(path, "a")
+
+    def write(self, **row) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def summarize_times(times: list[float]) -> dict:
+    """Step time in ms, skipping the first steps (allocator / kernel warm-up)."""
+    t = sorted(times[min(5, len(times) // 2):]) or [0.0]
+    return {"median": 1000 * t[len(t) // 2], "mean": 1000 * sum(t) / len(t), "steps_timed": len(t)}
+
+
+def now() -> float:
+    return time.perf_counter()

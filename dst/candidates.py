@@ -110,21 +110,21 @@ def sample_weighted_distinct(row_w: torch.Tensor, col_w: torch.Tensor, n: int, e
 
 def sample_in_rows(rows: torch.Tensor, counts: torch.Tensor, in_features: int, exclude: torch.Tensor,
                    col_w: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """For each output row rows[i], counts[i] distinct columns whose (row, col) is not in
-    ``exclude`` (sorted flat); columns drawn proportional to ``col_w`` (uniform when None).
-
-    Returns sorted flat coordinates; the caller keeps counts[i] <= free entries of the row.
-    Rows still short after a few rounds enumerate their free columns (O(in) for such a row).
+    """For each output row rows[i] (distinct), counts[i] distinct columns whose (row, col) is
+    not in ``exclude`` (sorted flat); columns drawn proportional to ``col_w`` (uniform when
+    None). Returns sorted flat coordinates; the caller keeps counts[i] <= free entries of the
+    row. Rows still short after a few rounds enumerate their free columns (O(in) per row).
     """
     device = exclude.device
-    rows, counts = rows.long().to(device), counts.long().to(device)
-    picked = torch.empty(0, dtype=torch.int64, device=device)
+    order = torch.sort(rows.long().to(device))
+    rows, counts = order.values, counts.long().to(device)[order.indices]
+    pieces: list[torch.Tensor] = []  # each sorted; together distinct
     have = torch.zeros_like(counts)
     for _ in range(_WEIGHTED_ROUNDS):
         short = counts - have
         todo = short > 0
         if not bool(todo.any()):
-            return picked
+            break
         draw = 2 * short[todo] + 4
         r = rows[todo].repeat_interleave(draw)
         if col_w is None:
@@ -133,22 +133,27 @@ def sample_in_rows(rows: torch.Tensor, counts: torch.Tensor, in_features: int, e
             c = torch.multinomial(col_w, r.numel(), replacement=True, generator=generator).to(device)
         cand = torch.unique(r * in_features + c)
         cand = cand[~isin_sorted(cand, exclude)]
-        cand = cand[~isin_sorted(cand, picked)]
-        picked = torch.sort(torch.cat([picked, _random_per_row(cand, rows, short, in_features, generator)])).values
-        have = _count_per_row(picked, rows, in_features)
+        for piece in pieces:
+            cand = cand[~isin_sorted(cand, piece)]
+        chosen = torch.sort(_random_per_row(cand, rows, short, in_features, generator)).values
+        pieces.append(chosen)
+        have += _count_per_row(chosen, rows, in_features)
     short = counts - have
     for i in torch.nonzero(short > 0).flatten().tolist():
-        r = int(rows[i])
-        flat = r * in_features + torch.arange(in_features, device=device)
-        taken = isin_sorted(flat, exclude) | isin_sorted(flat, picked)
+        flat = int(rows[i]) * in_features + torch.arange(in_features, device=device)
+        taken = isin_sorted(flat, exclude)
+        for piece in pieces:
+            taken |= isin_sorted(flat, piece)
         free = flat[~taken]
         perm = torch.randperm(free.numel(), generator=generator).to(device)
-        picked = torch.sort(torch.cat([picked, free[perm[:int(short[i])]]])).values
-    return picked
+        pieces.append(torch.sort(free[perm[:int(short[i])]]).values)
+    if not pieces:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.sort(torch.cat(pieces)).values
 
 
 def _count_per_row(flat: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
-    """How many of the sorted flat coordinates fall in each of ``rows`` (distinct)."""
+    """How many of the sorted flat coordinates fall in each of ``rows`` (sorted, distinct)."""
     r = torch.div(flat, in_features, rounding_mode="floor")
     lo = torch.searchsorted(r, rows, right=False)
     hi = torch.searchsorted(r, rows, right=True)
@@ -157,13 +162,11 @@ def _count_per_row(flat: torch.Tensor, rows: torch.Tensor, in_features: int) -> 
 
 def _random_per_row(cand: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor, in_features: int,
                     generator: torch.Generator) -> torch.Tensor:
-    """At most quota[i] of the sorted candidates in row rows[i], chosen at random."""
+    """At most quota[i] of the sorted candidates in row rows[i] (sorted), chosen at random."""
     if cand.numel() == 0:
         return cand
     r = torch.div(cand, in_features, rounding_mode="floor")
-    order = torch.sort(rows)
-    pos = order.indices[torch.searchsorted(order.values, r)]
-    limit = quota.clamp_min(0)[pos]
+    limit = quota.clamp_min(0)[torch.searchsorted(rows, r)]
     # Random priority within each row: sort by (row, random key) and keep the first `limit`.
     key = torch.rand(cand.numel(), generator=generator, dtype=torch.float64).to(cand.device)
     perm = torch.argsort(r.double() * 2 + key)
@@ -214,29 +217,39 @@ def exact_top(dy: torch.Tensor, x: torch.Tensor, n: int, active: torch.Tensor | 
     """The n largest |gradient| entries outside ``active`` (all entries when None):
     (scores fp32 [n], flat int64 [n]), scanned band by band.
 
-    A band contributes only entries above the running n-th best, so after the first bands
-    the merge touches few elements.
+    A band contributes only its entries above the n-th best known so far; survivors pile
+    up and are cut back to n once they exceed 2n, so the merge is amortised O(band).
     """
     in_features = x.shape[1]
     best_v = torch.empty(0, device=dy.device)
     best_i = torch.empty(0, dtype=torch.int64, device=dy.device)
     if n == 0:
         return best_v, best_i
+    vals, flats, held = [], [], 0
+    floor = torch.tensor(float("-inf"), device=dy.device)
     for c0, g in _gradient_bands(dy, x, active, elems):
         w = g.shape[1]
-        floor = best_v.min() if best_v.numel() >= n else torch.tensor(float("-inf"), device=g.device)
         sel = torch.nonzero(g.reshape(-1) > floor).flatten()
         if sel.numel() == 0:
             continue
-        vals = g.reshape(-1)[sel]
-        flat = torch.div(sel, w, rounding_mode="floor") * in_features + c0 + sel % w
-        best_v, best_i = torch.cat([best_v, vals]), torch.cat([best_i, flat])
-        if best_v.numel() > n:
-            top = torch.topk(best_v, n, sorted=False)
-            best_v, best_i = top.values, best_i[top.indices]
+        vals.append(g.reshape(-1)[sel])
+        flats.append(torch.div(sel, w, rounding_mode="floor") * in_features + c0 + sel % w)
+        held += sel.numel()
+        if held > 2 * n:
+            best_v, best_i = _cut(vals, flats, n)
+            vals, flats, held, floor = [best_v], [best_i], n, best_v.min()
+    best_v, best_i = _cut(vals, flats, n)
     if best_v.numel() < n:
         raise ValueError(f"asked for the top {n} entries but only {best_v.numel()} are eligible")
     return best_v, best_i
+
+
+def _cut(vals: list, flats: list, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    v, i = torch.cat(vals), torch.cat(flats)
+    if v.numel() <= n:
+        return v, i
+    top = torch.topk(v, n, sorted=False)
+    return top.values, i[top.indices]
 
 
 def exact_top_per_row(dy: torch.Tensor, x: torch.Tensor, m: int, active: torch.Tensor | None,
@@ -249,6 +262,8 @@ def exact_top_per_row(dy: torch.Tensor, x: torch.Tensor, m: int, active: torch.T
     best_c = torch.full((n_rows, m), -1, dtype=torch.int64, device=dy.device)
     if m == 0:
         return best_v, best_c
+    # Bands at least 3m wide: the per-band topk over m + w columns then costs O(w) per column.
+    elems = max(elems, 3 * m * n_rows)
     for c0, g in _gradient_bands(dy, x, active, elems):
         top = torch.topk(torch.cat([best_v, g], dim=1), m, dim=1)
         # An index below m is a previous best, above it column c0 + index - m of this band.

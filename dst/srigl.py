@@ -4,8 +4,9 @@ One update of a layer with nnz budget N (its nnz at the start), current fan-in k
 fraction a:
 1. n_prune = floor(a * nnz), n_keep = nnz - n_prune.
 2. Salient weights: the layer's top n_keep by |w| (active weights) and its top n_prune by
-   |grad| (over every entry with grow="exact", over the active weights plus a sampled
-   candidate set otherwise). A neuron with fewer than max(1, gamma_sal * k) salient
+   |grad| (over every entry with grow="exact"; with a sampler over the active weights plus
+   ceil(gamma * N / out) sampled entries of every neuron, so an ablated neuron comes back
+   only if enough of its sampled entries are salient: heavy ablation wants grow="exact"). A neuron with fewer than max(1, gamma_sal * k) salient
    weights is ablated; at least ceil(N / in) neurons survive (so that k <= in; the paper
    states floor(N / in)), the best by salience; ablation is recomputed at every update, so an
    ablated neuron can come back; a head layer, or ablation=False, keeps every neuron.
@@ -90,9 +91,10 @@ def update_srigl(layer: FanInLinear, ctx: UpdateContext, name: str) -> dict:
     else:
         weights = sampling_weights(cfg.grow, dy, x, gen)
         col_w = None if weights is None else weights[1]
+        # gamma * budget candidates in all, the same number in every row, active or ablated.
         count = torch.zeros(out_f, dtype=torch.int64, device=device)
         count[old_rows] = k
-        per_row = (in_f - count).clamp_max(math.ceil(cfg.gamma * k))
+        per_row = (in_f - count).clamp_max(math.ceil(cfg.gamma * budget / out_f))
         cand = sample_in_rows(torch.arange(out_f, device=device), per_row, in_f, active, col_w, gen)
         cand_score = gradient_score(dy, x, cand, in_f)
         pool = torch.cat([old_flat, cand])

@@ -130,7 +130,10 @@ class Sparsifier:
         for name, slots in self._records.items():
             done = [s for s in slots if s[1] is not None]
             if done:
-                out[name] = (torch.cat([s[1] for s in done]), torch.cat([s[0] for s in done]))
+                dy, x = torch.cat([s[1] for s in done]), torch.cat([s[0] for s in done])
+                # Under autocast the input and the output gradient may differ in dtype.
+                common = torch.promote_types(dy.dtype, x.dtype)
+                out[name] = (dy.to(common), x.to(common))
         return out
 
     # ------------------------------------------------------------------ step

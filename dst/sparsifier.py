@@ -125,7 +125,8 @@ class Sparsifier:
                 output.register_hook(grad_hook)
         return hook
 
-    def _captures(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def captured(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (dy [T, out], x [T, in])} recorded by ``capture`` since the last ``step``."""
         out = {}
         for name, slots in self._records.items():
             done = [s for s in slots if s[1] is not None]
@@ -157,7 +158,7 @@ class Sparsifier:
         start = time.perf_counter()
         frac = self.drop_fraction(step)
         ctx = UpdateContext(cfg=cfg, optimizer=optimizer, drop_fraction=frac, generator=self.generator,
-                            captures=self._captures() if self.rule.needs_gradient else {},
+                            captures=self.captured() if self.rule.needs_gradient else {},
                             budgets=self.budgets, heads=self.heads)
         if cfg.method == "dynadiag" and step >= self.freeze_step:
             layers = {name: freeze(layer, ctx) for name, layer in self.layers.items()}

@@ -74,12 +74,12 @@ def set_temperature(layer: DiagLinear, temperature: float) -> None:
         layer.temperature.fill_(temperature)
 
 
-def resample_candidates(layer: DiagLinear, ctx: UpdateContext) -> dict:
+def resample_candidates(rule, layer: DiagLinear, ctx: UpdateContext) -> dict:
     """Replace the lowest-scored floor(drop_fraction * C) candidates by new random diagonals."""
     k = layer.k_target
     R, C, D, P = layer.geometry
     stored = layer.num_diagonals
-    score = gate_score(layer.scores)
+    score = rule.drop_score(layer)
     leaders = highest(score, k)
     is_candidate = torch.ones(stored, dtype=torch.bool, device=score.device)
     is_candidate[leaders] = False
@@ -110,7 +110,7 @@ def freeze(layer: DiagLinear, ctx: UpdateContext) -> dict:
     with torch.no_grad():
         a = layer.gate().detach()
         folded = layer.values.detach() * a.to(layer.values.dtype)[:, None, None, None]
-    top = torch.sort(highest(gate_score(layer.scores), k)).values  # offsets are sorted: stays sorted
+    top = torch.sort(highest(gate_score(layer), k)).values  # offsets are sorted: stays sorted
     offsets = layer.offsets[top]
     layer.disable_gate()
     stats = apply_mask_update(layer, ctx.optimizer, expand_src(top, _per_diagonal(layer)),
@@ -119,5 +119,5 @@ def freeze(layer: DiagLinear, ctx: UpdateContext) -> dict:
     return stats
 
 
-def update_dynadiag(method: str, layers: dict[str, DiagLinear], ctx: UpdateContext) -> dict:
-    return {name: resample_candidates(layer, ctx) for name, layer in layers.items()}
+def update_dynadiag(rule, layers: dict[str, DiagLinear], ctx: UpdateContext) -> dict:
+    return {name: resample_candidates(rule, layer, ctx) for name, layer in layers.items()}

@@ -27,9 +27,9 @@ from .unstructured import update_unstructured
 class Rule(NamedTuple):
     formats: tuple[str, ...]        # layer formats the rule updates
     needs_gradient: bool            # update steps capture each layer's input x and output grad dy
-    drop_score: Callable | None     # the lowest are dropped
-    grow_score: Callable | None     # the highest candidates are grown
-    update: Callable | None         # (method, {name: layer}, UpdateContext) -> {name: stats}
+    drop_score: Callable | None     # (layer) -> [stored] scores; the lowest are dropped
+    grow_score: Callable | None     # (flat candidates, layer, ctx, name) -> [n]; the highest are grown
+    update: Callable | None         # (rule, {name: layer}, UpdateContext) -> {name: stats}
 
 
 RULES: dict[str, Rule] = {

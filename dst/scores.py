@@ -9,25 +9,29 @@ from .candidates import gradient_scores
 from .config import DSTConfig
 
 
-def magnitude_score(values: torch.Tensor) -> torch.Tensor:
-    """Drop score of every rule on weights: |w| (fp32, flat); the lowest are dropped."""
-    return values.detach().float().abs().reshape(-1)
+# Every score is a function of the layer (drop) or of candidate coordinates (grow), so that a
+# rule is the pair and the update code is shared.
+
+def magnitude_score(layer) -> torch.Tensor:
+    """Drop score of the weight rules: |w| (fp32, flat over the stored values); lowest go."""
+    return layer.values.detach().float().abs().reshape(-1)
 
 
-def random_score(n: int, generator: torch.Generator, device=None) -> torch.Tensor:
-    """SET's grow score (and DynaDiag's for new candidate diagonals): uniform noise, so the
-    grown candidates are a uniform draw."""
-    return torch.rand(n, generator=generator).to(device)
+def gate_score(layer) -> torch.Tensor:
+    """DynaDiag's drop score: the learned score of each stored diagonal; lowest go."""
+    return layer.scores.detach().float()
 
 
-def gradient_score(dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, in_features: int) -> torch.Tensor:
-    """RigL / GSE / SRigL grow score: |dL/dW| at the candidates, by SDDMM."""
-    return gradient_scores(dy, x, flat, in_features)
+def gradient_score(flat: torch.Tensor, layer, ctx: "UpdateContext", name: str) -> torch.Tensor:
+    """Grow score of RigL / GSE / SRigL: |dL/dW| at the flat candidates, by SDDMM of the
+    captured output gradient and input."""
+    dy, x = ctx.capture(name)
+    return gradient_scores(dy, x, flat, layer.in_features)
 
 
-def gate_score(scores: torch.Tensor) -> torch.Tensor:
-    """DynaDiag's drop score: the learned per-diagonal score (the lowest candidates go)."""
-    return scores.detach().float()
+def random_score(flat: torch.Tensor, layer, ctx: "UpdateContext", name: str) -> torch.Tensor:
+    """Grow score of SET (and of DynaDiag's new diagonals): uniform noise, a uniform draw."""
+    return torch.rand(flat.numel(), generator=ctx.generator).to(flat.device)
 
 
 def lowest(score: torch.Tensor, n: int) -> torch.Tensor:

@@ -164,7 +164,7 @@ class Sparsifier:
             layers = {name: freeze(layer, ctx) for name, layer in self.layers.items()}
             self.frozen = True
         else:
-            layers = self.rule.update(cfg.method, self.layers, ctx)
+            layers = self.rule.update(self.rule, self.layers, ctx)
         return {"step": step, "drop_fraction": frac, "seconds": time.perf_counter() - start, "layers": layers}
 
     # ------------------------------------------------------------------ state

@@ -27,7 +27,7 @@ from kernels import FanInLinear
 
 from .apply import apply_mask_update
 from .candidates import band_elems, exact_top, exact_top_per_row, sample_in_rows, sampling_weights
-from .scores import UpdateContext, gradient_score, highest, magnitude_score
+from .scores import UpdateContext, highest
 
 
 def surviving_neurons(salience: torch.Tensor, k: int, gamma_sal: float, budget: int, in_features: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _top_per_row_of(flat: torch.Tensor, score: torch.Tensor, rows: torch.Tensor,
     return flat[order[rank < need[pos_sorted]]]
 
 
-def update_srigl(layer: FanInLinear, ctx: UpdateContext, name: str) -> dict:
+def update_srigl(rule, layer: FanInLinear, ctx: UpdateContext, name: str) -> dict:
     """One SRigL mask update of ``layer`` (module docstring); returns its stats."""
     cfg, gen = ctx.cfg, ctx.generator
     out_f, in_f = layer.out_features, layer.in_features
@@ -80,7 +80,7 @@ def update_srigl(layer: FanInLinear, ctx: UpdateContext, name: str) -> dict:
     old_flat = (old_rows[:, None] * in_f + old_cols).reshape(-1)  # storage order
     active = torch.sort(old_flat).values
     n_prune = min(nnz, int(math.floor(ctx.drop_fraction * nnz)))
-    w_score = magnitude_score(layer.values)
+    w_score = rule.drop_score(layer)
     keep_pos = highest(w_score, nnz - n_prune)
 
     # Salience by |grad|: the layer's top n_prune over all entries, or over active + samples.
@@ -96,9 +96,9 @@ def update_srigl(layer: FanInLinear, ctx: UpdateContext, name: str) -> dict:
         count[old_rows] = k
         per_row = (in_f - count).clamp_max(math.ceil(cfg.gamma * budget / out_f))
         cand = sample_in_rows(torch.arange(out_f, device=device), per_row, in_f, active, col_w, gen)
-        cand_score = gradient_score(dy, x, cand, in_f)
+        cand_score = rule.grow_score(cand, layer, ctx, name)
         pool = torch.cat([old_flat, cand])
-        pool_score = torch.cat([gradient_score(dy, x, old_flat, in_f), cand_score])
+        pool_score = torch.cat([rule.grow_score(old_flat, layer, ctx, name), cand_score])
         grad_top = pool[highest(pool_score, n_prune)]
     salient = torch.unique(torch.cat([old_flat[keep_pos], grad_top]))
     salience = torch.bincount(torch.div(salient, in_f, rounding_mode="floor"), minlength=out_f)
@@ -172,5 +172,5 @@ def _grow(dy, x, new_rows, need, active, cand, cand_score, col_w, in_f, gen, gro
     return torch.sort(got).values
 
 
-def update_srigl_layers(method: str, layers: dict[str, FanInLinear], ctx: UpdateContext) -> dict:
-    return {name: update_srigl(layer, ctx, name) for name, layer in layers.items()}
+def update_srigl_layers(rule, layers: dict[str, FanInLinear], ctx: UpdateContext) -> dict:
+    return {name: update_srigl(rule, layer, ctx, name) for name, layer in layers.items()}

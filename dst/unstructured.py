@@ -17,7 +17,7 @@ from kernels.coords import sample_distinct
 
 from .apply import apply_mask_update
 from .candidates import band_elems, exact_top, sample_candidates
-from .scores import UpdateContext, gradient_score, highest, lowest, magnitude_score, random_score
+from .scores import UpdateContext, highest, lowest
 
 
 def grow_count(drop_fraction: float, layer: SparseLinear) -> int:
@@ -31,21 +31,26 @@ def candidate_count(gamma: float, layer: SparseLinear, n_grow: int) -> int:
     return min(layer.weight_numel - layer.nnz(), max(n_grow, math.ceil(gamma * layer.nnz())))
 
 
-def scored_candidates(method: str, layer: SparseLinear, n_cand: int, ctx: UpdateContext,
+def scored_candidates(rule, layer: SparseLinear, n_cand: int, ctx: UpdateContext,
                       name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat coordinates, grow scores) of ``n_cand`` inactive candidates of one layer."""
+    """(flat coordinates, grow scores) of ``n_cand`` inactive candidates of one layer.
+
+    A gradient-free rule (SET) scores a uniform draw; a gradient rule scores a sample
+    (grow = uniform / grabo / graest) or scans every inactive entry (grow = "exact", where
+    the band GEMM of the scan computes the same |grad| score).
+    """
     active = layer.flat_coords()
-    device = layer.values.device
-    if method == "set":
-        flat = sample_distinct(layer.weight_numel, n_cand, exclude=active, generator=ctx.generator, device=device)
-        return flat, random_score(flat.numel(), ctx.generator, device)
+    if not rule.needs_gradient:
+        flat = sample_distinct(layer.weight_numel, n_cand, exclude=active, generator=ctx.generator,
+                               device=active.device)
+        return flat, rule.grow_score(flat, layer, ctx, name)
     dy, x = ctx.capture(name)
     if ctx.cfg.grow == "exact":
         scores, flat = exact_top(dy, x, n_cand, active, band_elems(layer.nnz()))
         return flat, scores
     flat = sample_candidates(ctx.cfg.grow, n_cand, layer.out_features, layer.in_features, active, dy, x,
                              ctx.generator)
-    return flat, gradient_score(dy, x, flat, layer.in_features)
+    return flat, rule.grow_score(flat, layer, ctx, name)
 
 
 def merge_sorted(kept: torch.Tensor, kept_src: torch.Tensor, grown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +66,10 @@ def merge_sorted(kept: torch.Tensor, kept_src: torch.Tensor, grown: torch.Tensor
     return merged, src
 
 
-def swap_unstructured(layer: SparseLinear, optimizer, grow_flat: torch.Tensor) -> dict:
-    """Drop as many lowest-|w| weights as ``grow_flat`` (inactive, distinct) holds; grow those."""
+def swap_unstructured(rule, layer: SparseLinear, optimizer, grow_flat: torch.Tensor) -> dict:
+    """Drop as many lowest-scored weights as ``grow_flat`` (inactive, distinct) holds; grow those."""
     n = grow_flat.numel()
-    drop = lowest(magnitude_score(layer.values), n)
+    drop = lowest(rule.drop_score(layer), n)
     keep = torch.ones(layer.nnz(), dtype=torch.bool, device=grow_flat.device)
     keep[drop] = False
     kept_pos = torch.nonzero(keep).flatten()
@@ -74,7 +79,7 @@ def swap_unstructured(layer: SparseLinear, optimizer, grow_flat: torch.Tensor) -
                              cols=(new_flat % layer.in_features).to(torch.int32))
 
 
-def update_unstructured(method: str, layers: dict[str, SparseLinear], ctx: UpdateContext) -> dict:
+def update_unstructured(rule, layers: dict[str, SparseLinear], ctx: UpdateContext) -> dict:
     """One mask update of set / rigl / gse over every SparseLinear; {name: stats}.
 
     scope="global" (rigl, gse): the layers' grow counts are pooled, candidates drawn from
@@ -82,24 +87,24 @@ def update_unstructured(method: str, layers: dict[str, SparseLinear], ctx: Updat
     each layer then drops as many as it grew, so every layer's density stays exact.
     """
     counts = {name: grow_count(ctx.drop_fraction, layer) for name, layer in layers.items()}
-    if method != "set" and ctx.cfg.scope == "global":
-        grows = _global_grow(method, layers, counts, ctx)
+    if rule.needs_gradient and ctx.cfg.scope == "global":
+        grows = _global_grow(rule, layers, counts, ctx)
     else:
         grows = {}
         for name, layer in layers.items():
             n = counts[name]
-            exact = method == "set" or ctx.cfg.grow == "exact"
+            exact = not rule.needs_gradient or ctx.cfg.grow == "exact"
             n_cand = n if exact else candidate_count(ctx.cfg.gamma, layer, n)
-            flat, score = scored_candidates(method, layer, n_cand, ctx, name)
+            flat, score = scored_candidates(rule, layer, n_cand, ctx, name)
             grows[name] = flat[highest(score, n)]
     stats = {}
     for name, layer in layers.items():
-        stats[name] = swap_unstructured(layer, ctx.optimizer, torch.sort(grows[name]).values)
+        stats[name] = swap_unstructured(rule, layer, ctx.optimizer, torch.sort(grows[name]).values)
         stats[name]["density"] = layer.density()
     return stats
 
 
-def _global_grow(method: str, layers: dict[str, SparseLinear], counts: dict[str, int],
+def _global_grow(rule, layers: dict[str, SparseLinear], counts: dict[str, int],
                  ctx: UpdateContext) -> dict[str, torch.Tensor]:
     """The pooled top ``sum(counts)`` candidates of all layers by |grad|, a layer taking at
     most min(its nnz, its inactive entries)."""
@@ -113,7 +118,7 @@ def _global_grow(method: str, layers: dict[str, SparseLinear], counts: dict[str,
             n_cand = min(total_grow, inactive[i])
         else:
             n_cand = min(inactive[i], math.ceil(pool * inactive[i] / max(1, sum(inactive))))
-        flat, score = scored_candidates(method, layers[name], n_cand, ctx, name)
+        flat, score = scored_candidates(rule, layers[name], n_cand, ctx, name)
         flats.append(flat)
         scores.append(score.float())
         owners.append(torch.full((flat.numel(),), i, dtype=torch.int64, device=flat.device))

@@ -146,3 +146,42 @@ def test_a_tiny_training_run_lowers_the_loss(method):
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     print(f"{method}: {first:.4f} -> {last:.4f}")
     assert last < 0.7 * first, f"{method}: loss {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("set", {}), ("rigl", {"grow": "grabo"}), ("gse", {"grow": "graest"}), ("srigl", {"grow": "uniform"}),
+    ("dynadiag", {"freeze_at": 0.5})])
+def test_the_same_seed_gives_the_same_masks_for_every_method(method, overrides):
+    masks = []
+    for _ in range(2):
+        model, sparsifier, opt = _setup(method, **overrides)
+        for step in range(9):
+            train_step(model, sparsifier, opt, step)
+        masks.append([torch.cat([t.reshape(-1).long() for t in layer.coords()])
+                      for layer in sparsifier.layers.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("rigl", {}), ("gse", {"grow": "grabo"}), ("srigl", {}), ("srigl", {"grow": "graest"}), ("dynadiag", {})])
+def test_updates_run_on_a_bfloat16_model(method, overrides):
+    cfg = DSTConfig(method=method, sparsity=0.7, delta_t=1, t_end=1.0, freeze_at=0.5, **overrides)
+    model = tiny_model(cfg).to(torch.bfloat16)
+    nnz = {name: m.nnz() for name, m in model.named_children() if isinstance(m, kernels.SparseLayer)}
+    sparsifier = Sparsifier(model, cfg, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    updates = 0
+    for step in range(6):
+        x, y = batch(step)
+        with sparsifier.capture(step):
+            (model(x.bfloat16()) - y.bfloat16()).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        updates += sparsifier.step(step, opt) is not None
+    assert updates >= 3
+    for name, layer in sparsifier.layers.items():
+        assert layer.values.dtype == torch.bfloat16
+        if method == "srigl":
+            assert layer.nnz() <= sparsifier.budgets[name]
+        else:
+            assert layer.nnz() == nnz[name], "exact count (DynaDiag: K diagonals once frozen)"

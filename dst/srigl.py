@@ -1,20 +1,21 @@
 """SRigL (arXiv 2305.02299) on FanInLinear: constant fan-in k per active neuron, neuron ablation.
 
-One update of a layer with nnz budget N (its nnz at the start), current fan-in k and drop
-fraction a:
+One update of a layer with nnz budget N (its nnz when the Sparsifier starts), current
+fan-in k and drop fraction a:
 1. n_prune = floor(a * nnz), n_keep = nnz - n_prune.
 2. Salient weights: the layer's top n_keep by |w| (active weights) and its top n_prune by
-   |grad| (over every entry with grow="exact"; with a sampler over the active weights plus
-   ceil(gamma * N / out) sampled entries of every neuron, so an ablated neuron comes back
-   only if enough of its sampled entries are salient: heavy ablation wants grow="exact"). A neuron with fewer than max(1, gamma_sal * k) salient
-   weights is ablated; at least ceil(N / in) neurons survive (so that k <= in; the paper
-   states floor(N / in)), the best by salience; ablation is recomputed at every update, so an
-   ablated neuron can come back; a head layer, or ablation=False, keeps every neuron.
-3. k' = floor(N / active neurons).
-4. Drop: a surviving neuron keeps its own top q_r weights by |w|, q_r = how many of its
+   |grad|: over every entry with grow="exact"; with a sampler, over the active weights plus
+   ceil(gamma * N / out) sampled free entries of every neuron (so under sampling an ablated
+   neuron comes back only if enough of its sampled entries are salient).
+3. A neuron with fewer than max(1, gamma_sal * k) salient weights is ablated. At least
+   ceil(N / in) neurons survive, the most salient (the paper says floor(N / in); ceil keeps
+   k <= in). Ablation is recomputed at every update, so an ablated neuron can come back. A
+   head layer, or ablation=False, keeps every neuron.
+4. k' = floor(N / active neurons).
+5. Drop: a surviving neuron keeps its own top q_r weights by |w|, q_r = how many of its
    weights are in the layer's top n_keep, at most k' (the public code truncates rows in
    index order; this keeps the largest).
-5. Grow: each active neuron is filled back to exactly k' with its highest-|grad| entries
+6. Grow: each active neuron is filled back to exactly k' with its highest-|grad| entries
    among those inactive before the update (drop and grow disjoint), grown at 0.
 """
 from __future__ import annotations

@@ -5,7 +5,6 @@ costs, not what out * in costs.
 The layer is 4096 x 16384 (67 M entries) at 99% sparsity (671 k weights) with T = 8 tokens,
 so out * in dwarfs nnz (100x) and the activations (T * in = 131 k).
 """
-import time
 
 import pytest
 import torch

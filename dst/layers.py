@@ -20,8 +20,8 @@ def check_layer_format(method: str, name: str, layer: SparseLayer, supported: tu
     """ValueError when ``layer``'s format is not one of the ``supported`` formats of ``method``."""
     fmt = layer_format(layer)
     if fmt not in supported:
-        wants = " or ".join(supported) if supported else "no sparse layers (dense nn.Linear only)"
-        raise ValueError(f"method {method!r} runs on {wants} layers; layer {name!r} is "
+        wants = f"{' or '.join(supported)} layers" if supported else "dense nn.Linear layers only"
+        raise ValueError(f"method {method!r} runs on {wants}; layer {name!r} is "
                          f"{type(layer).__name__} (format {fmt!r})")
 
 

@@ -103,7 +103,9 @@ class Sparsifier:
     def capture(self, step: int):
         """Record every sparse layer's input x and output gradient dy during the forward and
         backward run inside the block, on update steps of gradient-based rules only (a no-op
-        otherwise). Several forwards (gradient accumulation) are concatenated along tokens."""
+        otherwise). Several forwards (gradient accumulation) are concatenated along tokens.
+        x shares the storage autograd saves anyway; dy ([T, out] per layer) is the extra
+        memory, held until ``step``."""
         if not (self.rule.needs_gradient and self.update_due(step)):
             yield
             return

@@ -58,7 +58,9 @@ class Attention(nn.Module):
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+        # Under autocast attention returns bf16; hand the next layer the residual stream's dtype,
+        # since a sparse layer's custom op wants its input in the dtype of its values.
+        return self.out(rearrange(y, "b h n d -> b n (h d)").to(x.dtype))
 
 
 class MLP(nn.Module):

@@ -150,6 +150,8 @@ def autocast_dtype(precision: str, device: torch.device):
         raise UsageError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
+    if device.type != "cuda":
+        raise UsageError("--precision bf16 (autocast) runs on a GPU only; use fp32 on CPU")
     return torch.bfloat16
 
 

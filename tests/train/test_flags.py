@@ -1,5 +1,6 @@
 """Bad input to the entry points: one line on stderr, exit code 2, nothing written."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -104,3 +105,18 @@ def test_every_config_field_is_a_commented_flag_and_dst_flags_take_paper_default
     assert cfg.dst == DSTConfig.for_method("gse", alpha=0.5, seed=3)
     assert cfg.dst.delta_t == 1000 and cfg.dst.distribution == "er"
     assert common.parse_config(bert.Config, ["--no-ablation", "--method", "srigl"]).dst.ablation is False
+
+
+def test_the_table_collects_summaries_into_mean_and_spread(tmp_path, capsys):
+    from train import table
+    for seed, acc in ((0, 0.9), (1, 0.8)):
+        run = tmp_path / f"rigl-{seed}"
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({
+            "entry": "vit", "method": "rigl", "sparsity": 0.9, "test": {"accuracy": acc}, "steps": 10,
+            "density": {"overall": 0.1}, "step_time_ms": {"median": 5.0}, "config": {"seed": seed},
+            "command": f"python -m train.vit --seed {seed}"}))
+    assert table.main([str(tmp_path), "--json", str(tmp_path / "t.json")]) == 0
+    assert "| rigl | 0.9 | 85.00 ± 7.07 | 0.100 | 5 | 2 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())[0]["commands"][1] == "python -m train.vit --seed 1"
+    assert table.main([str(tmp_path / "nothing")]) == 2

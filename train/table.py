@@ -1,0 +1,92 @@
+"""Collect the summary.json files of finished runs into a markdown table: mean and spread over
+seeds per (entry point, method, sparsity).
+
+    python -m train.table runs/vit runs/bert                   # print the table
+    python -m train.table runs/vit --json train/results/vit.json --markdown train/results/vit.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from dst import METHODS
+
+METRICS = {"vit": [("test accuracy %", lambda s: 100 * s["test"]["accuracy"])],
+           "bert": [("test MLM loss", lambda s: s["test"]["mlm_loss"]),
+                    ("test masked acc. %", lambda s: 100 * s["test"]["mlm_accuracy"])]}
+
+
+def collect(folders: list[Path]) -> dict:
+    """{(entry, method, sparsity): [summary, ...]} of every summary.json under the folders."""
+    groups = defaultdict(list)
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("summary.json")):
+            s = json.loads(path.read_text())
+            s["path"] = str(path)
+            groups[(s["entry"], s["method"], 0.0 if s["method"] == "dense" else s["sparsity"])].append(s)
+    return groups
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def rows(groups: dict) -> list[dict]:
+    out = []
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (entry, method, sparsity), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2] > 0,
+                                                                                 kv[0][2], order.get(kv[0][1], 99))):
+        row = {"entry": entry, "method": method, "sparsity": sparsity, "seeds": sorted(r["config"]["seed"] for r in runs)}
+        for name, get in METRICS[entry]:
+            values = [get(r) for r in runs]
+            row[name] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                         "values": values}
+        row["density"] = statistics.mean(r["density"]["overall"] for r in runs)
+        row["ms/step"] = statistics.median(r["step_time_ms"]["median"] for r in runs)
+        row["steps"] = runs[0]["steps"]
+        row["commands"] = [r["command"] for r in runs]
+        out.append(row)
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    lines = []
+    for entry in sorted({r["entry"] for r in table}):
+        names = [n for n, _ in METRICS[entry]]
+        lines.append(f"| {entry} method | sparsity | " + " | ".join(names) + " | density | ms/step | seeds |")
+        lines.append("|---" * (len(names) + 5) + "|")
+        for r in (r for r in table if r["entry"] == entry):
+            cells = [mean_std(r[n]["values"]) for n in names]
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | " + " | ".join(cells)
+                         + f" | {r['density']:.3f} | {r['ms/step']:.0f} | {len(r['seeds'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.table", description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", type=Path, help="run folders to search for summary.json")
+    p.add_argument("--json", type=Path, help="also write the rows (with every seed's value and command) here")
+    p.add_argument("--markdown", type=Path, help="also write the markdown table here")
+    args = p.parse_args(argv)
+    table = rows(collect(args.folders))
+    if not table:
+        print(f"python -m train.table: error: no summary.json under {', '.join(map(str, args.folders))}", file=sys.stderr)
+        return 2
+    text = markdown(table)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,22 +157,26 @@ def gate(out: torch.Tensor, truth: torch.Tensor, lowp: torch.Tensor | None) -> t
 
 @contextlib.contextmanager
 def poisoned_empty():
-    """``torch.empty`` returns NaN-filled floats inside: a launch that leaves an output
+    """``torch.empty(_like)`` return NaN-filled floats inside: a launch that leaves an output
     element unwritten fails the gate instead of passing on stale memory (which, with a
     caching allocator, may well hold the previous candidate's correct result)."""
-    original = torch.empty
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like")}
 
-    def poisoned(*args, **kwargs):
-        t = original(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
+    def poisoning(make):
+        def poisoned(*args, **kwargs):
+            t = make(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(math.nan)
+            return t
+        return poisoned
 
-    torch.empty = poisoned
+    for name, make in originals.items():
+        setattr(torch, name, poisoning(make))
     try:
         yield
     finally:
-        torch.empty = original
+        for name, make in originals.items():
+            setattr(torch, name, make)
 
 
 # ----------------------------------------------------------------------------- launch configs

@@ -27,6 +27,8 @@ Variants:
                              [T, out * k], times v, summed over k: a faster plain-torch form
     index_select (torch.compile)  that, compiled by inductor (skipped with --quick or when
                              compilation fails)
+    embedding_bag (inline)   the same product as F.embedding_bag(idx, x^T, per_sample_weights=v):
+                             a weighted sum of T-long rows per nonzero (for --batch > 1)
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import kernels  # noqa: E402
@@ -75,6 +78,29 @@ class _InlineGather(nn.Module):
         y = (xg * self.values).sum(-1)
         if not self.full:
             y = x.new_zeros(x.shape[0], self.out_features).index_copy_(1, self.rows, y)
+        return y + self.bias
+
+
+class _EmbeddingBag(nn.Module):
+    """The condensed fan-in product as F.embedding_bag over x^T: output row r sums
+    v[r, j] * x^T[idx[r, j], :] - one weighted sum of T-long rows per nonzero, nothing
+    materialised. Slow at T = 1 (rows of one float), fast for T in the tens and up."""
+
+    def __init__(self, layer: kernels.FanInLinear):
+        super().__init__()
+        n_rows, k = layer.indices.shape
+        self.idx = layer.indices.reshape(-1).long()
+        self.offsets = torch.arange(0, n_rows * k, k, dtype=torch.long)
+        self.values = layer.values.detach().reshape(-1)
+        self.rows = layer.rows.long()
+        self.bias = layer.bias.detach()
+        self.out_features = layer.out_features
+
+    def forward(self, x):
+        yt = F.embedding_bag(self.idx, x.t().contiguous(), self.offsets, mode="sum",
+                             per_sample_weights=self.values)  # [rows, T]
+        y = x.new_zeros(x.shape[0], self.out_features)
+        y[:, self.rows] = yt.t()
         return y + self.bias
 
 
@@ -113,6 +139,7 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
     out["SparseLinear"] = (csr, csr_dense, f"nnz={csr.nnz()}")
     out["gather (inline)"] = (_InlineGather(fan, flat=False), fan_dense, f"k={fan.k}")
     out["index_select (inline)"] = (_InlineGather(fan, flat=True), fan_dense, f"k={fan.k}")
+    out["embedding_bag (inline)"] = (_EmbeddingBag(fan), fan_dense, f"k={fan.k}")
     if compile_gather:
         try:
             compiled = torch.compile(_InlineGather(fan, flat=True))

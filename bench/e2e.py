@@ -14,9 +14,10 @@ built here from the ``kernels`` layers - the part of the network sparsity change
 Formats: dense (nn.Linear), fanin (FanInLinear, SRigL), diag<b> (DiagLinear with block b,
 DynaDiag), csr (SparseLinear, unstructured). A training step is zero_grad, forward, loss,
 backward, AdamW step; inference is a forward under inference_mode. Both are timed per step
-after warm-up (device synchronised), median over steps. Peak memory is
-torch.cuda.max_memory_allocated on a GPU; on CPU there is no allocator statistic and only the
-parameter + buffer bytes are reported. Everything runs in one dtype (bf16 on a GPU), no
+after warm-up (device synchronised), median over steps. On a GPU each format runs alone and
+its peak memory is torch.cuda.max_memory_allocated; on CPU all formats of a model are built
+together and take turns step by step (a shared CPU's load then falls on all alike), and with
+no allocator statistic only the parameter + buffer bytes are reported. Everything runs in one dtype (bf16 on a GPU), no
 autocast: the sparse ops take values and activations of one dtype. BERT's loss covers every
 position (the model's LM head computes logits for all tokens).
 """
@@ -119,62 +120,105 @@ def build(model: str, fmt: str, args, device, dtype):
     raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
 
 
-def _timed(fn, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    common.synchronize()
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        common.synchronize()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+class Runner:
+    """One model in one format: its training step and its inference step."""
 
+    def __init__(self, model: str, fmt: str, args, device, dtype):
+        self.net, self.inputs, self.target, self.loss_fn, self.tokens = build(model, fmt, args, device, dtype)
+        self.param_mb = sum(t.numel() * t.element_size()
+                            for t in list(self.net.parameters()) + list(self.net.buffers())) / 2**20
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
+        self.loss = math.nan
 
-def _quartiles(xs):
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4)
-    return q[0], q[2]
-
-
-def measure(model: str, fmt: str, args, device, dtype) -> dict:
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    net, inputs, target, loss_fn, tokens = build(model, fmt, args, device, dtype)
-    param_mb = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers())) / 2**20
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    losses = []
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(*inputs), target)
+    def train_step(self):
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.net(*self.inputs), self.target)
         loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+        self.opt.step()
+        self.loss = loss.detach()
 
-    net.train()
-    train = _timed(train_step, args.steps, args.warmup)
-    train_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
-    opt.zero_grad(set_to_none=True)
-    del opt
-    net.eval()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        infer = _timed(lambda: net(*inputs), args.steps, args.warmup)
-    infer_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else math.nan
-    loss = float(losses[-1])
+    def infer_step(self):
+        self.net.eval()
+        with torch.inference_mode():
+            self.net(*self.inputs)
+
+    def drop_optimizer(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.opt = None
+
+
+def _time_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    common.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _summary(train: list[float], infer: list[float]) -> dict:
+    def quart(xs):
+        if len(xs) < 2:
+            return xs[0], xs[0]
+        q = statistics.quantiles(xs, n=4)
+        return q[0], q[2]
+    tq, iq = quart(train), quart(infer)
+    return dict(train_ms=statistics.median(train), train_q1=tq[0], train_q3=tq[1],
+                infer_ms=statistics.median(infer), infer_q1=iq[0], infer_q3=iq[1])
+
+
+def _finished(r: Runner) -> dict:
+    loss = float(r.loss)
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss}")
-    tq, iq = _quartiles(train), _quartiles(infer)
-    return dict(tokens=tokens, train_ms=statistics.median(train), train_q1=tq[0], train_q3=tq[1],
-                infer_ms=statistics.median(infer), infer_q1=iq[0], infer_q3=iq[1],
-                train_peak_mb=train_peak, infer_peak_mb=infer_peak, param_mb=param_mb, loss=loss)
+    return dict(tokens=r.tokens, param_mb=r.param_mb, loss=loss)
+
+
+def measure_gpu(model: str, fmt: str, args, device, dtype) -> dict:
+    """One format alone on the GPU, so that its peak memory is its own."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    r = Runner(model, fmt, args, device, dtype)
+    for _ in range(args.warmup):
+        r.train_step()
+    train = [_time_once(r.train_step) for _ in range(args.steps)]
+    train_peak = torch.cuda.max_memory_allocated() / 2**20
+    r.drop_optimizer()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        r.infer_step()
+    infer = [_time_once(r.infer_step) for _ in range(args.steps)]
+    infer_peak = torch.cuda.max_memory_allocated() / 2**20
+    return dict(_summary(train, infer), **_finished(r), train_peak_mb=train_peak, infer_peak_mb=infer_peak)
+
+
+def measure_cpu(model: str, formats: list[str], args, device, dtype) -> dict[str, dict]:
+    """All formats of one model side by side, their steps taking turns (so that the load of
+    other processes on a shared CPU falls on all of them alike). {fmt: result or error row}."""
+    runners, out = {}, {}
+    for fmt in formats:
+        try:
+            runners[fmt] = Runner(model, fmt, args, device, dtype)
+        except ImportError as e:
+            out[fmt] = dict(status="skipped", reason=f"models unavailable: {e}")
+        except ValueError as e:  # e.g. a block size that does not divide a width
+            out[fmt] = dict(status="skipped", reason=str(e).splitlines()[0][:160])
+    names = list(runners)
+    times = {n: {"train": [], "infer": []} for n in names}
+    for phase in ("train", "infer"):
+        for n in names:
+            for _ in range(args.warmup):
+                getattr(runners[n], f"{phase}_step")()
+        for step in range(args.steps):
+            for n in names[step % max(len(names), 1):] + names[:step % max(len(names), 1)]:
+                times[n][phase].append(_time_once(getattr(runners[n], f"{phase}_step")))
+        if phase == "train":
+            for r in runners.values():
+                r.drop_optimizer()
+    for n in names:
+        out[n] = dict(_summary(times[n]["train"], times[n]["infer"]), **_finished(runners[n]),
+                      train_peak_mb=math.nan, infer_peak_mb=math.nan, status="ok", reason="")
+    return out
 
 
 def main(argv=None, log=print) -> int:
@@ -217,25 +261,31 @@ def main(argv=None, log=print) -> int:
     rows = []
     try:
         for model in args.models:
+            if gpu:
+                results = {}
+                for fmt in args.formats:
+                    try:
+                        results[fmt] = dict(measure_gpu(model, fmt, args, device, dtype), status="ok", reason="")
+                    except ImportError as e:
+                        results[fmt] = dict(status="skipped", reason=f"models unavailable: {e}")
+                    except torch.cuda.OutOfMemoryError:
+                        results[fmt] = dict(status="oom", reason="out of GPU memory")
+                    except ValueError as e:  # e.g. a block size that does not divide a width
+                        results[fmt] = dict(status="skipped", reason=str(e).splitlines()[0][:160])
+                    except Exception as e:  # noqa: BLE001 - record it, go on with the other formats
+                        results[fmt] = dict(status="error", reason=f"{type(e).__name__}: {str(e)[:160]}")
+                    torch.cuda.empty_cache()
+            else:
+                results = measure_cpu(model, args.formats, args, device, dtype)
             for fmt in args.formats:
                 row = dict(run=run_id, device=head.get("gpu") if gpu else "cpu", model=model,
-                           preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "base"), format=fmt,
-                           sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
-                           dtype=str(dtype).removeprefix("torch."))
-                try:
-                    row.update(measure(model, fmt, args, device, dtype), status="ok", reason="")
-                except ImportError as e:
-                    row.update(status="skipped", reason=f"models unavailable: {e}")
-                except torch.cuda.OutOfMemoryError:
-                    row.update(status="oom", reason="out of GPU memory")
-                except ValueError as e:  # e.g. a block size that does not divide a width
-                    row.update(status="skipped", reason=str(e).splitlines()[0][:160])
+                           preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "base"),
+                           format=fmt, sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
+                           dtype=str(dtype).removeprefix("torch."), **results[fmt])
                 rows.append(row)
                 log(f"[e2e] {model:<9} {fmt:<6} {row['status']:<7} train {common.fmt(row.get('train_ms'))} ms  "
                     f"infer {common.fmt(row.get('infer_ms'))} ms  peak {common.fmt(row.get('train_peak_mb'))} MB"
                     + (f"  ({row['reason']})" if row["reason"] else ""))
-                if gpu:
-                    torch.cuda.empty_cache()
     finally:
         kernels.set_checks(previous)
     for r in rows:

@@ -402,7 +402,7 @@ def targets(rows: list[dict], train: list[dict]) -> list[dict]:
                  if int(r["block"]) >= 16]
     add("diag/block fwd+bwd, T=256x197", 1.8, blk_train, "x_dense", "x dense (fwd + dx + dW)")
     fan = _pick(rows, op="fanin_fwd", in_features=3072, out_features=768, tokens=256, sparsity=0.9,
-                dtype="bfloat16")
+                dtype="bfloat16", ablation=0)  # no ablation: the kernel's own gain
     add("fan-in 3072->768, batch 256", 1.7, fan, "x_dense", "x dense")
     add("fan-in 3072->768, batch 256 vs CSR", 13.0, fan, "x_csr", "x CSR")
     online = _pick(rows, op="diag_fwd", tokens=1, sparsity=0.9, dtype="bfloat16")

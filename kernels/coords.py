@@ -51,22 +51,35 @@ def isin_sorted(values: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
 
 
 def random_rows_of_distinct(n_rows: int, n: int, k: int, *, generator=None,
-                            device=None, chunk_elems: int = 1 << 21) -> torch.Tensor:
-    """[n_rows, k] int32, each row k distinct sorted values from [0, n).
+                            device=None) -> torch.Tensor:
+    """[n_rows, k] int32, each row k distinct sorted values drawn uniformly from [0, n).
 
-    Rows are drawn in chunks whose random keys hold at most ``chunk_elems`` elements, so
-    memory stays bounded whatever n_rows * n is.
+    O(n_rows * k) time and memory whatever n is: each row draws about 2k values with
+    replacement, keeps the distinct ones (a uniform random subset) and picks k of them by
+    random keys; rows left short draw again with twice as many. When k > n / 2 the rows are
+    ranked random keys over all n columns instead, which is then O(n_rows * k) as well.
     """
     if not 0 < k <= n:
         raise ValueError(f"k must lie in [1, {n}], got {k}")
-    out = torch.empty(n_rows, k, dtype=torch.int32, device=device)
-    step = max(1, chunk_elems // max(n, 1))
-    for s in range(0, n_rows, step):
-        m = min(step, n_rows - s)
-        keys = torch.rand(m, n, generator=generator)
-        idx = keys.topk(k, dim=1).indices
-        out[s:s + m] = idx.sort(dim=1).values.to(device=device, dtype=torch.int32)
-    return out
+    out = torch.empty(n_rows, k, dtype=torch.int64)
+    if 2 * k > n:
+        step = max(1, (1 << 21) // n)
+        for s in range(0, n_rows, step):
+            m = min(step, n_rows - s)
+            out[s:s + m] = torch.rand(m, n, generator=generator).topk(k, dim=1).indices
+    else:
+        todo = torch.arange(n_rows)
+        draws = 2 * k + 8
+        while todo.numel():
+            cand = torch.sort(torch.randint(0, n, (todo.numel(), draws), generator=generator), dim=1).values
+            dup = torch.zeros_like(cand, dtype=torch.bool)
+            dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+            keys = torch.rand(cand.shape, generator=generator).masked_fill_(dup, -1.0)
+            pick = keys.topk(k, dim=1)
+            ok = (pick.values >= 0).all(dim=1)
+            out[todo[ok]] = cand.gather(1, pick.indices)[ok]
+            todo, draws = todo[~ok], 2 * draws
+    return out.sort(dim=1).values.to(device=device, dtype=torch.int32)
 
 
 def sort_coords(rows: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:

@@ -409,7 +409,11 @@ class DiagLinear(SparseLayer):
         s = torch.zeros(K, device=self.values.device, dtype=torch.float32) if scores is None else scores
         if s.shape != (K,):
             raise ValueError(f"scores must have shape [{K}], got {tuple(s.shape)}")
-        self.scores = torch.nn.Parameter(s.detach().clone().float())
+        if self.scores is not None and self.scores.shape == s.shape:
+            with torch.no_grad():  # keep the Parameter object an optimizer may hold
+                self.scores.copy_(s)
+        else:
+            self.scores = torch.nn.Parameter(s.detach().clone().float())
         self.temperature = torch.tensor(float(temperature), device=self.values.device)
         self.k_target = int(k_target)
 

@@ -30,6 +30,12 @@ class SparseLayer(nn.Module):
         Parameter object, so optimizers and hooks holding it stay valid; the caller remaps
         optimizer state (dst.apply_update does)."""
         with torch.no_grad():
+            if values.shape != self.values.shape:
+                # Autograd caches a leaf's gradient accumulator with the leaf's shape; ``.data =``
+                # drops that cache only on a dtype or device change, and a graph still alive
+                # (the last step's loss) would then reject a gradient of the new shape.
+                other = torch.float64 if self.values.dtype != torch.float64 else torch.float32
+                self.values.data = torch.empty(0, dtype=other, device=self.values.device)
             self.values.data = values
 
     def reset_bias(self, bound: float, generator=None) -> None:

@@ -160,7 +160,8 @@ def main(argv=None) -> int:
                           sparsifier=sparsifier, history=history)
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"train.bert: {cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution}), "
+    what = "dense" if cfg.dst.method == "dense" else f"{cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution})"
+    print(f"train.bert: {what}, "
           f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name} ({len(data.train)} train sequences of "
           f"{cfg.seq_len}, vocab {data.vocab_size}), {n_params:,} stored parameters, density "
           f"{C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")

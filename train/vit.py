@@ -151,7 +151,8 @@ def main(argv=None) -> int:
                           sparsifier=sparsifier, history=history)
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"train.vit: {cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution}), "
+    what = "dense" if cfg.dst.method == "dense" else f"{cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution})"
+    print(f"train.vit: {what}, "
           f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name}, {n_params:,} stored parameters, "
           f"density {C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")
     val_x, val_y = (data.val_x, data.val_y) if not cfg.eval_examples else (data.val_x[:cfg.eval_examples],

@@ -41,11 +41,21 @@ def check_sampler(sampler: str) -> None:
     check_choice("sampler", sampler, SAMPLERS)
 
 
+def reduce_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the processes of a distributed run (in place), so that every rank scores
+    the global batch and takes the same decisions; a no-op in a single process. Every score
+    that depends on the local batch passes through here before any selection."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
 def gradient_scores(dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, in_features: int) -> torch.Tensor:
     """|dL/dW| at the flat coordinates (fp32 [n]), by SDDMM: sum_t dy[t, r] x[t, c]."""
     rows = torch.div(flat, in_features, rounding_mode="floor").to(torch.int32)
     cols = (flat % in_features).to(torch.int32)
-    return sddmm(dy, x, rows, cols).float().abs()
+    return reduce_across_ranks(sddmm(dy, x, rows, cols).float()).abs()
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -57,11 +67,13 @@ def sampling_weights(sampler: str, dy: torch.Tensor, x: torch.Tensor,
     if sampler == "uniform":
         return None
     if sampler == "grabo":
-        row_w, col_w = dy.float().abs().sum(0), x.float().abs().sum(0)
+        row_w = reduce_across_ranks(dy.float().abs().sum(0))
+        col_w = reduce_across_ranks(x.float().abs().sum(0))
     else:
         signs = torch.randint(0, 2, (dy.shape[0],), generator=generator).float().mul_(2).sub_(1)
         signs = signs.to(dy.device)
-        row_w, col_w = (signs @ dy.float()).abs(), (signs @ x.float()).abs()
+        row_w = reduce_across_ranks(signs @ dy.float()).abs()
+        col_w = reduce_across_ranks(signs @ x.float()).abs()
     return row_w.double().cpu(), col_w.double().cpu()
 
 
@@ -205,7 +217,7 @@ def _gradient_bands(dy: torch.Tensor, x: torch.Tensor, active: torch.Tensor | No
         bounds = None
     for b, c0 in enumerate(range(0, in_features, w)):
         c1 = min(in_features, c0 + w)
-        g = (dyf.t() @ x[:, c0:c1].float()).abs_()  # [rows, w]
+        g = reduce_across_ranks(dyf.t() @ x[:, c0:c1].float()).abs_()  # [rows, w]
         if bounds is not None and bounds[b + 1] > bounds[b]:
             s, e = bounds[b], bounds[b + 1]
             g[a_rows[s:e], a_cols[s:e] - c0] = float("-inf")

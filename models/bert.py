@@ -44,11 +44,13 @@ class BertConfig:
         return dataclasses.replace(cls(**BERT_PRESETS[name]), **overrides)
 
     def validate(self) -> "BertConfig":
+        for f in ("vocab_size", "max_len", "dim", "depth", "heads", "mlp_dim"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {getattr(self, f)!r}")
         if self.dim % self.heads:
             raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
-        for f in ("vocab_size", "max_len", "dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         return self
 
 

@@ -41,13 +41,15 @@ class ViTConfig:
         return dataclasses.replace(cls(**VIT_PRESETS[name]), **overrides)
 
     def validate(self) -> "ViTConfig":
+        for f in ("image_size", "patch_size", "channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {getattr(self, f)!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
         if self.dim % self.heads:
             raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
-        for f in ("image_size", "patch_size", "channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         return self
 
 

@@ -115,7 +115,7 @@ def setup(cfg: Config):
     blob = C.load_checkpoint(out / "checkpoint.pt", "bert", cfg) if cfg.resume else None
     try:
         overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
-        model_cfg = BertConfig.preset(cfg.preset, dropout=cfg.dropout, **overrides)
+        model_cfg = BertConfig.preset(cfg.preset, dropout=cfg.dropout, **overrides).validate()
     except (ValueError, TypeError) as e:
         raise C.UsageError(str(e)) from None
     data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)

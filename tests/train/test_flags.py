@@ -32,6 +32,8 @@ def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
     (["--preset", "huge"], "unknown ViT preset 'huge'"),
     (["--patch-size", "5"], "patch_size=5 must divide image_size=28"),
     (["--heads", "3"], "heads=3 must divide dim=32"),
+    (["--patch-size", "0"], "patch_size must be an int >= 1, got 0"),
+    (["--depth", "-1"], "depth must be an int >= 1, got -1"),
     (["--optimizer", "adam"], "--optimizer must be adamw or sgd"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
@@ -87,6 +89,7 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_and_left_alone(tmp_path, cap
     (["--seq-len", "4"], "--seq-len must be >= 8"),
     (["--dataset", "/no/such/corpus.txt"], "does not exist"),
     (["--mask-prob", "0"], "--mask-prob in (0, 1)"),
+    (["--heads", "0"], "heads must be an int >= 1, got 0"),
 ])
 def test_bert_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
     out = tmp_path / "run"

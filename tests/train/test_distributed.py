@@ -1,0 +1,75 @@
+"""Data parallelism: two CPU processes (gloo) training with each DST method end with the same
+masks and values on both ranks, although each saw different data."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kernels
+from dst import DSTConfig, Sparsifier, make_layer
+from train.distributed import Dist
+
+METHODS = {"rigl": {}, "set": {}, "gse": {"grow": "graest"}, "srigl": {"gamma_sal": 0.3},
+           "dynadiag": {"freeze_at": 0.6}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, method, overrides, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ddp = Dist(rank=rank, world=world)
+    cfg = DSTConfig(method=method, sparsity=0.8, delta_t=2, t_end=1.0, seed=0, **overrides)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make_layer(cfg, 16, 32, 0.2, generator=gen), torch.nn.GELU(),
+                                make_layer(cfg, 32, 8, 0.2, generator=gen))
+    sparsifier = Sparsifier(model, cfg, total_steps=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ddp.broadcast_model(model)
+    initial = [m.mask() for m in model.modules() if isinstance(m, kernels.SparseLayer)]
+    data = torch.Generator().manual_seed(100 + rank)  # every rank its own data
+    for step in range(10):
+        x, y = torch.randn(12, 16, generator=data), torch.randn(12, 8, generator=data)
+        opt.zero_grad(set_to_none=True)
+        with sparsifier.capture(step):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        ddp.all_reduce_grads(model)
+        opt.step()
+        sparsifier.step(step, opt)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["masks"] = [m.mask() for m in model.modules() if isinstance(m, kernels.SparseLayer)]
+    state["initial_masks"] = initial
+    torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_ranks_agree_on_masks_and_values_after_updates(tmp_path, method):
+    mp.start_processes(_worker, args=(2, _free_port(), method, METHODS[method], str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in ("masks", "initial_masks"):
+            for ma, mb in zip(a[key], b[key]):
+                assert torch.equal(ma, mb)
+        else:
+            assert torch.equal(a[key], b[key]), key
+    # the updates really changed the masks
+    assert any(not torch.equal(m, m0) for m, m0 in zip(a["masks"], a["initial_masks"]))
+
+
+def test_single_process_is_a_no_op():
+    d = Dist()
+    x = torch.arange(6)
+    assert d.shard(x)[0] is x and d.is_main and not d.active
+    assert Dist(rank=1, world=2).shard(x)[0].tolist() == [1, 3, 5]

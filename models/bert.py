@@ -88,7 +88,8 @@ class Bert(nn.Module):
             for emb in (self.tok_embed, self.pos_embed):
                 emb.weight.normal_(0.0, 0.02)
 
-    def forward(self, input_ids, attention_mask=None):
+    def encode(self, input_ids, attention_mask=None):
+        """Final hidden states [B, N, dim]."""
         n = input_ids.shape[1]
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds max_len={self.config.max_len}")
@@ -97,5 +98,15 @@ class Bert(nn.Module):
         key_mask = None if attention_mask is None else attention_mask.bool()
         for block in self.blocks:
             x = block(x, key_mask)
-        h = self.lm_norm(F.gelu(self.lm_transform(self.norm(x))))
+        return self.norm(x)
+
+    def lm_head(self, h):
+        """Vocabulary logits [..., vocab_size] of hidden states [..., dim]."""
+        h = self.lm_norm(F.gelu(self.lm_transform(h)))
         return h @ self.tok_embed.weight.t() + self.lm_bias  # decoder tied to the token embedding
+
+    def forward(self, input_ids, attention_mask=None, predict=None):
+        """Logits [B, N, vocab_size]; with a boolean ``predict`` [B, N] only those positions'
+        logits [n_predict, vocab_size] (masked-LM training: ~15% of the decoder's work)."""
+        h = self.encode(input_ids, attention_mask)
+        return self.lm_head(h if predict is None else h[predict])

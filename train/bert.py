@@ -79,9 +79,8 @@ class Config:
 
 def mlm_loss(model, inputs, labels):
     """(mean cross-entropy over the masked tokens, logits of those tokens, their labels)."""
-    logits = model(inputs)
     picked = labels != -100
-    logits, target = logits[picked].float(), labels[picked]
+    logits, target = model(inputs, predict=picked).float(), labels[picked]
     return F.cross_entropy(logits, target), logits, target
 
 

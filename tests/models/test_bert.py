@@ -17,6 +17,8 @@ def test_bert_gives_vocab_logits_and_ties_the_decoder_to_the_embedding():
     model(ids).sum().backward()
     assert model.tok_embed.weight.grad is not None
     assert not any("decoder" in n for n, _ in model.named_parameters())
+    predict = torch.rand(2, 17) < 0.3
+    torch.testing.assert_close(model(ids, predict=predict), model(ids)[predict])
 
 
 def test_bert_padding_does_not_change_the_real_tokens():

@@ -93,3 +93,12 @@ def test_dynadiag_block_size_must_divide_the_width(tmp_path, tiny_mnist, capsys)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--block-size 5 must divide" in err
     assert not out.exists()
+
+
+def test_sgd_trains_too(tmp_path, tiny_mnist):
+    out = tmp_path / "sgd"
+    assert vit.main(FAST + ["--method", "static", "--sparsity", "0.5", "--optimizer", "sgd", "--lr", "0.05",
+                            "--no-plots", "--out-dir", str(out)]) == 0
+    train_rows = rows(out / "metrics.jsonl")
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.1
+    assert json.loads((out / "summary.json").read_text())["config"]["optimizer"] == "sgd"

@@ -225,7 +225,8 @@ def main(argv=None, log=print) -> int:
     out.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     head = common.header()
-    head.pop("note", None)  # no Triton here: the CPU torch paths, real CPU timings
+    for k in ("note", "table"):  # no Triton here: the CPU torch paths, real CPU timings
+        head.pop(k, None)
     head["timing"] = f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls (perf_counter)"
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()

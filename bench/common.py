@@ -291,7 +291,15 @@ def cell(v):
 
 
 def fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """A table cell: floats (also as read back from a CSV) to ``digits`` significant digits."""
+    if isinstance(v, str) and v.lower() == "nan":
+        return "-"
+    if isinstance(v, str) and any(ch in v for ch in ".e"):
+        try:
+            v = float(v)
+        except ValueError:
+            return v
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:.{digits}g}"

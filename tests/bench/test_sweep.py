@@ -191,3 +191,33 @@ def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
     assert math.prod(grid) == triton.cdiv(T, 16) * triton.cdiv(n_out, 32)  # programs of the tuned tiles
     ref = x.double() @ layer.to_dense().double().t() + layer.bias.double()
     assert torch.allclose(y.double(), ref, atol=1e-5)
+
+
+def _fake_row(op, T, block, x_dense, kernel_ms=1.0, n_in=768, n_out=3072, x_csr="", ablation=0):
+    return {"op": op, "in_features": str(n_in), "out_features": str(n_out), "tokens": str(T), "sparsity": "0.9",
+            "block": str(block), "dtype": "bfloat16", "ablation": str(ablation), "kernel_ms": str(kernel_ms),
+            "dense_ms": str(kernel_ms * x_dense), "csr_ms": "", "surv_ms": "", "x_dense": str(x_dense),
+            "x_csr": str(x_csr), "x_surv": "", "status": "timed"}
+
+
+def test_gpu_report_sums_training_products_and_judges_the_targets(tmp_path):
+    """The report logic a GPU run relies on, fed with made-up GPU rows."""
+    rows = [_fake_row("diag_fwd", 50432, 16, 2.2, kernel_ms=1.0),
+            _fake_row("diag_dx", 50432, 16, 2.0, kernel_ms=1.0),
+            _fake_row("diag_dw", 50432, 16, 1.0, kernel_ms=2.0),
+            _fake_row("fanin_fwd", 256, 1, 1.5, n_in=3072, n_out=768, x_csr=14.0),
+            _fake_row("fanin_fwd", 256, 1, 9.0, n_in=3072, n_out=768, x_csr=99.0, ablation=0.3)]
+    train = sweep.training_rows(rows)
+    assert len(train) == 1
+    # kernel 1 + 1 + 2 = 4 ms; dense 2.2 + 2.0 + 2.0 = 6.2 ms
+    assert train[0]["kernel_ms"] == pytest.approx(4.0) and train[0]["x_dense"] == pytest.approx(6.2 / 4.0)
+    verdict = {t["target"]: t for t in sweep.targets(rows, train)}
+    assert verdict["diag/block fwd, T=256x197"]["met"] == "yes"
+    assert verdict["diag/block fwd+bwd, T=256x197"]["met"].startswith("no (86%")
+    assert verdict["fan-in 3072->768, batch 256"]["met"].startswith("no (88%")  # the ablated row is not counted
+    assert verdict["fan-in 3072->768, batch 256 vs CSR"]["met"] == "yes"
+    assert verdict["online inference (T=1), diag vs CSR"]["met"] == "-"
+    interp = {t["target"]: t for t in sweep.targets(rows, train, interp=True)}
+    assert interp["diag/block fwd, T=256x197"]["met"].startswith("n/a")
+    sweep.plot(rows, tmp_path / "speedup.png", interp=False)
+    assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"

@@ -517,7 +517,7 @@ def plot(rows: list[dict], path: Path, interp: bool) -> None:
                 ax.set_ylabel("speed-up")
             if i == len(ops) - 1:
                 ax.set_xlabel("sparsity")
-            if j == len(tokens) - 1:
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6, loc="best")
     title = f"speed-up vs sparsity ({dtype}, geometric mean over shapes)"
     if interp:

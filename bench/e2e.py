@@ -18,18 +18,22 @@ after warm-up (device synchronised), median over steps. On a GPU each format run
 its peak memory is torch.cuda.max_memory_allocated; on CPU all formats of a model are built
 together and take turns step by step (a shared CPU's load then falls on all alike), and with
 no allocator statistic only the parameter + buffer bytes are reported. Everything runs in one dtype (bf16 on a GPU), no
-autocast: the sparse ops take values and activations of one dtype. BERT's loss covers every
-position (the model's LM head computes logits for all tokens).
+autocast: the sparse ops take values and activations of one dtype. BERT trains masked-LM on
+15% of the positions (logits only there when the model supports it); its inference step
+computes the logits of every position.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,41 +86,56 @@ class MLPBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
-def build(model: str, fmt: str, args, device, dtype):
-    """(module, make_batch() -> inputs, loss_fn(out, targets), tokens per batch)."""
+@dataclass
+class Workload:
+    net: nn.Module
+    loss: Callable[[], torch.Tensor]   # forward + loss of one training step
+    infer: Callable[[], object]        # one inference forward
+    tokens: int                        # tokens per step through the transformer blocks
+
+
+def build(model: str, fmt: str, args, device, dtype) -> Workload:
     linear = linear_factory(fmt, args.sparsity, device, dtype)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     B = args.batch
     if model == "mlp":
         dim, hidden, n_tok = (32, 64, 17) if args.quick else (768, 3072, 197)
         with torch.device(device):
-            net = MLPBlock(dim, hidden, linear)
+            net = MLPBlock(dim, hidden, linear).to(dtype)
         x = torch.randn(B, n_tok, dim, generator=g).to(device, dtype)
         target = torch.randn(B, n_tok, dim, generator=g).to(device, dtype)
-        return net.to(dtype), (x,), target, lambda out, t: F.mse_loss(out.float(), t.float()), B * n_tok
+        return Workload(net, lambda: F.mse_loss(net(x).float(), target.float()), lambda: net(x), B * n_tok)
     if model == "vit-b16":
         from models.vit import ViT, ViTConfig
 
         cfg = ViTConfig.preset("micro" if args.quick else "base")
         with torch.device(device):
-            net = ViT(cfg, linear=linear)
+            net = ViT(cfg, linear=linear).to(dtype)
         images = torch.randn(B, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device, dtype)
         labels = torch.randint(0, cfg.num_classes, (B,), generator=g).to(device)
         n_tok = (cfg.image_size // cfg.patch_size) ** 2 + 1
-        return net.to(dtype), (images,), labels, lambda out, t: F.cross_entropy(out.float(), t), B * n_tok
+        return Workload(net, lambda: F.cross_entropy(net(images).float(), labels), lambda: net(images), B * n_tok)
     if model == "bert-base":
         from models.bert import Bert, BertConfig
 
         small = {"vocab_size": 512} if args.quick else {}
         cfg = BertConfig.preset("micro" if args.quick else "base", max_len=max(args.seq, 8), **small)
         with torch.device(device):
-            net = Bert(cfg, linear=linear)
+            net = Bert(cfg, linear=linear).to(dtype)
         ids = torch.randint(0, cfg.vocab_size, (B, args.seq), generator=g).to(device)
         labels = torch.randint(0, cfg.vocab_size, (B, args.seq), generator=g).to(device)
-
-        def loss_fn(out, t):
-            return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), t.reshape(-1))
-        return net.to(dtype), (ids,), labels, loss_fn, B * args.seq
+        # Masked-LM training predicts ~15% of the positions; the model computes logits only
+        # there when its forward takes ``predict`` (else for every position).
+        predict = torch.rand(B, args.seq, generator=g).to(device) < 0.15
+        predict[:, 0] = True
+        if "predict" in inspect.signature(net.forward).parameters:
+            def loss():
+                return F.cross_entropy(net(ids, predict=predict).float(), labels[predict])
+        else:
+            def loss():
+                out = net(ids)
+                return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1))
+        return Workload(net, loss, lambda: net(ids), B * args.seq)
     raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
 
 
@@ -124,7 +143,8 @@ class Runner:
     """One model in one format: its training step and its inference step."""
 
     def __init__(self, model: str, fmt: str, args, device, dtype):
-        self.net, self.inputs, self.target, self.loss_fn, self.tokens = build(model, fmt, args, device, dtype)
+        self.work = build(model, fmt, args, device, dtype)
+        self.net, self.tokens = self.work.net, self.work.tokens
         self.param_mb = sum(t.numel() * t.element_size()
                             for t in list(self.net.parameters()) + list(self.net.buffers())) / 2**20
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
@@ -133,7 +153,7 @@ class Runner:
     def train_step(self):
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.net(*self.inputs), self.target)
+        loss = self.work.loss()
         loss.backward()
         self.opt.step()
         self.loss = loss.detach()
@@ -141,7 +161,7 @@ class Runner:
     def infer_step(self):
         self.net.eval()
         with torch.inference_mode():
-            self.net(*self.inputs)
+            self.work.infer()
 
     def drop_optimizer(self):
         self.opt.zero_grad(set_to_none=True)

@@ -41,7 +41,7 @@ class Config:
     # data
     dataset: str = "pydoc"          # pydoc (stdlib text) | .txt file / folder | Hugging Face name | .parquet
     vocab_size: int = 4096          # WordPiece vocabulary trained on the corpus
-    seq_len: int = 128              # tokens per sequence (the model's max_len is at least this)
+X
     mask_prob: float = 0.15         # fraction of tokens predicted (80% [MASK], 10% random, 10% kept)
     # model (None = the preset's value)
     preset: str = "tiny"            # micro | tiny (2x128) | mini | small | base (BERT-base) | large
@@ -51,7 +51,7 @@ class Config:
     mlp_dim: int | None = None      # MLP hidden width
     dropout: float = 0.1            # dropout on embeddings / attention / MLP / residuals
     # optimisation
-    steps: int = 1200               # optimizer steps (the DST schedules scale with it)
+    steps: int = 600                # optimizer steps (the DST schedules scale with it)
     batch_size: int = 32            # sequences per step
     optimizer: str = "adamw"        # adamw | sgd (Nesterov)
     lr: float = 1e-3                # peak learning rate (after warm-up; cosine decay to 0)
@@ -60,7 +60,7 @@ class Config:
     momentum: float = 0.9           # SGD momentum, AdamW beta1
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     # evaluation, logging, checkpoints
-    eval_every: int = 200           # steps between validation passes
+    eval_every: int = 100           # steps between validation passes
     eval_examples: int = 0          # validation sequences per pass (0 = all); the final test uses all
     log_every: int = 25             # steps between metrics.jsonl rows / progress-bar updates
     ckpt_every: int = 500           # steps between checkpoints (0 = only at the end)

@@ -41,7 +41,7 @@ class Config:
     # data
     dataset: str = "pydoc"          # pydoc (stdlib text) | .txt file / folder | Hugging Face name | .parquet
     vocab_size: int = 4096          # WordPiece vocabulary trained on the corpus
-X
+    seq_len: int = 64               # tokens per sequence (the model's max_len is at least this)
     mask_prob: float = 0.15         # fraction of tokens predicted (80% [MASK], 10% random, 10% kept)
     # model (None = the preset's value)
     preset: str = "tiny"            # micro | tiny (2x128) | mini | small | base (BERT-base) | large

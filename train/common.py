@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import kernels
-from dst import METHODS, DSTConfig, layer_densities, make_layer
+from dst import METHODS, PAPER_DEFAULTS, DSTConfig, layer_densities, make_layer
 from models.transformer import sparse_layer_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,16 +52,16 @@ def field_comments(cls) -> dict[str, str]:
     it), read from the source: the comments are the --help text."""
     names = {f.name for f in dataclasses.fields(cls)}
     comments: dict[str, str] = {}
-    last = None
+    last, indent = None, 0
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
-        if m and m.group(1) in names:
-            last = m.group(1)
-            comments[last] = (m.group(2) or "").strip()
-        elif last and re.match(r"\s+#", line):
-            comments[last] += " " + line.strip().lstrip("#").strip()
+        m = re.match(r"(\s+)(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+        if m and m.group(2) in names:
+            last, indent = m.group(2), len(m.group(1))
+            comments[last] = (m.group(3) or "").strip()
+        elif last and re.match(r"\s+#", line) and len(line) - len(line.lstrip()) > indent:
+            comments[last] += " " + line.strip().lstrip("#").strip()   # a continuation, indented deeper
         else:
-            last = None
+            last = None   # a section comment, at the fields' indentation, belongs to no field
     return comments
 
 
@@ -70,6 +70,11 @@ def _flag_type(hint):
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": the comment says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +89,7 @@ def parse_config(cls, argv=None, prog: str | None = None):
     takes that method's paper default (``DSTConfig.for_method``), and its seed is the run's.
     Bad flags or values: one line on stderr, exit code 2."""
     parser = _Parser(prog=prog, description=inspect.getdoc(cls),
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_Help)
     dst_flags = []
 
     def add(f, hint, comment, default, dest):
@@ -100,11 +105,16 @@ def parse_config(cls, argv=None, prog: str | None = None):
     for f in dataclasses.fields(cls):
         if hints[f.name] is DSTConfig:
             dst_hints, dst_comments = typing.get_type_hints(DSTConfig), field_comments(DSTConfig)
+            by_paper = {k for d in PAPER_DEFAULTS.values() for k in d}
             for g in dataclasses.fields(DSTConfig):
                 if g.name == "seed":
                     continue
-                note = "; default: the method's paper value" if g.name not in ("method", "sparsity") else ""
-                default = DSTConfig.method if g.name == "method" else None
+                if g.name in by_paper:   # None: left to DSTConfig.for_method
+                    note, default = f"; default: the method's paper value, else {g.default}", None
+                else:
+                    note, default = "", g.default
+                if g.name == "method":
+                    note = f": {', '.join(METHODS)}"
                 add(g, dst_hints[g.name], dst_comments.get(g.name, "") + note, default, "dst." + g.name)
                 dst_flags.append(g.name)
             continue

@@ -123,3 +123,9 @@ def test_the_table_collects_summaries_into_mean_and_spread(tmp_path, capsys):
     assert "| rigl | 0.9 | 85.00 ± 7.07 | 0.100 | 5 | 2 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())[0]["commands"][1] == "python -m train.vit --seed 1"
     assert table.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_section_comments_are_not_glued_to_a_field():
+    comments = common.field_comments(vit.Config)
+    assert comments["data_dir"].endswith("the Debian package's path)")
+    assert "GSE's samplers" in common.field_comments(DSTConfig)["grow"]   # a continuation line

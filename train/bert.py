@@ -45,10 +45,10 @@ class Config:
     mask_prob: float = 0.15         # fraction of tokens predicted (80% [MASK], 10% random, 10% kept)
     # model (None = the preset's value)
     preset: str = "tiny"            # micro | tiny (2x128) | mini | small | base (BERT-base) | large
-    dim: int | None = None          # hidden width
-    depth: int | None = None        # transformer blocks
-    heads: int | None = None        # attention heads
-    mlp_dim: int | None = None      # MLP hidden width
+    dim: int | None = None          # hidden width (None: the preset's)
+    depth: int | None = None        # transformer blocks (None: the preset's)
+    heads: int | None = None        # attention heads (None: the preset's)
+    mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
     dropout: float = 0.1            # dropout on embeddings / attention / MLP / residuals
     # optimisation
     steps: int = 600                # optimizer steps (the DST schedules scale with it)

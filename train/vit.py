@@ -43,11 +43,11 @@ class Config:
     data_dir: str = ""              # where fashion_mnist's idx.gz files are ("" = the Debian package's path)
     # model (None = the preset's value; image size, channels and classes come from the data)
     preset: str = "tiny"            # micro | tiny | small (ViT-S/16) | base (ViT-B/16) | large (ViT-L/16)
-    patch_size: int | None = None   # patch side in pixels; must divide the image size
-    dim: int | None = None          # token width
-    depth: int | None = None        # transformer blocks
-    heads: int | None = None        # attention heads
-    mlp_dim: int | None = None      # MLP hidden width
+    patch_size: int | None = None   # patch side in pixels (None: the preset's); must divide the image size
+    dim: int | None = None          # token width (None: the preset's)
+    depth: int | None = None        # transformer blocks (None: the preset's)
+    heads: int | None = None        # attention heads (None: the preset's)
+    mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
     dropout: float = 0.0            # dropout in attention / MLP / residuals
     # optimisation
     steps: int = 1000               # optimizer steps (the DST schedules scale with it)

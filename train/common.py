@@ -94,6 +94,7 @@ def parse_config(cls, argv=None, prog: str | None = None):
 
     def add(f, hint, comment, default, dest):
         flag = "--" + f.name.replace("_", "-")
+        comment = comment.replace("%", "%%")  # argparse %-formats help strings
         kind = _flag_type(hint)
         if kind is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=comment)

@@ -129,3 +129,15 @@ def test_section_comments_are_not_glued_to_a_field():
     comments = common.field_comments(vit.Config)
     assert comments["data_dir"].endswith("the Debian package's path)")
     assert "GSE's samplers" in common.field_comments(DSTConfig)["grow"]   # a continuation line
+
+
+@pytest.mark.parametrize("entry", [vit, bert])
+def test_help_lists_every_flag_and_exits_0(entry, capsys):
+    with pytest.raises(SystemExit) as e:
+        entry.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(entry.Config):
+        if f.name != "dst":
+            assert "--" + f.name.replace("_", "-") in text
+    assert "--delta-t" in text and "--gamma-sal" in text and "--seed" in text

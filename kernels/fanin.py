@@ -26,6 +26,7 @@ from . import runtime as rt
 from .coords import random_rows_of_distinct
 from .module import SparseLayer
 from .sddmm import acc_dtype, sddmm
+from .sparse import csr_matmul
 
 _TORCH_CHUNK_ELEMS = 1 << 22
 
@@ -186,33 +187,49 @@ def _acc(t):
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+# Up to this many tokens the CPU path gathers (index_select + batched dot: best at batch 1);
+# above it MKL's CSR product wins by far (measured on 2 cores, Linear 3072->768 at 90%:
+# T=16 0.39 ms vs 3.0 ms gathered, T=256 6 ms vs 150 ms).
+_GATHER_MAX_TOKENS = 4
+
+
 def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tensor:
-    """CPU path: gather columns, multiply, reduce, in row chunks of bounded memory."""
+    """CPU path: gather for a few tokens, else a CSR product (the fan-in rows are CSR rows of
+    length k, so the row pointers need no sort)."""
     _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
-    xa, va = _acc(x2), _acc(values)
-    y = xa.new_zeros(T, out_features)
-    step = max(1, _TORCH_CHUNK_ELEMS // max(T * max(K, 1), 1))
-    for s in range(0, n_rows, step):
-        part = (xa[:, indices[s:s + step].long()] * va[s:s + step]).sum(-1)  # [T, chunk]
-        if rows is None:
-            y[:, s:s + part.shape[1]] = part
-        else:
-            y[:, rows[s:s + step].long()] = part
+    if T == 0 or n_rows == 0 or K == 0:
+        return x2.new_zeros(T, out_features)
+    if T <= _GATHER_MAX_TOKENS:
+        xa = _acc(x2)
+        gathered = xa.index_select(1, indices.reshape(-1).long()).view(T, n_rows, K).transpose(0, 1)
+        part = torch.bmm(gathered, _acc(values).unsqueeze(-1)).squeeze(-1).t()  # [T, n_rows]
+    else:
+        crow = torch.arange(0, n_rows * K + 1, K, device=x2.device)
+        part = csr_matmul(crow, indices.reshape(-1), values.reshape(-1), n_rows, x2.shape[1], x2.t()).t()
+    if rows is None and n_rows == out_features:
+        return part.to(x2.dtype).contiguous()
+    y = x2.new_zeros(T, out_features, dtype=part.dtype)
+    if rows is None:
+        y[:, :n_rows] = part
+    else:
+        y[:, rows.long()] = part
     return y.to(x2.dtype)
 
 
 def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
+    """CPU path: dX = dY W as a CSR product with W^T, whose rows are the input columns
+    (one argsort of the indices per call)."""
     T, (n_rows, K) = dy.shape[0], values.shape
-    dya, va = _acc(dy), _acc(values)
-    dx = dya.new_zeros(T, in_features)
-    step = max(1, _TORCH_CHUNK_ELEMS // max(T * max(K, 1), 1))
-    for s in range(0, n_rows, step):
-        n = min(step, n_rows - s)
-        g = dya[:, s:s + n] if rows is None else dya[:, rows[s:s + n].long()]  # [T, chunk]
-        contrib = g[:, :, None] * va[s:s + step]  # [T, chunk, K]
-        dx.index_add_(1, indices[s:s + step].reshape(-1).long(), contrib.reshape(T, -1))
-    return dx.to(dy.dtype)
+    if T == 0 or n_rows == 0 or K == 0:
+        return dy.new_zeros(T, in_features)
+    cols = indices.reshape(-1).long()
+    order = torch.argsort(cols, stable=True)
+    out_of_row = (torch.arange(n_rows, device=dy.device) if rows is None else rows.long())
+    src_rows = out_of_row.repeat_interleave(K)[order]
+    crow = torch.zeros(in_features + 1, dtype=torch.int64, device=dy.device)
+    crow[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
+    return csr_matmul(crow, src_rows, values.reshape(-1)[order], in_features, dy.shape[1], dy.t()).t().contiguous()
 
 
 def _fanin_dw(dy, x2, indices, rows):

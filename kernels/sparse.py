@@ -38,14 +38,10 @@ def sparse_matmul_ref(x, values, rows, cols, out_features):
     return x @ sparse_to_dense(values, rows, cols, x.shape[-1], out_features).t()
 
 
-def _csr(values, rows, cols, n_rows, n_cols):
-    """CSR of the coordinates (any order): sorted by (row, col), crow from a bincount."""
-    order = sort_coords(rows, cols, n_cols)
-    r, c, v = rows[order].long(), cols[order].long(), values[order]
-    counts = torch.bincount(r, minlength=n_rows)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=values.device)
-    crow[1:] = torch.cumsum(counts, 0)
-    return torch.sparse_csr_tensor(crow, c, v, size=(n_rows, n_cols), check_invariants=False)
+def _crow_of_sorted(rows, n_rows):
+    """CSR row pointers of row indices already sorted (no sort: a binary search per row)."""
+    bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows.dtype)
+    return torch.searchsorted(rows, bounds).to(torch.int64)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -54,11 +50,22 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _spmm(values, rows, cols, n_rows, n_cols, dense_t):
-    """(W @ dense_t) with W [n_rows, n_cols] given by coordinates; dense_t [n_cols, T]."""
+def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
+    """(W @ dense_t) for W [n_rows, n_cols] in CSR (crow int64, col, values); dense_t [n_cols, T].
+    fp16/bf16 on CPU are computed in fp32 (MKL has no such kernels)."""
     dt = _compute_dtype(dense_t)
-    w = _csr(values.to(dt), rows, cols, n_rows, n_cols)
+    w = torch.sparse_csr_tensor(crow, col.long(), values.to(dt), size=(n_rows, n_cols), check_invariants=False)
     return (w @ dense_t.to(dt)).to(dense_t.dtype)
+
+
+def _spmm(values, rows, cols, n_rows, n_cols, dense_t):
+    """(W @ dense_t) with W [n_rows, n_cols] given by coordinates in any order. Coordinates
+    already sorted by (row, col) - the layer keeps them so - skip the argsort."""
+    flat = rows.long() * n_cols + cols.long()
+    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
+        order = torch.argsort(flat)
+        rows, cols, values = rows[order], cols[order], values[order]
+    return csr_matmul(_crow_of_sorted(rows.long(), n_rows), cols, values, n_rows, n_cols, dense_t)
 
 
 def _check(x2, values, rows, cols, out_features):

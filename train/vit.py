@@ -29,6 +29,7 @@ from dst import DSTConfig, Sparsifier
 from models.vit import ViT, ViTConfig
 
 from . import common as C
+from . import distributed
 from .data import load_images
 from .plots import plot_curves, plot_masks
 
@@ -126,10 +127,18 @@ def setup(cfg: Config):
 
 def main(argv=None) -> int:
     cfg = C.parse_config(Config, argv, prog=PROG)
+    ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
+    if ddp.active:
+        # Rank 0 owns the run folder; every other rank keeps its own copy of the checkpoint
+        # (identical state, so --resume works on every rank) in a subfolder, and no plots.
+        cfg = dataclasses.replace(cfg, device=f"cuda:{ddp.local_rank}" if cfg.device != "cpu" and torch.cuda.is_available() else cfg.device)
+        if not ddp.is_main:
+            cfg = dataclasses.replace(cfg, out_dir=str(C.run_dir(cfg, "vit") / f"rank{ddp.rank}"), plots=False, progress=False)
     try:
         device, amp_dtype, out, blob, model_cfg, data, model, targets, sparsifier, optimizer = setup(cfg)
     except C.UsageError as e:
         return C.usage_exit(str(e), PROG)
+    ddp.broadcast_model(model)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     names = list(targets)
     history = {"train": [], "eval": [], "density": [], "metric": "accuracy", "window": [], "mask_updates": 0, "mask_seconds": 0.0}
@@ -180,7 +189,7 @@ def main(argv=None) -> int:
             if cfg.ckpt_every and step > start and step % cfg.ckpt_every == 0:
                 save(step)
             t0 = time.perf_counter()
-            x, y = (t.to(device, non_blocking=True) for t in data.batch(step, cfg.batch_size, cfg.seed))
+            x, y = (t.to(device, non_blocking=True) for t in ddp.shard(*data.batch(step, cfg.batch_size, cfg.seed)))
             optimizer.zero_grad(set_to_none=True)
             with sparsifier.capture(step):  # records layer inputs / output grads on update steps
                 with amp():
@@ -193,6 +202,7 @@ def main(argv=None) -> int:
                           f"{ckpt if ckpt.exists() else 'none'})", file=sys.stderr)
                     return 1
                 loss.backward()
+            ddp.all_reduce_grads(model)  # average over ranks (no-op in one process)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

@@ -73,3 +73,24 @@ def test_single_process_is_a_no_op():
     x = torch.arange(6)
     assert d.shard(x)[0] is x and d.is_main and not d.active
     assert Dist(rank=1, world=2).shard(x)[0].tolist() == [1, 3, 5]
+
+
+def test_torchrun_trains_vit_on_two_processes_with_identical_states(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "train.vit",
+           "--method", "srigl", "--preset", "micro", "--steps", "16", "--delta-t", "4", "--batch-size", "64",
+           "--eval-every", "8", "--eval-examples", "100", "--threads", "1", "--no-progress", "--no-plots",
+           "--out-dir", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "run" / "rank1" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -29,6 +29,7 @@ import triton.language as tl
 from . import runtime as rt
 from .module import SparseLayer
 from .sddmm import acc_dtype, dot_settings, sddmm
+from .sparse import _spmm
 
 _TORCH_CHUNK_ELEMS = 1 << 22
 
@@ -255,13 +256,27 @@ def _diag_product_torch(a, values, offsets, n_in_blocks, n_out_blocks, b, gather
     return out.reshape(T, n_out_blocks * b).to(a.dtype)
 
 
+def _diag_csr_product(a, values, offsets, R, C, transpose: bool):
+    """b = 1 on CPU: the K * D elements as an MKL CSR product (measured 10-20x faster than the
+    gathered einsum at training batch sizes). ``transpose``: multiply by W^T (the input grad)."""
+    rows, cols = diag_coords(offsets, R, C)
+    rows, cols, vals = rows.reshape(-1), cols.reshape(-1), values.reshape(-1)
+    if transpose:
+        rows, cols, R, C = cols, rows, C, R
+    return _spmm(vals, rows, cols, R, C, a.t()).t().contiguous()
+
+
 def diag_fwd_torch(x2, values, offsets, block_size: int, out_features: int) -> torch.Tensor:
     R, C, D, P = _check(x2, values, offsets, block_size, out_features)
+    if block_size == 1 and x2.shape[0] > 4 and offsets.numel():
+        return _diag_csr_product(x2, values, offsets, R, C, transpose=False)
     return _diag_product_torch(x2, values, offsets, C, R, block_size, gather=R < C, transpose_w=True)
 
 
 def diag_dx_torch(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
     R, C = dy.shape[1] // block_size, in_features // block_size
+    if block_size == 1 and dy.shape[0] > 4 and offsets.numel():
+        return _diag_csr_product(dy, values, offsets, R, C, transpose=True)
     return _diag_product_torch(dy, values, offsets, R, C, block_size, gather=R >= C, transpose_w=False)
 
 

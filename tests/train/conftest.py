@@ -27,8 +27,11 @@ def data_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(train.data, "CACHE", tmp_path_factory.getbasetemp() / "data_cache")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_threads():
+    """One torch thread per test: the tiny models gain nothing from more, and an oversubscribed
+    CI machine (other jobs on the 2 cores) makes OpenMP's spinning threads 10x slower."""
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)

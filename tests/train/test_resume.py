@@ -22,7 +22,7 @@ def train_rows(path):
     return [json.loads(line) for line in open(path) if '"train"' in line]
 
 
-def test_a_killed_process_resumes_to_the_same_run(tmp_path, restore_threads):
+def test_a_killed_process_resumes_to_the_same_run(tmp_path):
     cut = tmp_path / "cut"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "train.vit", *ARGS, "--out-dir", str(cut)], cwd=ROOT, env=env,

@@ -202,7 +202,8 @@ def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tenso
         return x2.new_zeros(T, out_features)
     if T <= _GATHER_MAX_TOKENS:
         xa = _acc(x2)
-        gathered = xa.index_select(1, indices.reshape(-1).long()).view(T, n_rows, K).transpose(0, 1)
+        # int32 index as it is: converting it would copy every call (~140 us at 236k nonzeros)
+        gathered = xa.index_select(1, indices.reshape(-1)).view(T, n_rows, K).transpose(0, 1)
         part = torch.bmm(gathered, _acc(values).unsqueeze(-1)).squeeze(-1).t()  # [T, n_rows]
     else:
         crow = torch.arange(0, n_rows * K + 1, K, device=x2.device)

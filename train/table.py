@@ -13,21 +13,36 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from dst import METHODS
+from dst import METHODS, DSTConfig
 
 METRICS = {"vit": [("test accuracy %", lambda s: 100 * s["test"]["accuracy"])],
            "bert": [("test MLM loss", lambda s: s["test"]["mlm_loss"]),
                     ("test masked acc. %", lambda s: 100 * s["test"]["mlm_accuracy"])]}
 
 
+def _changed(summary: dict) -> set[str]:
+    """DST settings of a run that differ from its method's paper defaults, as "name=value"."""
+    dst = summary["config"]["dst"]
+    paper = DSTConfig.for_method(dst["method"]).to_dict()
+    return {f"{k}={dst[k]}" for k in dst if k not in ("seed", "sparsity", "method") and dst[k] != paper[k]}
+
+
 def collect(folders: list[Path]) -> dict:
-    """{(entry, method, sparsity): [summary, ...]} of every summary.json under the folders."""
-    groups = defaultdict(list)
+    """{(entry, method, sparsity, variant): [summary, ...]} of every summary.json under the
+    folders; variant lists the DST settings changed from the paper defaults that not every run
+    shares (a setting all runs share, e.g. a common --delta-t, is said once in the text)."""
+    runs = []
     for folder in folders:
         for path in sorted(Path(folder).rglob("summary.json")):
             s = json.loads(path.read_text())
             s["path"] = str(path)
-            groups[(s["entry"], s["method"], 0.0 if s["method"] == "dense" else s["sparsity"])].append(s)
+            runs.append(s)
+    changed = [_changed(s) if "dst" in s.get("config", {}) else set() for s in runs]
+    common = set.intersection(*changed) if changed else set()
+    groups = defaultdict(list)
+    for s, ch in zip(runs, changed):
+        variant = " ".join(sorted(ch - common))
+        groups[(s["entry"], s["method"], 0.0 if s["method"] == "dense" else s["sparsity"], variant)].append(s)
     return groups
 
 
@@ -40,9 +55,10 @@ def mean_std(values: list[float]) -> str:
 def rows(groups: dict) -> list[dict]:
     out = []
     order = {m: i for i, m in enumerate(METHODS)}
-    for (entry, method, sparsity), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2] > 0,
-                                                                                 kv[0][2], order.get(kv[0][1], 99))):
-        row = {"entry": entry, "method": method, "sparsity": sparsity, "seeds": sorted(r["config"]["seed"] for r in runs)}
+    for (entry, method, sparsity, variant), runs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][2] > 0, kv[0][2], order.get(kv[0][1], 99), kv[0][3])):
+        row = {"entry": entry, "method": method + (f" ({variant})" if variant else ""), "sparsity": sparsity,
+               "seeds": sorted(r["config"]["seed"] for r in runs)}
         for name, get in METRICS[entry]:
             values = [get(r) for r in runs]
             row[name] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,

@@ -64,10 +64,7 @@ def test_sparse_layer_shapes_allocates_nothing_and_matches_the_model():
     assert shapes["blocks.11.mlp.fc1"] == (3072, 768) and shapes["blocks.0.attn.qkv"] == (2304, 768)
 
 
-# FanInLinear is left out: its init draws random keys over whole [rows, in] chunks of up to 2M
-# elements (kernels/coords.py random_rows_of_distinct), i.e. a dense-sized temporary for the
-# small layers here; reported to the kernels owner.
-@pytest.mark.parametrize("kind", [kernels.SparseLinear, kernels.DiagLinear])
+@pytest.mark.parametrize("kind", [kernels.SparseLinear, kernels.FanInLinear, kernels.DiagLinear])
 def test_vit_with_sparse_layers_never_allocates_a_dense_block_weight(kind):
     torch.manual_seed(0)
     cfg = ViTConfig.preset("tiny", dim=128, mlp_dim=512)   # smallest block weight: 128 x 128

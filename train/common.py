@@ -12,7 +12,6 @@ import inspect
 import io
 import json
 import math
-import os
 import random
 import re
 import resource
@@ -300,19 +299,13 @@ def git_sha() -> str:
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a kill at any moment leaves
-    either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Temp file, fsync, rename (kernels.atomic_write): a kill at any moment leaves either the
+    old file or the new one, never a torn one."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    kernels.atomic_write(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -329,6 +329,8 @@ def _backward(ctx, dy):
 
 
 _diag_op.register_autograd(_backward, setup_context=_setup)
+rt.register_autocast("alwayssparse::diag_matmul")
+rt.register_autocast("alwayssparse::diag_dx")
 
 
 def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int = 1,
@@ -451,7 +453,7 @@ class DiagLinear(SparseLayer):
 
     def forward(self, x):
         y = diag_matmul(x, self.effective_values(), self.offsets, self.block_size, self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self.add_bias(y)
 
     def coords(self):
         R, C, D, P = self.geometry

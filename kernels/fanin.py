@@ -281,6 +281,8 @@ def _backward(ctx, dy):
 
 
 _fanin_op.register_autograd(_backward, setup_context=_setup)
+rt.register_autocast("alwayssparse::fanin_matmul")
+rt.register_autocast("alwayssparse::fanin_dx")
 
 
 def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -353,7 +355,7 @@ class FanInLinear(SparseLayer):
 
     def forward(self, x):
         y = fanin_matmul(x, self.values, self.indices, self.rows, self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self.add_bias(y)
 
     def nnz(self) -> int:
         return self.values.numel()

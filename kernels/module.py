@@ -38,6 +38,11 @@ class SparseLayer(nn.Module):
                 self.values.data = torch.empty(0, dtype=other, device=self.values.device)
             self.values.data = values
 
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """y + bias in y's dtype: under autocast the product is bf16/fp16 and so is the sum,
+        as for nn.Linear."""
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def reset_bias(self, bound: float, generator=None) -> None:
         if self.bias is not None:
             with torch.no_grad():

@@ -183,3 +183,39 @@ def flatten_tokens(t: torch.Tensor) -> torch.Tensor:
 def check_dtype_match(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
     if t.dtype != like.dtype:
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
+
+
+# ----------------------------------------------------------------------------- autocast
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_libraries: dict[str, torch.library.Library] = {}
+
+
+def register_autocast(qualname: str) -> None:
+    """Give the custom op ``namespace::name`` torch's autocast rule for matmuls.
+
+    Inside ``torch.autocast(device_type, dtype)`` the op's floating inputs (fp64 excepted, as
+    torch does) are cast to the autocast dtype of that device type and the op runs with
+    autocast off, so nothing inside it is cast again. ``torch.library.register_autocast``
+    fixes one dtype at registration; this reads the dtype of the active autocast region, so
+    fp16 and bf16 regions both work.
+    """
+    namespace, name = qualname.split("::")
+    if namespace not in _libraries:
+        _libraries[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    for device_type, key in _AUTOCAST_KEYS.items():
+        _libraries[namespace].impl(name, _autocast_kernel(op, device_type), key)
+
+
+def _autocast_kernel(op, device_type: str):
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a):
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64:
+                return a.to(dtype)
+            return a
+        with torch.autocast(device_type, enabled=False):
+            return op(*(cast(a) for a in args))
+    return kernel

@@ -243,6 +243,9 @@ def _(dy, x, rows, cols, block_size):
     return dy.new_empty(shape)
 
 
+rt.register_autocast("alwayssparse::sddmm")
+
+
 def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
           block_size: int = 1) -> torch.Tensor:
     """Sampled dense-dense product g[i] = sum_t dy[t, rows[i]] x[t, cols[i]].

@@ -124,6 +124,8 @@ def _backward(ctx, dy):
 
 
 _sparse_op.register_autograd(_backward, setup_context=_setup)
+rt.register_autocast("alwayssparse::sparse_matmul")
+rt.register_autocast("alwayssparse::sparse_dx")
 
 
 def sparse_matmul(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -185,7 +187,7 @@ class SparseLinear(SparseLayer):
 
     def forward(self, x):
         y = sparse_matmul(x, self.values, self.rows, self.cols, self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self.add_bias(y)
 
     def coords(self):
         return self.rows, self.cols

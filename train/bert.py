@@ -68,7 +68,7 @@ class Config:
     # run
     seed: int = 0                   # seeds init, data order, masking, dropout and the DST sampler
     device: str = "auto"            # auto (cuda if present) | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 (GPU only) | fp32
+    precision: str = "auto"         # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     threads: int = 0                # torch CPU threads (0 = torch's default)
     out_dir: str = ""               # run folder ("" = runs/bert/<method>-s<sparsity>-seed<seed>)
     resume: bool = False            # continue from <out_dir>/checkpoint.pt

@@ -102,3 +102,18 @@ def test_sgd_trains_too(tmp_path, tiny_mnist):
     train_rows = rows(out / "metrics.jsonl")
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.1
     assert json.loads((out / "summary.json").read_text())["config"]["optimizer"] == "sgd"
+
+
+@pytest.mark.parametrize("method", ["rigl", "dynadiag"])
+def test_bf16_autocast_trains_on_cpu(method, tmp_path, tiny_mnist):
+    """--precision bf16 runs the sparse ops under autocast (bf16 products, fp32 parameters)."""
+    out = tmp_path / method
+    assert vit.main(FAST + ["--method", method, "--sparsity", "0.8", "--precision", "bf16",
+                            "--out-dir", str(out)]) == 0
+    train_rows = rows(out / "metrics.jsonl")
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.1, [r["loss"] for r in train_rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["precision"] == "bf16" and summary["mask_updates"] > 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    floats = [t for t in state["model"].values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)

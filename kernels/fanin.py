@@ -26,7 +26,7 @@ from . import runtime as rt
 from .coords import random_rows_of_distinct
 from .module import SparseLayer
 from .sddmm import acc_dtype, sddmm
-from .sparse import csr_matmul
+from .sparse import csr_matmul, index_dtype
 
 _TORCH_CHUNK_ELEMS = 1 << 22
 
@@ -183,31 +183,16 @@ def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     return dx.to(dy.dtype)
 
 
-def _acc(t):
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-
-
-# Up to this many tokens the CPU path gathers (index_select + batched dot: best at batch 1);
-# above it MKL's CSR product wins by far (measured on 2 cores, Linear 3072->768 at 90%:
-# T=16 0.39 ms vs 3.0 ms gathered, T=256 6 ms vs 150 ms).
-_GATHER_MAX_TOKENS = 4
-
-
 def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tensor:
-    """CPU path: gather for a few tokens, else a CSR product (the fan-in rows are CSR rows of
-    length k, so the row pointers need no sort)."""
+    """CPU path: a CSR product (the fan-in rows are CSR rows of length k, so the row pointers
+    are an arange and nothing is sorted; the int32 indices are used as they are). One token is
+    MKL's sparse matrix-vector product, the batch-1 inference case."""
     _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
         return x2.new_zeros(T, out_features)
-    if T <= _GATHER_MAX_TOKENS:
-        xa = _acc(x2)
-        # int32 index as it is: converting it would copy every call (~140 us at 236k nonzeros)
-        gathered = xa.index_select(1, indices.reshape(-1)).view(T, n_rows, K).transpose(0, 1)
-        part = torch.bmm(gathered, _acc(values).unsqueeze(-1)).squeeze(-1).t()  # [T, n_rows]
-    else:
-        crow = torch.arange(0, n_rows * K + 1, K, device=x2.device)
-        part = csr_matmul(crow, indices.reshape(-1), values.reshape(-1), n_rows, x2.shape[1], x2.t()).t()
+    crow = torch.arange(0, n_rows * K + 1, K, device=x2.device, dtype=index_dtype(n_rows * K))
+    part = csr_matmul(crow, indices.reshape(-1), values.reshape(-1), n_rows, x2.shape[1], x2.t()).t()
     if rows is None and n_rows == out_features:
         return part.to(x2.dtype).contiguous()
     y = x2.new_zeros(T, out_features, dtype=part.dtype)
@@ -227,9 +212,9 @@ def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     cols = indices.reshape(-1).long()
     order = torch.argsort(cols, stable=True)
     out_of_row = (torch.arange(n_rows, device=dy.device) if rows is None else rows.long())
-    src_rows = out_of_row.repeat_interleave(K)[order]
-    crow = torch.zeros(in_features + 1, dtype=torch.int64, device=dy.device)
+    crow = torch.zeros(in_features + 1, dtype=index_dtype(cols.numel()), device=dy.device)
     crow[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
+    src_rows = out_of_row.repeat_interleave(K)[order].to(crow.dtype)
     return csr_matmul(crow, src_rows, values.reshape(-1)[order], in_features, dy.shape[1], dy.t()).t().contiguous()
 
 
@@ -354,6 +339,9 @@ class FanInLinear(SparseLayer):
         return self.values.shape[1]
 
     def forward(self, x):
+        y = self.cpu_matvec(x)
+        if y is not None:
+            return y
         y = fanin_matmul(x, self.values, self.indices, self.rows, self.out_features)
         return self.add_bias(y)
 

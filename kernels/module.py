@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import runtime as rt
+
 
 class SparseLayer(nn.Module):
     """Base of FanInLinear, DiagLinear and SparseLinear (not used on its own).
@@ -47,6 +49,62 @@ class SparseLayer(nn.Module):
         if self.bias is not None:
             with torch.no_grad():
                 self.bias.uniform_(-bound, bound, generator=generator)
+
+    # ------------------------------------------------------------- batch-1 CPU inference
+
+    def cpu_matvec(self, x: torch.Tensor) -> torch.Tensor | None:
+        """y for a single token on CPU when no gradient is wanted: one MKL ``addmv`` (bias + W x)
+        on a CSR copy of the weight, built on first use and kept until the values or the
+        pattern change. None where this path does not apply (several tokens, a gradient, an
+        autocast region, torch.compile, fp16/bf16, the Triton backend); ``forward`` then runs
+        the custom op. The op's dispatch and per-call set-up cost as much as a batch-1 product.
+        """
+        if x.dim() == 0 or x.numel() != x.shape[-1] or x.dtype not in (torch.float32, torch.float64):
+            return None
+        if not rt.eager_cpu_inference(x, self.values, self.bias) or x.dtype != self.values.dtype:
+            return None
+        values = self.inference_values()
+        if values is None:
+            return None
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got {tuple(x.shape)}")
+        w = self._inference_csr(values)
+        v = x.reshape(self.in_features)
+        y = torch.mv(w, v) if self.bias is None else torch.addmv(self.bias, w, v)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def inference_values(self) -> torch.Tensor | None:
+        """The values the product uses, aligned with ``coords()``; None when they are not
+        fixed tensors (DiagLinear overrides this while its gate is on)."""
+        return self.values
+
+    def _inference_csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The weight as a CSR tensor [out, in] (rows sorted, columns sorted within a row),
+        cached and keyed on the storage, version counter and shape of the values and of every
+        index buffer: an optimizer step, a mask update or a state_dict load rebuilds it."""
+        tracked = [values] + [b for b in self._buffers.values() if b is not None]
+        try:
+            key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tracked)
+        except RuntimeError:  # tensors made under inference_mode have no version counter
+            key = None
+        cached = self.__dict__.get("_csr_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            rows, cols = (t.long() for t in self.coords())
+            rt.check_range("the layer's rows", rows, self.out_features)
+            rt.check_range("the layer's cols", cols, self.in_features)
+            flat = rows * self.in_features + cols
+            order = torch.argsort(flat)
+            if rt.checks_enabled() and flat.numel() > 1 and bool((flat[order].diff() == 0).any()):
+                raise ValueError("the layer's pattern stores one weight twice")
+            crow = torch.zeros(self.out_features + 1, dtype=torch.int64)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+            idx = torch.int32 if flat.numel() < 2 ** 31 - 1 else torch.int64
+            w = torch.sparse_csr_tensor(crow.to(idx), cols[order].to(idx), values.detach().reshape(-1)[order],
+                                        size=(self.out_features, self.in_features), check_invariants=False)
+        self.__dict__["_csr_cache"] = (key, w)
+        return w
 
     @property
     def weight_numel(self) -> int:

@@ -41,7 +41,7 @@ def sparse_matmul_ref(x, values, rows, cols, out_features):
 def _crow_of_sorted(rows, n_rows):
     """CSR row pointers of row indices already sorted (no sort: a binary search per row)."""
     bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows.dtype)
-    return torch.searchsorted(rows, bounds).to(torch.int64)
+    return torch.searchsorted(rows, bounds).to(index_dtype(rows.numel()))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -50,11 +50,23 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def index_dtype(nnz: int) -> torch.dtype:
+    """int32 CSR indices when they fit (MKL reads them as they are; int64 would cost a copy of
+    the layer's int32 coordinates per call), else int64."""
+    return torch.int32 if nnz < 2 ** 31 - 1 else torch.int64
+
+
 def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
-    """(W @ dense_t) for W [n_rows, n_cols] in CSR (crow int64, col, values); dense_t [n_cols, T].
-    fp16/bf16 on CPU are computed in fp32 (MKL has no such kernels)."""
+    """(W @ dense_t) for W [n_rows, n_cols] in CSR (crow, col int32 or int64, values);
+    dense_t [n_cols, T]. fp16/bf16 on CPU are computed in fp32 (MKL has no such kernels).
+    One token (T = 1) is a sparse matrix-vector product: MKL's mv is ~2.5x faster than its mm
+    with one column (Linear 3072 -> 768 at 90%, 1 thread)."""
     dt = _compute_dtype(dense_t)
-    w = torch.sparse_csr_tensor(crow, col.long(), values.to(dt), size=(n_rows, n_cols), check_invariants=False)
+    idx = torch.int32 if crow.dtype == col.dtype == torch.int32 else torch.int64
+    w = torch.sparse_csr_tensor(crow.to(idx), col.to(idx), values.to(dt), size=(n_rows, n_cols),
+                                check_invariants=False)
+    if dense_t.shape[1] == 1:
+        return torch.mv(w, dense_t[:, 0].to(dt)).unsqueeze(1).to(dense_t.dtype)
     return (w @ dense_t.to(dt)).to(dense_t.dtype)
 
 
@@ -65,7 +77,7 @@ def _spmm(values, rows, cols, n_rows, n_cols, dense_t):
     if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
         order = torch.argsort(flat)
         rows, cols, values = rows[order], cols[order], values[order]
-    return csr_matmul(_crow_of_sorted(rows.long(), n_rows), cols, values, n_rows, n_cols, dense_t)
+    return csr_matmul(_crow_of_sorted(rows, n_rows), cols, values, n_rows, n_cols, dense_t)
 
 
 def _check(x2, values, rows, cols, out_features):
@@ -186,6 +198,9 @@ class SparseLinear(SparseLayer):
         self.reset_bias(bound, generator)
 
     def forward(self, x):
+        y = self.cpu_matvec(x)
+        if y is not None:
+            return y
         y = sparse_matmul(x, self.values, self.rows, self.cols, self.out_features)
         return self.add_bias(y)
 

@@ -1,0 +1,108 @@
+"""The batch-1 CPU inference path of the layers (SparseLayer.cpu_matvec): one addmv on a cached
+CSR copy of the weight. Same answer as the custom op, taken only when it applies, rebuilt when
+the values or the pattern change."""
+import pytest
+import torch
+
+import kernels
+from kernels import diag, fanin, sparse
+
+if torch.cuda.is_available():
+    pytest.skip("the path is CPU-only; this machine runs the layers on a GPU", allow_module_level=True)
+
+
+def ablated_fanin(g):
+    layer = kernels.FanInLinear(40, 24, k=7, generator=g)
+    keep = torch.randperm(24, generator=g)[:15].to(torch.int32)  # unsorted surviving neurons
+    idx = torch.stack([torch.randperm(40, generator=g)[:7] for _ in range(15)]).to(torch.int32)
+    layer.set_pattern(torch.randn(15, 7, generator=g), idx, keep)
+    return layer
+
+
+LAYERS = {
+    "fan-in": lambda g: kernels.FanInLinear(40, 24, density=0.25, generator=g),
+    "fan-in ablated": ablated_fanin,
+    "diag b=1 wide": lambda g: kernels.DiagLinear(48, 20, density=0.3, block_size=1, generator=g),
+    "diag b=1 tall": lambda g: kernels.DiagLinear(20, 48, density=0.3, block_size=1, generator=g),
+    "diag b=16": lambda g: kernels.DiagLinear(64, 32, density=0.5, block_size=16, generator=g),
+    "unstructured": lambda g: kernels.SparseLinear(40, 24, density=0.25, generator=g),
+}
+OPS = {kernels.FanInLinear: (fanin, "_fanin_op"), kernels.DiagLinear: (diag, "_diag_op"),
+       kernels.SparseLinear: (sparse, "_sparse_op")}
+
+
+def forbid_op(monkeypatch, layer):
+    module, name = OPS[type(layer)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op ran: the batch-1 inference path was not taken")
+    monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_one_token_without_grad_takes_the_csr_path_and_matches(name, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    layer = LAYERS[name](g).to(dtype)
+    x = torch.randn(1, 1, layer.in_features, generator=g, dtype=dtype)
+    ref = x @ layer.to_dense().t() + layer.bias.detach()
+    y_op = layer(x)  # grad enabled and values require grad: the custom op
+    forbid_op(monkeypatch, layer)
+    with torch.no_grad():
+        y = layer(x)
+    with torch.inference_mode():
+        y_inf = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert y.shape == (1, 1, layer.out_features)
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(y, y_op.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y_inf, y)
+
+
+@pytest.mark.parametrize("name", ["fan-in", "diag b=1 wide", "unstructured"])
+def test_cached_weight_follows_value_and_pattern_changes(name):
+    g = torch.Generator().manual_seed(1)
+    layer = LAYERS[name](g)
+    x = torch.randn(1, layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x)  # builds the cache
+        layer.values.mul_(-2.0)  # an optimizer step changes values in place
+        torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(3, layer.in_features, generator=g)).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias)
+    if isinstance(layer, kernels.FanInLinear):  # a mask update swaps the pattern
+        idx = torch.stack([torch.randperm(layer.in_features, generator=g)[:5] for _ in range(10)]).to(torch.int32)
+        layer.set_pattern(torch.randn(10, 5, generator=g), idx, torch.arange(10, dtype=torch.int32))
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ layer.to_dense().t() + layer.bias)
+
+
+def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    layer = LAYERS["fan-in"](g)
+    x1, x3 = torch.randn(1, 40, generator=g), torch.randn(3, 40, generator=g)
+    monkeypatch.setattr(layer, "_inference_csr", lambda values: pytest.fail("CSR path taken"))
+    layer(x1)  # gradient wanted
+    with torch.no_grad():
+        layer(x3)  # several tokens
+        layer.to(torch.bfloat16)(x1.to(torch.bfloat16))  # MKL has no bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.to(torch.float32)(x1)
+    gated = kernels.DiagLinear(48, 20, density=0.3, block_size=1, generator=g)
+    gated.enable_gate(k_target=gated.num_diagonals, temperature=1.0)
+    monkeypatch.setattr(gated, "_inference_csr", lambda values: pytest.fail("CSR path taken with the gate on"))
+    with torch.no_grad():
+        gated(torch.randn(1, 48, generator=g))
+    with kernels.use_backend("triton"), torch.no_grad():
+        layer(x1)
+
+
+def test_a_corrupt_pattern_is_reported_not_multiplied():
+    g = torch.Generator().manual_seed(3)
+    layer = LAYERS["unstructured"](g)
+    layer.cols[0] = layer.in_features + 5  # a buffer edited behind the layer's back
+    with torch.no_grad(), pytest.raises(ValueError, match="cols"):
+        layer(torch.randn(1, layer.in_features, generator=g))

@@ -454,6 +454,14 @@ class DiagLinear(SparseLayer):
     def inference_values(self) -> torch.Tensor | None:
         return self.values if self.scores is None else None
 
+    def weight_blocks(self, values: torch.Tensor):
+        b = self.block_size
+        if b == 1:
+            return super().weight_blocks(values)
+        R, C, D, P = self.geometry
+        brow, bcol = diag_coords(self.offsets, R, C)
+        return brow.reshape(-1), bcol.reshape(-1), values.reshape(-1, b, b), b
+
     def forward(self, x):
         y = self.cpu_matvec(x)
         if y is not None:

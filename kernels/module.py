@@ -54,7 +54,7 @@ class SparseLayer(nn.Module):
 
     def cpu_matvec(self, x: torch.Tensor) -> torch.Tensor | None:
         """y for a single token on CPU when no gradient is wanted: one MKL ``addmv`` (bias + W x)
-        on a CSR copy of the weight, built on first use and kept until the values or the
+        on a CSR (BSR for block formats) copy of the weight, built on first use and kept until the values or the
         pattern change. None where this path does not apply (several tokens, a gradient, an
         autocast region, torch.compile, fp16/bf16, the Triton backend); ``forward`` then runs
         the custom op. The op's dispatch and per-call set-up cost as much as a batch-1 product.
@@ -78,10 +78,18 @@ class SparseLayer(nn.Module):
         fixed tensors (DiagLinear overrides this while its gate is on)."""
         return self.values
 
+    def weight_blocks(self, values: torch.Tensor):
+        """(rows, cols, blocks, b): the stored weights as b x b blocks at block coordinates,
+        blocks [n, b, b] aligned with rows and cols; b = 1 for element formats (the default,
+        from ``coords()``). DiagLinear with b > 1 gives its blocks, which become a BSR."""
+        rows, cols = self.coords()
+        return rows, cols, values.reshape(-1, 1, 1), 1
+
     def _inference_csr(self, values: torch.Tensor) -> torch.Tensor:
-        """The weight as a CSR tensor [out, in] (rows sorted, columns sorted within a row),
-        cached and keyed on the storage, version counter and shape of the values and of every
-        index buffer: an optimizer step, a mask update or a state_dict load rebuilds it."""
+        """The weight as a CSR tensor [out, in] (BSR for b x b blocks), rows sorted and columns
+        sorted within a row, int32 indices, cached and keyed on the storage, version counter
+        and shape of the values and of every index buffer: an optimizer step, a mask update or
+        a state_dict load rebuilds it. It holds a copy of the values (nnz numbers)."""
         tracked = [values] + [b for b in self._buffers.values() if b is not None]
         try:
             key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tracked)
@@ -91,18 +99,25 @@ class SparseLayer(nn.Module):
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
-            rows, cols = (t.long() for t in self.coords())
-            rt.check_range("the layer's rows", rows, self.out_features)
-            rt.check_range("the layer's cols", cols, self.in_features)
-            flat = rows * self.in_features + cols
+            rows, cols, blocks, b = self.weight_blocks(values.detach())
+            rows, cols = rows.long(), cols.long()
+            n_rows, n_cols = self.out_features // b, self.in_features // b
+            rt.check_range("the layer's rows", rows, n_rows)
+            rt.check_range("the layer's cols", cols, n_cols)
+            flat = rows * n_cols + cols
             order = torch.argsort(flat)
             if rt.checks_enabled() and flat.numel() > 1 and bool((flat[order].diff() == 0).any()):
                 raise ValueError("the layer's pattern stores one weight twice")
-            crow = torch.zeros(self.out_features + 1, dtype=torch.int64)
-            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+            crow = torch.zeros(n_rows + 1, dtype=torch.int64)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
             idx = torch.int32 if flat.numel() < 2 ** 31 - 1 else torch.int64
-            w = torch.sparse_csr_tensor(crow.to(idx), cols[order].to(idx), values.detach().reshape(-1)[order],
-                                        size=(self.out_features, self.in_features), check_invariants=False)
+            size = (self.out_features, self.in_features)
+            if b == 1:
+                w = torch.sparse_csr_tensor(crow.to(idx), cols[order].to(idx), blocks.reshape(-1)[order],
+                                            size=size, check_invariants=False)
+            else:
+                w = torch.sparse_bsr_tensor(crow.to(idx), cols[order].to(idx), blocks[order].contiguous(),
+                                            size=size, check_invariants=False)
         self.__dict__["_csr_cache"] = (key, w)
         return w
 

@@ -25,6 +25,7 @@ LAYERS = {
     "diag b=1 wide": lambda g: kernels.DiagLinear(48, 20, density=0.3, block_size=1, generator=g),
     "diag b=1 tall": lambda g: kernels.DiagLinear(20, 48, density=0.3, block_size=1, generator=g),
     "diag b=16": lambda g: kernels.DiagLinear(64, 32, density=0.5, block_size=16, generator=g),
+    "diag b=4 tall": lambda g: kernels.DiagLinear(16, 48, density=0.5, block_size=4, generator=g),
     "unstructured": lambda g: kernels.SparseLinear(40, 24, density=0.25, generator=g),
 }
 OPS = {kernels.FanInLinear: (fanin, "_fanin_op"), kernels.DiagLinear: (diag, "_diag_op"),
@@ -59,7 +60,7 @@ def test_one_token_without_grad_takes_the_csr_path_and_matches(name, dtype, monk
     torch.testing.assert_close(y_inf, y)
 
 
-@pytest.mark.parametrize("name", ["fan-in", "diag b=1 wide", "unstructured"])
+@pytest.mark.parametrize("name", ["fan-in", "diag b=1 wide", "diag b=4 tall", "unstructured"])
 def test_cached_weight_follows_value_and_pattern_changes(name):
     g = torch.Generator().manual_seed(1)
     layer = LAYERS[name](g)

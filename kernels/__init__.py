@@ -38,3 +38,6 @@ __all__ += ["SparseLinear", "sparse_matmul", "sparse_matmul_ref", "SparseLayer",
 from .export import save_condensed, load_layers, load_into, densify, sparse_from_dense, atomic_write  # noqa: E402
 
 __all__ += ["save_condensed", "load_layers", "load_into", "densify", "sparse_from_dense", "atomic_write"]
+from .fused import fused_diag_mlp, fused_mlp, fused_diag_mlp_fwd, _fused_diag_mlp_kernel  # noqa: E402
+
+__all__ += ["fused_diag_mlp", "fused_mlp", "fused_diag_mlp_fwd"]

@@ -240,6 +240,8 @@ def _diag_product_torch(a, values, offsets, n_in_blocks, n_out_blocks, b, gather
     a3 = _acc(a).reshape(T, n_in_blocks, b)
     v = _acc(values)
     out = a3.new_zeros(T, n_out_blocks, b)
+    if T == 0 or K == 0:
+        return out.reshape(T, n_out_blocks * b).to(a.dtype)
     d = torch.arange(D, device=a.device)
     spec = "tkdj,kdij->tkdi" if transpose_w else "tkdi,kdij->tkdj"
     step = max(1, _TORCH_CHUNK_ELEMS // max(T * D * b, 1))

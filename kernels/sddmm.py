@@ -218,8 +218,8 @@ def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
             r, c = rows[s:s + step].long(), cols[s:s + step].long()
             out[s:s + step] = (dyc[:, r] * xc[:, c]).sum(0)
         return out.to(dy.dtype)
-    dyb = dyc.reshape(T, -1, b)
-    xb = xc.reshape(T, -1, b)
+    dyb = dyc.reshape(T, dy.shape[1] // b, b)
+    xb = xc.reshape(T, x.shape[1] // b, b)
     out = torch.empty(n, b, b, dtype=acc_dtype, device=dy.device)
     step = max(1, _TORCH_CHUNK_ELEMS // max(T * b, 1))
     for s in range(0, n, step):

@@ -126,3 +126,14 @@ def test_from_dense_and_state_dict_round_trip():
     assert torch.equal(other.offsets, offsets) and torch.equal(other.mask(), m)
     x = torch.randn(2, 16)
     assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (32, 32)])  # tall, wide, square
+def test_zero_tokens_give_an_empty_product_and_gradients(backend, shape):
+    n_in, n_out = shape
+    layer = kernels.DiagLinear(n_in, n_out, density=0.5, block_size=16).to(DEVICE)
+    x = torch.zeros(0, n_in, device=DEVICE, requires_grad=True)
+    y = kernels.diag_matmul(x, layer.values, layer.offsets, 16, n_out)
+    assert y.shape == (0, n_out)
+    y.sum().backward()
+    assert x.grad.shape == (0, n_in) and not layer.values.grad.abs().any()

@@ -1,0 +1,353 @@
+"""Fused block-diagonal MLP: y = fc2(gelu(fc1(x))) with both weights in DiagLinear's format,
+without writing the hidden activation to memory.
+
+    h = x @ W1^T + b1        x: [..., dim]      W1: [hidden, dim]   (DynaDiag blocks, b x b)
+    y = gelu(h) @ W2^T + b2  y: [..., out]      W2: [out, hidden]
+
+W1 = (w1_values [K1, D1, b, b], w1_offsets int32 [K1]) and W2 = (w2_values [K2, D2, b, b],
+w2_offsets int32 [K2]) follow kernels/diag.py exactly; GELU is the exact (erf) one, as
+``torch.nn.functional.gelu``'s default. Block sizes b >= 16 (the kernel multiplies b x b
+tiles with tl.dot); any geometry of either layer (tall, wide, square), any K (0 included).
+
+The kernel. One program per (token tile, output block r of fc2), output blocks varying
+fastest (programs running together share one token tile of x, which stays in L2). For each
+active fc2 diagonal the program names the hidden block j it reads (j = (r + o2) mod C2 when
+fc2 is wide, else j = (r - o2) mod R2 when that is < C2), recomputes h_j = x @ W1[j]^T + b1_j
+from fc1's diagonals in fp32 registers (input block c = (j - o1) mod R1 when fc1 is tall or
+square, kept when c < C1; c = (j + o1) mod C1 when fc1 is wide), applies GELU there and
+accumulates y_r += gelu(h_j) @ W2[r, j]^T. The hidden activation never reaches HBM: the
+kernel reads x and the weights and writes y, nothing else.
+
+The price is recomputation: hidden block j is computed once for every fc2 block that reads
+it (a block no fc2 block reads is never computed). On average that is K2 * R2 / C2 times
+(fc2 wide), about density * out / b; exactly, fc1's work becomes sum_j n1(j) n2(j) blocks
+instead of sum_j n1(j) (n1: fc1 blocks in hidden block-row j, n2: fc2 blocks in hidden
+block-column j). ViT-B (768 <-> 3072, 90% sparsity, K = ceil(0.1 P)): b = 16: K = 20, 5.0x
+(4.4-5.3 over 20 random offset draws); b = 32: K = 10, 2.5x (1.9-2.8); b = 64: K = 5,
+1.25x (0.7-2.0). Forward FLOPs are then (recompute + 1) / 2 of the unfused sparse MLP's:
+about 3x at b = 16 (31% of dense), 1.75x at b = 32 (18%), 1.13x at b = 64 (12%), against
+10.4% for unfused - while the unfused MLP moves ~2.2 GB through HBM at T = 50,432 in bf16
+(h written, bias and GELU read and write it, fc2 reads it) and the fused one ~0.16 GB (x
+in, y out). Fusion by recomputation is nearly free at b = 64 and costs ~3x the sparse FLOPs
+at b = 16, where 16 x 16 tiles also keep the tensor cores far from peak.
+
+Training (the trade-off). The forward saves only its inputs (x and the weights), never h.
+The backward recomputes h = fc1(x) once with the unfused diagonal kernel, then runs the
+existing unfused ops: dW2 = SDDMM(dy, gelu(h)), da = dy W2 (diag_dx), dh = da * gelu'(h),
+dx = dh W1 (diag_dx), dW1 = SDDMM(dh, x), db = column sums. Memory: the activations kept
+from forward to backward per MLP are x alone instead of x, h and gelu(h) (at ViT-B, T =
+50,432, bf16: 0.62 GB less per MLP block); the backward briefly holds ~3 hidden-sized
+temporaries. Speed: the backward does one extra fc1 forward, 1 of the 6 sparse matmuls of an
+unfused training step (+17% FLOPs), and writes and reads h like the unfused backward reads
+its saved tensors; with the forward's recompute a fused training step does (recompute + 6)
+sparse-matmul units against 6: ~1.8x at b = 16, ~1.2x at b = 64 (19% and 13% of dense's).
+Returning h from the fused forward instead would save that matmul but write T x hidden in
+the forward (each hidden block from several programs, or none where no fc2 block reads it),
+giving back much of what fusion saves; recompute is simpler and exact.
+
+Example:
+    y = fused_diag_mlp(x, v1, off1, b1, v2, off2, b2, block_size=16,
+                       hidden_features=3072, out_features=768)
+    y = fused_mlp(fc1, fc2, x)   # two DiagLinear layers
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import runtime as rt
+from .diag import DiagLinear, _diag_dw, _diag_dx_op, _diag_op, diag_fwd_torch, diag_to_dense
+from .sddmm import acc_dtype, dot_settings
+
+# tl.dot needs tiles of at least 16 x 16.
+MIN_BLOCK_SIZE = 16
+
+
+def fused_diag_mlp_ref(x, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size,
+                       hidden_features, out_features):
+    """The spec, through dense weights (tests only): fc2(gelu(fc1(x))) in plain torch."""
+    w1 = diag_to_dense(w1_values, w1_offsets, x.shape[-1], hidden_features, block_size)
+    w2 = diag_to_dense(w2_values, w2_offsets, hidden_features, out_features, block_size)
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+@triton.jit
+def _fused_diag_mlp_kernel(
+    x_ptr, w1_ptr, off1_ptr, b1_ptr, w2_ptr, off2_ptr, b2_ptr, y_ptr,
+    T, K1, D1, P1, K2, D2, P2, N_OUT,
+    stride_xt, stride_xi, stride_yt, stride_yo,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    FC1_BY_OUT: tl.constexpr, FC2_BY_OUT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    # Output blocks vary fastest: programs running together read one token tile of x.
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid % N_OUT
+    pid_t = pid // N_OUT
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_t = offs_t < T
+    mask_b = offs_b < B
+    mask_w = mask_b[:, None] & mask_b[None, :]
+    # w[i, j] of a stored block is (output feature i, input feature j); both products need
+    # op(W) = W^T, read as [BB(j), BB(i)].
+    w_offs = offs_b[None, :] * B + offs_b[:, None]
+    acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
+    for k2 in range(0, K2):
+        o2 = tl.load(off2_ptr + k2).to(tl.int64)
+        # The hidden block j that fc2's diagonal k2 feeds into output block r.
+        if FC2_BY_OUT:
+            j = (r + o2) % P2
+            d2 = r
+        else:
+            j = (r - o2 + P2) % P2
+            d2 = j
+        if j < D2 or FC2_BY_OUT:
+            h = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
+            for k1 in range(0, K1):
+                o1 = tl.load(off1_ptr + k1).to(tl.int64)
+                # The input block c that fc1's diagonal k1 feeds into hidden block j.
+                if FC1_BY_OUT:
+                    c = (j + o1) % P1
+                    d1 = j
+                else:
+                    c = (j - o1 + P1) % P1
+                    d1 = c
+                if c < D1 or FC1_BY_OUT:
+                    xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + (c * B + offs_b)[None, :] * stride_xi,
+                                 mask=mask_t[:, None] & mask_b[None, :], other=0.0)  # [BT, BB]
+                    w1 = tl.load(w1_ptr + (k1 * D1 + d1) * B * B + w_offs, mask=mask_w, other=0.0)  # [BB, BB]
+                    if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+                        xt = xt.to(ACC)
+                        w1 = w1.to(ACC)
+                    h += tl.dot(xt, w1, input_precision=DOT_PRECISION, out_dtype=ACC)
+            if HAS_B1:
+                bias1 = tl.load(b1_ptr + j * B + offs_b, mask=mask_b, other=0.0).to(ACC)  # [BB]
+                h += bias1[None, :]
+            # Exact GELU in the accumulator's precision; padded lanes stay 0 (gelu(0) = 0).
+            a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # [BT, BB]
+            w2 = tl.load(w2_ptr + (k2 * D2 + d2) * B * B + w_offs, mask=mask_w, other=0.0)  # [BB, BB]
+            if UPCAST:
+                w2 = w2.to(ACC)
+            else:
+                a = a.to(w2.dtype)  # fp16/bf16 operands for the tensor cores
+            acc += tl.dot(a, w2, input_precision=DOT_PRECISION, out_dtype=ACC)
+    if HAS_B2:
+        bias2 = tl.load(b2_ptr + r * B + offs_b, mask=mask_b, other=0.0).to(ACC)  # [BB]
+        acc += bias2[None, :]
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + (r * B + offs_b)[None, :] * stride_yo,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_b[None, :])
+
+
+def _check_layer(name: str, values, offsets, in_features: int, out_features: int, b: int):
+    """Shape, dtype and range checks of one diagonal weight; returns (R, C, D, P)."""
+    R, C = out_features // b, in_features // b
+    D, P = min(R, C), max(R, C)
+    rt.check_index(f"{name}_offsets", offsets, 1)
+    K = offsets.numel()
+    if values.shape != (K, D, b, b):
+        raise ValueError(f"{name}_values must have shape [K, D, b, b] = {(K, D, b, b)} for a "
+                         f"{in_features} -> {out_features} layer with block_size={b} and {K} offsets, "
+                         f"got {tuple(values.shape)}")
+    rt.check_range(f"{name}_offsets", offsets, P)
+    if rt.checks_enabled() and K > 1 and bool((offsets.sort().values.diff() == 0).any()):
+        raise ValueError(f"{name}_offsets must be distinct diagonals; found a repeat")
+    return R, C, D, P
+
+
+def _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size, hidden_features, out_features):
+    """Every argument of the op; returns the geometries (R, C, D, P) of fc1 and fc2."""
+    rt.check_float("x", x2)
+    rt.check_float("w1_values", w1_values)
+    rt.check_float("w2_values", w2_values)
+    rt.check_dtype_match("w1_values", w1_values, "x", x2)
+    rt.check_dtype_match("w2_values", w2_values, "x", x2)
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MIN_BLOCK_SIZE:
+        raise ValueError(f"block_size must be an int >= {MIN_BLOCK_SIZE} for the fused MLP (it multiplies "
+                         f"b x b tiles with tl.dot), got {block_size!r}; run smaller blocks as two "
+                         f"unfused DiagLinear layers")
+    dim, b = x2.shape[-1], block_size
+    for name, n in (("hidden_features", hidden_features), ("out_features", out_features)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if dim % b or hidden_features % b or out_features % b:
+        raise ValueError(f"block_size={b} must divide x's last dimension ({dim}), hidden_features="
+                         f"{hidden_features} and out_features={out_features}")
+    for name, bias, n in (("b1", b1, hidden_features), ("b2", b2, out_features)):
+        if bias is not None:
+            rt.check_float(name, bias)
+            rt.check_dtype_match(name, bias, "x", x2)
+            if bias.shape != (n,):
+                raise ValueError(f"{name} must have shape [{n}], got {tuple(bias.shape)}")
+    rt.check_same_device(x=x2, w1_values=w1_values, w1_offsets=w1_offsets, b1=b1,
+                         w2_values=w2_values, w2_offsets=w2_offsets, b2=b2)
+    g1 = _check_layer("w1", w1_values, w1_offsets, dim, hidden_features, b)
+    g2 = _check_layer("w2", w2_values, w2_offsets, hidden_features, out_features, b)
+    return g1, g2
+
+
+def _config(b: int, T: int, dtype: torch.dtype) -> dict:
+    # Under the interpreter programs run one after another (~1-2 ms per loop iteration): big
+    # token tiles. On a GPU two [BT, b] fp32 tiles (h and y) live in registers; 8 warps for
+    # b = 64 keep them at 64 per thread. Untuned guesses until bench/sweep.py writes entries.
+    if rt.interpreting():
+        default = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1}
+    else:
+        default = {"BLOCK_T": 128 if b <= 32 else 64, "num_warps": 4 if b <= 32 else 8, "num_stages": 2}
+    return rt.launch_config("fused_diag_mlp", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dtype)[6:]}, default)
+
+
+def fused_diag_mlp_fwd(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size: int,
+                       hidden_features: int, out_features: int) -> torch.Tensor:
+    """Launcher of the fused kernel. x2: [T, dim] -> y: [T, out_features]."""
+    (R1, C1, D1, P1), (R2, C2, D2, P2) = _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
+                                                block_size, hidden_features, out_features)
+    T, b = x2.shape[0], block_size
+    y = torch.empty(T, out_features, dtype=x2.dtype, device=x2.device)
+    if T == 0:
+        return y
+    cfg = _config(b, T, x2.dtype)
+    if cfg["BLOCK_T"] < 16:
+        raise ValueError(f"fused_diag_mlp launch config needs BLOCK_T >= 16 (tl.dot), got {cfg['BLOCK_T']}")
+    upcast, precision = dot_settings(x2.dtype)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * R2,)
+    _fused_diag_mlp_kernel[grid](
+        x2, w1_values.contiguous(), w1_offsets.contiguous(), b1 if b1 is not None else x2,
+        w2_values.contiguous(), w2_offsets.contiguous(), b2 if b2 is not None else x2, y,
+        T, w1_offsets.numel(), D1, P1, w2_offsets.numel(), D2, P2, R2,
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        B=b, BLOCK_B=rt.next_pow2(b), BLOCK_T=cfg["BLOCK_T"],
+        FC1_BY_OUT=R1 < C1, FC2_BY_OUT=R2 < C2, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+        UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(x2.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def fused_diag_mlp_torch(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size: int,
+                         hidden_features: int, out_features: int) -> torch.Tensor:
+    """CPU path: the two diagonal products of kernels/diag.py around GELU, the hidden
+    activation in the accumulator's precision (fp32, fp64 for fp64) as in the kernel."""
+    _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size, hidden_features, out_features)
+    if x2.shape[0] == 0:
+        return x2.new_zeros(0, out_features)
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    h = diag_fwd_torch(x2.to(acc), w1_values.to(acc), w1_offsets, block_size, hidden_features)
+    if b1 is not None:
+        h = h + b1.to(acc)
+    y = diag_fwd_torch(F.gelu(h), w2_values.to(acc), w2_offsets, block_size, out_features)
+    if b2 is not None:
+        y = y + b2.to(acc)
+    return y.to(x2.dtype)
+
+
+@torch.library.custom_op("alwayssparse::fused_diag_mlp", mutates_args=())
+def _fused_diag_mlp_op(x2: torch.Tensor, w1_values: torch.Tensor, w1_offsets: torch.Tensor,
+                       b1: torch.Tensor | None, w2_values: torch.Tensor, w2_offsets: torch.Tensor,
+                       b2: torch.Tensor | None, block_size: int, hidden_features: int,
+                       out_features: int) -> torch.Tensor:
+    args = (x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size, hidden_features, out_features)
+    if rt.runs_triton(x2):
+        return fused_diag_mlp_fwd(*args)
+    return fused_diag_mlp_torch(*args)
+
+
+@_fused_diag_mlp_op.register_fake
+def _(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size, hidden_features, out_features):
+    return x2.new_empty(x2.shape[0], out_features)
+
+
+def _setup(ctx, inputs, output):
+    x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size, hidden_features, _ = inputs
+    ctx.save_for_backward(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2)
+    ctx.block_size = block_size
+    ctx.hidden_features = hidden_features
+
+
+def _column_sum(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return g.sum(0, dtype=acc).to(dtype)
+
+
+def _backward(ctx, dy):
+    x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy = dy.contiguous()  # a gradient from .sum() has stride 0
+    b, hidden = ctx.block_size, ctx.hidden_features
+    # Recompute the pre-activation with the unfused kernel (the forward kept nothing of it).
+    h = _diag_op(x2, w1_values, w1_offsets, b, hidden)
+    if b1 is not None:
+        h = h + b1
+    dw2 = _diag_dw(dy, F.gelu(h), w2_offsets, b, w2_values.shape) if need[4] else None
+    db2 = _column_sum(dy, b2.dtype) if b2 is not None and need[6] else None
+    dx = dw1 = db1 = None
+    if need[0] or need[1] or need[3]:
+        dh = torch.ops.aten.gelu_backward(_diag_dx_op(dy, w2_values, w2_offsets, b, hidden), h)
+        dx = _diag_dx_op(dh, w1_values, w1_offsets, b, x2.shape[1]) if need[0] else None
+        dw1 = _diag_dw(dh, x2, w1_offsets, b, w1_values.shape) if need[1] else None
+        db1 = _column_sum(dh, b1.dtype) if b1 is not None and need[3] else None
+    return dx, dw1, None, db1, dw2, None, db2, None, None, None
+
+
+_fused_diag_mlp_op.register_autograd(_backward, setup_context=_setup)
+# Under torch.autocast: x, values and biases cast to the region's dtype, as for a matmul.
+rt.register_autocast("alwayssparse::fused_diag_mlp")
+
+
+def fused_diag_mlp(x: torch.Tensor, w1_values: torch.Tensor, w1_offsets: torch.Tensor, b1: torch.Tensor | None,
+                   w2_values: torch.Tensor, w2_offsets: torch.Tensor, b2: torch.Tensor | None, block_size: int,
+                   hidden_features: int, out_features: int) -> torch.Tensor:
+    """Fused y = gelu(x W1^T + b1) W2^T + b2 with wrap-around block-diagonal W1 and W2.
+
+    Args:
+        x: [..., dim].
+        w1_values: [K1, D1, b, b], dtype of x; fc1 (dim -> hidden_features) in DiagLinear's format.
+        w1_offsets: int32 [K1], distinct diagonals in [0, max(dim, hidden_features) / b).
+        b1: [hidden_features] or None.
+        w2_values: [K2, D2, b, b], dtype of x; fc2 (hidden_features -> out_features).
+        w2_offsets: int32 [K2], distinct diagonals in [0, max(hidden_features, out_features) / b).
+        b2: [out_features] or None.
+        block_size: b >= 16, dividing dim, hidden_features and out_features.
+        hidden_features, out_features: the widths of h and y (a tall layer's height cannot
+            be read from its values and offsets).
+    Returns:
+        y: [..., out_features], dtype of x (accumulated in fp32). Differentiable in x, both
+        values and both biases (the backward recomputes h; see the module docstring).
+
+    Example:
+        >>> off = torch.tensor([0, 3], dtype=torch.int32)
+        >>> y = fused_diag_mlp(torch.randn(5, 32), torch.randn(2, 2, 16, 16), off, torch.zeros(64),
+        ...                    torch.randn(2, 2, 16, 16), off, torch.zeros(32), 16, 64, 32)  # [5, 32]
+    """
+    rt.check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., dim]")
+    for name, v in (("w1_values", w1_values), ("w2_values", w2_values)):
+        if not isinstance(v, torch.Tensor) or v.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [K, D, b, b], got {getattr(v, 'shape', v)!r}")
+    rt.check_same_device(x=x, w1_values=w1_values, w1_offsets=w1_offsets, b1=b1,
+                         w2_values=w2_values, w2_offsets=w2_offsets, b2=b2)
+    lead = x.shape[:-1]
+    y = _fused_diag_mlp_op(rt.flatten_tokens(x), w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
+                           block_size, int(hidden_features), int(out_features))
+    return y.reshape(*lead, out_features)
+
+
+def fused_mlp(fc1: DiagLinear, fc2: DiagLinear, x: torch.Tensor) -> torch.Tensor:
+    """fc2(gelu(fc1(x))) for two DiagLinear layers in one fused kernel (gates included:
+    the layers' ``effective_values()`` are used, as their forward does).
+
+    Example:
+        >>> fc1, fc2 = DiagLinear(768, 3072, 0.1, block_size=64), DiagLinear(3072, 768, 0.1, block_size=64)
+        >>> y = fused_mlp(fc1, fc2, torch.randn(8, 768))  # [8, 768]
+    """
+    for name, layer in (("fc1", fc1), ("fc2", fc2)):
+        if not isinstance(layer, DiagLinear):
+            raise TypeError(f"{name} must be a kernels.DiagLinear, got {type(layer).__name__}")
+    if fc1.block_size != fc2.block_size:
+        raise ValueError(f"fc1 and fc2 must share a block size, got {fc1.block_size} and {fc2.block_size}")
+    if fc1.out_features != fc2.in_features:
+        raise ValueError(f"fc1.out_features ({fc1.out_features}) must equal fc2.in_features ({fc2.in_features})")
+    return fused_diag_mlp(x, fc1.effective_values(), fc1.offsets, fc1.bias, fc2.effective_values(), fc2.offsets,
+                          fc2.bias, fc1.block_size, fc1.out_features, fc2.out_features)

@@ -58,9 +58,8 @@ class Attention(nn.Module):
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        # Under autocast attention returns bf16; hand the next layer the residual stream's dtype,
-        # since a sparse layer's custom op wants its input in the dtype of its values.
-        return self.out(rearrange(y, "b h n d -> b n (h d)").to(x.dtype))
+        # Under autocast y is bf16; the sparse layers take it as nn.Linear does (no cast back).
+        return self.out(rearrange(y, "b h n d -> b n (h d)"))
 
 
 class MLP(nn.Module):

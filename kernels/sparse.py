@@ -67,7 +67,9 @@ def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
                                 check_invariants=False)
     if dense_t.shape[1] == 1:
         return torch.mv(w, dense_t[:, 0].to(dt)).unsqueeze(1).to(dense_t.dtype)
-    return (w @ dense_t.to(dt)).to(dense_t.dtype)
+    # A row-major right-hand side: MKL is ~1.5x faster on it than on the transposed view it
+    # usually gets (x.t()), copy included (256 x 64 at 10%, 2176 tokens: 1.24 vs 1.88 ms).
+    return (w @ dense_t.to(dt).contiguous()).to(dense_t.dtype)
 
 
 def _spmm(values, rows, cols, n_rows, n_cols, dense_t):

@@ -78,6 +78,22 @@ def diag_matmul_ref(x, values, offsets, block_size, out_features=None):
 # Forward (out = rows) is BY_IN when R >= C; the input gradient (out = cols) is BY_OUT then.
 
 @triton.jit
+def diag_partner(q, o, D, P, BY_OUT: tl.constexpr):
+    """For output block q (scalar or vector) and diagonal offset o: the input block p it reads,
+    the index d of the stored block along the diagonal, and whether that block exists (always,
+    as a compile-time True, when the diagonal is indexed by the output side: no branch)."""
+    if BY_OUT:
+        p = (q + o) % P
+        d = q
+        valid = True
+    else:
+        p = (q - o + P) % P
+        d = p
+        valid = p < D
+    return p, d, valid
+
+
+@triton.jit
 def _diag_block_kernel(
     a_ptr, values_ptr, offsets_ptr, out_ptr,
     T, K, D, P, N_OUT,
@@ -98,13 +114,8 @@ def _diag_block_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
     for k in range(0, K):
         o = tl.load(offsets_ptr + k).to(tl.int64)
-        if BY_OUT:
-            p = (q + o) % P
-            d = q
-        else:
-            p = (q - o + P) % P
-            d = p
-        if p < D or BY_OUT:
+        p, d, valid = diag_partner(q, o, D, P, BY_OUT)
+        if valid:
             a = tl.load(a_ptr + offs_t[:, None] * stride_at + (p * B + offs_b)[None, :] * stride_ai,
                         mask=mask_t[:, None] & mask_b[None, :], other=0.0)  # [BT, BB]
             w_base = values_ptr + (k * D + d) * B * B
@@ -145,14 +156,8 @@ def _diag_elem_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_Q), dtype=ACC)
     for k in range(0, K):
         o = tl.load(offsets_ptr + k).to(tl.int64)
-        if BY_OUT:
-            p = (offs_q + o) % P
-            d = offs_q
-            valid = mask_q
-        else:
-            p = (offs_q - o + P) % P
-            d = p
-            valid = mask_q & (p < D)
+        p, d, valid = diag_partner(offs_q, o, D, P, BY_OUT)
+        valid = valid & mask_q
         a = tl.load(a_ptr + offs_t[:, None] * stride_at + p[None, :] * stride_ai,
                     mask=mask_t[:, None] & valid[None, :], other=0.0)  # [BT, BQ]
         w = tl.load(values_ptr + k * D + d, mask=valid, other=0.0)  # [BQ]

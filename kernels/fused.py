@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .diag import DiagLinear, _diag_dw, _diag_dx_op, _diag_op, diag_fwd_torch, diag_to_dense
+from .diag import DiagLinear, _diag_dw, _diag_dx_op, _diag_op, diag_fwd_torch, diag_partner, diag_to_dense
 from .sddmm import acc_dtype, dot_settings
 
 # tl.dot needs tiles of at least 16 x 16.
@@ -98,24 +98,14 @@ def _fused_diag_mlp_kernel(
     for k2 in range(0, K2):
         o2 = tl.load(off2_ptr + k2).to(tl.int64)
         # The hidden block j that fc2's diagonal k2 feeds into output block r.
-        if FC2_BY_OUT:
-            j = (r + o2) % P2
-            d2 = r
-        else:
-            j = (r - o2 + P2) % P2
-            d2 = j
-        if j < D2 or FC2_BY_OUT:
+        j, d2, valid2 = diag_partner(r, o2, D2, P2, FC2_BY_OUT)
+        if valid2:
             h = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
             for k1 in range(0, K1):
                 o1 = tl.load(off1_ptr + k1).to(tl.int64)
                 # The input block c that fc1's diagonal k1 feeds into hidden block j.
-                if FC1_BY_OUT:
-                    c = (j + o1) % P1
-                    d1 = j
-                else:
-                    c = (j - o1 + P1) % P1
-                    d1 = c
-                if c < D1 or FC1_BY_OUT:
+                c, d1, valid1 = diag_partner(j, o1, D1, P1, FC1_BY_OUT)
+                if valid1:
                     xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + (c * B + offs_b)[None, :] * stride_xi,
                                  mask=mask_t[:, None] & mask_b[None, :], other=0.0)  # [BT, BB]
                     w1 = tl.load(w1_ptr + (k1 * D1 + d1) * B * B + w_offs, mask=mask_w, other=0.0)  # [BB, BB]

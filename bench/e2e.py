@@ -3,6 +3,7 @@ time and peak memory.
 
     python bench/e2e.py                                   # GPU: ViT-B/16 batch 256, BERT-base 256 x 128
     python bench/e2e.py --models vit-b16 --formats dense,diag16 --batch 128
+    python bench/e2e.py --models vit-b16,mlp --formats dense,diag64,diag64-fused   # fused vs unfused vs dense
     python bench/e2e.py --quick                           # CPU: micro models, pipeline check
 
 Models come from ``models`` (ViT / Bert with a ``linear`` factory that makes qkv, attention
@@ -12,7 +13,11 @@ dense). If ``models`` cannot be imported, those rows are reported as skipped and
 built here from the ``kernels`` layers - the part of the network sparsity changes most.
 
 Formats: dense (nn.Linear), fanin (FanInLinear, SRigL), diag<b> (DiagLinear with block b,
-DynaDiag), csr (SparseLinear, unstructured). A training step is zero_grad, forward, loss,
+DynaDiag), diag<b>-fused (the same layers, each MLP one ``kernels.fused_mlp`` call: fc1 ->
+GELU -> fc2 in one kernel, hidden recomputed, never in HBM; compare its row with diag<b>'s;
+b >= 16; not for BERT, whose training dropout the fused kernel lacks; its output is checked
+against the same MLPs unfused before timing, status "wrong" and no timing when it fails),
+csr (SparseLinear, unstructured). A training step is zero_grad, forward, loss,
 backward, AdamW step; inference is a forward under inference_mode. Both are timed per step
 after warm-up (device synchronised), median over steps. On a GPU each format runs alone and
 its peak memory is torch.cuda.max_memory_allocated; on CPU all formats of a model are built
@@ -25,6 +30,7 @@ computes the logits of every position.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import inspect
 import math
@@ -47,7 +53,7 @@ from bench import common  # noqa: E402
 from kernels import runtime as rt  # noqa: E402
 
 MODELS = ("vit-b16", "bert-base", "mlp")
-FORMATS = ("dense", "fanin", "diag1", "diag16", "diag64", "csr")
+FORMATS = ("dense", "fanin", "diag1", "diag16", "diag64", "diag16-fused", "diag64-fused", "csr")
 FIELDS = ["run", "device", "model", "preset", "format", "sparsity", "batch", "tokens", "dtype", "status", "reason",
           "train_ms", "train_q1", "train_q3", "infer_ms", "infer_q1", "infer_q3", "x_dense_train",
           "x_dense_infer", "train_peak_mb", "infer_peak_mb", "param_mb", "loss"]
@@ -65,7 +71,8 @@ def linear_factory(fmt: str, sparsity: float, device, dtype):
         if fmt == "fanin":
             return kernels.FanInLinear(n_in, n_out, density=density, **kw)
         if fmt.startswith("diag"):
-            return kernels.DiagLinear(n_in, n_out, density=density, block_size=int(fmt[4:]), **kw)
+            block = int(fmt[4:].removesuffix("-fused"))
+            return kernels.DiagLinear(n_in, n_out, density=density, block_size=block, **kw)
         if fmt == "csr":
             return kernels.SparseLinear(n_in, n_out, density=density, **kw)
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
@@ -74,15 +81,19 @@ def linear_factory(fmt: str, sparsity: float, device, dtype):
 
 
 class MLPBlock(nn.Module):
-    """x + fc2(gelu(fc1(LN(x)))): a transformer MLP block from the kernels layers."""
+    """x + fc2(gelu(fc1(LN(x)))): a transformer MLP block from the kernels layers; ``fused``
+    runs fc2(gelu(fc1(.))) as one kernels.fused_mlp call (two DiagLinear layers)."""
 
-    def __init__(self, dim: int, hidden: int, linear):
+    def __init__(self, dim: int, hidden: int, linear, fused: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = linear("fc1", dim, hidden, True)
         self.fc2 = linear("fc2", hidden, dim, True)
+        self.fused = fused
 
     def forward(self, x):
+        if self.fused:
+            return x + kernels.fused_mlp(self.fc1, self.fc2, self.norm(x))
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
@@ -96,19 +107,20 @@ class Workload:
 
 def build(model: str, fmt: str, args, device, dtype) -> Workload:
     linear = linear_factory(fmt, args.sparsity, device, dtype)
+    fused = fmt.endswith("-fused")
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     B = args.batch
     if model == "mlp":
         dim, hidden, n_tok = (32, 64, 17) if args.quick else (768, 3072, 197)
         with torch.device(device):
-            net = MLPBlock(dim, hidden, linear).to(dtype)
+            net = MLPBlock(dim, hidden, linear, fused).to(dtype)
         x = torch.randn(B, n_tok, dim, generator=g).to(device, dtype)
         target = torch.randn(B, n_tok, dim, generator=g).to(device, dtype)
         return Workload(net, lambda: F.mse_loss(net(x).float(), target.float()), lambda: net(x), B * n_tok)
     if model == "vit-b16":
         from models.vit import ViT, ViTConfig
 
-        cfg = ViTConfig.preset("micro" if args.quick else "base")
+        cfg = ViTConfig.preset("micro" if args.quick else "base", fused_mlp=fused)
         with torch.device(device):
             net = ViT(cfg, linear=linear).to(dtype)
         images = torch.randn(B, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device, dtype)
@@ -116,6 +128,8 @@ def build(model: str, fmt: str, args, device, dtype) -> Workload:
         n_tok = (cfg.image_size // cfg.patch_size) ** 2 + 1
         return Workload(net, lambda: F.cross_entropy(net(images).float(), labels), lambda: net(images), B * n_tok)
     if model == "bert-base":
+        if fused:
+            raise ValueError("BERT trains with dropout 0.1, which the fused MLP does not apply")
         from models.bert import Bert, BertConfig
 
         small = {"vocab_size": 512} if args.quick else {}
@@ -139,11 +153,48 @@ def build(model: str, fmt: str, args, device, dtype) -> Workload:
     raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
 
 
+class WrongOutput(Exception):
+    """A format whose output fails its correctness gate: reported, never timed."""
+
+
+# Error allowed on top of 2x the unfused MLP's own error at the dtype (tests/kernels/conftest.py).
+FUSED_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def check_fused(net: nn.Module, dtype, tokens: int = 64) -> None:
+    """Each fused MLP of ``net`` on random tokens against the same MLP unfused in fp32 (fp64
+    for fp64; the reference): its error may be at most 2x the unfused MLP's at ``dtype`` + atol, as in
+    tests/kernels. bench/fused_mlp.py gates the kernel itself against fp64."""
+    mlps = [m for m in net.modules() if getattr(m, "fused", None) is True]
+    if not mlps:
+        raise WrongOutput("no fused MLP in the model")
+    g = torch.Generator().manual_seed(0)
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    net.eval()
+    for i, mlp in enumerate(mlps):
+        reference = copy.deepcopy(mlp).to(ref_dtype)
+        reference.fused = False
+        x = torch.randn(tokens, mlp.fc1.in_features, generator=g).to(mlp.fc1.values.device, dtype)
+        with torch.inference_mode():
+            ref = reference(x.to(ref_dtype)).double()
+            fused = mlp(x).double()
+            mlp.fused = False
+            unfused = mlp(x).double()
+            mlp.fused = True
+        scale = max(1.0, ref.abs().max().item())
+        err = (fused - ref).abs().max().item()
+        bound = 2 * (unfused - ref).abs().max().item() + FUSED_ATOL[dtype] * scale
+        if not err <= bound:
+            raise WrongOutput(f"fused MLP {i}: max error {err:.2e} vs the unfused reference > allowed {bound:.2e}")
+
+
 class Runner:
     """One model in one format: its training step and its inference step."""
 
     def __init__(self, model: str, fmt: str, args, device, dtype):
         self.work = build(model, fmt, args, device, dtype)
+        if fmt.endswith("-fused"):
+            check_fused(self.work.net, dtype)
         self.net, self.tokens = self.work.net, self.work.tokens
         self.param_mb = sum(t.numel() * t.element_size()
                             for t in list(self.net.parameters()) + list(self.net.buffers())) / 2**20
@@ -223,6 +274,8 @@ def measure_cpu(model: str, formats: list[str], args, device, dtype) -> dict[str
             out[fmt] = dict(status="skipped", reason=f"models unavailable: {e}")
         except ValueError as e:  # e.g. a block size that does not divide a width
             out[fmt] = dict(status="skipped", reason=str(e).splitlines()[0][:160])
+        except WrongOutput as e:
+            out[fmt] = dict(status="wrong", reason=str(e)[:160])
     names = list(runners)
     times = {n: {"train": [], "infer": []} for n in names}
     for phase in ("train", "infer"):
@@ -254,7 +307,7 @@ def _target_line(rows, gpu, dtype, args) -> str:
 def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
-    p.add_argument("--formats", default="dense,fanin,diag16,diag1,csr", help=f"comma list of {FORMATS}")
+    p.add_argument("--formats", default="dense,fanin,diag16,diag16-fused,diag1,csr", help=f"comma list of {FORMATS}")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=None, help="images / sequences per step (GPU 256, CPU 1)")
     p.add_argument("--seq", type=int, default=None, help="BERT sequence length (128)")
@@ -304,6 +357,8 @@ def main(argv=None, log=print) -> int:
                         results[fmt] = dict(status="oom", reason="out of GPU memory")
                     except ValueError as e:  # e.g. a block size that does not divide a width
                         results[fmt] = dict(status="skipped", reason=str(e).splitlines()[0][:160])
+                    except WrongOutput as e:
+                        results[fmt] = dict(status="wrong", reason=str(e)[:160])
                     except Exception as e:  # noqa: BLE001 - record it, go on with the other formats
                         results[fmt] = dict(status="error", reason=f"{type(e).__name__}: {str(e)[:160]}")
                     torch.cuda.empty_cache()
@@ -315,7 +370,7 @@ def main(argv=None, log=print) -> int:
                            format=fmt, sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
                            dtype=str(dtype).removeprefix("torch."), **results[fmt])
                 rows.append(row)
-                log(f"[e2e] {model:<9} {fmt:<6} {row['status']:<7} train {common.fmt(row.get('train_ms'))} ms  "
+                log(f"[e2e] {model:<9} {fmt:<12} {row['status']:<7} train {common.fmt(row.get('train_ms'))} ms  "
                     f"infer {common.fmt(row.get('infer_ms'))} ms  peak {common.fmt(row.get('train_peak_mb'))} MB"
                     + (f"  ({row['reason']})" if row["reason"] else ""))
     finally:
@@ -332,7 +387,8 @@ def main(argv=None, log=print) -> int:
         md += ["> **--quick: micro models on CPU, a pipeline check; these are not the ViT-B/BERT-base figures.**", ""]
     md += [common.header_markdown(head), "",
            f"batch {args.batch}, BERT sequence {args.seq}, {args.steps} timed steps after {args.warmup} warm-up, "
-           f"{str(dtype).removeprefix('torch.')}. x dense = dense time / sparse time. Peak memory: "
+           f"{str(dtype).removeprefix('torch.')}. x dense = dense time / sparse time; diag<b>-fused = the diag<b> "
+           "layers with each MLP as one kernels.fused_mlp call (compare with the diag<b> row). Peak memory: "
            + ("torch.cuda.max_memory_allocated." if gpu else "not available on CPU (param MB = parameters + buffers)."),
            "", "Target (H100 bf16): ViT-B training step >= 1.3x dense. " + _target_line(rows, gpu, dtype, args), "",
            common.md_table(rows, [("model", "model"), ("preset", "size"), ("format", "format"), ("status", "status"),

@@ -35,6 +35,8 @@ class BertConfig:
     heads: int = 2           # attention heads; must divide dim
     mlp_dim: int = 512       # hidden width of each block's MLP
     dropout: float = 0.1     # dropout on embeddings, attention, MLP and residual branches
+    fused_mlp: bool = False  # MLPs as one kernels.fused_mlp call where dropout cannot act (p = 0 or
+                             # eval); needs DiagLinear fc1 / fc2 with block >= 16 (models/transformer.py)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BertConfig":
@@ -51,6 +53,8 @@ class BertConfig:
             raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.fused_mlp, bool):
+            raise ValueError(f"fused_mlp must be a bool, got {self.fused_mlp!r}")
         return self
 
 
@@ -79,7 +83,8 @@ class Bert(nn.Module):
         self.embed_norm = nn.LayerNorm(c.dim)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear) for i in range(c.depth))
+            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp)
+            for i in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         self.lm_transform = nn.Linear(c.dim, c.dim)
         self.lm_norm = nn.LayerNorm(c.dim)

@@ -8,15 +8,24 @@ allocated for a layer the factory makes sparse. The default factory is ``dense_l
 
 Shapes: x [B, N, dim] -> [B, N, dim]; an optional boolean ``key_mask`` [B, N] (True = real
 token) hides padding from attention.
+
+Fused MLP (``fused=True``, opt-in): fc1 and fc2 must be ``kernels.DiagLinear`` layers with one
+block size >= 16 (a ValueError at construction otherwise); the forward then runs
+``kernels.fused_mlp`` (fc1 -> GELU -> fc2 in one kernel, the hidden activation never written;
+see kernels/fused.py for its cost) whenever dropout cannot act: dropout 0, or eval mode.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+import kernels
+from kernels.fused import MIN_BLOCK_SIZE
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -33,6 +42,9 @@ def sparse_layer_shapes(build: Callable[..., nn.Module], *args, **kwargs) -> dic
     the result feeds layer-wise density rules (uniform, ERK) before the real model is built.
     """
     shapes: dict[str, tuple[int, int]] = {}
+    if args and dataclasses.is_dataclass(args[0]) and getattr(args[0], "fused_mlp", False):
+        # Fusion changes no shape, and the recorder's nn.Linear layers cannot be fused.
+        args = (dataclasses.replace(args[0], fused_mlp=False), *args[1:])
 
     def record(name, in_features, out_features, bias=True):
         shapes[name] = (out_features, in_features)
@@ -62,14 +74,47 @@ class Attention(nn.Module):
         return self.out(rearrange(y, "b h n d -> b n (h d)"))
 
 
+def check_fusable(name: str, fc1: nn.Module, fc2: nn.Module) -> None:
+    """ValueError unless fc1 and fc2 are DiagLinear layers with one block size >= 16, the
+    layers ``kernels.fused_mlp`` takes."""
+    for layer_name, layer in (("fc1", fc1), ("fc2", fc2)):
+        if not isinstance(layer, kernels.DiagLinear):
+            raise ValueError(f"fused MLP {name} needs kernels.DiagLinear layers (DynaDiag); "
+                             f"{name}.{layer_name} is {type(layer).__name__}")
+        if layer.block_size < MIN_BLOCK_SIZE:
+            raise ValueError(f"fused MLP {name} needs a block size >= {MIN_BLOCK_SIZE}; "
+                             f"{name}.{layer_name} has block size {layer.block_size}")
+    if fc1.block_size != fc2.block_size:
+        raise ValueError(f"fused MLP {name} needs one block size for fc1 and fc2, got "
+                         f"{fc1.block_size} and {fc2.block_size}")
+
+
 class MLP(nn.Module):
-    def __init__(self, name: str, dim: int, mlp_dim: int, dropout: float, linear: LinearFactory):
+    """fc2(GELU(fc1(x))) with dropout after the GELU and after fc2.
+
+    ``fused=True`` runs ``kernels.fused_mlp(fc1, fc2, x)`` instead when dropout cannot act
+    (p = 0 or eval mode) - the same function and the same gradients for values, biases and
+    DynaDiag gate scores (it reads ``effective_values()``), with the hidden activation never
+    stored. It calls neither layer's forward, so a layer with forward hooks (the Sparsifier's
+    capture for gradient-based rules; DynaDiag registers none) runs unfused, for the hooks.
+    """
+
+    def __init__(self, name: str, dim: int, mlp_dim: int, dropout: float, linear: LinearFactory,
+                 fused: bool = False):
         super().__init__()
         self.fc1 = linear(f"{name}.fc1", dim, mlp_dim, True)
         self.fc2 = linear(f"{name}.fc2", mlp_dim, dim, True)
         self.drop = nn.Dropout(dropout)
+        if fused:
+            check_fusable(name, self.fc1, self.fc2)
+        self.fused = fused
+
+    def _hooked(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2))
 
     def forward(self, x):
+        if self.fused and (self.drop.p == 0 or not self.training) and not self._hooked():
+            return kernels.fused_mlp(self.fc1, self.fc2, x)
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
@@ -77,12 +122,12 @@ class Block(nn.Module):
     """x + attn(LN(x)), then x + mlp(LN(x)) (pre-LN: stable without warm-up tricks)."""
 
     def __init__(self, name: str, dim: int, heads: int, mlp_dim: int, dropout: float,
-                 linear: LinearFactory):
+                 linear: LinearFactory, fused_mlp: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(f"{name}.attn", dim, heads, dropout, linear)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(f"{name}.mlp", dim, mlp_dim, dropout, linear)
+        self.mlp = MLP(f"{name}.mlp", dim, mlp_dim, dropout, linear, fused=fused_mlp)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, key_mask=None):

@@ -32,6 +32,8 @@ class ViTConfig:
     heads: int = 4           # attention heads; must divide dim
     mlp_dim: int = 256       # hidden width of each block's MLP (fc1 out, fc2 in)
     dropout: float = 0.0     # dropout on attention, MLP and residual branches
+    fused_mlp: bool = False  # MLPs as one kernels.fused_mlp call where dropout cannot act (p = 0 or
+                             # eval); needs DiagLinear fc1 / fc2 with block >= 16 (models/transformer.py)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ViTConfig":
@@ -50,6 +52,8 @@ class ViTConfig:
             raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.fused_mlp, bool):
+            raise ValueError(f"fused_mlp must be a bool, got {self.fused_mlp!r}")
         return self
 
 
@@ -80,7 +84,8 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, c.dim) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear) for i in range(c.depth))
+            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp)
+            for i in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.num_classes)
 

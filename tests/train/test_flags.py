@@ -43,6 +43,10 @@ def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
     (["--dataset", "no-such-user/no-such-dataset"], "cannot load dataset 'no-such-user/no-such-dataset'"),
     (["--dataset", "/no/such/images.parquet"], "does not exist"),
     (["--method", "dynadiag", "--block-size", "3"], "--block-size 3 must divide"),
+    (["--method", "rigl", "--fused-mlp"], "--fused-mlp needs --method dynadiag"),
+    (["--method", "dynadiag", "--block-size", "1", "--fused-mlp"], "--fused-mlp needs --block-size >= 16"),
+    (["--method", "dynadiag", "--block-size", "16", "--dropout", "0.1", "--fused-mlp"],
+     "--fused-mlp needs --dropout 0"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys, tiny_mnist_unless_dataset):
     out = tmp_path / "run"
@@ -90,6 +94,8 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_and_left_alone(tmp_path, cap
     (["--dataset", "/no/such/corpus.txt"], "does not exist"),
     (["--mask-prob", "0"], "--mask-prob in (0, 1)"),
     (["--heads", "0"], "heads must be an int >= 1, got 0"),
+    (["--method", "dynadiag", "--block-size", "16", "--fused-mlp"], "--fused-mlp needs --dropout 0 "),
+    (["--method", "srigl", "--dropout", "0", "--fused-mlp"], "--fused-mlp needs --method dynadiag"),
 ])
 def test_bert_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
     out = tmp_path / "run"

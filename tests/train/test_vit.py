@@ -117,3 +117,32 @@ def test_bf16_autocast_trains_on_cpu(method, tmp_path, tiny_mnist):
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     floats = [t for t in state["model"].values() if t.is_floating_point()]
     assert floats and all(t.dtype == torch.float32 for t in floats)
+
+
+def test_fused_mlp_trains_like_the_unfused_mlp_and_is_recorded(tmp_path, tiny_mnist, monkeypatch):
+    import kernels
+    calls = []
+    fused_mlp = kernels.fused_mlp
+    monkeypatch.setattr(kernels, "fused_mlp", lambda *a: calls.append(1) or fused_mlp(*a))
+    args = FAST + ["--method", "dynadiag", "--block-size", "16", "--sparsity", "0.8", "--no-plots"]
+    assert vit.main(args + ["--out-dir", str(tmp_path / "unfused")]) == 0
+    assert calls == []
+    out = tmp_path / "fused"
+    assert vit.main(args + ["--fused-mlp", "--out-dir", str(out)]) == 0
+    assert len(calls) >= 40   # every training step (one block), then the evaluations
+    train_rows = rows(out / "metrics.jsonl")
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.1, [r["loss"] for r in train_rows]
+    unfused = [r["loss"] for r in rows(tmp_path / "unfused" / "metrics.jsonl")]
+    assert [r["loss"] for r in train_rows] == pytest.approx(unfused, rel=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["fused_mlp"] is True and summary["model"]["fused_mlp"] is True
+    assert summary["mask_updates"] > 0 and summary["density"]["nnz"] == summary["density"]["budget"]
+
+
+def test_a_run_resumes_with_fused_mlp_switched_on(tmp_path, tiny_mnist):
+    """--fused-mlp changes no state (same function, same parameters): a resume may switch it."""
+    args = FAST + ["--method", "dynadiag", "--block-size", "16", "--steps", "10", "--ckpt-every", "5",
+                   "--no-plots", "--out-dir", str(tmp_path)]
+    assert vit.main(args) == 0
+    assert vit.main(args + ["--resume", "--fused-mlp"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["fused_mlp"] is True

@@ -10,12 +10,21 @@ Ops (format x product):
     diag_dx    dx = dy W       (DynaDiag)                   kernel diag_dx
     diag_dw    dW at the stored blocks (block SDDMM)        kernel sddmm_block (sddmm for b = 1)
     sparse_dw  dW at unstructured coordinates (SDDMM)       kernel sddmm
+    mlp_fwd    y  = fc2(gelu(fc1(x))), both layers          kernel fused_diag_mlp
+               block-diagonal (b >= 16), hidden on chip
 (The unstructured forward and input grad are torch.sparse CSR: they are the CSR baseline.)
+An mlp case reads in_features as the model width (dim) and out_features as the hidden width:
+fc1 is dim -> hidden, fc2 hidden -> dim, each with K = diagonals_for_density diagonals.
 
 Baselines, timed on the same inputs: ``dense`` - torch.matmul with a dense [out, in] weight
-(cuBLAS on a GPU), the product a dense layer computes (for dW the full dense gradient);
+(cuBLAS on a GPU), the product a dense layer computes (for dW the full dense gradient; for
+the MLP two F.linear, i.e. nn.Linear's cuBLAS GEMM with the bias, around F.gelu);
 ``csr`` - torch.sparse CSR with the same pattern (spmm for fwd/dx, sampled_addmm for dW);
-``surv`` (fan-in only) - a dense GEMM restricted to the surviving (non-ablated) neurons.
+``surv`` (fan-in only) - a dense GEMM restricted to the surviving (non-ablated) neurons;
+``unfused`` (MLP only) - the library's unfused path, kernels.diag_fwd + bias + GELU +
+kernels.diag_fwd + bias, the [T, hidden] activation through memory. ``unfused`` runs our
+own kernels (with the table's diag_fwd configs), so it is gated like the kernel before it
+is timed (GATED_BASELINES); the torch baselines are not.
 
 The kernel's launch config is not chosen here: the launcher looks it up itself (from the
 table, or from ``common.forced_config`` while the sweep tries a candidate).
@@ -28,25 +37,28 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels.coords import random_rows_of_distinct, sample_distinct
 from kernels.diag import diag_coords, diag_geometry, diag_to_dense, diagonals_for_density
 from kernels.fanin import fanin_to_dense
+from kernels.fused import MIN_BLOCK_SIZE as MIN_FUSED_BLOCK
 from kernels.sparse import sparse_to_dense
 
-OPS = ("fanin_fwd", "fanin_dx", "fanin_dw", "diag_fwd", "diag_dx", "diag_dw", "sparse_dw")
-BASELINES = ("dense", "csr", "surv")
+OPS = ("fanin_fwd", "fanin_dx", "fanin_dw", "diag_fwd", "diag_dx", "diag_dw", "sparse_dw", "mlp_fwd")
+BASELINES = ("dense", "csr", "surv", "unfused")
+GATED_BASELINES = ("unfused",)
 
 
 @dataclass(frozen=True)
 class Case:
     op: str              # one of OPS
-    in_features: int     # W is [out, in]; y = x W^T
-    out_features: int
+    in_features: int     # W is [out, in]; y = x W^T (mlp: the model width dim)
+    out_features: int    # (mlp: the hidden width; fc1 is dim -> hidden, fc2 hidden -> dim)
     tokens: int          # T: rows of x (batch x sequence)
-    sparsity: float      # fraction of W's entries that are zero
-    block: int = 1       # diagonal block size b (diag ops only)
+    sparsity: float      # fraction of W's entries that are zero (mlp: of each layer's)
+    block: int = 1       # diagonal block size b (diag and mlp ops only)
     dtype: str = "bfloat16"
     ablation: float = 0.0  # fan-in: fraction of output neurons ablated (k grows to keep nnz)
 
@@ -61,17 +73,22 @@ class Case:
     def valid(self) -> bool:
         if self.op not in OPS:
             raise ValueError(f"unknown op {self.op!r}; choose from {OPS}")
-        if self.format != "diag" and self.block != 1:
+        if self.format not in ("diag", "mlp") and self.block != 1:
             return False
         if self.format != "fanin" and self.ablation:
             return False
-        if self.format == "diag":
+        if self.format == "mlp" and self.block < MIN_FUSED_BLOCK:
+            return False
+        if self.format in ("diag", "mlp"):
             return self.in_features % self.block == 0 and self.out_features % self.block == 0
         return True
 
     def label(self) -> str:
-        s = f"{self.op} {self.in_features}->{self.out_features} T={self.tokens} s={self.sparsity:g}"
-        if self.format == "diag":
+        shape = f"{self.in_features}->{self.out_features}"
+        if self.format == "mlp":
+            shape += f"->{self.in_features}"
+        s = f"{self.op} {shape} T={self.tokens} s={self.sparsity:g}"
+        if self.format in ("diag", "mlp"):
             s += f" b={self.block}"
         if self.ablation:
             s += f" abl={self.ablation:g}"
@@ -102,7 +119,8 @@ class Problem:
         # Activations (up to 50,432 x 3072) are drawn on the device itself.
         g_act = torch.Generator(device=device).manual_seed(seed + 1)
         self.x = torch.randn(T, n_in, generator=g_act, device=device).to(dt)
-        self.dy = torch.randn(T, n_out, generator=g_act, device=device).to(dt)
+        # The MLP forward has no gradient input (and at T = 50,432 a [T, hidden] one is 0.3 GB).
+        self.dy = None if c.format == "mlp" else torch.randn(T, n_out, generator=g_act, device=device).to(dt)
         self.surv_rows = None
         if c.format == "fanin":
             n_rows = max(1, n_out - round(c.ablation * n_out))
@@ -119,15 +137,26 @@ class Problem:
         elif c.format == "diag":
             b = c.block
             R, C, D, P = diag_geometry(n_in, n_out, b)
-            K = diagonals_for_density(n_in, n_out, b, 1.0 - c.sparsity)
-            self.offsets = torch.randperm(P, generator=g)[:K].sort().values.to(device, torch.int32)
-            fan_in = K * D * b / R
-            self.values = ((torch.rand(K, D, b, b, generator=g) * 2 - 1) / math.sqrt(fan_in)).to(device, dt)
+            self.values, self.offsets = _diag_layer(n_in, n_out, b, c.sparsity, g, device, dt)
+            K = len(self.offsets)
             brows, bcols = diag_coords(self.offsets, R, C)
             self.coord_rows, self.coord_cols = brows.reshape(-1), bcols.reshape(-1)
             self.nnz = K * D * b * b
             self.index_bytes = 4 * K if c.product != "dw" else 8 * K * D
             self.params = f"K={K}/{P} D={D}"
+        elif c.format == "mlp":
+            b = c.block
+            # fc1: dim -> hidden, fc2: hidden -> dim, biases in [-0.5, 0.5) (as bench/fused_mlp.py).
+            self.layers = []
+            for l_in, l_out in ((n_in, n_out), (n_out, n_in)):
+                values, offsets = _diag_layer(l_in, l_out, b, c.sparsity, g, device, dt)
+                bias = (torch.rand(l_out, generator=g) - 0.5).to(device, dt)
+                self.layers.append((values, offsets, bias))
+            (v1, off1, _), (v2, off2, _) = self.layers
+            self.nnz = v1.numel() + v2.numel()
+            self.index_bytes = 4 * (len(off1) + len(off2))
+            P1, P2 = diag_geometry(n_in, n_out, b)[3], diag_geometry(n_out, n_in, b)[3]
+            self.params = f"K1={len(off1)}/{P1} K2={len(off2)}/{P2}"
         else:
             flat = sample_distinct(n_in * n_out, target_nnz, generator=g).to(device)
             self.coord_rows = (flat // n_in).to(torch.int32)
@@ -136,7 +165,7 @@ class Problem:
             self.nnz = target_nnz
             self.index_bytes = 8 * target_nnz
             self.params = f"nnz={target_nnz}"
-        self.density = self.nnz / (n_in * n_out)
+        self.density = self.nnz / (n_in * n_out * (2 if c.format == "mlp" else 1))
 
     # --------------------------------------------------------------------- the kernel
 
@@ -150,6 +179,10 @@ class Problem:
             return kernels.diag_fwd(p.x, p.values, p.offsets, c.block, c.out_features)
         if c.op == "diag_dx":
             return kernels.diag_dx(p.dy, p.values, p.offsets, c.block, c.in_features)
+        if c.op == "mlp_fwd":
+            (v1, off1, b1), (v2, off2, b2) = p.layers
+            return kernels.fused_diag_mlp_fwd(p.x, v1, off1, b1, v2, off2, b2, c.block, c.out_features,
+                                              c.in_features)
         # Every weight gradient is the SDDMM at the stored (block) coordinates.
         return kernels.sddmm_fwd(p.dy, p.x, p.coord_rows, p.coord_cols, c.block)
 
@@ -158,6 +191,8 @@ class Problem:
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The [out, in] weight this pattern stands for (for references and baselines)."""
         c = self.case
+        if c.format == "mlp":
+            raise ValueError("an mlp case has two weights: use dense_mlp")
         v = self.values.to(dtype)
         if c.format == "fanin":
             return fanin_to_dense(v, self.indices, c.in_features, self.rows, c.out_features)
@@ -165,10 +200,20 @@ class Problem:
             return diag_to_dense(v, self.offsets, c.in_features, c.out_features, c.block)
         return sparse_to_dense(v, self.coord_rows, self.coord_cols, c.in_features, c.out_features)
 
+    def dense_mlp(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(W1 [hidden, dim], b1), (W2 [dim, hidden], b2)] of an mlp case, dense, at ``dtype``."""
+        c = self.case
+        shapes = ((c.in_features, c.out_features), (c.out_features, c.in_features))
+        return [(diag_to_dense(v.to(dtype), off, l_in, l_out, c.block), bias.to(dtype))
+                for (v, off, bias), (l_in, l_out) in zip(self.layers, shapes)]
+
     def reference(self, dtype: torch.dtype) -> torch.Tensor:
         """The product computed by plain torch at ``dtype`` through the dense weight: fp64 is
         the truth, the kernel's dtype gives torch's own rounding error for the gate."""
         c = self.case
+        if c.format == "mlp":
+            (w1, b1), (w2, b2) = self.dense_mlp(dtype)
+            return F.linear(F.gelu(F.linear(self.x.to(dtype), w1, b1)), w2, b2)  # exact (erf) GELU
         x, dy = self.x.to(dtype), self.dy.to(dtype)
         if c.product == "fwd":
             return x @ self.dense_weight(dtype).t()
@@ -181,6 +226,8 @@ class Problem:
     def baselines(self) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
         """{name: (fn, note)}: the competitors of this case, prepared outside the timing."""
         c, dt = self.case, self.dtype
+        if c.format == "mlp":
+            return self._mlp_baselines()
         out: dict[str, tuple[Callable, str]] = {}
         w = self.dense_weight(dt)
         x, dy = self.x, self.dy
@@ -203,6 +250,22 @@ class Problem:
             else:
                 out["surv"] = (lambda: torch.matmul(dy_s.t(), x), "dy_active^T @ x")
         return out
+
+    def _mlp_baselines(self) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
+        c, x = self.case, self.x
+        (w1, b1), (w2, b2) = self.dense_mlp(self.dtype)
+        (v1, off1, bias1), (v2, off2, bias2) = self.layers
+
+        def unfused():
+            h = kernels.diag_fwd(x, v1, off1, c.block, c.out_features)  # [T, hidden] through memory
+            h = F.gelu(h.add_(bias1))
+            return kernels.diag_fwd(h, v2, off2, c.block, c.in_features).add_(bias2)
+
+        def dense():
+            return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)  # cuBLAS GEMMs with the bias
+
+        return {"dense": (dense, "nn.Linear -> gelu -> nn.Linear"),
+                "unfused": (unfused, "diag_fwd + b1 -> gelu -> diag_fwd + b2")}
 
     def _csr_baseline(self, w: torch.Tensor):
         """torch.sparse CSR at the case's dtype, or float32 where the backend has no kernel
@@ -232,15 +295,31 @@ class Problem:
     # --------------------------------------------------------------------- roofline numbers
 
     def flops(self) -> float:
-        """Useful FLOPs: 2 T nnz (a dense product does 2 T in out)."""
+        """Useful FLOPs: 2 T nnz (a dense product does 2 T in out; the MLP 2 T (nnz1 + nnz2),
+        not counting the fused kernel's recomputed hidden blocks)."""
         return 2.0 * self.case.tokens * self.nnz
 
     def min_bytes(self) -> float:
-        """Bytes a perfect kernel moves: activations in and out once, values and indices once."""
+        """Bytes a perfect kernel moves: activations in and out once, values and indices once
+        (MLP: x in, y out, both layers' values, offsets and biases; the hidden stays on chip)."""
         c = self.case
         e = self.x.element_size()
+        if c.format == "mlp":
+            biases = c.out_features + c.in_features
+            return (2 * c.tokens * c.in_features + self.nnz + biases) * e + self.index_bytes
         # fwd reads x, writes y; dx reads dy, writes dx; dW reads dy and x: T (in + out) each.
         return c.tokens * (c.in_features + c.out_features) * e + self.nnz * e + self.index_bytes
+
+
+def _diag_layer(n_in: int, n_out: int, b: int, sparsity: float, g: torch.Generator, device, dtype):
+    """(values [K, D, b, b], offsets int32 [K]) of one block-diagonal weight with K =
+    diagonals_for_density, values uniform in +-1/sqrt(fan-in), drawn from ``g``."""
+    R, C, D, P = diag_geometry(n_in, n_out, b)
+    K = diagonals_for_density(n_in, n_out, b, 1.0 - sparsity)
+    offsets = torch.randperm(P, generator=g)[:K].sort().values.to(device, torch.int32)
+    fan_in = K * D * b / R
+    values = ((torch.rand(K, D, b, b, generator=g) * 2 - 1) / math.sqrt(fan_in)).to(device, dtype)
+    return values, offsets
 
 
 def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[dict]:

@@ -16,7 +16,7 @@ from bench import common, sweep
 from kernels import runtime as rt
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"fanin_fwd", "fanin_dx", "diag_fwd", "diag_dx", "sddmm", "sddmm_block"}
+KERNELS = {"fanin_fwd", "fanin_dx", "diag_fwd", "diag_dx", "sddmm", "sddmm_block", "fused_diag_mlp"}
 
 
 def _rows(path):
@@ -52,6 +52,32 @@ def test_quick_sweep_writes_every_output_and_says_timings_are_not_speed_figures(
     assert all(r["status"] == "timed" and r["config_source"] == "table" for r in rows)
     assert all(r["mode"] == "interpreter" for r in rows)
     assert any(r["surv_ms"] for r in rows if r["op"].startswith("fanin"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU interpreter check")
+def test_quick_sweep_times_the_fused_mlp_beside_dense_and_unfused_only_at_the_mlp_shape(quick_run):
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in _rows(out / "sweep.csv") if r["op"] == "mlp_fwd"]
+    assert rows and {(r["in_features"], r["out_features"]) for r in rows} == {("64", "128")}
+    assert {int(r["block"]) for r in rows} == {16}  # b = 1 has no fused kernel
+    for r in rows:
+        assert r["kernel"] == "fused_diag_mlp" and r["status"] == "timed" and r["reason"] == ""
+        assert float(r["gate_err"]) <= float(r["gate_bound"])
+        assert float(r["dense_ms"]) > 0 and float(r["unfused_ms"]) > 0 and float(r["x_unfused"]) > 0
+        assert r["csr_ms"] == "" and r["surv_ms"] == ""
+    md = (out / "sweep.md").read_text()
+    assert "fused MLP fwd, T=256x197 (b>=16)" in md and "x unfused" in md
+
+
+def test_mlp_cases_are_built_for_the_mlp_shapes_and_blocks_of_16_or_more_only():
+    args = sweep.parse_args([])
+    cases = sweep.build_cases(args, args.sparsities, args.ablations)
+    mlp = [c for c in cases if c.op == "mlp_fwd"]
+    assert {(c.in_features, c.out_features) for c in mlp} == {(768, 3072)}
+    assert {c.block for c in mlp} == {16, 32, 64}
+    assert {(c.in_features, c.out_features) for c in cases if c.op == "diag_fwd"} == {
+        (768, 3072), (3072, 768), (768, 2304)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU interpreter check")
@@ -160,6 +186,83 @@ def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monk
     assert "Rejected by the gate" in (tmp_path / "sweep.md").read_text()
 
 
+class _BuggyFusedLaunches:
+    """Stands in for ``_fused_diag_mlp_kernel`` with planted launch bugs tied to configs the
+    kernel itself runs correctly: num_warps=2 skips fc2's last diagonal (K2 - 1: wrong
+    values), BLOCK_T=16 launches one program too few (an output tile left unwritten)."""
+
+    def __init__(self, real, timing):
+        self.real, self.timing, self.timed_bad = real, timing, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args = list(args)
+            if kwargs["num_warps"] == 2:
+                args[12] = args[12] - 1  # K2
+            grid_ = (grid[0] - 1,) if kwargs["BLOCK_T"] == 16 else grid
+            if (kwargs["num_warps"] == 2 or kwargs["BLOCK_T"] == 16) and self.timing["on"]:
+                self.timed_bad.append(dict(kwargs))
+            return self.real[grid_](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
+def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, monkeypatch):
+    timing = {"on": False}
+    buggy = _BuggyFusedLaunches(kernels.fused._fused_diag_mlp_kernel, timing)
+    monkeypatch.setattr(kernels.fused, "_fused_diag_mlp_kernel", buggy)
+    real_bench = common.bench_ms
+
+    def spying_bench(fn, **kw):
+        timing["on"] = True
+        try:
+            return real_bench(fn, **kw)
+        finally:
+            timing["on"] = False
+
+    monkeypatch.setattr(common, "bench_ms", spying_bench)
+    bad = ['fused_diag_mlp={"num_warps": 2}', 'fused_diag_mlp={"BLOCK_T": 16}', 'fused_diag_mlp={"BLOCK_T": 8}']
+    argv = ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.75", "--tune-sparsities", "0.75",
+            "--out", str(tmp_path)]
+    for b in bad:
+        argv += ["--extra-candidate", b]
+    assert sweep.main(argv, log=lambda *a: None) == 0
+
+    reasons = {}
+    for r in _rows(tmp_path / "candidates.csv"):
+        c = json.loads(r["config"])
+        if c["num_warps"] == 2 or c["BLOCK_T"] in (8, 16):
+            assert r["status"] == "rejected" and r["ms"] == "", r
+            reasons[(c["num_warps"], c["BLOCK_T"])] = r["reason"]
+        else:
+            assert r["status"] == "timed" and float(r["ms"]) > 0, r
+    assert len(reasons) == 3
+    assert "max error" in reasons[(2, 64)]                  # fc2's last diagonal skipped
+    assert "non-finite" in reasons[(4, 16)]                 # an unwritten output tile
+    assert reasons[(4, 8)].startswith("error: ValueError")  # the launcher refuses BLOCK_T < 16
+    assert buggy.timed_bad == []
+    table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
+    for cfg in table["fused_diag_mlp"].values():
+        assert cfg["num_warps"] != 2 and cfg["BLOCK_T"] not in (8, 16)
+    rows = _rows(tmp_path / "sweep.csv")
+    assert len(rows) == 1 and rows[0]["status"] == "timed" and float(rows[0]["unfused_ms"]) > 0
+
+
+def test_a_wrong_unfused_baseline_is_rejected_not_timed_and_fails_the_run(tmp_path, monkeypatch):
+    real_diag_fwd = kernels.diag_fwd
+    monkeypatch.setattr(kernels, "diag_fwd", lambda *a, **kw: real_diag_fwd(*a, **kw) * 1.5)
+    timed = []
+    real_bench = common.bench_ms
+    monkeypatch.setattr(common, "bench_ms", lambda fn, **kw: timed.append(fn) or real_bench(fn, **kw))
+    argv = ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.9", "--no-tune",
+            "--out", str(tmp_path)]
+    assert sweep.main(argv, log=lambda *a: None) == 1
+    (row,) = _rows(tmp_path / "sweep.csv")
+    assert row["status"] == "timed" and float(row["dense_ms"]) > 0  # the fused kernel itself is right
+    assert row["unfused_ms"] == "" and row["reason"].startswith("unfused baseline rejected: max error")
+    assert len(timed) == 2  # the kernel and dense, never the wrong baseline
+
+
 def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
     T, n_in, n_out = 40, 64, 96
     dtype_name = "float32"
@@ -193,11 +296,12 @@ def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
     assert torch.allclose(y.double(), ref, atol=1e-5)
 
 
-def _fake_row(op, T, block, x_dense, kernel_ms=1.0, n_in=768, n_out=3072, x_csr="", ablation=0):
+def _fake_row(op, T, block, x_dense, kernel_ms=1.0, n_in=768, n_out=3072, x_csr="", ablation=0, x_unfused=""):
     return {"op": op, "in_features": str(n_in), "out_features": str(n_out), "tokens": str(T), "sparsity": "0.9",
             "block": str(block), "dtype": "bfloat16", "ablation": str(ablation), "kernel_ms": str(kernel_ms),
             "dense_ms": str(kernel_ms * x_dense), "csr_ms": "", "surv_ms": "", "x_dense": str(x_dense),
-            "x_csr": str(x_csr), "x_surv": "", "status": "timed"}
+            "x_csr": str(x_csr), "x_surv": "", "x_unfused": str(x_unfused),
+            "unfused_ms": str(kernel_ms * x_unfused) if x_unfused != "" else "", "status": "timed"}
 
 
 def test_gpu_report_sums_training_products_and_judges_the_targets(tmp_path):
@@ -206,17 +310,24 @@ def test_gpu_report_sums_training_products_and_judges_the_targets(tmp_path):
             _fake_row("diag_dx", 50432, 16, 2.0, kernel_ms=1.0),
             _fake_row("diag_dw", 50432, 16, 1.0, kernel_ms=2.0),
             _fake_row("fanin_fwd", 256, 1, 1.5, n_in=3072, n_out=768, x_csr=14.0),
-            _fake_row("fanin_fwd", 256, 1, 9.0, n_in=3072, n_out=768, x_csr=99.0, ablation=0.3)]
+            _fake_row("fanin_fwd", 256, 1, 9.0, n_in=3072, n_out=768, x_csr=99.0, ablation=0.3),
+            _fake_row("mlp_fwd", 50432, 16, 1.5, x_unfused=0.8),
+            _fake_row("mlp_fwd", 50432, 64, 2.5, x_unfused=1.6),
+            _fake_row("mlp_fwd", 4096, 64, 9.0, x_unfused=9.0)]  # not the target's T
     train = sweep.training_rows(rows)
     assert len(train) == 1
     # kernel 1 + 1 + 2 = 4 ms; dense 2.2 + 2.0 + 2.0 = 6.2 ms
     assert train[0]["kernel_ms"] == pytest.approx(4.0) and train[0]["x_dense"] == pytest.approx(6.2 / 4.0)
+    assert all(t["format"] != "mlp" for t in train)  # a forward only: no training product
     verdict = {t["target"]: t for t in sweep.targets(rows, train)}
     assert verdict["diag/block fwd, T=256x197"]["met"] == "yes"
     assert verdict["diag/block fwd+bwd, T=256x197"]["met"].startswith("no (86%")
     assert verdict["fan-in 3072->768, batch 256"]["met"].startswith("no (88%")  # the ablated row is not counted
     assert verdict["fan-in 3072->768, batch 256 vs CSR"]["met"] == "yes"
     assert verdict["online inference (T=1), diag vs CSR"]["met"] == "-"
+    fused = verdict["fused MLP fwd, T=256x197 (b>=16)"]
+    assert fused["met"] == "yes" and fused["measured"] == pytest.approx(2.5) and "b=64" in fused["where"]
+    assert verdict["fused MLP fwd vs unfused, T=256x197 (b>=16)"]["measured"] == pytest.approx(1.6)
     interp = {t["target"]: t for t in sweep.targets(rows, train, interp=True)}
     assert interp["diag/block fwd, T=256x197"]["met"].startswith("n/a")
     sweep.plot(rows, tmp_path / "speedup.png", interp=False)

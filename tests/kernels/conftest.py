@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._device import _device_constructors
 
 import kernels
 
@@ -17,6 +18,12 @@ def backend(request):
     """Run a test through the torch path and through the Triton kernels (interpreter on CPU)."""
     with kernels.use_backend(request.param):
         yield request.param
+
+
+# torch caches the set of factory functions that ``with torch.device(...)`` redirects on its
+# first use; filled while torch.empty is the poisoned wrapper below, it would hold the wrapper
+# and every later device context in the session would miss the real torch.empty. Fill it now.
+_device_constructors()
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,19 @@ that ships in the triton wheel. One JSON line per compilation on stdout.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET", "0") != "0":
     sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the kernels this compiles")
+# ptxas prints registers and spills per kernel with -v, which Triton passes and shows with
+# this knob; a cached kernel skips ptxas, so compile every time.
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 
 import torch  # noqa: E402
 
@@ -75,7 +82,13 @@ def compile_launch(fn, args, kwargs, cc: int):
         else:
             raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
     src = tc.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return compiled, (int(regs.group(1)) if regs else None), (max(spills) if spills else None)
 
 
 def launches():
@@ -142,9 +155,10 @@ def main() -> int:
                 row = dict(case=name, kernel=fn.__name__, cc=cc, num_warps=kwargs.get("num_warps"),
                            num_stages=kwargs.get("num_stages"))
                 try:
-                    compiled = compile_launch(fn, args, dict(kwargs), cc)
+                    compiled, regs, spill_bytes = compile_launch(fn, args, dict(kwargs), cc)
                     row.update(ok=compiled.metadata.shared <= smem_limit, shared=compiled.metadata.shared,
-                               smem_limit=smem_limit, cubin_bytes=len(compiled.asm["cubin"]))
+                               smem_limit=smem_limit, registers=regs, spill_bytes=spill_bytes,
+                               cubin_bytes=len(compiled.asm["cubin"]))
                 except Exception as e:  # noqa: BLE001 - reported per case, the test fails on it
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
                 failed += not row["ok"]

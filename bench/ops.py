@@ -327,8 +327,9 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
 
     Full: tile sides 16..256 (token tiles no larger than the tokens need), 2/4/8 warps, 2/3/4
     pipeline stages, token chunks per program for the split-T SDDMM (0 = the kernel's own
-    choice, or 512 .. whole T); tiles of at most 16K elements and at least 2 elements per
-    thread. The default always comes first. Quick (interpreter): the default and one other
+    choice, or 512 .. whole T), both activation layouts (X_T) where the kernel has the knob;
+    tiles of at most 16K elements and at least 2 elements per thread. The default always
+    comes first. Quick (interpreter): the default and one other
     token tile.
     """
     def norm(cfg):
@@ -349,6 +350,7 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
             "T_CHUNK": [0] + [v for v in (512, 2048, 8192) if v < t_max] + [t_cap],
             "num_warps": [2, 4, 8],
             "num_stages": [2, 3, 4],
+            "X_T": [0, 1],  # row-major activations or token-contiguous copies (fan-in, SDDMM)
         }
         names = [k for k in default if k in choices]
         combos = [{}]

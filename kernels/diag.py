@@ -184,21 +184,20 @@ def _check(x2, values, offsets, block_size, out_features):
 
 
 def _block_default(b: int) -> dict:
-    """Launch config of the block kernel where the table has no entry. On a GPU: the largest
-    token tile whose fp32 accumulator [BLOCK_T, b] fits in about 128 registers a thread
-    without spilling, from ptxas on sm_90 (tests/kernels/gpu_compile.py; bf16, regs / spill
-    bytes): b = 16 128 x 4 warps 122 / 0; b = 32 128 x 8 warps 127 / 0 (4 warps: 232);
-    b = 64 64 x 8 warps 128 / 0 (128 x 4 warps: 255 and 156 bytes spilled). fp32 tiles take
-    twice the registers: b = 64 fp32 still spills a few hundred bytes (the sweep picks better)."""
+    """Launch config of the block kernel where the table has no entry. On a GPU: 128-token
+    tiles; 8 warps for b >= 64, whose [128, 64] fp32 accumulator on 4 warps takes 155
+    registers a thread (ptxas, sm_90, bf16, as the JIT specialises it: b = 16 54, b = 32 80,
+    b = 64 on 8 warps 80; tests/kernels/gpu_compile.py). bench/sweep.py tunes the rest."""
     if rt.interpreting():
         return {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_T": 128 if b <= 32 else 64, "num_warps": 4 if b <= 16 else 8, "num_stages": 3}
+    return {"BLOCK_T": 128, "num_warps": 8 if b >= 64 else 4, "num_stages": 3}
 
 
 def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name):
     T, K = a.shape[0], offsets.numel()
     if b == 1:
         cfg = rt.launch_config(kernel_name, {"b": 1, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
+                               # 32-token tiles on a GPU: 89 registers a thread, 64: 168 (sm_90)
                                {"BLOCK_T": 64 if rt.interpreting() else 32, "BLOCK_Q": 64, "num_warps": 4})
         grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_out_blocks, cfg["BLOCK_Q"]),)
         _diag_elem_kernel[grid](a, values, offsets, out, T, K, D, P, n_out_blocks,

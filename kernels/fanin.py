@@ -25,7 +25,7 @@ import triton.language as tl
 from . import runtime as rt
 from .coords import random_rows_of_distinct
 from .module import SparseLayer
-from .sddmm import acc_dtype, sddmm
+from .sddmm import _token_contiguous, acc_dtype, sddmm
 from .sparse import csr_matmul, index_dtype
 
 _TORCH_CHUNK_ELEMS = 1 << 22
@@ -137,8 +137,15 @@ def _check(x2, values, indices, rows, out_features):
 
 
 def _configs(kernel: str, T: int, dtype) -> dict:
-    default = ({"BLOCK_T": 64, "BLOCK_R": 64, "num_warps": 4} if rt.interpreting()
-               else {"BLOCK_T": 32, "BLOCK_R": 64, "num_warps": 4})
+    """Launch config. ``X_T``: 1 gives the kernel token-contiguous activations (x^T [in, T]
+    for the forward's gather, an fp32 dx^T [in, T] for the input gradient's atomics), so that
+    the 307 gathers (scatters) per output row of Linear(3072 -> 768) at 90% read (write)
+    consecutive tokens of one input column: coalesced, where a row-major x makes every lane of
+    a warp touch another 32-byte sector. The transposed copy costs one pass over the
+    activation. Default 1 on a GPU (the access pattern argument; bench/sweep.py times both), 0
+    under the interpreter (its programs run one by one: no coalescing to gain)."""
+    default = ({"BLOCK_T": 64, "BLOCK_R": 64, "num_warps": 4, "X_T": 0} if rt.interpreting()
+               else {"BLOCK_T": 32, "BLOCK_R": 64, "num_warps": 4, "X_T": 1})
     return rt.launch_config(kernel, {"T": rt.shape_bucket(T), "dtype": str(dtype)[6:]}, default)
 
 
@@ -156,9 +163,11 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
     values, indices = values.contiguous(), indices.contiguous()
     cfg = _configs("fanin_fwd", T, x2.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    # x[t, i] at x + t * stride_t + i * stride_i, from x itself or from a token-contiguous copy
+    xs, (stride_t, stride_i) = (x2, x2.stride()) if not cfg.get("X_T") else _token_contiguous(x2)
     _fanin_fwd_kernel[grid](
-        x2, values, indices, rows if has_rows else indices, y, T, n_rows, K,
-        x2.stride(0), x2.stride(1), values.stride(0), indices.stride(0), y.stride(0), y.stride(1),
+        xs, values, indices, rows if has_rows else indices, y, T, n_rows, K,
+        stride_t, stride_i, values.stride(0), indices.stride(0), y.stride(0), y.stride(1),
         HAS_ROWS=has_rows, BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"], ACC=acc_dtype(x2.dtype),
         num_warps=cfg["num_warps"])
     return y
@@ -168,19 +177,21 @@ def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     """Launcher of the input-gradient kernel. dy: [T, out] -> dx: [T, in_features]."""
     T, (n_rows, K) = dy.shape[0], values.shape
     buf_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    dx = torch.zeros(T, in_features, dtype=buf_dtype, device=dy.device)
     if T == 0 or n_rows == 0 or K == 0:
-        return dx.to(dy.dtype)
+        return torch.zeros(T, in_features, dtype=dy.dtype, device=dy.device)
     values, indices = values.contiguous(), indices.contiguous()
     has_rows = rows is not None
     cfg = _configs("fanin_dx", T, dy.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    # The atomics' buffer: dx itself [T, in] or dx^T [in, T] (consecutive tokens adjacent)
+    dx = (torch.zeros(in_features, T, dtype=buf_dtype, device=dy.device).t() if cfg.get("X_T")
+          else torch.zeros(T, in_features, dtype=buf_dtype, device=dy.device))
     _fanin_dx_kernel[grid](
         dy, values, indices, rows if has_rows else indices, dx, T, n_rows, K,
         dy.stride(0), dy.stride(1), values.stride(0), indices.stride(0), dx.stride(0), dx.stride(1),
         HAS_ROWS=has_rows, BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"], ACC=acc_dtype(dy.dtype),
         num_warps=cfg["num_warps"])
-    return dx.to(dy.dtype)
+    return dx.to(dy.dtype).contiguous()
 
 
 def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tensor:

@@ -161,6 +161,13 @@ def token_chunk(T: int, n_tiles: int, block_t: int, requested: int = 0) -> int:
     return -(-chunk // block_t) * block_t
 
 
+def _token_contiguous(a: torch.Tensor):
+    """(copy, (stride_t, stride_i)): ``a`` [T, n] as a token-contiguous copy (a^T [n, T] in
+    memory) and the strides that still address element (t, i) of ``a``."""
+    at = a.t().contiguous()
+    return at, (at.stride(1), at.stride(0))
+
+
 def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     """Launcher: check, allocate, pick the config, launch."""
     _check(dy, x, rows, cols, block_size)
@@ -173,17 +180,25 @@ def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     rows, cols = rows.contiguous(), cols.contiguous()
     acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if b == 1:
+        # X_T: dy and x as token-contiguous copies, so each coordinate's T-long dot reads
+        # consecutive memory (see kernels/fanin.py's _configs); worth its two transposes when
+        # the coordinates outnumber the activation columns, as in every weight gradient.
         cfg = rt.launch_config("sddmm", {"dtype": str(dy.dtype)[6:], "T": rt.shape_bucket(T)},
                                {"BLOCK_N": 64 if rt.interpreting() else 32,
-                                "BLOCK_T": 256 if rt.interpreting() else 64, "T_CHUNK": 0, "num_warps": 4})
+                                "BLOCK_T": 256 if rt.interpreting() else 64, "T_CHUNK": 0, "num_warps": 4,
+                                "X_T": 0 if rt.interpreting() else 1})
         n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
         chunk = token_chunk(T, n_tiles, cfg["BLOCK_T"], cfg["T_CHUNK"])
         n_chunks = triton.cdiv(T, chunk)
         g = (torch.zeros(shape, dtype=acc_torch, device=dy.device) if n_chunks > 1
              else torch.empty(shape, dtype=dy.dtype, device=dy.device))
+        if cfg.get("X_T"):
+            (dys, dy_strides), (xs, x_strides) = _token_contiguous(dy), _token_contiguous(x)
+        else:
+            (dys, dy_strides), (xs, x_strides) = (dy, dy.stride()), (x, x.stride())
         _sddmm_kernel[(n_tiles * n_chunks,)](
-            dy, x, rows, cols, g, T, n, chunk,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            dys, xs, rows, cols, g, T, n, chunk,
+            *dy_strides, *x_strides,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SPLIT_T=n_chunks > 1, ACC=acc_dtype(dy.dtype),
             num_warps=cfg["num_warps"])
         return g.to(dy.dtype)
@@ -191,8 +206,7 @@ def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     block_b = max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b)
     cfg = rt.launch_config("sddmm_block", {"b": b, "dtype": str(dy.dtype)[6:], "T": rt.shape_bucket(T)},
                            {"BLOCK_T": 128 if rt.interpreting() else 64, "T_CHUNK": 0,
-                            # b = 64 on 4 warps takes 254 registers a thread (sm_90), 8: 76
-                            "num_warps": 8 if b >= 64 and not rt.interpreting() else 4, "num_stages": 2})
+                            "num_warps": 4, "num_stages": 2})
     chunk = token_chunk(T, n, cfg["BLOCK_T"], cfg["T_CHUNK"])
     n_chunks = triton.cdiv(T, chunk)
     g = (torch.zeros(shape, dtype=acc_torch, device=dy.device) if n_chunks > 1

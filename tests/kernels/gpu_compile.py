@@ -32,12 +32,11 @@ import kernels  # noqa: E402
 import triton  # noqa: E402
 import triton.compiler as tc  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 # Shared memory per block the devices allow (bytes): H100 227 KB, A100 163 KB.
 TARGETS = {90: 232448, 80: 166912}
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64"}
 
 
 class _Captured(Exception):
@@ -64,27 +63,19 @@ def capture(launch) -> list[tuple]:
 
 
 def compile_launch(fn, args, kwargs, cc: int):
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(fn.arg_names, args))
-    values.update(kwargs)
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        v = values[p.name]
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = v
-        elif isinstance(v, torch.Tensor):
-            signature[p.name] = "*" + _TYPES[v.dtype]
-        elif isinstance(v, bool):
-            signature[p.name] = "i1"
-        elif isinstance(v, int):
-            signature[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
-    src = tc.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    """Compile one captured launch as Triton's JIT would on that device: its own binder makes
+    the specialisation (integers equal to 1 become constants, pointers and integers divisible
+    by 16 are marked so), then ``triton.compile`` for the target. Returns (compiled, registers
+    a thread, spilled bytes) from ptxas's report."""
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    src = tc.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]

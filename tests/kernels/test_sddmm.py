@@ -92,3 +92,22 @@ def test_token_split_partial_sums_meet_exactly(monkeypatch, b):
         out = sddmm_fwd(dy.to(dtype), x.to(dtype), rows, cols, b)
         lowp = sddmm_ref(dy.to(dtype), x.to(dtype), rows, cols, b) if dtype != torch.float32 else None
         assert_matches(out, sddmm_ref(dy.to(dtype).double(), x.to(dtype).double(), rows, cols, b), lowp)
+
+
+@pytest.mark.parametrize("x_t", [0, 1])
+def test_token_contiguous_copies_give_the_same_sums(monkeypatch, x_t):
+    """X_T = 1 (the GPU default) reads dy and x through token-contiguous copies."""
+    from kernels import runtime as rt
+    from kernels.sddmm import sddmm_fwd
+
+    real = rt.launch_config
+    monkeypatch.setattr(rt, "launch_config", lambda kernel, key, default, device=None: dict(
+        real(kernel, key, default, device), **({"X_T": x_t, "BLOCK_T": 16, "T_CHUNK": 32} if kernel == "sddmm" else {})))
+    g = torch.Generator().manual_seed(1)
+    dy, x = torch.randn(75, 9, generator=g).to(DEVICE), torch.randn(75, 13, generator=g).to(DEVICE)
+    rows = torch.tensor([0, 8, 3, 3, 5], dtype=torch.int32, device=DEVICE)
+    cols = torch.tensor([12, 0, 4, 7, 4], dtype=torch.int32, device=DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = sddmm_fwd(dy.to(dtype), x.to(dtype), rows, cols)
+        lowp = sddmm_ref(dy.to(dtype), x.to(dtype), rows, cols) if dtype != torch.float32 else None
+        assert_matches(out, sddmm_ref(dy.to(dtype).double(), x.to(dtype).double(), rows, cols), lowp)

@@ -1,10 +1,8 @@
 """bench/e2e.py and bench/cpu_infer.py run their --quick variants on CPU and write their
 tables; e2e reports the models as skipped, not crashed, when ``models`` cannot be imported."""
-import csv
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +10,8 @@ import torch
 import kernels
 from bench import cpu_infer, e2e
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import ROOT, read_rows
 
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU pipeline check")
@@ -25,7 +19,7 @@ def test_e2e_quick_times_every_model_and_format_against_dense(tmp_path):
     proc = subprocess.run([sys.executable, "bench/e2e.py", "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = _rows(tmp_path / "e2e.csv")
+    rows = read_rows(tmp_path / "e2e.csv")
     assert {(r["model"], r["format"]) for r in rows} == {
         (m, f) for m in e2e.MODELS for f in ("dense", "fanin", "diag16", "diag16-fused", "diag1", "csr")}
     bert_fused = next(r for r in rows if (r["model"], r["format"]) == ("bert-base", "diag16-fused"))
@@ -46,7 +40,7 @@ def test_e2e_reports_models_as_skipped_when_they_cannot_be_imported(tmp_path, mo
     rc = e2e.main(["--quick", "--models", "vit-b16,mlp", "--formats", "dense,fanin", "--out", str(tmp_path)],
                   log=lambda *a: None)
     assert rc == 0
-    rows = {(r["model"], r["format"]): r for r in _rows(tmp_path / "e2e.csv")}
+    rows = {(r["model"], r["format"]): r for r in read_rows(tmp_path / "e2e.csv")}
     assert rows[("vit-b16", "dense")]["status"] == "skipped"
     assert "models unavailable" in rows[("vit-b16", "fanin")]["reason"]
     assert rows[("mlp", "fanin")]["status"] == "ok"
@@ -58,7 +52,7 @@ def test_e2e_refuses_to_time_a_fused_mlp_whose_output_is_wrong(tmp_path, monkeyp
     rc = e2e.main(["--quick", "--models", "mlp,vit-b16", "--formats", "dense,diag16-fused", "--out", str(tmp_path)],
                   log=lambda *a: None)
     assert rc == 1
-    rows = {(r["model"], r["format"]): r for r in _rows(tmp_path / "e2e.csv")}
+    rows = {(r["model"], r["format"]): r for r in read_rows(tmp_path / "e2e.csv")}
     for model in ("mlp", "vit-b16"):
         assert rows[(model, "diag16-fused")]["status"] == "wrong" and not rows[(model, "diag16-fused")]["train_ms"]
         assert "vs the unfused reference" in rows[(model, "diag16-fused")]["reason"]
@@ -67,7 +61,7 @@ def test_e2e_refuses_to_time_a_fused_mlp_whose_output_is_wrong(tmp_path, monkeyp
 
 def test_cpu_inference_quick_checks_outputs_and_writes_ratios(tmp_path):
     assert cpu_infer.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None) == 0
-    rows = _rows(tmp_path / "cpu_infer.csv")
+    rows = read_rows(tmp_path / "cpu_infer.csv")
     names = {r["variant"] for r in rows}
     assert {cpu_infer.DENSE, cpu_infer.CSR, "fan-in (condensed)", "diagonal b=1", "diagonal b=16"} <= names
     for r in rows:

@@ -1,23 +1,17 @@
 """bench/fused_mlp.py: the --quick run gates and times every variant through the interpreter
 and writes its tables; a wrong variant is refused before timing; the FLOP model."""
-import csv
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from bench import fused_mlp
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import ROOT, read_rows
+
 I32 = torch.int32
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU interpreter check")
@@ -26,7 +20,7 @@ def test_quick_run_times_every_variant_and_says_timings_are_not_speed_figures(tm
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "NOT speed figures" in proc.stdout
-    rows = _rows(tmp_path / "fused_mlp.csv")
+    rows = read_rows(tmp_path / "fused_mlp.csv")
     assert {(r["variant"], r["block"]) for r in rows} == {("dense", "-"), ("unfused", "16"), ("fused", "16"),
                                                           ("unfused", "32"), ("fused", "32")}
     for r in rows:
@@ -52,7 +46,7 @@ def test_a_wrong_variant_is_refused_and_not_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(fused_mlp, "fused_mlp", off_by_a_bit)
     rc = fused_mlp.main(["--quick", "--out", str(tmp_path)], log=lambda *a: None)
     assert rc == 1
-    rows = {(r["variant"], r["block"]): r for r in _rows(tmp_path / "fused_mlp.csv")}
+    rows = {(r["variant"], r["block"]): r for r in read_rows(tmp_path / "fused_mlp.csv")}
     for b in ("16", "32"):
         assert rows[("fused", b)]["status"] == "wrong" and rows[("fused", b)]["fwd_ms"] == ""
         assert "output" in rows[("fused", b)]["reason"]

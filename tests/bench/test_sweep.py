@@ -1,11 +1,9 @@
 """bench/sweep.py: the quick pipeline runs on CPU, the gate rejects wrong configs before they
 are timed, the table is written and read back, and the kernels pick up a tuned config."""
-import csv
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +13,9 @@ import triton
 from bench import common, sweep
 from kernels import runtime as rt
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import ROOT, read_rows
+
 KERNELS = {"fanin_fwd", "fanin_dx", "diag_fwd", "diag_dx", "sddmm", "sddmm_block", "fused_diag_mlp"}
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _parse_key(key: str) -> dict:
@@ -47,7 +41,7 @@ def test_quick_sweep_writes_every_output_and_says_timings_are_not_speed_figures(
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "sweep.md").read_text()
     assert "NOT speed figures" in md and "torch" in md and "triton" in md and "git" in md
-    rows = _rows(out / "sweep.csv")
+    rows = read_rows(out / "sweep.csv")
     assert {r["op"] for r in rows} == set(sweep.OPS)
     assert all(r["status"] == "timed" and r["config_source"] == "table" for r in rows)
     assert all(r["mode"] == "interpreter" for r in rows)
@@ -58,7 +52,7 @@ def test_quick_sweep_writes_every_output_and_says_timings_are_not_speed_figures(
 def test_quick_sweep_times_the_fused_mlp_beside_dense_and_unfused_only_at_the_mlp_shape(quick_run):
     out, proc = quick_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in _rows(out / "sweep.csv") if r["op"] == "mlp_fwd"]
+    rows = [r for r in read_rows(out / "sweep.csv") if r["op"] == "mlp_fwd"]
     assert rows and {(r["in_features"], r["out_features"]) for r in rows} == {("64", "128")}
     assert {int(r["block"]) for r in rows} == {16}  # b = 1 has no fused kernel
     for r in rows:
@@ -142,11 +136,8 @@ class _BuggyLaunches:
         return launch
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
-def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
-    timing = {"on": False}
-    buggy = _BuggyLaunches(kernels.fanin._fanin_fwd_kernel, timing)
-    monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", buggy)
+def _flag_timing(monkeypatch, timing):
+    """``timing["on"]`` is True exactly while common.bench_ms times a call."""
     real_bench = common.bench_ms
 
     def spying_bench(fn, **kw):
@@ -157,13 +148,21 @@ def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monk
             timing["on"] = False
 
     monkeypatch.setattr(common, "bench_ms", spying_bench)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
+def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
+    timing = {"on": False}
+    buggy = _BuggyLaunches(kernels.fanin._fanin_fwd_kernel, timing)
+    monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", buggy)
+    _flag_timing(monkeypatch, timing)
     bad = ['fanin_fwd={"BLOCK_R": 32}', 'fanin_fwd={"BLOCK_R": 16}', 'fanin_fwd={"BLOCK_T": 48}']
     argv = ["--quick", "--ops", "fanin_fwd", "--tokens", "40", "--sparsities", "0.9", "--out", str(tmp_path)]
     for b in bad:
         argv += ["--extra-candidate", b]
     assert sweep.main(argv, log=lambda *a: None) == 0
 
-    cands = _rows(tmp_path / "candidates.csv")
+    cands = read_rows(tmp_path / "candidates.csv")
     by_cfg = {}
     for r in cands:
         by_cfg.setdefault(r["config"], []).append(r)
@@ -211,16 +210,7 @@ def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, mon
     timing = {"on": False}
     buggy = _BuggyFusedLaunches(kernels.fused._fused_diag_mlp_kernel, timing)
     monkeypatch.setattr(kernels.fused, "_fused_diag_mlp_kernel", buggy)
-    real_bench = common.bench_ms
-
-    def spying_bench(fn, **kw):
-        timing["on"] = True
-        try:
-            return real_bench(fn, **kw)
-        finally:
-            timing["on"] = False
-
-    monkeypatch.setattr(common, "bench_ms", spying_bench)
+    _flag_timing(monkeypatch, timing)
     bad = ['fused_diag_mlp={"num_warps": 2}', 'fused_diag_mlp={"BLOCK_T": 16}', 'fused_diag_mlp={"BLOCK_T": 8}']
     argv = ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.75", "--tune-sparsities", "0.75",
             "--out", str(tmp_path)]
@@ -229,7 +219,7 @@ def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, mon
     assert sweep.main(argv, log=lambda *a: None) == 0
 
     reasons = {}
-    for r in _rows(tmp_path / "candidates.csv"):
+    for r in read_rows(tmp_path / "candidates.csv"):
         c = json.loads(r["config"])
         if c["num_warps"] == 2 or c["BLOCK_T"] in (8, 16):
             assert r["status"] == "rejected" and r["ms"] == "", r
@@ -244,7 +234,7 @@ def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, mon
     table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
     for cfg in table["fused_diag_mlp"].values():
         assert cfg["num_warps"] != 2 and cfg["BLOCK_T"] not in (8, 16)
-    rows = _rows(tmp_path / "sweep.csv")
+    rows = read_rows(tmp_path / "sweep.csv")
     assert len(rows) == 1 and rows[0]["status"] == "timed" and float(rows[0]["unfused_ms"]) > 0
 
 
@@ -257,7 +247,7 @@ def test_a_wrong_unfused_baseline_is_rejected_not_timed_and_fails_the_run(tmp_pa
     argv = ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.9", "--no-tune",
             "--out", str(tmp_path)]
     assert sweep.main(argv, log=lambda *a: None) == 1
-    (row,) = _rows(tmp_path / "sweep.csv")
+    (row,) = read_rows(tmp_path / "sweep.csv")
     assert row["status"] == "timed" and float(row["dense_ms"]) > 0  # the fused kernel itself is right
     assert row["unfused_ms"] == "" and row["reason"].startswith("unfused baseline rejected: max error")
     assert len(timed) == 2  # the kernel and dense, never the wrong baseline
@@ -314,7 +304,7 @@ def test_gpu_report_sums_training_products_and_judges_the_targets(tmp_path):
             _fake_row("mlp_fwd", 50432, 16, 1.5, x_unfused=0.8),
             _fake_row("mlp_fwd", 50432, 64, 2.5, x_unfused=1.6),
             _fake_row("mlp_fwd", 4096, 64, 9.0, x_unfused=9.0)]  # not the target's T
-    train = sweep.training_rows(rows)
+    train = sweep.trainingread_rows(rows)
     assert len(train) == 1
     # kernel 1 + 1 + 2 = 4 ms; dense 2.2 + 2.0 + 2.0 = 6.2 ms
     assert train[0]["kernel_ms"] == pytest.approx(4.0) and train[0]["x_dense"] == pytest.approx(6.2 / 4.0)

@@ -304,7 +304,7 @@ def test_gpu_report_sums_training_products_and_judges_the_targets(tmp_path):
             _fake_row("mlp_fwd", 50432, 16, 1.5, x_unfused=0.8),
             _fake_row("mlp_fwd", 50432, 64, 2.5, x_unfused=1.6),
             _fake_row("mlp_fwd", 4096, 64, 9.0, x_unfused=9.0)]  # not the target's T
-    train = sweep.trainingread_rows(rows)
+    train = sweep.training_rows(rows)
     assert len(train) == 1
     # kernel 1 + 1 + 2 = 4 ms; dense 2.2 + 2.0 + 2.0 = 6.2 ms
     assert train[0]["kernel_ms"] == pytest.approx(4.0) and train[0]["x_dense"] == pytest.approx(6.2 / 4.0)

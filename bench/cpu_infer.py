@@ -14,7 +14,7 @@ time / variant time. Each variant is ``--copies`` distinct layers (default 8) ca
 as a model's consecutive layers are: one layer called back to back keeps its ~2 MB sparse
 weight in the core's L2 cache, which a real forward pass does not (``--copies 1`` measures
 that hot case). The library layers run their CPU path: at batch 1 with no gradient, one MKL
-addmv on a CSR copy of the weight made at the first call (``SparseLayer.cpu_matvec``); per-call
+addmv on a CSR copy of the weight made at the first call (``SparseLayer.cpu_inference``); per-call
 index checks are off (the layers validate indices when the pattern changes).
 
 Variants:

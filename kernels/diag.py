@@ -481,7 +481,7 @@ class DiagLinear(SparseLayer):
         return brow.reshape(-1), bcol.reshape(-1), values.reshape(-1, b, b), b
 
     def forward(self, x):
-        y = self.cpu_matvec(x)
+        y = self.cpu_inference(x)
         if y is not None:
             return y
         y = diag_matmul(x, self.effective_values(), self.offsets, self.block_size, self.out_features)

@@ -350,7 +350,7 @@ class FanInLinear(SparseLayer):
         return self.values.shape[1]
 
     def forward(self, x):
-        y = self.cpu_matvec(x)
+        y = self.cpu_inference(x)
         if y is not None:
             return y
         y = fanin_matmul(x, self.values, self.indices, self.rows, self.out_features)

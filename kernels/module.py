@@ -50,28 +50,39 @@ class SparseLayer(nn.Module):
             with torch.no_grad():
                 self.bias.uniform_(-bound, bound, generator=generator)
 
-    # ------------------------------------------------------------- batch-1 CPU inference
+    # ------------------------------------------------------------- CPU inference
 
-    def cpu_matvec(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y for a single token on CPU when no gradient is wanted: one MKL ``addmv`` (bias + W x)
-        on a CSR (BSR for block formats) copy of the weight, built on first use and kept until the values or the
-        pattern change. None where this path does not apply (several tokens, a gradient, an
+    def cpu_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """y on CPU when no gradient is wanted: one MKL product with a cached sparse copy of
+        the weight - ``addmv`` (bias + W x) for a single token, on a BSR of the b x b blocks
+        for block diagonals (no per-element index) or a CSR; ``addmm`` on the CSR for more
+        tokens. The copy (int32 indices, the values) is built on first use and rebuilt when
+        the values or the pattern change. None where this path does not apply (a gradient, an
         autocast region, torch.compile, fp16/bf16, the Triton backend); ``forward`` then runs
-        the custom op. The op's dispatch and per-call set-up cost as much as a batch-1 product.
+        the custom op, whose dispatch and per-call CSR set-up cost as much as a batch-1 product
+        (Linear 3072 -> 768 at 90%, 1 thread: 3-6x dense for T = 1..128 this way, 0.2-2.8x
+        through the op; bench/cpu_infer.py for batch 1).
         """
-        if x.dim() == 0 or x.numel() != x.shape[-1] or x.dtype not in (torch.float32, torch.float64):
+        if x.dim() == 0 or x.dtype not in (torch.float32, torch.float64) or x.dtype != self.values.dtype:
             return None
-        if not rt.eager_cpu_inference(x, self.values, self.bias) or x.dtype != self.values.dtype:
+        if not rt.eager_cpu_inference(x, self.values, self.bias):
             return None
         values = self.inference_values()
         if values is None:
             return None
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got {tuple(x.shape)}")
-        w = self._inference_csr(values)
-        v = x.reshape(self.in_features)
-        y = torch.mv(w, v) if self.bias is None else torch.addmv(self.bias, w, v)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        lead = x.shape[:-1]
+        x2 = rt.flatten_tokens(x)
+        if x2.shape[0] == 1:
+            w = self._inference_weight(values, blocked=True)
+            y = torch.mv(w, x2[0]) if self.bias is None else torch.addmv(self.bias, w, x2[0])
+        else:
+            w = self._inference_weight(values, blocked=False)
+            xt = x2.t().contiguous()
+            yt = torch.mm(w, xt) if self.bias is None else torch.addmm(self.bias[:, None], w, xt)
+            y = yt.t().contiguous()
+        return y.reshape(*lead, self.out_features)
 
     def inference_values(self) -> torch.Tensor | None:
         """The values the product uses, aligned with ``coords()``; None when they are not
@@ -85,21 +96,26 @@ class SparseLayer(nn.Module):
         rows, cols = self.coords()
         return rows, cols, values.reshape(-1, 1, 1), 1
 
-    def _inference_csr(self, values: torch.Tensor) -> torch.Tensor:
-        """The weight as a CSR tensor [out, in] (BSR for b x b blocks), rows sorted and columns
-        sorted within a row, int32 indices, cached and keyed on the storage, version counter
-        and shape of the values and of every index buffer: an optimizer step, a mask update or
-        a state_dict load rebuilds it. It holds a copy of the values (nnz numbers)."""
+    def _inference_weight(self, values: torch.Tensor, blocked: bool) -> torch.Tensor:
+        """The weight as a sparse tensor [out, in]: BSR of ``weight_blocks`` when ``blocked``
+        and b > 1, else CSR of the elements; rows sorted, columns sorted within a row, int32
+        indices. Cached per layout, keyed on the storage, version counter and shape of the
+        values and of every index buffer: an optimizer step, a mask update or a state_dict
+        load rebuilds it. Each layout holds a copy of the values (nnz numbers)."""
         tracked = [values] + [b for b in self._buffers.values() if b is not None]
         try:
             key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tracked)
         except RuntimeError:  # tensors made under inference_mode have no version counter
             key = None
-        cached = self.__dict__.get("_csr_cache")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        cache = self.__dict__.setdefault("_csr_cache", {})
+        hit = cache.get(blocked)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
         with torch.no_grad():
-            rows, cols, blocks, b = self.weight_blocks(values.detach())
+            if blocked:
+                rows, cols, blocks, b = self.weight_blocks(values.detach())
+            else:
+                (rows, cols), blocks, b = self.coords(), values.detach().reshape(-1, 1, 1), 1
             rows, cols = rows.long(), cols.long()
             n_rows, n_cols = self.out_features // b, self.in_features // b
             rt.check_range("the layer's rows", rows, n_rows)
@@ -118,7 +134,7 @@ class SparseLayer(nn.Module):
             else:
                 w = torch.sparse_bsr_tensor(crow.to(idx), cols[order].to(idx), blocks[order].contiguous(),
                                             size=size, check_invariants=False)
-        self.__dict__["_csr_cache"] = (key, w)
+        cache[blocked] = (key, w)
         return w
 
     @property

@@ -200,7 +200,7 @@ class SparseLinear(SparseLayer):
         self.reset_bias(bound, generator)
 
     def forward(self, x):
-        y = self.cpu_matvec(x)
+        y = self.cpu_inference(x)
         if y is not None:
             return y
         y = sparse_matmul(x, self.values, self.rows, self.cols, self.out_features)

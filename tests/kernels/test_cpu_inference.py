@@ -1,6 +1,6 @@
-"""The batch-1 CPU inference path of the layers (SparseLayer.cpu_matvec): one addmv on a cached
-CSR copy of the weight. Same answer as the custom op, taken only when it applies, rebuilt when
-the values or the pattern change."""
+"""The CPU inference path of the layers (SparseLayer.cpu_inference): one MKL addmv (one token)
+or addmm (more) on a cached CSR / BSR copy of the weight. Same answer as the custom op, taken
+only when it applies, rebuilt when the values or the pattern change."""
 import pytest
 import torch
 
@@ -42,10 +42,11 @@ def forbid_op(monkeypatch, layer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_one_token_without_grad_takes_the_csr_path_and_matches(name, dtype, monkeypatch):
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_without_grad_the_cached_weight_path_is_taken_and_matches(name, dtype, tokens, monkeypatch):
     g = torch.Generator().manual_seed(0)
     layer = LAYERS[name](g).to(dtype)
-    x = torch.randn(1, 1, layer.in_features, generator=g, dtype=dtype)
+    x = torch.randn(1, tokens, layer.in_features, generator=g, dtype=dtype)
     ref = x @ layer.to_dense().t() + layer.bias.detach()
     y_op = layer(x)  # grad enabled and values require grad: the custom op
     forbid_op(monkeypatch, layer)
@@ -54,17 +55,18 @@ def test_one_token_without_grad_takes_the_csr_path_and_matches(name, dtype, monk
     with torch.inference_mode():
         y_inf = layer(x)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert y.shape == (1, 1, layer.out_features)
+    assert y.shape == (1, tokens, layer.out_features) and y.is_contiguous()
     torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(y, y_op.detach(), rtol=tol, atol=tol)
     torch.testing.assert_close(y_inf, y)
 
 
 @pytest.mark.parametrize("name", ["fan-in", "diag b=1 wide", "diag b=4 tall", "unstructured"])
-def test_cached_weight_follows_value_and_pattern_changes(name):
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_cached_weight_follows_value_and_pattern_changes(name, tokens):
     g = torch.Generator().manual_seed(1)
     layer = LAYERS[name](g)
-    x = torch.randn(1, layer.in_features, generator=g)
+    x = torch.randn(tokens, layer.in_features, generator=g)
     with torch.no_grad():
         layer(x)  # builds the cache
         layer.values.mul_(-2.0)  # an optimizer step changes values in place
@@ -85,16 +87,16 @@ def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
     g = torch.Generator().manual_seed(2)
     layer = LAYERS["fan-in"](g)
     x1, x3 = torch.randn(1, 40, generator=g), torch.randn(3, 40, generator=g)
-    monkeypatch.setattr(layer, "_inference_csr", lambda values: pytest.fail("CSR path taken"))
+    monkeypatch.setattr(layer, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken"))
     layer(x1)  # gradient wanted
+    layer(x3)
     with torch.no_grad():
-        layer(x3)  # several tokens
         layer.to(torch.bfloat16)(x1.to(torch.bfloat16))  # MKL has no bf16
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         layer.to(torch.float32)(x1)
     gated = kernels.DiagLinear(48, 20, density=0.3, block_size=1, generator=g)
     gated.enable_gate(k_target=gated.num_diagonals, temperature=1.0)
-    monkeypatch.setattr(gated, "_inference_csr", lambda values: pytest.fail("CSR path taken with the gate on"))
+    monkeypatch.setattr(gated, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken with the gate on"))
     with torch.no_grad():
         gated(torch.randn(1, 48, generator=g))
     with kernels.use_backend("triton"), torch.no_grad():

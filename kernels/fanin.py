@@ -28,8 +28,6 @@ from .module import SparseLayer
 from .sddmm import _token_contiguous, acc_dtype, sddmm
 from .sparse import csr_matmul, index_dtype
 
-_TORCH_CHUNK_ELEMS = 1 << 22
-
 
 def fanin_matmul_ref(x, values, indices, rows=None, out_features=None):
     """The spec, through a dense weight (tests only)."""

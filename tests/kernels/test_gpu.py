@@ -4,8 +4,6 @@ import pytest
 import torch
 
 import kernels
-from kernels.diag import diag_matmul_ref
-from kernels.fanin import fanin_matmul_ref
 from kernels.sddmm import sddmm_ref
 
 from .conftest import assert_matches

@@ -66,6 +66,8 @@ class SparseLayer(nn.Module):
         if x.dim() == 0 or x.dtype not in (torch.float32, torch.float64) or x.dtype != self.values.dtype:
             return None
         if not rt.eager_cpu_inference(x, self.values, self.bias):
+            # A training step will change the values: drop the copy instead of holding it.
+            self.__dict__.pop("_csr_cache", None)
             return None
         values = self.inference_values()
         if values is None:

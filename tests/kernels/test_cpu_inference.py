@@ -109,3 +109,14 @@ def test_a_corrupt_pattern_is_reported_not_multiplied():
     layer.cols[0] = layer.in_features + 5  # a buffer edited behind the layer's back
     with torch.no_grad(), pytest.raises(ValueError, match="cols"):
         layer(torch.randn(1, layer.in_features, generator=g))
+
+
+def test_a_training_forward_drops_the_cached_copy():
+    g = torch.Generator().manual_seed(4)
+    layer = LAYERS["fan-in"](g)
+    x = torch.randn(2, layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x)
+    assert layer.__dict__.get("_csr_cache")
+    layer(x).sum().backward()
+    assert "_csr_cache" not in layer.__dict__

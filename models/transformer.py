@@ -113,10 +113,7 @@ class MLP(nn.Module):
         return any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2))
 
     def forward(self, x):
-        # CPU inference on the torch backend runs unfused: there fused_mlp is the same two torch
-        # products, while each layer alone takes its cached-weight MKL path (SparseLayer.cpu_inference).
-        cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled() and kernels.get_backend() == "torch"
-        if self.fused and (self.drop.p == 0 or not self.training) and not self._hooked() and not cpu_inference:
+        if self.fused and (self.drop.p == 0 or not self.training) and not self._hooked():
             return kernels.fused_mlp(self.fc1, self.fc2, x)
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 

@@ -144,18 +144,3 @@ def test_layer_shapes_of_a_fused_config_are_those_of_the_unfused_one():
     assert sparse_layer_shapes(ViT, cfg) == sparse_layer_shapes(ViT, ViTConfig.preset("micro"))
     with pytest.raises(ValueError, match="fused_mlp must be a bool"):
         ViTConfig.preset("micro", fused_mlp=1).validate()
-
-
-def test_cpu_inference_without_grad_runs_the_layers_cached_path(monkeypatch):
-    """On CPU with no gradient the fused MLP defers to the layers' own cached-weight path (the
-    faster one there); with a gradient it stays fused."""
-    torch.manual_seed(0)
-    mlp = MLP("m", 32, 64, 0.0, lambda n, i, o, b: kernels.DiagLinear(i, o, num_diagonals=2, block_size=16), fused=True)
-    calls, fused_mlp = [], kernels.fused_mlp
-    monkeypatch.setattr(kernels, "fused_mlp", lambda *a: calls.append(1) or fused_mlp(*a))
-    x = torch.randn(3, 32)
-    with torch.no_grad():
-        y = mlp(x)
-    assert calls == [] and mlp.fc1.__dict__.get("_csr_cache")
-    torch.testing.assert_close(y, mlp(x))
-    assert calls == [1]

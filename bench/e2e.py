@@ -334,7 +334,8 @@ def main(argv=None, log=print) -> int:
     dtype = common.parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     if not gpu and not args.quick:
         log("no GPU: full-size models on CPU are slow (batch 1 by default); use --quick for the pipeline check")
-    out = args.out or (common.RESULTS / ("quick" if args.quick else rt.device_key()))
+    # e2e on CPU runs the torch paths, not the interpreter: its results go to "cpu"
+    out = args.out or (common.RESULTS / ("quick" if args.quick else (rt.device_key() if gpu else "cpu")))
     out.mkdir(parents=True, exist_ok=True)
     head = common.header()
     head.pop("note", None)  # the sparse layers run their torch path on CPU, not the interpreter

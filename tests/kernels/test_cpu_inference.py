@@ -42,7 +42,7 @@ def forbid_op(monkeypatch, layer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("tokens", [0, 1, 7])
 def test_without_grad_the_cached_weight_path_is_taken_and_matches(name, dtype, tokens, monkeypatch):
     g = torch.Generator().manual_seed(0)
     layer = LAYERS[name](g).to(dtype)

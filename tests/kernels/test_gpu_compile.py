@@ -27,6 +27,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory():
     done = subprocess.run([sys.executable, "-m", "tests.kernels.gpu_compile"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 3 and rows and "unsupported" in rows[0]:
+        pytest.skip(f"the compile probe drives triton internals of 3.8; here: {rows[0]['unsupported']}")
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(json.dumps(r) for r in bad) + done.stderr[-2000:]
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernels
-from kernels.fanin import fanin_matmul_ref
+from kernels.fanin import fanin_matmul_ref, fanin_to_dense
 
 from .conftest import DEVICE, check_op
 
@@ -157,3 +157,23 @@ def test_both_activation_layouts_of_the_kernels(monkeypatch, x_t, ablate, dtype)
         check_op(lambda x, v: kernels.fanin_matmul(x, v, indices.to(DEVICE), rows_arg, 30),
                  lambda x, v: fanin_matmul_ref(x, v, indices.to(DEVICE), rows_arg, 30),
                  [x.to(DEVICE), values.to(DEVICE)], dtype)
+
+
+def test_cpu_input_gradient_follows_in_place_pattern_changes():
+    """The CPU input gradient caches W^T's structure per index tensor: an in-place change of
+    the indices (or rows) must rebuild it, and a new index tensor must not reuse it."""
+    from kernels.fanin import fanin_dx_torch
+    g = torch.Generator().manual_seed(3)
+    values, indices, rows = make_pattern(g, 20, 12, 4, 9)
+    dy = torch.randn(5, 12, generator=g)
+
+    def reference():
+        return dy @ fanin_to_dense(values, indices, 20, rows, 12)
+
+    torch.testing.assert_close(fanin_dx_torch(dy, values, indices, rows, 20), reference())
+    indices[0] = torch.randperm(20, generator=g)[:4].to(torch.int32)  # a mask update in place
+    torch.testing.assert_close(fanin_dx_torch(dy, values, indices, rows, 20), reference())
+    rows[[0, 1]] = rows[[1, 0]]
+    torch.testing.assert_close(fanin_dx_torch(dy, values, indices, rows, 20), reference())
+    indices = indices.flip(1).contiguous()  # another tensor
+    torch.testing.assert_close(fanin_dx_torch(dy, values, indices, rows, 20), reference())

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import runtime as rt
 from .module import SparseLayer
 from .sddmm import acc_dtype, dot_settings, sddmm
-from .sparse import _spmm
+from .sparse import _csr_structure, csr_matmul
 
 _TORCH_CHUNK_ELEMS = 1 << 22
 
@@ -277,11 +277,15 @@ def _diag_product_torch(a, values, offsets, n_in_blocks, n_out_blocks, b, gather
 def _diag_csr_product(a, values, offsets, R, C, transpose: bool):
     """b = 1 on CPU: the K * D elements as an MKL CSR product (measured 10-20x faster than the
     gathered einsum at training batch sizes). ``transpose``: multiply by W^T (the input grad)."""
-    rows, cols = diag_coords(offsets, R, C)
-    rows, cols, vals = rows.reshape(-1), cols.reshape(-1), values.reshape(-1)
-    if transpose:
-        rows, cols, R, C = cols, rows, C, R
-    return _spmm(vals, rows, cols, R, C, a.t()).t().contiguous()
+    n_r, n_c = (C, R) if transpose else (R, C)
+
+    def build():  # the CSR structure of the diagonals' elements, once per pattern
+        rows, cols = (t.reshape(-1) for t in diag_coords(offsets, R, C))
+        return _csr_structure(*((cols, rows) if transpose else (rows, cols)), n_r, n_c)
+
+    order, crow, csr_cols = rt.cached_pattern((offsets,), ("diag", R, C, transpose), build)
+    vals = values.reshape(-1) if order is None else values.reshape(-1)[order]
+    return csr_matmul(crow, csr_cols, vals, n_r, n_c, a.t()).t().contiguous()
 
 
 def diag_fwd_torch(x2, values, offsets, block_size: int, out_features: int) -> torch.Tensor:
@@ -300,8 +304,11 @@ def diag_dx_torch(dy, values, offsets, block_size: int, in_features: int) -> tor
 
 def _diag_dw(dy, x2, offsets, block_size, values_shape):
     R, C = dy.shape[1] // block_size, x2.shape[1] // block_size
-    rows, cols = diag_coords(offsets, R, C)
-    g = sddmm(dy, x2, rows.reshape(-1), cols.reshape(-1), block_size)
+    # the same coordinate tensors while the offsets stand: the SDDMM's CPU path caches its
+    # structure on them
+    rows, cols = rt.cached_pattern((offsets,), ("diag coords", R, C),
+                                   lambda: tuple(t.reshape(-1) for t in diag_coords(offsets, R, C)))
+    g = sddmm(dy, x2, rows, cols, block_size)
     return g.reshape(values_shape)
 
 

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -233,3 +234,35 @@ def _autocast_kernel(op, device_type: str):
         with torch.autocast(device_type, enabled=False):
             return op(*(cast(a) for a in args))
     return kernel
+
+
+# ----------------------------------------------------------------------------- pattern cache
+
+_PATTERNS: dict[tuple, tuple] = {}
+_PATTERNS_MAX = 1024
+
+
+def cached_pattern(tensors: tuple, extra, build):
+    """``build()``, cached while the same index tensors come back unchanged.
+
+    A sparsity pattern lives across many steps (it changes at mask updates only), so the
+    structure the CPU paths derive from it per call (a sort, row pointers) can be kept.
+    Entries are keyed on the tensors' identity - held through weak references, so a freed
+    tensor drops its entry and a new tensor at the same address cannot match - their version
+    counters (an in-place change rebuilds) and ``extra`` (sizes and flags). Inference tensors
+    (no version counter) are not cached.
+    """
+    try:
+        versions = tuple(t._version for t in tensors)
+    except RuntimeError:
+        return build()
+    key = tuple(id(t) for t in tensors)
+    hit = _PATTERNS.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == versions and hit[2] == extra:
+        return hit[3]
+    value = build()
+    if len(_PATTERNS) >= _PATTERNS_MAX:
+        _PATTERNS.pop(next(iter(_PATTERNS)))
+    refs = tuple(weakref.ref(t, lambda _, key=key: _PATTERNS.pop(key, None)) for t in tensors)
+    _PATTERNS[key] = (refs, versions, extra, value)
+    return value

@@ -72,14 +72,25 @@ def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
     return (w @ dense_t.to(dt).contiguous()).to(dense_t.dtype)
 
 
-def _spmm(values, rows, cols, n_rows, n_cols, dense_t):
-    """(W @ dense_t) with W [n_rows, n_cols] given by coordinates in any order. Coordinates
-    already sorted by (row, col) - the layer keeps them so - skip the argsort."""
+def _csr_structure(rows, cols, n_rows: int, n_cols: int):
+    """(order or None, crow, cols in CSR order) of coordinates in any order: sorted ones (the
+    layer keeps them so) need no argsort; the input gradient's swapped coordinates do."""
     flat = rows.long() * n_cols + cols.long()
+    order = None
     if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
         order = torch.argsort(flat)
-        rows, cols, values = rows[order], cols[order], values[order]
-    return csr_matmul(_crow_of_sorted(rows, n_rows), cols, values, n_rows, n_cols, dense_t)
+        rows, cols = rows[order], cols[order]
+    return order, _crow_of_sorted(rows, n_rows), cols
+
+
+def _spmm(values, rows, cols, n_rows, n_cols, dense_t):
+    """(W @ dense_t) with W [n_rows, n_cols] given by coordinates in any order; the CSR
+    structure is cached per coordinate tensors (rt.cached_pattern)."""
+    order, crow, csr_cols = rt.cached_pattern((rows, cols), ("csr", n_rows, n_cols),
+                                              lambda: _csr_structure(rows, cols, n_rows, n_cols))
+    if order is not None:
+        values = values[order]
+    return csr_matmul(crow, csr_cols, values, n_rows, n_cols, dense_t)
 
 
 def _check(x2, values, rows, cols, out_features):

@@ -263,6 +263,7 @@ def cached_pattern(tensors: tuple, extra, build):
     value = build()
     if len(_PATTERNS) >= _PATTERNS_MAX:
         _PATTERNS.pop(next(iter(_PATTERNS)))
-    refs = tuple(weakref.ref(t, lambda _, key=key: _PATTERNS.pop(key, None)) for t in tensors)
+    # (the table is bound now: at interpreter exit the module's globals may already be None)
+    refs = tuple(weakref.ref(t, lambda _, key=key, table=_PATTERNS: table.pop(key, None)) for t in tensors)
     _PATTERNS[key] = (refs, versions, extra, value)
     return value

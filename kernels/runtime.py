@@ -256,7 +256,7 @@ def cached_pattern(tensors: tuple, extra, build):
         versions = tuple(t._version for t in tensors)
     except RuntimeError:
         return build()
-    key = tuple(id(t) for t in tensors)
+    key = (*(id(t) for t in tensors), extra)  # one pattern serves several structures
     hit = _PATTERNS.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == versions and hit[2] == extra:
         return hit[3]

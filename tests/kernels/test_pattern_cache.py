@@ -21,6 +21,7 @@ def test_hits_only_for_the_same_unchanged_tensors_and_extra():
     assert rt.cached_pattern((a, b), "x", build) == 1
     assert rt.cached_pattern((a, b), "x", build) == 1      # hit
     assert rt.cached_pattern((a, b), "y", build) == 2      # other extra
+    assert rt.cached_pattern((a, b), "x", build) == 1      # both kept: one pattern, two structures
     a.add_(1)                                              # in place: version moves
     assert rt.cached_pattern((a, b), "y", build) == 3
     assert rt.cached_pattern((a.clone(), b), "y", build) == 4  # another tensor
@@ -32,7 +33,7 @@ def test_hits_only_for_the_same_unchanged_tensors_and_extra():
 
 def test_a_freed_tensor_drops_its_entry():
     t = torch.arange(7)
-    key = (id(t),)
+    key = (id(t), "z")
     rt.cached_pattern((t,), "z", lambda: 0)
     assert key in rt._PATTERNS
     del t

@@ -250,13 +250,16 @@ def cached_pattern(tensors: tuple, extra, build):
     Entries are keyed on the tensors' identity - held through weak references, so a freed
     tensor drops its entry and a new tensor at the same address cannot match - their version
     counters (an in-place change rebuilds) and ``extra`` (sizes and flags). Inference tensors
-    (no version counter) are not cached.
+    (no version counter) and tensors seen while tracing are not cached.
     """
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+        return build()  # tracing: fake or functional tensors, symbolic sizes - nothing to keep
     try:
         versions = tuple(t._version for t in tensors)
-    except RuntimeError:
+        key = (*(id(t) for t in tensors), extra)  # one pattern serves several structures
+        hash(key)
+    except (RuntimeError, TypeError):  # no version counter (inference tensors); symbolic sizes
         return build()
-    key = (*(id(t) for t in tensors), extra)  # one pattern serves several structures
     hit = _PATTERNS.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == versions and hit[2] == extra:
         return hit[3]

@@ -274,38 +274,66 @@ def _diag_product_torch(a, values, offsets, n_in_blocks, n_out_blocks, b, gather
     return out.reshape(T, n_out_blocks * b).to(a.dtype)
 
 
-def _diag_csr_product(a, values, offsets, R, C, transpose: bool):
-    """b = 1 on CPU: the K * D elements as an MKL CSR product (measured 10-20x faster than the
-    gathered einsum at training batch sizes). ``transpose``: multiply by W^T (the input grad)."""
-    n_r, n_c = (C, R) if transpose else (R, C)
+# Up to this block size the CPU path multiplies the diagonals' elements as a CSR (MKL) and
+# takes their weight gradient as element dots (sampled_addmm); from it on, the block products
+# (batched b x b GEMMs) win. Linear 768 <-> 3072 at 90%, 197 tokens, 2 threads, fwd / dx / dW
+# ms: b = 16 elements 3.0-3.3 / 3.2-3.4 / 4.1-4.4, blocks 4.5-5.6 / 4.5-5.8 / 6.1-7.6;
+# b = 64 elements 3.1-3.2 / 3.0-3.1 / 3.7-3.8, blocks 1.4-1.7 / 1.3-1.7 / 1.8-2.0.
+_CPU_ELEMENT_MAX_BLOCK = 16
+
+
+def _element_coords(offsets, R: int, C: int, b: int):
+    """(rows, cols) of every stored element, aligned with values.reshape(-1) ([K, D, b, b],
+    entry [i, j] of a block = output b*row + i, input b*col + j); cached per offsets."""
+    def build():
+        brow, bcol = (t.reshape(-1, 1, 1).long() for t in diag_coords(offsets, R, C))
+        i = torch.arange(b, device=offsets.device)
+        rows = (brow * b + i[:, None]).expand(-1, b, b).reshape(-1).to(torch.int32)
+        cols = (bcol * b + i[None, :]).expand(-1, b, b).reshape(-1).to(torch.int32)
+        return rows, cols
+    return rt.cached_pattern((offsets,), ("diag elements", R, C, b), build)
+
+
+def _diag_csr_product(a, values, offsets, R, C, b: int, transpose: bool):
+    """CPU, b <= _CPU_ELEMENT_MAX_BLOCK: the K * D * b * b elements as an MKL CSR product
+    (measured 10-20x faster than the gathered einsum at b = 1). ``transpose``: multiply by W^T
+    (the input grad). R, C count blocks."""
+    n_r, n_c = (C * b, R * b) if transpose else (R * b, C * b)
 
     def build():  # the CSR structure of the diagonals' elements, once per pattern
-        rows, cols = (t.reshape(-1) for t in diag_coords(offsets, R, C))
+        rows, cols = _element_coords(offsets, R, C, b)
         return _csr_structure(*((cols, rows) if transpose else (rows, cols)), n_r, n_c)
 
-    order, crow, csr_cols = rt.cached_pattern((offsets,), ("diag", R, C, transpose), build)
+    order, crow, csr_cols = rt.cached_pattern((offsets,), ("diag", R, C, b, transpose), build)
     vals = values.reshape(-1) if order is None else values.reshape(-1)[order]
     return csr_matmul(crow, csr_cols, vals, n_r, n_c, a.t()).t().contiguous()
 
 
+def _elementwise_on_cpu(block_size: int, tokens: int, offsets) -> bool:
+    return block_size <= _CPU_ELEMENT_MAX_BLOCK and tokens > 4 and offsets.numel() > 0
+
+
 def diag_fwd_torch(x2, values, offsets, block_size: int, out_features: int) -> torch.Tensor:
     R, C, D, P = _check(x2, values, offsets, block_size, out_features)
-    if block_size == 1 and x2.shape[0] > 4 and offsets.numel():
-        return _diag_csr_product(x2, values, offsets, R, C, transpose=False)
+    if _elementwise_on_cpu(block_size, x2.shape[0], offsets):
+        return _diag_csr_product(x2, values, offsets, R, C, block_size, transpose=False)
     return _diag_product_torch(x2, values, offsets, C, R, block_size, gather=R < C, transpose_w=True)
 
 
 def diag_dx_torch(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
     R, C = dy.shape[1] // block_size, in_features // block_size
-    if block_size == 1 and dy.shape[0] > 4 and offsets.numel():
-        return _diag_csr_product(dy, values, offsets, R, C, transpose=True)
+    if _elementwise_on_cpu(block_size, dy.shape[0], offsets):
+        return _diag_csr_product(dy, values, offsets, R, C, block_size, transpose=True)
     return _diag_product_torch(dy, values, offsets, R, C, block_size, gather=R >= C, transpose_w=False)
 
 
 def _diag_dw(dy, x2, offsets, block_size, values_shape):
     R, C = dy.shape[1] // block_size, x2.shape[1] // block_size
-    # the same coordinate tensors while the offsets stand: the SDDMM's CPU path caches its
-    # structure on them
+    if not rt.runs_triton(dy) and _elementwise_on_cpu(block_size, dy.shape[0], offsets):
+        # element dots at the diagonals' elements (cached coordinates: the SDDMM's CPU path
+        # caches its own structure on the same tensors)
+        rows, cols = _element_coords(offsets, R, C, block_size)
+        return sddmm(dy, x2, rows, cols, 1).reshape(values_shape)
     rows, cols = rt.cached_pattern((offsets,), ("diag coords", R, C),
                                    lambda: tuple(t.reshape(-1) for t in diag_coords(offsets, R, C)))
     g = sddmm(dy, x2, rows, cols, block_size)

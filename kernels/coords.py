@@ -85,3 +85,31 @@ def random_rows_of_distinct(n_rows: int, n: int, k: int, *, generator=None,
 def sort_coords(rows: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
     """Permutation that sorts coordinates by (row, col)."""
     return torch.argsort(rows.long() * n_cols + cols.long())
+
+
+def index_dtype(nnz: int) -> torch.dtype:
+    """int32 CSR indices when they fit (MKL reads them as they are; int64 would cost a copy of
+    the layer's int32 coordinates per call), else int64."""
+    return torch.int32 if nnz < 2 ** 31 - 1 else torch.int64
+
+
+def crow_of_sorted(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row pointers of row indices already sorted (no sort: a binary search per row)."""
+    bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows.dtype)
+    return torch.searchsorted(rows, bounds).to(index_dtype(rows.numel()))
+
+
+def csr_structure(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, *,
+                  what: str | None = None):
+    """(order or None, crow, cols in CSR order) of coordinates in any order: the stored values
+    taken in ``order`` (None: as they are) form a CSR with rows sorted and columns sorted
+    within a row. Sorted coordinates (the layers keep theirs so) need no argsort. With
+    ``what`` (a name for the message) a coordinate stored twice raises ValueError."""
+    flat = rows.long() * n_cols + cols.long()
+    order = None
+    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
+        order = torch.argsort(flat)
+        rows, cols, flat = rows[order], cols[order], flat[order]
+    if what is not None and flat.numel() > 1 and bool((flat[1:] == flat[:-1]).any()):
+        raise ValueError(f"{what} stores one weight twice")
+    return order, crow_of_sorted(rows, n_rows), cols

@@ -29,7 +29,8 @@ import triton.language as tl
 from . import runtime as rt
 from .module import SparseLayer
 from .sddmm import acc_dtype, dot_settings, sddmm
-from .sparse import _csr_structure, csr_matmul
+from .coords import csr_structure
+from .sparse import csr_matmul
 
 _TORCH_CHUNK_ELEMS = 1 << 22
 
@@ -302,7 +303,7 @@ def _diag_csr_product(a, values, offsets, R, C, b: int, transpose: bool):
 
     def build():  # the CSR structure of the diagonals' elements, once per pattern
         rows, cols = _element_coords(offsets, R, C, b)
-        return _csr_structure(*((cols, rows) if transpose else (rows, cols)), n_r, n_c)
+        return csr_structure(*((cols, rows) if transpose else (rows, cols)), n_r, n_c)
 
     order, crow, csr_cols = rt.cached_pattern((offsets,), ("diag", R, C, b, transpose), build)
     vals = values.reshape(-1) if order is None else values.reshape(-1)[order]

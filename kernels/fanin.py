@@ -23,10 +23,10 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .coords import random_rows_of_distinct
+from .coords import csr_structure, index_dtype, random_rows_of_distinct
 from .module import SparseLayer
 from .sddmm import _token_contiguous, acc_dtype, sddmm
-from .sparse import csr_matmul, index_dtype
+from .sparse import csr_matmul
 
 
 def fanin_matmul_ref(x, values, indices, rows=None, out_features=None):
@@ -212,23 +212,19 @@ def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tenso
     return y.to(x2.dtype)
 
 
-def _transposed_pattern(indices, rows, in_features: int):
-    """(order, src_rows, crow): W^T in CSR for the fan-in pattern - the stored values taken
-    in ``order`` are W^T's values, ``src_rows`` their columns (the output neurons), ``crow``
-    its row pointers over the input columns. Cached per pattern (rt.cached_pattern): its
-    argsort costs ~3.5 ms at 236k nonzeros, two thirds of the CPU input gradient of
+def _transposed_pattern(indices, rows, in_features: int, out_features: int):
+    """(order, crow, src_rows): W^T in CSR for the fan-in pattern (coords.csr_structure of the
+    swapped coordinates) - the stored values taken in ``order`` are W^T's values, ``src_rows``
+    their columns (the output neurons). Cached per pattern (rt.cached_pattern): its argsort
+    costs ~3.5 ms at 236k nonzeros, two thirds of the CPU input gradient of
     Linear(768 -> 3072) at 197 tokens."""
     def build():
         n_rows, K = indices.shape
-        cols = indices.reshape(-1).long()
-        order = torch.argsort(cols, stable=True)
-        out_of_row = (torch.arange(n_rows, device=indices.device) if rows is None else rows.long())
-        crow = torch.zeros(in_features + 1, dtype=index_dtype(cols.numel()), device=indices.device)
-        crow[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
-        return order, out_of_row.repeat_interleave(K)[order].to(crow.dtype), crow
+        out_of_row = torch.arange(n_rows, dtype=torch.int32, device=indices.device) if rows is None else rows
+        return csr_structure(indices.reshape(-1), out_of_row.repeat_interleave(K), in_features, out_features)
 
     tensors = (indices,) if rows is None else (indices, rows)
-    return rt.cached_pattern(tensors, ("fanin^T", in_features), build)
+    return rt.cached_pattern(tensors, ("fanin^T", in_features, out_features), build)
 
 
 def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
@@ -237,8 +233,9 @@ def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     T, (n_rows, K) = dy.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
         return dy.new_zeros(T, in_features)
-    order, src_rows, crow = _transposed_pattern(indices, rows, in_features)
-    return csr_matmul(crow, src_rows, values.reshape(-1)[order], in_features, dy.shape[1], dy.t()).t().contiguous()
+    order, crow, src_rows = _transposed_pattern(indices, rows, in_features, dy.shape[1])
+    vals = values.reshape(-1) if order is None else values.reshape(-1)[order]
+    return csr_matmul(crow, src_rows, vals, in_features, dy.shape[1], dy.t()).t().contiguous()
 
 
 def _fanin_dw(dy, x2, indices, rows):

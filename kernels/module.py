@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import runtime as rt
+from .coords import csr_structure, index_dtype
 
 
 class SparseLayer(nn.Module):
@@ -63,11 +64,13 @@ class SparseLayer(nn.Module):
         (Linear 3072 -> 768 at 90%, 1 thread: 3-6x dense for T = 1..128 this way, 0.2-2.8x
         through the op; bench/cpu_infer.py for batch 1).
         """
-        if torch.compiler.is_compiling() or x.device.type != "cpu":
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or rt.get_backend() != "torch":
             return None
         if x.dim() == 0 or x.dtype not in (torch.float32, torch.float64) or x.dtype != self.values.dtype:
             return None
-        if not rt.eager_cpu_inference(x, self.values, self.bias):
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.values, self.bias))
+        if wants_grad or torch.is_autocast_enabled("cpu"):
             # A training step will change the values: drop the copy instead of holding it.
             self.__dict__.pop("_csr_cache", None)
             return None
@@ -120,23 +123,19 @@ class SparseLayer(nn.Module):
                 rows, cols, blocks, b = self.weight_blocks(values.detach())
             else:
                 (rows, cols), blocks, b = self.coords(), values.detach().reshape(-1, 1, 1), 1
-            rows, cols = rows.long(), cols.long()
             n_rows, n_cols = self.out_features // b, self.in_features // b
             rt.check_range("the layer's rows", rows, n_rows)
             rt.check_range("the layer's cols", cols, n_cols)
-            flat = rows * n_cols + cols
-            order = torch.argsort(flat)
-            if rt.checks_enabled() and flat.numel() > 1 and bool((flat[order].diff() == 0).any()):
-                raise ValueError("the layer's pattern stores one weight twice")
-            crow = torch.zeros(n_rows + 1, dtype=torch.int64)
-            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
-            idx = torch.int32 if flat.numel() < 2 ** 31 - 1 else torch.int64
+            order, crow, csr_cols = csr_structure(rows, cols, n_rows, n_cols,
+                                                  what="the layer's pattern" if rt.checks_enabled() else None)
+            idx = index_dtype(csr_cols.numel())
+            blocks = blocks if order is None else blocks[order]
             size = (self.out_features, self.in_features)
             if b == 1:
-                w = torch.sparse_csr_tensor(crow.to(idx), cols[order].to(idx), blocks.reshape(-1)[order],
+                w = torch.sparse_csr_tensor(crow.to(idx), csr_cols.to(idx), blocks.reshape(-1),
                                             size=size, check_invariants=False)
             else:
-                w = torch.sparse_bsr_tensor(crow.to(idx), cols[order].to(idx), blocks[order].contiguous(),
+                w = torch.sparse_bsr_tensor(crow.to(idx), csr_cols.to(idx), blocks.contiguous(),
                                             size=size, check_invariants=False)
         cache[blocked] = (key, w)
         return w

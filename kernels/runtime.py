@@ -82,20 +82,6 @@ def runs_triton(t: torch.Tensor) -> bool:
     return _backend == "triton"
 
 
-def eager_cpu_inference(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether a layer may skip its custom op and call the CPU torch path directly: CPU
-    tensors on the torch backend, no gradient wanted (grad mode off or nothing requires it),
-    no autocast region and no torch.compile tracing. The op's dispatch and autograd wrapping
-    cost tens of microseconds, as much as a batch-1 sparse product itself."""
-    if x.device.type != "cpu" or _backend != "torch" or torch.compiler.is_compiling():
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------- launch configs
 
 CONFIG_DIR = Path(__file__).with_name("configs")

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
+from .coords import csr_structure
 
 # Bound on the elements of the gathered [T, chunk] temporaries of the torch path.
 _TORCH_CHUNK_ELEMS = 1 << 22
@@ -228,18 +229,8 @@ def _sampled_dots(dy, x, rows, cols) -> torch.Tensor:
     results put back in the callers' order."""
     M, N = dy.shape[1], x.shape[1]
 
-    def build():  # the CSR structure of the coordinates, once per pattern (rt.cached_pattern)
-        r, c = rows.long(), cols
-        order = None
-        if r.numel() > 1 and not bool((r[1:] >= r[:-1]).all()):
-            order = torch.argsort(r, stable=True)
-            r, c = r[order], c[order]
-        idx = torch.int32 if r.numel() < 2 ** 31 - 1 else torch.int64
-        crow = torch.zeros(M + 1, dtype=torch.int64, device=dy.device)
-        crow[1:] = torch.cumsum(torch.bincount(r, minlength=M), 0)
-        return order, crow.to(idx), c.to(idx)
-
-    order, crow, csr_cols = rt.cached_pattern((rows, cols), ("sddmm", M, N), build)
+    # the CSR structure of the coordinates, once per pattern
+    order, crow, csr_cols = rt.cached_pattern((rows, cols), ("csr", M, N), lambda: csr_structure(rows, cols, M, N))
     pattern = torch.sparse_csr_tensor(crow, csr_cols, torch.zeros(csr_cols.numel(), dtype=dy.dtype, device=dy.device),
                                       size=(M, N), check_invariants=False)
     g = torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()

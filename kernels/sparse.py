@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from . import runtime as rt
-from .coords import sample_distinct, sort_coords
+from .coords import csr_structure, sample_distinct, sort_coords
 from .module import SparseLayer
 from .sddmm import sddmm
 
@@ -38,22 +38,10 @@ def sparse_matmul_ref(x, values, rows, cols, out_features):
     return x @ sparse_to_dense(values, rows, cols, x.shape[-1], out_features).t()
 
 
-def _crow_of_sorted(rows, n_rows):
-    """CSR row pointers of row indices already sorted (no sort: a binary search per row)."""
-    bounds = torch.arange(n_rows + 1, device=rows.device, dtype=rows.dtype)
-    return torch.searchsorted(rows, bounds).to(index_dtype(rows.numel()))
-
-
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return t.dtype
-
-
-def index_dtype(nnz: int) -> torch.dtype:
-    """int32 CSR indices when they fit (MKL reads them as they are; int64 would cost a copy of
-    the layer's int32 coordinates per call), else int64."""
-    return torch.int32 if nnz < 2 ** 31 - 1 else torch.int64
 
 
 def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
@@ -72,22 +60,11 @@ def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
     return (w @ dense_t.to(dt).contiguous()).to(dense_t.dtype)
 
 
-def _csr_structure(rows, cols, n_rows: int, n_cols: int):
-    """(order or None, crow, cols in CSR order) of coordinates in any order: sorted ones (the
-    layer keeps them so) need no argsort; the input gradient's swapped coordinates do."""
-    flat = rows.long() * n_cols + cols.long()
-    order = None
-    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
-        order = torch.argsort(flat)
-        rows, cols = rows[order], cols[order]
-    return order, _crow_of_sorted(rows, n_rows), cols
-
-
 def _spmm(values, rows, cols, n_rows, n_cols, dense_t):
     """(W @ dense_t) with W [n_rows, n_cols] given by coordinates in any order; the CSR
     structure is cached per coordinate tensors (rt.cached_pattern)."""
     order, crow, csr_cols = rt.cached_pattern((rows, cols), ("csr", n_rows, n_cols),
-                                              lambda: _csr_structure(rows, cols, n_rows, n_cols))
+                                              lambda: csr_structure(rows, cols, n_rows, n_cols))
     if order is not None:
         values = values[order]
     return csr_matmul(crow, csr_cols, values, n_rows, n_cols, dense_t)

@@ -7,9 +7,6 @@ import torch
 import kernels
 from kernels import diag, fanin, sparse
 
-if torch.cuda.is_available():
-    pytest.skip("the path is CPU-only; this machine runs the layers on a GPU", allow_module_level=True)
-
 
 def ablated_fanin(g):
     layer = kernels.FanInLinear(40, 24, k=7, generator=g)
@@ -99,8 +96,23 @@ def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
     monkeypatch.setattr(gated, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken with the gate on"))
     with torch.no_grad():
         gated(torch.randn(1, 48, generator=g))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU tensors on the Triton backend need the interpreter, which is off where CUDA is present")
+def test_the_triton_backend_runs_the_kernel_not_the_cached_path(monkeypatch):
+    layer = LAYERS["fan-in"](torch.Generator().manual_seed(2))
+    monkeypatch.setattr(layer, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken"))
     with kernels.use_backend("triton"), torch.no_grad():
-        layer(x1)
+        layer(torch.randn(1, 40))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
+def test_gpu_tensors_never_take_the_cpu_path(monkeypatch):
+    layer = LAYERS["fan-in"](torch.Generator().manual_seed(2)).cuda()
+    monkeypatch.setattr(layer, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken"))
+    with torch.no_grad():
+        layer(torch.randn(1, 40, device="cuda"))
 
 
 def test_a_corrupt_pattern_is_reported_not_multiplied():

@@ -115,25 +115,32 @@ def test_gate_accepts_a_correct_output_and_rejects_wrong_nan_and_misshapen_ones(
     assert not ok and "shape" in reason
 
 
-class _BuggyLaunches:
-    """Stands in for ``_fanin_fwd_kernel`` and plants launch bugs tied to configs that the
-    kernel itself would run correctly: BLOCK_R=32 drops the last nonzero of every row (K - 1,
-    a loop-bound bug), BLOCK_R=16 launches one program too few along the grid's first axis
-    (a grid bug that leaves an output tile unwritten, whatever the grid's layout)."""
+class _PlantedBugs:
+    """Stands in for a @triton.jit kernel and plants launch bugs tied to configs that the kernel
+    itself would run correctly. ``plant(args, grid, kwargs)`` returns the arguments and grid to
+    launch with and whether it changed them; a changed launch made while timing is recorded in
+    ``timed_bad`` (the gate must keep that empty)."""
 
-    def __init__(self, real, timing):
-        self.real, self.timing, self.timed_bad = real, timing, []
+    def __init__(self, real, timing, plant):
+        self.real, self.timing, self.plant, self.timed_bad = real, timing, plant, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            args = list(args)
-            if kwargs["BLOCK_R"] == 32:
-                args[7] = args[7] - 1  # K
-            grid_ = (grid[0] - 1,) + tuple(grid[1:]) if kwargs["BLOCK_R"] == 16 else grid
-            if kwargs["BLOCK_R"] in (16, 32) and self.timing["on"]:
+            args, grid_, bad = self.plant(list(args), grid, kwargs)
+            if bad and self.timing["on"]:
                 self.timed_bad.append(dict(kwargs))
             return self.real[grid_](*args, **kwargs)
         return launch
+
+
+def _fanin_bugs(args, grid, kwargs):
+    """BLOCK_R=32 drops the last nonzero of every row (K - 1, a loop-bound bug), BLOCK_R=16
+    launches one program too few along the grid's first axis (an output tile left unwritten)."""
+    if kwargs["BLOCK_R"] == 32:
+        args[7] = args[7] - 1  # K
+    if kwargs["BLOCK_R"] == 16:
+        grid = (grid[0] - 1,) + tuple(grid[1:])
+    return args, grid, kwargs["BLOCK_R"] in (16, 32)
 
 
 def _flag_timing(monkeypatch, timing):
@@ -153,7 +160,7 @@ def _flag_timing(monkeypatch, timing):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
 def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
     timing = {"on": False}
-    buggy = _BuggyLaunches(kernels.fanin._fanin_fwd_kernel, timing)
+    buggy = _PlantedBugs(kernels.fanin._fanin_fwd_kernel, timing, _fanin_bugs)
     monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", buggy)
     _flag_timing(monkeypatch, timing)
     bad = ['fanin_fwd={"BLOCK_R": 32}', 'fanin_fwd={"BLOCK_R": 16}', 'fanin_fwd={"BLOCK_T": 48}']
@@ -185,30 +192,20 @@ def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monk
     assert "Rejected by the gate" in (tmp_path / "sweep.md").read_text()
 
 
-class _BuggyFusedLaunches:
-    """Stands in for ``_fused_diag_mlp_kernel`` with planted launch bugs tied to configs the
-    kernel itself runs correctly: num_warps=2 skips fc2's last diagonal (K2 - 1: wrong
-    values), BLOCK_T=16 launches one program too few (an output tile left unwritten)."""
-
-    def __init__(self, real, timing):
-        self.real, self.timing, self.timed_bad = real, timing, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            args = list(args)
-            if kwargs["num_warps"] == 2:
-                args[12] = args[12] - 1  # K2
-            grid_ = (grid[0] - 1,) if kwargs["BLOCK_T"] == 16 else grid
-            if (kwargs["num_warps"] == 2 or kwargs["BLOCK_T"] == 16) and self.timing["on"]:
-                self.timed_bad.append(dict(kwargs))
-            return self.real[grid_](*args, **kwargs)
-        return launch
+def _fused_bugs(args, grid, kwargs):
+    """num_warps=2 skips fc2's last diagonal (K2 - 1: wrong values), BLOCK_T=16 launches one
+    program too few (an output tile left unwritten)."""
+    if kwargs["num_warps"] == 2:
+        args[12] = args[12] - 1  # K2
+    if kwargs["BLOCK_T"] == 16:
+        grid = (grid[0] - 1,)
+    return args, grid, kwargs["num_warps"] == 2 or kwargs["BLOCK_T"] == 16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
 def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, monkeypatch):
     timing = {"on": False}
-    buggy = _BuggyFusedLaunches(kernels.fused._fused_diag_mlp_kernel, timing)
+    buggy = _PlantedBugs(kernels.fused._fused_diag_mlp_kernel, timing, _fused_bugs)
     monkeypatch.setattr(kernels.fused, "_fused_diag_mlp_kernel", buggy)
     _flag_timing(monkeypatch, timing)
     bad = ['fused_diag_mlp={"num_warps": 2}', 'fused_diag_mlp={"BLOCK_T": 16}', 'fused_diag_mlp={"BLOCK_T": 8}']

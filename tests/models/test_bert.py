@@ -6,7 +6,7 @@ import kernels
 from models.bert import BERT_PRESETS, Bert, BertConfig
 from models.transformer import sparse_layer_shapes
 
-from .test_vit import RecordAllocations, sparse_factory
+from .test_vit import RecordAllocations, recording_factory, sparse_factory
 
 
 def test_bert_gives_vocab_logits_and_ties_the_decoder_to_the_embedding():
@@ -36,15 +36,7 @@ def test_bert_with_sparse_layers_never_allocates_a_dense_block_weight():
     torch.manual_seed(0)
     cfg = BertConfig.preset("tiny", vocab_size=64, max_len=32)
     shapes = sparse_layer_shapes(Bert, cfg)
-    make = sparse_factory(0.1, kernels.SparseLinear)
-    largest = {}
-
-    def linear(name, i, o, bias=True):
-        with RecordAllocations() as rec:
-            layer = make(name, i, o, bias)
-        largest[name] = rec.largest()
-        return layer
-
+    linear, largest = recording_factory(sparse_factory(0.1, kernels.SparseLinear))
     model = Bert(cfg, linear=linear)
     assert set(largest) == set(shapes)
     assert all(largest[n] < 0.5 * o * i for n, (o, i) in shapes.items()), largest  # density 0.1 + sampling slack

@@ -39,6 +39,19 @@ def sparse_factory(density=0.1, kind=kernels.SparseLinear):
     return linear
 
 
+def recording_factory(make):
+    """(linear, largest): a factory that builds each layer with ``make`` and records in
+    ``largest[name]`` the largest tensor building that one layer allocated."""
+    largest = {}
+
+    def linear(name, in_features, out_features, bias=True):
+        with RecordAllocations() as rec:
+            layer = make(name, in_features, out_features, bias)
+        largest[name] = rec.largest()
+        return layer
+    return linear, largest
+
+
 def test_vit_gives_logits_and_block_layer_names():
     torch.manual_seed(0)
     cfg = ViTConfig.preset("micro", depth=2)
@@ -69,15 +82,7 @@ def test_vit_with_sparse_layers_never_allocates_a_dense_block_weight(kind):
     torch.manual_seed(0)
     cfg = ViTConfig.preset("tiny", dim=128, mlp_dim=512)   # smallest block weight: 128 x 128
     shapes = sparse_layer_shapes(ViT, cfg)
-    make = sparse_factory(0.1, kind)
-    largest = {}
-
-    def linear(name, i, o, bias=True):
-        with RecordAllocations() as rec:   # what building this one layer allocates
-            layer = make(name, i, o, bias)
-        largest[name] = rec.largest()
-        return layer
-
+    linear, largest = recording_factory(sparse_factory(0.1, kind))
     model = ViT(cfg, linear=linear)
     assert set(largest) == set(shapes)
     assert all(largest[n] < 0.5 * o * i for n, (o, i) in shapes.items()), largest   # density 0.1 + sampling slack

@@ -30,7 +30,8 @@ import torch
 from .common import REPO, UsageError, atomic_write_text
 
 CACHE = Path(os.environ.get("DST_DATA_CACHE", REPO / "data_cache"))
-FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
+# .ci/setup unpacks Debian's dataset-fashion-mnist into the cache; a system-wide install works too.
+FASHION_DIRS = (str(CACHE / "fashion-mnist/usr/share/datasets/fashion-mnist"), "/usr/share/datasets/fashion-mnist")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -213,7 +213,7 @@ def _images_from_hf(spec: str, seed: int) -> ImageData:
         imgs = [np.asarray(im.convert(mode).resize(size), dtype=np.uint8) for im in split[image_col]]
         x = torch.from_numpy(np.stack(imgs)).float() / 255
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x.contiguous(), torch.tensor(split[label_col], dtype=torch.int64)
+        return x.contiguous(), torch.tensor(list(split[label_col]), dtype=torch.int64)
 
     if size[0] != size[1]:
         raise UsageError(f"dataset {spec!r}: images must be square, got {size[0]}x{size[1]}")
@@ -267,10 +267,11 @@ def _hf_text_docs(spec: str, seed: int) -> list[str]:
     ds = load_hf(spec)
     train, test = _train_test(ds, seed)
     col = "text" if "text" in train.column_names else next(
-        (c for c in train.column_names if str(train.features[c].dtype) == "string"), None)
+        (c for c in train.column_names if str(train.features[c].dtype) in ("string", "large_string")), None)
     if col is None:
         raise UsageError(f"dataset {spec!r} has no text column; found {train.column_names}")
-    return [t for t in train[col] + test[col] if t and t.strip()]
+    # list(): recent datasets (5.x) return a lazy Column for ds[col], which has no "+".
+    return [t for t in list(train[col]) + list(test[col]) if t and t.strip()]
 
 
 def text_docs(spec: str) -> list[str]:

@@ -1,10 +1,18 @@
-"""train/data.py: local image parquet through `datasets`, deterministic batches, MLM masking."""
+"""train/data.py: local image and text parquet through `datasets`, deterministic batches, MLM masking."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from train import vit
-from train.data import SPECIAL_TOKENS, epoch_batch, load_images, mask_tokens
+from train.data import SPECIAL_TOKENS, epoch_batch, load_images, mask_tokens, text_docs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -56,3 +64,43 @@ def test_a_local_image_parquet_loads_and_trains(image_parquet, tmp_path):
                      "--sparsity", "0.5", "--out-dir", str(out), "--no-progress", "--no-plots"]) == 0
     import json
     assert json.loads((out / "summary.json").read_text())["test"]["accuracy"] > 0.6
+
+
+def _pydoc_paragraphs(n):
+    from pydoc_data.topics import topics
+    return [topics[k] for k in sorted(topics)[:n]]
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """Text datasets as the installed `datasets` writes them: one parquet with a "text" column,
+    one whose only string column has another name, and a hub-style folder with train / test
+    parquet files."""
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path_factory.mktemp("text")
+    docs = _pydoc_paragraphs(40)
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(root / "text.parquet"))
+    datasets.Dataset.from_dict({"id": list(range(len(docs))), "body": docs}).to_parquet(str(root / "body.parquet"))
+    (root / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": docs[:30]}).to_parquet(str(root / "hub" / "data" / "train-00000.parquet"))
+    datasets.Dataset.from_dict({"text": docs[30:]}).to_parquet(str(root / "hub" / "data" / "test-00000.parquet"))
+    return root, docs
+
+
+@pytest.mark.parametrize("name", ["text.parquet", "body.parquet", "hub"])
+def test_a_text_dataset_written_by_datasets_gives_every_document(text_files, name):
+    root, docs = text_files
+    got = text_docs(str(root / name))
+    assert sorted(got) == sorted(d for d in docs if d.strip())
+
+
+def test_bert_trains_on_a_text_parquet_from_the_command_line(text_files, tmp_path):
+    root, _ = text_files
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DST_DATA_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "train.bert", "--dataset", str(root / "text.parquet"),
+                           "--preset", "micro", "--vocab-size", "256", "--seq-len", "32", "--steps", "3",
+                           "--warmup", "1", "--batch-size", "4", "--method", "rigl", "--delta-t", "1",
+                           "--out-dir", str(tmp_path / "run"), "--no-progress", "--no-plots", "--threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["dataset"] == str(root / "text.parquet")

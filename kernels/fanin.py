@@ -103,7 +103,7 @@ def _fanin_dx_kernel(
         col = tl.load(indices_ptr + offs_r * stride_ir + j, mask=mask_r, other=0).to(tl.int64)
         v = tl.load(values_ptr + offs_r * stride_vr + j, mask=mask_r, other=0.0).to(ACC)
         tl.atomic_add(dx_ptr + offs_t[:, None] * stride_dxt + col[None, :] * stride_dxi,
-                      g * v[None, :], mask=mask)
+                      g * v[None, :], mask=mask, sem="relaxed")
 
 
 def _check(x2, values, indices, rows, out_features):

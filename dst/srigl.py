@@ -7,14 +7,20 @@ fan-in k and drop fraction a:
    |grad|: over every entry with grow="exact"; with a sampler, over the active weights plus
    ceil(gamma * N / out) sampled free entries of every neuron (so under sampling an ablated
    neuron comes back only if enough of its sampled entries are salient).
-3. A neuron with fewer than max(1, gamma_sal * k) salient weights is ablated. At least
-   ceil(N / in) neurons survive, the most salient (the paper says floor(N / in); ceil keeps
-   k <= in). Ablation is recomputed at every update, so an ablated neuron can come back. A
-   head layer, or ablation=False, keeps every neuron.
+3. Ablation (the authors' rule, condensed-sparsity's `_get_neurons_to_ablate`): the threshold
+   is fixed for the run, thr = max(1, floor(gamma_sal * k0)) with k0 = floor(N / out), the
+   fan-in at the target sparsity before any ablation (the current k grows as neurons go, and a
+   threshold on it makes each update ablate more until the layer collapses to its minimum).
+   With n_min = ceil(N / in) (the fewest neurons that can hold N with k <= in), thr is lowered
+   to the salient count of the neuron ranked n_min (0-based, by descending count) when that is
+   below thr, so at least n_min + 1 neurons and every tie at that rank survive. Neurons with
+   fewer than thr salient weights are ablated. Ablation is recomputed at every update, so an
+   ablated neuron can come back. A head layer, or ablation=False, keeps every neuron.
 4. k' = floor(N / active neurons).
-5. Drop: a surviving neuron keeps its own top q_r weights by |w|, q_r = how many of its
-   weights are in the layer's top n_keep, at most k' (the public code truncates rows in
-   index order; this keeps the largest).
+5. Drop: the weights kept are the top n_keep by |w| among the surviving neurons' weights only,
+   so the kept slots of an ablated neuron go to the next largest weights of the survivors (as
+   the authors' code does, by scoring ablated rows below every weight); a row keeps at most k'
+   of them, its largest (the public code truncates rows in index order; this keeps the largest).
 6. Grow: each active neuron is filled back to exactly k' with its highest-|grad| entries
    among those inactive before the update (drop and grow disjoint), grown at 0.
 """
@@ -31,16 +37,17 @@ from .candidates import band_elems, exact_top, exact_top_per_row, sample_in_rows
 from .scores import UpdateContext, highest
 
 
-def surviving_neurons(salience: torch.Tensor, k: int, gamma_sal: float, budget: int, in_features: int) -> torch.Tensor:
-    """Boolean [out]: neurons with at least max(1, gamma_sal * k) salient weights, topped up
-    to ceil(budget / in) by salience (lowest index first on ties)."""
-    alive = salience >= max(1.0, gamma_sal * k)
-    n_min = min(salience.numel(), max(1, math.ceil(budget / in_features)))
-    if int(alive.sum()) < n_min:
-        order = torch.sort(-salience, stable=True).indices
-        alive = torch.zeros_like(alive)
-        alive[order[:n_min]] = True
-    return alive
+def surviving_neurons(salience: torch.Tensor, gamma_sal: float, budget: int, in_features: int) -> torch.Tensor:
+    """Boolean [out]: the neurons that survive ablation (module docstring, step 3), from each
+    neuron's salient-weight count and the layer's nnz budget."""
+    n_out = salience.numel()
+    n_min = math.ceil(budget / in_features)
+    if n_min >= n_out:
+        return torch.ones_like(salience, dtype=torch.bool)
+    threshold = max(1, math.floor(gamma_sal * (budget // n_out)))
+    ranked = torch.sort(salience, descending=True).values
+    threshold = min(threshold, int(ranked[n_min]))
+    return salience >= threshold
 
 
 def _rank_in_row(score: torch.Tensor) -> torch.Tensor:
@@ -107,15 +114,18 @@ def update_srigl(rule, layer: FanInLinear, ctx: UpdateContext, name: str) -> dic
     if name in ctx.heads or not cfg.ablation:
         alive = torch.ones(out_f, dtype=torch.bool, device=device)
     else:
-        alive = surviving_neurons(salience, k, cfg.gamma_sal, budget, in_f)
+        alive = surviving_neurons(salience, cfg.gamma_sal, budget, in_f)
     new_rows = torch.nonzero(alive).flatten()  # sorted
     n_new = new_rows.numel()
     k_new = min(in_f, budget // n_new)
 
-    # Drop: a surviving neuron keeps its top q_r by |w|; at least enough that k_new fits in
-    # the entries it had free (grow never re-uses a just-dropped entry).
+    # Drop: the top n_keep by |w| among the survivors' weights, at most k_new a row, and at
+    # least enough that k_new fits in the entries a row had free (grow never re-uses a
+    # just-dropped entry).
+    alive_entry = alive[old_rows].repeat_interleave(k)  # [nnz], storage order
+    n_keep = min(nnz - n_prune, int(alive_entry.sum()))
     kept_mask = torch.zeros(nnz, dtype=torch.bool, device=device)
-    kept_mask[keep_pos] = True
+    kept_mask[highest(torch.where(alive_entry, w_score, -math.inf), n_keep)] = True
     q = kept_mask.reshape(n_old, k).sum(1).clamp(min=max(0, k_new - (in_f - k)), max=k_new)
     q = torch.where(alive[old_rows], q, torch.zeros_like(q))
     keep_entry = _rank_in_row(w_score.reshape(n_old, k)) < q[:, None]  # [n_old, k]

@@ -15,6 +15,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import runtime  # noqa: E402
+
+if runtime.interpreting():
+    # triton imported before this package defined triton.language's functions uninterpreted.
+    runtime.interpretable_triton_library()
 from .runtime import set_backend, get_backend, use_backend, set_checks  # noqa: E402
 from .sddmm import sddmm, sddmm_ref, sddmm_fwd, _sddmm_kernel, _sddmm_block_kernel  # noqa: E402
 from .fanin import (FanInLinear, fanin_matmul, fanin_matmul_ref, fanin_fwd, fanin_dx,  # noqa: E402

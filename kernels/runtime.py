@@ -10,7 +10,10 @@ Backends
 
 Triton only runs on CPU under its interpreter, and the interpreter must be switched on before
 a ``@triton.jit`` function is defined: ``kernels/__init__.py`` sets ``TRITON_INTERPRET=1``
-when no CUDA device is present, before any kernel module is imported.
+when no CUDA device is present, before any kernel module is imported. Triton's own library
+functions (``tl.cdiv``, ``tl.sum``, ...) are @triton.jit functions defined when triton is
+imported; when another package imported triton first, ``interpretable_triton_library``
+makes those callable under the interpreter too.
 
 Launch configs come from a per-device JSON table in ``kernels/configs/`` written by
 ``bench/sweep.py``; entries missing there fall back to the defaults given by each kernel.
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +40,45 @@ _checks = os.environ.get("DST_KERNELS_CHECKS", "1") != "0"
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpretable_triton_library() -> int:
+    """Make the @triton.jit functions of an already imported ``triton.language`` callable
+    from interpreted kernels; returns how many were changed.
+
+    ``@triton.jit`` reads TRITON_INTERPRET when a function is defined: set, it returns an
+    InterpretedFunction (callable inside an interpreted kernel), unset, a JITFunction (whose
+    call raises "Cannot call @triton.jit'd outside of the scope of a kernel"). So when
+    ``import triton`` ran before ``import kernels`` set the variable, our kernels are
+    interpreted but ``tl.cdiv``, ``tl.sum``, ``tl.rand`` (triton.language.standard / random,
+    50 functions in triton 3.8) are JITFunctions. Each one found gets a subclass whose call
+    runs the function through the interpreter while TRITON_INTERPRET is 1; it stays a
+    JITFunction, so Triton's compiler (which inlines it from its source and never calls it)
+    sees no change, and nothing is replaced in triton's modules.
+    """
+    if "triton" not in sys.modules:
+        return 0
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    class InterpretableJITFunction(JITFunction):
+        def __call__(self, *args, **kwargs):
+            if not interpreting():
+                return super().__call__(*args, **kwargs)
+            fn = self.__dict__.get("_interpreted")
+            if fn is None:
+                fn = self.__dict__["_interpreted"] = InterpretedFunction(self.fn)
+            return fn(*args, **kwargs)
+
+    changed = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("triton.language") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if type(value) is JITFunction:   # exactly: subclasses (autotuners, ours) are left alone
+                value.__class__ = InterpretableJITFunction
+                changed += 1
+    return changed
 
 
 def set_backend(name: str) -> None:

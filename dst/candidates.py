@@ -13,7 +13,8 @@ input of the layer at the update step (captured by the Sparsifier).
 - ``uniform`` / ``grabo`` / ``graest``: GSE's samplers draw distinct inactive coordinates,
   scored by ``kernels.sddmm`` at those coordinates only. Memory and time O(candidates + nnz).
   GraBo draws (r, c) with probability proportional to sum_t |dy[t, r]| * sum_t |x[t, c]|;
-  GraEst to |sum_t s_t dy[t, r]| * |sum_t s_t x[t, c]| with random signs s (an AMS sketch).
+  GraEst to |sum_t s_t dy[t, r]| * |sum_t s_t x[t, c]| with random signs s (an AMS sketch),
+  one per row of the global batch under data parallelism.
 """
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def reduce_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def global_rows(n_local: int, device) -> tuple[int, int]:
+    """(first row of this rank's batch in the global batch, rows of the global batch): ranks'
+    batches concatenated in rank order; (0, n_local) in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return 0, n_local
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=device))
+    sizes = [int(t) for t in sizes]
+    rank = torch.distributed.get_rank()
+    return sum(sizes[:rank]), sum(sizes)
+
+
 def gradient_scores(dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, in_features: int) -> torch.Tensor:
     """|dL/dW| at the flat coordinates (fp32 [n]), by SDDMM: sum_t dy[t, r] x[t, c]."""
     rows = torch.div(flat, in_features, rounding_mode="floor").to(torch.int32)
@@ -70,8 +84,12 @@ def sampling_weights(sampler: str, dy: torch.Tensor, x: torch.Tensor,
         row_w = reduce_across_ranks(dy.float().abs().sum(0))
         col_w = reduce_across_ranks(x.float().abs().sum(0))
     else:
-        signs = torch.randint(0, 2, (dy.shape[0],), generator=generator).float().mul_(2).sub_(1)
-        signs = signs.to(dy.device)
+        # One sign per row of the global batch: every rank draws the same global vector (the
+        # generator is seeded alike on every rank) and takes its own rows, so the summed
+        # sketch is that of the concatenated batch, not sum_r (s^T dy_r) with shared s.
+        start, total = global_rows(dy.shape[0], dy.device)
+        signs = torch.randint(0, 2, (total,), generator=generator).float().mul_(2).sub_(1)
+        signs = signs[start:start + dy.shape[0]].to(dy.device)
         row_w = reduce_across_ranks(signs @ dy.float()).abs()
         col_w = reduce_across_ranks(signs @ x.float()).abs()
     return row_w.double().cpu(), col_w.double().cpu()

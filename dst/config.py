@@ -14,6 +14,7 @@ DISTRIBUTIONS = ("uniform", "erk", "er")
 DROP_SCHEDULES = ("cosine", "constant", "linear")
 GROW_MODES = ("exact", "uniform", "grabo", "graest")
 SCOPES = ("layer", "global")
+FREEZE_GATES = ("fold", "ones")
 
 # Each paper's own settings, for DSTConfig.for_method (DESIGN.md section 5). The dataclass
 # defaults are RigL's.
@@ -61,8 +62,9 @@ class DSTConfig:
     alpha: float = 0.3                # initial drop fraction (of each layer's nnz)
     t_end: float = 0.75               # stop updating masks at this fraction of training
     drop_schedule: str = "cosine"     # drop fraction over time: cosine | constant | linear
-    grow: str = "exact"               # gradient grow candidates: exact (chunked scan of all inactive) |
-                                      # uniform | grabo | graest (GSE's samplers); set gse to a sampler
+    grow: str = "exact"               # gradient grow candidates: exact (chunked scan of all inactive
+                                      # weights; dynadiag: of all diagonals not stored) | uniform | grabo |
+                                      # graest (GSE's samplers; gse runs one of these)
     gamma: float = 1.0                # sampled candidates per update = gamma * |active| (GSE's |S| = gamma|A|),
                                       # never fewer than the number to grow
     scope: str = "layer"              # rigl / gse: rank grow candidates per layer or over all layers at once
@@ -72,6 +74,8 @@ class DSTConfig:
     temp_start: float = 5.0           # DynaDiag gate temperature at step 0 (cosine anneal)
     temp_end: float = 0.05            # DynaDiag gate temperature at the freeze step
     freeze_at: float = 0.3            # DynaDiag: freeze the top-K diagonals at this fraction of training
+    freeze_gate: str = "fold"         # DynaDiag at the freeze: fold (values *= gate, the function stays) |
+                                      # ones (the top-K gates set to 1, as the authors)
     candidates: float = 1.0           # DynaDiag: candidate diagonals carried beside the K active, as a
                                       # multiple of K (bounded by P - K)
     seed: int = 0                     # seed of the sampler RNG (mask updates)
@@ -107,6 +111,7 @@ class DSTConfig:
             raise ValueError(f"temp_end ({self.temp_end}) must not exceed temp_start ({self.temp_start}): "
                              "the temperature anneals downwards")
         _check_range("freeze_at", self.freeze_at, 0.0, 1.0)
+        check_choice("freeze_gate", self.freeze_gate, FREEZE_GATES)
         _check_range("candidates", self.candidates, 0.0, None)
         _check_int("seed", self.seed, 0)
         return self

@@ -9,14 +9,21 @@ Design (ours; the paper stores and computes all P diagonals):
   (``DiagLinear.enable_gate``), temperature ``temp_start``.
 - Every step until the freeze step: T = cosine anneal temp_start -> temp_end.
 - Update steps before the freeze (every delta_t): the K highest-scored diagonals are safe;
-  of the C others, the floor(drop_fraction * C) lowest-scored are replaced by diagonals drawn
-  uniformly from those not stored. New diagonals start with values 0 (the function does not
-  change) and zeroed optimizer state; scores are shifted so that the kept ones have mean 0
-  and new ones start at 0, i.e. at the kept mean (softmax does not see the shift). The
-  drop fraction follows the configured schedule over [0, freeze step].
-- Freeze (the first step >= freeze_at * total): keep the top K by score, fold their gate
-  a_j into their values (the function stays that of the gated layer minus the dropped
-  candidates), turn the gate off. Exactly K diagonals remain; no update after that.
+  of the C others, the floor(drop_fraction * C) lowest-scored are replaced by the diagonals
+  not stored before the update with the largest gradient norm ||dL/dW|| over their D blocks
+  (grow="exact": every such diagonal is scored, by block SDDMM a chunk of diagonals at a
+  time in memory O(nnz) - RigL's exact grow, for diagonals; so the soft top-K sees all P
+  diagonals over the run, as the paper's dense gate does), or the best of a sample of
+  max(n, ceil(gamma * stored)) of them drawn by GSE's samplers (uniform, or GraBo / GraEst,
+  whose per-row and per-column weights give a diagonal the weight sum_blocks w_r w_c: a
+  circular cross-correlation, O(P log P) by FFT). New diagonals start with values 0 (the
+  function does not change) and zeroed optimizer state; scores are shifted so that the kept
+  ones have mean 0 and new ones start at 0, i.e. at the kept mean (softmax does not see the
+  shift). The drop fraction follows the configured schedule over [0, freeze step].
+- Freeze (the first step >= freeze_at * total): keep the top K by score and turn the gate off.
+  freeze_gate="fold" multiplies each kept diagonal by its gate a_j (the function stays that
+  of the gated layer minus the dropped candidates); "ones" sets the kept gates to 1, as the
+  authors do (the function jumps). Exactly K diagonals remain; no update after that.
 """
 from __future__ import annotations
 
@@ -24,10 +31,12 @@ import math
 
 import torch
 
-from kernels import DiagLinear
+from kernels import DiagLinear, sddmm
 from kernels.coords import sample_distinct
+from kernels.diag import diag_coords
 
 from .apply import apply_mask_update, remap_parameter
+from .candidates import band_elems, reduce_across_ranks, sampling_weights
 from .scores import UpdateContext, gate_score, highest, lowest
 
 
@@ -74,8 +83,67 @@ def set_temperature(layer: DiagLinear, temperature: float) -> None:
         layer.temperature.fill_(temperature)
 
 
-def resample_candidates(rule, layer: DiagLinear, ctx: UpdateContext) -> dict:
-    """Replace the lowest-scored floor(drop_fraction * C) candidates by new random diagonals."""
+def diagonal_gradient_norms(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, R: int, C: int, b: int,
+                            chunk_elems: int) -> torch.Tensor:
+    """||dL/dW|| over each diagonal's D blocks (fp32 [len(offsets)]): block SDDMM of about
+    ``chunk_elems`` gradient elements at a time, summed over ranks before the norm."""
+    per_diagonal = min(R, C) * b * b
+    step = max(1, chunk_elems // per_diagonal)
+    norms = [torch.empty(0, device=offsets.device)]
+    for start in range(0, offsets.numel(), step):
+        rows, cols = diag_coords(offsets[start:start + step], R, C)
+        g = reduce_across_ranks(sddmm(dy, x, rows.reshape(-1), cols.reshape(-1), b).float())
+        norms.append(g.reshape(-1, per_diagonal).square().sum(1).sqrt())
+    return torch.cat(norms)
+
+
+def diagonal_gradient_score(offsets: torch.Tensor, layer: DiagLinear, ctx: UpdateContext, name: str) -> torch.Tensor:
+    """DynaDiag's grow score: the gradient norm of each candidate diagonal (not stored)."""
+    dy, x = ctx.capture(name)
+    R, C, _, _ = layer.geometry
+    return diagonal_gradient_norms(dy, x, offsets, R, C, layer.block_size, band_elems(layer.nnz()))
+
+
+def diagonal_weights(row_w: torch.Tensor, col_w: torch.Tensor, R: int, C: int, b: int) -> torch.Tensor:
+    """[P] sampling weight of every diagonal, sum over its blocks of w_row(block) * w_col(block)
+    (per-element weights summed per block): diagonal o holds blocks ((d + o) % R, d) when
+    R >= C, so this is a circular cross-correlation, computed by FFT in O(P log P)."""
+    rw, cw = row_w.double().reshape(R, b).sum(1), col_w.double().reshape(C, b).sum(1)
+    long, short = (rw, cw) if R >= C else (cw, rw)
+    P = long.numel()
+    spectrum = torch.fft.rfft(long, n=P) * torch.fft.rfft(short, n=P).conj()
+    return torch.fft.irfft(spectrum, n=P).clamp_min(0.0)
+
+
+def _grow_diagonals(rule, layer: DiagLinear, ctx: UpdateContext, name: str, old: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` diagonals not in ``old``: the highest grow score among all of them (grow="exact")
+    or among a sample of max(n, ceil(gamma * stored)) drawn by the configured sampler."""
+    R, C, D, P = layer.geometry
+    cfg, gen = ctx.cfg, ctx.generator
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=old.device)
+    free_mask = torch.ones(P, dtype=torch.bool, device=old.device)
+    free_mask[old] = False
+    free = torch.nonzero(free_mask).flatten()
+    if cfg.grow == "exact":
+        pool = free
+    else:
+        n_pool = min(free.numel(), max(n, math.ceil(cfg.gamma * old.numel())))
+        weights = None
+        if cfg.grow != "uniform":
+            dy, x = ctx.capture(name)
+            row_w, col_w = sampling_weights(cfg.grow, dy, x, gen)
+            weights = diagonal_weights(row_w, col_w, R, C, layer.block_size)[free.cpu()]
+        if weights is None or not bool(weights.sum() > 0):
+            pool = sample_distinct(P, n_pool, exclude=torch.sort(old).values, generator=gen, device=old.device)
+        else:
+            pool = free[torch.multinomial(weights, n_pool, replacement=False, generator=gen).to(old.device)]
+    return pool[highest(rule.grow_score(pool, layer, ctx, name), n)]
+
+
+def resample_candidates(rule, layer: DiagLinear, ctx: UpdateContext, name: str) -> dict:
+    """Replace the lowest-scored floor(drop_fraction * C) candidates by the diagonals with the
+    best grow score (module docstring)."""
     k = layer.k_target
     R, C, D, P = layer.geometry
     stored = layer.num_diagonals
@@ -90,7 +158,7 @@ def resample_candidates(rule, layer: DiagLinear, ctx: UpdateContext) -> dict:
     keep[drop] = False
     kept_pos = torch.nonzero(keep).flatten()
     old = layer.offsets.long()
-    new = sample_distinct(P, n_replace, exclude=torch.sort(old).values, generator=ctx.generator, device=old.device)
+    new = _grow_diagonals(rule, layer, ctx, name, old, n_replace)
     offsets = torch.cat([old[kept_pos], new])
     src = torch.cat([kept_pos, torch.full((n_replace,), -1, dtype=torch.int64, device=old.device)])
     order = torch.argsort(offsets)
@@ -105,19 +173,21 @@ def resample_candidates(rule, layer: DiagLinear, ctx: UpdateContext) -> dict:
 
 
 def freeze(layer: DiagLinear, ctx: UpdateContext) -> dict:
-    """Keep the top-K diagonals by score with their gate folded into the values; gate off."""
+    """Keep the top-K diagonals by score, their gate folded into the values or set to 1
+    (``freeze_gate``); gate off."""
     k = layer.k_target
     with torch.no_grad():
-        a = layer.gate().detach()
-        folded = layer.values.detach() * a.to(layer.values.dtype)[:, None, None, None]
+        values = layer.values.detach()
+        if ctx.cfg.freeze_gate == "fold":
+            values = values * layer.gate().detach().to(values.dtype)[:, None, None, None]
     top = torch.sort(highest(gate_score(layer), k)).values  # offsets are sorted: stays sorted
     offsets = layer.offsets[top]
     layer.disable_gate()
     stats = apply_mask_update(layer, ctx.optimizer, expand_src(top, _per_diagonal(layer)),
-                              values=folded[top], offsets=offsets)
+                              values=values[top], offsets=offsets)
     stats.update(density=layer.density(), diagonals=k, frozen=True)
     return stats
 
 
 def update_dynadiag(rule, layers: dict[str, DiagLinear], ctx: UpdateContext) -> dict:
-    return {name: resample_candidates(rule, layer, ctx) for name, layer in layers.items()}
+    return {name: resample_candidates(rule, layer, ctx, name) for name, layer in layers.items()}

@@ -10,15 +10,15 @@ exactly 0 and their optimizer state reset.
     rigl      drop lowest |w|, grow highest |grad| among all inactive (grow="exact") or a sample
     gse       as rigl over a sampled candidate set of gamma * |active| (uniform / GraBo / GraEst)
     srigl     constant fan-in, per-row drop / grow, neuron ablation        (dst.srigl)
-    dynadiag  drop the lowest learned diagonal scores, grow random new candidate diagonals,
-              freeze the top K                                             (dst.dynadiag)
+    dynadiag  drop the lowest learned diagonal scores, grow the candidate diagonals with the
+              largest gradient norm (all, or a GSE sample), freeze the top K                                            (dst.dynadiag)
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 from .config import METHODS, check_choice
-from .dynadiag import update_dynadiag
+from .dynadiag import diagonal_gradient_score, update_dynadiag
 from .scores import gate_score, gradient_score, magnitude_score, random_score
 from .srigl import update_srigl_layers
 from .unstructured import update_unstructured
@@ -39,7 +39,7 @@ RULES: dict[str, Rule] = {
     "rigl": Rule(("sparse",), True, magnitude_score, gradient_score, update_unstructured),
     "gse": Rule(("sparse",), True, magnitude_score, gradient_score, update_unstructured),
     "srigl": Rule(("fanin",), True, magnitude_score, gradient_score, update_srigl_layers),
-    "dynadiag": Rule(("diag",), False, gate_score, random_score, update_dynadiag),
+    "dynadiag": Rule(("diag",), True, gate_score, diagonal_gradient_score, update_dynadiag),
 }
 
 

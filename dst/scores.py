@@ -30,7 +30,7 @@ def gradient_score(flat: torch.Tensor, layer, ctx: "UpdateContext", name: str) -
 
 
 def random_score(flat: torch.Tensor, layer, ctx: "UpdateContext", name: str) -> torch.Tensor:
-    """Grow score of SET (and of DynaDiag's new diagonals): uniform noise, a uniform draw."""
+    """Grow score of SET: uniform noise, a uniform draw."""
     return torch.rand(flat.numel(), generator=ctx.generator).to(flat.device)
 
 

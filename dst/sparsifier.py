@@ -106,7 +106,8 @@ class Sparsifier:
         otherwise). Several forwards (gradient accumulation) are concatenated along tokens.
         x shares the storage autograd saves anyway; dy ([T, out] per layer) is the extra
         memory, held until ``step``."""
-        if not (self.rule.needs_gradient and self.update_due(step)):
+        freezing = self.cfg.method == "dynadiag" and step >= self.freeze_step  # the freeze needs no gradient
+        if not (self.rule.needs_gradient and self.update_due(step)) or freezing:
             yield
             return
         handles = [layer.register_forward_hook(self._recorder(name)) for name, layer in self.layers.items()]
@@ -150,8 +151,21 @@ class Sparsifier:
         finally:
             self._records.clear()
 
+    def _check_optimizer(self, optimizer) -> None:
+        """DynaDiag's gate scores are Parameters the Sparsifier creates: an optimizer built
+        before it would leave them untrained, silently."""
+        if optimizer is None or self.cfg.method != "dynadiag" or self.frozen:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in self.layers.items() if layer.scores is not None and id(layer.scores) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the DynaDiag gate scores of {missing}: build it after "
+                             "dst.Sparsifier(model, ...), which adds them, e.g. "
+                             "optimizer = torch.optim.AdamW(model.parameters())")
+
     def _step(self, step, optimizer):
         cfg = self.cfg
+        self._check_optimizer(optimizer)
         if cfg.method == "dynadiag" and not self.frozen:
             for layer in self.layers.values():
                 set_temperature(layer, self.temperature(step))

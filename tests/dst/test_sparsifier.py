@@ -52,7 +52,7 @@ def test_bad_arguments_are_named():
 
 
 def test_capture_hooks_only_on_update_steps_of_gradient_rules():
-    for method, wants in (("rigl", True), ("srigl", True), ("gse", True), ("set", False), ("dynadiag", False)):
+    for method, wants in (("rigl", True), ("srigl", True), ("gse", True), ("set", False), ("dynadiag", True)):
         model, sparsifier, opt = _setup(method)
         for step in range(4):
             with sparsifier.capture(step):
@@ -184,3 +184,13 @@ def test_updates_run_on_a_bfloat16_model(method, overrides):
             assert layer.nnz() <= sparsifier.budgets[name]
         else:
             assert layer.nnz() == nnz[name], "exact count (DynaDiag: K diagonals once frozen)"
+
+
+def test_an_optimizer_built_before_the_sparsifier_is_refused_for_dynadiag():
+    cfg = DSTConfig(method="dynadiag", delta_t=2)
+    model = tiny_model(cfg)
+    early = torch.optim.Adam(model.parameters(), lr=0.01)  # before the gate scores exist
+    sparsifier = Sparsifier(model, cfg, 10)
+    with pytest.raises(ValueError, match="build it after dst.Sparsifier"):
+        sparsifier.step(0, early)
+    sparsifier.step(0, torch.optim.Adam(model.parameters(), lr=0.01))  # the right order runs

@@ -70,7 +70,8 @@ def _fit_step(model, sparsifier, optimizer, step) -> dict | None:
 # RigL's testSparsityDictErdosRenyiSparsitiesScale cases, its (in, out[, ...]) shapes written
 # as ours: (out, in) for a Linear, (out, in, kh, kw) for a conv.
 RIGL_SCALE_CASES = [((3, 2), (3, 2), 0.5), ((3, 2, 1, 1), (3, 2, 1, 1), 0.3), ((6, 8), (3, 4), 0.7),
-                    ((4, 80), (20, 20), 0.8), ((6, 2), (3, 2), 0.8)]
+                    ((4, 80), (20, 20), 0.8), ((6, 2), (3, 2), 0.8),
+                    ((16, 3, 3, 3), (32, 16, 1, 1), 0.9)]  # ours: convs of unequal kernels (ERK != ER)
 
 
 @pytest.mark.parametrize("distribution", ["er", "erk"])
@@ -126,7 +127,8 @@ def test_layers_erk_would_push_above_one_are_made_dense_and_their_excess_goes_to
     assert dens["big"] / _er_score(shapes["big"], "erk") == pytest.approx(
         dens["wide"] / _er_score(shapes["wide"], "erk"), rel=1e-12)
     sparse_ones = dens["big"] * 256 * 256 + dens["wide"] * 64 * 512
-    assert sparse_ones == pytest.approx(0.5 * total - 4 * 4 - 16 * 8, rel=1e-12), "the budget left after the dense layers"
+    left = 0.5 * total - 4 * 4 - 16 * 8  # the budget left after the dense layers
+    assert sparse_ones == pytest.approx(left, rel=1e-12)
     assert dens["big"] > naive * _er_score(shapes["big"], "erk"), "the capped layers' excess is redistributed"
 
 
@@ -253,11 +255,12 @@ def test_grown_weights_and_their_optimizer_state_start_at_zero_and_the_function_
     assert grown_total > 0
 
 
-@pytest.mark.parametrize("layer", [kernels.SparseLinear(24, 12, density=0.3, generator=torch.Generator().manual_seed(0)),
-                                   kernels.FanInLinear(24, 12, k=5, generator=torch.Generator().manual_seed(0)),
-                                   kernels.DiagLinear(24, 12, 0.3, generator=torch.Generator().manual_seed(0))],
+@pytest.mark.parametrize("make", [lambda g: kernels.SparseLinear(24, 12, density=0.3, generator=g),
+                                  lambda g: kernels.FanInLinear(24, 12, k=5, generator=g),
+                                  lambda g: kernels.DiagLinear(24, 12, 0.3, generator=g)],
                          ids=["sparse", "fanin", "diag"])
-def test_a_static_mask_never_changes_while_its_weights_train(layer):
+def test_a_static_mask_never_changes_while_its_weights_train(make):
+    layer = make(torch.Generator().manual_seed(0))
     model = nn.Sequential(layer)
     sparsifier = Sparsifier(model, DSTConfig(method="static", delta_t=1, t_end=1.0), 15)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -297,7 +300,7 @@ def test_srigl_keeps_one_fan_in_per_layer_after_init_and_through_training(gamma_
             counts = _row_counts(layer)
             active = torch.zeros(layer.out_features, dtype=torch.bool)
             active[layer.rows.long()] = True
-            assert bool((counts[active] == layer.k).all()), f"step {step}: {name} rows {counts[active].unique().tolist()}"
+            assert bool((counts[active] == layer.k).all()), f"step {step}: {name}: {counts[active].unique()}"
             assert bool((counts[~active] == 0).all())
             assert layer.k == min(layer.in_features, sparsifier.budgets[name] // int(active.sum()))
             ablated += int((~active).sum())

@@ -195,7 +195,7 @@ def _fashion_mnist(data_dir: str, seed: int) -> ImageData:
     return _finish_images("fashion_mnist", xtr[tr], ytr[tr], xtr[va], ytr[va], xte, yte, 10)
 
 
-def _images_from_hf(spec: str, seed: int) -> ImageData:
+def _images_from_hf(spec: str, seed: int, image_size: int | None) -> ImageData:
     import datasets
     ds = load_hf(spec)
     train, test = _train_test(ds, seed)
@@ -207,18 +207,25 @@ def _images_from_hf(spec: str, seed: int) -> ImageData:
         raise UsageError(f"dataset {spec!r} needs an image column and a label column; found {list(feats)}")
     first = train[0][image_col]
     mode = "L" if first.mode in ("L", "1", "I", "I;16") else "RGB"
-    size = first.size
+    if image_size is None and first.size[0] != first.size[1]:
+        raise UsageError(f"dataset {spec!r}: images are {first.size[0]}x{first.size[1]} (width x height); the ViT "
+                         f"takes square images: pass --image-size N to resize every image to N x N")
+    side = image_size or first.size[0]
 
-    def to_tensor(split):
-        imgs = [np.asarray(im.convert(mode).resize(size), dtype=np.uint8) for im in split[image_col]]
+    def to_tensor(split, name):
+        imgs = []
+        for i, im in enumerate(split[image_col]):
+            if image_size is None and im.size != first.size:   # refused, not resized behind the user's back
+                raise UsageError(f"dataset {spec!r}: images of several sizes ({name} image {i} is "
+                                 f"{im.size[0]}x{im.size[1]}, the first training image {first.size[0]}x"
+                                 f"{first.size[1]}); pass --image-size N to resize every image to N x N")
+            imgs.append(np.asarray(im.convert(mode).resize((side, side)), dtype=np.uint8))
         x = torch.from_numpy(np.stack(imgs)).float() / 255
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
         return x.contiguous(), torch.tensor(list(split[label_col]), dtype=torch.int64)
 
-    if size[0] != size[1]:
-        raise UsageError(f"dataset {spec!r}: images must be square, got {size[0]}x{size[1]}")
-    xtr, ytr = to_tensor(train)
-    xte, yte = to_tensor(test)
+    xtr, ytr = to_tensor(train, "training")
+    xte, yte = to_tensor(test, "test")
     n_val = max(1, min(5000, len(ytr) // 10))
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))
     va, tr = perm[:n_val], perm[n_val:]
@@ -227,13 +234,26 @@ def _images_from_hf(spec: str, seed: int) -> ImageData:
     return _finish_images(spec, xtr[tr], ytr[tr], xtr[va], ytr[va], xte, yte, num_classes)
 
 
-def load_images(spec: str, data_dir: str = "", seed: int = 0) -> ImageData:
-    """The image dataset named by ``--dataset`` (see the module docstring)."""
-    if spec == "mnist":
-        return _mnist()
-    if spec in ("fashion_mnist", "fashion-mnist"):
-        return _fashion_mnist(data_dir, seed)
-    return _images_from_hf(spec, seed)
+def load_images(spec: str, data_dir: str = "", seed: int = 0, image_size: int | None = None) -> ImageData:
+    """The image dataset named by ``--dataset`` (see the module docstring), every image
+    resized to ``image_size`` x ``image_size`` when given. Without it the images must be
+    square and of one size (a UsageError names --image-size otherwise)."""
+    if image_size is not None and image_size < 1:
+        raise UsageError(f"--image-size must be >= 1, got {image_size}")
+    if spec in ("mnist", "fashion_mnist", "fashion-mnist"):
+        data = _mnist() if spec == "mnist" else _fashion_mnist(data_dir, seed)
+        if image_size is not None and image_size != data.image_size:
+            data = _resize(data, image_size)
+        return data
+    return _images_from_hf(spec, seed, image_size)
+
+
+def _resize(data: ImageData, side: int) -> ImageData:
+    def r(x):
+        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                                               align_corners=False)
+    return ImageData(data.name, r(data.train_x), data.train_y, r(data.val_x), data.val_y, r(data.test_x),
+                     data.test_y, data.num_classes)
 
 
 # ----------------------------------------------------------------------------- text

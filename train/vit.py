@@ -43,9 +43,12 @@ class Config:
     # data
     dataset: str = "mnist"          # mnist | fashion_mnist | Hugging Face name | image folder | .parquet
     data_dir: str = ""              # where fashion_mnist's idx.gz files are ("" = the Debian package's path)
+    image_size: int | None = None   # resize every image to N x N (None: keep the size; images that are not
+                                    # square or not all of one size need it)
     # model (None = the preset's value; image size, channels and classes come from the data)
     preset: str = "tiny"            # micro | tiny | small (ViT-S/16) | base (ViT-B/16) | large (ViT-L/16)
-    patch_size: int | None = None   # patch side in pixels (None: the preset's); must divide the image size
+    patch_size: int | None = None   # patch side in pixels; must divide the image size (None: the divisor that
+                                    # gives the preset's patches a side: 4 for micro / tiny, 14 for small+)
     dim: int | None = None          # token width (None: the preset's)
     depth: int | None = None        # transformer blocks (None: the preset's)
     heads: int | None = None        # attention heads (None: the preset's)
@@ -81,6 +84,14 @@ class Config:
     dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
 
+def patch_size_for(image_size: int, per_side: int) -> int:
+    """The divisor p of ``image_size`` whose image_size / p patches a side come nearest to
+    ``per_side`` (the preset's: 28 / 7 = 4 for micro / tiny, 224 / 16 = 14 for small+), in
+    ratio; a tie goes to more patches. 32 -> 8, 28 -> 7, 224 -> 16, 30 -> 6 (5 a side)."""
+    divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+    return min(divisors, key=lambda p: (abs(math.log(image_size / p / per_side)), p))
+
+
 @torch.no_grad()
 def evaluate(model, x, y, batch_size, device, amp):
     """(mean cross-entropy, accuracy) over all of x, y."""
@@ -108,13 +119,23 @@ def setup(cfg: Config):
     C.prepare_run_dir(out, cfg.resume, cfg.overwrite)
     blob = C.load_checkpoint(out / "checkpoint.pt", "vit", cfg) if cfg.resume else None
     try:
-        overrides = {k: getattr(cfg, k) for k in ("patch_size", "dim", "depth", "heads", "mlp_dim")
-                     if getattr(cfg, k) is not None}
+        overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
         model_cfg = ViTConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp, **overrides)
     except (ValueError, TypeError) as e:
         raise C.UsageError(str(e)) from None
-    data = load_images(cfg.dataset, cfg.data_dir, cfg.seed)
-    model_cfg = dataclasses.replace(model_cfg, image_size=data.image_size, channels=data.channels,
+    if cfg.patch_size is not None and cfg.patch_size < 1:
+        raise C.UsageError(f"--patch-size must be >= 1, got {cfg.patch_size}")
+    data = load_images(cfg.dataset, cfg.data_dir, cfg.seed, image_size=cfg.image_size)
+    side = data.image_size
+    if cfg.patch_size is None:
+        patch = patch_size_for(side, model_cfg.image_size // model_cfg.patch_size)
+    elif side % cfg.patch_size:
+        divisors = [p for p in range(1, side + 1) if side % p == 0]
+        raise C.UsageError(f"--patch-size {cfg.patch_size} must divide the image size {side} (divisors: "
+                           f"{', '.join(map(str, divisors))}); or resize with --image-size")
+    else:
+        patch = cfg.patch_size
+    model_cfg = dataclasses.replace(model_cfg, image_size=side, patch_size=patch, channels=data.channels,
                                     num_classes=data.num_classes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -166,7 +187,8 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     what = "dense" if cfg.dst.method == "dense" else f"{cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution})"
     print(f"train.vit: {what}, "
-          f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name}, {n_params:,} stored parameters, "
+          f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name} ({data.channels}x{model_cfg.image_size}x"
+          f"{model_cfg.image_size}, patch {model_cfg.patch_size}), {n_params:,} stored parameters, "
           f"density {C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")
     val_x, val_y = (data.val_x, data.val_y) if not cfg.eval_examples else (data.val_x[:cfg.eval_examples],
                                                                            data.val_y[:cfg.eval_examples])

@@ -17,7 +17,7 @@ def small_mnist():
 @pytest.fixture
 def tiny_mnist(monkeypatch, small_mnist):
     """train.vit sees the small MNIST whatever --dataset says (bad names are checked elsewhere)."""
-    monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0: small_mnist)
+    monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0, **kw: small_mnist)
     return small_mnist
 
 

@@ -104,3 +104,53 @@ def test_bert_trains_on_a_text_parquet_from_the_command_line(text_files, tmp_pat
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["dataset"] == str(root / "text.parquet")
+
+
+def _image_folder(root, sizes, n=24):
+    """An imagefolder tree (train/<class>/*.png) of RGB images, ``sizes`` cycled over the files."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        d = root / "train" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _vit_cli(dataset, out, *extra):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "train.vit", "--dataset", str(dataset), "--steps", "2",
+                           "--batch-size", "8", "--warmup", "1", "--eval-examples", "8", "--method", "rigl",
+                           "--out-dir", str(out), "--no-progress", "--no-plots", "--threads", "1", *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_32px_rgb_folder_trains_with_the_default_preset_at_4_patches_a_side(tmp_path):
+    pytest.importorskip("datasets")
+    folder = _image_folder(tmp_path / "imgs", [(32, 32)])
+    done = _vit_cli(folder, tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = json.loads((tmp_path / "run" / "summary.json").read_text())["model"]
+    assert (model["image_size"], model["patch_size"], model["channels"]) == (32, 8, 3)
+
+
+def test_a_patch_size_that_does_not_divide_the_image_is_refused_naming_the_flag(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    folder = _image_folder(tmp_path / "imgs", [(32, 32)])
+    assert vit.main(["--dataset", str(folder), "--patch-size", "7", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--patch-size 7 must divide the image size 32" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sizes", [[(40, 32)], [(32, 32), (28, 28)]], ids=["not square", "mixed sizes"])
+def test_odd_image_sizes_are_refused_unless_image_size_resizes_them(tmp_path, capsys, sizes):
+    pytest.importorskip("datasets")
+    folder = _image_folder(tmp_path / "imgs", sizes)
+    args = ["--dataset", str(folder), "--preset", "micro", "--steps", "2", "--batch-size", "8", "--warmup", "1",
+            "--no-progress", "--no-plots"]
+    assert vit.main(args + ["--out-dir", str(tmp_path / "refused")]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert vit.main(args + ["--image-size", "16", "--out-dir", str(tmp_path / "run")]) == 0
+    model = json.loads((tmp_path / "run" / "summary.json").read_text())["model"]
+    assert (model["image_size"], model["patch_size"]) == (16, 4)

@@ -30,9 +30,9 @@ def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "huge"], "unknown ViT preset 'huge'"),
-    (["--patch-size", "5"], "patch_size=5 must divide image_size=28"),
+    (["--patch-size", "5"], "--patch-size 5 must divide the image size 28"),
     (["--heads", "3"], "heads=3 must divide dim=32"),
-    (["--patch-size", "0"], "patch_size must be an int >= 1, got 0"),
+    (["--patch-size", "0"], "--patch-size must be >= 1, got 0"),
     (["--depth", "-1"], "depth must be an int >= 1, got -1"),
     (["--optimizer", "adam"], "--optimizer must be adamw or sgd"),
     (["--steps", "0"], "--steps must be >= 1"),
@@ -60,7 +60,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_
 def tiny_mnist_unless_dataset(request, monkeypatch, small_mnist):
     """Small MNIST for the flag tests, except where --dataset itself is under test."""
     if "--dataset" not in request.node.callspec.params["flags"]:
-        monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0: small_mnist)
+        monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0, **kw: small_mnist)
 
 
 def test_an_existing_run_is_not_overwritten_without_overwrite(tmp_path, capsys, tiny_mnist):

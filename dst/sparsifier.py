@@ -190,6 +190,17 @@ class Sparsifier:
         stores its candidate diagonals too)."""
         return {name: layer.density() for name, layer in self.layers.items()}
 
+    def active_densities(self) -> dict[str, float]:
+        """Weights that count toward the target / (out * in) of every sparse layer: DynaDiag's
+        K active diagonals without the candidates it carries until the freeze; the stored
+        density for every other method."""
+        out = {}
+        for name, layer in self.layers.items():
+            k = self.k_targets.get(name)
+            stored = layer.density()
+            out[name] = stored * k / layer.num_diagonals if k is not None and not self.frozen else stored
+        return out
+
     def state_dict(self) -> dict:
         layers = {}
         for name, layer in self.layers.items():

@@ -194,3 +194,13 @@ def test_the_freeze_folds_the_gate_or_sets_it_to_one(freeze_gate):
     sparsifier.step(5, opt)
     expected = values * a[:, None, None, None] if freeze_gate == "fold" else values
     torch.testing.assert_close(layer.values.detach(), expected)
+
+
+def test_active_density_counts_the_k_diagonals_and_stored_density_the_candidates_too():
+    _, layer, model, sparsifier, opt = _model(candidates=1.0, freeze_at=0.25)
+    assert sparsifier.densities()["0"] == pytest.approx(32 / 64)
+    assert sparsifier.active_densities()["0"] == pytest.approx(16 / 64)
+    for step in range(6):
+        _train(model, sparsifier, opt, step)
+        sparsifier.step(step, opt)
+    assert sparsifier.frozen and sparsifier.active_densities()["0"] == sparsifier.densities()["0"] == pytest.approx(16 / 64)

@@ -267,6 +267,40 @@ def check_common(cfg) -> None:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
 
 
+def schedule_warnings(cfg) -> list[str]:
+    """What the run's flags make silently useless: a warm-up that never reaches the peak lr,
+    DST settings under which no mask ever changes (delta_t past the update horizon), so that
+    a short run (``--steps 30`` with the defaults) says so instead of training a static mask."""
+    from dst.schedules import is_update_step
+    out = []
+    if cfg.warmup > cfg.steps:   # lr_at: the last step's lr is lr * steps / warmup
+        out.append(f"--warmup {cfg.warmup} > --steps {cfg.steps}: the learning rate never reaches --lr "
+                   f"{cfg.lr:g} (it peaks at {cfg.lr * cfg.steps / cfg.warmup:.3g}); lower --warmup")
+    d = cfg.dst
+    if d.method == "dynadiag":
+        freeze = round(d.freeze_at * cfg.steps)
+        if not any(is_update_step(s, d.delta_t, freeze) for s in range(cfg.steps)):
+            out.append(f"no DynaDiag resampling before the freeze at step {freeze} (--freeze-at {d.freeze_at:g} x "
+                       f"--steps {cfg.steps}) with --delta-t {d.delta_t}: the diagonals are chosen once, at the "
+                       f"freeze; pass --delta-t below {max(freeze, 2)}")
+    elif d.method in ("set", "rigl", "srigl", "gse"):
+        horizon = d.t_end * cfg.steps
+        updates = sum(is_update_step(s, d.delta_t, horizon) for s in range(cfg.steps))
+        if updates == 0:
+            out.append(f"no mask update will happen: --delta-t {d.delta_t} is not below the update horizon "
+                       f"--t-end {d.t_end:g} x --steps {cfg.steps} = {horizon:g} steps, so {d.method} trains a "
+                       f"static mask; pass --delta-t below {max(math.ceil(horizon), 2)}")
+    return out
+
+
+def warn_schedule(cfg, prog: str) -> list[str]:
+    """Print ``schedule_warnings`` to stderr, one line each; return them (for summary.json)."""
+    warnings = schedule_warnings(cfg)
+    for w in warnings:
+        print(f"{prog}: warning: {w}", file=sys.stderr)
+    return warnings
+
+
 def check_fused_mlp(cfg) -> None:
     """--fused-mlp runs each MLP as one kernels.fused_mlp call, which takes DiagLinear layers
     (--method dynadiag) with blocks of at least 16 (tl.dot tiles) and applies no dropout; a

@@ -163,6 +163,7 @@ def main(argv=None) -> int:
         device, amp_dtype, out, blob, model_cfg, data, model, targets, sparsifier, optimizer = setup(cfg)
     except C.UsageError as e:
         return C.usage_exit(str(e), PROG)
+    warnings = C.warn_schedule(cfg, PROG) if ddp.is_main else []
     ddp.broadcast_model(model)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     names = list(targets)
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
         "stored_parameters": sum(p.numel() for p in model.parameters()),
         "step_time_ms": C.summarize_times(times), "mask_updates": history["mask_updates"],
         "mask_update_seconds": history["mask_seconds"], "wall_seconds_this_session": wall, "steps": cfg.steps,
-        "resumed_from": start or None, "memory": C.peak_memory_mb(device), "device": str(device),
+        "warnings": warnings, "resumed_from": start or None, "memory": C.peak_memory_mb(device), "device": str(device),
         "torch": torch.__version__, "git": C.git_sha(), "command": " ".join([PROG] + list(sys.argv[1:] if argv is None else argv)),
         "model": dataclasses.asdict(model_cfg), "config": C.config_to_dict(cfg),
     }

@@ -81,6 +81,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# The methods that read each DST field (from dst/: the rules and the Sparsifier's schedule), for
+# --help and for the warning on a flag the method ignores. A field not listed (a new one) is
+# taken as read by every method.
+_UPDATING = ("set", "rigl", "srigl", "gse", "dynadiag")
+_GRADIENT_GROWTH = ("rigl", "srigl", "gse", "dynadiag")
+DST_FIELD_METHODS = {
+    "delta_t": _UPDATING, "alpha": _UPDATING, "drop_schedule": _UPDATING,
+    "t_end": ("set", "rigl", "srigl", "gse"),   # dynadiag stops at its freeze (freeze_at)
+    "grow": _GRADIENT_GROWTH, "gamma": _GRADIENT_GROWTH, "scope": ("rigl", "gse"),
+    "gamma_sal": ("srigl",), "ablation": ("srigl",),
+    "block_size": ("dynadiag",), "temp_start": ("dynadiag",), "temp_end": ("dynadiag",),
+    "freeze_at": ("dynadiag",), "freeze_gate": ("dynadiag",), "candidates": ("dynadiag",),
+}
+
+
+def dst_methods_of(field: str) -> tuple[str, ...]:
+    """The methods that read DSTConfig field ``field``."""
+    return DST_FIELD_METHODS.get(field, METHODS)
+
+
+def ignored_dst_flags(method: str, given) -> list[str]:
+    """The --flags among ``given`` (DSTConfig field names) that ``method`` does not read."""
+    return ["--" + g.replace("_", "-") for g in given if method not in dst_methods_of(g)]
+
+
 def parse_config(cls, argv=None, prog: str | None = None):
     """Build ``cls`` (an entry point's config dataclass) from --flags: one flag per field,
     ``--snake-case``, help from the field comments. A field ``dst: DSTConfig`` becomes the
@@ -109,12 +134,15 @@ def parse_config(cls, argv=None, prog: str | None = None):
             for g in dataclasses.fields(DSTConfig):
                 if g.name == "seed":
                     continue
-                if g.name in by_paper:   # None: left to DSTConfig.for_method
+                # default None: a flag left out is filled by DSTConfig.for_method, and a given one is known
+                if g.name in by_paper:
                     note, default = f"; default: the method's paper value, else {g.default}", None
                 else:
-                    note, default = "", g.default
+                    note, default = f" (default: {g.default})", None
                 if g.name == "method":
-                    note = f": {', '.join(METHODS)}"
+                    note, default = f": {', '.join(METHODS)}", g.default
+                elif dst_methods_of(g.name) != METHODS:
+                    note = f" [{', '.join(dst_methods_of(g.name))}]" + note
                 add(g, dst_hints[g.name], dst_comments.get(g.name, "") + note, default, "dst." + g.name)
                 dst_flags.append(g.name)
             continue
@@ -131,6 +159,10 @@ def parse_config(cls, argv=None, prog: str | None = None):
     except ValueError as e:
         parser.error(str(e))
     dst_field = next(f.name for f in dataclasses.fields(cls) if hints[f.name] is DSTConfig)
+    ignored = ignored_dst_flags(method, given)
+    if ignored:   # a warning, not an error: table scripts pass one --delta-t to every method
+        print(f"{parser.prog}: warning: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
+              f"--method {method} (ignored; --help lists the methods of each DST flag)", file=sys.stderr)
     return cls(**values, **{dst_field: dst_cfg})
 
 

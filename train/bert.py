@@ -151,11 +151,15 @@ def main(argv=None) -> int:
         device, amp_dtype, out, blob, model_cfg, data, model, targets, sparsifier, optimizer = setup(cfg)
     except C.UsageError as e:
         return C.usage_exit(str(e), PROG)
+    if blob is not None and blob["step"] >= cfg.steps and (out / "summary.json").exists():
+        # A finished run: its summary (step times, wall time) is not rewritten by a session that trains nothing.
+        print(f"train.bert: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
+        return 0
     warnings = C.warn_schedule(cfg, PROG) if ddp.is_main else []
     ddp.broadcast_model(model)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     names = list(targets)
-    history = {"train": [], "eval": [], "density": [], "metric": "masked-token accuracy", "window": [], "mask_updates": 0, "mask_seconds": 0.0}
+    history = {"train": [], "eval": [], "density": [], "metric": "masked-token accuracy", "window": [], "mask_updates": 0, "mask_seconds": 0.0, "times": []}
     start = 0
     if blob is not None:
         sparsifier.load_state_dict(blob["sparsifier"])
@@ -163,8 +167,8 @@ def main(argv=None) -> int:
         optimizer.load_state_dict(blob["optimizer"])
         C.set_rng_state(blob["rng"])
         start = blob["step"]
-        history = {k: ([e for e in v if e[0] < start] if k in ("train", "eval", "density") else v)
-                   for k, v in blob["history"].items()}
+        history = {"times": [], **{k: ([e for e in v if e[0] < start] if k in ("train", "eval", "density", "times")
+                                       else v) for k, v in blob["history"].items()}}
     out.mkdir(parents=True, exist_ok=True)
     metrics = C.Metrics(out / "metrics.jsonl", keep_before=start)
     ckpt = out / "checkpoint.pt"
@@ -180,7 +184,6 @@ def main(argv=None) -> int:
           f"{cfg.seq_len}, vocab {data.vocab_size}), {n_params:,} stored parameters, density "
           f"{C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
-    times = []
     wall = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or None, dynamic_ncols=True,
                desc=cfg.dst.method)
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
             stats = sparsifier.step(step, optimizer)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+            history["times"].append((step, time.perf_counter() - t0))   # kept across --resume sessions
             if stats is not None:
                 history["mask_updates"] += 1
                 history["mask_seconds"] += stats["seconds"]
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
                     "nnz": {n: m.nnz() for n, m in C.sparse_layers(model).items()},
                     "budget": dict(sparsifier.budgets)},
         "stored_parameters": sum(p.numel() for p in model.parameters()),
-        "step_time_ms": C.summarize_times(times), "mask_updates": history["mask_updates"],
+        "step_time_ms": C.summarize_times([t for _, t in history["times"]]), "mask_updates": history["mask_updates"],
         "mask_update_seconds": history["mask_seconds"], "wall_seconds_this_session": wall, "steps": cfg.steps,
         "warnings": warnings, "resumed_from": start or None, "memory": C.peak_memory_mb(device), "device": str(device),
         "torch": torch.__version__, "git": C.git_sha(), "command": " ".join([PROG] + list(sys.argv[1:] if argv is None else argv)),

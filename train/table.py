@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -27,13 +28,22 @@ def _changed(summary: dict) -> set[str]:
     return {f"{k}={dst[k]}" for k in dst if k not in ("seed", "sparsity", "method") and dst[k] != paper[k]}
 
 
+def is_rank_copy(path: Path) -> bool:
+    """A torchrun run's rank r > 0 writes its own files to <run>/rank<r>/ (train/vit.py): the same
+    run as <run>/summary.json, not another seed."""
+    return re.fullmatch(r"rank[1-9][0-9]*", path.parent.name) is not None and (path.parent.parent / "summary.json").exists()
+
+
 def collect(folders: list[Path]) -> dict:
     """{(entry, method, sparsity, variant): [summary, ...]} of every summary.json under the
     folders; variant lists the DST settings changed from the paper defaults that not every run
     shares (a setting all runs share, e.g. a common --delta-t, is said once in the text)."""
-    runs = []
+    runs, seen = [], set()
     for folder in folders:
         for path in sorted(Path(folder).rglob("summary.json")):
+            if path.resolve() in seen or is_rank_copy(path):
+                continue   # the same run reached twice (overlapping folders), or torchrun's copy of rank r > 0
+            seen.add(path.resolve())
             s = json.loads(path.read_text())
             s["path"] = str(path)
             runs.append(s)

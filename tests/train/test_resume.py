@@ -45,3 +45,17 @@ def test_a_killed_process_resumes_to_the_same_run(tmp_path):
     b = torch.load(cut / "checkpoint.pt", weights_only=False)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])   # values, rows, cols
     assert a["history"]["mask_updates"] == b["history"]["mask_updates"] == 4   # steps 10, 20, 30, 40 (t_end 0.75)
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())["step_time_ms"]["steps_timed"]
+    assert json.loads((cut / "summary.json").read_text())["step_time_ms"]["steps_timed"] == whole == 55   # both sessions
+
+
+def test_resuming_a_finished_run_leaves_its_files_alone(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.vit", *ARGS, "--steps", "8", "--out-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert json.loads(before["summary.json"])["step_time_ms"]["median"] > 0
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "already finished its 8 steps" in done.stdout, done.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

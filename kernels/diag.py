@@ -12,7 +12,21 @@ values[k, d] is the b x b block (rows = output features) of diagonal k at index 
 Each output block row gathers at most K input blocks, and the transpose of the pattern is
 again diagonal with the same offsets, so the input gradient is the same kernel with the
 roles swapped: no atomics, no re-layout. b >= 16 uses tl.dot (tensor cores on a GPU);
-b = 1 is a shifted multiply-add per diagonal. The weight gradient is the block SDDMM.
+b = 1 is a shifted multiply-add per diagonal. The weight gradient is the block SDDMM at
+the diagonals' blocks (``diag_dw``).
+
+The kernels. A program of ``_diag_block_kernel`` owns a token tile and NB consecutive output
+blocks (b = 16: 8 blocks, 128 outputs, a 3-D tl.dot; b >= 32: one block, a 2-D dot, which
+the sm_90 SASS shows cheaper per block pair there, see ``_tile_blocks``). Its loop walks a
+host-built list of the (diagonal, input block of the tile's first block) pairs that feed
+the tile (``diag_tile_list``, built on the device once per pattern and cached on the
+offsets tensor): block nb reads input block p0 + nb, wrapped once, so the loop has no
+branch and no modulo, indexes in int32 and pipelines (``tl.range(num_stages=)``). b = 1
+(``_diag_elem_kernel``) walks the same list: each diagonal is a shifted contiguous run of
+x and of its values. ``_diag_dw_kernel`` reduces dW[k, d] = dy[:, row]^T @ x[:, col] over
+a token chunk for G consecutive blocks of one diagonal (their rows and columns are runs
+too) with token-major tiles, and writes fp32 partials per chunk that the launcher sums:
+deterministic, no atomics.
 
 Example:
     y = diag_matmul(x, values, offsets, block_size=16)                    # square or wide
@@ -77,94 +91,245 @@ def diag_matmul_ref(x, values, offsets, block_size, out_features=None):
 #   BY_OUT (the diagonal is indexed by the output side): p = (q + o) mod P, value index d = q;
 #   BY_IN  (indexed by the input side):  p = (q - o) mod P, valid when p < D, value index d = p.
 # Forward (out = rows) is BY_IN when R >= C; the input gradient (out = cols) is BY_OUT then.
+# The host lists below hold, per tile of nb output blocks, the (diagonal, p of its first block)
+# pairs; the kernels add the lane and wrap once, and BY_IN masks the lanes with p >= D.
 
-@triton.jit
-def diag_partner(q, o, D, P, BY_OUT: tl.constexpr):
-    """For output block q (scalar or vector) and diagonal offset o: the input block p it reads,
-    the index d of the stored block along the diagonal, and whether that block exists (always,
-    as a compile-time True, when the diagonal is indexed by the output side: no branch)."""
-    if BY_OUT:
-        p = (q + o) % P
-        d = q
-        valid = True
-    else:
-        p = (q - o + P) % P
-        d = p
-        valid = p < D
-    return p, d, valid
+def diag_tile_list_ref(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bool, nb: int):
+    """The spec of ``diag_tile_list`` as plain loops: for each output tile (nb consecutive
+    output blocks from q0 = tile * nb), every diagonal k that feeds at least one of its
+    blocks, in order of k, as (k * D, p0) with p0 the input block that q0 reads."""
+    tiles = []
+    for tile in range(-(-n_out // nb)):
+        q0, row = tile * nb, []
+        for k, o in enumerate(offsets.tolist()):
+            p0 = (q0 + o) % P if by_out else (q0 - o) % P
+            if by_out or any((q - o) % P < D for q in range(q0, min(q0 + nb, n_out))):
+                row.append((k * D, p0))
+        tiles.append(row)
+    return tiles
+
+
+def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bool, nb: int):
+    """(tile_ptr [n_tiles + 1], entries [E, 2]) int32: tile t's entries are
+    entries[tile_ptr[t]:tile_ptr[t + 1]], each (k * D, p0) as in ``diag_tile_list_ref``.
+    Built on the offsets' device once per pattern (cached on the offsets tensor), so the
+    kernel's loop over a tile's entries has no branch and no modulo."""
+    def build():
+        n_tiles = -(-n_out // nb)
+        dev = offsets.device
+        q0 = torch.arange(n_tiles, device=dev, dtype=torch.int64)[:, None] * nb  # [n_tiles, 1]
+        o = offsets.long()[None, :]  # [1, K]
+        p0 = (q0 + o) % P if by_out else (q0 - o) % P  # [n_tiles, K]
+        if by_out:
+            keep = torch.ones_like(p0, dtype=torch.bool)
+        else:
+            lane = torch.arange(nb, device=dev)
+            p = (p0[:, :, None] + lane) % P
+            keep = ((p < D) & (q0[:, :, None] + lane < n_out)).any(-1)
+        vbase = (torch.arange(offsets.numel(), device=dev, dtype=torch.int64) * D).expand_as(p0)
+        tile_ptr = torch.zeros(n_tiles + 1, device=dev, dtype=torch.int32)
+        tile_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
+        entries = torch.stack([vbase[keep], p0[keep]], 1).to(torch.int32).contiguous()
+        return tile_ptr, entries
+    return rt.cached_pattern((offsets,), ("diag tiles", n_out, P, D, by_out, nb), build)
 
 
 @triton.jit
 def _diag_block_kernel(
-    a_ptr, values_ptr, offsets_ptr, out_ptr,
-    T, K, D, P, N_OUT,
+    a_ptr, values_ptr, tile_ptr, entries_ptr, out_ptr,
+    T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
-    B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
     BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # Output blocks vary fastest: programs running together read one token tile of the input
-    # (it stays in L2) instead of streaming the whole input once per diagonal.
-    pid = tl.program_id(0).to(tl.int64)
-    q = pid % N_OUT
-    pid_t = pid // N_OUT
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    # A program owns NB consecutive output blocks (NB * b outputs) of one token tile; the
+    # tiles of one token tile run together (output tiles vary fastest), so x stays in L2.
+    # Its loop walks the host-built list of (diagonal, first input block) pairs feeding the
+    # tile: block nb reads input block p0 + nb (wrapped once at P), in int32; the 3-D tl.dot
+    # keeps the NB accumulators [BT, b] apart.
+    pid = tl.program_id(0)
+    tile = pid % N_TILES
+    pid_t = pid // N_TILES
+    offs_n = tl.arange(0, NB)
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_b = tl.arange(0, BLOCK_B)
-    mask_t = offs_t < T
-    mask_b = offs_b < B
-    acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
-    for k in range(0, K):
-        o = tl.load(offsets_ptr + k).to(tl.int64)
-        p, d, valid = diag_partner(q, o, D, P, BY_OUT)
-        if valid:
-            a = tl.load(a_ptr + offs_t[:, None] * stride_at + (p * B + offs_b)[None, :] * stride_ai,
-                        mask=mask_t[:, None] & mask_b[None, :], other=0.0)  # [BT, BB]
-            w_base = values_ptr + (k * D + d) * B * B
-            # w[i, j] is (output feature i, input feature j) of the block; read as op(W).
-            if TRANS_W:
-                w = tl.load(w_base + offs_b[None, :] * B + offs_b[:, None],
-                            mask=mask_b[:, None] & mask_b[None, :], other=0.0)  # [BB(j), BB(i)]
-            else:
-                w = tl.load(w_base + offs_b[:, None] * B + offs_b[None, :],
-                            mask=mask_b[:, None] & mask_b[None, :], other=0.0)  # [BB(i), BB(j)]
-            if UPCAST:
-                a = a.to(ACC)
-                w = w.to(ACC)
-            if USE_DOT:
-                acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=ACC)
-            else:
-                acc += tl.sum(a.to(ACC)[:, :, None] * w.to(ACC)[None, :, :], axis=1)
-    tl.store(out_ptr + offs_t[:, None] * stride_ot + (q * B + offs_b)[None, :] * stride_oi,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_b[None, :])
+    q = tile * NB + offs_n  # [NB] output blocks
+    mask_q = q < N_OUT
+    mask_tb = (offs_t < T)[None, :, None] & (offs_b < B)[None, None, :]  # [1, BT, BB]
+    a_rows = a_ptr + offs_t[None, :, None] * stride_at  # [1, BT, 1], the only int64 offsets
+    # w[i, j] of a stored block is (output feature i, input feature j); read as op(W).
+    if TRANS_W:
+        w_offs = offs_b[None, None, :] * B + offs_b[None, :, None]  # [1, BB(j), BB(i)]
+    else:
+        w_offs = offs_b[None, :, None] * B + offs_b[None, None, :]  # [1, BB(i), BB(j)]
+    mask_w = (offs_b < B)[None, :, None] & (offs_b < B)[None, None, :]
+    if USE_DOT and NB == 1:
+        acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
+    else:
+        acc = tl.zeros((NB, BLOCK_T, BLOCK_B), dtype=ACC)
+    start = tl.load(tile_ptr + tile)
+    end = tl.load(tile_ptr + tile + 1)
+    for e in tl.range(start, end, num_stages=NUM_STAGES):
+        vbase = tl.load(entries_ptr + 2 * e)  # k * D
+        p = tl.load(entries_ptr + 2 * e + 1) + offs_n  # [NB] input blocks
+        p = tl.where(p >= P, p - P, p)
+        if BY_OUT:
+            d = q
+            valid = mask_q
+        else:
+            d = p
+            valid = mask_q & (p < D)
+        a = tl.load(a_rows + ((p * B)[:, None, None] + offs_b[None, None, :]) * stride_ai,
+                    mask=valid[:, None, None] & mask_tb, other=0.0)  # [NB, BT, BB]
+        w = tl.load(values_ptr + ((vbase + d) * (B * B))[:, None, None] + w_offs,
+                    mask=valid[:, None, None] & mask_w, other=0.0)  # [NB, BB, BB]
+        if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+            a = a.to(ACC)
+            w = w.to(ACC)
+        if USE_DOT and NB == 1:  # a 2-D dot: wgmma on sm_90 (a 3-D one is mma.sync)
+            acc += tl.dot(tl.reshape(a, (BLOCK_T, BLOCK_B)), tl.reshape(w, (BLOCK_B, BLOCK_B)),
+                          input_precision=DOT_PRECISION, out_dtype=ACC)
+        elif USE_DOT:
+            acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            acc += tl.sum(a.to(ACC)[:, :, :, None] * w.to(ACC)[:, None, :, :], axis=2)
+    offs_o = ((q * B)[:, None, None] + offs_b[None, None, :]) * stride_oi  # [NB, 1, BB]
+    tl.store(out_ptr + offs_t[None, :, None] * stride_ot + offs_o,
+             tl.reshape(acc, (NB, BLOCK_T, BLOCK_B)).to(out_ptr.dtype.element_ty), mask=mask_q[:, None, None] & mask_tb)
 
 
 @triton.jit
 def _diag_elem_kernel(
-    a_ptr, values_ptr, offsets_ptr, out_ptr,
-    T, K, D, P, N_OUT,
+    a_ptr, values_ptr, tile_ptr, entries_ptr, out_ptr,
+    T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
     BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BY_OUT: tl.constexpr, ACC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    # b = 1: a [BT, BQ] tile of outputs, one gathered multiply-add per diagonal.
-    pid = tl.program_id(0).to(tl.int64)
-    n_q_tiles = tl.cdiv(N_OUT, BLOCK_Q)
-    pid_q = pid % n_q_tiles
-    pid_t = pid // n_q_tiles
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    # b = 1: a [BT, BQ] tile of outputs; per diagonal of the host list, output q0 + j reads
+    # input p0 + j (wrapped once at P): a shifted contiguous run of x and of the values.
+    pid = tl.program_id(0)
+    tile = pid % N_TILES
+    pid_t = pid // N_TILES
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, BLOCK_Q)
+    q = tile * BLOCK_Q + offs_j  # [BQ]
+    mask_q = q < N_OUT
     mask_t = offs_t < T
-    mask_q = offs_q < N_OUT
+    a_rows = a_ptr + offs_t[:, None] * stride_at  # [BT, 1]
     acc = tl.zeros((BLOCK_T, BLOCK_Q), dtype=ACC)
-    for k in range(0, K):
-        o = tl.load(offsets_ptr + k).to(tl.int64)
-        p, d, valid = diag_partner(offs_q, o, D, P, BY_OUT)
-        valid = valid & mask_q
-        a = tl.load(a_ptr + offs_t[:, None] * stride_at + p[None, :] * stride_ai,
-                    mask=mask_t[:, None] & valid[None, :], other=0.0)  # [BT, BQ]
-        w = tl.load(values_ptr + k * D + d, mask=valid, other=0.0)  # [BQ]
+    start = tl.load(tile_ptr + tile)
+    end = tl.load(tile_ptr + tile + 1)
+    for e in tl.range(start, end, num_stages=NUM_STAGES):
+        vbase = tl.load(entries_ptr + 2 * e)
+        p = tl.load(entries_ptr + 2 * e + 1) + offs_j
+        p = tl.where(p >= P, p - P, p)
+        if BY_OUT:
+            d = q
+            valid = mask_q
+        else:
+            d = p
+            valid = mask_q & (p < D)
+        a = tl.load(a_rows + p[None, :] * stride_ai, mask=mask_t[:, None] & valid[None, :], other=0.0)  # [BT, BQ]
+        w = tl.load(values_ptr + vbase + d, mask=valid, other=0.0)  # [BQ]
         acc += a.to(ACC) * w.to(ACC)[None, :]
-    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_q[None, :] * stride_oi,
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + q[None, :] * stride_oi,
              acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_q[None, :])
+
+
+def diag_dw_groups(offsets: torch.Tensor, R: int, C: int, group: int) -> torch.Tensor:
+    """[n_groups, 4] int32 of the weight-gradient kernel: diagonal k's blocks d0 .. d0 +
+    group - 1 as (k * D + d0, d0, row block of d0, column block of d0); cached per pattern."""
+    def build():
+        D = min(R, C)
+        dev = offsets.device
+        d0 = torch.arange(0, D, group, device=dev, dtype=torch.int64)[None, :]  # [1, G]
+        o = offsets.long()[:, None]  # [K, 1]
+        k = torch.arange(offsets.numel(), device=dev, dtype=torch.int64)[:, None]
+        rows, cols = ((d0 + o) % R, d0.expand_as(d0 + o)) if R >= C else (d0.expand_as(d0 + o), (d0 + o) % C)
+        table = torch.stack([(k * D + d0).expand_as(rows), d0.expand_as(rows), rows, cols], -1)
+        return table.reshape(-1, 4).to(torch.int32).contiguous()
+    return rt.cached_pattern((offsets,), ("diag dw groups", R, C, group), build)
+
+
+@triton.jit
+def _diag_dw_kernel(
+    dy_ptr, x_ptr, groups_ptr, g_ptr,
+    T, T_CHUNK, D, R, C, N_GROUPS, N_VALUES,
+    stride_dyt, stride_dyo, stride_xt, stride_xi,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # dW[k, d] = dy[:, row block]^T @ x[:, column block] for G consecutive blocks d of one
+    # diagonal (their rows and columns are runs, wrapped once) over one token chunk. Token-
+    # major tiles: the MMA is [b, BT] @ [BT, b], batched over the G blocks (3-D mma.sync) or,
+    # for G = 1, 2-D (wgmma on sm_90 for b >= 64). Chunks write fp32 partials, summed on the
+    # host: deterministic, no atomics.
+    pid = tl.program_id(0)
+    group = pid % N_GROUPS
+    chunk = pid // N_GROUPS
+    offs_n = tl.arange(0, G)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    vd = tl.load(groups_ptr + 4 * group) + offs_n  # [G] k * D + d
+    d = tl.load(groups_ptr + 4 * group + 1) + offs_n
+    r = tl.load(groups_ptr + 4 * group + 2) + offs_n
+    c = tl.load(groups_ptr + 4 * group + 3) + offs_n
+    r = tl.where(r >= R, r - R, r)
+    c = tl.where(c >= C, c - C, c)
+    valid = d < D
+    t_start = chunk * T_CHUNK
+    t_end = tl.minimum(t_start + T_CHUNK, T)
+    offs_t = tl.arange(0, BLOCK_T)
+    row0 = t_start.to(tl.int64)
+    if USE_DOT and G == 1:
+        # One block: 2-D token-major tiles [BT, BB]; dy^T goes to the MMA as a transposed view
+        # (loaded async like x; a transposed pointer tile would be loaded synchronously and
+        # shuffled in registers: 132 PRMT per iteration at b = 64).
+        dy_ptrs = (dy_ptr + (row0 + offs_t)[:, None] * stride_dyt
+                   + (tl.sum(r, 0) * B + offs_b)[None, :] * stride_dyo)  # [BT, BB]
+        x_ptrs = x_ptr + (row0 + offs_t)[:, None] * stride_xt + (tl.sum(c, 0) * B + offs_b)[None, :] * stride_xi
+        acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=ACC)
+        for t0 in tl.range(t_start, t_end, BLOCK_T, num_stages=NUM_STAGES):
+            m = (t0 + offs_t < t_end)[:, None] & mask_b[None, :]
+            a = tl.load(dy_ptrs, mask=m, other=0.0)  # [BT, BB(i)]
+            x = tl.load(x_ptrs, mask=m, other=0.0)  # [BT, BB(j)]
+            if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+                a = a.to(ACC)
+                x = x.to(ACC)
+            acc += tl.dot(tl.trans(a), x, input_precision=DOT_PRECISION, out_dtype=ACC)
+            dy_ptrs += BLOCK_T * stride_dyt
+            x_ptrs += BLOCK_T * stride_xt
+        acc = tl.reshape(acc, (G, BLOCK_B, BLOCK_B))
+    else:
+        # G blocks: dy read as [G, BB(i), BT] (the 3-D dot's A, loaded async as it is; its
+        # transposed view of a [G, BT, BB] tile loads synchronously), x as [G, BT, BB(j)].
+        dy_ptrs = (dy_ptr + (row0 + offs_t)[None, None, :] * stride_dyt
+                   + ((r * B)[:, None, None] + offs_b[None, :, None]) * stride_dyo)
+        x_ptrs = (x_ptr + (row0 + offs_t)[None, :, None] * stride_xt
+                  + ((c * B)[:, None, None] + offs_b[None, None, :]) * stride_xi)
+        mask_dy = valid[:, None, None] & mask_b[None, :, None]
+        mask_x = valid[:, None, None] & mask_b[None, None, :]
+        acc = tl.zeros((G, BLOCK_B, BLOCK_B), dtype=ACC)
+        for t0 in tl.range(t_start, t_end, BLOCK_T, num_stages=NUM_STAGES):
+            in_t = t0 + offs_t < t_end
+            a = tl.load(dy_ptrs, mask=mask_dy & in_t[None, None, :], other=0.0)  # [G, BB, BT]
+            x = tl.load(x_ptrs, mask=mask_x & in_t[None, :, None], other=0.0)  # [G, BT, BB]
+            if UPCAST:
+                a = a.to(ACC)
+                x = x.to(ACC)
+            if USE_DOT:
+                acc += tl.dot(a, x, input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                acc += tl.sum(a.to(ACC)[:, :, :, None] * x.to(ACC)[:, None, :, :], axis=2)
+            dy_ptrs += BLOCK_T * stride_dyt
+            x_ptrs += BLOCK_T * stride_xt
+    offs_g = (chunk.to(tl.int64) * N_VALUES + (vd * (B * B))[:, None, None]
+              + offs_b[None, :, None] * B + offs_b[None, None, :])  # [G, BB, BB]
+    tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty),
+             mask=valid[:, None, None] & mask_b[None, :, None] & mask_b[None, None, :])
 
 
 def _check(x2, values, offsets, block_size, out_features):
@@ -184,38 +349,66 @@ def _check(x2, values, offsets, block_size, out_features):
     return R, C, D, P
 
 
-def _block_default(b: int) -> dict:
-    """Launch config of the block kernel where the table has no entry. On a GPU: 128-token
-    tiles; 8 warps for b >= 64, whose [128, 64] fp32 accumulator on 4 warps takes 155
-    registers a thread (ptxas, sm_90, bf16, as the JIT specialises it: b = 16 54, b = 32 80,
-    b = 64 on 8 warps 80; tests/kernels/gpu_compile.py). bench/sweep.py tunes the rest."""
+def _block_default(b: int, dtype: torch.dtype) -> dict:
+    """Launch config of the block kernel where the table has no entry (bench/sweep.py tunes
+    the rest). Under the interpreter: big tiles, few loop iterations. fp32 / fp64 tiles take
+    twice the registers: b = 16 then keeps 4 blocks (8 spill 32 bytes in fp32 on sm_90)."""
+    nb = _tile_blocks(b)
+    if dtype.itemsize > 2 and b == 16:
+        nb //= 2
     if rt.interpreting():
-        return {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_T": 128, "num_warps": 8 if b >= 64 else 4, "num_stages": 3}
+        return {"BLOCK_T": 64, "NB": nb, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_T": 128, "NB": nb, "num_warps": 8 if b >= 64 or nb > 1 else 4, "num_stages": 3}
+
+
+def _tile_blocks(b: int) -> int:
+    """Output blocks per program (NB) by default, chosen on the sm_90 SASS (bf16, 128-token
+    tiles, instructions of the loop body per (input block, output block) pair, warps x
+    body / NB): b = 16 NB = 8 on 8 warps (3-D mma.sync 16816, 180 / pair, 92-104 registers)
+    beats NB = 1 (wgmma 64x16x16, 296 / pair); b = 32 NB = 1 (wgmma 64x32x16, 360 / pair,
+    83 registers) beats NB = 4 (mma.sync, 460 / pair, 201 registers); b = 64 NB = 1 (wgmma
+    64x64x16, 74-89 registers) where NB = 2 spills 10 KB. b < 16 (CUDA cores, a
+    [NB, BT, b, b] product in registers): 32 outputs."""
+    if b < 16:
+        return max(1, 32 // rt.next_pow2(b))
+    return 8 if b == 16 else 1
+
+
+_INT32_MAX = 2 ** 31 - 1
 
 
 def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name):
-    T, K = a.shape[0], offsets.numel()
+    T = a.shape[0]
+    if values.numel() > _INT32_MAX or max(a.shape[1], out.shape[1]) > _INT32_MAX:
+        raise ValueError(f"values ({values.numel()} elements) and the feature widths must stay below 2^31: "
+                         f"the kernels index them in int32")
     if b == 1:
         cfg = rt.launch_config(kernel_name, {"b": 1, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
-                               # 32-token tiles on a GPU: 89 registers a thread, 64: 168 (sm_90)
-                               {"BLOCK_T": 64 if rt.interpreting() else 32, "BLOCK_Q": 64, "num_warps": 4})
-        grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_out_blocks, cfg["BLOCK_Q"]),)
-        _diag_elem_kernel[grid](a, values, offsets, out, T, K, D, P, n_out_blocks,
+                               {"BLOCK_T": 64 if rt.interpreting() else 32, "BLOCK_Q": 64, "num_warps": 4,
+                                "num_stages": 1 if rt.interpreting() else 3})
+        tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, cfg["BLOCK_Q"])
+        n_tiles = tile_ptr.numel() - 1
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
+        _diag_elem_kernel[grid](a, values, tile_ptr, entries, out, T, D, P, n_out_blocks, n_tiles,
                                 a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                                 BLOCK_T=cfg["BLOCK_T"], BLOCK_Q=cfg["BLOCK_Q"], BY_OUT=by_out,
-                                ACC=acc_dtype(a.dtype), num_warps=cfg["num_warps"])
+                                ACC=acc_dtype(a.dtype), NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
         return
     upcast, precision = dot_settings(a.dtype)
     cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
-                           _block_default(b))
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_out_blocks,)
-    _diag_block_kernel[grid](a, values, offsets, out, T, K, D, P, n_out_blocks,
+                           _block_default(b, a.dtype))
+    nb = cfg["NB"]
+    tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, nb)
+    n_tiles = tile_ptr.numel() - 1
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
+    if grid[0] > _INT32_MAX:
+        raise ValueError(f"{T} tokens need {grid[0]} programs, more than a launch holds")
+    _diag_block_kernel[grid](a, values, tile_ptr, entries, out, T, D, P, n_out_blocks, n_tiles,
                              a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-                             B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b),
+                             B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), NB=nb,
                              BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16,
                              UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(a.dtype),
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                             NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
 
 
 def diag_fwd(x2, values, offsets, block_size: int, out_features: int) -> torch.Tensor:
@@ -328,17 +521,92 @@ def diag_dx_torch(dy, values, offsets, block_size: int, in_features: int) -> tor
     return _diag_product_torch(dy, values, offsets, R, C, block_size, gather=R >= C, transpose_w=False)
 
 
-def _diag_dw(dy, x2, offsets, block_size, values_shape):
-    R, C = dy.shape[1] // block_size, x2.shape[1] // block_size
-    if not rt.runs_triton(dy) and _elementwise_on_cpu(block_size, dy.shape[0], offsets):
-        # element dots at the diagonals' elements (cached coordinates: the SDDMM's CPU path
-        # caches its own structure on the same tensors)
-        rows, cols = _element_coords(offsets, R, C, block_size)
-        return sddmm(dy, x2, rows, cols, 1).reshape(values_shape)
+def _dw_default(b: int) -> dict:
+    """Launch config of the weight-gradient kernel where the table has no entry: G blocks of
+    one diagonal per program, chosen on the sm_90 SASS (bf16): b = 16 G = 8 and b = 32 G = 4
+    (3-D mma.sync 16816, both operands async, 96 / 128 registers; wgmma needs M = 64, which
+    the b rows of one block cannot fill; b = 32 G = 1 loads dy synchronously), b = 64 G = 1
+    (2-D wgmma 64x64x16, 62 registers). b < 16: a run of 32 / b blocks on CUDA cores (b = 1:
+    64 elements of a diagonal, a shifted run)."""
+    if b == 1:
+        group = 64
+    elif b < 16:
+        group = max(1, 32 // rt.next_pow2(b))
+    else:
+        group = {16: 8, 32: 4}.get(b, 1)
+    if rt.interpreting():
+        return {"G": group, "BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "TARGET_PROGRAMS": 4}
+    return {"G": group, "BLOCK_T": 64 if group > 1 else 128, "num_warps": 4, "num_stages": 3,
+            "TARGET_PROGRAMS": 4 * 132}
+
+
+def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
+    """Launcher of the weight gradient (the block SDDMM at the diagonals' blocks).
+    dy: [T, out], x2: [T, in] -> [K, D, b, b] in dy's dtype (accumulated in fp32)."""
+    rt.check_float("dy", dy)
+    rt.check_float("x", x2)
+    rt.check_dtype_match("dy", dy, "x", x2)
+    rt.check_index("offsets", offsets, 1)
+    rt.check_same_device(dy=dy, x=x2, offsets=offsets)
+    b = block_size
+    R, C, D, P = diag_geometry(x2.shape[1], dy.shape[1], b)
+    if dy.shape[0] != x2.shape[0]:
+        raise ValueError(f"dy and x must have the same number of tokens, got {dy.shape[0]} and {x2.shape[0]}")
+    rt.check_range("offsets", offsets, P)
+    K, T = offsets.numel(), dy.shape[0]
+    if K * D * b * b > _INT32_MAX or max(dy.shape[1], x2.shape[1]) > _INT32_MAX:
+        raise ValueError("the weight gradient and the feature widths must stay below 2^31 elements: "
+                         "the kernel indexes them in int32")
+    if K == 0 or T == 0:
+        return torch.zeros(K, D, b, b, dtype=dy.dtype, device=dy.device)
+    cfg = rt.launch_config("diag_dw", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dy.dtype)[6:]}, _dw_default(b))
+    groups = diag_dw_groups(offsets.contiguous(), R, C, cfg["G"])
+    n_groups, bt = groups.shape[0], cfg["BLOCK_T"]
+    n_chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(cfg["TARGET_PROGRAMS"], n_groups)))
+    chunk = triton.cdiv(triton.cdiv(T, n_chunks), bt) * bt
+    n_chunks = triton.cdiv(T, chunk)
+    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    g = torch.empty((n_chunks, K, D, b, b) if n_chunks > 1 else (K, D, b, b),
+                    dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
+    upcast, precision = dot_settings(dy.dtype)
+    _diag_dw_kernel[(n_groups * n_chunks,)](
+        dy, x2, groups, g, T, chunk, D, R, C, n_groups, K * D * b * b,
+        dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1),
+        B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), G=cfg["G"], BLOCK_T=bt,
+        USE_DOT=b >= 16, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
+        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+    return g.sum(0).to(dy.dtype) if n_chunks > 1 else g
+
+
+def diag_dw_torch(dy, x2, offsets, block_size: int) -> torch.Tensor:
+    """CPU path of the weight gradient: element dots (b <= _CPU_ELEMENT_MAX_BLOCK) or block
+    products through the SDDMM's torch path, at the diagonals' (cached) coordinates."""
+    b = block_size
+    R, C, D, P = diag_geometry(x2.shape[1], dy.shape[1], b)
+    shape = (offsets.numel(), D, b, b)
+    if _elementwise_on_cpu(b, dy.shape[0], offsets):
+        rows, cols = _element_coords(offsets, R, C, b)
+        return sddmm(dy, x2, rows, cols, 1).reshape(shape)
     rows, cols = rt.cached_pattern((offsets,), ("diag coords", R, C),
                                    lambda: tuple(t.reshape(-1) for t in diag_coords(offsets, R, C)))
-    g = sddmm(dy, x2, rows, cols, block_size)
-    return g.reshape(values_shape)
+    return sddmm(dy, x2, rows, cols, b).reshape(shape)
+
+
+@torch.library.custom_op("alwayssparse::diag_dw", mutates_args=())
+def _diag_dw_op(dy: torch.Tensor, x2: torch.Tensor, offsets: torch.Tensor, block_size: int) -> torch.Tensor:
+    if rt.runs_triton(dy):
+        return diag_dw(dy, x2, offsets, block_size)
+    return diag_dw_torch(dy, x2, offsets, block_size)
+
+
+@_diag_dw_op.register_fake
+def _(dy, x2, offsets, block_size):
+    D = min(dy.shape[1], x2.shape[1]) // block_size
+    return dy.new_empty(offsets.shape[0], D, block_size, block_size)
+
+
+def _diag_dw(dy, x2, offsets, block_size, values_shape):
+    return _diag_dw_op(dy, x2, offsets, block_size).reshape(values_shape)
 
 
 @torch.library.custom_op("alwayssparse::diag_matmul", mutates_args=())

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .diag import DiagLinear, _diag_dw, _diag_dx_op, _diag_op, diag_fwd_torch, diag_partner, diag_to_dense
+from .diag import DiagLinear, _diag_dw, _diag_dx_op, _diag_op, diag_fwd_torch, diag_tile_list, diag_to_dense
 from .sddmm import acc_dtype, dot_settings
 
 # tl.dot needs tiles of at least 16 x 16.
@@ -75,60 +75,68 @@ def fused_diag_mlp_ref(x, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, 
 
 @triton.jit
 def _fused_diag_mlp_kernel(
-    x_ptr, w1_ptr, off1_ptr, b1_ptr, w2_ptr, off2_ptr, b2_ptr, y_ptr,
-    T, K1, D1, P1, K2, D2, P2, N_OUT,
+    x_ptr, w1_ptr, ptr1_ptr, entries1_ptr, b1_ptr, w2_ptr, ptr2_ptr, entries2_ptr, b2_ptr, y_ptr,
+    T, N_OUT,
     stride_xt, stride_xi, stride_yt, stride_yo,
     B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
     FC1_BY_OUT: tl.constexpr, FC2_BY_OUT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # Output blocks vary fastest: programs running together read one token tile of x.
-    pid = tl.program_id(0).to(tl.int64)
+    # Output blocks vary fastest: programs running together read one token tile of x. The
+    # loops walk host-built lists (kernels/diag.py's diag_tile_list with one block a tile):
+    # fc2's (k2 * D2, hidden block j) pairs of output block r, and for each j fc1's
+    # (k1 * D1, input block c) pairs - no branch, no modulo, int32 indices.
+    pid = tl.program_id(0)
     r = pid % N_OUT
     pid_t = pid // N_OUT
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_b = tl.arange(0, BLOCK_B)
     mask_t = offs_t < T
     mask_b = offs_b < B
+    mask_tb = mask_t[:, None] & mask_b[None, :]
     mask_w = mask_b[:, None] & mask_b[None, :]
+    x_rows = x_ptr + offs_t[:, None] * stride_xt  # [BT, 1], the only int64 offsets
     # w[i, j] of a stored block is (output feature i, input feature j); both products need
     # op(W) = W^T, read as [BB(j), BB(i)].
     w_offs = offs_b[None, :] * B + offs_b[:, None]
     acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
-    for k2 in range(0, K2):
-        o2 = tl.load(off2_ptr + k2).to(tl.int64)
-        # The hidden block j that fc2's diagonal k2 feeds into output block r.
-        j, d2, valid2 = diag_partner(r, o2, D2, P2, FC2_BY_OUT)
-        if valid2:
-            h = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
-            for k1 in range(0, K1):
-                o1 = tl.load(off1_ptr + k1).to(tl.int64)
-                # The input block c that fc1's diagonal k1 feeds into hidden block j.
-                c, d1, valid1 = diag_partner(j, o1, D1, P1, FC1_BY_OUT)
-                if valid1:
-                    xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + (c * B + offs_b)[None, :] * stride_xi,
-                                 mask=mask_t[:, None] & mask_b[None, :], other=0.0)  # [BT, BB]
-                    w1 = tl.load(w1_ptr + (k1 * D1 + d1) * B * B + w_offs, mask=mask_w, other=0.0)  # [BB, BB]
-                    if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
-                        xt = xt.to(ACC)
-                        w1 = w1.to(ACC)
-                    h += tl.dot(xt, w1, input_precision=DOT_PRECISION, out_dtype=ACC)
-            if HAS_B1:
-                bias1 = tl.load(b1_ptr + j * B + offs_b, mask=mask_b, other=0.0).to(ACC)  # [BB]
-                h += bias1[None, :]
-            # Exact GELU in the accumulator's precision; padded lanes stay 0 (gelu(0) = 0).
-            a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # [BT, BB]
-            w2 = tl.load(w2_ptr + (k2 * D2 + d2) * B * B + w_offs, mask=mask_w, other=0.0)  # [BB, BB]
-            if UPCAST:
-                w2 = w2.to(ACC)
+    for e2 in range(tl.load(ptr2_ptr + r), tl.load(ptr2_ptr + r + 1)):
+        vbase2 = tl.load(entries2_ptr + 2 * e2)
+        j = tl.load(entries2_ptr + 2 * e2 + 1)  # the hidden block fc2's diagonal reads
+        h = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
+        for e1 in tl.range(tl.load(ptr1_ptr + j), tl.load(ptr1_ptr + j + 1), num_stages=NUM_STAGES):
+            vbase1 = tl.load(entries1_ptr + 2 * e1)
+            c = tl.load(entries1_ptr + 2 * e1 + 1)  # the input block feeding hidden block j
+            if FC1_BY_OUT:
+                d1 = j
             else:
-                a = a.to(w2.dtype)  # fp16/bf16 operands for the tensor cores
-            acc += tl.dot(a, w2, input_precision=DOT_PRECISION, out_dtype=ACC)
+                d1 = c
+            xt = tl.load(x_rows + (c * B + offs_b)[None, :] * stride_xi, mask=mask_tb, other=0.0)  # [BT, BB]
+            w1 = tl.load(w1_ptr + (vbase1 + d1) * (B * B) + w_offs, mask=mask_w, other=0.0)  # [BB, BB]
+            if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+                xt = xt.to(ACC)
+                w1 = w1.to(ACC)
+            h += tl.dot(xt, w1, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if HAS_B1:
+            bias1 = tl.load(b1_ptr + j * B + offs_b, mask=mask_b, other=0.0).to(ACC)  # [BB]
+            h += bias1[None, :]
+        # Exact GELU in the accumulator's precision; padded lanes stay 0 (gelu(0) = 0).
+        a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))  # [BT, BB]
+        if FC2_BY_OUT:
+            d2 = r
+        else:
+            d2 = j
+        w2 = tl.load(w2_ptr + (vbase2 + d2) * (B * B) + w_offs, mask=mask_w, other=0.0)  # [BB, BB]
+        if UPCAST:
+            w2 = w2.to(ACC)
+        else:
+            a = a.to(w2.dtype)  # fp16/bf16 operands for the tensor cores
+        acc += tl.dot(a, w2, input_precision=DOT_PRECISION, out_dtype=ACC)
     if HAS_B2:
         bias2 = tl.load(b2_ptr + r * B + offs_b, mask=mask_b, other=0.0).to(ACC)  # [BB]
         acc += bias2[None, :]
     tl.store(y_ptr + offs_t[:, None] * stride_yt + (r * B + offs_b)[None, :] * stride_yo,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_b[None, :])
+             acc.to(y_ptr.dtype.element_ty), mask=mask_tb)
 
 
 def _check_layer(name: str, values, offsets, in_features: int, out_features: int, b: int):
@@ -203,16 +211,22 @@ def fused_diag_mlp_fwd(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
     if cfg["BLOCK_T"] < 16:
         raise ValueError(f"fused_diag_mlp launch config needs BLOCK_T >= 16 (tl.dot), got {cfg['BLOCK_T']}")
     upcast, precision = dot_settings(x2.dtype)
+    if max(w1_values.numel(), w2_values.numel(), x2.shape[1], hidden_features, out_features) > 2 ** 31 - 1:
+        raise ValueError("the weights and feature widths must stay below 2^31 elements: the kernel indexes "
+                         "them in int32")
+    # Per hidden block, fc1's (k1 * D1, input block) pairs; per output block, fc2's (k2 * D2,
+    # hidden block) pairs: the forward lists of kernels/diag.py with one block a tile.
+    ptr1, entries1 = diag_tile_list(w1_offsets.contiguous(), R1, P1, D1, R1 < C1, 1)
+    ptr2, entries2 = diag_tile_list(w2_offsets.contiguous(), R2, P2, D2, R2 < C2, 1)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * R2,)
     _fused_diag_mlp_kernel[grid](
-        x2, w1_values.contiguous(), w1_offsets.contiguous(), b1 if b1 is not None else x2,
-        w2_values.contiguous(), w2_offsets.contiguous(), b2 if b2 is not None else x2, y,
-        T, w1_offsets.numel(), D1, P1, w2_offsets.numel(), D2, P2, R2,
-        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        x2, w1_values.contiguous(), ptr1, entries1, b1 if b1 is not None else x2,
+        w2_values.contiguous(), ptr2, entries2, b2 if b2 is not None else x2, y,
+        T, R2, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         B=b, BLOCK_B=rt.next_pow2(b), BLOCK_T=cfg["BLOCK_T"],
         FC1_BY_OUT=R1 < C1, FC2_BY_OUT=R2 < C2, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(x2.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(x2.dtype), NUM_STAGES=cfg["num_stages"],
+        num_warps=cfg["num_warps"])
     return y
 
 

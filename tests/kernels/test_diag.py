@@ -137,3 +137,108 @@ def test_zero_tokens_give_an_empty_product_and_gradients(backend, shape):
     assert y.shape == (0, n_out)
     y.sum().backward()
     assert x.grad.shape == (0, n_in) and not layer.values.grad.abs().any()
+
+
+# ----------------------------------------------------------------------------- kernel structure
+
+from kernels import runtime as rt  # noqa: E402
+from kernels.diag import diag_coords, diag_dw, diag_dw_groups, diag_tile_list, diag_tile_list_ref  # noqa: E402
+
+
+def _tile_list_as_rows(tile_ptr, entries):
+    ptr, ent = tile_ptr.tolist(), [tuple(e) for e in entries.tolist()]
+    return [ent[ptr[t]:ptr[t + 1]] for t in range(len(ptr) - 1)]
+
+
+# (R, C, K, nb): tall, wide, square, K = 1, all P diagonals, a tile wider than the layer
+@pytest.mark.parametrize("R,C,K,nb", [(12, 3, 4, 8), (3, 12, 4, 8), (5, 5, 5, 2), (7, 2, 1, 4),
+                                      (2, 7, 7, 1), (48, 12, 5, 8), (12, 48, 12, 64), (1, 1, 1, 8)])
+def test_tile_lists_match_the_loop_reference_for_the_forward_and_the_input_grad(R, C, K, nb):
+    g = torch.Generator().manual_seed(R * 100 + C)
+    D, P = min(R, C), max(R, C)
+    offsets = torch.randperm(P, generator=g)[:K].to(torch.int32)
+    for n_out, by_out in ((R, R < C), (C, R >= C)):  # forward, input grad
+        got = _tile_list_as_rows(*diag_tile_list(offsets, n_out, P, D, by_out, nb))
+        assert got == diag_tile_list_ref(offsets, n_out, P, D, by_out, nb), (n_out, by_out)
+        # every stored block is reached exactly once by some (tile, lane)
+        seen = []
+        for tile, row in enumerate(got):
+            for vbase, p0 in row:
+                k = vbase // D
+                for lane in range(nb):
+                    q, p = tile * nb + lane, (p0 + lane) % P
+                    if q < n_out and (by_out or p < D):
+                        seen.append((k, q if by_out else p))
+        assert sorted(seen) == [(k, d) for k in range(K) for d in range(D)]
+
+
+@pytest.mark.parametrize("R,C,K,group", [(12, 3, 4, 8), (3, 12, 12, 2), (5, 5, 1, 64), (6, 6, 6, 4)])
+def test_weight_grad_groups_name_the_stored_blocks(R, C, K, group):
+    offsets = torch.randperm(max(R, C), generator=torch.Generator().manual_seed(1))[:K].to(torch.int32)
+    rows, cols = diag_coords(offsets, R, C)
+    D = min(R, C)
+    for vd, d0, r0, c0 in diag_dw_groups(offsets, R, C, group).tolist():
+        k = vd // D
+        assert vd == k * D + d0 and d0 % group == 0
+        assert (r0, c0) == (rows[k, d0].item(), cols[k, d0].item())
+
+
+def test_tile_lists_are_cached_per_pattern_and_rebuilt_after_a_change():
+    offsets = torch.tensor([0, 5, 9], dtype=torch.int32)
+    first = diag_tile_list(offsets, 12, 12, 4, False, 4)
+    assert diag_tile_list(offsets, 12, 12, 4, False, 4) is first
+    offsets[1] = 6  # an in-place mask update bumps the version counter
+    second = diag_tile_list(offsets, 12, 12, 4, False, 4)
+    assert second is not first
+    assert _tile_list_as_rows(*second) == diag_tile_list_ref(offsets, 12, 12, 4, False, 4)
+
+
+# Odd token counts, b = 1, 16 and 64, tall and wide, one diagonal and all of them.
+@pytest.mark.parametrize("b,R,C,K", [(1, 70, 9, 70), (1, 9, 70, 1), (16, 6, 2, 6), (16, 2, 6, 1),
+                                     (64, 3, 1, 3), (64, 1, 2, 1)])
+@pytest.mark.parametrize("T", [1, 63, 123])
+def test_diag_kernels_at_odd_token_counts(backend, b, R, C, K, T):
+    g = torch.Generator().manual_seed(T + b)
+    values, offsets = make(g, b, R, C, K)
+    x = torch.randn(T, C * b, generator=g)
+    off = offsets.to(DEVICE)
+    check_op(lambda x, v: kernels.diag_matmul(x, v, off, b, R * b),
+             lambda x, v: diag_matmul_ref(x, v, off, b, R * b),
+             [x.to(DEVICE), values.to(DEVICE)], torch.float32)
+
+
+def _dw_ref(dy, x, offsets, b):
+    R, C = dy.shape[1] // b, x.shape[1] // b
+    rows, cols = diag_coords(offsets, R, C)
+    dyb, xb = dy.double().reshape(-1, R, b), x.double().reshape(-1, C, b)
+    return torch.einsum("tkdi,tkdj->kdij", dyb[:, rows.long()], xb[:, cols.long()])
+
+
+# The token split (fp32 partials summed on the host) needs more tokens than one chunk.
+@pytest.mark.parametrize("b,R,C,K,T", [(16, 4, 2, 3, 123), (16, 2, 4, 4, 63), (64, 2, 1, 2, 130),
+                                       (1, 40, 24, 7, 123), (4, 3, 5, 5, 1), (32, 3, 3, 3, 77)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_kernel_matches_the_block_sddmm_reference(b, R, C, K, T, dtype):
+    g = torch.Generator().manual_seed(b * T)
+    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32)
+    dy, x = torch.randn(T, R * b, generator=g).to(dtype), torch.randn(T, C * b, generator=g).to(dtype)
+    with kernels.use_backend("triton"):
+        got = diag_dw(dy.to(DEVICE), x.to(DEVICE), offsets.to(DEVICE), b)
+    ref = _dw_ref(dy, x, offsets, b)
+    assert got.dtype == dtype and got.shape == ref.shape
+    # bf16: one rounding of the fp32 sum; fp32: accumulation order
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_a_pattern_change_between_calls_reaches_every_kernel(backend):
+    g = torch.Generator().manual_seed(3)
+    layer = kernels.DiagLinear(32, 96, num_diagonals=2, block_size=16, generator=g).to(DEVICE)
+    x = torch.randn(21, 32, generator=g).to(DEVICE)
+    for new in ([1, 4], [0, 5]):
+        with torch.no_grad():
+            layer.offsets.copy_(torch.tensor(new, dtype=torch.int32))  # in place: same tensor
+        check_op(lambda x, v: kernels.diag_matmul(x, v, layer.offsets, 16, 96),
+                 lambda x, v: diag_matmul_ref(x, v, layer.offsets, 16, 96),
+                 [x, layer.values.detach()], torch.float32)
+

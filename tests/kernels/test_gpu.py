@@ -2,6 +2,7 @@
 On CPU the interpreter already runs every kernel in the other tests; these need real CUDA."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels.sddmm import sddmm_ref
@@ -44,11 +45,24 @@ def test_diag_at_vit_shapes(dtype, b, n_in, n_out):
     assert_matches(x.grad, dy.double() @ w.double(), dy @ w)
 
 
-def test_compiled_model_runs_on_gpu():
+def test_compiled_model_matches_the_dense_reference_on_gpu():
+    # Inductor fuses the bias + GELU between the layers in fp32 where eager rounds to bf16 in
+    # between, so compiled and eager differ by bf16 rounding: each is held to the fp64 dense
+    # reference under the 2x rule (torch's own bf16 dense model gives the allowance), not to
+    # each other at bf16's default tolerance.
     torch.manual_seed(0)
     model = torch.nn.Sequential(kernels.FanInLinear(256, 512, 0.1), torch.nn.GELU(),
                                 kernels.DiagLinear(512, 256, 0.1, block_size=16)).cuda().to(torch.bfloat16)
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    ref = model(x)
-    out = torch.compile(model, fullgraph=True)(x)
-    torch.testing.assert_close(out, ref)
+    fc1, fc2 = model[0], model[2]
+
+    def dense(dtype):
+        h = F.gelu(F.linear(x.to(dtype), fc1.to_dense().to(dtype), fc1.bias.to(dtype)))
+        return F.linear(h, fc2.to_dense().to(dtype), fc2.bias.to(dtype))
+
+    with torch.no_grad():
+        ref64, lowp = dense(torch.float64), dense(torch.bfloat16)
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert_matches(eager, ref64, lowp, name="eager")
+    assert_matches(compiled, ref64, lowp, name="compiled")

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The first thing to run whenever a GPU machine is lent: one command, at most ~8 minutes, at
+# most 8 result files under OUT_DIR (the device tool returns 8 files, 2 folders deep).
+#
+#     bash bench/gpu_check.sh OUT_DIR            # e.g. run(command="bash bench/gpu_check.sh $OUT", carry=["data_cache"])
+#     GPU_CHECK_BUDGET_S=300 bash bench/gpu_check.sh OUT_DIR   # a shorter total
+#
+# Phases, in order, each under `timeout` and skipped when the total budget is spent:
+#   1. GPU-only tests (the kernels at ViT-B shapes, the compiled model, the fused MLP)   <= 90 s
+#   2. bench/static.py on the GPU: every op at the target shapes with its launchers'
+#      default configs, timed beside dense cuBLAS, with the model's error             <= 170 s
+#   3. bench/sweep.py --no-tune: the same ops against CSR, surviving neurons, unfused  <= 80 s
+#   4. a short tuning pass (bench/sweep.py, 8 candidates per key) if >= 150 s are left   <= 60 s
+#   5. bench/e2e.py on ViT-B/16: training step and inference, sparse vs dense           <= 70 s
+#   6. a short python -m train.vit run on the GPU (fashion_mnist from data_cache, or mnist) <= 45 s
+# Files: gpu_check.log (every phase's output, with times), static/sm90.md, static/sm90.csv,
+# sweep/sweep.md, sweep/sweep.csv, e2e.md, train_summary.json, configs.json (the tuned table,
+# when phase 4 ran). Everything else is written under a scratch folder and left there.
+set -u
+OUT_DIR=${1:?usage: bench/gpu_check.sh OUT_DIR}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python}
+mkdir -p "$OUT_DIR/static" "$OUT_DIR/sweep"
+SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
+LOG="$OUT_DIR/gpu_check.log"
+START=$(date +%s)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# phase NAME MAX_SECONDS MIN_SECONDS_LEFT COMMAND...: runs COMMAND under timeout min(MAX, left)
+phase() {
+    local name=$1 max=$2 need=$3; shift 3
+    local l; l=$(left)
+    if (( l < need )); then
+        echo "== $name: skipped, ${l} s of the budget left (needs ${need})" >> "$LOG"
+        return 0
+    fi
+    local t=$(( max < l ? max : l )) t0; t0=$(date +%s)
+    echo "== $name (timeout ${t} s): $*" >> "$LOG"
+    timeout --kill-after=10 "$t" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "== $name: exit ${rc}$( ((rc == 124)) && echo ' (timed out)') after $(( $(date +%s) - t0 )) s" >> "$LOG"
+    return 0
+}
+
+{
+    echo "gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') git $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')" \
+         "budget ${BUDGET} s"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -2
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$LOG" 2>&1
+
+phase "1 GPU tests" 90 30 $PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_gpu.py \
+    tests/kernels/test_fused.py tests/kernels/test_cpu_inference.py -k "gpu or vit_b"
+
+phase "2 static report, measured" 170 60 $PY bench/static.py --archs 90 --out "$OUT_DIR/static"
+
+phase "3 ratios vs CSR / surviving / unfused (default configs)" 80 40 $PY bench/sweep.py --no-tune \
+    --shapes 768x3072,3072x768 --tokens 256,50432 --sparsities 0.9 --blocks 1,16,64 --dtypes bfloat16,float32 \
+    --ablations 0,0.3 --warmup-ms 5 --rep-ms 20 --budget-s 70 --out "$SCRATCH/sweep" --table-dir "$SCRATCH/configs"
+
+phase "4 short tuning pass" 60 150 $PY bench/sweep.py --ops fanin_fwd,fanin_dx,diag_fwd,mlp_fwd \
+    --shapes 3072x768 --tokens 256,50432 --sparsities 0.9 --blocks 1,16,64 --dtypes bfloat16 --ablations 0 \
+    --max-candidates 8 --warmup-ms 5 --rep-ms 15 --budget-s 50 --resume --out "$SCRATCH/sweep" \
+    --table-dir "$SCRATCH/configs"
+
+phase "5 e2e ViT-B/16" 70 40 $PY bench/e2e.py --models vit-b16 --formats dense,fanin,diag16,diag16-fused,diag64-fused \
+    --steps 5 --warmup 2 --out "$SCRATCH/e2e"
+
+DATASET=mnist
+if [ -d data_cache/fashion-mnist ]; then DATASET=fashion_mnist; fi
+phase "6 train.vit on the GPU ($DATASET)" 45 25 $PY -m train.vit --method dynadiag --sparsity 0.9 \
+    --dataset "$DATASET" --device cuda --steps 150 --warmup 20 --eval-every 150 --ckpt-every 0 --no-plots --no-progress \
+    --out-dir "$SCRATCH/train" --overwrite
+
+cp "$SCRATCH/sweep/sweep.md" "$SCRATCH/sweep/sweep.csv" "$OUT_DIR/sweep/" 2>/dev/null
+cp "$SCRATCH"/e2e/*.md "$OUT_DIR/e2e.md" 2>/dev/null
+cp "$SCRATCH/train/summary.json" "$OUT_DIR/train_summary.json" 2>/dev/null
+ls "$SCRATCH"/configs/*.json > /dev/null 2>&1 && cp "$(ls "$SCRATCH"/configs/*.json | head -1)" "$OUT_DIR/configs.json"
+echo "== done in $(( $(date +%s) - START )) s; scratch $SCRATCH; files:" >> "$LOG"
+(cd "$OUT_DIR" && find . -type f | sort) >> "$LOG"

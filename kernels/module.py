@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu as cpu_native
 from . import runtime as rt
 from .coords import csr_structure, index_dtype
 
@@ -54,15 +55,14 @@ class SparseLayer(nn.Module):
     # ------------------------------------------------------------- CPU inference
 
     def cpu_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y on CPU when no gradient is wanted: one MKL product with a cached sparse copy of
-        the weight - ``addmv`` (bias + W x) for a single token, on a BSR of the b x b blocks
-        for block diagonals (no per-element index) or a CSR; ``addmm`` on the CSR for more
-        tokens. The copy (int32 indices, the values) is built on first use and rebuilt when
-        the values or the pattern change. None where this path does not apply (a gradient, an
-        autocast region, torch.compile, fp16/bf16, the Triton backend); ``forward`` then runs
-        the custom op, whose dispatch and per-call CSR set-up cost as much as a batch-1 product
-        (Linear 3072 -> 768 at 90%, 1 thread: 3-6x dense for T = 1..128 this way, 0.2-2.8x
-        through the op; bench/cpu_infer.py for batch 1).
+        """y on CPU when no gradient is wanted, from a cached copy of the weight: in fp32 the
+        native library's product (kernels.cpu: CSR with 2-byte column indices, or for one token
+        a BSR of the b x b blocks of block diagonals), else - fp64, or no C compiler - one MKL
+        product (``addmv`` for a single token on a BSR / CSR, ``addmm`` on the CSR for more).
+        The copy is built on first use and rebuilt when the values or the pattern change. None
+        where this path does not apply (a gradient, an autocast region, torch.compile,
+        fp16/bf16, the Triton backend); ``forward`` then runs the custom op, whose dispatch and
+        per-call CSR set-up cost as much as a batch-1 product. Speed: bench/cpu_infer.py.
         """
         if torch.compiler.is_compiling() or x.device.type != "cpu" or rt.get_backend() != "torch":
             return None
@@ -80,7 +80,11 @@ class SparseLayer(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = rt.flatten_tokens(x)
+        x2 = x if x.dim() == 2 else rt.flatten_tokens(x)
+        if x2.dtype == torch.float32 and cpu_native.lib() is not None:
+            w = self._inference_weight(values, blocked=x2.shape[0] == 1, native=True)
+            y = cpu_native.matmul(w, x2, self.bias)
+            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
         if x2.shape[0] == 1:
             w = self._inference_weight(values, blocked=True)
             y = torch.mv(w, x2[0]) if self.bias is None else torch.addmv(self.bias, w, x2[0])
@@ -103,19 +107,20 @@ class SparseLayer(nn.Module):
         rows, cols = self.coords()
         return rows, cols, values.reshape(-1, 1, 1), 1
 
-    def _inference_weight(self, values: torch.Tensor, blocked: bool) -> torch.Tensor:
+    def _inference_weight(self, values: torch.Tensor, blocked: bool, native: bool = False):
         """The weight as a sparse tensor [out, in]: BSR of ``weight_blocks`` when ``blocked``
         and b > 1, else CSR of the elements; rows sorted, columns sorted within a row, int32
-        indices. Cached per layout, keyed on the storage, version counter and shape of the
-        values and of every index buffer: an optimizer step, a mask update or a state_dict
-        load rebuilds it. Each layout holds a copy of the values (nnz numbers)."""
+        indices; with ``native`` the same structure in kernels.cpu's layout (a NativeWeight).
+        Cached per layout, keyed on the storage, version counter and shape of the values and
+        of every index buffer: an optimizer step, a mask update or a state_dict load rebuilds
+        it. Each layout holds a copy of the values (nnz numbers)."""
         tracked = [values] + [b for b in self._buffers.values() if b is not None]
         try:
-            key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tracked)
+            key = [(t.data_ptr(), t._version, t.shape) for t in tracked]
         except RuntimeError:  # tensors made under inference_mode have no version counter
             key = None
         cache = self.__dict__.setdefault("_csr_cache", {})
-        hit = cache.get(blocked)
+        hit = cache.get((blocked, native))
         if key is not None and hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
@@ -131,13 +136,17 @@ class SparseLayer(nn.Module):
             idx = index_dtype(csr_cols.numel())
             blocks = blocks if order is None else blocks[order]
             size = (self.out_features, self.in_features)
-            if b == 1:
+            if native and b == 1:
+                w = cpu_native.csr_weight(rows, cols, values.detach(), *size, panels=not blocked)
+            elif native:
+                w = cpu_native.bsr_weight(crow, csr_cols, blocks, *size)
+            elif b == 1:
                 w = torch.sparse_csr_tensor(crow.to(idx), csr_cols.to(idx), blocks.reshape(-1),
                                             size=size, check_invariants=False)
             else:
                 w = torch.sparse_bsr_tensor(crow.to(idx), csr_cols.to(idx), blocks.contiguous(),
                                             size=size, check_invariants=False)
-        cache[blocked] = (key, w)
+        cache[(blocked, native)] = (key, w)
         return w
 
     @property

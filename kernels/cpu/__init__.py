@@ -1,0 +1,299 @@
+"""Native CPU inference products (fp32) for ``SparseLayer.cpu_inference``: a small C library,
+``sparse_cpu.c``, compiled with the machine's C compiler into an ignored build folder and
+called through ctypes with tensors' data pointers (no torch headers, ~1-2 s to build).
+
+Formats: the weight's elements as CSR with 2-byte column indices when in <= 65536 (4-byte
+otherwise) - fan-in, b = 1 diagonals, unstructured - and, for one token, block diagonals as a
+BSR of transposed b x b blocks (one index per block). x [T, in] fp32 -> y [T, out] fp32. The
+speed comes from the bytes moved (fan-in 6 bytes per weight against a dense layer's 4 / density)
+and not from a vendor's sparse routine; torch's MKL path stays the fallback.
+
+Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Two variants
+from one source: ``-mavx2 -mfma`` where the CPU reports both (read from /proc/cpuinfo at run
+time, so a build never runs instructions the machine lacks) and ``-march=x86-64`` otherwise
+(``-O3`` alone off x86). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is
+None and the caller keeps torch's path.
+
+Example:
+    >>> w = kernels.cpu.csr_weight(crow, cols, values, n_in=3072)   # once per pattern
+    >>> y = kernels.cpu.matmul(w, x, bias)                            # x [T, 3072] fp32
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("sparse_cpu.c")
+ABI = 2
+# Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
+# 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the EPYC; 128
+# and one panel ~20-30% slower).
+PANEL = 512
+_state: dict = {}
+_lock = threading.Lock()
+# Below this many multiply-adds a call runs on one thread: handing rows to a pool costs
+# ~30-60 us, the whole batch-1 product of Linear(3072 -> 768) at 90% ~30-100 us.
+PARALLEL_MIN_FMAS = 2_000_000
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def variant() -> tuple[str, list[str]]:
+    """(name, compiler flags) of the build this CPU runs."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic", []
+    if {"avx2", "fma"} <= _cpu_flags():
+        return "avx2", ["-mavx2", "-mfma"]
+    return "x86-64", ["-march=x86-64"]
+
+
+def build_dir() -> Path:
+    """``KERNELS_CPU_BUILD_DIR``, else kernels/cpu/_build (git-ignored) when writable, else a
+    per-user cache folder."""
+    env = os.environ.get("KERNELS_CPU_BUILD_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).with_name("_build")
+    try:
+        here.mkdir(exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here
+    except OSError:
+        pass
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse-dst-kernels"
+
+
+def build() -> Path:
+    """Compile the library for this CPU (if not built already) and return its path. The name
+    carries a hash of the source and flags, so an edited source is rebuilt. Raises
+    RuntimeError (no compiler, compile error)."""
+    name, flags = variant()
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc / cc / $CC) found")
+    cmd = [cc, "-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", *flags]
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha1(src + " ".join(cmd[1:]).encode()).hexdigest()[:12]
+    folder = build_dir()
+    target = folder / f"sparse_cpu-{name}-{tag}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # concurrent builds: each its own file
+    os.close(fd)
+    try:
+        done = subprocess.run([*cmd, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"building {SOURCE.name} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    for f in ("csr_mv_i16", "csr_mv_i32"):
+        getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, p]
+        getattr(so, f).restype = None
+    for f in ("csr_mm_i16", "csr_mm_i32"):
+        getattr(so, f).argtypes = [i64] * 7 + [p] * 6
+        getattr(so, f).restype = ctypes.c_int
+    so.bsr_mv.argtypes = [i64, i64, i64, p, p, p, p, p, p]
+    so.bsr_mv.restype = None
+    so.sparse_cpu_abi.restype = ctypes.c_int
+    if so.sparse_cpu_abi() != ABI:
+        raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
+    return so
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; None when disabled
+    (``KERNELS_NATIVE_CPU=0``, inside ``disabled()``) or when it cannot be built or loaded
+    (``error()`` says why)."""
+    if _off.depth:
+        return None
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" not in _state:
+            so, err = None, None
+            if os.environ.get("KERNELS_NATIVE_CPU", "1") == "0":
+                err = "disabled by KERNELS_NATIVE_CPU=0"
+            else:
+                try:
+                    so = _declare(ctypes.CDLL(str(build())))
+                except (RuntimeError, OSError, AttributeError) as e:
+                    err = f"{type(e).__name__}: {e}"
+            _state.update(lib=so, error=err)
+    return _state["lib"]
+
+
+class _Off(threading.local):
+    depth = 0
+
+
+_off = _Off()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within it (this thread), ``lib()`` is None: the layers take torch's path (benchmarks
+    and tests compare the two)."""
+    _off.depth += 1
+    try:
+        yield
+    finally:
+        _off.depth -= 1
+
+
+def error() -> str | None:
+    """Why ``lib()`` is None (after it was asked), else None."""
+    return _state.get("error")
+
+
+def reset() -> None:
+    """Forget the loaded library so the next ``lib()`` looks again (tests, environment changes)."""
+    with _lock:
+        _state.clear()
+
+
+def available() -> bool:
+    return lib() is not None
+
+
+@dataclass
+class NativeWeight:
+    """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens) or
+    'bsr' (b x b blocks transposed, one token); ``index``: 16 or 32 (bits of a column index)."""
+    kind: str
+    n_out: int
+    n_in: int
+    crow: torch.Tensor      # int32 [rows + 1] (block rows for BSR)
+    cols: torch.Tensor      # int16 bits of uint16, or int32 [nnz] (block columns for BSR)
+    values: torch.Tensor    # fp32 [nnz] (CSR) or [n, b, b] with [n][j][i] = W[i, j] of block n
+    block: int = 1
+    index: int = 32
+    panels: int = 1         # CSR in column panels of PANEL columns (several tokens), see csr_weight
+
+    @property
+    def n_rows(self) -> int:
+        return (self.crow.numel() - 1) // self.panels
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.cols, self.values))
+
+
+def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_out: int, n_in: int,
+               panels: bool = False) -> NativeWeight:
+    """Elements at (rows, cols) (any order, each once) -> NativeWeight: a CSR (rows sorted,
+    columns sorted within a row), with ``panels`` stored panel by panel of PANEL columns (for
+    several tokens); 2-byte column indices when ``n_in <= 65536``."""
+    rows, cols = rows.long(), cols.long()
+    n_panels = -(-n_in // PANEL) if panels else 1
+    key = ((cols // PANEL) * n_out + rows) * n_in + cols if panels else rows * n_in + cols
+    order = torch.argsort(key)
+    seg = key[order] // n_in  # panel * n_out + row
+    crow = torch.searchsorted(seg, torch.arange(n_panels * n_out + 1)).to(torch.int32)
+    c = cols[order]
+    if n_in <= 65536:
+        cols_native, index = torch.where(c >= 32768, c - 65536, c).to(torch.int16), 16  # uint16 bits
+    else:
+        cols_native, index = c.to(torch.int32), 32
+    vals = values.detach().to(torch.float32).reshape(-1)[order].contiguous()
+    return NativeWeight("csr", n_out, n_in, crow, cols_native.contiguous(), vals, 1, index, n_panels)
+
+
+def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int) -> NativeWeight:
+    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight for one token."""
+    b = blocks.shape[-1]
+    return NativeWeight("bsr", n_out, n_in, crow.to(torch.int32).contiguous(), bcols.to(torch.int32).contiguous(),
+                        blocks.detach().to(torch.float32).transpose(1, 2).contiguous(), b, 32)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _split(n_rows: int, fmas: int, run) -> None:
+    """run(r0, r1) over [0, n_rows), on torch's thread count when the product is big enough
+    (ctypes drops the GIL during a call, so Python threads run the C code in parallel)."""
+    global _pool
+    threads = min(torch.get_num_threads(), n_rows)
+    if threads <= 1 or fmas < PARALLEL_MIN_FMAS:
+        run(0, n_rows)
+        return
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernels-cpu")
+    bounds = [n_rows * i // threads for i in range(threads + 1)]
+    futures = [_pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    run(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + bias: x [T, in] fp32 (CPU), bias [out] fp32 or None -> y [T, out]. Needs
+    ``lib()``; a BSR weight takes one token only."""
+    so = lib()
+    if so is None:
+        raise RuntimeError(f"the native CPU library is unavailable: {error()}")
+    T = x.shape[0]
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    bias_ptr = None if bias is None else bias.data_ptr()
+    crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
+    fmas = w.values.numel() * T
+    if T == 1:
+        # The batch-1 product takes ~30-100 us: the Python around it is kept to a few calls.
+        x = x if x.is_contiguous() else x.contiguous()
+        y = torch.empty(1, w.n_out, dtype=torch.float32)
+        fn = so.bsr_mv if w.kind == "bsr" else (so.csr_mv_i16 if w.index == 16 else so.csr_mv_i32)
+        lead = (w.block,) if w.kind == "bsr" else ()
+
+        def run(r0, r1):
+            fn(r0, r1, *lead, crow, cols, vals, x.data_ptr(), bias_ptr, y.data_ptr())
+        if fmas < PARALLEL_MIN_FMAS:
+            run(0, w.n_rows)
+        else:
+            _split(w.n_rows, fmas, run)
+        return y
+    if w.kind != "csr":
+        raise ValueError("a BSR native weight takes one token; use the CSR one for several")
+    # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one
+    # contiguous tw-wide row that stays in L2 (3072 x 32 x 4 B = 384 KB) for the whole tile.
+    tw = 32 if T > 32 else max(8, -(-T // 8) * 8)
+    tiles = -(-T // tw)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, tiles * tw - T)) if tiles * tw != T else x
+    xt = xp.reshape(tiles, tw, w.n_in).transpose(1, 2).contiguous()
+    yt = torch.empty(tiles, w.n_out, tw, dtype=torch.float32)
+    fn = so.csr_mm_i16 if w.index == 16 else so.csr_mm_i32
+
+    def run(r0, r1):
+        if fn(r0, r1, w.n_in, w.n_out, tiles, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
+              yt.data_ptr()):
+            raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
+    _split(w.n_rows, fmas, run)
+    return yt.transpose(1, 2).reshape(tiles * tw, w.n_out)[:T].contiguous()

@@ -7,8 +7,11 @@ rows: int32 [n_rows] the output neuron of each stored row (distinct). Output neu
 are not in ``rows`` are ablated: they output 0 (their bias only, in the layer) and cost
 nothing. ``rows=None`` means every neuron is active (n_rows == out_features).
 
-Kernels: forward gathers x along the stored columns (CUDA cores, one FMA per nonzero);
-the input gradient scatters with fp32 atomics; the weight gradient is the SDDMM of sddmm.py.
+Kernels: the forward gathers x along the stored columns (CUDA cores, one FMA per nonzero);
+the input gradient gathers dy the same way along W^T, a fan-out index built once per pattern
+(fanout_structure: no atomics, bitwise-reproducible); the weight gradient is the SDDMM of
+sddmm.py. Below ~2 programs per SM (few tokens) both split their reduction over extra
+programs and add the partial sums in a fixed order.
 
 Example:
     y = fanin_matmul(x, values, indices)                      # every neuron active
@@ -47,63 +50,105 @@ def fanin_to_dense(values, indices, in_features, rows=None, out_features=None):
 @triton.jit
 def _fanin_fwd_kernel(
     x_ptr, values_ptr, indices_ptr, rows_ptr, y_ptr,
-    T, n_rows, K,
-    stride_xt, stride_xi, stride_vr, stride_ir, stride_yt, stride_yo,
-    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    T, n_rows, K, K_CHUNK,
+    stride_xt, stride_xi, stride_ys, stride_yt, stride_yo,
+    HAS_ROWS: tl.constexpr, EVEN_T: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, NUM_STAGES: tl.constexpr, ACC: tl.constexpr,
 ):
-    # Row tiles vary fastest: programs running together share one token tile of x (in L2).
-    pid = tl.program_id(0).to(tl.int64)
-    n_row_tiles = tl.cdiv(n_rows, BLOCK_R)
-    pid_r = pid % n_row_tiles
-    pid_t = pid // n_row_tiles
+    # Grid (row tiles, token tiles, K splits): row tiles vary fastest, so the programs running
+    # together share one token tile of x (in L2). A K split (small T) writes its partial sum
+    # to its own slice of y (stride_ys); the launcher adds the slices in a fixed order.
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_t = offs_t < T
     mask_r = offs_r < n_rows
-    mask = mask_t[:, None] & mask_r[None, :]
+    # Rows past the end read the last row (in range, no mask in the loop) and are not stored.
+    r_safe = tl.minimum(offs_r, n_rows - 1)
+    if INDEX_64:
+        r_safe = r_safe.to(tl.int64)
+        offs_t = offs_t.to(tl.int64)
+    k_start = pid_s * K_CHUNK
+    k_end = tl.minimum(k_start + K_CHUNK, K)
+    idx_ptrs = indices_ptr + r_safe * K + k_start  # [BR], advanced by one entry per step
+    val_ptrs = values_ptr + r_safe * K + k_start
+    x_rows = x_ptr + offs_t[:, None] * stride_xt  # [BT, 1]
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
-    for j in range(0, K):
-        col = tl.load(indices_ptr + offs_r * stride_ir + j, mask=mask_r, other=0).to(tl.int64)  # [BR]
-        v = tl.load(values_ptr + offs_r * stride_vr + j, mask=mask_r, other=0.0).to(ACC)  # [BR]
-        xg = tl.load(x_ptr + offs_t[:, None] * stride_xt + col[None, :] * stride_xi, mask=mask, other=0.0)
+    for _ in tl.range(k_start, k_end, num_stages=NUM_STAGES):
+        col = tl.load(idx_ptrs)  # [BR]
+        v = tl.load(val_ptrs).to(ACC)  # [BR]
+        idx_ptrs += 1
+        val_ptrs += 1
+        if INDEX_64:
+            col = col.to(tl.int64)
+        if EVEN_T:
+            xg = tl.load(x_rows + col[None, :] * stride_xi)
+        else:
+            xg = tl.load(x_rows + col[None, :] * stride_xi, mask=mask_t[:, None], other=0.0)
+        # Upcast right after the load: the interpreter computes bf16 on raw bits otherwise.
         acc += xg.to(ACC) * v[None, :]  # [BT, BR]
     if HAS_ROWS:
-        out_col = tl.load(rows_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
+        out_col = tl.load(rows_ptr + r_safe)
+        if INDEX_64:
+            out_col = out_col.to(tl.int64)
     else:
-        out_col = offs_r
-    tl.store(y_ptr + offs_t[:, None] * stride_yt + out_col[None, :] * stride_yo,
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out_col = r_safe
+    tl.store(y_ptr + pid_s * stride_ys + offs_t[:, None] * stride_yt + out_col[None, :] * stride_yo,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _fanin_dx_kernel(
-    dy_ptr, values_ptr, indices_ptr, rows_ptr, dx_ptr,
-    T, n_rows, K,
-    stride_dyt, stride_dyo, stride_vr, stride_ir, stride_dxt, stride_dxi,
-    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    dy_ptr, values_ptr, ell_ptr, slice_start_ptr, slice_width_ptr, slot_col_ptr, slot_count_ptr, dx_ptr,
+    T, J_CHUNK,
+    stride_dyt, stride_dyo, stride_dxs, stride_dxt, stride_dxi,
+    EVEN_T: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, NUM_STAGES: tl.constexpr, ACC: tl.constexpr,
 ):
-    # dx[t, indices[r, j]] += dy[t, rows[r]] * values[r, j], scattered with atomics into an
-    # fp32 (fp64 for fp64) buffer: a column receives from every row that holds it.
-    # Row tiles vary fastest: programs running together share one token tile of x (in L2).
-    pid = tl.program_id(0).to(tl.int64)
-    n_row_tiles = tl.cdiv(n_rows, BLOCK_R)
-    pid_r = pid % n_row_tiles
-    pid_t = pid // n_row_tiles
+    # dx[t, c] = sum over the output neurons o that read input column c of dy[t, o] * w[o, c]:
+    # a gather over W^T like the forward's over W, no atomics. W^T is a sliced ELL (see
+    # fanout_structure): BLOCK_R input columns per slice ("slots", heaviest fan-out first),
+    # entry j of slot i at slice_start + j * BLOCK_R + i, packed as (flat value position) |
+    # (output neuron << 32); a slot's entries past its own fan-out are padding, masked off.
+    # Grid (slices, token tiles, fan-out splits), slices fastest (they share a dy token tile).
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_i = tl.arange(0, BLOCK_R)
+    slot = pid_c * BLOCK_R + offs_i
+    col = tl.load(slot_col_ptr + slot)  # [BR] input column of each slot, -1 for padding
+    count = tl.load(slot_count_ptr + slot)  # [BR] its fan-out
+    width = tl.load(slice_width_ptr + pid_c)  # the slice's largest fan-out
+    j_start = pid_s * J_CHUNK
+    j_end = tl.minimum(j_start + J_CHUNK, width)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < n_rows
-    mask = (offs_t < T)[:, None] & mask_r[None, :]
-    if HAS_ROWS:
-        out_col = tl.load(rows_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
-    else:
-        out_col = offs_r
-    g = tl.load(dy_ptr + offs_t[:, None] * stride_dyt + out_col[None, :] * stride_dyo,
-                mask=mask, other=0.0).to(ACC)  # [BT, BR]
-    for j in range(0, K):
-        col = tl.load(indices_ptr + offs_r * stride_ir + j, mask=mask_r, other=0).to(tl.int64)
-        v = tl.load(values_ptr + offs_r * stride_vr + j, mask=mask_r, other=0.0).to(ACC)
-        tl.atomic_add(dx_ptr + offs_t[:, None] * stride_dxt + col[None, :] * stride_dxi,
-                      g * v[None, :], mask=mask, sem="relaxed")
+    mask_t = offs_t < T
+    if INDEX_64:
+        offs_t = offs_t.to(tl.int64)
+    ell_ptrs = ell_ptr + tl.load(slice_start_ptr + pid_c) + j_start * BLOCK_R + offs_i  # [BR]
+    dy_rows = dy_ptr + offs_t[:, None] * stride_dyt  # [BT, 1]
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
+    for j in tl.range(j_start, j_end, num_stages=NUM_STAGES):
+        entry = tl.load(ell_ptrs)  # [BR] int64
+        ell_ptrs += BLOCK_R
+        live = j < count
+        pos = (entry & 0xFFFFFFFF).to(tl.int32)
+        src = (entry >> 32).to(tl.int32)
+        if INDEX_64:
+            src = src.to(tl.int64)
+        v = tl.load(values_ptr + pos, mask=live, other=0.0).to(ACC)  # [BR]
+        if EVEN_T:
+            m = live[None, :]
+        else:
+            m = mask_t[:, None] & live[None, :]
+        g = tl.load(dy_rows + src[None, :] * stride_dyo, mask=m, other=0.0)  # [BT, BR]
+        acc += g.to(ACC) * v[None, :]
+    if INDEX_64:
+        col = col.to(tl.int64)
+    tl.store(dx_ptr + pid_s * stride_dxs + offs_t[:, None] * stride_dxt + col[None, :] * stride_dxi,
+             acc.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None] & (col >= 0)[None, :])
 
 
 def _check(x2, values, indices, rows, out_features):
@@ -134,62 +179,173 @@ def _check(x2, values, indices, rows, out_features):
             raise ValueError("rows must be distinct output neurons; found a repeat")
 
 
+# Programs to aim for before the reduction is split: two per SM of a 132-SM H100 / H200; 4
+# under the interpreter (programs run one by one there) so that the tests take the split path.
+_TARGET_PROGRAMS_GPU = 264
+_TARGET_PROGRAMS_INTERPRETER = 4
+_INT32_LIMIT = 2 ** 31
+
+
 def _configs(kernel: str, T: int, dtype) -> dict:
     """Launch config. ``X_T``: 1 gives the kernel token-contiguous activations (x^T [in, T]
-    for the forward's gather, an fp32 dx^T [in, T] for the input gradient's atomics), so that
-    the 307 gathers (scatters) per output row of Linear(3072 -> 768) at 90% read (write)
-    consecutive tokens of one input column: coalesced, where a row-major x makes every lane of
-    a warp touch another 32-byte sector. The transposed copy costs one pass over the
-    activation. Default 1 on a GPU (the access pattern argument; bench/sweep.py times both), 0
-    under the interpreter (its programs run one by one: no coalescing to gain)."""
-    default = ({"BLOCK_T": 64, "BLOCK_R": 64, "num_warps": 4, "X_T": 0} if rt.interpreting()
-               else {"BLOCK_T": 32, "BLOCK_R": 64, "num_warps": 4, "X_T": 1})
+    for the forward, dy^T [out, T] for the input gradient), so that the gathers along an
+    input column (output neuron) read consecutive tokens: 128-bit loads in the sm_90 SASS at
+    T = 256, where a row-major x makes every lane of a warp touch another 32-byte sector. The
+    transposed copy costs one pass over the activation. Below 17 tokens there is nothing to
+    coalesce along T (and x is ~200 KB, L2-resident): row-major, token tile = T. ``BLOCK_R``:
+    stored rows of W per program (forward), input columns = rows of W^T (input gradient).
+    ``SPLIT``: 0 = split the fan-in (fan-out) loop until the grid has ~2 programs per SM (the
+    partial sums are added in a fixed order: deterministic). Under the interpreter: 0 (its
+    programs run one by one: no coalescing to gain) and big tiles."""
+    if rt.interpreting():
+        default = {"BLOCK_T": 64, "BLOCK_R": 64, "num_warps": 4, "num_stages": 1, "X_T": 0, "SPLIT": 0}
+    elif T <= 16:
+        # latency-bound (~8 warps an SM after the split): pipelined, cp.async 4-byte copies
+        default = {"BLOCK_T": rt.next_pow2(T), "BLOCK_R": 128, "num_warps": 4, "num_stages": 3, "X_T": 0,
+                   "SPLIT": 0}
+    else:
+        # num_stages 1: the pipelined loop (2-4 stages) moves the x / dy gathers through shared
+        # memory as LDGSTS.E.BYPASS.128, which skips L1 - where a program's ~6 reads of each
+        # input column hit - and adds an LDS per gathered vector (sm_90 SASS, 3072 -> 768,
+        # T = 256: 4.6 instructions per FMA unpipelined vs 4.3-5.9 pipelined; 40 resident
+        # warps an SM at 48 registers hide the latency instead). bench/sweep.py times 2-4.
+        default = {"BLOCK_T": 32, "BLOCK_R": 64, "num_warps": 4, "num_stages": 1, "X_T": 1, "SPLIT": 0}
     return rt.launch_config(kernel, {"T": rt.shape_bucket(T), "dtype": str(dtype)[6:]}, default)
+
+
+def _split(requested: int, n_programs: int, n_steps: int) -> tuple[int, int]:
+    """(splits, steps per split) of a reduction of ``n_steps`` over ``n_programs`` tiles: the
+    table's ``requested`` count, else enough for the target program count, at least 8 steps
+    each."""
+    target = _TARGET_PROGRAMS_INTERPRETER if rt.interpreting() else _TARGET_PROGRAMS_GPU
+    splits = requested if requested > 0 else -(-target // max(n_programs, 1))
+    splits = max(1, min(splits, -(-n_steps // 8) if not rt.interpreting() else n_steps))
+    chunk = -(-n_steps // splits)
+    return -(-n_steps // chunk), chunk
+
+
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset of ``t`` (the int32 bound of its index arithmetic)."""
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
+
+
+def _rows_are_identity(rows, out_features: int) -> bool:
+    """rows == arange(out_features): the forward then stores contiguous output columns (a
+    coalesced store) and reads no row list. Cached per pattern (one device sync per mask update)."""
+    if rows is None:  # arange(n_rows): the first n_rows outputs, the others ablated
+        return True
+    if rows.numel() != out_features:
+        return False
+    return rt.cached_pattern((rows,), ("identity", out_features), lambda: bool(
+        torch.equal(rows, torch.arange(out_features, dtype=rows.dtype, device=rows.device))))
 
 
 def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
     """Launcher of the forward kernel. x2: [T, in] -> y: [T, out_features]."""
     _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
-    has_rows = rows is not None
-    alloc = torch.zeros if n_rows < out_features else torch.empty
-    y = alloc(T, out_features, dtype=x2.dtype, device=x2.device)
-    if T == 0 or n_rows == 0:
-        return y.zero_()
-    if K == 0:
-        return y.zero_()
+    if T == 0 or n_rows == 0 or K == 0:
+        return torch.zeros(T, out_features, dtype=x2.dtype, device=x2.device)
     values, indices = values.contiguous(), indices.contiguous()
+    has_rows = not _rows_are_identity(rows, out_features)
     cfg = _configs("fanin_fwd", T, x2.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    block_t, block_r = cfg["BLOCK_T"], cfg["BLOCK_R"]
+    tiles = (triton.cdiv(n_rows, block_r), triton.cdiv(T, block_t))
+    splits, k_chunk = _split(cfg["SPLIT"], tiles[0] * tiles[1], K)
+    # one partial sum per split, added below in split order; ablated neurons stay 0
+    acc_torch = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    if splits > 1:
+        y = torch.zeros(splits, T, out_features, dtype=acc_torch, device=x2.device)
+    else:
+        y = (torch.zeros if n_rows < out_features else torch.empty)(1, T, out_features, dtype=x2.dtype, device=x2.device)
     # x[t, i] at x + t * stride_t + i * stride_i, from x itself or from a token-contiguous copy
-    xs, (stride_t, stride_i) = (x2, x2.stride()) if not cfg.get("X_T") else _token_contiguous(x2)
-    _fanin_fwd_kernel[grid](
-        xs, values, indices, rows if has_rows else indices, y, T, n_rows, K,
-        stride_t, stride_i, values.stride(0), indices.stride(0), y.stride(0), y.stride(1),
-        HAS_ROWS=has_rows, BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"], ACC=acc_dtype(x2.dtype),
-        num_warps=cfg["num_warps"])
-    return y
+    xs, (stride_t, stride_i) = (x2, x2.stride()) if not cfg["X_T"] else _token_contiguous(x2)
+    index_64 = max(_extent(xs), _extent(y), values.numel()) >= _INT32_LIMIT
+    _fanin_fwd_kernel[(tiles[0], tiles[1], splits)](
+        xs, values, indices, rows if has_rows else indices, y, T, n_rows, K, k_chunk,
+        stride_t, stride_i, y.stride(0), y.stride(1), y.stride(2),
+        HAS_ROWS=has_rows, EVEN_T=T % block_t == 0, INDEX_64=index_64, BLOCK_T=block_t, BLOCK_R=block_r,
+        NUM_STAGES=cfg["num_stages"], ACC=acc_dtype(x2.dtype), num_warps=cfg["num_warps"])
+    return y[0] if splits == 1 else y.sum(0).to(x2.dtype)
+
+
+def fanout_structure(indices, rows, in_features: int, block_r: int):
+    """W^T of a fan-in pattern as a sliced ELL, the input gradient's gather index. O(nnz): one
+    bincount, one stable argsort of the columns, scatters.
+
+    The input columns (W^T's rows, "slots") are ordered by fan-out, heaviest first, and cut into
+    slices of ``block_r``: a slice is padded only to its own largest fan-out (near its mean,
+    the counts being sorted), and the heaviest slices start first (load balance when a pattern
+    concentrates on a few inputs). Within a column the entries keep the order of the output
+    neurons: a fixed summation order, bitwise-reproducible gradients.
+
+    Returns (slot_col [S] int32: the input column of each slot, -1 padding; slot_count [S]
+    int32: its fan-out; slice_start [S / block_r] int64: first entry of each slice;
+    slice_width [S / block_r] int32: its largest fan-out; ell [entries] int64: entry j of
+    slot i of slice s at slice_start[s] + j * block_r + i, holding (flat position p = r * k + j'
+    of the value in ``values``) | (output neuron rows[r] << 32), 0 for padding; max_width:
+    the largest fan-out, an int).
+    """
+    n_rows, K = indices.shape
+    device = indices.device
+    flat_col = indices.reshape(-1).long()
+    nnz = flat_col.numel()
+    counts = torch.bincount(flat_col, minlength=in_features)  # [in] fan-out of each input
+    slot_count, slot_col = torch.sort(counts, descending=True, stable=True)
+    n_slices = triton.cdiv(in_features, block_r)
+    pad = n_slices * block_r - in_features
+    slot_count = torch.cat([slot_count, slot_count.new_zeros(pad)])
+    slot_col = torch.cat([slot_col, slot_col.new_full((pad,), -1)])
+    slice_width = slot_count.view(n_slices, block_r)[:, 0]  # the first slot of a slice is its heaviest
+    slice_size = slice_width * block_r
+    slice_start = torch.cumsum(slice_size, 0) - slice_size
+    order = torch.argsort(flat_col, stable=True)  # flat positions, grouped by column, rows ascending
+    col_of = flat_col[order]
+    col_start = torch.cumsum(counts, 0) - counts
+    j_of = torch.arange(nnz, device=device) - col_start[col_of]  # rank within its column
+    slot_of_col = torch.empty(in_features, dtype=torch.int64, device=device)
+    slot_of_col[slot_col[:in_features]] = torch.arange(in_features, device=device)
+    slot = slot_of_col[col_of]
+    dest = slice_start[slot // block_r] + j_of * block_r + slot % block_r
+    out_of_row = torch.arange(n_rows, device=device) if rows is None else rows.long()
+    ell = torch.zeros(int(slice_size.sum()), dtype=torch.int64, device=device)
+    ell[dest] = order | (out_of_row[order // K] << 32)
+    max_width = int(slice_width[0]) if n_slices else 0  # kept as an int: no device sync per call
+    return (slot_col.to(torch.int32), slot_count.to(torch.int32), slice_start,
+            slice_width.to(torch.int32), ell, max_width)
+
+
+def _cached_fanout(indices, rows, in_features: int, block_r: int):
+    """fanout_structure, built once per pattern: rt.cached_pattern rebuilds it whenever the
+    layer's indices / rows tensors change (a mask update, an ablation), in place or not. It
+    runs inside the custom op's real call, never while tracing."""
+    tensors = (indices,) if rows is None else (indices, rows)
+    return rt.cached_pattern(tensors, ("fanout", in_features, block_r),
+                             lambda: fanout_structure(indices, rows, in_features, block_r))
 
 
 def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
-    """Launcher of the input-gradient kernel. dy: [T, out] -> dx: [T, in_features]."""
+    """Launcher of the input-gradient kernel. dy: [T, out] -> dx: [T, in_features]. No
+    atomics: a gather over the cached W^T (fanout_structure); deterministic."""
     T, (n_rows, K) = dy.shape[0], values.shape
-    buf_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if T == 0 or n_rows == 0 or K == 0:
         return torch.zeros(T, in_features, dtype=dy.dtype, device=dy.device)
     values, indices = values.contiguous(), indices.contiguous()
-    has_rows = rows is not None
     cfg = _configs("fanin_dx", T, dy.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_rows, cfg["BLOCK_R"]),)
-    # The atomics' buffer: dx itself [T, in] or dx^T [in, T] (consecutive tokens adjacent)
-    dx = (torch.zeros(in_features, T, dtype=buf_dtype, device=dy.device).t() if cfg.get("X_T")
-          else torch.zeros(T, in_features, dtype=buf_dtype, device=dy.device))
-    _fanin_dx_kernel[grid](
-        dy, values, indices, rows if has_rows else indices, dx, T, n_rows, K,
-        dy.stride(0), dy.stride(1), values.stride(0), indices.stride(0), dx.stride(0), dx.stride(1),
-        HAS_ROWS=has_rows, BLOCK_T=cfg["BLOCK_T"], BLOCK_R=cfg["BLOCK_R"], ACC=acc_dtype(dy.dtype),
-        num_warps=cfg["num_warps"])
-    return dx.to(dy.dtype).contiguous()
+    block_t, block_r = cfg["BLOCK_T"], cfg["BLOCK_R"]
+    slot_col, slot_count, slice_start, slice_width, ell, max_width = _cached_fanout(indices, rows, in_features, block_r)
+    tiles = (slice_width.numel(), triton.cdiv(T, block_t))
+    splits, j_chunk = _split(cfg["SPLIT"], tiles[0] * tiles[1], max(max_width, 1))
+    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    dx = torch.empty(splits, T, in_features, dtype=acc_torch if splits > 1 else dy.dtype, device=dy.device)
+    dys, (stride_t, stride_o) = (dy, dy.stride()) if not cfg["X_T"] else _token_contiguous(dy)
+    index_64 = max(_extent(dys), _extent(dx), ell.numel(), values.numel()) >= _INT32_LIMIT
+    _fanin_dx_kernel[(tiles[0], tiles[1], splits)](
+        dys, values, ell, slice_start, slice_width, slot_col, slot_count, dx, T, j_chunk,
+        stride_t, stride_o, dx.stride(0), dx.stride(1), dx.stride(2),
+        EVEN_T=T % block_t == 0, INDEX_64=index_64, BLOCK_T=block_t, BLOCK_R=block_r,
+        NUM_STAGES=cfg["num_stages"], ACC=acc_dtype(dy.dtype), num_warps=cfg["num_warps"])
+    return dx[0] if splits == 1 else dx.sum(0).to(dy.dtype)
 
 
 def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tensor:

@@ -22,17 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from dst import DSTConfig, Sparsifier
-from models.bert import Bert, BertConfig
-
-from . import common as C
-from . import distributed
-from .data import load_text, mask_tokens
-from .plots import plot_curves, plot_masks
+# Only the standard library at import: --help and flag errors return before torch, the kernels
+# and the data load (the functions below import them when called).
+from .flags import DSTConfig, UsageError, check_common, parse_config, usage_exit
 
 PROG = "python -m train.bert"
 
@@ -83,35 +75,56 @@ class Config:
 
 def mlm_loss(model, inputs, labels):
     """(mean cross-entropy over the masked tokens, logits of those tokens, their labels)."""
+    import torch.nn.functional as F
     picked = labels != -100
     logits, target = model(inputs, predict=picked).float(), labels[picked]
     return F.cross_entropy(logits, target), logits, target
 
 
-@torch.no_grad()
 def evaluate(model, blocks, data, cfg, device, amp):
     """(masked-LM loss, masked-token accuracy) with a fixed masking (same tokens every pass)."""
+    import torch
+
+    from .data import mask_tokens
     model.eval()
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
     loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(blocks), 64):
-        inputs, labels = mask_tokens(blocks[i:i + 64], data.special, data.vocab_size, g, cfg.mask_prob)
-        with amp():
-            loss, logits, target = mlm_loss(model, inputs.to(device), labels.to(device))
-        n = target.numel()
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(-1) == target).sum().item()
-        count += n
+    with torch.no_grad():
+        for i in range(0, len(blocks), 64):
+            inputs, labels = mask_tokens(blocks[i:i + 64], data.special, data.vocab_size, g, cfg.mask_prob)
+            with amp():
+                loss, logits, target = mlm_loss(model, inputs.to(device), labels.to(device))
+            n = target.numel()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(-1) == target).sum().item()
+            count += n
     model.train()
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def setup(cfg: Config):
-    """Everything that can fail on bad input, before anything is written."""
-    C.check_common(cfg)
-    C.check_fused_mlp(cfg)
+def check_flags(cfg: Config) -> None:
+    """The checks that need no import beyond the standard library (UsageError)."""
+    check_common(cfg)
     if not 0 <= cfg.dropout < 1 or not 0 < cfg.mask_prob < 1:
-        raise C.UsageError("--dropout must lie in [0, 1) and --mask-prob in (0, 1)")
+        raise UsageError("--dropout must lie in [0, 1) and --mask-prob in (0, 1)")
+    if cfg.seq_len < 8:   # train/data.load_text checks these too, after importing torch
+        raise UsageError(f"--seq-len must be >= 8, got {cfg.seq_len}")
+    if cfg.vocab_size < 31:   # 5 special tokens + 26 letters
+        raise UsageError(f"--vocab-size must be >= 31, got {cfg.vocab_size}")
+
+
+def setup(cfg: Config):
+    """Everything that can fail on bad input, before anything is written; every flag is
+    checked before the data loads."""
+    import torch
+
+    from dst import Sparsifier
+    from models.bert import Bert, BertConfig
+
+    from . import common as C
+    from .data import load_text
+    check_flags(cfg)
+    C.check_fused_mlp(cfg)
     device = C.resolve_device(cfg.device)
     amp_dtype = C.autocast_dtype(cfg.precision, device)
     out = C.run_dir(cfg, "bert")
@@ -121,6 +134,7 @@ def setup(cfg: Config):
         overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
         model_cfg = BertConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp,
                                       **overrides).validate()
+        C.check_block_size(Bert, model_cfg, cfg.dst)
     except (ValueError, TypeError) as e:
         raise C.UsageError(str(e)) from None
     data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)
@@ -139,7 +153,24 @@ def setup(cfg: Config):
 
 
 def main(argv=None) -> int:
-    cfg = C.parse_config(Config, argv, prog=PROG)
+    cfg = parse_config(Config, argv, prog=PROG)
+    try:
+        check_flags(cfg)
+    except UsageError as e:
+        return usage_exit(str(e), PROG)
+    return train(cfg, argv)
+
+
+def train(cfg: Config, argv=None) -> int:
+    """The run: setup, then one loop (lr, eval / checkpoint, forward / backward, clip, step,
+    mask update, log), then the final evaluation, summary.json and plots."""
+    import torch
+    from tqdm import tqdm
+
+    from . import common as C
+    from . import distributed
+    from .data import mask_tokens
+    from .plots import plot_curves, plot_masks
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:
         # Rank 0 owns the run folder; every other rank keeps its own copy of the checkpoint

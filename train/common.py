@@ -1,4 +1,4 @@
-"""What the entry points share: config dataclass -> --flags, the usage-error exit, the lr
+"""What the entry points share (flags and usage errors: train/flags.py, re-exported): the lr
 schedule, the optimizer, sparse model construction, atomic checkpoints, metrics, summary.
 
 Exit codes: 0 done, 1 the run failed (NaN / inf loss), 2 bad input (flags, preset, dataset,
@@ -6,164 +6,36 @@ checkpoint), 130 / 143 interrupted by SIGINT / SIGTERM after saving a checkpoint
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
 import io
 import json
 import math
 import random
-import re
 import resource
 import signal
 import subprocess
 import sys
 import time
-import types
-import typing
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+import dst
 import kernels
-from dst import METHODS, PAPER_DEFAULTS, DSTConfig, layer_densities, make_layer
+from dst import DSTConfig, layer_densities, make_layer
 from models.transformer import sparse_layer_shapes
+
+from .flags import (DST_FIELD_METHODS, UsageError, check_common, dst_methods_of, field_comments,  # noqa: F401
+                    ignored_dst_flags, parse_config, usage_exit)
+
+# train/flags.py may have loaded dst/config.py before the package: bind it as dst.config.
+if not hasattr(dst, "config"):
+    dst.config = sys.modules["dst.config"]
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_FORMAT = "alwayssparse-train/1"
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2, nothing written."""
-
-
-def usage_exit(message: str, prog: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
-# ----------------------------------------------------------------------------- config -> flags
-
-def field_comments(cls) -> dict[str, str]:
-    """The trailing ``# comment`` of each dataclass field (and the comment-only lines after
-    it), read from the source: the comments are the --help text."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    comments: dict[str, str] = {}
-    last, indent = None, 0
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"(\s+)(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
-        if m and m.group(2) in names:
-            last, indent = m.group(2), len(m.group(1))
-            comments[last] = (m.group(3) or "").strip()
-        elif last and re.match(r"\s+#", line) and len(line) - len(line.lstrip()) > indent:
-            comments[last] += " " + line.strip().lstrip("#").strip()   # a continuation, indented deeper
-        else:
-            last = None   # a section comment, at the fields' indentation, belongs to no field
-    return comments
-
-
-def _flag_type(hint):
-    """int / float / str / bool from a field's type hint (``int | None`` -> int)."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": the comment says what None means
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse prints the whole usage)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-# The methods that read each DST field (from dst/: the rules and the Sparsifier's schedule), for
-# --help and for the warning on a flag the method ignores. A field not listed (a new one) is
-# taken as read by every method.
-_UPDATING = ("set", "rigl", "srigl", "gse", "dynadiag")
-_GRADIENT_GROWTH = ("rigl", "srigl", "gse", "dynadiag")
-DST_FIELD_METHODS = {
-    "delta_t": _UPDATING, "alpha": _UPDATING, "drop_schedule": _UPDATING,
-    "t_end": ("set", "rigl", "srigl", "gse"),   # dynadiag stops at its freeze (freeze_at)
-    "grow": _GRADIENT_GROWTH, "gamma": _GRADIENT_GROWTH, "scope": ("rigl", "gse"),
-    "gamma_sal": ("srigl",), "ablation": ("srigl",),
-    "block_size": ("dynadiag",), "temp_start": ("dynadiag",), "temp_end": ("dynadiag",),
-    "freeze_at": ("dynadiag",), "freeze_gate": ("dynadiag",), "candidates": ("dynadiag",),
-}
-
-
-def dst_methods_of(field: str) -> tuple[str, ...]:
-    """The methods that read DSTConfig field ``field``."""
-    return DST_FIELD_METHODS.get(field, METHODS)
-
-
-def ignored_dst_flags(method: str, given) -> list[str]:
-    """The --flags among ``given`` (DSTConfig field names) that ``method`` does not read."""
-    return ["--" + g.replace("_", "-") for g in given if method not in dst_methods_of(g)]
-
-
-def parse_config(cls, argv=None, prog: str | None = None):
-    """Build ``cls`` (an entry point's config dataclass) from --flags: one flag per field,
-    ``--snake-case``, help from the field comments. A field ``dst: DSTConfig`` becomes the
-    flags of DSTConfig (``--method``, ``--sparsity``, ``--delta-t``, ...); a DST flag left out
-    takes that method's paper default (``DSTConfig.for_method``), and its seed is the run's.
-    Bad flags or values: one line on stderr, exit code 2."""
-    parser = _Parser(prog=prog, description=inspect.getdoc(cls),
-                     formatter_class=_Help)
-    dst_flags = []
-
-    def add(f, hint, comment, default, dest):
-        flag = "--" + f.name.replace("_", "-")
-        comment = comment.replace("%", "%%")  # argparse %-formats help strings
-        kind = _flag_type(hint)
-        if kind is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=comment)
-        else:
-            parser.add_argument(flag, dest=dest, type=kind, default=default, help=comment, metavar=kind.__name__.upper())
-
-    hints = typing.get_type_hints(cls)
-    comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if hints[f.name] is DSTConfig:
-            dst_hints, dst_comments = typing.get_type_hints(DSTConfig), field_comments(DSTConfig)
-            by_paper = {k for d in PAPER_DEFAULTS.values() for k in d}
-            for g in dataclasses.fields(DSTConfig):
-                if g.name == "seed":
-                    continue
-                # default None: a flag left out is filled by DSTConfig.for_method, and a given one is known
-                if g.name in by_paper:
-                    note, default = f"; default: the method's paper value, else {g.default}", None
-                else:
-                    note, default = f" (default: {g.default})", None
-                if g.name == "method":
-                    note, default = f": {', '.join(METHODS)}", g.default
-                elif dst_methods_of(g.name) != METHODS:
-                    note = f" [{', '.join(dst_methods_of(g.name))}]" + note
-                add(g, dst_hints[g.name], dst_comments.get(g.name, "") + note, default, "dst." + g.name)
-                dst_flags.append(g.name)
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        add(f, hints[f.name], comments.get(f.name, ""), default, f.name)
-    args = vars(parser.parse_args(argv))
-    values = {k: v for k, v in args.items() if not k.startswith("dst.")}
-    given = {k[4:]: v for k, v in args.items() if k.startswith("dst.") and v is not None}
-    method = given.pop("method")
-    if method not in METHODS:
-        parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    try:
-        dst_cfg = DSTConfig.for_method(method, seed=values.get("seed", 0), **given)
-    except ValueError as e:
-        parser.error(str(e))
-    dst_field = next(f.name for f in dataclasses.fields(cls) if hints[f.name] is DSTConfig)
-    ignored = ignored_dst_flags(method, given)
-    if ignored:   # a warning, not an error: table scripts pass one --delta-t to every method
-        print(f"{parser.prog}: warning: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
-              f"--method {method} (ignored; --help lists the methods of each DST flag)", file=sys.stderr)
-    return cls(**values, **{dst_field: dst_cfg})
 
 
 def config_to_dict(cfg) -> dict:
@@ -202,11 +74,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_sparse_model(build, model_cfg, dst_cfg: DSTConfig, device: torch.device, seed: int):
-    """Build ``build(model_cfg, linear=...)`` with the method's layer for every block linear,
-    each with its share of the density (``dst_cfg.distribution``), created sparse on
-    ``device`` - no dense weight is ever allocated for a sparse layer. Returns
-    (model, {name: target density})."""
+def check_block_size(build, model_cfg, dst_cfg: DSTConfig) -> dict:
+    """UsageError unless DynaDiag's --block-size divides every sparse layer's width; returns
+    the sparse layers' shapes {name: (out, in)}."""
     shapes = sparse_layer_shapes(build, model_cfg)
     if dst_cfg.method == "dynadiag":
         b = dst_cfg.block_size
@@ -214,6 +84,15 @@ def build_sparse_model(build, model_cfg, dst_cfg: DSTConfig, device: torch.devic
             if out_f % b or in_f % b:
                 raise UsageError(f"--block-size {b} must divide the width of every sparse layer; "
                                  f"{name} is {in_f} -> {out_f}")
+    return shapes
+
+
+def build_sparse_model(build, model_cfg, dst_cfg: DSTConfig, device: torch.device, seed: int):
+    """Build ``build(model_cfg, linear=...)`` with the method's layer for every block linear,
+    each with its share of the density (``dst_cfg.distribution``), created sparse on
+    ``device`` - no dense weight is ever allocated for a sparse layer. Returns
+    (model, {name: target density})."""
+    shapes = check_block_size(build, model_cfg, dst_cfg)
     if dst_cfg.method == "dense":
         densities = {name: 1.0 for name in shapes}
     else:
@@ -280,23 +159,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float, final_ratio: float = 
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def check_common(cfg) -> None:
-    """Checks of the loop flags both entry points share (UsageError on the first bad one)."""
-    positive = ("steps", "batch_size", "eval_every", "log_every")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup", "ckpt_every", "threads", "eval_examples"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.weight_decay < 0 or cfg.grad_clip < 0 or not 0 <= cfg.momentum < 1:
-        raise UsageError("--weight-decay and --grad-clip must be >= 0 and --momentum in [0, 1)")
-    if cfg.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
 
 
 def schedule_warnings(cfg) -> list[str]:

@@ -22,17 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from dst import DSTConfig, Sparsifier
-from models.vit import ViT, ViTConfig
-
-from . import common as C
-from . import distributed
-from .data import load_images
-from .plots import plot_curves, plot_masks
+# Only the standard library at import: --help and flag errors return before torch, the kernels
+# and the data load (the functions below import them when called).
+from .flags import DSTConfig, UsageError, check_common, parse_config, usage_exit
 
 PROG = "python -m train.vit"
 
@@ -92,27 +84,51 @@ def patch_size_for(image_size: int, per_side: int) -> int:
     return min(divisors, key=lambda p: (abs(math.log(image_size / p / per_side)), p))
 
 
-@torch.no_grad()
+def load_images(*args, **kwargs):
+    """train.data.load_images, imported when first called."""
+    from .data import load_images as load
+    return load(*args, **kwargs)
+
+
 def evaluate(model, x, y, batch_size, device, amp):
     """(mean cross-entropy, accuracy) over all of x, y."""
+    import torch
+    import torch.nn.functional as F
     model.eval()
     loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        with amp():
-            logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-        correct += (logits.argmax(-1) == yb).sum().item()
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            with amp():
+                logits = model(xb)
+            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+            correct += (logits.argmax(-1) == yb).sum().item()
     model.train()
     return loss_sum / len(y), correct / len(y)
 
 
-def setup(cfg: Config):
-    """Everything that can fail on bad input, before anything is written."""
-    C.check_common(cfg)
-    C.check_fused_mlp(cfg)
+def check_flags(cfg: Config) -> None:
+    """The checks that need no import beyond the standard library (UsageError)."""
+    check_common(cfg)
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.label_smoothing < 1:
-        raise C.UsageError("--dropout and --label-smoothing must lie in [0, 1)")
+        raise UsageError("--dropout and --label-smoothing must lie in [0, 1)")
+    if cfg.patch_size is not None and cfg.patch_size < 1:
+        raise UsageError(f"--patch-size must be >= 1, got {cfg.patch_size}")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise UsageError(f"--image-size must be >= 1, got {cfg.image_size}")
+
+
+def setup(cfg: Config):
+    """Everything that can fail on bad input, before anything is written; every flag is
+    checked before the data loads."""
+    import torch
+
+    from dst import Sparsifier
+    from models.vit import ViT, ViTConfig
+
+    from . import common as C
+    check_flags(cfg)
+    C.check_fused_mlp(cfg)
     device = C.resolve_device(cfg.device)
     amp_dtype = C.autocast_dtype(cfg.precision, device)
     out = C.run_dir(cfg, "vit")
@@ -121,10 +137,10 @@ def setup(cfg: Config):
     try:
         overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
         model_cfg = ViTConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp, **overrides)
+        model_cfg.validate()   # at the preset's image size: --heads, --dim, ... before the data loads
+        C.check_block_size(ViT, model_cfg, cfg.dst)
     except (ValueError, TypeError) as e:
         raise C.UsageError(str(e)) from None
-    if cfg.patch_size is not None and cfg.patch_size < 1:
-        raise C.UsageError(f"--patch-size must be >= 1, got {cfg.patch_size}")
     data = load_images(cfg.dataset, cfg.data_dir, cfg.seed, image_size=cfg.image_size)
     side = data.image_size
     if cfg.patch_size is None:
@@ -151,7 +167,24 @@ def setup(cfg: Config):
 
 
 def main(argv=None) -> int:
-    cfg = C.parse_config(Config, argv, prog=PROG)
+    cfg = parse_config(Config, argv, prog=PROG)
+    try:
+        check_flags(cfg)
+    except UsageError as e:
+        return usage_exit(str(e), PROG)
+    return train(cfg, argv)
+
+
+def train(cfg: Config, argv=None) -> int:
+    """The run: setup, then one loop (lr, eval / checkpoint, forward / backward, clip, step,
+    mask update, log), then the final evaluation, summary.json and plots."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from . import common as C
+    from . import distributed
+    from .plots import plot_curves, plot_masks
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:
         # Rank 0 owns the run folder; every other rank keeps its own copy of the checkpoint

@@ -137,12 +137,14 @@ def test_state_dict_round_trips_across_a_changed_pattern():
     assert torch.equal(a.mask(), b.mask())
 
 
+@pytest.mark.parametrize("T", [37, 48])
 @pytest.mark.parametrize("x_t", [0, 1])
 @pytest.mark.parametrize("ablate", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_both_activation_layouts_of_the_kernels(monkeypatch, x_t, ablate, dtype):
+def test_both_activation_layouts_of_the_kernels(monkeypatch, x_t, ablate, dtype, T):
     """X_T = 1 (token-contiguous copies of x / dx / dy, the GPU default) and X_T = 0 give the
-    reference's forward and both gradients, ragged token tiles included."""
+    reference's forward and both gradients, with ragged (T = 37) and whole (T = 48, the
+    kernels' unmasked EVEN_T loop) token tiles."""
     from kernels import runtime as rt
 
     real = rt.launch_config
@@ -152,7 +154,7 @@ def test_both_activation_layouts_of_the_kernels(monkeypatch, x_t, ablate, dtype)
     g = torch.Generator().manual_seed(7)
     values, indices, rows = make_pattern(g, 45, 30, 6, 21 if ablate else 30)
     rows_arg = rows.to(DEVICE) if ablate else None
-    x = torch.randn(37, 45, generator=g)
+    x = torch.randn(T, 45, generator=g)
     with kernels.use_backend("triton"):
         check_op(lambda x, v: kernels.fanin_matmul(x, v, indices.to(DEVICE), rows_arg, 30),
                  lambda x, v: fanin_matmul_ref(x, v, indices.to(DEVICE), rows_arg, 30),

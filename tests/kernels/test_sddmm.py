@@ -111,3 +111,24 @@ def test_token_contiguous_copies_give_the_same_sums(monkeypatch, x_t):
         out = sddmm_fwd(dy.to(dtype), x.to(dtype), rows, cols)
         lowp = sddmm_ref(dy.to(dtype), x.to(dtype), rows, cols) if dtype != torch.float32 else None
         assert_matches(out, sddmm_ref(dy.to(dtype).double(), x.to(dtype).double(), rows, cols), lowp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 63, 64, 123])
+def test_element_sddmm_whole_and_ragged_token_chunks(monkeypatch, T, dtype):
+    """Token chunks of 32 in tiles of 16: T = 64 takes the unmasked (EVEN_T) loop, the others
+    the masked one; 63 and 123 coordinates leave a ragged coordinate tile."""
+    from kernels import runtime as rt
+    from kernels.sddmm import sddmm_fwd
+
+    real = rt.launch_config
+    monkeypatch.setattr(rt, "launch_config", lambda kernel, key, default, device=None: dict(
+        real(kernel, key, default, device), **({"BLOCK_T": 16, "T_CHUNK": 32} if kernel == "sddmm" else {})))
+    g = torch.Generator().manual_seed(T)
+    dy, x = torch.randn(T, 63, generator=g).to(dtype), torch.randn(T, 123, generator=g).to(dtype)
+    n = 63 if T % 2 else 123
+    rows = torch.randint(0, 63, (n,), generator=g, dtype=torch.int32)
+    cols = torch.randint(0, 123, (n,), generator=g, dtype=torch.int32)
+    out = sddmm_fwd(dy.to(DEVICE), x.to(DEVICE), rows.to(DEVICE), cols.to(DEVICE)).cpu()
+    lowp = sddmm_ref(dy, x, rows, cols) if dtype == torch.bfloat16 else None
+    assert_matches(out, sddmm_ref(dy.double(), x.double(), rows, cols), lowp)

@@ -257,7 +257,7 @@ def _split(n_rows: int, fmas: int, run) -> None:
 def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + bias: x [T, in] fp32 (CPU), bias [out] fp32 or None -> y [T, out]. Needs
     ``lib()``; a BSR weight takes one token only."""
-    so = lib()
+    so = _state.get("lib") or lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")
     T = x.shape[0]

@@ -1,6 +1,7 @@
-"""The CPU inference path of the layers (SparseLayer.cpu_inference): one MKL addmv (one token)
-or addmm (more) on a cached CSR / BSR copy of the weight. Same answer as the custom op, taken
-only when it applies, rebuilt when the values or the pattern change."""
+"""The CPU inference path of the layers (SparseLayer.cpu_inference): a product with a cached copy
+of the weight - the native library's in fp32 (tests/kernels/test_cpu_native.py tests it on its
+own), one MKL addmv (one token) or addmm (more) on a CSR / BSR in fp64. Same answer as the
+custom op, taken only when it applies, rebuilt when the values or the pattern change."""
 import pytest
 import torch
 
@@ -84,7 +85,7 @@ def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
     g = torch.Generator().manual_seed(2)
     layer = LAYERS["fan-in"](g)
     x1, x3 = torch.randn(1, 40, generator=g), torch.randn(3, 40, generator=g)
-    monkeypatch.setattr(layer, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken"))
+    monkeypatch.setattr(layer, "_inference_weight", lambda *args, **kwargs: pytest.fail("CSR path taken"))
     layer(x1)  # gradient wanted
     layer(x3)
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
         layer.to(torch.float32)(x1)
     gated = kernels.DiagLinear(48, 20, density=0.3, block_size=1, generator=g)
     gated.enable_gate(k_target=gated.num_diagonals, temperature=1.0)
-    monkeypatch.setattr(gated, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken with the gate on"))
+    monkeypatch.setattr(gated, "_inference_weight", lambda *args, **kwargs: pytest.fail("CSR path taken with the gate on"))
     with torch.no_grad():
         gated(torch.randn(1, 48, generator=g))
 
@@ -102,7 +103,7 @@ def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
                     reason="CPU tensors on the Triton backend need the interpreter, which is off where CUDA is present")
 def test_the_triton_backend_runs_the_kernel_not_the_cached_path(monkeypatch):
     layer = LAYERS["fan-in"](torch.Generator().manual_seed(2))
-    monkeypatch.setattr(layer, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken"))
+    monkeypatch.setattr(layer, "_inference_weight", lambda *args, **kwargs: pytest.fail("CSR path taken"))
     with kernels.use_backend("triton"), torch.no_grad():
         layer(torch.randn(1, 40))
 
@@ -110,7 +111,7 @@ def test_the_triton_backend_runs_the_kernel_not_the_cached_path(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 def test_gpu_tensors_never_take_the_cpu_path(monkeypatch):
     layer = LAYERS["fan-in"](torch.Generator().manual_seed(2)).cuda()
-    monkeypatch.setattr(layer, "_inference_weight", lambda values, blocked: pytest.fail("CSR path taken"))
+    monkeypatch.setattr(layer, "_inference_weight", lambda *args, **kwargs: pytest.fail("CSR path taken"))
     with torch.no_grad():
         layer(torch.randn(1, 40, device="cuda"))
 

@@ -72,8 +72,6 @@ def gradient_scores(dy: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, in_fe
     return reduce_across_ranks(sddmm(dy, x, rows, cols).float()).abs()
 
 
-# ----------------------------------------------------------------------------- samplers
-
 def sampling_weights(sampler: str, dy: torch.Tensor, x: torch.Tensor,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row weights [out], col weights [in]) on the CPU for GraBo / GraEst, None for uniform."""
@@ -206,8 +204,6 @@ def _random_per_row(cand: torch.Tensor, rows: torch.Tensor, quota: torch.Tensor,
     keep = rank < limit[perm]
     return cand[perm[keep]]
 
-
-# ----------------------------------------------------------------------------- exact scan
 
 def band_elems(nnz: int) -> int:
     """Elements of one band of the exact scan for a layer with ``nnz`` weights."""

@@ -79,7 +79,6 @@ class Sparsifier:
             for name, layer in self.layers.items():
                 self.k_targets[name] = init_dynadiag(layer, cfg.candidates, cfg.temp_start, self.generator)
 
-    # ------------------------------------------------------------------ schedule
 
     def update_due(self, step: int) -> bool:
         """Whether ``step(step, ...)`` changes masks (DynaDiag: resamples or freezes)."""
@@ -97,7 +96,6 @@ class Sparsifier:
     def temperature(self, step: int) -> float:
         return cosine_anneal(step, self.cfg.temp_start, self.cfg.temp_end, self.freeze_step)
 
-    # ------------------------------------------------------------------ capture
 
     @contextlib.contextmanager
     def capture(self, step: int):
@@ -140,7 +138,6 @@ class Sparsifier:
                 out[name] = (dy.to(common), x.to(common))
         return out
 
-    # ------------------------------------------------------------------ step
 
     def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict | None:
         """After optimizer.step(): anneal DynaDiag's temperature, freeze, or update masks when
@@ -183,7 +180,6 @@ class Sparsifier:
             layers = self.rule.update(self.rule, self.layers, ctx)
         return {"step": step, "drop_fraction": frac, "seconds": time.perf_counter() - start, "layers": layers}
 
-    # ------------------------------------------------------------------ state
 
     def densities(self) -> dict[str, float]:
         """Stored weights / (out * in) of every sparse layer (DynaDiag before its freeze

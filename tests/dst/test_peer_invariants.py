@@ -65,8 +65,6 @@ def _fit_step(model, sparsifier, optimizer, step) -> dict | None:
     return sparsifier.step(step, optimizer)
 
 
-# ---------------------------------------------------------------- layer densities (RigL)
-
 # RigL's testSparsityDictErdosRenyiSparsitiesScale cases, its (in, out[, ...]) shapes written
 # as ours: (out, in) for a Linear, (out, in, kh, kw) for a conv.
 RIGL_SCALE_CASES = [((3, 2), (3, 2), 0.5), ((3, 2, 1, 1), (3, 2, 1, 1), 0.3), ((6, 8), (3, 4), 0.7),
@@ -152,8 +150,6 @@ def test_only_the_highest_scored_layers_are_made_dense_and_the_rest_share_one_fa
         assert min(score[n] for n in dense) >= max(score[n] for n in sparse) * (1 - 1e-12)
         assert all(ratios[0] * score[n] >= 1.0 - 1e-9 for n in dense)
 
-
-# ---------------------------------------------------------------- mask updates (RigL's optimizer tests)
 
 def _setup(method, overrides, steps=10, seed=0, optimizer="adam", **cfg_kw):
     kw = {"sparsity": 0.7, "delta_t": 2, "t_end": 1.0, "alpha": 0.4, "seed": seed, **cfg_kw, **overrides}
@@ -270,8 +266,6 @@ def test_a_static_mask_never_changes_while_its_weights_train(make):
         assert set(entries(layer)) == set(start), f"step {step}"
     assert entries(layer) != start, "the weights did train"
 
-
-# ---------------------------------------------------------------- constant fan-in (condensed-sparsity)
 
 def _row_counts(layer) -> torch.Tensor:
     """Active entries of each of the layer's out rows, from its coordinates (duplicates counted once)."""

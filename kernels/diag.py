@@ -136,11 +136,11 @@ def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bo
 
 @triton.jit
 def _diag_block_kernel(
-    a_ptr, values_ptr, tile_ptr, entries_ptr, out_ptr,
+    a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr,
     T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
     B: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
-    BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr,
+    BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # A program owns NB consecutive output blocks (NB * b outputs) of one token tile; the
@@ -194,17 +194,20 @@ def _diag_block_kernel(
             acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=ACC)
         else:
             acc += tl.sum(a.to(ACC)[:, :, :, None] * w.to(ACC)[:, None, :, :], axis=2)
-    offs_o = ((q * B)[:, None, None] + offs_b[None, None, :]) * stride_oi  # [NB, 1, BB]
-    tl.store(out_ptr + offs_t[None, :, None] * stride_ot + offs_o,
-             tl.reshape(acc, (NB, BLOCK_T, BLOCK_B)).to(out_ptr.dtype.element_ty), mask=mask_q[:, None, None] & mask_tb)
+    acc = tl.reshape(acc, (NB, BLOCK_T, BLOCK_B))
+    feat = (q * B)[:, None, None] + offs_b[None, None, :]  # [NB, 1, BB] output features
+    if HAS_BIAS:  # the layer's bias in the epilogue: no extra pass over y
+        acc += tl.load(bias_ptr + feat, mask=mask_q[:, None, None] & (offs_b < B)[None, None, :], other=0.0).to(ACC)
+    tl.store(out_ptr + offs_t[None, :, None] * stride_ot + feat * stride_oi, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_q[:, None, None] & mask_tb)
 
 
 @triton.jit
 def _diag_elem_kernel(
-    a_ptr, values_ptr, tile_ptr, entries_ptr, out_ptr,
+    a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr,
     T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
-    BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BY_OUT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BY_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     # b = 1: a [BT, BQ] tile of outputs; per diagonal of the host list, output q0 + j reads
@@ -234,6 +237,8 @@ def _diag_elem_kernel(
         a = tl.load(a_rows + p[None, :] * stride_ai, mask=mask_t[:, None] & valid[None, :], other=0.0)  # [BT, BQ]
         w = tl.load(values_ptr + vbase + d, mask=valid, other=0.0)  # [BQ]
         acc += a.to(ACC) * w.to(ACC)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + q, mask=mask_q, other=0.0).to(ACC)[None, :]
     tl.store(out_ptr + offs_t[:, None] * stride_ot + q[None, :] * stride_oi,
              acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_q[None, :])
 
@@ -332,8 +337,14 @@ def _diag_dw_kernel(
              mask=valid[:, None, None] & mask_b[None, :, None] & mask_b[None, None, :])
 
 
-def _check(x2, values, offsets, block_size, out_features):
+def _check(x2, values, offsets, block_size, out_features, bias=None):
     rt.check_float("x", x2)
+    if bias is not None:
+        rt.check_float("bias", bias)
+        rt.check_dtype_match("bias", bias, "x", x2)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+        rt.check_same_device(x=x2, bias=bias)
     rt.check_float("values", values)
     rt.check_dtype_match("values", values, "x", x2)
     rt.check_index("offsets", offsets, 1)
@@ -377,7 +388,7 @@ def _tile_blocks(b: int) -> int:
 _INT32_MAX = 2 ** 31 - 1
 
 
-def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name):
+def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name, bias=None):
     T = a.shape[0]
     if values.numel() > _INT32_MAX or max(a.shape[1], out.shape[1]) > _INT32_MAX:
         raise ValueError(f"values ({values.numel()} elements) and the feature widths must stay below 2^31: "
@@ -389,9 +400,9 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
         tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, cfg["BLOCK_Q"])
         n_tiles = tile_ptr.numel() - 1
         grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
-        _diag_elem_kernel[grid](a, values, tile_ptr, entries, out, T, D, P, n_out_blocks, n_tiles,
-                                a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-                                BLOCK_T=cfg["BLOCK_T"], BLOCK_Q=cfg["BLOCK_Q"], BY_OUT=by_out,
+        _diag_elem_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+                                T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+                                BLOCK_T=cfg["BLOCK_T"], BLOCK_Q=cfg["BLOCK_Q"], BY_OUT=by_out, HAS_BIAS=bias is not None,
                                 ACC=acc_dtype(a.dtype), NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
         return
     upcast, precision = dot_settings(a.dtype)
@@ -403,24 +414,25 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
     if grid[0] > _INT32_MAX:
         raise ValueError(f"{T} tokens need {grid[0]} programs, more than a launch holds")
-    _diag_block_kernel[grid](a, values, tile_ptr, entries, out, T, D, P, n_out_blocks, n_tiles,
-                             a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+    _diag_block_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+                             T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                              B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), NB=nb,
-                             BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16,
+                             BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16, HAS_BIAS=bias is not None,
                              UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(a.dtype),
                              NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
 
 
-def diag_fwd(x2, values, offsets, block_size: int, out_features: int) -> torch.Tensor:
-    """Launcher of the forward product. x2: [T, in] -> y: [T, out_features]."""
-    R, C, D, P = _check(x2, values, offsets, block_size, out_features)
+def diag_fwd(x2, values, offsets, block_size: int, out_features: int, bias=None) -> torch.Tensor:
+    """Launcher of the forward product. x2: [T, in] -> y: [T, out_features] (+ bias [out])."""
+    R, C, D, P = _check(x2, values, offsets, block_size, out_features, bias)
     y = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
     if x2.shape[0] == 0:
         return y
     if offsets.numel() == 0:
-        return y.zero_()
+        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
     _launch(x2, values.contiguous(), offsets.contiguous(), y, D, P, R, block_size,
-            by_out=R < C, trans_w=True, kernel_name="diag_fwd")
+            by_out=R < C, trans_w=True, kernel_name="diag_fwd",
+            bias=None if bias is None else bias.contiguous())
     return y
 
 
@@ -507,11 +519,13 @@ def _elementwise_on_cpu(block_size: int, tokens: int, offsets) -> bool:
     return block_size <= _CPU_ELEMENT_MAX_BLOCK and tokens > 4 and offsets.numel() > 0
 
 
-def diag_fwd_torch(x2, values, offsets, block_size: int, out_features: int) -> torch.Tensor:
-    R, C, D, P = _check(x2, values, offsets, block_size, out_features)
+def diag_fwd_torch(x2, values, offsets, block_size: int, out_features: int, bias=None) -> torch.Tensor:
+    R, C, D, P = _check(x2, values, offsets, block_size, out_features, bias)
     if _elementwise_on_cpu(block_size, x2.shape[0], offsets):
-        return _diag_csr_product(x2, values, offsets, R, C, block_size, transpose=False)
-    return _diag_product_torch(x2, values, offsets, C, R, block_size, gather=R < C, transpose_w=True)
+        y = _diag_csr_product(x2, values, offsets, R, C, block_size, transpose=False)
+    else:
+        y = _diag_product_torch(x2, values, offsets, C, R, block_size, gather=R < C, transpose_w=True)
+    return y if bias is None else y + bias
 
 
 def diag_dx_torch(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
@@ -611,14 +625,14 @@ def _diag_dw(dy, x2, offsets, block_size, values_shape):
 
 @torch.library.custom_op("alwayssparse::diag_matmul", mutates_args=())
 def _diag_op(x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
-             out_features: int) -> torch.Tensor:
+             out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     if rt.runs_triton(x2):
-        return diag_fwd(x2, values, offsets, block_size, out_features)
-    return diag_fwd_torch(x2, values, offsets, block_size, out_features)
+        return diag_fwd(x2, values, offsets, block_size, out_features, bias)
+    return diag_fwd_torch(x2, values, offsets, block_size, out_features, bias)
 
 
 @_diag_op.register_fake
-def _(x2, values, offsets, block_size, out_features):
+def _(x2, values, offsets, block_size, out_features, bias=None):
     return x2.new_empty(x2.shape[0], out_features)
 
 
@@ -636,9 +650,10 @@ def _(dy, values, offsets, block_size, in_features):
 
 
 def _setup(ctx, inputs, output):
-    x2, values, offsets, block_size, _ = inputs
+    x2, values, offsets, block_size, _, bias = inputs
     ctx.save_for_backward(x2, values, offsets)
     ctx.block_size = block_size
+    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy):
@@ -647,7 +662,10 @@ def _backward(ctx, dy):
     b = ctx.block_size
     dx = _diag_dx_op(dy, values, offsets, b, x2.shape[1]) if ctx.needs_input_grad[0] else None
     dv = _diag_dw(dy, x2, offsets, b, values.shape) if ctx.needs_input_grad[1] else None
-    return dx, dv, None, None, None
+    db = None
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        db = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype)
+    return dx, dv, None, None, None, db
 
 
 _diag_op.register_autograd(_backward, setup_context=_setup)
@@ -656,8 +674,8 @@ rt.register_autocast("alwayssparse::diag_dx")
 
 
 def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int = 1,
-                out_features: int | None = None) -> torch.Tensor:
-    """Wrap-around (block-)diagonal sparse product y = x W^T.
+                out_features: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Wrap-around (block-)diagonal sparse product y = x W^T (+ bias).
 
     Args:
         x: [..., in].
@@ -666,6 +684,8 @@ def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bl
         block_size: b, dividing in and out. 1 gives element diagonals.
         out_features: width of y; defaults to D * b (right for square and wide W, required
             for tall W, whose height values and offsets cannot tell).
+        bias: [out_features] or None, added in the kernel's epilogue (in fp32, cast to
+            x's dtype first, as nn.Linear under autocast).
     Returns:
         y: [..., out_features]. Differentiable in x and values.
 
@@ -679,9 +699,12 @@ def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bl
     if not isinstance(values, torch.Tensor) or values.dim() != 4:
         raise ValueError(f"values must be a 4-D tensor [K, D, b, b], got {getattr(values, 'shape', values)!r}")
     out_features = values.shape[1] * block_size if out_features is None else int(out_features)
-    rt.check_same_device(x=x, values=values, offsets=offsets)
+    rt.check_same_device(x=x, values=values, offsets=offsets, bias=bias)
+    if bias is not None:
+        rt.check_float("bias", bias)
+        bias = bias.to(x.dtype)
     lead = x.shape[:-1]
-    y = _diag_op(rt.flatten_tokens(x), values, offsets, block_size, out_features)
+    y = _diag_op(rt.flatten_tokens(x), values, offsets, block_size, out_features, bias)
     return y.reshape(*lead, out_features)
 
 
@@ -788,8 +811,8 @@ class DiagLinear(SparseLayer):
         y = self.cpu_inference(x)
         if y is not None:
             return y
-        y = diag_matmul(x, self.effective_values(), self.offsets, self.block_size, self.out_features)
-        return self.add_bias(y)
+        # the bias is added in the kernel's epilogue (no pass over y), in y's dtype as add_bias
+        return diag_matmul(x, self.effective_values(), self.offsets, self.block_size, self.out_features, self.bias)
 
     def coords(self):
         R, C, D, P = self.geometry

@@ -281,9 +281,7 @@ def _backward(ctx, dy):
     dy = dy.contiguous()  # a gradient from .sum() has stride 0
     b, hidden = ctx.block_size, ctx.hidden_features
     # Recompute the pre-activation with the unfused kernel (the forward kept nothing of it).
-    h = _diag_op(x2, w1_values, w1_offsets, b, hidden)
-    if b1 is not None:
-        h = h + b1
+    h = _diag_op(x2, w1_values, w1_offsets, b, hidden, b1)
     dw2 = _diag_dw(dy, F.gelu(h), w2_offsets, b, w2_values.shape) if need[4] else None
     db2 = _column_sum(dy, b2.dtype) if b2 is not None and need[6] else None
     dx = dw1 = db1 = None

@@ -242,3 +242,26 @@ def test_a_pattern_change_between_calls_reaches_every_kernel(backend):
                  lambda x, v: diag_matmul_ref(x, v, layer.offsets, 16, 96),
                  [x, layer.values.detach()], torch.float32)
 
+
+
+@pytest.mark.parametrize("b,R,C", [(1, 6, 3), (16, 2, 3), (64, 2, 1)])
+def test_bias_in_the_epilogue_matches_a_separate_add_with_gradients(backend, b, R, C):
+    g = torch.Generator().manual_seed(b + R)
+    values, offsets = make(g, b, R, C, 2)
+    x, bias = torch.randn(37, C * b, generator=g), torch.randn(R * b, generator=g)
+    off = offsets.to(DEVICE)
+    check_op(lambda x, v, c: kernels.diag_matmul(x, v, off, b, R * b, bias=c),
+             lambda x, v, c: diag_matmul_ref(x, v, off, b, R * b) + c,
+             [x.to(DEVICE), values.to(DEVICE), bias.to(DEVICE)], torch.float32, grad_args=(0, 1, 2))
+    # no diagonals: y is the bias alone
+    y = kernels.diag_matmul(x.to(DEVICE), values[:0].to(DEVICE), off[:0], b, R * b, bias=bias.to(DEVICE))
+    torch.testing.assert_close(y.cpu(), bias.expand(37, -1))
+
+
+def test_opcheck_passes_with_a_bias(backend):
+    from kernels.diag import _diag_op
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(6, 32, generator=g).to(DEVICE), torch.randn(2, 4, 4, 4, generator=g).to(DEVICE)
+    bias = torch.randn(16, generator=g).to(DEVICE)
+    off = torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(_diag_op, (x, v.requires_grad_(), off, 4, 16, bias.requires_grad_()))

@@ -13,8 +13,11 @@ processes fall on all of them alike); each round times back-to-back calls for ab
 time / variant time. Each variant is ``--copies`` distinct layers (default 8) called in turn,
 as a model's consecutive layers are: one layer called back to back keeps its ~2 MB sparse
 weight in the core's L2 cache, which a real forward pass does not (``--copies 1`` measures
-that hot case). The library layers run their CPU path: at batch 1 with no gradient, one MKL
-addmv on a CSR copy of the weight made at the first call (``SparseLayer.cpu_inference``); per-call
+that hot case). The library layers run their CPU path (``SparseLayer.cpu_inference``): with no
+gradient, in fp32, the native library's product (kernels/cpu: a CSR with 2-byte column indices,
+a BSR of the b x b blocks for block diagonals at batch 1) on a copy of the weight made at the
+first call; the "(torch path)" rows are the same layers with it switched off
+(``kernels.cpu.disabled()``): one MKL addmv / addmm on a cached CSR / BSR, the fallback. Per-call
 index checks are off (the layers validate indices when the pattern changes).
 
 Variants:
@@ -23,7 +26,8 @@ Variants:
                              fastest form; torch.sparse.mm otherwise): the CSR baseline
     fan-in (condensed)       kernels.FanInLinear
     diagonal b=1, b=16       kernels.DiagLinear
-    SparseLinear             kernels.SparseLinear (unstructured; its CSR is rebuilt per call)
+    SparseLinear             kernels.SparseLinear (unstructured)
+    ... (torch path)         the four above on torch's MKL path instead of the native library
     gather (inline)          the library's condensed formulation written inline,
                              (x[:, idx] * v).sum(-1), int64 indices made once: the gap to
                              "fan-in" is op and wrapper overhead
@@ -123,6 +127,18 @@ class _PrebuiltCSR(nn.Module):
         return torch.sparse.mm(self.w, x.t()).t() + self.bias
 
 
+class _TorchPath(nn.Module):
+    """A library layer with the native CPU library switched off: torch's MKL path."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with kernels.cpu.disabled():
+            return self.layer(x)
+
+
 class _RoundRobin(nn.Module):
     """Calls its modules in turn, one per call: ``copies`` distinct layers of a variant, as a
     model's consecutive layers are, so a layer's weights are no longer in the core's cache
@@ -160,6 +176,10 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
             d = kernels.DiagLinear(n_in, n_out, density=density, block_size=b, generator=g)
             out[f"diagonal b={b}"] = (d, d.to_linear(), f"K={d.num_diagonals}")
     out["SparseLinear"] = (csr, csr_dense, f"nnz={csr.nnz()}")
+    for name in ("fan-in (condensed)", "diagonal b=1", "diagonal b=16", "SparseLinear"):
+        if name in out:
+            layer, ref, params = out[name]
+            out[f"{name} (torch path)"] = (_TorchPath(layer), ref, params)
     out["gather (inline)"] = (_InlineGather(fan, flat=False), fan_dense, f"k={fan.k}")
     out["index_select (inline)"] = (_InlineGather(fan, flat=True), fan_dense, f"k={fan.k}")
     out["embedding_bag (inline)"] = (_EmbeddingBag(fan), fan_dense, f"k={fan.k}")
@@ -262,6 +282,9 @@ def main(argv=None, log=print) -> int:
     for k in ("note", "table"):  # no Triton here: the CPU torch paths, real CPU timings
         head.pop(k, None)
     head["timing"] = f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls (perf_counter)"
+    native = kernels.cpu.lib()
+    head["native_cpu"] = (f"{kernels.cpu.variant()[0]} build of kernels/cpu" if native is not None
+                          else f"unavailable ({kernels.cpu.error()}): the library layers ran torch's path")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()
     kernels.set_checks(False)

@@ -63,12 +63,15 @@ def test_cpu_inference_quick_checks_outputs_and_writes_ratios(tmp_path):
     assert cpu_infer.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None) == 0
     rows = read_rows(tmp_path / "cpu_infer.csv")
     names = {r["variant"] for r in rows}
-    assert {cpu_infer.DENSE, cpu_infer.CSR, "fan-in (condensed)", "diagonal b=1", "diagonal b=16"} <= names
+    assert {cpu_infer.DENSE, cpu_infer.CSR, "fan-in (condensed)", "diagonal b=1", "diagonal b=16",
+            "fan-in (condensed) (torch path)", "diagonal b=16 (torch path)"} <= names
     for r in rows:
         assert float(r["us_per_call"]) > 0 and float(r["max_err"]) < 1e-4
     dense = next(r for r in rows if r["variant"] == cpu_infer.DENSE)
     assert float(dense["x_dense"]) == pytest.approx(1.0)
-    assert "x dense" in (tmp_path / "cpu_infer.md").read_text()
+    md = (tmp_path / "cpu_infer.md").read_text()
+    assert "x dense" in md
+    assert "**native_cpu**: " + ("unavailable" if kernels.cpu.lib() is None else kernels.cpu.variant()[0]) in md
 
 
 def test_cpu_inference_refuses_a_variant_whose_output_is_wrong(tmp_path, monkeypatch):

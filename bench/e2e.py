@@ -5,6 +5,7 @@ time and peak memory.
     python bench/e2e.py --models vit-b16 --formats dense,diag16 --batch 128
     python bench/e2e.py --models vit-b16,mlp --formats dense,diag64,diag64-fused   # fused vs unfused vs dense
     python bench/e2e.py --quick                           # CPU: micro models, pipeline check
+    python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,csr --infer-only  # CPU inference
 
 Models come from ``models`` (ViT / Bert with a ``linear`` factory that makes qkv, attention
 out, fc1 and fc2 sparse at ``--sparsity``; patch / token embeddings, norms and heads stay
@@ -228,18 +229,20 @@ def _time_once(fn) -> float:
 
 def _summary(train: list[float], infer: list[float]) -> dict:
     def quart(xs):
+        if not xs:
+            return math.nan, math.nan
         if len(xs) < 2:
             return xs[0], xs[0]
         q = statistics.quantiles(xs, n=4)
         return q[0], q[2]
     tq, iq = quart(train), quart(infer)
-    return dict(train_ms=statistics.median(train), train_q1=tq[0], train_q3=tq[1],
+    return dict(train_ms=statistics.median(train) if train else math.nan, train_q1=tq[0], train_q3=tq[1],
                 infer_ms=statistics.median(infer), infer_q1=iq[0], infer_q3=iq[1])
 
 
-def _finished(r: Runner) -> dict:
+def _finished(r: Runner, trained: bool = True) -> dict:
     loss = float(r.loss)
-    if not math.isfinite(loss):
+    if trained and not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss}")
     return dict(tokens=r.tokens, param_mb=r.param_mb, loss=loss)
 
@@ -278,24 +281,25 @@ def measure_cpu(model: str, formats: list[str], args, device, dtype) -> dict[str
             out[fmt] = dict(status="wrong", reason=str(e)[:160])
     names = list(runners)
     times = {n: {"train": [], "infer": []} for n in names}
-    for phase in ("train", "infer"):
+    for phase in args.phases:
         for n in names:
             for _ in range(args.warmup):
                 getattr(runners[n], f"{phase}_step")()
         for step in range(args.steps):
             for n in names[step % max(len(names), 1):] + names[:step % max(len(names), 1)]:
                 times[n][phase].append(_time_once(getattr(runners[n], f"{phase}_step")))
-        if phase == "train":
+        if phase == "train" or "train" not in args.phases:
             for r in runners.values():
                 r.drop_optimizer()
     for n in names:
-        out[n] = dict(_summary(times[n]["train"], times[n]["infer"]), **_finished(runners[n]),
+        out[n] = dict(_summary(times[n]["train"], times[n]["infer"]), **_finished(runners[n], "train" in args.phases),
                       train_peak_mb=math.nan, infer_peak_mb=math.nan, status="ok", reason="")
     return out
 
 
 def _target_line(rows, gpu, dtype, args) -> str:
-    vit = [r for r in rows if r["model"] == "vit-b16" and r["format"] != "dense" and r.get("x_dense_train")]
+    vit = [r for r in rows if r["model"] == "vit-b16" and r["format"] != "dense"
+           and math.isfinite(r.get("x_dense_train") or math.nan)]
     if not vit:
         return "Not measured here."
     best = max(vit, key=lambda r: r["x_dense_train"])
@@ -315,11 +319,16 @@ def main(argv=None, log=print) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 5, CPU 1)")
     p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--infer-only", action="store_true",
+                   help="CPU: time inference only (no training steps; a loaded CPU then needs ~1/4 of the time)")
     p.add_argument("--quick", action="store_true", help="micro models, CPU-sized (pipeline check)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     device = common.device()
     gpu = device.type == "cuda"
+    if args.infer_only and gpu:
+        p.error("--infer-only is for CPU runs")
+    args.phases = ("infer",) if args.infer_only else ("train", "infer")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [m for m in args.models if m not in MODELS] + [f for f in args.formats if f not in FORMATS]

@@ -35,6 +35,18 @@ def test_e2e_quick_times_every_model_and_format_against_dense(tmp_path):
     assert "ViT-B training step" in (tmp_path / "e2e.md").read_text()
 
 
+def test_e2e_infer_only_times_inference_and_no_training_step(tmp_path):
+    rc = e2e.main(["--quick", "--infer-only", "--models", "mlp", "--formats", "dense,fanin,diag16", "--out",
+                   str(tmp_path)], log=lambda *a: None)
+    assert rc == 0
+    rows = read_rows(tmp_path / "e2e.csv")
+    assert [r["format"] for r in rows] == ["dense", "fanin", "diag16"]
+    for r in rows:
+        assert r["status"] == "ok" and float(r["infer_ms"]) > 0 and float(r["x_dense_infer"]) > 0
+        assert not math.isfinite(float(r["train_ms"] or "nan"))
+    assert "Not measured here." in (tmp_path / "e2e.md").read_text()
+
+
 def test_e2e_reports_models_as_skipped_when_they_cannot_be_imported(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "models.vit", None)  # import models.vit -> ImportError
     rc = e2e.main(["--quick", "--models", "vit-b16,mlp", "--formats", "dense,fanin", "--out", str(tmp_path)],

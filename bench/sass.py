@@ -17,6 +17,9 @@ instructions) and counts what it issues per iteration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -168,6 +171,7 @@ class Sass:
     loop_sync: int = 0               # BAR.SYNC / WARPSYNC / DEPBAR waits in it
     loop_calls: int = 0
     loop_fences: int = 0
+    loop_loads: str = ""             # the main loop's global loads by width, e.g. LDG.E.128x2
     notes: list = field(default_factory=list)
 
     @property
@@ -241,7 +245,31 @@ def _is_mma(op: str) -> bool:
     return op.startswith(("HGMMA", "HMMA", "IMMA", "DMMA", "QGMMA"))
 
 
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alwayssparse-sass"
+
+
 def analyse(cubin: bytes, shared: int | None = None) -> Sass:
+    """The summary of a cubin's SASS, cached on disk by the cubin's hash (nvdisasm takes
+    ~1 s a kernel on a shared core)."""
+    path = _CACHE / f"{hashlib.sha256(cubin).hexdigest()}.json"
+    try:
+        s = Sass(**json.loads(path.read_text()))
+        s.shared = shared
+        return s
+    except (OSError, ValueError, TypeError):
+        pass
+    s = _analyse(cubin, shared)
+    try:
+        _CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(s)))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return s
+
+
+def _analyse(cubin: bytes, shared: int | None = None) -> Sass:
     s = Sass(shared=shared)
     s.registers, s.spill_bytes = resource_usage(cubin)
     insts, labels = _parse(disassemble(cubin))
@@ -293,6 +321,7 @@ def analyse(cubin: bytes, shared: int | None = None) -> Sass:
         s.loop_sync = sum(1 for op in body if op.startswith(("BAR.SYNC", "WARPSYNC", "DEPBAR", "WARPGROUP.DEPBAR")))
         s.loop_calls = sum(1 for op in body if op.startswith("CALL"))
         s.loop_fences = sum(1 for op in body if op.startswith("MEMBAR"))
+        s.loop_loads = _counts(op for op in body if op.startswith(("LDG", "UTMALDG")))
     return s
 
 

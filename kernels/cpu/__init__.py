@@ -15,8 +15,9 @@ time, so a build never runs instructions the machine lacks) and ``-march=x86-64`
 None and the caller keeps torch's path.
 
 Example:
-    >>> w = kernels.cpu.csr_weight(crow, cols, values, n_in=3072)   # once per pattern
-    >>> y = kernels.cpu.matmul(w, x, bias)                            # x [T, 3072] fp32
+    >>> rows, cols = layer.coords()                                      # once per pattern
+    >>> w = kernels.cpu.csr_weight(rows, cols, layer.values, 768, 3072)
+    >>> y = kernels.cpu.matmul(w, x, layer.bias)                         # x [T, 3072] fp32
 """
 from __future__ import annotations
 
@@ -38,13 +39,14 @@ import torch
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
 ABI = 2
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
-# 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the EPYC; 128
-# and one panel ~20-30% slower).
+# 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
+# EPYC; 128 columns and one panel ~10-30% slower).
 PANEL = 512
 _state: dict = {}
 _lock = threading.Lock()
-# Below this many multiply-adds a call runs on one thread: handing rows to a pool costs
-# ~30-60 us, the whole batch-1 product of Linear(3072 -> 768) at 90% ~30-100 us.
+# Below this many multiply-adds a call stays on one thread: a batch-1 Linear(3072 -> 768) at
+# 90% is 236k, a product of tens of microseconds that a hand-off to a pool thread would not pay
+# for; ViT-B's sparse layers at 197 tokens are 12-46M.
 PARALLEL_MIN_FMAS = 2_000_000
 
 

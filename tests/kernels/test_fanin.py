@@ -207,7 +207,7 @@ def test_fanout_structure_is_the_transposed_pattern(block_r, ablate):
     n_in, n_out = 23, 17
     values, indices, rows = _ragged_pattern(g, n_in, n_out, 5, 11 if ablate else n_out, hot=(3, 8))
     rows_arg = rows if ablate else None
-    slot_col, slot_count, slice_start, slice_width, ell, max_width = fanout_structure(indices, rows_arg, n_in, block_r)
+    slot_col, slot_count, slice_start, slice_width, ell, max_width = fanout_structure(indices, rows_arg, n_in, block_r, n_out)
     assert slot_col.numel() % block_r == 0 and sorted(slot_col[slot_col >= 0].tolist()) == list(range(n_in))
     assert slot_count.tolist() == sorted(slot_count.tolist(), reverse=True)
     assert max_width == int(slot_count.max()) == int(slice_width[0])
@@ -224,6 +224,8 @@ def test_fanout_structure_is_the_transposed_pattern(block_r, ablate):
                 wt[col, neuron] += values.reshape(-1)[pos]
                 neurons.append(neuron)
             assert neurons == sorted(neurons)
+            for j in range(count, int(slice_width[s])):  # padding: the zero row of dy
+                assert int(ell[int(slice_start[s]) + j * block_r + i]) == n_out << 32
     assert torch.equal(wt, fanin_to_dense(values, indices, n_in, rows_arg, n_out).t())
     empty = sorted(set(range(n_in)) - set(indices.flatten().tolist()))
     assert empty and all(slot_count[slot_col == c].item() == 0 for c in empty)

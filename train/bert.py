@@ -56,7 +56,7 @@ class Config:
     momentum: float = 0.9           # SGD momentum, AdamW beta1
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     # evaluation, logging, checkpoints
-    eval_every: int = 100           # steps between validation passes
+    eval_every: int = 0             # steps between validation passes (0: steps // 10, ten points a curve)
     eval_examples: int = 0          # validation sequences per pass (0 = all); the final test uses all
     log_every: int = 25             # steps between metrics.jsonl rows / progress-bar updates
     ckpt_every: int = 500           # steps between checkpoints (0 = only at the end)
@@ -216,6 +216,7 @@ def train(cfg: Config, argv=None) -> int:
           f"{C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
     wall = time.perf_counter()
+    eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or None, dynamic_ncols=True,
                desc=cfg.dst.method)
     with C.StopSignal() as stop:
@@ -229,7 +230,7 @@ def train(cfg: Config, argv=None) -> int:
             lr = C.lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            if step > 0 and step % cfg.eval_every == 0:
+            if step > 0 and step % eval_every == 0:
                 vloss, vacc = evaluate(model, val, data, cfg, device, amp)
                 history["eval"].append((step, vloss, vacc))
                 metrics.write(step=step, split="val", loss=vloss, accuracy=vacc)

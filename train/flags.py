@@ -242,11 +242,11 @@ def parse_config(cls, argv=None, prog: str | None = None):
 def check_common(cfg) -> None:
     """Checks of the loop flags both entry points share (UsageError on the first bad one), made
     before anything heavy is imported or loaded."""
-    positive = ("steps", "batch_size", "eval_every", "log_every")
+    positive = ("steps", "batch_size", "log_every")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup", "ckpt_every", "threads", "eval_examples"):
+    for name in ("warmup", "ckpt_every", "threads", "eval_examples", "eval_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):

@@ -59,7 +59,7 @@ class Config:
     grad_clip: float = 1.0          # max global gradient norm (0 = off)
     label_smoothing: float = 0.0    # cross-entropy label smoothing
     # evaluation, logging, checkpoints
-    eval_every: int = 250           # steps between validation passes
+    eval_every: int = 0             # steps between validation passes (0: steps // 10, ten points a curve)
     eval_examples: int = 2000       # validation images per pass (0 = all); the final test uses all
     log_every: int = 25             # steps between metrics.jsonl rows / progress-bar updates
     ckpt_every: int = 500           # steps between checkpoints (0 = only at the end)
@@ -231,6 +231,7 @@ def train(cfg: Config, argv=None) -> int:
     val_x, val_y = (data.val_x, data.val_y) if not cfg.eval_examples else (data.val_x[:cfg.eval_examples],
                                                                            data.val_y[:cfg.eval_examples])
     wall = time.perf_counter()
+    eval_every = cfg.eval_every or max(1, cfg.steps // 10)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or None, dynamic_ncols=True,
                desc=cfg.dst.method)
     with C.StopSignal() as stop:
@@ -244,7 +245,7 @@ def train(cfg: Config, argv=None) -> int:
             lr = C.lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            if step > 0 and step % cfg.eval_every == 0:
+            if step > 0 and step % eval_every == 0:
                 vloss, vacc = evaluate(model, val_x, val_y, 512, device, amp)
                 history["eval"].append((step, vloss, vacc))
                 metrics.write(step=step, split="val", loss=vloss, accuracy=vacc)

@@ -44,10 +44,11 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
 
 
 def _pooled(mask: torch.Tensor, max_side: int = 256) -> torch.Tensor:
-    """Fraction of active connections per pixel, at most max_side x max_side pixels."""
+    """Fraction of active connections per pixel, the longer side at most max_side pixels; one
+    pooling factor for both sides, so the image keeps the layer's shape (192 x 64 stays 3:1)."""
     m = mask.float()[None, None]
-    kh, kw = math.ceil(m.shape[2] / max_side), math.ceil(m.shape[3] / max_side)
-    return F.avg_pool2d(m, (kh, kw), ceil_mode=True)[0, 0] if kh > 1 or kw > 1 else m[0, 0]
+    k = math.ceil(max(m.shape[2], m.shape[3]) / max_side)
+    return F.avg_pool2d(m, (k, k), ceil_mode=True)[0, 0] if k > 1 else m[0, 0]
 
 
 def plot_masks(layers: dict, path: Path, title: str, max_layers: int = 24) -> None:
@@ -63,7 +64,7 @@ def plot_masks(layers: dict, path: Path, title: str, max_layers: int = 24) -> No
     for ax, (name, layer) in zip(axes.flat, items):
         with torch.no_grad():
             img = _pooled(layer.mask().cpu())
-        ax.imshow(img.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.imshow(img.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
         ax.set_title(f"{name}\n{layer.out_features}x{layer.in_features}, d={layer.density():.3f}", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

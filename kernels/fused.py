@@ -188,13 +188,14 @@ def _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size,
 
 def _config(b: int, T: int, dtype: torch.dtype) -> dict:
     # Under the interpreter programs run one after another (~1-2 ms per loop iteration): big
-    # token tiles. On a GPU two [BT, b] fp32 tiles (h and y) live in registers; 8 warps for
-    # b = 64 keep them at 82 registers a thread (ptxas, sm_90, bf16; b = 16 72, b = 32 125 on
-    # 4 warps; [128, 64] on 4 warps would take 250). Until bench/sweep.py writes entries.
+    # token tiles. On a GPU two [BT, b] fp32 tiles (h and y) live in registers (ptxas, sm_90,
+    # bf16): b = 64 with 128 tokens on 8 warps takes 128 registers and gets wgmma 64x64x16
+    # (64 tokens: 64x32x16 and every weight block read twice as often from L2); b = 16 72 and
+    # b = 32 124 on 4 warps. Until bench/sweep.py writes entries.
     if rt.interpreting():
         default = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1}
     else:
-        default = {"BLOCK_T": 128 if b <= 32 else 64, "num_warps": 4 if b <= 32 else 8, "num_stages": 2}
+        default = {"BLOCK_T": 128, "num_warps": 4 if b <= 32 else 8, "num_stages": 2 if b <= 32 else 3}
     return rt.launch_config("fused_diag_mlp", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dtype)[6:]}, default)
 
 

@@ -275,3 +275,25 @@ def test_reference_is_two_dense_layers_around_gelu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_vit_b_shapes_on_gpu(b, dtype):
     check_mlp(0, b, 768 // b, 3072 // b, 768 // b, max(1, 3072 // b // 10), max(1, 3072 // b // 10), 4096, dtype)
+
+
+# Odd token counts through the host-built lists; fc1 tall / fc2 wide (ViT) and both square
+# with every diagonal, b = 16 and 64.
+@pytest.mark.parametrize("T", [1, 63, 123])
+@pytest.mark.parametrize("b,C1,R1,R2,K1,K2", [(16, 2, 6, 2, 2, 3), (16, 3, 3, 3, 3, 3), (64, 1, 2, 1, 1, 2)])
+def test_fused_mlp_at_odd_token_counts(backend, T, b, C1, R1, R2, K1, K2):
+    check_mlp(T, b, C1, R1, R2, K1, K2, T, torch.float32)
+
+
+def test_fused_mlp_follows_a_pattern_change_between_calls(backend):
+    """The kernel's pair lists are cached per offsets tensor: an in-place mask update must
+    rebuild them (its version counter moves)."""
+    v1, off1, b1, v2, off2, b2 = make(7, 16, 2, 6, 2, 2, 3)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    shape = (16, 96, 32)
+    for new1, new2 in (([0, 5], [1, 2, 4]), ([3, 4], [0, 3, 5])):
+        off1.copy_(torch.tensor(new1, dtype=I32))
+        off2.copy_(torch.tensor(new2, dtype=I32))
+        y = fused_diag_mlp(x, v1, off1, b1, v2, off2, b2, *shape)
+        assert_matches(y, fused_diag_mlp_ref(x.double(), v1.double(), off1, b1.double(), v2.double(), off2,
+                                             b2.double(), *shape))

@@ -12,9 +12,10 @@ from dst.schedules import cosine_anneal
 from .helpers import check_swap, entries, state_entries
 
 
-def _model(candidates=1.0, block_size=1, freeze_at=0.5, delta_t=2, alpha=0.5, in_f=48, out_f=64, density=0.25):
+def _model(candidates=1.0, block_size=1, freeze_at=0.5, delta_t=2, alpha=0.5, in_f=48, out_f=64, density=0.25,
+           freeze_gate="fold"):
     cfg = DSTConfig(method="dynadiag", delta_t=delta_t, alpha=alpha, candidates=candidates, block_size=block_size,
-                    freeze_at=freeze_at, drop_schedule="constant")
+                    freeze_at=freeze_at, drop_schedule="constant", freeze_gate=freeze_gate)
     layer = kernels.DiagLinear(in_f, out_f, density, block_size=block_size, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(layer)
     sparsifier = Sparsifier(model, cfg, 20)

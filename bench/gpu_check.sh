@@ -68,7 +68,7 @@ phase "4 short tuning pass" 60 150 $PY bench/sweep.py --ops fanin_fwd,fanin_dx,d
     --table-dir "$SCRATCH/configs"
 
 phase "5 e2e ViT-B/16" 70 40 $PY bench/e2e.py --models vit-b16 --formats dense,fanin,diag16,diag16-fused,diag64-fused \
-    --steps 5 --warmup 2 --out "$SCRATCH/e2e"
+    --batch 64 --steps 5 --warmup 2 --out "$SCRATCH/e2e"
 
 DATASET=mnist
 if [ -d data_cache/fashion-mnist ]; then DATASET=fashion_mnist; fi

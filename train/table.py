@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dst import METHODS, DSTConfig
 
+from .flags import dst_methods_of
+
 METRICS = {"vit": [("test accuracy %", lambda s: 100 * s["test"]["accuracy"])],
            "bert": [("test MLM loss", lambda s: s["test"]["mlm_loss"]),
                     ("test masked acc. %", lambda s: 100 * s["test"]["mlm_accuracy"])]}
@@ -25,7 +27,10 @@ def _changed(summary: dict) -> set[str]:
     """DST settings of a run that differ from its method's paper defaults, as "name=value"."""
     dst = summary["config"]["dst"]
     paper = DSTConfig.for_method(dst["method"]).to_dict()
-    return {f"{k}={dst[k]}" for k in dst if k not in ("seed", "sparsity", "method") and dst[k] != paper[k]}
+    # Only settings the method reads: a field added later (its default recorded in old runs) or
+    # another method's setting does not split a method's rows.
+    return {f"{k}={dst[k]}" for k in dst if k not in ("seed", "sparsity", "method") and k in paper
+            and dst["method"] in dst_methods_of(k) and dst[k] != paper[k]}
 
 
 def is_rank_copy(path: Path) -> bool:
@@ -48,7 +53,10 @@ def collect(folders: list[Path]) -> dict:
             s["path"] = str(path)
             runs.append(s)
     changed = [_changed(s) if "dst" in s.get("config", {}) else set() for s in runs]
-    common = set.intersection(*changed) if changed else set()
+    # A setting every run that reads it shares (e.g. one --delta-t for all updating methods).
+    common = {item for item in set().union(*changed)
+              if all(item in ch for s, ch in zip(runs, changed)
+                     if "dst" in s.get("config", {}) and s["method"] in dst_methods_of(item.split("=")[0]))}
     groups = defaultdict(list)
     for s, ch in zip(runs, changed):
         variant = " ".join(sorted(ch - common))

@@ -212,8 +212,8 @@ def train(cfg: Config, argv=None) -> int:
     what = "dense" if cfg.dst.method == "dense" else f"{cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution})"
     print(f"train.bert: {what}, "
           f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name} ({len(data.train)} train sequences of "
-          f"{cfg.seq_len}, vocab {data.vocab_size}), {n_params:,} stored parameters, density "
-          f"{C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")
+          f"{cfg.seq_len}, vocab {data.vocab_size}), {n_params:,} stored parameters, "
+          f"{C.density_text(model, names, sparsifier)}, {device}, {cfg.steps} steps -> {out}")
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
     wall = time.perf_counter()
     eval_every = cfg.eval_every or max(1, cfg.steps // 10)
@@ -289,7 +289,8 @@ def train(cfg: Config, argv=None) -> int:
         "entry": "bert", "method": cfg.dst.method, "sparsity": cfg.dst.sparsity, "dataset": data.name,
         "test": {"mlm_loss": tloss, "mlm_accuracy": tacc, "perplexity": math.exp(min(tloss, 50))},
         "val": {"mlm_loss": vloss, "mlm_accuracy": vacc},
-        "density": {"overall": C.overall_density(model, names), "target": targets,
+        "density": {"overall": C.overall_density(model, names), "active": C.active_density(model, names, sparsifier),
+                    "target": targets,
                     "layers": C.layer_density_report(model, names),
                     "nnz": {n: m.nnz() for n, m in C.sparse_layers(model).items()},
                     "budget": dict(sparsifier.budgets)},

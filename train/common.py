@@ -134,6 +134,27 @@ def overall_density(model: nn.Module, names) -> float:
     return nnz / max(total, 1)
 
 
+def active_density(model: nn.Module, names, sparsifier) -> float:
+    """overall_density counting only the weights toward the target: DynaDiag's K active
+    diagonals without the candidates it stores until its freeze."""
+    active = sparsifier.active_densities() if sparsifier is not None else {}
+    nnz = total = 0
+    for name in names:
+        m = model.get_submodule(name)
+        size = m.in_features * m.out_features
+        nnz += active[name] * size if name in active else (m.nnz() if isinstance(m, kernels.SparseLayer) else size)
+        total += size
+    return nnz / max(total, 1)
+
+
+def density_text(model: nn.Module, names, sparsifier) -> str:
+    """"density D" - and, while DynaDiag carries candidates, what the stored density holds."""
+    stored, active = overall_density(model, names), active_density(model, names, sparsifier)
+    if abs(stored - active) < 1e-12:
+        return f"density {stored:.4f}"
+    return f"density {active:.4f} active (stored {stored:.4f}: active + candidate diagonals until the freeze)"
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float):
     """AdamW or SGD (Nesterov). Weight decay on linear weights and sparse values only - not on
     biases, norms, embeddings, tokens or DynaDiag's gate scores."""

@@ -34,7 +34,7 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
     if history["density"]:
         s, d = zip(*history["density"])
         axes[2].plot(s, d, color="C2")
-    axes[2].set(xlabel="step", ylabel="density of the sparse layers", ylim=(0, 1.05))
+    axes[2].set(xlabel="step", ylabel="stored density (DynaDiag: + candidates)", ylim=(0, 1.05))
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)

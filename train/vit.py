@@ -227,7 +227,7 @@ def train(cfg: Config, argv=None) -> int:
     print(f"train.vit: {what}, "
           f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name} ({data.channels}x{model_cfg.image_size}x"
           f"{model_cfg.image_size}, patch {model_cfg.patch_size}), {n_params:,} stored parameters, "
-          f"density {C.overall_density(model, names):.4f}, {device}, {cfg.steps} steps -> {out}")
+          f"{C.density_text(model, names, sparsifier)}, {device}, {cfg.steps} steps -> {out}")
     val_x, val_y = (data.val_x, data.val_y) if not cfg.eval_examples else (data.val_x[:cfg.eval_examples],
                                                                            data.val_y[:cfg.eval_examples])
     wall = time.perf_counter()
@@ -301,7 +301,8 @@ def train(cfg: Config, argv=None) -> int:
     summary = {
         "entry": "vit", "method": cfg.dst.method, "sparsity": cfg.dst.sparsity, "dataset": data.name,
         "test": {"accuracy": tacc, "loss": tloss}, "val": {"accuracy": vacc, "loss": vloss},
-        "density": {"overall": C.overall_density(model, names), "target": targets,
+        "density": {"overall": C.overall_density(model, names), "active": C.active_density(model, names, sparsifier),
+                    "target": targets,
                     "layers": C.layer_density_report(model, names),
                     "nnz": {n: m.nnz() for n, m in C.sparse_layers(model).items()},
                     "budget": dict(sparsifier.budgets)},

@@ -13,9 +13,9 @@ from .helpers import check_swap, entries, state_entries
 
 
 def _model(candidates=1.0, block_size=1, freeze_at=0.5, delta_t=2, alpha=0.5, in_f=48, out_f=64, density=0.25,
-           freeze_gate="fold"):
+           freeze_gate="fold", **cfg_kw):
     cfg = DSTConfig(method="dynadiag", delta_t=delta_t, alpha=alpha, candidates=candidates, block_size=block_size,
-                    freeze_at=freeze_at, drop_schedule="constant", freeze_gate=freeze_gate)
+                    freeze_at=freeze_at, drop_schedule="constant", freeze_gate=freeze_gate, **cfg_kw)
     layer = kernels.DiagLinear(in_f, out_f, density, block_size=block_size, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(layer)
     sparsifier = Sparsifier(model, cfg, 20)
@@ -160,12 +160,7 @@ def test_exact_grow_brings_the_diagonals_with_the_largest_gradient_norm(block_si
 
 @pytest.mark.parametrize("grow", ["uniform", "grabo", "graest"])
 def test_sampled_grow_takes_the_best_gradient_norms_of_a_sample_of_free_diagonals(grow):
-    cfg = DSTConfig(method="dynadiag", delta_t=2, alpha=0.5, freeze_at=0.5, drop_schedule="constant", grow=grow,
-                    gamma=0.75)
-    layer = kernels.DiagLinear(48, 64, 0.25, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(layer)
-    sparsifier = Sparsifier(model, cfg, 20)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    cfg, layer, model, sparsifier, opt = _model(grow=grow, gamma=0.75)
     for step in range(5):
         _train(model, sparsifier, opt, step)
         old = set(layer.offsets.tolist())
@@ -178,12 +173,7 @@ def test_sampled_grow_takes_the_best_gradient_norms_of_a_sample_of_free_diagonal
 
 @pytest.mark.parametrize("freeze_gate", ["fold", "ones"])
 def test_the_freeze_folds_the_gate_or_sets_it_to_one(freeze_gate):
-    cfg = DSTConfig(method="dynadiag", delta_t=2, alpha=0.5, freeze_at=0.25, drop_schedule="constant",
-                    freeze_gate=freeze_gate)
-    layer = kernels.DiagLinear(48, 64, 0.25, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(layer)
-    sparsifier = Sparsifier(model, cfg, 20)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    cfg, layer, model, sparsifier, opt = _model(freeze_at=0.25, freeze_gate=freeze_gate)
     for step in range(5):
         _train(model, sparsifier, opt, step)
         sparsifier.step(step, opt)

@@ -237,9 +237,9 @@ def test_disabled_context_gives_torchs_path_in_it_only(native_calls):
     assert_close_to_reference(y_native, ref, lowp, "native path")
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the AVX2 / x86-64 choice is made on x86-64 only")
 def test_the_build_uses_only_instructions_the_cpu_reports(monkeypatch):
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("the AVX2 / x86-64 choice is made on x86-64 only")
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx"})
     assert cpu.variant() == ("x86-64", ["-march=x86-64"])
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})

@@ -14,19 +14,17 @@ Writes to runs/bert/<method>-s<sparsity>-seed<seed>/ (or --out-dir) the same fil
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 
 # Only the standard library at import: --help and flag errors return before torch, the kernels
 # and the data load (the functions below import them when called).
-from .flags import DSTConfig, UsageError, check_common, parse_config, usage_exit
+from .flags import DSTConfig, Entry, UsageError, check_common, entry_main
 
-PROG = "python -m train.bert"
+ENTRY = Entry("bert", title="BERT", metric="masked-token accuracy", loss_label="MLM loss",
+              metric_label="masked accuracy")
 
 
 @dataclass
@@ -113,203 +111,60 @@ def check_flags(cfg: Config) -> None:
         raise UsageError(f"--vocab-size must be >= 31, got {cfg.vocab_size}")
 
 
-def setup(cfg: Config):
-    """Everything that can fail on bad input, before anything is written; every flag is
-    checked before the data loads."""
-    import torch
-
-    from dst import Sparsifier
+def model_config(cfg: Config):
+    """(Bert, its config from the preset and the flags)."""
     from models.bert import Bert, BertConfig
+    overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
+    return Bert, BertConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp, **overrides)
 
-    from . import common as C
+
+def load(cfg: Config, model_cfg):
+    """The corpus (tokenized, in blocks of --seq-len) and the model config at its vocabulary."""
+    from models.bert import Bert
+
     from .data import load_text
-    check_flags(cfg)
-    C.check_fused_mlp(cfg)
-    device = C.resolve_device(cfg.device)
-    amp_dtype = C.autocast_dtype(cfg.precision, device)
-    out = C.run_dir(cfg, "bert")
-    C.prepare_run_dir(out, cfg.resume, cfg.overwrite)
-    blob = C.load_checkpoint(out / "checkpoint.pt", "bert", cfg) if cfg.resume else None
-    try:
-        overrides = {k: getattr(cfg, k) for k in ("dim", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None}
-        model_cfg = BertConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp,
-                                      **overrides).validate()
-        C.check_block_size(Bert, model_cfg, cfg.dst)
-    except (ValueError, TypeError) as e:
-        raise C.UsageError(str(e)) from None
+    from .session import Built
     data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size, max_len=max(model_cfg.max_len, cfg.seq_len))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    C.seed_everything(cfg.seed)
-    try:
-        model_cfg.validate()
-        model, targets = C.build_sparse_model(Bert, model_cfg, cfg.dst, device, cfg.seed)
-        sparsifier = Sparsifier(model, cfg.dst, cfg.steps)
-    except ValueError as e:
-        raise C.UsageError(str(e)) from None
-    optimizer = C.make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
-    return device, amp_dtype, out, blob, model_cfg, data, model, targets, sparsifier, optimizer
+    return Built(Bert, model_cfg, data, about=f"{data.name} ({len(data.train)} train sequences of {cfg.seq_len}, "
+                                              f"vocab {data.vocab_size})")
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(Config, argv, prog=PROG)
-    try:
-        check_flags(cfg)
-    except UsageError as e:
-        return usage_exit(str(e), PROG)
-    return train(cfg, argv)
+    return entry_main(Config, argv, ENTRY, check_flags, train)
 
 
 def train(cfg: Config, argv=None) -> int:
-    """The run: setup, then one loop (lr, eval / checkpoint, forward / backward, clip, step,
-    mask update, log), then the final evaluation, summary.json and plots."""
+    """The run: ``session.start``, then the loop (masking, forward, backward, ``run.update``:
+    optimizer and mask step), then the final evaluation (``run.finish``: summary.json, plots)."""
     import torch
-    from tqdm import tqdm
 
-    from . import common as C
-    from . import distributed
+    from . import session
     from .data import mask_tokens
-    from .plots import plot_curves, plot_masks
-    ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
-    if ddp.active:
-        # Rank 0 owns the run folder; every other rank keeps its own copy of the checkpoint
-        # (identical state, so --resume works on every rank) in a subfolder, and no plots.
-        cfg = dataclasses.replace(cfg, device=f"cuda:{ddp.local_rank}" if cfg.device != "cpu" and torch.cuda.is_available() else cfg.device)
-        if not ddp.is_main:
-            cfg = dataclasses.replace(cfg, out_dir=str(C.run_dir(cfg, "bert") / f"rank{ddp.rank}"), plots=False, progress=False)
-    try:
-        device, amp_dtype, out, blob, model_cfg, data, model, targets, sparsifier, optimizer = setup(cfg)
-    except C.UsageError as e:
-        return C.usage_exit(str(e), PROG)
-    if blob is not None and blob["step"] >= cfg.steps and (out / "summary.json").exists():
-        # A finished run: its summary (step times, wall time) is not rewritten by a session that trains nothing.
-        print(f"train.bert: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
-        return 0
-    warnings = C.warn_schedule(cfg, PROG) if ddp.is_main else []
-    ddp.broadcast_model(model)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    names = list(targets)
-    history = {"train": [], "eval": [], "density": [], "metric": "masked-token accuracy", "window": [], "mask_updates": 0, "mask_seconds": 0.0, "times": []}
-    start = 0
-    if blob is not None:
-        sparsifier.load_state_dict(blob["sparsifier"])
-        C.load_model_state(model, blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        C.set_rng_state(blob["rng"])
-        start = blob["step"]
-        history = {"times": [], **{k: ([e for e in v if e[0] < start] if k in ("train", "eval", "density", "times")
-                                       else v) for k, v in blob["history"].items()}}
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = C.Metrics(out / "metrics.jsonl", keep_before=start)
-    ckpt = out / "checkpoint.pt"
-
-    def save(step):
-        C.save_checkpoint(ckpt, entry="bert", cfg=cfg, step=step, model=model, optimizer=optimizer,
-                          sparsifier=sparsifier, history=history)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    what = "dense" if cfg.dst.method == "dense" else f"{cfg.dst.method} at sparsity {cfg.dst.sparsity:g} ({cfg.dst.distribution})"
-    print(f"train.bert: {what}, "
-          f"{cfg.preset} {model_cfg.dim}x{model_cfg.depth} on {data.name} ({len(data.train)} train sequences of "
-          f"{cfg.seq_len}, vocab {data.vocab_size}), {n_params:,} stored parameters, "
-          f"{C.density_text(model, names, sparsifier)}, {device}, {cfg.steps} steps -> {out}")
+    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m: load(cfg, m))
+    cfg, model, data, sparsifier, optimizer = run.cfg, run.model, run.data, run.sparsifier, run.optimizer
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
-    wall = time.perf_counter()
-    eval_every = cfg.eval_every or max(1, cfg.steps // 10)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or None, dynamic_ncols=True,
-               desc=cfg.dst.method)
-    with C.StopSignal() as stop:
-        for step in range(start, cfg.steps):
-            if stop.signum is not None:
-                save(step)
-                bar.close()
-                print(f"train.bert: stopped by signal {stop.signum} at step {step}; checkpoint saved to {ckpt} "
-                      f"(continue with --resume)", file=sys.stderr)
-                return stop.exit_code
-            lr = C.lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if step > 0 and step % eval_every == 0:
-                vloss, vacc = evaluate(model, val, data, cfg, device, amp)
-                history["eval"].append((step, vloss, vacc))
-                metrics.write(step=step, split="val", loss=vloss, accuracy=vacc)
-                bar.write(f"step {step}: val MLM loss {vloss:.4f}, masked accuracy {100 * vacc:.2f}%")
-            if cfg.ckpt_every and step > start and step % cfg.ckpt_every == 0:
-                save(step)
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # masking: a function of (seed, step)
-            inputs, labels = mask_tokens(data.batch(step, cfg.batch_size, cfg.seed), data.special,
-                                         data.vocab_size, g, cfg.mask_prob)
-            inputs, labels = (t.to(device, non_blocking=True) for t in ddp.shard(inputs, labels))
-            optimizer.zero_grad(set_to_none=True)
-            with sparsifier.capture(step):  # records layer inputs / output grads on update steps
-                with amp():
-                    loss, logits, target = mlm_loss(model, inputs, labels)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    bar.close()
-                    print(f"train.bert: loss is {loss_value} at step {step}; stopping (last good checkpoint: "
-                          f"{ckpt if ckpt.exists() else 'none'})", file=sys.stderr)
-                    return 1
-                loss.backward()
-            ddp.all_reduce_grads(model)  # average over ranks (no-op in one process)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            stats = sparsifier.step(step, optimizer)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            history["times"].append((step, time.perf_counter() - t0))   # kept across --resume sessions
-            if stats is not None:
-                history["mask_updates"] += 1
-                history["mask_seconds"] += stats["seconds"]
-            history["window"].append(loss_value)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                train_loss = sum(history["window"]) / len(history["window"])
-                history["window"] = []
-                density = C.overall_density(model, names)
-                acc = (logits.argmax(-1) == target).float().mean().item()
-                history["train"].append((step, train_loss))
-                history["density"].append((step, density))
-                metrics.write(step=step, split="train", loss=train_loss, accuracy=acc, lr=lr, density=density,
-                              mask_updates=history["mask_updates"])
-                bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{acc:.3f}", density=f"{density:.3f}")
-            bar.update(1)
-    bar.close()
-    wall = time.perf_counter() - wall
-    vloss, vacc = evaluate(model, data.val, data, cfg, device, amp)
-    tloss, tacc = evaluate(model, data.test, data, cfg, device, amp)
-    history["eval"].append((cfg.steps, vloss, vacc))
-    metrics.write(step=cfg.steps, split="val", loss=vloss, accuracy=vacc)
-    metrics.write(step=cfg.steps, split="test", loss=tloss, accuracy=tacc)
-    metrics.close()
-    save(cfg.steps)
-    summary = {
-        "entry": "bert", "method": cfg.dst.method, "sparsity": cfg.dst.sparsity, "dataset": data.name,
-        "test": {"mlm_loss": tloss, "mlm_accuracy": tacc, "perplexity": math.exp(min(tloss, 50))},
-        "val": {"mlm_loss": vloss, "mlm_accuracy": vacc},
-        "density": {"overall": C.overall_density(model, names), "active": C.active_density(model, names, sparsifier),
-                    "target": targets,
-                    "layers": C.layer_density_report(model, names),
-                    "nnz": {n: m.nnz() for n, m in C.sparse_layers(model).items()},
-                    "budget": dict(sparsifier.budgets)},
-        "stored_parameters": sum(p.numel() for p in model.parameters()),
-        "step_time_ms": C.summarize_times([t for _, t in history["times"]]), "mask_updates": history["mask_updates"],
-        "mask_update_seconds": history["mask_seconds"], "wall_seconds_this_session": wall, "steps": cfg.steps,
-        "warnings": warnings, "resumed_from": start or None, "memory": C.peak_memory_mb(device), "device": str(device),
-        "torch": torch.__version__, "git": C.git_sha(), "command": " ".join([PROG] + list(sys.argv[1:] if argv is None else argv)),
-        "model": dataclasses.asdict(model_cfg), "config": C.config_to_dict(cfg),
-    }
-    C.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if cfg.plots:
-        title = f"BERT {cfg.preset} / {data.name} / {cfg.dst.method} sparsity {cfg.dst.sparsity:g}"
-        plot_curves(history, out / "curves.png", title)
-        plot_masks(C.sparse_layers(model), out / "masks.png", title)
-    print(f"train.bert: test MLM loss {tloss:.4f}, masked accuracy {100 * tacc:.2f}% | {cfg.dst.method} "
-          f"density {summary['density']['overall']:.4f} | {summary['step_time_ms']['median']:.1f} ms/step | "
-          f"{wall:.0f} s | {out}")
-    return 0
+    for step in run.steps(lambda: evaluate(model, val, data, cfg, run.device, run.amp)):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # masking: a function of (seed, step)
+        inputs, labels = mask_tokens(data.batch(step, cfg.batch_size, cfg.seed), data.special,
+                                     data.vocab_size, g, cfg.mask_prob)
+        inputs, labels = (t.to(run.device, non_blocking=True) for t in run.ddp.shard(inputs, labels))
+        optimizer.zero_grad(set_to_none=True)
+        with sparsifier.capture(step):  # records layer inputs / output grads on update steps
+            with run.amp():
+                loss, logits, target = mlm_loss(model, inputs, labels)
+            loss_value = loss.item()
+            if not run.finite(loss_value, step):
+                return 1
+            loss.backward()
+        run.update(step, loss_value, lambda: (logits.argmax(-1) == target).float().mean().item())
+    if run.exit_code is not None:
+        return run.exit_code
+    vloss, vacc = evaluate(model, data.val, data, cfg, run.device, run.amp)
+    tloss, tacc = evaluate(model, data.test, data, cfg, run.device, run.amp)
+    scores = {"test": {"mlm_loss": tloss, "mlm_accuracy": tacc, "perplexity": math.exp(min(tloss, 50))},
+              "val": {"mlm_loss": vloss, "mlm_accuracy": vacc}}
+    return run.finish((vloss, vacc), (tloss, tacc), scores, f"test MLM loss {tloss:.4f}, masked accuracy {100 * tacc:.2f}%")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import importlib.util
 import inspect
 import math
@@ -259,3 +260,44 @@ def check_common(cfg) -> None:
         raise UsageError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+
+
+# ----------------------------------------------------------------------------- the entry points
+
+class Exit(Exception):
+    """Leave the trainer with ``code`` (the message, if any, is printed already)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a trainer tells the session about itself."""
+    name: str                      # "vit": the run folder runs/<name>/..., the checkpoint's entry
+    title: str                     # "ViT": plot titles
+    metric: str                    # what the curves' second axis is: "accuracy"
+    loss_label: str = "loss"       # the validation line: "val <loss_label> L, <metric_label> A%"
+    metric_label: str = "val accuracy"
+
+    @property
+    def label(self) -> str:
+        return f"train.{self.name}"
+
+    @property
+    def prog(self) -> str:
+        return f"python -m {self.label}"
+
+
+def entry_main(config_class, argv, entry: Entry, check_flags: typing.Callable, train: typing.Callable) -> int:
+    """Parse and check every flag (standard library only), then ``train(cfg, argv)``."""
+    cfg = parse_config(config_class, argv, prog=entry.prog)
+    try:
+        check_flags(cfg)
+    except UsageError as e:
+        return usage_exit(str(e), entry.prog)
+    try:
+        return train(cfg, argv)   # train.session.start raises Exit
+    except Exit as e:
+        return e.code

@@ -1,0 +1,80 @@
+"""bench/static.py's traffic model: the glue it adds to an op's HBM bytes is the torch work
+around the kernels, never the project's custom ops' own inputs and outputs (which the model
+counts already as the op's activations and values). Run in a subprocess: the report compiles
+(TRITON_INTERPRET=0) while this test session runs the interpreter."""
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+_PROBE = r'''
+import json, torch, kernels
+from bench import sass, static
+
+kernels.set_checks(False)
+kernels.set_backend("triton")  # CPU tensors take the Triton launchers: captured, never run
+out = {}
+
+# 1. A diagonal forward has no torch work around its kernel once its pattern lists exist.
+layer = kernels.DiagLinear(64, 256, 0.25, block_size=16, bias=False)
+x = torch.empty(256, 64)
+with torch.no_grad(), sass.recording():
+    layer(x)  # builds (and caches) the tile lists
+glue = static.GlueBytes()
+with torch.no_grad(), sass.recording() as seen, glue:
+    layer(x)
+out["fwd"] = dict(bytes=glue.bytes, ops=glue.ops, launches=len(seen),
+                  op_io=(x.numel() + 256 * 256 + layer.values.numel()) * 4)
+
+# 2. Torch work inside a custom op's launcher is still glue: a probe op that copies its input
+# twice (cat) and returns a fresh tensor.
+@torch.library.custom_op("alwayssparse::_glue_probe", mutates_args=())
+def probe(a: torch.Tensor) -> torch.Tensor:
+    torch.cat([a, a])
+    return torch.empty_like(a)
+
+a = torch.empty(64, 64)
+glue = static.GlueBytes()
+with glue:
+    probe(a)
+out["probe"] = dict(bytes=glue.bytes, ops=glue.ops, names=glue.names, a=a.numel() * 4)
+
+# 3. The weight gradient's partial sums over token chunks (inside its launcher) are glue.
+op = [o for o in static.build_ops(["diag16"], ["fc1"], [50432], ["bfloat16"], torch.device("cpu"))
+      if o.product == "dw"][0]
+static.capture(op, execute=False)
+g = [t for t in op.launches[0].args if isinstance(t, torch.Tensor)][-1]  # the kernel's output
+out["dw"] = dict(bytes=op.glue_bytes, ops=op.glue_ops, error=op.error, partial=g.numel() * g.element_size(),
+                 partial_dims=g.dim(), values=op.nnz)
+print(json.dumps(out))
+'''
+
+
+def _run_probe(tmp_path) -> dict:
+    path = tmp_path / "glue_probe.py"
+    path.write_text(_PROBE)
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_glue_counts_the_torch_work_around_kernels_not_the_custom_ops_own_io(tmp_path):
+    out = _run_probe(tmp_path)
+    fwd = out["fwd"]
+    # The old count added the op's x + y + values (here 196 KB) to the HBM bytes a second time.
+    assert fwd["launches"] == 1 and fwd["op_io"] > 4096
+    assert fwd["bytes"] == 0 and fwd["ops"] == 0, fwd
+    # Inside a custom op the mode still sees the launcher's torch ops: cat reads a and writes
+    # 2a (3 passes of a), while the op's own input and output (2 passes) are not counted.
+    probe = out["probe"]
+    assert probe["names"] == {"cat": 1} and probe["bytes"] == 3 * probe["a"], probe
+    # The chunked weight gradient: the fp32 partials [chunks, K, D, b, b] are summed (read
+    # them, write fp32 [K, D, b, b]) and cast to bf16 (read fp32, write bf16).
+    dw = out["dw"]
+    assert not dw["error"] and dw["partial_dims"] == 5, dw
+    assert dw["bytes"] == dw["partial"] + 4 * dw["values"] + (4 + 2) * dw["values"], dw
+    assert dw["ops"] == 2, dw

@@ -1,34 +1,64 @@
-"""The DST methods, the layer format each runs on, and the one config every entry point turns
-into --flags."""
+"""The DST methods (the layer format each builds, the settings it reads, its paper's values) and
+the one config every entry point turns into --flags. Standard library only."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-METHODS = ("dense", "static", "set", "rigl", "srigl", "dynadiag", "gse")
-# The layer each method builds: "dense" -> nn.Linear, "sparse" -> kernels.SparseLinear,
-# "fanin" -> kernels.FanInLinear, "diag" -> kernels.DiagLinear.
-LAYER_FORMAT = {"dense": "dense", "static": "sparse", "set": "sparse", "rigl": "sparse", "gse": "sparse",
-                "srigl": "fanin", "dynadiag": "diag"}
 DISTRIBUTIONS = ("uniform", "erk", "er")
 DROP_SCHEDULES = ("cosine", "constant", "linear")
 GROW_MODES = ("exact", "uniform", "grabo", "graest")
 SCOPES = ("layer", "global")
 FREEZE_GATES = ("fold", "ones")
 
-# Each paper's own settings, for DSTConfig.for_method (DESIGN.md section 5). The dataclass
-# defaults are RigL's.
-PAPER_DEFAULTS = {
-    "dense": {},
-    "static": {"distribution": "erk"},
-    "set": {"alpha": 0.3, "drop_schedule": "constant"},
-    "rigl": {"delta_t": 100, "alpha": 0.3, "t_end": 0.75, "drop_schedule": "cosine", "distribution": "erk"},
-    "srigl": {"delta_t": 100, "alpha": 0.3, "t_end": 0.75, "drop_schedule": "cosine", "gamma_sal": 0.95,
-              "ablation": True},
-    "dynadiag": {"temp_start": 5.0, "temp_end": 0.05, "freeze_at": 0.3},
-    "gse": {"delta_t": 1000, "alpha": 0.2, "drop_schedule": "cosine", "distribution": "er", "grow": "uniform",
-            "gamma": 1.0},
+
+@dataclass(frozen=True)
+class Method:
+    """What the flags and the layer builder need to know of a method, with the standard library
+    only (train/flags.py reads it before torch loads); its behaviour is its Rule (dst/rules.py)."""
+    layer: str                     # the layer it builds: "dense" -> nn.Linear, "sparse" -> kernels.SparseLinear,
+                                   # "fanin" -> kernels.FanInLinear, "diag" -> kernels.DiagLinear
+    reads: tuple[str, ...] = ()    # the DSTConfig fields of its own (method, sparsity, distribution and seed
+                                   # are everyone's)
+    paper: dict = dataclasses.field(default_factory=dict)   # its paper's settings (DESIGN.md section 5); the
+                                                            # DSTConfig defaults are RigL's
+
+
+_UPDATES = ("delta_t", "alpha", "drop_schedule")
+_UNTIL_T_END = _UPDATES + ("t_end",)
+_GRADIENT_GROWTH = ("grow", "gamma")
+METHOD_SPECS = {
+    "dense": Method("dense"),
+    "static": Method("sparse", paper={"distribution": "erk"}),
+    "set": Method("sparse", _UNTIL_T_END, {"alpha": 0.3, "drop_schedule": "constant"}),
+    "rigl": Method("sparse", _UNTIL_T_END + _GRADIENT_GROWTH + ("scope",),
+                   {"delta_t": 100, "alpha": 0.3, "t_end": 0.75, "drop_schedule": "cosine", "distribution": "erk"}),
+    "srigl": Method("fanin", _UNTIL_T_END + _GRADIENT_GROWTH + ("gamma_sal", "ablation"),
+                    {"delta_t": 100, "alpha": 0.3, "t_end": 0.75, "drop_schedule": "cosine", "gamma_sal": 0.95,
+                     "ablation": True}),
+    # DynaDiag stops updating at its freeze (freeze_at), not at t_end.
+    "dynadiag": Method("diag", _UPDATES + _GRADIENT_GROWTH + ("block_size", "temp_start", "temp_end", "freeze_at",
+                                                               "freeze_gate", "candidates"),
+                       {"temp_start": 5.0, "temp_end": 0.05, "freeze_at": 0.3}),
+    "gse": Method("sparse", _UNTIL_T_END + _GRADIENT_GROWTH + ("scope",),
+                  {"delta_t": 1000, "alpha": 0.2, "drop_schedule": "cosine", "distribution": "er", "grow": "uniform",
+                   "gamma": 1.0}),
 }
+METHODS = tuple(METHOD_SPECS)
+LAYER_FORMAT = {m: spec.layer for m, spec in METHOD_SPECS.items()}
+PAPER_DEFAULTS = {m: spec.paper for m, spec in METHOD_SPECS.items()}
+
+
+def methods_reading(field: str) -> tuple[str, ...]:
+    """The methods that read DSTConfig field ``field`` (every method for a field no method
+    claims as its own: method, sparsity, distribution, seed)."""
+    own = tuple(m for m, spec in METHOD_SPECS.items() if field in spec.reads)
+    return own or METHODS
+
+
+def is_dense(method: str) -> bool:
+    """Whether ``method`` trains dense nn.Linear layers (no sparse layer, no mask)."""
+    return METHOD_SPECS[method].layer == "dense"
 
 
 def check_choice(field: str, value, choices) -> None:

@@ -27,10 +27,9 @@ from torch import nn
 from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear
 
 from .config import DSTConfig
-from .dynadiag import freeze, init_dynadiag, set_temperature
 from .layers import check_layer_format
 from .rules import rule_for
-from .schedules import cosine_anneal, drop_fraction, is_update_step
+from .schedules import drop_fraction
 from .scores import UpdateContext
 
 PATTERN_BUFFERS = {SparseLinear: ("rows", "cols"), FanInLinear: ("indices", "rows"), DiagLinear: ("offsets",)}
@@ -63,38 +62,30 @@ class Sparsifier:
         self.layers: dict[str, SparseLayer] = {
             name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
         for name, layer in self.layers.items():
-            check_layer_format(cfg.method, name, layer, self.rule.formats)
+            check_layer_format(cfg.method, name, layer, self.rule.formats(cfg.method))
         unknown = sorted(set(heads) - set(self.layers))
         if unknown:
             raise ValueError(f"heads {unknown} are not sparse layers of the model; sparse layers: {sorted(self.layers)}")
         self.heads = frozenset(heads)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.update_end = cfg.t_end * total_steps
-        self.freeze_step = round(cfg.freeze_at * total_steps)
+        self.update_end = self.rule.horizon(cfg, total_steps)   # updates stop here (DynaDiag: its freeze)
         self.frozen = False
         self.budgets = {name: layer.nnz() for name, layer in self.layers.items()}
         self.k_targets: dict[str, int] = {}
         self._records: dict[str, list] = {}
-        if cfg.method == "dynadiag":
-            for name, layer in self.layers.items():
-                self.k_targets[name] = init_dynadiag(layer, cfg.candidates, cfg.temp_start, self.generator)
+        self.rule.start(self)
 
+    @property
+    def freeze_step(self) -> float:
+        """DynaDiag's freeze step (its update horizon)."""
+        return self.update_end
 
     def update_due(self, step: int) -> bool:
         """Whether ``step(step, ...)`` changes masks (DynaDiag: resamples or freezes)."""
-        if self.cfg.method == "dynadiag":
-            return not self.frozen and (step >= self.freeze_step
-                                        or is_update_step(step, self.cfg.delta_t, self.freeze_step))
-        if self.rule.update is None or not self.layers:
-            return False
-        return is_update_step(step, self.cfg.delta_t, self.update_end)
+        return self.rule.update_due(self, step)
 
     def drop_fraction(self, step: int) -> float:
-        horizon = self.freeze_step if self.cfg.method == "dynadiag" else self.update_end
-        return drop_fraction(step, self.cfg.alpha, horizon, self.cfg.drop_schedule)
-
-    def temperature(self, step: int) -> float:
-        return cosine_anneal(step, self.cfg.temp_start, self.cfg.temp_end, self.freeze_step)
+        return drop_fraction(step, self.cfg.alpha, self.update_end, self.cfg.drop_schedule)
 
 
     @contextlib.contextmanager
@@ -104,8 +95,7 @@ class Sparsifier:
         otherwise). Several forwards (gradient accumulation) are concatenated along tokens.
         x shares the storage autograd saves anyway; dy ([T, out] per layer) is the extra
         memory, held until ``step``."""
-        freezing = self.cfg.method == "dynadiag" and step >= self.freeze_step  # the freeze needs no gradient
-        if not (self.rule.needs_gradient and self.update_due(step)) or freezing:
+        if not self.rule.captures(self, step):
             yield
             return
         handles = [layer.register_forward_hook(self._recorder(name)) for name, layer in self.layers.items()]
@@ -148,24 +138,9 @@ class Sparsifier:
         finally:
             self._records.clear()
 
-    def _check_optimizer(self, optimizer) -> None:
-        """DynaDiag's gate scores are Parameters the Sparsifier creates: an optimizer built
-        before it would leave them untrained, silently."""
-        if optimizer is None or self.cfg.method != "dynadiag" or self.frozen:
-            return
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, layer in self.layers.items() if layer.scores is not None and id(layer.scores) not in held]
-        if missing:
-            raise ValueError(f"the optimizer does not hold the DynaDiag gate scores of {missing}: build it after "
-                             "dst.Sparsifier(model, ...), which adds them, e.g. "
-                             "optimizer = torch.optim.AdamW(model.parameters())")
-
     def _step(self, step, optimizer):
         cfg = self.cfg
-        self._check_optimizer(optimizer)
-        if cfg.method == "dynadiag" and not self.frozen:
-            for layer in self.layers.values():
-                set_temperature(layer, self.temperature(step))
+        self.rule.every_step(self, step, optimizer)
         if not self.update_due(step):
             return None
         start = time.perf_counter()
@@ -173,11 +148,7 @@ class Sparsifier:
         ctx = UpdateContext(cfg=cfg, optimizer=optimizer, drop_fraction=frac, generator=self.generator,
                             captures=self.captured() if self.rule.needs_gradient else {},
                             budgets=self.budgets, heads=self.heads)
-        if cfg.method == "dynadiag" and step >= self.freeze_step:
-            layers = {name: freeze(layer, ctx) for name, layer in self.layers.items()}
-            self.frozen = True
-        else:
-            layers = self.rule.update(self.rule, self.layers, ctx)
+        layers = self.rule.run(self, step, ctx)
         return {"step": step, "drop_fraction": frac, "seconds": time.perf_counter() - start, "layers": layers}
 
 
@@ -190,12 +161,7 @@ class Sparsifier:
         """Weights that count toward the target / (out * in) of every sparse layer: DynaDiag's
         K active diagonals without the candidates it carries until the freeze; the stored
         density for every other method."""
-        out = {}
-        for name, layer in self.layers.items():
-            k = self.k_targets.get(name)
-            stored = layer.density()
-            out[name] = stored * k / layer.num_diagonals if k is not None and not self.frozen else stored
-        return out
+        return {name: self.rule.active_density(self, name, layer) for name, layer in self.layers.items()}
 
     def state_dict(self) -> dict:
         layers = {}

@@ -24,10 +24,11 @@ from torch import nn
 
 import dst
 import kernels
-from dst import DSTConfig, layer_densities, make_layer
+from dst import LAYER_FORMAT, DSTConfig, layer_densities, make_layer
+from dst.config import is_dense
 from models.transformer import sparse_layer_shapes
 
-from .flags import (DST_FIELD_METHODS, UsageError, check_common, dst_methods_of, field_comments,  # noqa: F401
+from .flags import (UsageError, check_common, dst_methods_of, field_comments,  # noqa: F401
                     ignored_dst_flags, parse_config, usage_exit)
 
 # train/flags.py may have loaded dst/config.py before the package: bind it as dst.config.
@@ -78,7 +79,7 @@ def check_block_size(build, model_cfg, dst_cfg: DSTConfig) -> dict:
     """UsageError unless DynaDiag's --block-size divides every sparse layer's width; returns
     the sparse layers' shapes {name: (out, in)}."""
     shapes = sparse_layer_shapes(build, model_cfg)
-    if dst_cfg.method == "dynadiag":
+    if LAYER_FORMAT[dst_cfg.method] == "diag":
         b = dst_cfg.block_size
         for name, (out_f, in_f) in shapes.items():
             if out_f % b or in_f % b:
@@ -93,7 +94,7 @@ def build_sparse_model(build, model_cfg, dst_cfg: DSTConfig, device: torch.devic
     ``device`` - no dense weight is ever allocated for a sparse layer. Returns
     (model, {name: target density})."""
     shapes = check_block_size(build, model_cfg, dst_cfg)
-    if dst_cfg.method == "dense":
+    if is_dense(dst_cfg.method):
         densities = {name: 1.0 for name in shapes}
     else:
         densities = layer_densities(shapes, dst_cfg.sparsity, dst_cfg.distribution)
@@ -186,25 +187,13 @@ def schedule_warnings(cfg) -> list[str]:
     """What the run's flags make silently useless: a warm-up that never reaches the peak lr,
     DST settings under which no mask ever changes (delta_t past the update horizon), so that
     a short run (``--steps 30`` with the defaults) says so instead of training a static mask."""
-    from dst.schedules import is_update_step
     out = []
     if cfg.warmup > cfg.steps:   # lr_at: the last step's lr is lr * steps / warmup
         out.append(f"--warmup {cfg.warmup} > --steps {cfg.steps}: the learning rate never reaches --lr "
                    f"{cfg.lr:g} (it peaks at {cfg.lr * cfg.steps / cfg.warmup:.3g}); lower --warmup")
-    d = cfg.dst
-    if d.method == "dynadiag":
-        freeze = round(d.freeze_at * cfg.steps)
-        if not any(is_update_step(s, d.delta_t, freeze) for s in range(cfg.steps)):
-            out.append(f"no DynaDiag resampling before the freeze at step {freeze} (--freeze-at {d.freeze_at:g} x "
-                       f"--steps {cfg.steps}) with --delta-t {d.delta_t}: the diagonals are chosen once, at the "
-                       f"freeze; pass --delta-t below {max(freeze, 2)}")
-    elif d.method in ("set", "rigl", "srigl", "gse"):
-        horizon = d.t_end * cfg.steps
-        updates = sum(is_update_step(s, d.delta_t, horizon) for s in range(cfg.steps))
-        if updates == 0:
-            out.append(f"no mask update will happen: --delta-t {d.delta_t} is not below the update horizon "
-                       f"--t-end {d.t_end:g} x --steps {cfg.steps} = {horizon:g} steps, so {d.method} trains a "
-                       f"static mask; pass --delta-t below {max(math.ceil(horizon), 2)}")
+    note = dst.rule_for(cfg.dst.method).schedule_warning(cfg.dst, cfg.steps, cfg.dst.method)
+    if note:
+        out.append(note)
     return out
 
 
@@ -223,7 +212,7 @@ def check_fused_mlp(cfg) -> None:
     if not cfg.fused_mlp:
         return
     min_block = kernels.fused.MIN_BLOCK_SIZE
-    if cfg.dst.method != "dynadiag":
+    if LAYER_FORMAT[cfg.dst.method] != "diag":
         raise UsageError(f"--fused-mlp needs --method dynadiag (block-diagonal layers), got --method {cfg.dst.method}")
     if cfg.dst.block_size < min_block:
         raise UsageError(f"--fused-mlp needs --block-size >= {min_block} (the fused kernel multiplies b x b "
@@ -239,7 +228,7 @@ def run_dir(cfg, entry: str) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
     d = cfg.dst
-    tag = "dense" if d.method == "dense" else f"{d.method}-s{d.sparsity:g}"
+    tag = d.method if is_dense(d.method) else f"{d.method}-s{d.sparsity:g}"
     return REPO / "runs" / entry / f"{tag}-seed{cfg.seed}"
 
 

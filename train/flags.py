@@ -48,6 +48,7 @@ _dst_config = _load_dst_config()
 DSTConfig = _dst_config.DSTConfig
 METHODS = _dst_config.METHODS
 PAPER_DEFAULTS = _dst_config.PAPER_DEFAULTS
+is_dense = _dst_config.is_dense
 
 # Accepted values of the string flags of the entry points, checked with the flags.
 OPTIMIZERS = ("adamw", "sgd")
@@ -65,24 +66,9 @@ def usage_exit(message: str, prog: str) -> int:
 
 # ----------------------------------------------------------------------------- which method reads what
 
-# The methods that read each DST field (from dst/: the rules and the Sparsifier's schedule), for
-# --help and for the warning on a flag the method ignores. A field not listed (a new one) is
-# taken as read by every method.
-_UPDATING = ("set", "rigl", "srigl", "gse", "dynadiag")
-_GRADIENT_GROWTH = ("rigl", "srigl", "gse", "dynadiag")
-DST_FIELD_METHODS = {
-    "delta_t": _UPDATING, "alpha": _UPDATING, "drop_schedule": _UPDATING,
-    "t_end": ("set", "rigl", "srigl", "gse"),   # dynadiag stops at its freeze (freeze_at)
-    "grow": _GRADIENT_GROWTH, "gamma": _GRADIENT_GROWTH, "scope": ("rigl", "gse"),
-    "gamma_sal": ("srigl",), "ablation": ("srigl",),
-    "block_size": ("dynadiag",), "temp_start": ("dynadiag",), "temp_end": ("dynadiag",),
-    "freeze_at": ("dynadiag",), "freeze_gate": ("dynadiag",), "candidates": ("dynadiag",),
-}
-
-
 def dst_methods_of(field: str) -> tuple[str, ...]:
-    """The methods that read DSTConfig field ``field``."""
-    return DST_FIELD_METHODS.get(field, METHODS)
+    """The methods that read DSTConfig field ``field`` (dst.config.METHOD_SPECS)."""
+    return _dst_config.methods_reading(field)
 
 
 def ignored_dst_flags(method: str, given) -> list[str]:

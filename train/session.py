@@ -266,7 +266,7 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
               optimizer=optimizer, history=history, start=first,
               metrics=C.Metrics(out / "metrics.jsonl", keep_before=first), warnings=warnings)
     d = cfg.dst
-    what = "dense" if d.method == "dense" else f"{d.method} at sparsity {d.sparsity:g} ({d.distribution})"
+    what = d.method if C.is_dense(d.method) else f"{d.method} at sparsity {d.sparsity:g} ({d.distribution})"
     mc = built.model_config
     print(f"{entry.label}: {what}, {cfg.preset} {mc.dim}x{mc.depth} on {built.about}, "
           f"{sum(p.numel() for p in model.parameters()):,} stored parameters, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dst import METHODS, DSTConfig
 
-from .flags import dst_methods_of
+from .flags import dst_methods_of, is_dense
 
 METRICS = {"vit": [("test accuracy %", lambda s: 100 * s["test"]["accuracy"])],
            "bert": [("test MLM loss", lambda s: s["test"]["mlm_loss"]),
@@ -60,7 +60,7 @@ def collect(folders: list[Path]) -> dict:
     groups = defaultdict(list)
     for s, ch in zip(runs, changed):
         variant = " ".join(sorted(ch - common))
-        groups[(s["entry"], s["method"], 0.0 if s["method"] == "dense" else s["sparsity"], variant)].append(s)
+        groups[(s["entry"], s["method"], 0.0 if is_dense(s["method"]) else s["sparsity"], variant)].append(s)
     return groups
 
 

@@ -41,7 +41,7 @@ def test_help_groups_flags_by_section_with_each_methods_default(capsys):
         "options", "data", "model", "optimisation", "DST", "evaluation, logging, checkpoints", "run"], headers
     flat = " ".join(text.split())
     assert text.startswith("usage: p [--method {dense,static,set,rigl,srigl,dynadiag,gse}]")
-    assert "[set, rigl, srigl, gse, dynadiag] (default: 100; gse: 1000)" in flat        # --delta-t
+    assert "[set, rigl, srigl, dynadiag, gse] (default: 100; gse: 1000)" in flat        # --delta-t, METHODS order
     assert "(default: uniform; static, rigl: erk; gse: er)" in flat                     # --distribution
     assert "[srigl] (default: 0.95)" in flat                                            # --gamma-sal
 

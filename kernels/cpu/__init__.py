@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 2
+ABI = 3
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -126,6 +126,11 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         getattr(so, f).restype = ctypes.c_int
     so.bsr_mv.argtypes = [i64, i64, i64, p, p, p, p, p, p]
     so.bsr_mv.restype = None
+    so.pack_tokens.argtypes = [i64, i64, p, i64, i64, i64, p]
+    so.unpack_tokens.argtypes = [i64, i64, i64, i64, i64, p, p, i64]
+    so.sddmm_tiles.argtypes = [i64] * 5 + [p] * 5
+    for f in ("pack_tokens", "unpack_tokens", "sddmm_tiles"):
+        getattr(so, f).restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -286,16 +291,83 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")
     # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one
     # contiguous tw-wide row that stays in L2 (3072 x 32 x 4 B = 384 KB) for the whole tile.
+    # The library packs x and unpacks y itself: torch's permute copies of these layouts cost
+    # as much as the product (Linear 768 -> 3072 at 90%, T = 197: 2.6 of 6.1 ms).
     tw = 32 if T > 32 else max(8, -(-T // 8) * 8)
     tiles = -(-T // tw)
-    xp = torch.nn.functional.pad(x, (0, 0, 0, tiles * tw - T)) if tiles * tw != T else x
-    xt = xp.reshape(tiles, tw, w.n_in).transpose(1, 2).contiguous()
+    xt = torch.empty(tiles, w.n_in, tw, dtype=torch.float32)
+    so.pack_tokens(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
     yt = torch.empty(tiles, w.n_out, tw, dtype=torch.float32)
+    y = torch.empty(T, w.n_out, dtype=torch.float32)
     fn = so.csr_mm_i16 if w.index == 16 else so.csr_mm_i32
 
     def run(r0, r1):
         if fn(r0, r1, w.n_in, w.n_out, tiles, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
               yt.data_ptr()):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
+        so.unpack_tokens(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
     _split(w.n_rows, fmas, run)
-    return yt.transpose(1, 2).reshape(tiles * tw, w.n_out)[:T].contiguous()
+    return y
+
+
+# ------------------------------------------------------------------ training-step products
+# The layers' CPU training path (forward, input gradient, weight gradient) funnels into two
+# functions: kernels.sparse.csr_matmul (W @ dense_t for a CSR W: the forward and, with W^T's
+# CSR, the input gradient of every format) and the element SDDMM of kernels.sddmm (the weight
+# gradient at the stored elements). The two below compute the same with this library and
+# return None where they do not apply, so a caller keeps torch's path then:
+#     y = kernels.cpu.csr_matmul(crow, col, values, n_rows, n_cols, dense_t)
+#     if y is None: ... torch's path ...
+
+
+def _native_operands(*tensors: torch.Tensor) -> bool:
+    """fp32 / int32 CPU tensors with real storage (not traced, not fake), and the library on."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.device.type != "cpu":
+            return False
+    return lib() is not None
+
+
+def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_rows: int, n_cols: int,
+               dense_t: torch.Tensor) -> torch.Tensor | None:
+    """W @ dense_t for W [n_rows, n_cols] in CSR (crow [n_rows + 1] and col [nnz] int32, as
+    coords.csr_structure makes them: every column in [0, n_cols), unchecked here; values [nnz]
+    fp32) and dense_t [n_cols, T] fp32 (any strides; typically x.t()) -> [n_rows, T] fp32 (the
+    transpose of a contiguous [T, n_rows], so ``.t().contiguous()`` is free). None where the
+    library does not apply (another dtype, int64 indices, not on CPU, tracing, library off)."""
+    if (values.dtype != torch.float32 or dense_t.dtype != torch.float32 or crow.dtype != torch.int32
+            or col.dtype != torch.int32 or dense_t.dim() != 2 or dense_t.shape[0] != n_cols
+            or crow.numel() != n_rows + 1 or col.numel() != values.numel() or dense_t.shape[1] == 0
+            or not _native_operands(crow, col, values, dense_t)):
+        return None
+    w = NativeWeight("csr", n_rows, n_cols, crow.contiguous(), col.contiguous(), values.reshape(-1).contiguous())
+    return matmul(w, dense_t.t(), None).t()
+
+
+def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32, rows / cols
+    [n] int32 in range (unchecked here) -> g [n] fp32. Fastest with the coordinates in row
+    order (each dy row is then read once per row of weights). None where the library does not
+    apply (as csr_matmul)."""
+    if (dy.dtype != torch.float32 or x.dtype != torch.float32 or rows.dtype != torch.int32
+            or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
+            or rows.shape != cols.shape or not _native_operands(dy, x, rows, cols)):
+        return None
+    so = _state["lib"]
+    n, T = rows.numel(), dy.shape[0]
+    g = torch.empty(n, dtype=torch.float32)
+    if n == 0 or T == 0:
+        return g.zero_()
+    # token tiles of 32 (pack_tokens): one tile of x stays in L2 while every weight reads its
+    # row, and each weight's gradient is a dot of two contiguous 32-float rows per tile
+    tiles = -(-T // 32)
+    dyt = torch.empty(tiles, dy.shape[1], 32, dtype=torch.float32)
+    xt = torch.empty(tiles, x.shape[1], 32, dtype=torch.float32)
+    so.pack_tokens(T, dy.shape[1], dy.data_ptr(), dy.stride(0), dy.stride(1), 32, dyt.data_ptr())
+    so.pack_tokens(T, x.shape[1], x.data_ptr(), x.stride(0), x.stride(1), 32, xt.data_ptr())
+    rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
+    ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
+    _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, dy.shape[1], x.shape[1], *ptrs))
+    return g

@@ -19,14 +19,16 @@
 
 typedef float f8 __attribute__((vector_size(32), aligned(4)));  /* unaligned 8 x fp32 */
 
-int sparse_cpu_abi(void) { return 2; }
+int sparse_cpu_abi(void) { return 3; }
 
 /* One token, CSR: a gather-bound loop (3 loads per stored weight). With AVX2, eight gathered
    x values are packed into one vector for one FMA with eight contiguous values (in a C timing
    loop on the loaded 2-core EPYC, Linear 3072 -> 768 at 90%: 5-25% less CPU time than four
    scalar sums, which this file uses without AVX2; AVX2's vgatherdps took 10-20% more). */
-#ifdef __AVX2__
+#ifdef __AVX__
 #include <immintrin.h>
+#endif
+#ifdef __AVX2__
 #define CSR_MV_BODY                                                                           \
         __m256 acc = _mm256_setzero_ps();                                                     \
         for (; j + 8 <= end; j += 8) {                                                        \
@@ -198,5 +200,124 @@ void bsr_mv(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,
     case 32: bsr_mv_vec(rb0, rb1, 32, crow, bcols, blocks, x, bias, y); break;
     case 64: bsr_mv_vec(rb0, rb1, 64, crow, bcols, blocks, x, bias, y); break;
     default: bsr_mv_any(rb0, rb1, b, crow, bcols, blocks, x, bias, y);
+    }
+}
+
+/* Token tiles (the layout of csr_mm_*): x [T, n] at element strides (st, sc) -> xt [n_tiles, n,
+   TW], tokens past T zero; unpack_tokens writes the columns [r0, r1) of y [T, n] (row stride
+   ld) back from yt [n_tiles, n, TW]. With AVX in 8 x 8 transposes in registers (torch's permute
+   copies of these layouts took as long as the product at T = 197; plain loops ~1.5 ns per
+   element), else element by element. */
+#ifdef __AVX__
+static inline void transpose8(__m256 *r) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+void pack_tokens(int64_t T, int64_t n, const float *restrict x, int64_t st, int64_t sc, int64_t tw,
+                 float *restrict xt) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        float *d = xt + t * n * tw;
+        int64_t c0 = 0;
+#ifdef __AVX__
+        if (sc == 1 && tw % 8 == 0) {
+            for (; c0 + 8 <= n; c0 += 8)
+                for (int64_t j0 = 0; j0 < tw; j0 += 8) {
+                    __m256 r[8];
+                    for (int m = 0; m < 8; ++m) {
+                        const int64_t tok = t * tw + j0 + m;
+                        r[m] = tok < T ? _mm256_loadu_ps(x + tok * st + c0) : _mm256_setzero_ps();
+                    }
+                    transpose8(r);
+                    for (int m = 0; m < 8; ++m) _mm256_storeu_ps(d + (c0 + m) * tw + j0, r[m]);
+                }
+        }
+#endif
+        for (int64_t c = c0; c < n; ++c)
+            for (int64_t j = 0; j < tw; ++j) {
+                const int64_t tok = t * tw + j;
+                d[c * tw + j] = tok < T ? x[tok * st + c * sc] : 0.f;
+            }
+    }
+}
+
+void unpack_tokens(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t tw, const float *restrict yt,
+                   float *restrict y, int64_t ld) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const float *s = yt + t * n * tw;
+        const int64_t valid = T - t * tw < tw ? T - t * tw : tw;
+        int64_t c0 = r0;
+#ifdef __AVX__
+        if (tw % 8 == 0) {
+            for (; c0 + 8 <= r1; c0 += 8)
+                for (int64_t j0 = 0; j0 < valid; j0 += 8) {
+                    __m256 r[8];
+                    for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c0 + m) * tw + j0);
+                    transpose8(r);
+                    for (int m = 0; m < 8 && j0 + m < valid; ++m) _mm256_storeu_ps(y + (t * tw + j0 + m) * ld + c0, r[m]);
+                }
+        }
+#endif
+        for (int64_t c = c0; c < r1; ++c)
+            for (int64_t j = 0; j < valid; ++j) y[(t * tw + j) * ld + c] = s[c * tw + j];
+    }
+}
+
+/* g[0:8] += the eight sums of the eight vectors v[0:8]. */
+static inline void add_hsum8(const f8 *v, float *restrict g) {
+#ifdef __AVX__
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps((__m256)v[0], (__m256)v[1]), _mm256_hadd_ps((__m256)v[2], (__m256)v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps((__m256)v[4], (__m256)v[5]), _mm256_hadd_ps((__m256)v[6], (__m256)v[7]));
+    const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    _mm256_storeu_ps(g, _mm256_add_ps(_mm256_loadu_ps(g), s));
+#else
+    for (int k = 0; k < 8; ++k)
+        g[k] += ((v[k][0] + v[k][1]) + (v[k][2] + v[k][3])) + ((v[k][4] + v[k][5]) + (v[k][6] + v[k][7]));
+#endif
+}
+
+/* Weight gradient at the stored elements (an SDDMM): g[i] = sum_t dy[t, rows[i]] x[t, cols[i]]
+   for i in [i0, i1), dy and x in token tiles (pack_tokens: dyt [n_tiles, M, TW], xt [n_tiles,
+   N, TW]), TW = 32. Tile by tile (one tile of x, N x 128 B, stays in L2 while every weight
+   reads its row), eight weights at a time: eight independent chains of TW / 8 FMAs, whose
+   eight sums are reduced together (add_hsum8) and added to g. */
+void sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,
+                 const int32_t *restrict rows, const int32_t *restrict cols,
+                 const float *restrict dyt, const float *restrict xt, float *restrict g) {
+    enum { TW = 32, U = TW / 8 };
+    for (int64_t i = i0; i < i1; ++i) g[i] = 0.f;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        const float *dys = dyt + t * M * TW, *xs = xt + t * N * TW;
+        int64_t i = i0;
+        for (; i + 8 <= i1; i += 8) {
+            f8 s[8];
+            for (int k = 0; k < 8; ++k) {
+                const f8 *a = (const f8 *)(dys + (int64_t)rows[i + k] * TW);
+                const f8 *b = (const f8 *)(xs + (int64_t)cols[i + k] * TW);
+                s[k] = a[0] * b[0];
+                for (int u = 1; u < U; ++u) s[k] += a[u] * b[u];
+            }
+            add_hsum8(s, g + i);
+        }
+        for (; i < i1; ++i) {
+            const f8 *a = (const f8 *)(dys + (int64_t)rows[i] * TW);
+            const f8 *b = (const f8 *)(xs + (int64_t)cols[i] * TW);
+            f8 v = a[0] * b[0];
+            for (int u = 1; u < U; ++u) v += a[u] * b[u];
+            g[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        }
     }
 }

@@ -66,6 +66,19 @@ def assert_close_to_reference(y, ref, lowp, name):
     assert err <= bound, f"{name}: max error {err:.3e} > allowed {bound:.3e}"
 
 
+def check_layers(names, tokens, seed, what):
+    """Each named layer (fresh, seeded) at each token count against the fp64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    for name in names:
+        layer = LAYERS[name](g, True)
+        for t in tokens:
+            x = torch.randn(t, layer.in_features, generator=g)
+            with torch.no_grad():
+                y = layer(x)
+            ref, lowp = reference(layer, x)
+            assert_close_to_reference(y, ref, lowp, f"{name}, T={t}, {what}")
+
+
 @pytest.fixture
 def native_calls(monkeypatch):
     """Counts the calls into kernels.cpu.matmul (the layers look it up at each call)."""
@@ -147,22 +160,8 @@ def test_the_native_copy_follows_value_and_pattern_changes(name, tokens, native_
 
 
 @needs_library
-def test_rows_split_over_threads_give_the_same_result(monkeypatch):
-    g = torch.Generator().manual_seed(14)
-    previous = torch.get_num_threads()
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_FMAS", 0)
-    try:
-        torch.set_num_threads(2)
-        for name in ("fan-in ablated", "diag b=16 tall", "diag b=12"):
-            layer = LAYERS[name](g, True)
-            for tokens in (1, 40):
-                x = torch.randn(tokens, layer.in_features, generator=g)
-                with torch.no_grad():
-                    y = layer(x)
-                ref, lowp = reference(layer, x)
-                assert_close_to_reference(y, ref, lowp, f"{name}, 2 threads, T={tokens}")
-    finally:
-        torch.set_num_threads(previous)
+def test_rows_split_over_threads_give_the_same_result(monkeypatch, two_threads):
+    check_layers(("fan-in ablated", "diag b=16 tall", "diag b=12"), (1, 40), 14, "2 threads")
 
 
 @needs_library
@@ -174,6 +173,16 @@ def test_fp64_takes_the_mkl_path_not_the_native_one(native_calls):
         y = layer(x)
     assert not native_calls
     torch.testing.assert_close(y, x @ layer.to_dense().t() + layer.bias, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """torch at 2 threads, and every product split over them however small."""
+    previous = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_FMAS", 0)
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -190,15 +199,7 @@ def answers_through_torch(monkeypatch):
     """A fan-in, a b = 16 and an unstructured layer answer correctly at 1 and 6 tokens, with
     the native product refused."""
     monkeypatch.setattr(cpu, "matmul", lambda *a: pytest.fail("the native product ran"))
-    g = torch.Generator().manual_seed(16)
-    for name in ("fan-in ablated", "diag b=16 wide", "unstructured"):
-        layer = LAYERS[name](g, True)
-        for tokens in (1, 6):
-            x = torch.randn(tokens, layer.in_features, generator=g)
-            with torch.no_grad():
-                y = layer(x)
-            ref, lowp = reference(layer, x)
-            assert_close_to_reference(y, ref, lowp, f"{name} through torch")
+    check_layers(("fan-in ablated", "diag b=16 wide", "unstructured"), (1, 6), 16, "through torch")
 
 
 def test_without_a_compiler_the_layers_use_torchs_path(monkeypatch, fresh_library):
@@ -252,15 +253,9 @@ def test_the_baseline_x86_64_build_gives_the_same_products(monkeypatch, fresh_li
     monkeypatch.setattr(cpu, "variant", lambda: ("x86-64", ["-march=x86-64"]))
     assert cpu.lib() is not None, cpu.error()
     assert "x86-64" in cpu.lib()._name
-    g = torch.Generator().manual_seed(18)
-    for name in ("fan-in ablated", "diag b=16 tall", "diag b=12", "unstructured 70000 wide"):
-        layer = LAYERS[name](g, True)
-        for tokens in (1, 19):
-            x = torch.randn(tokens, layer.in_features, generator=g)
-            with torch.no_grad():
-                y = layer(x)
-            ref, lowp = reference(layer, x)
-            assert_close_to_reference(y, ref, lowp, f"{name}, x86-64 build")
+    check_layers(("fan-in ablated", "diag b=16 tall", "diag b=12", "unstructured 70000 wide"), (1, 19), 18,
+                 "x86-64 build")
+    check_training_products(19, "x86-64 build")
 
 
 @needs_library
@@ -279,3 +274,86 @@ def test_two_byte_column_indices_where_the_width_allows():
         y = layer(x)
     ref, lowp = reference(layer, x)
     assert_close_to_reference(y, ref, lowp, "column 65535")
+
+
+# ------------------------------------------------------------------ training-step products
+
+def random_csr(g, n_rows, n_cols, density, empty_rows=()):
+    """(crow, col, values) int32 / fp32 of a random pattern (coords.csr_structure, the layers'
+    own builder), rows in ``empty_rows`` without entries (ablated neurons)."""
+    mask = torch.rand(n_rows, n_cols, generator=g) < density
+    mask[list(empty_rows)] = False
+    rows, cols = mask.nonzero(as_tuple=True)
+    perm = torch.randperm(rows.numel(), generator=g)  # any order in, CSR order out
+    order, crow, col = kernels.coords.csr_structure(rows[perm].int(), cols[perm].int(), n_rows, n_cols)
+    return crow.int(), col.int(), torch.randn(col.numel(), generator=g)
+
+
+def dense_of(crow, col, values, n_rows, n_cols):
+    counts = (crow[1:] - crow[:-1]).long()
+    w = torch.zeros(n_rows, n_cols, dtype=torch.float64)
+    w[torch.arange(n_rows).repeat_interleave(counts), col.long()] = values.double()
+    return w
+
+
+def check_training_products(seed, what, shapes=((37, 300), (300, 37), (64, 64)), tokens=(1, 5, 33, 70)):
+    """kernels.cpu.csr_matmul (x.t() and token-minor right-hand sides) and kernels.cpu.sddmm
+    (coordinates in row order and shuffled) against fp64, tall and wide, with empty rows."""
+    g = torch.Generator().manual_seed(seed)
+    for n_rows, n_cols in shapes:
+        crow, col, vals = random_csr(g, n_rows, n_cols, 0.2, empty_rows=range(0, n_rows, 3))
+        w = dense_of(crow, col, vals, n_rows, n_cols)
+        rows = torch.arange(n_rows).repeat_interleave((crow[1:] - crow[:-1]).long()).int()
+        for T in tokens:
+            x = torch.randn(T, n_cols, generator=g)
+            for name, dense_t in (("x.t()", x.t()), ("token-minor", x.t().contiguous())):
+                y = cpu.csr_matmul(crow, col, vals, n_rows, n_cols, dense_t)
+                assert y is not None, f"{what}: csr_matmul refused fp32 / int32 operands"
+                ref = w @ x.double().t()
+                assert_close_to_reference(y, ref, w.float() @ x.t(), f"csr_matmul {n_rows}x{n_cols} T={T} {name}, {what}")
+            dy = torch.randn(T, n_rows, generator=g)
+            full = dy.double().t() @ x.double()
+            for name, perm in (("row order", torch.arange(rows.numel())), ("shuffled", torch.randperm(rows.numel(), generator=g))):
+                r, c = rows[perm].contiguous(), col[perm].contiguous()
+                got = cpu.sddmm(dy, x, r, c)
+                assert got is not None, f"{what}: sddmm refused fp32 / int32 operands"
+                ref = full[r.long(), c.long()]
+                lowp = (dy.t() @ x)[r.long(), c.long()]
+                assert_close_to_reference(got, ref, lowp, f"sddmm {n_rows}x{n_cols} T={T} {name}, {what}")
+
+
+@needs_library
+def test_training_products_match_the_fp64_reference():
+    check_training_products(20, "1 thread")
+
+
+@needs_library
+def test_training_products_split_over_threads(two_threads):
+    check_training_products(21, "2 threads", shapes=((300, 37), (37, 300)), tokens=(5, 70))
+
+
+@needs_library
+def test_training_products_of_empty_patterns_and_no_tokens():
+    crow = torch.zeros(5, dtype=torch.int32)
+    empty = torch.zeros(0, dtype=torch.int32)
+    y = cpu.csr_matmul(crow, empty, torch.zeros(0), 4, 6, torch.randn(6, 3))
+    assert y.shape == (4, 3) and not y.any()
+    g = cpu.sddmm(torch.randn(0, 4), torch.randn(0, 6), torch.tensor([0, 3], dtype=torch.int32),
+                  torch.tensor([5, 1], dtype=torch.int32))
+    assert g.shape == (2,) and not g.any()
+    assert cpu.sddmm(torch.randn(3, 4), torch.randn(3, 6), empty, empty).shape == (0,)
+
+
+@needs_library
+def test_training_products_refuse_what_they_do_not_cover():
+    g = torch.Generator().manual_seed(22)
+    crow, col, vals = random_csr(g, 8, 12, 0.3)
+    x, dy = torch.randn(3, 12, generator=g), torch.randn(3, 8, generator=g)
+    rows = torch.arange(8).repeat_interleave((crow[1:] - crow[:-1]).long()).int()
+    assert cpu.csr_matmul(crow, col, vals.double(), 8, 12, x.double().t()) is None  # fp64: torch's path
+    assert cpu.csr_matmul(crow.long(), col.long(), vals, 8, 12, x.t()) is None     # int64 indices
+    assert cpu.sddmm(dy.double(), x.double(), rows, col) is None
+    assert cpu.sddmm(dy, x, rows.long(), col.long()) is None
+    with cpu.disabled():
+        assert cpu.csr_matmul(crow, col, vals, 8, 12, x.t()) is None
+        assert cpu.sddmm(dy, x, rows, col) is None

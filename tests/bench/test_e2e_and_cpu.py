@@ -1,5 +1,7 @@
 """bench/e2e.py and bench/cpu_infer.py run their --quick variants on CPU and write their
-tables; e2e reports the models as skipped, not crashed, when ``models`` cannot be imported."""
+tables; e2e reports the models as skipped, not crashed, when ``models`` cannot be imported;
+e2e's native CPU training step gives the gradients of torch's path."""
+import copy
 import math
 import subprocess
 import sys
@@ -12,6 +14,80 @@ from bench import cpu_infer, e2e
 
 from .conftest import ROOT, read_rows
 
+
+def _ablated_fanin(g):
+    layer = kernels.FanInLinear(40, 24, k=7, generator=g)
+    keep = torch.randperm(24, generator=g)[:15].to(torch.int32)  # unsorted surviving neurons
+    idx = torch.stack([torch.randperm(40, generator=g)[:7] for _ in range(15)]).to(torch.int32)
+    layer.set_pattern(torch.randn(15, 7, generator=g), idx, keep)
+    return layer
+
+
+TRAIN_LAYERS = {
+    "fan-in wide": lambda g: kernels.FanInLinear(300, 37, density=0.2, generator=g),
+    "fan-in ablated": _ablated_fanin,
+    "diag b=1 tall": lambda g: kernels.DiagLinear(40, 96, density=0.3, block_size=1, generator=g),
+    "diag b=16 wide": lambda g: kernels.DiagLinear(192, 64, density=0.3, block_size=16, generator=g),
+    "unstructured tall": lambda g: kernels.SparseLinear(37, 300, density=0.2, generator=g),
+}
+
+
+def _grads(layer, x, dy):
+    """(y, dx, d values, d bias) of one forward and backward."""
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.values.grad, layer.bias.grad
+
+
+def _assert_within_2x_torch(native, torch32, ref, what):
+    """The fp32 native result vs the fp64 reference: at most 2x torch's fp32 error + 1e-5."""
+    for name, a, b, r in zip(("y", "dx", "d values", "d bias"), native, torch32, ref):
+        err = (a.double() - r).abs().max().item()
+        bound = 2 * (b.double() - r).abs().max().item() + 1e-5 * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{what}: {name} max error {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.skipif(kernels.cpu.lib() is None, reason="no native CPU library here")
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+@pytest.mark.parametrize("name", list(TRAIN_LAYERS))
+def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
+    calls = []
+    for fn in ("csr_matmul", "sddmm"):
+        real = getattr(kernels.cpu, fn)
+        monkeypatch.setattr(kernels.cpu, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
+    g = torch.Generator().manual_seed(30)
+    layer = TRAIN_LAYERS[name](g)
+    layer_ref = copy.deepcopy(layer).double()
+    for step in ("first step", "after a pattern change"):
+        x = torch.randn(tokens, layer.in_features, generator=g)
+        dy = torch.randn(tokens, layer.out_features, generator=g)
+        torch32 = _grads(layer, x, dy)
+        calls.clear()
+        with e2e.native_training():
+            native = _grads(layer, x, dy)
+        if tokens > 4 or not isinstance(layer, kernels.DiagLinear):  # (DiagLinear gathers at T <= 4)
+            assert {"csr_matmul", "sddmm"} <= set(calls), f"{name}: the native products did not run ({calls})"
+        ref = _grads(layer_ref, x.double(), dy.double())
+        _assert_within_2x_torch(native, torch32, ref, f"{name}, T={tokens}, {step}")
+        with torch.no_grad():  # a mask update: another pattern, the same layer object
+            other = TRAIN_LAYERS[name](g)
+            layer.load_state_dict(other.state_dict())
+            layer_ref.load_state_dict({k: v.double() if v.is_floating_point() else v
+                                       for k, v in other.state_dict().items()})
+
+
+def test_native_training_puts_torchs_functions_back():
+    import kernels.diag as diag_mod
+    import kernels.fanin as fanin_mod
+    sddmm_mod = e2e.importlib.import_module("kernels.sddmm")
+    before = (kernels.sparse.csr_matmul, fanin_mod.csr_matmul, diag_mod.csr_matmul, sddmm_mod._sampled_dots)
+    with pytest.raises(RuntimeError, match="inside"):
+        with e2e.native_training():
+            assert fanin_mod.csr_matmul is not before[1]
+            raise RuntimeError("inside")
+    assert (kernels.sparse.csr_matmul, fanin_mod.csr_matmul, diag_mod.csr_matmul, sddmm_mod._sampled_dots) == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU pipeline check")

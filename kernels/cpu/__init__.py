@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -205,6 +205,18 @@ class NativeWeight:
     block: int = 1
     index: int = 32
     panels: int = 1         # CSR in column panels of PANEL columns (several tokens), see csr_weight
+    _mv: tuple | None = field(default=None, repr=False, compare=False)  # (library, function, leading args)
+
+    def one_token(self, so: ctypes.CDLL) -> tuple:
+        """(function, leading arguments) of the one-token product, made once per weight and
+        library (the Python around a batch-1 product was ~14 us of its 30-150)."""
+        if self._mv is None or self._mv[0] is not so:
+            if self.kind == "bsr":
+                fn, lead = so.bsr_mv, (0, self.n_rows, self.block)
+            else:
+                fn, lead = (so.csr_mv_i16 if self.index == 16 else so.csr_mv_i32), (0, self.n_rows)
+            self._mv = (so, fn, (*lead, self.crow.data_ptr(), self.cols.data_ptr(), self.values.data_ptr()))
+        return self._mv[1], self._mv[2]
 
     @property
     def n_rows(self) -> int:
@@ -271,22 +283,19 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
-    crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     fmas = w.values.numel() * T
     if T == 1:
-        # The batch-1 product takes ~30-100 us: the Python around it is kept to a few calls.
+        # The batch-1 product takes ~30-150 us: the Python around it is kept to a few calls.
         x = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(1, w.n_out, dtype=torch.float32)
-        fn = so.bsr_mv if w.kind == "bsr" else (so.csr_mv_i16 if w.index == 16 else so.csr_mv_i32)
-        lead = (w.block,) if w.kind == "bsr" else ()
-
-        def run(r0, r1):
-            fn(r0, r1, *lead, crow, cols, vals, x.data_ptr(), bias_ptr, y.data_ptr())
+        fn, lead = w.one_token(so)
         if fmas < PARALLEL_MIN_FMAS:
-            run(0, w.n_rows)
+            fn(*lead, x.data_ptr(), bias_ptr, y.data_ptr())
         else:
-            _split(w.n_rows, fmas, run)
+            ptrs = lead[-3:]
+            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:-3], *ptrs, x.data_ptr(), bias_ptr, y.data_ptr()))
         return y
+    crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     if w.kind != "csr":
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")
     # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one

@@ -2,6 +2,7 @@
 reference for every layer format, its cache following value and pattern changes, both builds
 (AVX2 and baseline x86-64), and the fall back to torch's path when it is disabled or cannot be
 built."""
+import os
 import platform
 import shutil
 
@@ -200,6 +201,13 @@ def answers_through_torch(monkeypatch):
     the native product refused."""
     monkeypatch.setattr(cpu, "matmul", lambda *a: pytest.fail("the native product ran"))
     check_layers(("fan-in ablated", "diag b=16 wide", "unstructured"), (1, 6), 16, "through torch")
+
+
+@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc"))
+                    or os.environ.get("KERNELS_NATIVE_CPU") == "0", reason="no C compiler here, or the library is off")
+def test_the_library_builds_where_a_compiler_is_present():
+    # (every native test skips without the library: a source that stops compiling must fail here)
+    assert cpu.lib() is not None, cpu.error()
 
 
 def test_without_a_compiler_the_layers_use_torchs_path(monkeypatch, fresh_library):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import atomic_write
 from kernels import runtime as rt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +47,7 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def git_sha() -> str:
-    sha = _run(["git", "rev-parse", "--short=12", "HEAD"]) or "unknown"
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    return sha + ("-dirty" if dirty else "")
+git_sha = rt.git_sha
 
 
 def cpu_name() -> str:
@@ -155,28 +153,7 @@ def gate(out: torch.Tensor, truth: torch.Tensor, lowp: torch.Tensor | None) -> t
     return True, err, bound, ""
 
 
-@contextlib.contextmanager
-def poisoned_empty():
-    """``torch.empty(_like)`` return NaN-filled floats inside: a launch that leaves an output
-    element unwritten fails the gate instead of passing on stale memory (which, with a
-    caching allocator, may well hold the previous candidate's correct result)."""
-    originals = {name: getattr(torch, name) for name in ("empty", "empty_like")}
-
-    def poisoning(make):
-        def poisoned(*args, **kwargs):
-            t = make(*args, **kwargs)
-            if t.is_floating_point():
-                t.fill_(math.nan)
-            return t
-        return poisoned
-
-    for name, make in originals.items():
-        setattr(torch, name, poisoning(make))
-    try:
-        yield
-    finally:
-        for name, make in originals.items():
-            setattr(torch, name, make)
+poisoned_empty = rt.poisoned_empty   # NaN-filled fresh outputs (the kernel tests use it too)
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -191,18 +168,12 @@ def probe_launch(fn) -> list[tuple[str, dict, dict]]:
     short at the first lookup: nothing runs."""
     calls = []
 
-    def record(kernel, key, default, device=None):
+    def record(kernel, key, default):
         calls.append((kernel, dict(key), dict(default)))
         raise _Probed
 
-    original = rt.launch_config
-    rt.launch_config = record
-    try:
+    with contextlib.suppress(_Probed), rt.config_override(record):
         fn()
-    except _Probed:
-        pass
-    finally:
-        rt.launch_config = original
     return calls
 
 
@@ -210,20 +181,11 @@ def probe_launch(fn) -> list[tuple[str, dict, dict]]:
 def forced_config(kernel: str, config: dict):
     """Every lookup of ``kernel`` returns ``default`` updated with ``config`` - exactly how
     ``launch_config`` merges a table entry - so a candidate runs through the real launcher."""
-    original = rt.launch_config
+    def forced(name, key, default):
+        return {**default, **config} if name == kernel else None
 
-    def forced(name, key, default, device=None):
-        if name != kernel:
-            return original(name, key, default, device)
-        merged = dict(default)
-        merged.update(config)
-        return merged
-
-    rt.launch_config = forced
-    try:
+    with rt.config_override(forced):
         yield
-    finally:
-        rt.launch_config = original
 
 
 @contextlib.contextmanager
@@ -260,10 +222,8 @@ def merge_table(path: Path | str, winners: dict[str, dict[str, dict]], meta: dic
         table.setdefault(kernel, {}).update({k: dict(v) for k, v in entries.items()})
     table["_meta"] = dict(meta)
     ordered = {k: (dict(sorted(v.items())) if k != "_meta" else v) for k, v in sorted(table.items())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ordered, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(ordered, indent=1, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return ordered
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear
+from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear, resize_parameter
 
 
 def gather_or_zero(old: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -47,23 +47,9 @@ def remap_parameter(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer 
             for key, t in list(state.items()):
                 if isinstance(t, torch.Tensor) and t.shape == old_shape and t.numel() == param.numel():
                     state[key] = gather_or_zero(t, src).reshape(shape)
-        set_data(param, new.to(param.dtype).contiguous())
+        resize_parameter(param, new.to(param.dtype).contiguous())
     # A gradient of the old pattern means nothing for the new one.
     param.grad = None
-
-
-def set_data(param: torch.nn.Parameter, new: torch.Tensor) -> None:
-    """param.data = new, also when the shape changes while an old graph is still alive.
-
-    Autograd caches a leaf's gradient accumulator with the leaf's shape, and ``.data =``
-    only drops that cache when the dtype or device changes; a graph still referenced (the
-    last step's ``loss``) keeps it alive, and the next backward then rejects a gradient of
-    the new shape. Passing through an empty tensor of another dtype drops the cache.
-    """
-    if new.shape != param.shape:
-        other = torch.float64 if param.dtype != torch.float64 else torch.float32
-        param.data = torch.empty(0, dtype=other, device=param.device)
-    param.data = new
 
 
 def values_shape(layer: SparseLayer, pattern: dict) -> tuple[int, ...]:

@@ -35,10 +35,10 @@ from .diag import (DiagLinear, diag_matmul, diag_matmul_ref, diag_fwd, diag_dx, 
 __all__ += ["DiagLinear", "diag_matmul", "diag_matmul_ref", "diag_fwd", "diag_dx", "diag_coords",
             "diag_geometry"]
 from .sparse import SparseLinear, sparse_matmul, sparse_matmul_ref  # noqa: E402
-from .module import SparseLayer  # noqa: E402
+from .module import SparseLayer, resize_parameter  # noqa: E402
 from . import coords  # noqa: E402
 
-__all__ += ["SparseLinear", "sparse_matmul", "sparse_matmul_ref", "SparseLayer", "coords"]
+__all__ += ["SparseLinear", "sparse_matmul", "sparse_matmul_ref", "SparseLayer", "resize_parameter", "coords"]
 from .export import save_condensed, load_layers, load_into, densify, sparse_from_dense, atomic_write  # noqa: E402
 
 __all__ += ["save_condensed", "load_layers", "load_into", "densify", "sparse_from_dense", "atomic_write"]

@@ -257,7 +257,7 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
     tiles = (triton.cdiv(n_rows, block_r), triton.cdiv(T, block_t))
     splits, k_chunk = _split(cfg["SPLIT"], tiles[0] * tiles[1], K)
     # one partial sum per split, added below in split order; ablated neurons stay 0
-    acc_torch = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    acc_torch = rt.acc_dtype(x2.dtype)
     if splits > 1:
         y = torch.zeros(splits, T, out_features, dtype=acc_torch, device=x2.device)
     else:
@@ -343,7 +343,7 @@ def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     slot_col, _, slice_start, slice_width, ell, max_width = _cached_fanout(indices, rows, in_features, block_r, n_out)
     tiles = (slice_width.numel(), triton.cdiv(T, block_t))
     splits, j_chunk = _split(cfg["SPLIT"], tiles[0] * tiles[1], max(max_width, 1))
-    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc_torch = rt.acc_dtype(dy.dtype)
     dx = torch.empty(splits, T, in_features, dtype=acc_torch if splits > 1 else dy.dtype, device=dy.device)
     # dy with a zero row n_out appended (the padding's source), token-contiguous (X_T) or not:
     # the copy X_T makes anyway, one small extra pass otherwise (T <= 16)

@@ -10,6 +10,22 @@ from . import runtime as rt
 from .coords import csr_structure, index_dtype
 
 
+def resize_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
+    """``param.data = new`` keeping the Parameter object (optimizers and hooks hold it), also
+    when the shape changes while an old graph is still alive.
+
+    Autograd caches a leaf's gradient accumulator with the leaf's shape, and ``.data =`` drops
+    that cache only on a dtype or device change; a graph still referenced (the last step's
+    loss) keeps it, and the next backward would reject a gradient of the new shape. Passing
+    through an empty tensor of another dtype drops the cache.
+    """
+    with torch.no_grad():
+        if new.shape != param.shape:
+            other = torch.float32 if param.dtype == torch.float64 else torch.float64
+            param.data = torch.empty(0, dtype=other, device=param.device)
+        param.data = new
+
+
 class SparseLayer(nn.Module):
     """Base of FanInLinear, DiagLinear and SparseLinear (not used on its own).
 
@@ -33,14 +49,7 @@ class SparseLayer(nn.Module):
         """Give ``self.values`` new contents (and possibly a new shape) while keeping the same
         Parameter object, so optimizers and hooks holding it stay valid; the caller remaps
         optimizer state (dst.apply_update does)."""
-        with torch.no_grad():
-            if values.shape != self.values.shape:
-                # Autograd caches a leaf's gradient accumulator with the leaf's shape; ``.data =``
-                # drops that cache only on a dtype or device change, and a graph still alive
-                # (the last step's loss) would then reject a gradient of the new shape.
-                other = torch.float64 if self.values.dtype != torch.float64 else torch.float32
-                self.values.data = torch.empty(0, dtype=other, device=self.values.device)
-            self.values.data = values
+        resize_parameter(self.values, values)
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """y + bias in y's dtype: under autocast the product is bf16/fp16 and so is the sum,

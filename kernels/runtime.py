@@ -154,9 +154,70 @@ def config_table(device: torch.device | None = None) -> dict:
     return _load_table(str(path), path.stat().st_mtime)
 
 
-def shape_bucket(n: int) -> int:
-    """Round a size up to a power of two so that nearby shapes share a tuned entry."""
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
     return 1 << max(0, int(n - 1).bit_length())
+
+
+# Tuned entries are keyed on sizes rounded up to a power of two, so nearby shapes share one.
+shape_bucket = next_pow2
+
+def git_sha(short: int = 12) -> str:
+    """The commit of this checkout ("-dirty" when tracked files are changed; "unknown" outside
+    git): what bench results and training summaries record."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=20, cwd=root).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    sha = run("rev-parse", f"--short={short}", "HEAD") or "unknown"
+    return sha + ("-dirty" if sha != "unknown" and run("status", "--porcelain", "--untracked-files=no") else "")
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Inside the block ``torch.empty`` and ``torch.empty_like`` return NaN-filled floats: a
+    kernel that leaves an output element unwritten then fails its check loudly instead of
+    passing on stale memory (which, with a caching allocator, may well hold a previous run's
+    correct result). The kernel tests run inside it; so does every bench/sweep.py candidate."""
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like")}
+
+    def poisoning(make):
+        def poisoned(*args, **kwargs):
+            t = make(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(math.nan)
+            return t
+        return poisoned
+
+    for name, make in originals.items():
+        setattr(torch, name, poisoning(make))
+    try:
+        yield
+    finally:
+        for name, make in originals.items():
+            setattr(torch, name, make)
+
+
+# The functions of ``config_override`` blocks now open, innermost last.
+_config_overrides: list = []
+
+
+@contextlib.contextmanager
+def config_override(choose):
+    """Inside the block, ``launch_config(kernel, key, default, device)`` first asks
+    ``choose(kernel, key, default)``: a dict is the config to launch with, None the usual
+    lookup. What bench/sweep.py uses to run a candidate config (or to read the key a
+    launcher looks up, by raising) through the real launcher."""
+    _config_overrides.append(choose)
+    try:
+        yield
+    finally:
+        _config_overrides.remove(choose)
 
 
 def launch_config(kernel: str, key: dict, default: dict, device: torch.device | None = None) -> dict:
@@ -164,7 +225,12 @@ def launch_config(kernel: str, key: dict, default: dict, device: torch.device | 
 
     Table layout: {kernel: {"<k1>=<v1>,<k2>=<v2>": {config}}}; keys are sorted by name.
     Under the interpreter the defaults are used unless a table named "interpreter" exists.
+    A ``config_override`` block open around the call decides first.
     """
+    for choose in reversed(_config_overrides):
+        chosen = choose(kernel, key, default)
+        if chosen is not None:
+            return chosen
     entries = config_table(device).get(kernel, {})
     found = entries.get(format_key(key))
     if found is None:
@@ -178,13 +244,14 @@ def format_key(key: dict) -> str:
     return ",".join(f"{k}={key[k]}" for k in sorted(key))
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
 # ----------------------------------------------------------------------------- argument checks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums of ``dtype`` products accumulate in: fp64 for fp64, fp32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

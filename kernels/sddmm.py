@@ -149,8 +149,8 @@ def _check(dy, x, rows, cols, block_size):
 
 
 def acc_dtype(dtype: torch.dtype):
-    """Accumulator of a kernel: fp64 for fp64 inputs (gradcheck), fp32 for everything else."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """rt.acc_dtype as a Triton dtype: a kernel's accumulator (fp64 for fp64 inputs, gradcheck)."""
+    return tl.float64 if rt.acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def dot_settings(dtype: torch.dtype) -> tuple[bool, str]:
@@ -202,7 +202,7 @@ def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     if T == 0:
         return torch.zeros(shape, dtype=dy.dtype, device=dy.device)
     rows, cols = rows.contiguous(), cols.contiguous()
-    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc_torch = rt.acc_dtype(dy.dtype)
     if b == 1:
         # X_T: dy and x as token-contiguous copies, so each coordinate's T-long dot reads
         # consecutive memory (see kernels/fanin.py's _configs); worth its two transposes when
@@ -270,7 +270,7 @@ def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     """CPU path: gather and reduce in chunks of coordinates, never forming [M, N]."""
     _check(dy, x, rows, cols, block_size)
     T, b, n = dy.shape[0], block_size, rows.numel()
-    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc_dtype = rt.acc_dtype(dy.dtype)
     dyc, xc = dy.to(acc_dtype), x.to(acc_dtype)
     if b == 1:
         if n == 0 or T == 0:

@@ -13,7 +13,6 @@ import math
 import random
 import resource
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -242,12 +241,7 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
         raise UsageError(f"{path} already holds a run ({', '.join(done)}); pass --resume or --overwrite")
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+git_sha = kernels.runtime.git_sha
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -324,11 +318,9 @@ def load_checkpoint(path: Path, entry: str, cfg) -> dict:
 def load_model_state(model: nn.Module, state: dict) -> None:
     """load_state_dict that keeps every Parameter object (the optimizer holds them) while
     sparse patterns change shape: parameters are resized in place first."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            if name in state and state[name].shape != p.shape:
-                p.data = torch.empty(state[name].shape, dtype=p.dtype, device=p.device)
+    for name, p in model.named_parameters():
+        if name in state and state[name].shape != p.shape:
+            kernels.resize_parameter(p, torch.empty(state[name].shape, dtype=p.dtype, device=p.device))
     model.load_state_dict(state, strict=True)
 
 

@@ -73,18 +73,13 @@ def test_census_peak_bytes_follow_live_tensors():
     del b, c
 
 
-# Same nnz at twice the width: an update must not cost twice. Peak bytes are checked for
-# every rule; time for the sampled ones (the exact scan looks at every entry by definition,
-# so its time grows with out * in; its memory does not). A 2048 x 8192 layer at 1% (168 k
+# Same nnz at twice the width: an update must not need twice the memory (peak bytes, every
+# rule). Its time is not asserted here (STYLE: speed is measured in bench/, never in timed unit
+# tests; under a loaded CI machine the timing check failed by chance). A 2048 x 8192 layer at 1% (168 k
 # weights) against 2048 x 16384 at 0.5%: the same physics as above at a quarter of the cost.
 SCALING = [v for v in VARIANTS if v[0] in ("set", "rigl exact", "gse uniform", "gse graest", "srigl exact",
                                            "srigl uniform", "dynadiag")]
 S_OUT, S_IN, S_DENSITY = 2048, 8192, 0.01
-
-
-def _update_seconds(method, overrides, factor):
-    timed = run(method, overrides, S_OUT, S_IN * factor, S_DENSITY / factor, tokens=TOKENS, steps=3)
-    return min(timed["update_s"])
 
 
 @pytest.mark.parametrize("label, method, overrides", SCALING, ids=[v[0].replace(" ", "-") for v in SCALING])
@@ -99,14 +94,3 @@ def test_update_cost_grows_with_nnz_not_with_width(label, method, overrides):
     assert abs(nnz[2] - nnz[1]) <= 0.01 * nnz[1]
     report = f"{label}: nnz {nnz[1]}, update peak {peaks[1] / 2**20:.1f} -> {peaks[2] / 2**20:.1f} MiB"
     assert peaks[2] < 1.5 * peaks[1], report
-    if "exact" in label:
-        print(report)
-        return
-    # Best of the updates of a run; one more interleaved pair if other processes on the
-    # machine slowed one side.
-    times = {factor: _update_seconds(method, overrides, factor) for factor in (1, 2)}
-    if times[2] >= 1.5 * times[1]:
-        times = {factor: min(times[factor], _update_seconds(method, overrides, factor)) for factor in (1, 2)}
-    report += f", update {times[1]:.3f} -> {times[2]:.3f} s"
-    print(report)
-    assert times[2] < 1.5 * times[1], report

@@ -7,6 +7,7 @@ import torch
 from torch.utils._device import _device_constructors
 
 import kernels
+from kernels import runtime as rt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Error allowed on top of 2x torch's own error at the same dtype (flash-attention's rule).
@@ -27,19 +28,12 @@ _device_constructors()
 
 
 @pytest.fixture(autouse=True)
-def poison_fresh_outputs(monkeypatch):
-    """torch.empty returns NaN-filled floats during kernel tests: an output element that a
-    kernel forgets to write then fails loudly instead of passing by luck."""
-    original = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = original(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-    yield
+def poison_fresh_outputs():
+    """torch.empty / empty_like return NaN-filled floats during kernel tests
+    (kernels.runtime.poisoned_empty): an output element that a kernel forgets to write then
+    fails loudly instead of passing by luck."""
+    with rt.poisoned_empty():
+        yield
 
 
 def assert_matches(out, ref64, lowp_ref=None, name="output"):

@@ -351,6 +351,23 @@ def _target_line(rows, gpu, dtype, args) -> str:
     return f"Best sparse format here: {best['format']} at {best['x_dense_train']:.2f}x: {verdict}{where}."
 
 
+def _cpu_target_line(rows, args) -> str:
+    """Issue 14's CPU targets at batch 1: ViT-B/16 training step >= 1.5x dense, ViT-B/16 and
+    BERT-base inference >= 2x dense; the best sparse format of each, with its verdict."""
+    if args.quick or args.batch != 1:
+        return ""
+    parts = []
+    for model, phase, target in (("vit-b16", "train", 1.5), ("vit-b16", "infer", 2.0), ("bert-base", "infer", 2.0)):
+        got = [r for r in rows if r["model"] == model and r["format"] != "dense"
+               and math.isfinite(r.get(f"x_dense_{phase}") or math.nan)]
+        if got:
+            best = max(got, key=lambda r: r[f"x_dense_{phase}"])
+            x = best[f"x_dense_{phase}"]
+            parts.append(f"{model} {'training step' if phase == 'train' else 'inference'} >= {target}x: "
+                         f"{best['format']} {x:.2f}x ({'met' if x >= target else 'missed'})")
+    return "CPU targets (issue 14, batch 1): " + ("; ".join(parts) if parts else "not measured here") + "."
+
+
 def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
@@ -461,6 +478,7 @@ def main(argv=None, log=print) -> int:
            "layers with each MLP as one kernels.fused_mlp call (compare with the diag<b> row). Peak memory: "
            + ("torch.cuda.max_memory_allocated." if gpu else "not available on CPU (param MB = parameters + buffers)."),
            "", "Target (H100 bf16): ViT-B training step >= 1.3x dense. " + _target_line(rows, gpu, dtype, args), "",
+           *(() if gpu or not _cpu_target_line(rows, args) else (_cpu_target_line(rows, args), "")),
            common.md_table(rows, [("model", "model"), ("preset", "size"), ("format", "format"), ("status", "status"),
                                   ("tokens", "tokens/step"), ("train_ms", "train ms"), ("x_dense_train", "x dense"),
                                   ("infer_ms", "infer ms"), ("x_dense_infer", "x dense"),

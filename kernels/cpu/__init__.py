@@ -333,8 +333,8 @@ def _native_operands(*tensors: torch.Tensor) -> bool:
     """fp32 / int32 CPU tensors with real storage (not traced, not fake), and the library on."""
     if torch.compiler.is_compiling():
         return False
-    for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu":
+    for t in tensors:  # (a Parameter reaches a custom op as it is; fake / functional tensors must not)
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
             return False
     return lib() is not None
 

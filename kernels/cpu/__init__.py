@@ -37,13 +37,18 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 3
+ABI = 4
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
 PANEL = 512
 _state: dict = {}
 _lock = threading.Lock()
+# Token tiles (see csr_mm_* and sddmm_tiles in sparse_cpu.c) as wide as fit: the tile of x that
+# every stored weight reads a row of, n_in x tw x 4 B, within half of a 512 KB L2 (Zen 3). At
+# T = 197 on the loaded EPYC, Linear 3072 -> 768 at 90%: 4.4 ms at 16 tokens vs 5.9 at 32;
+# 768 -> 3072: 2.9 at 32 vs 3.9 at 16.
+TILE_BYTES = 256 * 1024
 # Below this many multiply-adds a call stays on one thread: a batch-1 Linear(3072 -> 768) at
 # 90% is 236k, a product of tens of microseconds that a hand-off to a pool thread would not pay
 # for; ViT-B's sparse layers at 197 tokens are 12-46M.
@@ -128,8 +133,9 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     so.bsr_mv.restype = None
     so.pack_tokens.argtypes = [i64, i64, p, i64, i64, i64, p]
     so.unpack_tokens.argtypes = [i64, i64, i64, i64, i64, p, p, i64]
-    so.sddmm_tiles.argtypes = [i64] * 5 + [p] * 5
-    for f in ("pack_tokens", "unpack_tokens", "sddmm_tiles"):
+    so.sddmm_tiles.argtypes = [i64] * 6 + [p] * 5
+    so.sddmm_tiles.restype = ctypes.c_int
+    for f in ("pack_tokens", "unpack_tokens"):
         getattr(so, f).restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
@@ -253,6 +259,13 @@ def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
                         blocks.detach().to(torch.float32).transpose(1, 2).contiguous(), b, 32)
 
 
+def _tile_width(T: int, width: int, choices) -> int:
+    """Tokens per tile: the fewest multiple of 8 in ``choices`` covering T, at most the widest
+    whose width x tw x 4 B tile fits TILE_BYTES (never below the smallest choice)."""
+    fit = [tw for tw in choices if width * tw * 4 <= TILE_BYTES] or [choices[0]]
+    return min(max(fit), next((tw for tw in choices if tw >= T), choices[-1]))
+
+
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -302,7 +315,7 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     # contiguous tw-wide row that stays in L2 (3072 x 32 x 4 B = 384 KB) for the whole tile.
     # The library packs x and unpacks y itself: torch's permute copies of these layouts cost
     # as much as the product (Linear 768 -> 3072 at 90%, T = 197: 2.6 of 6.1 ms).
-    tw = 32 if T > 32 else max(8, -(-T // 8) * 8)
+    tw = _tile_width(T, w.n_in if w.panels == 1 else PANEL, (8, 16, 24, 32))
     tiles = -(-T // tw)
     xt = torch.empty(tiles, w.n_in, tw, dtype=torch.float32)
     so.pack_tokens(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
@@ -369,14 +382,15 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     g = torch.empty(n, dtype=torch.float32)
     if n == 0 or T == 0:
         return g.zero_()
-    # token tiles of 32 (pack_tokens): one tile of x stays in L2 while every weight reads its
-    # row, and each weight's gradient is a dot of two contiguous 32-float rows per tile
-    tiles = -(-T // 32)
-    dyt = torch.empty(tiles, dy.shape[1], 32, dtype=torch.float32)
-    xt = torch.empty(tiles, x.shape[1], 32, dtype=torch.float32)
-    so.pack_tokens(T, dy.shape[1], dy.data_ptr(), dy.stride(0), dy.stride(1), 32, dyt.data_ptr())
-    so.pack_tokens(T, x.shape[1], x.data_ptr(), x.stride(0), x.stride(1), 32, xt.data_ptr())
+    # token tiles (pack_tokens): one tile of x stays in L2 while every weight reads its row,
+    # and each weight's gradient is a dot of two contiguous rows per tile
+    tw = _tile_width(T, x.shape[1], (16, 32))
+    tiles = -(-T // tw)
+    dyt = torch.empty(tiles, dy.shape[1], tw, dtype=torch.float32)
+    xt = torch.empty(tiles, x.shape[1], tw, dtype=torch.float32)
+    so.pack_tokens(T, dy.shape[1], dy.data_ptr(), dy.stride(0), dy.stride(1), tw, dyt.data_ptr())
+    so.pack_tokens(T, x.shape[1], x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
     rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-    _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, dy.shape[1], x.shape[1], *ptrs))
+    _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))
     return g

@@ -22,7 +22,7 @@
 
 typedef float f8 __attribute__((vector_size(32), aligned(4)));  /* unaligned 8 x fp32 */
 
-int sparse_cpu_abi(void) { return 3; }
+int sparse_cpu_abi(void) { return 4; }
 
 /* One token, CSR: a gather-bound loop (3 loads per stored weight). With AVX2, eight gathered
    x values are packed into one vector for one FMA with eight contiguous values, two such sums
@@ -311,33 +311,46 @@ static inline void add_hsum8(const f8 *v, float *restrict g) {
 
 /* Weight gradient at the stored elements (an SDDMM): g[i] = sum_t dy[t, rows[i]] x[t, cols[i]]
    for i in [i0, i1), dy and x in token tiles (pack_tokens: dyt [n_tiles, M, TW], xt [n_tiles,
-   N, TW]), TW = 32. Tile by tile (one tile of x, N x 128 B, stays in L2 while every weight
-   reads its row), eight weights at a time: eight independent chains of TW / 8 FMAs, whose
-   eight sums are reduced together (add_hsum8) and added to g. */
-void sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,
-                 const int32_t *restrict rows, const int32_t *restrict cols,
-                 const float *restrict dyt, const float *restrict xt, float *restrict g) {
-    enum { TW = 32, U = TW / 8 };
-    for (int64_t i = i0; i < i1; ++i) g[i] = 0.f;
-    for (int64_t t = 0; t < n_tiles; ++t) {
-        const float *dys = dyt + t * M * TW, *xs = xt + t * N * TW;
-        int64_t i = i0;
-        for (; i + 8 <= i1; i += 8) {
-            f8 s[8];
-            for (int k = 0; k < 8; ++k) {
-                const f8 *a = (const f8 *)(dys + (int64_t)rows[i + k] * TW);
-                const f8 *b = (const f8 *)(xs + (int64_t)cols[i + k] * TW);
-                s[k] = a[0] * b[0];
-                for (int u = 1; u < U; ++u) s[k] += a[u] * b[u];
-            }
-            add_hsum8(s, g + i);
-        }
-        for (; i < i1; ++i) {
-            const f8 *a = (const f8 *)(dys + (int64_t)rows[i] * TW);
-            const f8 *b = (const f8 *)(xs + (int64_t)cols[i] * TW);
-            f8 v = a[0] * b[0];
-            for (int u = 1; u < U; ++u) v += a[u] * b[u];
-            g[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-        }
+   N, TW]), TW = 16 or 32. Tile by tile (one tile of x, N x TW x 4 B, stays in L2 while every
+   weight reads its row), eight weights at a time: eight independent chains of TW / 8 FMAs,
+   whose eight sums are reduced together (add_hsum8) and added to g. Returns -1 for another TW. */
+#define SDDMM_TILES(NAME, TW)                                                                 \
+static void NAME(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,               \
+                 const int32_t *restrict rows, const int32_t *restrict cols,                  \
+                 const float *restrict dyt, const float *restrict xt, float *restrict g) {    \
+    enum { U = (TW) / 8 };                                                                    \
+    for (int64_t i = i0; i < i1; ++i) g[i] = 0.f;                                             \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        const float *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                       \
+        int64_t i = i0;                                                                       \
+        for (; i + 8 <= i1; i += 8) {                                                         \
+            f8 s[8];                                                                          \
+            for (int k = 0; k < 8; ++k) {                                                     \
+                const f8 *a = (const f8 *)(dys + (int64_t)rows[i + k] * (TW));                \
+                const f8 *b = (const f8 *)(xs + (int64_t)cols[i + k] * (TW));                 \
+                s[k] = a[0] * b[0];                                                           \
+                for (int u = 1; u < U; ++u) s[k] += a[u] * b[u];                              \
+            }                                                                                 \
+            add_hsum8(s, g + i);                                                              \
+        }                                                                                     \
+        for (; i < i1; ++i) {                                                                 \
+            const f8 *a = (const f8 *)(dys + (int64_t)rows[i] * (TW));                        \
+            const f8 *b = (const f8 *)(xs + (int64_t)cols[i] * (TW));                         \
+            f8 v = a[0] * b[0];                                                               \
+            for (int u = 1; u < U; ++u) v += a[u] * b[u];                                     \
+            g[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));        \
+        }                                                                                     \
+    }                                                                                         \
+}
+SDDMM_TILES(sddmm_tiles_16, 16)
+SDDMM_TILES(sddmm_tiles_32, 32)
+
+int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,
+                const int32_t *restrict rows, const int32_t *restrict cols, const float *restrict dyt,
+                const float *restrict xt, float *restrict g) {
+    switch (tw) {
+    case 16: sddmm_tiles_16(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
+    case 32: sddmm_tiles_32(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
+    default: return -1;
     }
 }

@@ -336,6 +336,12 @@ def test_training_products_match_the_fp64_reference():
 
 
 @needs_library
+def test_training_products_of_wide_inputs_take_narrower_token_tiles():
+    assert cpu._tile_width(197, 2100, (8, 16, 24, 32)) == 24 and cpu._tile_width(197, 2100, (16, 32)) == 16
+    check_training_products(23, "wide input", shapes=((24, 2100),), tokens=(40,))
+
+
+@needs_library
 def test_training_products_split_over_threads(two_threads):
     check_training_products(21, "2 threads", shapes=((300, 37), (37, 300)), tokens=(5, 70))
 

@@ -13,24 +13,12 @@ import torch
 import kernels
 from bench import cpu_infer, e2e
 
+from tests.kernels.test_cpu_native import LAYERS
+
 from .conftest import ROOT, read_rows
 
 
-def _ablated_fanin(g):
-    layer = kernels.FanInLinear(40, 24, k=7, generator=g)
-    keep = torch.randperm(24, generator=g)[:15].to(torch.int32)  # unsorted surviving neurons
-    idx = torch.stack([torch.randperm(40, generator=g)[:7] for _ in range(15)]).to(torch.int32)
-    layer.set_pattern(torch.randn(15, 7, generator=g), idx, keep)
-    return layer
-
-
-TRAIN_LAYERS = {
-    "fan-in wide": lambda g: kernels.FanInLinear(300, 37, density=0.2, generator=g),
-    "fan-in ablated": _ablated_fanin,
-    "diag b=1 tall": lambda g: kernels.DiagLinear(40, 96, density=0.3, block_size=1, generator=g),
-    "diag b=16 wide": lambda g: kernels.DiagLinear(192, 64, density=0.3, block_size=16, generator=g),
-    "unstructured tall": lambda g: kernels.SparseLinear(37, 300, density=0.2, generator=g),
-}
+TRAIN_LAYERS = ("fan-in wide", "fan-in tall", "fan-in ablated", "diag b=1 tall", "diag b=16 wide", "unstructured")
 
 
 def _grads(layer, x, dy):
@@ -52,7 +40,7 @@ def _assert_within_2x_torch(native, torch32, ref, what):
 
 @pytest.mark.skipif(kernels.cpu.lib() is None, reason="no native CPU library here")
 @pytest.mark.parametrize("tokens", [1, 9, 40])
-@pytest.mark.parametrize("name", list(TRAIN_LAYERS))
+@pytest.mark.parametrize("name", TRAIN_LAYERS)
 def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
     calls = []  # the native products that answered (not those that returned None)
 
@@ -64,7 +52,7 @@ def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
     for fn in ("csr_matmul", "sddmm"):
         monkeypatch.setattr(kernels.cpu, fn, functools.partial(spy, real=getattr(kernels.cpu, fn), fn=fn))
     g = torch.Generator().manual_seed(30)
-    layer = TRAIN_LAYERS[name](g)
+    layer = LAYERS[name](g, True)
     layer_ref = copy.deepcopy(layer).double()
     for step in ("first step", "after a pattern change"):
         x = torch.randn(tokens, layer.in_features, generator=g)
@@ -79,7 +67,7 @@ def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
         ref = _grads(layer_ref, x.double(), dy.double())
         _assert_within_2x_torch(native, torch32, ref, f"{name}, T={tokens}, {step}")
         with torch.no_grad():  # a mask update: another pattern, the same layer object
-            other = TRAIN_LAYERS[name](g)
+            other = LAYERS[name](g, True)
             layer.load_state_dict(other.state_dict())
             layer_ref.load_state_dict({k: v.double() if v.is_floating_point() else v
                                        for k, v in other.state_dict().items()})

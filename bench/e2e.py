@@ -6,6 +6,8 @@ time and peak memory.
     python bench/e2e.py --models vit-b16,mlp --formats dense,diag64,diag64-fused   # fused vs unfused vs dense
     python bench/e2e.py --quick                           # CPU: micro models, pipeline check
     python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,csr --infer-only  # CPU inference
+    OMP_NUM_THREADS=1 python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,diag1,csr \
+        --batch 1 --steps 5 --clock cpu --cpu-native-train   # CPU, the training step through kernels/cpu
 
 Models come from ``models`` (ViT / Bert with a ``linear`` factory that makes qkv, attention
 out, fc1 and fc2 sparse at ``--sparsity``; patch / token embeddings, norms and heads stay

@@ -1,12 +1,17 @@
-"""Native CPU inference products (fp32) for ``SparseLayer.cpu_inference``: a small C library,
-``sparse_cpu.c``, compiled with the machine's C compiler into an ignored build folder and
-called through ctypes with tensors' data pointers (no torch headers, ~1-2 s to build).
+"""Native CPU products (fp32) for ``SparseLayer.cpu_inference`` and for the layers' CPU training
+step: a small C library, ``sparse_cpu.c``, compiled with the machine's C compiler into an
+ignored build folder and called through ctypes with tensors' data pointers (no torch headers,
+~1-2 s to build).
 
 Formats: the weight's elements as CSR with 2-byte column indices when in <= 65536 (4-byte
 otherwise) - fan-in, b = 1 diagonals, unstructured - and, for one token, block diagonals as a
 BSR of transposed b x b blocks (one index per block). x [T, in] fp32 -> y [T, out] fp32. The
 speed comes from the bytes moved (fan-in 6 bytes per weight against a dense layer's 4 / density)
-and not from a vendor's sparse routine; torch's MKL path stays the fallback.
+and not from a vendor's sparse routine; torch's MKL path stays the fallback. For training,
+``csr_matmul`` (W @ dense_t for a CSR W: forward and input gradient) and ``sddmm`` (the weight
+gradient at the stored elements) take the same arguments as the torch functions they stand in
+for (kernels.sparse.csr_matmul, kernels.sddmm's element dots) and return None where they do
+not apply.
 
 Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Two variants
 from one source: ``-mavx2 -mfma`` where the CPU reports both (read from /proc/cpuinfo at run
@@ -18,6 +23,7 @@ Example:
     >>> rows, cols = layer.coords()                                      # once per pattern
     >>> w = kernels.cpu.csr_weight(rows, cols, layer.values, 768, 3072)
     >>> y = kernels.cpu.matmul(w, x, layer.bias)                         # x [T, 3072] fp32
+    >>> g = kernels.cpu.sddmm(dy, x, rows, cols)                         # dW at the stored weights
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-/* CPU inference products of the sparse layers, fp32, for SparseLayer.cpu_inference.
+/* CPU products of the sparse layers, fp32: inference (SparseLayer.cpu_inference) and the
+   training step's forward, input gradient and weight gradient (kernels.cpu.csr_matmul, sddmm).
 
    y = x W^T + bias with W given as
    - CSR of its elements: crow [n_rows + 1] int32, cols [nnz] uint16 (in <= 65536) or int32,
@@ -9,9 +10,10 @@
    One token (csr_mv_*, bsr_mv): x [in], y [out]. Several tokens (csr_mm_*): x in tiles of TW
    tokens, token-minor, xt [n_tiles, in, TW] and yt [n_tiles, out, TW], TW in {8, 16, 24, 32}:
    each stored weight then scales one contiguous TW-wide row of xt; the CSR is split into
-   panels of columns (see CSR_MM).
-   Every function does the rows [r0, r1) (block rows for BSR), so callers may split the rows
-   over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
+   panels of columns (see CSR_MM); pack_tokens / unpack_tokens make and undo that layout.
+   Weight gradient (sddmm_tiles): g[i] = dy[:, rows[i]] . x[:, cols[i]] over the same tiles.
+   Every function does the rows [r0, r1) (block rows for BSR; stored weights for the SDDMM), so
+   callers may split them over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
    column indices, one index per b x b block) and the loop order. Built twice by kernels/cpu:
    -march=x86-64 (any x86-64) and -mavx2 -mfma (chosen at run time when the CPU has both);
    the f8 vectors below are GCC vector extensions, lowered to whatever the target has. */

@@ -30,8 +30,6 @@ INTERPRETER_NOTE = ("Triton ran under the CPU interpreter (TRITON_INTERPRET=1): 
                     "measure numpy emulation and are NOT speed figures; only the pipeline is exercised.")
 
 
-# ----------------------------------------------------------------------------- environment
-
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -92,8 +90,6 @@ def header_markdown(h: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- timing
-
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -117,8 +113,6 @@ def bench_ms(fn, *, warmup_ms: float = 25.0, rep_ms: float = 100.0, cpu_reps: in
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
-
-# ----------------------------------------------------------------------------- the gate
 
 # Error allowed on top of 2x torch's own error at the same dtype (flash-attention's rule, the
 # same as tests/kernels/conftest.py), scaled by the largest reference magnitude.
@@ -155,8 +149,6 @@ def gate(out: torch.Tensor, truth: torch.Tensor, lowp: torch.Tensor | None) -> t
 
 poisoned_empty = rt.poisoned_empty   # NaN-filled fresh outputs (the kernel tests use it too)
 
-
-# ----------------------------------------------------------------------------- launch configs
 
 class _Probed(Exception):
     pass
@@ -226,8 +218,6 @@ def merge_table(path: Path | str, winners: dict[str, dict[str, dict]], meta: dic
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return ordered
 
-
-# ----------------------------------------------------------------------------- outputs
 
 def append_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Append rows (the header is written once, when the file is new)."""

@@ -69,8 +69,6 @@ TUNE_FIELDS = ["run", "device", "mode", "kernel", "key", "winner", "default", "n
                "n_rejected", "x_default", "winner_ms_geomean"]
 
 
-# ----------------------------------------------------------------------------- arguments
-
 def _floats(s):
     return [float(v) for v in str(s).split(",") if v.strip()]
 
@@ -178,8 +176,6 @@ def build_cases(args, sparsities, ablations) -> list[Case]:
     return cases
 
 
-# ----------------------------------------------------------------------------- gate + time
-
 class Checks:
     """Per-call index checks off while timing (they synchronise); on for the gate."""
 
@@ -233,8 +229,6 @@ def _free():
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-# ----------------------------------------------------------------------------- 1. tune
 
 def tune(args, cases, run_info, save, out_of_time, log=print) -> dict[str, dict[str, dict]]:
     """Elect a winner per table key; ``save(kernel, key, config)`` stores each one as soon as
@@ -304,8 +298,6 @@ def tune(args, cases, run_info, save, out_of_time, log=print) -> dict[str, dict[
     return winners
 
 
-# ----------------------------------------------------------------------------- 3. report
-
 def report_case(args, case: Case, run_info: dict) -> dict:
     dev = common.device()
     prob = Problem(case, dev, args.seed)
@@ -343,8 +335,6 @@ def report_case(args, case: Case, run_info: dict) -> dict:
     _free()
     return row
 
-
-# ----------------------------------------------------------------------------- main
 
 def main(argv=None, log=print) -> int:
     args = parse_args(argv)

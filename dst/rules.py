@@ -74,11 +74,12 @@ class Rule:
 
     def schedule_warning(self, cfg, total_steps: int, method: str) -> str | None:
         """Why no mask would ever change in a run of ``total_steps`` under ``cfg`` (or None)."""
-        if self.update is None:
-            return None
         horizon = self.horizon(cfg, total_steps)
-        if any(is_update_step(s, cfg.delta_t, horizon) for s in range(total_steps)):
+        if self.update is None or any(is_update_step(s, cfg.delta_t, horizon) for s in range(total_steps)):
             return None
+        return self.no_update_message(cfg, total_steps, horizon, method)
+
+    def no_update_message(self, cfg, total_steps: int, horizon: float, method: str) -> str:
         return (f"no mask update will happen: --delta-t {cfg.delta_t} is not below the update horizon "
                 f"--t-end {cfg.t_end:g} x --steps {total_steps} = {horizon:g} steps, so {method} trains a "
                 f"static mask; pass --delta-t below {max(math.ceil(horizon), 2)}")
@@ -136,13 +137,10 @@ class DynaDiagRule(Rule):
         stored = layer.density()
         return stored * k / layer.num_diagonals if k is not None and not sp.frozen else stored
 
-    def schedule_warning(self, cfg, total_steps: int, method: str) -> str | None:
-        freeze_step = self.horizon(cfg, total_steps)
-        if any(is_update_step(s, cfg.delta_t, freeze_step) for s in range(total_steps)):
-            return None
-        return (f"no DynaDiag resampling before the freeze at step {freeze_step} (--freeze-at {cfg.freeze_at:g} x "
+    def no_update_message(self, cfg, total_steps: int, horizon: float, method: str) -> str:
+        return (f"no DynaDiag resampling before the freeze at step {horizon} (--freeze-at {cfg.freeze_at:g} x "
                 f"--steps {total_steps}) with --delta-t {cfg.delta_t}: the diagonals are chosen once, at the "
-                f"freeze; pass --delta-t below {max(freeze_step, 2)}")
+                f"freeze; pass --delta-t below {max(horizon, 2)}")
 
 
 RULES: dict[str, Rule] = {

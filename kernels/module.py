@@ -61,7 +61,6 @@ class SparseLayer(nn.Module):
             with torch.no_grad():
                 self.bias.uniform_(-bound, bound, generator=generator)
 
-    # ------------------------------------------------------------- CPU inference
 
     def cpu_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """y on CPU when no gradient is wanted, from a cached copy of the weight: in fp32 the

@@ -125,8 +125,6 @@ def runs_triton(t: torch.Tensor) -> bool:
     return _backend == "triton"
 
 
-# ----------------------------------------------------------------------------- launch configs
-
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 
@@ -244,8 +242,6 @@ def format_key(key: dict) -> str:
     return ",".join(f"{k}={key[k]}" for k in sorted(key))
 
 
-# ----------------------------------------------------------------------------- argument checks
-
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -296,8 +292,6 @@ def check_dtype_match(name: str, t: torch.Tensor, like_name: str, like: torch.Te
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
 
 
-# ----------------------------------------------------------------------------- autocast
-
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _libraries: dict[str, torch.library.Library] = {}
 
@@ -331,8 +325,6 @@ def _autocast_kernel(op, device_type: str):
             return op(*(cast(a) for a in args))
     return kernel
 
-
-# ----------------------------------------------------------------------------- pattern cache
 
 _PATTERNS: dict[tuple, tuple] = {}
 _PATTERNS_MAX = 1024

@@ -42,8 +42,6 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# ----------------------------------------------------------------------------- setup helpers
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,8 +219,6 @@ def check_fused_mlp(cfg) -> None:
                          f"fc2), got --dropout {cfg.dropout:g}")
 
 
-# ----------------------------------------------------------------------------- run folder
-
 def run_dir(cfg, entry: str) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
@@ -243,8 +239,6 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
 
 git_sha = kernels.runtime.git_sha
 
-
-# ----------------------------------------------------------------------------- checkpoints
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename (kernels.atomic_write): a kill at any moment leaves either the
@@ -323,8 +317,6 @@ def load_model_state(model: nn.Module, state: dict) -> None:
             kernels.resize_parameter(p, torch.empty(state[name].shape, dtype=p.dtype, device=p.device))
     model.load_state_dict(state, strict=True)
 
-
-# ----------------------------------------------------------------------------- run-time guards
 
 class StopSignal:
     """Turns SIGINT / SIGTERM into a flag the loop checks once per step, so that it saves a

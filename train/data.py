@@ -45,8 +45,6 @@ def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
-# ----------------------------------------------------------------------------- Hugging Face
-
 def _network_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """A bounded probe (DNS included) so that an offline machine fails in seconds instead of
     the 20-50 s the hub client takes."""
@@ -110,8 +108,6 @@ def _train_test(ds, seed: int):
         train, test = parts["train"], parts["test"]
     return train, test
 
-
-# ----------------------------------------------------------------------------- images
 
 @dataclass
 class ImageData:
@@ -255,8 +251,6 @@ def _resize(data: ImageData, side: int) -> ImageData:
     return ImageData(data.name, r(data.train_x), data.train_y, r(data.val_x), data.val_y, r(data.test_x),
                      data.test_y, data.num_classes)
 
-
-# ----------------------------------------------------------------------------- text
 
 @dataclass
 class TextData:

@@ -64,8 +64,6 @@ def usage_exit(message: str, prog: str) -> int:
     return 2
 
 
-# ----------------------------------------------------------------------------- which method reads what
-
 def dst_methods_of(field: str) -> tuple[str, ...]:
     """The methods that read DSTConfig field ``field`` (dst.config.METHOD_SPECS)."""
     return _dst_config.methods_reading(field)
@@ -92,8 +90,6 @@ def paper_defaults_note(field: str) -> str:
 def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
-
-# ----------------------------------------------------------------------------- config -> flags
 
 def field_comments(cls) -> dict[str, str]:
     """The trailing ``# comment`` of each dataclass field (and the comment-only lines after
@@ -247,8 +243,6 @@ def check_common(cfg) -> None:
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
 
-
-# ----------------------------------------------------------------------------- the entry points
 
 class Exit(Exception):
     """Leave the trainer with ``code`` (the message, if any, is printed already)."""

@@ -93,6 +93,30 @@ def flop_model(dim: int, hidden: int, tokens: int, block: int, offsets1: torch.T
     }
 
 
+def grouping_model(dim: int, hidden: int, block: int, offsets1: torch.Tensor, offsets2: torch.Tensor,
+                   nb: int, block_t: int, elem_bytes: int = 2) -> dict:
+    """What a fused forward whose programs own ``nb`` consecutive fc2 output blocks of a token
+    tile would do, if it computed each hidden block its group reads once (deduplicated across
+    the group's diagonals): the recompute factor (fc1 blocks computed / stored), the on-chip y
+    accumulator per program (fp32 bytes: nb b x block_t) and the bytes of weights every token
+    tile reads from L2 (fc1 blocks computed + fc2 blocks, b x b each). nb = 1 is today's kernel
+    (no dedup possible); nb = out / b is FlashAttention-style streaming (each read hidden block
+    once). The model behind kernels/fused.py's choice of one output block a program."""
+    b = block
+    R2 = dim // b
+    n1_rows, _ = block_counts(offsets1, hidden // b, dim // b)
+    rows2, cols2 = (t.reshape(-1).long() for t in diag_coords(offsets2.cpu(), R2, hidden // b))
+    computed = 0
+    for r0 in range(0, R2, nb):
+        in_group = (rows2 >= r0) & (rows2 < r0 + nb)
+        computed += int(n1_rows[torch.unique(cols2[in_group])].sum())
+    stored = int(n1_rows.sum())
+    return {"recompute": computed / stored if stored else math.nan,
+            "acc_bytes": nb * b * block_t * 4,
+            "weight_bytes_per_tile": (computed + rows2.numel()) * b * b * elem_bytes,
+            "x_tile_readers": -(-R2 // nb)}
+
+
 # ----------------------------------------------------------------------------- the variants
 
 class Variants:

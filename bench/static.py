@@ -416,7 +416,8 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None) -> tuple[
             l2 = T * (nnz / 2) * op.recompute / b * e + nnz * e * math.ceil(T / (block_t or T))
         else:  # several kernels: each reads and writes its tensor arguments once (h, dh between them)
             hbm = launch_bytes(op) or 3 * T * n_in * e + 2 * weights + 2 * T * n_out * e
-            l2 = 3 * T * nnz / b * e
+            # five unfused products per layer pair: h, dx2, dx1 gather one operand, dW2, dW1 two
+            l2 = 7 * T * (nnz / 2) / b * e + 2 * weights * math.ceil(T / (block_t or T))
         return hbm, l2
     act = T * (n_in + n_out) * e
     hbm = act + weights
@@ -452,7 +453,7 @@ def useful_flops(op: Op) -> float:
         half = op.nnz / 2  # fc1 and fc2 hold the same count at 768 <-> 3072
         if op.product == "fwd":
             return 2.0 * op.tokens * (half * op.recompute + half)
-        return 2.0 * op.tokens * (half * op.recompute + 4 * half)  # recomputed h, then dx and dW of both
+        return 2.0 * op.tokens * 5 * half  # h recomputed once (unfused), then dx and dW of both
     return 2.0 * op.tokens * op.nnz
 
 

@@ -136,11 +136,12 @@ def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bo
 
 @triton.jit
 def _diag_block_kernel(
-    a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr,
+    a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr, aux_ptr,
     T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
     B: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
     BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # A program owns NB consecutive output blocks (NB * b outputs) of one token tile; the
@@ -198,8 +199,17 @@ def _diag_block_kernel(
     feat = (q * B)[:, None, None] + offs_b[None, None, :]  # [NB, 1, BB] output features
     if HAS_BIAS:  # the layer's bias in the epilogue: no extra pass over y
         acc += tl.load(bias_ptr + feat, mask=mask_q[:, None, None] & (offs_b < B)[None, None, :], other=0.0).to(ACC)
-    tl.store(out_ptr + offs_t[None, :, None] * stride_ot + feat * stride_oi, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_q[:, None, None] & mask_tb)
+    out_offs = offs_t[None, :, None] * stride_ot + feat * stride_oi  # aux has out's shape and strides
+    mask_out = mask_q[:, None, None] & mask_tb
+    if EPILOGUE == 1:  # GELU: out = h, aux = gelu(h) (exact, erf) from the fp32 h
+        gelu = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        tl.store(aux_ptr + out_offs, gelu.to(aux_ptr.dtype.element_ty), mask=mask_out)
+    if EPILOGUE == 2:  # GELU_GRAD: out = acc * gelu'(h), h read from aux (the MLP's dh)
+        h = tl.load(aux_ptr + out_offs, mask=mask_out, other=0.0).to(ACC)
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        acc = acc * (cdf + h * pdf)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -388,8 +398,15 @@ def _tile_blocks(b: int) -> int:
 _INT32_MAX = 2 ** 31 - 1
 
 
-def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name, bias=None):
+# Epilogues of the block kernel (the fused MLP's backward; kernels/fused.py).
+EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_GRAD = 0, 1, 2
+
+
+def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name, bias=None,
+            aux=None, epilogue=EPILOGUE_NONE):
     T = a.shape[0]
+    if epilogue != EPILOGUE_NONE and b < 16:
+        raise ValueError(f"the GELU epilogues need block_size >= 16 (the block kernel), got {b}")
     if values.numel() > _INT32_MAX or max(a.shape[1], out.shape[1]) > _INT32_MAX:
         raise ValueError(f"values ({values.numel()} elements) and the feature widths must stay below 2^31: "
                          f"the kernels index them in int32")
@@ -415,9 +432,11 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
     if grid[0] > _INT32_MAX:
         raise ValueError(f"{T} tokens need {grid[0]} programs, more than a launch holds")
     _diag_block_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+                             out if aux is None else aux,
                              T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                              B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), NB=nb,
                              BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16, HAS_BIAS=bias is not None,
+                             EPILOGUE=epilogue,
                              UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(a.dtype),
                              NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
 
@@ -434,6 +453,39 @@ def diag_fwd(x2, values, offsets, block_size: int, out_features: int, bias=None)
             by_out=R < C, trans_w=True, kernel_name="diag_fwd",
             bias=None if bias is None else bias.contiguous())
     return y
+
+
+def diag_fwd_gelu(x2, values, offsets, block_size: int, out_features: int, bias=None):
+    """Launcher of the forward product with a GELU epilogue: (h, gelu(h)), both [T, out_features]
+    in x2's dtype, h = x2 W^T + bias, gelu exact (erf) from the fp32 h. block_size >= 16."""
+    R, C, D, P = _check(x2, values, offsets, block_size, out_features, bias)
+    h = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
+    if x2.shape[0] == 0 or offsets.numel() == 0:
+        if x2.shape[0]:
+            h.zero_() if bias is None else h.copy_(bias.expand_as(h))
+        return h, torch.nn.functional.gelu(h)
+    a = torch.empty_like(h)
+    _launch(x2, values.contiguous(), offsets.contiguous(), h, D, P, R, block_size,
+            by_out=R < C, trans_w=True, kernel_name="diag_fwd",
+            bias=None if bias is None else bias.contiguous(), aux=a, epilogue=EPILOGUE_GELU)
+    return h, a
+
+
+def diag_dx_gelu_grad(dy, values, offsets, block_size: int, in_features: int, h) -> torch.Tensor:
+    """Launcher of the input gradient through a GELU: (dy W) * gelu'(h), [T, in_features] in
+    dy's dtype; h: [T, in_features], dy's dtype (the pre-activation). block_size >= 16."""
+    R, C = dy.shape[1] // block_size, in_features // block_size
+    D, P = min(R, C), max(R, C)
+    if h.shape != (dy.shape[0], in_features):
+        raise ValueError(f"h must have shape {(dy.shape[0], in_features)}, got {tuple(h.shape)}")
+    dh = torch.empty(dy.shape[0], in_features, dtype=dy.dtype, device=dy.device)
+    if dy.shape[0] == 0:
+        return dh
+    if offsets.numel() == 0:
+        return dh.zero_()
+    _launch(dy, values.contiguous(), offsets.contiguous(), dh, D, P, C, block_size,
+            by_out=R >= C, trans_w=False, kernel_name="diag_dx", aux=h.contiguous(), epilogue=EPILOGUE_GELU_GRAD)
+    return dh
 
 
 def diag_dx(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
@@ -657,6 +709,33 @@ def _(dy, values, offsets, block_size, in_features):
     return dy.new_empty(dy.shape[0], in_features)
 
 
+@torch.library.custom_op("alwayssparse::diag_matmul_gelu", mutates_args=())
+def _diag_gelu_op(x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
+                  out_features: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if rt.runs_triton(x2):
+        return diag_fwd_gelu(x2, values, offsets, block_size, out_features, bias)
+    h = diag_fwd_torch(x2, values, offsets, block_size, out_features, bias)
+    return h, torch.nn.functional.gelu(h)
+
+
+@_diag_gelu_op.register_fake
+def _(x2, values, offsets, block_size, out_features, bias=None):
+    return x2.new_empty(x2.shape[0], out_features), x2.new_empty(x2.shape[0], out_features)
+
+
+@torch.library.custom_op("alwayssparse::diag_dx_gelu_grad", mutates_args=())
+def _diag_dx_gelu_grad_op(dy: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
+                          in_features: int, h: torch.Tensor) -> torch.Tensor:
+    if rt.runs_triton(dy):
+        return diag_dx_gelu_grad(dy, values, offsets, block_size, in_features, h)
+    return torch.ops.aten.gelu_backward(diag_dx_torch(dy, values, offsets, block_size, in_features), h)
+
+
+@_diag_dx_gelu_grad_op.register_fake
+def _(dy, values, offsets, block_size, in_features, h):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
 def _setup(ctx, inputs, output):
     x2, values, offsets, block_size, _, bias = inputs
     ctx.save_for_backward(x2, values, offsets)
@@ -679,6 +758,8 @@ def _backward(ctx, dy):
 _diag_op.register_autograd(_backward, setup_context=_setup)
 rt.register_autocast("alwayssparse::diag_matmul")
 rt.register_autocast("alwayssparse::diag_dx")
+rt.register_autocast("alwayssparse::diag_matmul_gelu")
+rt.register_autocast("alwayssparse::diag_dx_gelu_grad")
 
 
 def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int = 1,

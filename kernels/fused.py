@@ -31,19 +31,29 @@ about 3x at b = 16 (31% of dense), 1.75x at b = 32 (18%), 1.13x at b = 64 (12%),
 in, y out). Fusion by recomputation is nearly free at b = 64 and costs ~3x the sparse FLOPs
 at b = 16, where 16 x 16 tiles also keep the tensor cores far from peak.
 
+Why not compute each hidden block once (bench/fused_mlp.py's ``grouping_model``, ViT-B, 90%,
+seed-0 offsets): a program owning nb fc2 output blocks could share the hidden blocks its
+group reads. The recompute falls only slowly with nb - b = 16: 5.23 (nb = 1), 4.21 (4), 2.72
+(16), 1.0 only at nb = 48, every output; b = 64: 1.32, 1.20 (4), 0.85 at nb = 12 (once per
+read hidden block) - because random diagonals rarely overlap within a group. All outputs per
+program means a [BT, 768] fp32 y accumulator on chip: 192 KB at BT = 64 (192 registers a
+thread on 8 warps, the SM has 256 KB), and at BT = 16, where it fits, every token tile reads
+all weights again: 2.9-3.1 GB from L2 at T = 50,432 against 0.45 GB today (b = 64, BT = 128).
+Triton can also not add into a block of a register accumulator chosen at run time (the
+hidden block's target lane), so a shared hidden block costs a branch per lane or an
+NB-wide masked add per use. One output block a program with 128-token tiles stays the design.
+
 Training (the trade-off). The forward saves only its inputs (x and the weights), never h.
-The backward recomputes h = fc1(x) once with the unfused diagonal kernel, then runs the
-existing unfused ops: dW2 = SDDMM(dy, gelu(h)), da = dy W2 (diag_dx), dh = da * gelu'(h),
-dx = dh W1 (diag_dx), dW1 = SDDMM(dh, x), db = column sums. Memory: the activations kept
-from forward to backward per MLP are x alone instead of x, h and gelu(h) (at ViT-B, T =
-50,432, bf16: 0.62 GB less per MLP block); the backward briefly holds ~3 hidden-sized
-temporaries. Speed: the backward does one extra fc1 forward, 1 of the 6 sparse matmuls of an
-unfused training step (+17% FLOPs), and writes and reads h like the unfused backward reads
-its saved tensors; with the forward's recompute a fused training step does (recompute + 6)
-sparse-matmul units against 6: ~1.8x at b = 16, ~1.2x at b = 64 (19% and 13% of dense's).
-Returning h from the fused forward instead would save that matmul but write T x hidden in
-the forward (each hidden block from several programs, or none where no fc2 block reads it),
-giving back much of what fusion saves; recompute is simpler and exact.
+The backward recomputes h = fc1(x) once with the unfused diagonal kernel, whose epilogue also
+writes gelu(h) (``diag_fwd_gelu``), then: dW2 = SDDMM(dy, gelu(h)); dh = (dy W2) * gelu'(h) in
+one input-gradient launch with a GELU-derivative epilogue (``diag_dx_gelu_grad``, reading h);
+dx = dh W1 (diag_dx); dW1 = SDDMM(dh, x); db = column sums. No torch pass over a hidden-sized
+tensor but b1's column sum (gelu and gelu_backward were 1.5 GB of 3.9 GB at ViT-B, T =
+50,432, bf16; static model of the backward at b = 64: 1.33 -> 1.73x the dense MLP's backward
+on the H200). Memory: the activations kept from forward to backward per MLP are x alone
+instead of x, h and gelu(h) (at ViT-B, T = 50,432, bf16: 0.62 GB less per MLP block); the
+backward briefly holds h, gelu(h) and dh. Speed: the backward does one extra fc1 forward, 1
+of the 6 sparse matmuls of an unfused training step (+17% FLOPs).
 
 Example:
     y = fused_diag_mlp(x, v1, off1, b1, v2, off2, b2, block_size=16,
@@ -58,7 +68,8 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .diag import DiagLinear, _diag_dw, _diag_dx_op, _diag_op, diag_fwd_torch, diag_tile_list, diag_to_dense
+from .diag import (DiagLinear, _diag_dw, _diag_dx_gelu_grad_op, _diag_dx_op, _diag_gelu_op, diag_fwd_torch,
+                   diag_tile_list, diag_to_dense)
 from .sddmm import acc_dtype, dot_settings
 
 # tl.dot needs tiles of at least 16 x 16.
@@ -281,13 +292,16 @@ def _backward(ctx, dy):
     need = ctx.needs_input_grad
     dy = dy.contiguous()  # a gradient from .sum() has stride 0
     b, hidden = ctx.block_size, ctx.hidden_features
-    # Recompute the pre-activation with the unfused kernel (the forward kept nothing of it).
-    h = _diag_op(x2, w1_values, w1_offsets, b, hidden, b1)
-    dw2 = _diag_dw(dy, F.gelu(h), w2_offsets, b, w2_values.shape) if need[4] else None
+    # Recompute the pre-activation with the unfused kernel (the forward kept nothing of it);
+    # its epilogue writes gelu(h) beside h, and fc2's input gradient multiplies by gelu'(h) in
+    # its own: no torch pass over a hidden-sized tensor (gelu, gelu_backward: 1.5 GB of the
+    # 3.9 GB at ViT-B, T = 50,432, bf16).
+    h, act = _diag_gelu_op(x2, w1_values, w1_offsets, b, hidden, b1)
+    dw2 = _diag_dw(dy, act, w2_offsets, b, w2_values.shape) if need[4] else None
     db2 = _column_sum(dy, b2.dtype) if b2 is not None and need[6] else None
     dx = dw1 = db1 = None
     if need[0] or need[1] or need[3]:
-        dh = torch.ops.aten.gelu_backward(_diag_dx_op(dy, w2_values, w2_offsets, b, hidden), h)
+        dh = _diag_dx_gelu_grad_op(dy, w2_values, w2_offsets, b, hidden, h)
         dx = _diag_dx_op(dh, w1_values, w1_offsets, b, x2.shape[1]) if need[0] else None
         dw1 = _diag_dw(dh, x2, w1_offsets, b, w1_values.shape) if need[1] else None
         db1 = _column_sum(dh, b1.dtype) if b1 is not None and need[3] else None

@@ -73,3 +73,23 @@ def test_with_every_diagonal_each_hidden_block_is_recomputed_once_per_output_blo
                              torch.arange(hidden // b, dtype=I32))
     assert m["recompute"] == dim // b
     assert m["unfused"]["fwd"] == m["dense"]["fwd"]
+
+
+@pytest.mark.parametrize("b", [16, 64])
+def test_grouping_model_dedups_hidden_blocks_within_an_output_group(b):
+    dim, hidden = 768, 3072
+    g = torch.Generator().manual_seed(3)
+    off1 = torch.randperm(hidden // b, generator=g)[:hidden // b // 10].to(I32)
+    off2 = torch.randperm(hidden // b, generator=g)[:hidden // b // 10].to(I32)
+    one = fused_mlp.grouping_model(dim, hidden, b, off1, off2, 1, 64)
+    # one output block a program: nothing to share, the kernel's recompute (flop_model's)
+    assert one["recompute"] == pytest.approx(fused_mlp.flop_model(dim, hidden, 1, b, off1, off2)["recompute"])
+    every = fused_mlp.grouping_model(dim, hidden, b, off1, off2, dim // b, 64)
+    # every output block in one program: each hidden block fc2 reads is computed once
+    n1, _ = fused_mlp.block_counts(off1, hidden // b, dim // b)
+    _, n2 = fused_mlp.block_counts(off2, dim // b, hidden // b)
+    assert every["recompute"] == pytest.approx(float(n1[n2 > 0].sum()) / float(n1.sum()))
+    assert every["recompute"] <= 1.0 < one["recompute"]
+    assert every["acc_bytes"] == dim * 64 * 4 and every["x_tile_readers"] == 1
+    recomputes = [fused_mlp.grouping_model(dim, hidden, b, off1, off2, nb, 64)["recompute"] for nb in (1, 2, 4, 8)]
+    assert recomputes == sorted(recomputes, reverse=True)

@@ -1,12 +1,13 @@
 """kernels/diag.py: wrap-around (block-)diagonal product, gradients, geometry and the layer."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernels
 from kernels.diag import diag_matmul_ref, diag_to_dense, diagonals_for_density
 
-from .conftest import DEVICE, check_op
+from .conftest import DEVICE, assert_matches, check_op
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -265,3 +266,47 @@ def test_opcheck_passes_with_a_bias(backend):
     bias = torch.randn(16, generator=g).to(DEVICE)
     off = torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(_diag_op, (x, v.requires_grad_(), off, 4, 16, bias.requires_grad_()))
+
+
+# ----------------------------------------------------------------------------- GELU epilogues
+# (the fused MLP's backward: h and gelu(h) from one forward, dh = (dy W) * gelu'(h) from one
+# input-gradient launch)
+
+from kernels.diag import diag_dx_gelu_grad, diag_fwd_gelu  # noqa: E402
+
+
+# tall, wide; b = 16 (NB = 8 output blocks a program on a GPU) and 32; odd token counts
+@pytest.mark.parametrize("b,R,C,K,T", [(16, 6, 2, 3, 63), (16, 2, 6, 4, 1), (32, 3, 1, 2, 19), (32, 1, 3, 3, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_epilogues_match_gelu_of_the_reference_product(b, R, C, K, T, dtype):
+    g = torch.Generator().manual_seed(R * 10 + C + T)
+    n_in, n_out = C * b, R * b
+    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32).to(DEVICE)
+    values = (torch.randn(K, min(R, C), b, b, generator=g) / (b * K) ** 0.5).to(DEVICE)
+    bias = torch.randn(n_out, generator=g).to(DEVICE)
+    x = torch.randn(T, n_in, generator=g).to(DEVICE)
+    dy = torch.randn(T, n_out, generator=g).to(DEVICE)
+    w64 = diag_to_dense(values.double(), offsets, n_in, n_out, b)
+    h64 = x.double() @ w64.t() + bias.double()
+    # the reference at the kernel's dtype (torch's own rounding) for the 2x rule
+    wl = diag_to_dense(values.to(dtype), offsets, n_in, n_out, b)
+    hl = x.to(dtype) @ wl.t() + bias.to(dtype)
+    h, act = diag_fwd_gelu(x.to(dtype), values.to(dtype), offsets, b, n_out, bias.to(dtype))
+    assert_matches(h, h64, hl, "h")
+    assert_matches(act, F.gelu(h64), F.gelu(hl), "gelu(h)")
+    # input gradient of the layer whose *input* went through the GELU: dh = (dy2 W) * gelu'(h)
+    # with dy2 [T, n_out] and the pre-activation of its input [T, n_in]
+    pre = torch.randn(T, n_in, generator=g).to(DEVICE)
+    ref64 = torch.ops.aten.gelu_backward(dy.double() @ w64, pre.double())
+    refl = torch.ops.aten.gelu_backward(dy.to(dtype) @ wl, pre.to(dtype))
+    dh = diag_dx_gelu_grad(dy.to(dtype), values.to(dtype), offsets, b, n_in, pre.to(dtype))
+    assert_matches(dh, ref64, refl, "dh")
+
+
+def test_gelu_epilogues_without_diagonals_give_bias_terms():
+    x, dy, pre = torch.randn(5, 32), torch.randn(5, 64), torch.randn(5, 32)
+    none, bias = torch.zeros(0, 2, 16, 16), torch.randn(64)
+    off = torch.zeros(0, dtype=torch.int32)
+    h, act = diag_fwd_gelu(x, none, off, 16, 64, bias)
+    assert torch.equal(h, bias.expand(5, 64)) and torch.allclose(act, F.gelu(h))
+    assert torch.equal(diag_dx_gelu_grad(dy, none, off, 16, 32, pre), torch.zeros(5, 32))

@@ -173,6 +173,34 @@ def test_kernel_forward_never_makes_a_hidden_sized_tensor():
     assert sizes["triton"] < 20 * 128, sizes
 
 
+class _HiddenPasses(TorchDispatchMode):
+    """Names of the torch ops outside the project's custom ops that read or write a tensor of
+    at least ``n`` elements (a custom op reaches the mode as one call; it is not counted)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.names = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace != "alwayssparse":
+            flat = list(args) + list((kwargs or {}).values()) + list(out if isinstance(out, (tuple, list)) else [out])
+            if any(isinstance(t, torch.Tensor) and t.numel() >= self.n for t in flat):
+                self.names.append(func.__name__.split(".")[0])
+        return out
+
+
+def test_backward_makes_no_torch_pass_over_the_hidden_activation_but_the_bias_sum(backend):
+    """GELU and its derivative live in the kernels' epilogues: between the backward's launches
+    the only torch op over a [T, hidden] tensor is b1's column sum."""
+    v1, off1, b1, v2, off2, b2 = make(0, 16, 2, 8, 2, 3, 3)
+    leaves = [t.requires_grad_() for t in (torch.randn(20, 32, device=DEVICE), v1, b1, v2, b2)]
+    y = fused_diag_mlp(leaves[0], leaves[1], off1, leaves[2], leaves[3], off2, leaves[4], 16, 128, 32)
+    with _HiddenPasses(20 * 128) as census:
+        torch.autograd.grad(y, leaves, torch.randn_like(y))
+    assert census.names == ["sum"], census.names
+
+
 @pytest.mark.parametrize("biases", [(True, True), (False, False)])
 def test_opcheck_passes(backend, biases):
     v1, off1, b1, v2, off2, b2 = make(0, 16, 1, 2, 1, 2, 2, biases)

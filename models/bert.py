@@ -16,46 +16,14 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import Block, LinearFactory, dense_linear
-
-
-@dataclass
-class BertConfig:
-    vocab_size: int = 8000   # WordPiece vocabulary size (set from the tokenizer)
-    max_len: int = 128       # longest sequence (position embeddings)
-    dim: int = 128           # hidden width
-    depth: int = 2           # transformer blocks
-    heads: int = 2           # attention heads; must divide dim
-    mlp_dim: int = 512       # hidden width of each block's MLP
-    dropout: float = 0.1     # dropout on embeddings, attention, MLP and residual branches
-    fused_mlp: bool = False  # MLPs as one kernels.fused_mlp call where dropout cannot act (p = 0 or
-                             # eval); needs DiagLinear fc1 / fc2 with block >= 16 (models/transformer.py)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "BertConfig":
-        """A named model size (see ``BERT_PRESETS``) with field overrides."""
-        if name not in BERT_PRESETS:
-            raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(BERT_PRESETS)}")
-        return dataclasses.replace(cls(**BERT_PRESETS[name]), **overrides)
-
-    def validate(self) -> "BertConfig":
-        for f in ("vocab_size", "max_len", "dim", "depth", "heads", "mlp_dim"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise ValueError(f"{f} must be an int >= 1, got {getattr(self, f)!r}")
-        if self.dim % self.heads:
-            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.fused_mlp, bool):
-            raise ValueError(f"fused_mlp must be a bool, got {self.fused_mlp!r}")
-        return self
+from .transformer import Block, EncoderConfig, LinearFactory, dense_linear
 
 
 # "micro" for tests, "tiny" the CPU default (2 x 128, like the BERT-tiny of Turc et al.), then
@@ -68,6 +36,23 @@ BERT_PRESETS = {
     "base": dict(vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072, max_len=512),
     "large": dict(vocab_size=30522, dim=1024, depth=24, heads=16, mlp_dim=4096, max_len=512),
 }
+
+
+@dataclass
+class BertConfig(EncoderConfig):
+    vocab_size: int = 8000   # WordPiece vocabulary size (set from the tokenizer)
+    max_len: int = 128       # longest sequence (position embeddings)
+    dim: int = 128           # hidden width
+    depth: int = 2           # transformer blocks
+    heads: int = 2           # attention heads; must divide dim
+    mlp_dim: int = 512       # hidden width of each block's MLP
+    dropout: float = 0.1     # dropout on embeddings, attention, MLP and residual branches
+    fused_mlp: bool = False  # MLPs as one kernels.fused_mlp call where dropout cannot act (p = 0 or
+                             # eval); needs DiagLinear fc1 / fc2 with block >= 16 (models/transformer.py)
+
+    kind: ClassVar[str] = "BERT"
+    presets: ClassVar[dict] = BERT_PRESETS
+    input_fields: ClassVar[tuple[str, ...]] = ("vocab_size", "max_len")
 
 
 class Bert(nn.Module):

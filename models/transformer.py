@@ -17,7 +17,7 @@ see kernels/fused.py for its cost) whenever dropout cannot act: dropout 0, or ev
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,38 @@ import kernels
 from kernels.fused import MIN_BLOCK_SIZE
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+class EncoderConfig:
+    """What ViTConfig and BertConfig share: a preset by name, and the checks of an encoder's
+    fields (subclasses name their own int fields and may check more in ``_check_inputs``)."""
+    kind: ClassVar[str]                 # "ViT": for the error of an unknown preset
+    presets: ClassVar[dict]             # {name: field values}
+    input_fields: ClassVar[tuple[str, ...]]   # the ints of the input side (image_size, vocab_size, ...)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """A named model size (see ``presets``) with field overrides."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.kind} preset {name!r}; choose from {sorted(cls.presets)}")
+        return dataclasses.replace(cls(**cls.presets[name]), **overrides)
+
+    def _check_inputs(self) -> None:
+        """Checks of the input-side fields beyond being ints >= 1."""
+
+    def validate(self):
+        """ValueError naming the first bad field; returns self."""
+        for f in self.input_fields + ("dim", "depth", "heads", "mlp_dim"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {getattr(self, f)!r}")
+        self._check_inputs()
+        if self.dim % self.heads:
+            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.fused_mlp, bool):
+            raise ValueError(f"fused_mlp must be a bool, got {self.fused_mlp!r}")
+        return self
 
 
 def dense_linear(name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Module:

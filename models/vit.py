@@ -11,50 +11,14 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from .transformer import Block, LinearFactory, dense_linear
-
-
-@dataclass
-class ViTConfig:
-    image_size: int = 28     # input height = width
-    patch_size: int = 7      # side of a square patch; must divide image_size
-    channels: int = 1        # input channels (1 MNIST, 3 RGB)
-    num_classes: int = 10    # classifier outputs
-    dim: int = 64            # token width
-    depth: int = 4           # transformer blocks
-    heads: int = 4           # attention heads; must divide dim
-    mlp_dim: int = 256       # hidden width of each block's MLP (fc1 out, fc2 in)
-    dropout: float = 0.0     # dropout on attention, MLP and residual branches
-    fused_mlp: bool = False  # MLPs as one kernels.fused_mlp call where dropout cannot act (p = 0 or
-                             # eval); needs DiagLinear fc1 / fc2 with block >= 16 (models/transformer.py)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ViTConfig":
-        """A named model size (see ``VIT_PRESETS``) with field overrides."""
-        if name not in VIT_PRESETS:
-            raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(VIT_PRESETS)}")
-        return dataclasses.replace(cls(**VIT_PRESETS[name]), **overrides)
-
-    def validate(self) -> "ViTConfig":
-        for f in ("image_size", "patch_size", "channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise ValueError(f"{f} must be an int >= 1, got {getattr(self, f)!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
-        if self.dim % self.heads:
-            raise ValueError(f"heads={self.heads} must divide dim={self.dim}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.fused_mlp, bool):
-            raise ValueError(f"fused_mlp must be a bool, got {self.fused_mlp!r}")
-        return self
+from .transformer import Block, EncoderConfig, LinearFactory, dense_linear
 
 
 # Sizes: "micro" for tests (seconds), "tiny" the MNIST default (minutes on 2 CPU cores), then the
@@ -69,6 +33,29 @@ VIT_PRESETS = {
     "large": dict(image_size=224, patch_size=16, channels=3, num_classes=1000, dim=1024, depth=24,
                   heads=16, mlp_dim=4096),
 }
+
+
+@dataclass
+class ViTConfig(EncoderConfig):
+    image_size: int = 28     # input height = width
+    patch_size: int = 7      # side of a square patch; must divide image_size
+    channels: int = 1        # input channels (1 MNIST, 3 RGB)
+    num_classes: int = 10    # classifier outputs
+    dim: int = 64            # token width
+    depth: int = 4           # transformer blocks
+    heads: int = 4           # attention heads; must divide dim
+    mlp_dim: int = 256       # hidden width of each block's MLP (fc1 out, fc2 in)
+    dropout: float = 0.0     # dropout on attention, MLP and residual branches
+    fused_mlp: bool = False  # MLPs as one kernels.fused_mlp call where dropout cannot act (p = 0 or
+                             # eval); needs DiagLinear fc1 / fc2 with block >= 16 (models/transformer.py)
+
+    kind: ClassVar[str] = "ViT"
+    presets: ClassVar[dict] = VIT_PRESETS
+    input_fields: ClassVar[tuple[str, ...]] = ("image_size", "patch_size", "channels", "num_classes")
+
+    def _check_inputs(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
 
 
 class ViT(nn.Module):

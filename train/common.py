@@ -77,11 +77,12 @@ def check_block_size(build, model_cfg, dst_cfg: DSTConfig) -> dict:
     the sparse layers' shapes {name: (out, in)}."""
     shapes = sparse_layer_shapes(build, model_cfg)
     if LAYER_FORMAT[dst_cfg.method] == "diag":
-        b = dst_cfg.block_size
         for name, (out_f, in_f) in shapes.items():
-            if out_f % b or in_f % b:
-                raise UsageError(f"--block-size {b} must divide the width of every sparse layer; "
-                                 f"{name} is {in_f} -> {out_f}")
+            try:
+                kernels.diag_geometry(in_f, out_f, dst_cfg.block_size)   # the layer's own check
+            except ValueError:
+                raise UsageError(f"--block-size {dst_cfg.block_size} must divide the width of every sparse "
+                                 f"layer; {name} is {in_f} -> {out_f}") from None
     return shapes
 
 

@@ -29,6 +29,8 @@ Variants:
     diagonal b=1, b=16       kernels.DiagLinear
     SparseLinear             kernels.SparseLinear (unstructured)
     ... (torch path)         the four above on torch's MKL path instead of the native library
+    ... (kernels.cpu.matmul) fan-in and b=16: the native product alone on the layer's weight
+                             copy (no layer forward around it): the gap is per-call Python
     gather (inline)          the library's condensed formulation written inline,
                              (x[:, idx] * v).sum(-1), int64 indices made once: the gap to
                              "fan-in" is op and wrapper overhead
@@ -140,6 +142,21 @@ class _TorchPath(nn.Module):
             return self.layer(x)
 
 
+class _NativeCall(nn.Module):
+    """The native library's product alone: kernels.cpu.matmul on the layer's weight copy, made
+    once; the gap to the layer's row is the per-call Python of the layer (its forward and
+    SparseLayer.cpu_inference: checks, the cache key of the weight copy)."""
+
+    def __init__(self, layer: nn.Module, tokens: int):
+        super().__init__()
+        with torch.no_grad():
+            self.w = layer._inference_weight(layer.inference_values(), blocked=tokens == 1, native=True)
+        self.bias = None if layer.bias is None else layer.bias.detach()
+
+    def forward(self, x):
+        return kernels.cpu.matmul(self.w, x, self.bias)
+
+
 class _RoundRobin(nn.Module):
     """Calls its modules in turn, one per call: ``copies`` distinct layers of a variant, as a
     model's consecutive layers are, so a layer's weights are no longer in the core's cache
@@ -159,7 +176,7 @@ class _RoundRobin(nn.Module):
 DENSE, CSR = "dense nn.Linear", "CSR prebuilt"
 
 
-def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: bool, log=print
+def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: bool, log=print, tokens: int = 1
           ) -> dict[str, tuple[nn.Module, nn.Module, str]]:
     """{variant: (module, its dense equivalent, pattern description)}."""
     g = torch.Generator().manual_seed(seed)
@@ -181,6 +198,11 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
         if name in out:
             layer, ref, params = out[name]
             out[f"{name} (torch path)"] = (_TorchPath(layer), ref, params)
+    if kernels.cpu.lib() is not None:
+        for name in ("fan-in (condensed)", "diagonal b=16"):
+            if name in out:
+                layer, ref, params = out[name]
+                out[f"{name} (kernels.cpu.matmul)"] = (_NativeCall(layer, tokens), ref, params)
     out["gather (inline)"] = (_InlineGather(fan, flat=False), fan_dense, f"k={fan.k}")
     out["index_select (inline)"] = (_InlineGather(fan, flat=True), fan_dense, f"k={fan.k}")
     out["embedding_bag (inline)"] = (_EmbeddingBag(fan), fan_dense, f"k={fan.k}")
@@ -230,7 +252,8 @@ def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
     if args.copies > 1 and not args.quick:
         log("index_select (torch.compile) left out: one compilation per copy")
     sets = [build(args.in_features, args.out_features, args.sparsity, args.seed + 1000 * i,
-                  compile_gather=not args.quick and args.copies == 1, log=log) for i in range(args.copies)]
+                  compile_gather=not args.quick and args.copies == 1, log=log, tokens=args.batch)
+            for i in range(args.copies)]
     x = torch.randn(args.batch, args.in_features, generator=torch.Generator().manual_seed(args.seed + 1))
     errs = {}
     with torch.inference_mode():

@@ -400,14 +400,24 @@ def _device_cc() -> int | None:
 L1_TILE_BYTES = 128 * 1024  # an activation tile up to this size stays in L1 (256 KB per SM, with shared memory)
 
 
-def traffic(op: Op, e: int, block_t: int | None, programs: int | None) -> tuple[float, float]:
+def l1_cached(s: sass.Sass | None) -> bool:
+    """Whether the main loop's global loads can hit in L1: 16-byte cp.async (LDGSTS.*.BYPASS,
+    what Triton emits for pipelined 128-bit loads) goes from L2 straight to shared memory, so
+    a re-read of the same x block is another L2 read."""
+    loads = (s.loop_loads or "") if s is not None else ""
+    return not any(w.startswith("LDGSTS") and "BYPASS" in w for w in loads.split())
+
+
+def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
+            l1: bool = True) -> tuple[float, float]:
     """(compulsory HBM bytes, L2-to-SM bytes) of the op (model).
 
     HBM: activations in and out once, values and indices once (and the glue's passes, added by
     the caller). L2: every stored element (b = 1) or b x b block (b >= 16) re-reads the
     activation slice it multiplies, T x b elements (x for fwd, dy for dx, both for dw) - but no
     program reads more than its whole token tile (BLOCK_T x width) when that fits in L1 - and
-    every token tile re-reads the values. A model: L1 is taken as an LRU of 128 KB."""
+    every token tile re-reads the values. A model: L1 is taken as an LRU of 128 KB, and no L1
+    hit is counted when the main loop loads through L1-bypassing cp.async (``l1``)."""
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
     weights = nnz * e + op.index_bytes
     if op.fmt.startswith("mlp"):
@@ -423,7 +433,7 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None) -> tuple[
     hbm = act + weights
     width = {"fwd": n_in, "dx": n_out, "dw": n_in + n_out}[op.product]  # the gathered operand(s)
     gathered = (2 if op.product == "dw" else 1) * T * nnz / b * e
-    if block_t and programs:
+    if block_t and programs and l1:
         # A program touches at most its token tile of the gathered operand; re-reads of it hit
         # in L1 as far as the tile fits (a tile twice L1's share hits half of its re-reads).
         tile = min(block_t, T) * width * e
@@ -488,7 +498,7 @@ def compute_peak(s: sass.Sass, gpu: dict, dtype: str) -> tuple[float, str]:
 def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, block_t):
     """Model time (s) of the op, of dense cuBLAS at the shape, and the bound that decides."""
     e = dtype_of(op.dtype).itemsize
-    hbm, l2 = traffic(op, e, block_t, programs)
+    hbm, l2 = traffic(op, e, block_t, programs, l1_cached(primary))
     hbm += op.glue_bytes
     flops = useful_flops(op)
     if primary is not None:

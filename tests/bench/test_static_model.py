@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 _PROBE = r'''
@@ -48,12 +50,23 @@ static.capture(op, execute=False)
 g = [t for t in op.launches[0].args if isinstance(t, torch.Tensor)][-1]  # the kernel's output
 out["dw"] = dict(bytes=op.glue_bytes, ops=op.glue_ops, error=op.error, partial=g.numel() * g.element_size(),
                  partial_dims=g.dim(), values=op.nnz)
+# 4. L1 hits only for loads that go through L1: a b = 16 forward at 64-token tiles, its
+# main loop as synchronous LDG (L1-cached) and as 16-byte cp.async (L1-bypassing).
+op = [o for o in static.build_ops(["diag16"], ["fc1"], [50432], ["bfloat16"], torch.device("cpu"))
+      if o.product == "fwd"][0]
+cached, bypass = (sass.Sass(loop_loads=loads) for loads in ("LDG.Ex2 LDG.E.128x20", "LDGSTS.Ex2 LDGSTS.E.BYPASS.128x20"))
+programs = -(-50432 // 64) * 6
+out["l1"] = dict(flags=[static.l1_cached(cached), static.l1_cached(bypass), static.l1_cached(None)],
+                 l2_cached=static.traffic(op, 2, 64, programs, static.l1_cached(cached))[1],
+                 l2_bypass=static.traffic(op, 2, 64, programs, static.l1_cached(bypass))[1],
+                 gathered=50432 * op.nnz / 16 * 2)
 print(json.dumps(out))
 '''
 
 
-def _run_probe(tmp_path) -> dict:
-    path = tmp_path / "glue_probe.py"
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("static") / "glue_probe.py"
     path.write_text(_PROBE)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -62,8 +75,8 @@ def _run_probe(tmp_path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_glue_counts_the_torch_work_around_kernels_not_the_custom_ops_own_io(tmp_path):
-    out = _run_probe(tmp_path)
+def test_glue_counts_the_torch_work_around_kernels_not_the_custom_ops_own_io(probe):
+    out = probe
     fwd = out["fwd"]
     # The old count added the op's x + y + values (here 196 KB) to the HBM bytes a second time.
     assert fwd["launches"] == 1 and fwd["op_io"] > 4096
@@ -78,3 +91,10 @@ def test_glue_counts_the_torch_work_around_kernels_not_the_custom_ops_own_io(tmp
     assert not dw["error"] and dw["partial_dims"] == 5, dw
     assert dw["bytes"] == dw["partial"] + 4 * dw["values"] + (4 + 2) * dw["values"], dw
     assert dw["ops"] == 2, dw
+
+
+def test_l1_hits_are_counted_only_for_loads_that_go_through_l1(probe):
+    l1 = probe["l1"]
+    assert l1["flags"] == [True, False, True]
+    # cp.async bypassing L1: every block's x slice comes from L2 again (the plain gathered count)
+    assert l1["l2_bypass"] > l1["gathered"] > l1["l2_cached"], l1

@@ -1,7 +1,7 @@
-"""The native CPU inference library (kernels/cpu): its fp32 products against the fp64 torch
+"""The native CPU library (kernels/cpu): its fp32 inference products against the fp64 torch
 reference for every layer format, its cache following value and pattern changes, both builds
-(AVX2 and baseline x86-64), and the fall back to torch's path when it is disabled or cannot be
-built."""
+(AVX2 and baseline x86-64), the fall back to torch's path when it is disabled or cannot be
+built, and its training-step products (csr_matmul, sddmm) against fp64."""
 import os
 import platform
 import shutil

@@ -135,7 +135,7 @@ def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bo
 
 
 @triton.jit
-def _diag_block_kernel(
+def diag_block_kernel(
     a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr, aux_ptr,
     T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
@@ -144,9 +144,19 @@ def _diag_block_kernel(
     EPILOGUE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    # A program owns NB consecutive output blocks (NB * b outputs) of one token tile; the
-    # tiles of one token tile run together (output tiles vary fastest), so x stays in L2.
-    # Its loop walks the host-built list of (diagonal, first input block) pairs feeding the
+    """out = a @ op(W) (+ bias) for b >= 16 (tl.dot) or 1 < b < 16 (CUDA cores), with an
+    optional GELU epilogue: one program per (token tile of BLOCK_T, tile of NB output blocks).
+
+    a [T, n_in] (strides stride_at, stride_ai); values [K, D, B, B] contiguous; tile_ptr int32
+    [N_TILES + 1] and entries int32 [E, 2] from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT,
+    NB)``; bias [N_OUT * B] (read when HAS_BIAS); out [T, N_OUT * B] (strides stride_ot,
+    stride_oi); aux with out's shape and strides (EPILOGUE 1: written with gelu(out); 2: read
+    as h, out = acc * gelu'(h); 0: unused). TRANS_W: op(W) = W^T (the forward), else W (the
+    input gradient). BLOCK_B = next power of two >= max(B, 16) when USE_DOT. Grid:
+    (cdiv(T, BLOCK_T) * N_TILES,), output tiles varying fastest.
+    """
+    # The tiles of one token tile run together (output tiles vary fastest), so x stays in L2.
+    # The loop walks the host-built list of (diagonal, first input block) pairs feeding the
     # tile: block nb reads input block p0 + nb (wrapped once at P), in int32; the 3-D tl.dot
     # keeps the NB accumulators [BT, b] apart.
     pid = tl.program_id(0)
@@ -213,15 +223,22 @@ def _diag_block_kernel(
 
 
 @triton.jit
-def _diag_elem_kernel(
+def diag_elem_kernel(
     a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr,
     T, D, P, N_OUT, N_TILES,
     stride_at, stride_ai, stride_ot, stride_oi,
     BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BY_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    # b = 1: a [BT, BQ] tile of outputs; per diagonal of the host list, output q0 + j reads
-    # input p0 + j (wrapped once at P): a shifted contiguous run of x and of the values.
+    """out = a @ op(W) (+ bias) for element diagonals (b = 1) on CUDA cores: one program per
+    (token tile of BLOCK_T, BLOCK_Q consecutive outputs).
+
+    a [T, n_in] (strides stride_at, stride_ai); values [K, D] contiguous; tile_ptr / entries
+    int32 from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT, BLOCK_Q)``; bias [N_OUT] (read
+    when HAS_BIAS); out [T, N_OUT] (strides stride_ot, stride_oi). Grid: (cdiv(T, BLOCK_T) *
+    N_TILES,). Per diagonal, output q0 + j reads input p0 + j (wrapped once at P): a shifted
+    contiguous run of x and of the values.
+    """
     pid = tl.program_id(0)
     tile = pid % N_TILES
     pid_t = pid // N_TILES
@@ -269,7 +286,7 @@ def diag_dw_groups(offsets: torch.Tensor, R: int, C: int, group: int) -> torch.T
 
 
 @triton.jit
-def _diag_dw_kernel(
+def diag_dw_kernel(
     dy_ptr, x_ptr, groups_ptr, g_ptr,
     T, T_CHUNK, D, R, C, N_GROUPS, N_VALUES,
     stride_dyt, stride_dyo, stride_xt, stride_xi,
@@ -277,11 +294,17 @@ def _diag_dw_kernel(
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    # dW[k, d] = dy[:, row block]^T @ x[:, column block] for G consecutive blocks d of one
-    # diagonal (their rows and columns are runs, wrapped once) over one token chunk. Token-
-    # major tiles: the MMA is [b, BT] @ [BT, b], batched over the G blocks (3-D mma.sync) or,
-    # for G = 1, 2-D (wgmma on sm_90 for b >= 64). Chunks write fp32 partials, summed on the
-    # host: deterministic, no atomics.
+    """Partial weight gradients g[chunk, k, d] = dy[chunk, row block]^T @ x[chunk, column
+    block] for G consecutive blocks d of one diagonal over one chunk of T_CHUNK tokens.
+
+    dy [T, out] (strides stride_dyt, stride_dyo); x [T, in] (strides stride_xt, stride_xi);
+    groups int32 [N_GROUPS, 4] from ``diag_dw_groups(offsets, R, C, G)``; g [n_chunks, K, D, B,
+    B] contiguous (N_VALUES = K * D * B * B elements a chunk; fp32, or dy's dtype when one
+    chunk). Grid: (N_GROUPS * n_chunks,). The launcher sums the chunks: deterministic, no
+    atomics.
+    """
+    # Token-major tiles: the MMA is [b, BT] @ [BT, b], batched over the G blocks (3-D
+    # mma.sync) or, for G = 1, 2-D (wgmma on sm_90 for b >= 64).
     pid = tl.program_id(0)
     group = pid % N_GROUPS
     chunk = pid // N_GROUPS
@@ -345,6 +368,10 @@ def _diag_dw_kernel(
               + offs_b[None, :, None] * B + offs_b[None, None, :])  # [G, BB, BB]
     tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty),
              mask=valid[:, None, None] & mask_b[None, :, None] & mask_b[None, None, :])
+
+
+# The kernels' earlier names (kernels/__init__.py imports them).
+_diag_block_kernel, _diag_elem_kernel, _diag_dw_kernel = diag_block_kernel, diag_elem_kernel, diag_dw_kernel
 
 
 def _check(x2, values, offsets, block_size, out_features, bias=None):
@@ -428,7 +455,7 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
         tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, cfg["BLOCK_Q"])
         n_tiles = tile_ptr.numel() - 1
         grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
-        _diag_elem_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+        diag_elem_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
                                 T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                                 BLOCK_T=cfg["BLOCK_T"], BLOCK_Q=cfg["BLOCK_Q"], BY_OUT=by_out, HAS_BIAS=bias is not None,
                                 ACC=acc_dtype(a.dtype), NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
@@ -442,7 +469,7 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
     if grid[0] > _INT32_MAX:
         raise ValueError(f"{T} tokens need {grid[0]} programs, more than a launch holds")
-    _diag_block_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+    diag_block_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
                              out if aux is None else aux,
                              T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                              B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), NB=nb,
@@ -453,7 +480,21 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
 
 
 def diag_fwd(x2, values, offsets, block_size: int, out_features: int, bias=None) -> torch.Tensor:
-    """Launcher of the forward product. x2: [T, in] -> y: [T, out_features] (+ bias [out])."""
+    """Launcher of the forward product y = x2 W^T (+ bias): checks, allocates y, launches
+    ``diag_block_kernel`` (b >= 2) or ``diag_elem_kernel`` (b = 1) on x2's device.
+
+    Args:
+        x2: [T, in], floating (fp16 / bf16 / fp32 / fp64), any strides; T may be 0.
+        values: [K, D, b, b], x2's dtype, D = min(in, out) / b (made contiguous).
+        offsets: int32 [K], distinct, in [0, P), P = max(in, out) / b; K may be 0.
+        block_size: b >= 1, dividing in and out_features.
+        out_features: the width of y (a tall layer's height is not in values' shape).
+        bias: [out_features], x2's dtype, or None; added in the kernel's epilogue.
+    Returns:
+        y: [T, out_features], x2's dtype (accumulated in fp32, fp64 for fp64).
+    Constraints: values' element count and both widths below 2^31 (int32 indexing); the
+    grid (cdiv(T, BLOCK_T) x output tiles) below 2^31 programs.
+    """
     R, C, D, P = _check(x2, values, offsets, block_size, out_features, bias)
     y = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
     if x2.shape[0] == 0:
@@ -467,8 +508,15 @@ def diag_fwd(x2, values, offsets, block_size: int, out_features: int, bias=None)
 
 
 def diag_fwd_gelu(x2, values, offsets, block_size: int, out_features: int, bias=None):
-    """Launcher of the forward product with a GELU epilogue: (h, gelu(h)), both [T, out_features]
-    in x2's dtype, h = x2 W^T + bias, gelu exact (erf) from the fp32 h. block_size >= 16."""
+    """Launcher of the forward product with a GELU epilogue (the fused MLP's backward):
+    ``diag_block_kernel`` with EPILOGUE=1 writes h and gelu(h) in one pass.
+
+    Args: as ``diag_fwd`` (x2 [T, in]; values [K, D, b, b] and bias [out_features] in x2's
+        dtype; offsets int32 [K]), with block_size b >= 16.
+    Returns:
+        (h, gelu(h)): each [T, out_features] in x2's dtype; h = x2 W^T + bias, the exact
+        (erf) GELU taken from the fp32 accumulator before rounding.
+    """
     R, C, D, P = _check(x2, values, offsets, block_size, out_features, bias)
     h = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
     if x2.shape[0] == 0 or offsets.numel() == 0:
@@ -483,8 +531,18 @@ def diag_fwd_gelu(x2, values, offsets, block_size: int, out_features: int, bias=
 
 
 def diag_dx_gelu_grad(dy, values, offsets, block_size: int, in_features: int, h) -> torch.Tensor:
-    """Launcher of the input gradient through a GELU: (dy W) * gelu'(h), [T, in_features] in
-    dy's dtype; h: [T, in_features], dy's dtype (the pre-activation). block_size >= 16."""
+    """Launcher of the input gradient through a GELU (the fused MLP's dh): ``diag_block_kernel``
+    with EPILOGUE=2 multiplies dy W by gelu'(h) before it stores.
+
+    Args:
+        dy: [T, out], floating, any strides.
+        values: [K, D, b, b], dy's dtype; offsets: int32 [K] distinct in [0, P).
+        block_size: b >= 16, dividing out and in_features.
+        in_features: the width of the result.
+        h: [T, in_features], dy's dtype: the pre-activation the GELU was applied to.
+    Returns:
+        dh: [T, in_features], dy's dtype, (dy W) * gelu'(h) with the exact (erf) derivative.
+    """
     R, C = dy.shape[1] // block_size, in_features // block_size
     D, P = min(R, C), max(R, C)
     if h.shape != (dy.shape[0], in_features):
@@ -500,7 +558,18 @@ def diag_dx_gelu_grad(dy, values, offsets, block_size: int, in_features: int, h)
 
 
 def diag_dx(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
-    """Launcher of the input gradient. dy: [T, out] -> dx: [T, in_features]."""
+    """Launcher of the input gradient dx = dy W: the forward's kernel with the roles of the
+    block row and column swapped (the transposed pattern is diagonal with the same offsets).
+
+    Args:
+        dy: [T, out], floating (fp16 / bf16 / fp32 / fp64), any strides; T may be 0.
+        values: [K, D, b, b], dy's dtype; offsets: int32 [K], distinct, in [0, P).
+        block_size: b >= 1, dividing out and in_features.
+        in_features: the width of dx.
+    Returns:
+        dx: [T, in_features], dy's dtype (accumulated in fp32, fp64 for fp64).
+    Constraints: as ``diag_fwd``.
+    """
     R, C = dy.shape[1] // block_size, in_features // block_size
     D, P = min(R, C), max(R, C)
     dx = torch.empty(dy.shape[0], in_features, dtype=dy.dtype, device=dy.device)
@@ -616,8 +685,18 @@ def _dw_default(b: int) -> dict:
 
 
 def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
-    """Launcher of the weight gradient (the block SDDMM at the diagonals' blocks).
-    dy: [T, out], x2: [T, in] -> [K, D, b, b] in dy's dtype (accumulated in fp32)."""
+    """Launcher of the weight gradient dW[k, d] = dy[:, row block]^T x2[:, column block] (the
+    block SDDMM at the diagonals' blocks): ``diag_dw_kernel`` over token chunks, the fp32
+    partials summed here (deterministic); b = 1 goes to the element SDDMM (kernels/sddmm.py).
+
+    Args:
+        dy: [T, out], floating, any strides; x2: [T, in], dy's dtype, same T (may be 0).
+        offsets: int32 [K], distinct, in [0, P), P = max(in, out) / b.
+        block_size: b >= 1, dividing in and out.
+    Returns:
+        [K, D, b, b] in dy's dtype (accumulated in fp32, fp64 for fp64), D = min(in, out) / b.
+    Constraints: K * D * b * b and both widths below 2^31 (int32 indexing).
+    """
     rt.check_float("dy", dy)
     rt.check_float("x", x2)
     rt.check_dtype_match("dy", dy, "x", x2)
@@ -650,7 +729,7 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
     g = torch.empty((n_chunks, K, D, b, b) if n_chunks > 1 else (K, D, b, b),
                     dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
     upcast, precision = dot_settings(dy.dtype)
-    _diag_dw_kernel[(n_groups * n_chunks,)](
+    diag_dw_kernel[(n_groups * n_chunks,)](
         dy, x2, groups, g, T, chunk, D, R, C, n_groups, K * D * b * b,
         dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1),
         B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), G=cfg["G"], BLOCK_T=bt,

@@ -7,7 +7,7 @@ time and peak memory.
     python bench/e2e.py --quick                           # CPU: micro models, pipeline check
     python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,csr --infer-only  # CPU inference
     OMP_NUM_THREADS=1 python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,diag1,csr \
-        --batch 1 --steps 5 --clock cpu --cpu-native-train   # CPU, the training step through kernels/cpu
+        --batch 1 --steps 5 --clock cpu   # CPU (the training step's sparse products through kernels/cpu)
 
 Models come from ``models`` (ViT / Bert with a ``linear`` factory that makes qkv, attention
 out, fc1 and fc2 sparse at ``--sparsity``; patch / token embeddings, norms and heads stay
@@ -33,10 +33,8 @@ computes the logits of every position.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import importlib
 import inspect
 import math
 import statistics
@@ -197,7 +195,6 @@ class Runner:
     """One model in one format: its training step and its inference step."""
 
     def __init__(self, model: str, fmt: str, args, device, dtype):
-        self.native_train = getattr(args, "cpu_native_train", False) and fmt != "dense"
         self.work = build(model, fmt, args, device, dtype)
         if fmt.endswith("-fused"):
             check_fused(self.work.net, dtype)
@@ -210,9 +207,8 @@ class Runner:
     def train_step(self):
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        with native_training() if self.native_train else contextlib.nullcontext():
-            loss = self.work.loss()
-            loss.backward()
+        loss = self.work.loss()
+        loss.backward()
         self.opt.step()
         self.loss = loss.detach()
 
@@ -224,38 +220,6 @@ class Runner:
     def drop_optimizer(self):
         self.opt.zero_grad(set_to_none=True)
         self.opt = None
-
-
-@contextlib.contextmanager
-def native_training():
-    """The native CPU library in the sparse layers' training step: kernels.sparse.csr_matmul
-    (forward and input gradient of every format) and kernels.sddmm's element dots (weight
-    gradient) try kernels.cpu.csr_matmul / kernels.cpu.sddmm first, torch's path where those
-    return None. A stand-in, for this benchmark, for the two hooks those files are to get (one
-    ``if`` each); inside it, the same module globals are swapped and restored on exit."""
-    # (kernels.sddmm is the function; the modules by name)
-    sparse, fanin, diag, sddmm = (importlib.import_module(f"kernels.{m}") for m in ("sparse", "fanin", "diag", "sddmm"))
-    torch_csr, torch_dots = sparse.csr_matmul, sddmm._sampled_dots
-
-    def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
-        y = kernels.cpu.csr_matmul(crow, col, values, n_rows, n_cols, dense_t)
-        return torch_csr(crow, col, values, n_rows, n_cols, dense_t) if y is None else y
-
-    def sampled_dots(dy, x, rows, cols):
-        g = kernels.cpu.sddmm(dy, x, rows, cols)
-        return torch_dots(dy, x, rows, cols) if g is None else g
-
-    mods = (sparse, fanin, diag)
-    saved = [m.csr_matmul for m in mods]
-    try:
-        for m in mods:
-            m.csr_matmul = csr_matmul
-        sddmm._sampled_dots = sampled_dots
-        yield
-    finally:
-        for m, f in zip(mods, saved):
-            m.csr_matmul = f
-        sddmm._sampled_dots = torch_dots
 
 
 # --clock cpu: the process's CPU time (all its threads), for a CPU shared with other jobs, where
@@ -385,15 +349,11 @@ def main(argv=None, log=print) -> int:
                    help="CPU: wall (perf_counter) or cpu (process CPU time, for a CPU shared with other jobs)")
     p.add_argument("--infer-only", action="store_true",
                    help="CPU: time inference only (no training steps; a loaded CPU then needs ~1/4 of the time)")
-    p.add_argument("--cpu-native-train", action="store_true",
-                   help="CPU: the sparse layers' training step through kernels/cpu (see native_training)")
     p.add_argument("--quick", action="store_true", help="micro models, CPU-sized (pipeline check)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
     device = common.device()
     gpu = device.type == "cuda"
-    if args.cpu_native_train and gpu:
-        p.error("--cpu-native-train is for CPU runs")
     if args.infer_only and gpu:
         p.error("--infer-only is for CPU runs")
     args.phases = ("infer",) if args.infer_only else ("train", "infer")
@@ -427,8 +387,8 @@ def main(argv=None, log=print) -> int:
         native = kernels.cpu.lib()
         head["native_cpu"] = (f"{kernels.cpu.variant()[0]} build of kernels/cpu" if native is not None
                               else f"unavailable ({kernels.cpu.error()}): the sparse layers ran torch's path")
-        head["training_step"] = ("sparse products through kernels/cpu (bench/e2e.py native_training)"
-                                 if args.cpu_native_train and native is not None else "sparse products through torch (MKL)")
+        head["training_step"] = ("sparse products through kernels/cpu (kernels.cpu.csr_matmul, kernels.cpu.sddmm)"
+                                 if native is not None else "sparse products through torch (MKL)")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()
     kernels.set_checks(False)  # per-call index checks synchronise; the layers check on mask change

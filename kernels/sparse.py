@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from . import cpu as cpu_native
 from . import runtime as rt
 from .coords import csr_structure, sample_distinct, sort_coords
 from .module import SparseLayer
@@ -48,7 +49,12 @@ def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
     """(W @ dense_t) for W [n_rows, n_cols] in CSR (crow, col int32 or int64, values);
     dense_t [n_cols, T]. fp16/bf16 on CPU are computed in fp32 (MKL has no such kernels).
     One token (T = 1) is a sparse matrix-vector product: MKL's mv is ~2.5x faster than its mm
-    with one column (Linear 3072 -> 768 at 90%, 1 thread)."""
+    with one column (Linear 3072 -> 768 at 90%, 1 thread). In fp32 with the native library
+    (kernels.cpu) the product is its own: 2-byte indices, tiles of tokens (the forward and
+    input grad of every format in a CPU training step; bench/e2e.py)."""
+    y = cpu_native.csr_matmul(crow, col, values, n_rows, n_cols, dense_t)
+    if y is not None:
+        return y
     dt = _compute_dtype(dense_t)
     idx = torch.int32 if crow.dtype == col.dtype == torch.int32 else torch.int64
     w = torch.sparse_csr_tensor(crow.to(idx), col.to(idx), values.to(dt), size=(n_rows, n_cols),

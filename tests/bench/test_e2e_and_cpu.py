@@ -57,10 +57,10 @@ def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
     for step in ("first step", "after a pattern change"):
         x = torch.randn(tokens, layer.in_features, generator=g)
         dy = torch.randn(tokens, layer.out_features, generator=g)
-        torch32 = _grads(layer, x, dy)
+        with kernels.cpu.disabled():
+            torch32 = _grads(layer, x, dy)
         calls.clear()
-        with e2e.native_training():
-            native = _grads(layer, x, dy)
+        native = _grads(layer, x, dy)
         if tokens > 4 or not isinstance(layer, kernels.DiagLinear):  # (DiagLinear gathers at T <= 4)
             assert sorted(calls) == ["csr_matmul", "csr_matmul", "sddmm"], \
                 f"{name}: forward, input and weight gradient not all native ({calls})"
@@ -71,18 +71,6 @@ def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
             layer.load_state_dict(other.state_dict())
             layer_ref.load_state_dict({k: v.double() if v.is_floating_point() else v
                                        for k, v in other.state_dict().items()})
-
-
-def test_native_training_puts_torchs_functions_back():
-    import kernels.diag as diag_mod
-    import kernels.fanin as fanin_mod
-    sddmm_mod = e2e.importlib.import_module("kernels.sddmm")
-    before = (kernels.sparse.csr_matmul, fanin_mod.csr_matmul, diag_mod.csr_matmul, sddmm_mod._sampled_dots)
-    with pytest.raises(RuntimeError, match="inside"):
-        with e2e.native_training():
-            assert fanin_mod.csr_matmul is not before[1]
-            raise RuntimeError("inside")
-    assert (kernels.sparse.csr_matmul, fanin_mod.csr_matmul, diag_mod.csr_matmul, sddmm_mod._sampled_dots) == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU pipeline check")

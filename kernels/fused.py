@@ -5,7 +5,7 @@ without writing the hidden activation to memory.
     y = gelu(h) @ W2^T + b2  y: [..., out]      W2: [out, hidden]
 
 W1 = (w1_values [K1, D1, b, b], w1_offsets int32 [K1]) and W2 = (w2_values [K2, D2, b, b],
-w2_offsets int32 [K2]) follow kernels/diag.py exactly; GELU is the exact (erf) one, as
+w2_offsets int32 [K2]) follow kernels/diag/ exactly; GELU is the exact (erf) one, as
 ``torch.nn.functional.gelu``'s default. Block sizes b >= 16 (the kernel multiplies b x b
 tiles with tl.dot); any geometry of either layer (tall, wide, square), any K (0 included).
 
@@ -68,8 +68,8 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .diag import (DiagLinear, _diag_dw, _diag_dx_gelu_grad_op, _diag_dx_op, _diag_gelu_op, diag_fwd_torch,
-                   diag_tile_list, diag_to_dense)
+from .diag import (DiagLinear, diag_dx_gelu_grad_op, diag_dx_op, diag_fwd_torch, diag_matmul_gelu_op,
+                   diag_tile_list, diag_to_dense, diag_weight_grad)
 from .sddmm import acc_dtype, dot_settings
 
 # tl.dot needs tiles of at least 16 x 16.
@@ -105,7 +105,7 @@ def fused_diag_mlp_kernel(
     Grid: (cdiv(T, BLOCK_T) * N_OUT,), output blocks varying fastest.
     """
     # Output blocks vary fastest: programs running together read one token tile of x. The
-    # loops walk host-built lists (kernels/diag.py's diag_tile_list with one block a tile):
+    # loops walk host-built lists (kernels/diag's diag_tile_list with one block a tile):
     # fc2's (k2 * D2, hidden block j) pairs of output block r, and for each j fc1's
     # (k1 * D1, input block c) pairs - no branch, no modulo, int32 indices.
     pid = tl.program_id(0)
@@ -260,7 +260,7 @@ def fused_diag_mlp_fwd(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
         raise ValueError("the weights and feature widths must stay below 2^31 elements: the kernel indexes "
                          "them in int32")
     # Per hidden block, fc1's (k1 * D1, input block) pairs; per output block, fc2's (k2 * D2,
-    # hidden block) pairs: the forward lists of kernels/diag.py with one block a tile.
+    # hidden block) pairs: the forward lists of kernels/diag with one block a tile.
     ptr1, entries1 = diag_tile_list(w1_offsets.contiguous(), R1, P1, D1, R1 < C1, 1)
     ptr2, entries2 = diag_tile_list(w2_offsets.contiguous(), R2, P2, D2, R2 < C2, 1)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * R2,)
@@ -277,7 +277,7 @@ def fused_diag_mlp_fwd(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
 
 def fused_diag_mlp_torch(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size: int,
                          hidden_features: int, out_features: int) -> torch.Tensor:
-    """CPU path: the two diagonal products of kernels/diag.py around GELU, the hidden
+    """CPU path: the two diagonal products of kernels/diag around GELU, the hidden
     activation in the accumulator's precision (fp32, fp64 for fp64) as in the kernel."""
     _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size, hidden_features, out_features)
     if x2.shape[0] == 0:
@@ -329,14 +329,14 @@ def _backward(ctx, dy):
     # its epilogue writes gelu(h) beside h, and fc2's input gradient multiplies by gelu'(h) in
     # its own: no torch pass over a hidden-sized tensor (gelu, gelu_backward: 1.5 GB of the
     # 3.9 GB at ViT-B, T = 50,432, bf16).
-    h, act = _diag_gelu_op(x2, w1_values, w1_offsets, b, hidden, b1)
-    dw2 = _diag_dw(dy, act, w2_offsets, b, w2_values.shape) if need[4] else None
+    h, act = diag_matmul_gelu_op(x2, w1_values, w1_offsets, b, hidden, b1)
+    dw2 = diag_weight_grad(dy, act, w2_offsets, b, w2_values.shape) if need[4] else None
     db2 = _column_sum(dy, b2.dtype) if b2 is not None and need[6] else None
     dx = dw1 = db1 = None
     if need[0] or need[1] or need[3]:
-        dh = _diag_dx_gelu_grad_op(dy, w2_values, w2_offsets, b, hidden, h)
-        dx = _diag_dx_op(dh, w1_values, w1_offsets, b, x2.shape[1]) if need[0] else None
-        dw1 = _diag_dw(dh, x2, w1_offsets, b, w1_values.shape) if need[1] else None
+        dh = diag_dx_gelu_grad_op(dy, w2_values, w2_offsets, b, hidden, h)
+        dx = diag_dx_op(dh, w1_values, w1_offsets, b, x2.shape[1]) if need[0] else None
+        dw1 = diag_weight_grad(dh, x2, w1_offsets, b, w1_values.shape) if need[1] else None
         db1 = _column_sum(dh, b1.dtype) if b1 is not None and need[3] else None
     return dx, dw1, None, db1, dw2, None, db2, None, None, None
 

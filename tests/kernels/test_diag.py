@@ -1,4 +1,4 @@
-"""kernels/diag.py: wrap-around (block-)diagonal product, gradients, geometry and the layer."""
+"""kernels/diag/: wrap-around (block-)diagonal product, gradients, geometry and the layer."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -62,7 +62,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory(compiled_r
     assert {r["format"] for r in rows} >= {"fanin", "diag1", "diag16", "diag64", "sparse", "mlp16", "mlp64"}
     assert all(r["registers"] for r in rows)
     # The default configs of the training dtype keep every kernel out of local memory on H100
-    # (fp32 tiles take twice the registers; some spill there, see kernels/diag.py).
+    # (fp32 tiles take twice the registers; some spill there, see kernels/diag/kernel.py).
     spilled = [(r["op"], r["kernel"], r["spill_bytes"]) for r in rows
                if r["cc"] == 90 and r["dtype"] == "bfloat16" and r["spill_bytes"]]
     assert not spilled, spilled

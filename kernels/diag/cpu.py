@@ -1,0 +1,101 @@
+"""The CPU path of the diagonal format (torch, no Triton): MKL CSR products of the diagonals'
+elements for small blocks, batched b x b block products for large ones, and the weight
+gradient through the SDDMM's torch path."""
+from __future__ import annotations
+
+import torch
+
+from .. import runtime as rt
+from ..coords import csr_structure
+from ..sddmm import sddmm
+from ..sparse import csr_matmul
+from .pattern import block_coords, element_coords
+from .reference import check_args, diag_geometry
+
+
+_TORCH_CHUNK_ELEMS = 1 << 22
+
+
+def _acc(t):
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _diag_product_torch(a, values, offsets, n_in_blocks, n_out_blocks, b, gather: bool, transpose_w: bool):
+    """out = a @ op(W) block by block. ``gather``: the diagonal is indexed by the output side,
+    so each output block d gathers input block (d + o) mod n_in; otherwise each input block d
+    produces a contribution that is scattered to output block (d + o) mod n_out."""
+    T, K, D = a.shape[0], values.shape[0], values.shape[1]
+    a3 = _acc(a).reshape(T, n_in_blocks, b)
+    v = _acc(values)
+    out = a3.new_zeros(T, n_out_blocks, b)
+    if T == 0 or K == 0:
+        return out.reshape(T, n_out_blocks * b).to(a.dtype)
+    d = torch.arange(D, device=a.device)
+    spec = "tkdj,kdij->tkdi" if transpose_w else "tkdi,kdij->tkdj"
+    step = max(1, _TORCH_CHUNK_ELEMS // max(T * D * b, 1))
+    for s in range(0, K, step):
+        o = offsets[s:s + step].long()[:, None]
+        if gather:
+            src = a3[:, (d[None, :] + o) % n_in_blocks]  # [T, k, D, b]
+            out += torch.einsum(spec, src, v[s:s + step]).sum(1)
+        else:
+            src = a3[:, None, :D].expand(T, o.shape[0], D, b)
+            contrib = torch.einsum(spec, src, v[s:s + step])  # [T, k, D, b]
+            dst = ((d[None, :] + o) % n_out_blocks).reshape(-1)
+            out.index_add_(1, dst, contrib.reshape(T, -1, b))
+    return out.reshape(T, n_out_blocks * b).to(a.dtype)
+
+
+# Up to this block size the CPU path multiplies the diagonals' elements as a CSR (MKL) and
+# takes their weight gradient as element dots (sampled_addmm); from it on, the block products
+# (batched b x b GEMMs) win. Linear 768 <-> 3072 at 90%, 197 tokens, 2 threads, fwd / dx / dW
+# ms: b = 16 elements 3.0-3.3 / 3.2-3.4 / 4.1-4.4, blocks 4.5-5.6 / 4.5-5.8 / 6.1-7.6;
+# b = 64 elements 3.1-3.2 / 3.0-3.1 / 3.7-3.8, blocks 1.4-1.7 / 1.3-1.7 / 1.8-2.0.
+_CPU_ELEMENT_MAX_BLOCK = 16
+
+
+def _diag_csr_product(a, values, offsets, R, C, b: int, transpose: bool):
+    """CPU, b <= _CPU_ELEMENT_MAX_BLOCK: the K * D * b * b elements as an MKL CSR product
+    (measured 10-20x faster than the gathered einsum at b = 1). ``transpose``: multiply by W^T
+    (the input grad). R, C count blocks."""
+    n_r, n_c = (C * b, R * b) if transpose else (R * b, C * b)
+
+    def build():  # the CSR structure of the diagonals' elements, once per pattern
+        rows, cols = element_coords(offsets, R, C, b)
+        return csr_structure(*((cols, rows) if transpose else (rows, cols)), n_r, n_c)
+
+    order, crow, csr_cols = rt.cached_pattern((offsets,), ("diag", R, C, b, transpose), build)
+    vals = values.reshape(-1) if order is None else values.reshape(-1)[order]
+    return csr_matmul(crow, csr_cols, vals, n_r, n_c, a.t()).t().contiguous()
+
+
+def _elementwise_on_cpu(block_size: int, tokens: int, offsets) -> bool:
+    return block_size <= _CPU_ELEMENT_MAX_BLOCK and tokens > 4 and offsets.numel() > 0
+
+
+def diag_fwd_torch(x2, values, offsets, block_size: int, out_features: int, bias=None) -> torch.Tensor:
+    R, C, D, P = check_args(x2, values, offsets, block_size, out_features, bias)
+    if _elementwise_on_cpu(block_size, x2.shape[0], offsets):
+        y = _diag_csr_product(x2, values, offsets, R, C, block_size, transpose=False)
+    else:
+        y = _diag_product_torch(x2, values, offsets, C, R, block_size, gather=R < C, transpose_w=True)
+    return y if bias is None else y + bias
+
+
+def diag_dx_torch(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
+    R, C = dy.shape[1] // block_size, in_features // block_size
+    if _elementwise_on_cpu(block_size, dy.shape[0], offsets):
+        return _diag_csr_product(dy, values, offsets, R, C, block_size, transpose=True)
+    return _diag_product_torch(dy, values, offsets, R, C, block_size, gather=R >= C, transpose_w=False)
+
+
+def diag_dw_torch(dy, x2, offsets, block_size: int) -> torch.Tensor:
+    """CPU path of the weight gradient: element dots (b <= _CPU_ELEMENT_MAX_BLOCK) or block
+    products through the SDDMM's torch path, at the diagonals' (cached) coordinates."""
+    b = block_size
+    R, C, D, P = diag_geometry(x2.shape[1], dy.shape[1], b)
+    shape = (offsets.numel(), D, b, b)
+    if _elementwise_on_cpu(b, dy.shape[0], offsets):
+        rows, cols = element_coords(offsets, R, C, b)
+        return sddmm(dy, x2, rows, cols, 1).reshape(shape)
+    return sddmm(dy, x2, *block_coords(offsets, R, C), b).reshape(shape)

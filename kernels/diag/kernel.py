@@ -1,0 +1,502 @@
+"""The Triton kernels of the diagonal format and their launchers.
+
+A program of ``diag_block_kernel`` owns a token tile and NB consecutive output blocks (b = 16:
+8 blocks, 128 outputs, a 3-D tl.dot, or 32 with L1-cached loads where x's tile fits L1; b >=
+32: one block, a 2-D dot, which the sm_90 SASS shows cheaper per block pair there, see
+``_tile_blocks``). Its loop walks a host-built list of the (diagonal, input block of the tile's
+first block) pairs that feed the tile (``diag_tile_list``): block nb reads input block p0 + nb,
+wrapped once, so the loop has no branch and no modulo, indexes in int32 and pipelines
+(``tl.range(num_stages=)``). The transpose of the pattern is again diagonal with the same
+offsets, so the input gradient is the same kernel with the roles swapped: no atomics, no
+re-layout. b = 1 (``diag_elem_kernel``) walks the same list: each diagonal is a shifted
+contiguous run of x and of its values. ``diag_dw_kernel`` reduces dW[k, d] = dy[:, row]^T @
+x[:, col] over a token chunk for G consecutive blocks of one diagonal (their rows and columns
+are runs too) with token-major tiles, and writes fp32 partials per chunk that the launcher
+sums: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import runtime as rt
+from ..sddmm import acc_dtype, dot_settings, sddmm
+from .pattern import block_coords, diag_dw_groups, diag_tile_list
+from .reference import check_args, diag_geometry
+
+
+
+@triton.jit
+def tile_entry(entries_ptr, e, lanes, q, mask_q, P, D, BY_OUT: tl.constexpr):
+    """Entry e of a tile list for the tile's lanes: (k * D, input blocks p [lanes], value
+    indices d [lanes], valid [lanes]). Lane n reads input block p0 + n, wrapped once at P;
+    BY_OUT (the diagonal indexed by the output side) takes value index q, else p, valid
+    only where p < D."""
+    vbase = tl.load(entries_ptr + 2 * e)  # k * D
+    p = tl.load(entries_ptr + 2 * e + 1) + lanes
+    p = tl.where(p >= P, p - P, p)
+    if BY_OUT:
+        d = q
+        valid = mask_q
+    else:
+        d = p
+        valid = mask_q & (p < D)
+    return vbase, p, d, valid
+
+
+@triton.jit
+def diag_block_kernel(
+    a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr, aux_ptr,
+    T, D, P, N_OUT, N_TILES,
+    stride_at, stride_ai, stride_ot, stride_oi,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
+    BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """out = a @ op(W) (+ bias) for b >= 16 (tl.dot) or 1 < b < 16 (CUDA cores), with an
+    optional GELU epilogue: one program per (token tile of BLOCK_T, tile of NB output blocks).
+
+    a [T, n_in] (strides stride_at, stride_ai); values [K, D, B, B] contiguous; tile_ptr int32
+    [N_TILES + 1] and entries int32 [E, 2] from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT,
+    NB)``; bias [N_OUT * B] (read when HAS_BIAS); out [T, N_OUT * B] (strides stride_ot,
+    stride_oi); aux with out's shape and strides (EPILOGUE 1: written with gelu(out); 2: read
+    as h, out = acc * gelu'(h); 0: unused). TRANS_W: op(W) = W^T (the forward), else W (the
+    input gradient). BLOCK_B = next power of two >= max(B, 16) when USE_DOT. Grid:
+    (cdiv(T, BLOCK_T) * N_TILES,), output tiles varying fastest.
+    """
+    # The tiles of one token tile run together (output tiles vary fastest), so x stays in L2.
+    # The loop walks the host-built list of (diagonal, first input block) pairs feeding the
+    # tile: block nb reads input block p0 + nb (wrapped once at P), in int32; the 3-D tl.dot
+    # keeps the NB accumulators [BT, b] apart.
+    pid = tl.program_id(0)
+    tile = pid % N_TILES
+    pid_t = pid // N_TILES
+    offs_n = tl.arange(0, NB)
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_b = tl.arange(0, BLOCK_B)
+    q = tile * NB + offs_n  # [NB] output blocks
+    mask_q = q < N_OUT
+    mask_tb = (offs_t < T)[None, :, None] & (offs_b < B)[None, None, :]  # [1, BT, BB]
+    a_rows = a_ptr + offs_t[None, :, None] * stride_at  # [1, BT, 1], the only int64 offsets
+    # w[i, j] of a stored block is (output feature i, input feature j); read as op(W).
+    if TRANS_W:
+        w_offs = offs_b[None, None, :] * B + offs_b[None, :, None]  # [1, BB(j), BB(i)]
+    else:
+        w_offs = offs_b[None, :, None] * B + offs_b[None, None, :]  # [1, BB(i), BB(j)]
+    mask_w = (offs_b < B)[None, :, None] & (offs_b < B)[None, None, :]
+    if USE_DOT and NB == 1:
+        acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
+    else:
+        acc = tl.zeros((NB, BLOCK_T, BLOCK_B), dtype=ACC)
+    start = tl.load(tile_ptr + tile)
+    end = tl.load(tile_ptr + tile + 1)
+    for e in tl.range(start, end, num_stages=NUM_STAGES):
+        vbase, p, d, valid = tile_entry(entries_ptr, e, offs_n, q, mask_q, P, D, BY_OUT)  # [NB] lanes
+        a = tl.load(a_rows + ((p * B)[:, None, None] + offs_b[None, None, :]) * stride_ai,
+                    mask=valid[:, None, None] & mask_tb, other=0.0)  # [NB, BT, BB]
+        w = tl.load(values_ptr + ((vbase + d) * (B * B))[:, None, None] + w_offs,
+                    mask=valid[:, None, None] & mask_w, other=0.0)  # [NB, BB, BB]
+        if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+            a = a.to(ACC)
+            w = w.to(ACC)
+        if USE_DOT and NB == 1:  # a 2-D dot: wgmma on sm_90 (a 3-D one is mma.sync)
+            acc += tl.dot(tl.reshape(a, (BLOCK_T, BLOCK_B)), tl.reshape(w, (BLOCK_B, BLOCK_B)),
+                          input_precision=DOT_PRECISION, out_dtype=ACC)
+        elif USE_DOT:
+            acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            acc += tl.sum(a.to(ACC)[:, :, :, None] * w.to(ACC)[:, None, :, :], axis=2)
+    acc = tl.reshape(acc, (NB, BLOCK_T, BLOCK_B))
+    feat = (q * B)[:, None, None] + offs_b[None, None, :]  # [NB, 1, BB] output features
+    if HAS_BIAS:  # the layer's bias in the epilogue: no extra pass over y
+        acc += tl.load(bias_ptr + feat, mask=mask_q[:, None, None] & (offs_b < B)[None, None, :], other=0.0).to(ACC)
+    out_offs = offs_t[None, :, None] * stride_ot + feat * stride_oi  # aux has out's shape and strides
+    mask_out = mask_q[:, None, None] & mask_tb
+    if EPILOGUE == 1:  # GELU: out = h, aux = gelu(h) (exact, erf) from the fp32 h
+        gelu = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        tl.store(aux_ptr + out_offs, gelu.to(aux_ptr.dtype.element_ty), mask=mask_out)
+    if EPILOGUE == 2:  # GELU_GRAD: out = acc * gelu'(h), h read from aux (the MLP's dh)
+        h = tl.load(aux_ptr + out_offs, mask=mask_out, other=0.0).to(ACC)
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        acc = acc * (cdf + h * pdf)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def diag_elem_kernel(
+    a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr,
+    T, D, P, N_OUT, N_TILES,
+    stride_at, stride_ai, stride_ot, stride_oi,
+    BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BY_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """out = a @ op(W) (+ bias) for element diagonals (b = 1) on CUDA cores: one program per
+    (token tile of BLOCK_T, BLOCK_Q consecutive outputs).
+
+    a [T, n_in] (strides stride_at, stride_ai); values [K, D] contiguous; tile_ptr / entries
+    int32 from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT, BLOCK_Q)``; bias [N_OUT] (read
+    when HAS_BIAS); out [T, N_OUT] (strides stride_ot, stride_oi). Grid: (cdiv(T, BLOCK_T) *
+    N_TILES,). Per diagonal, output q0 + j reads input p0 + j (wrapped once at P): a shifted
+    contiguous run of x and of the values.
+    """
+    pid = tl.program_id(0)
+    tile = pid % N_TILES
+    pid_t = pid // N_TILES
+    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, BLOCK_Q)
+    q = tile * BLOCK_Q + offs_j  # [BQ]
+    mask_q = q < N_OUT
+    mask_t = offs_t < T
+    a_rows = a_ptr + offs_t[:, None] * stride_at  # [BT, 1]
+    acc = tl.zeros((BLOCK_T, BLOCK_Q), dtype=ACC)
+    start = tl.load(tile_ptr + tile)
+    end = tl.load(tile_ptr + tile + 1)
+    for e in tl.range(start, end, num_stages=NUM_STAGES):
+        vbase, p, d, valid = tile_entry(entries_ptr, e, offs_j, q, mask_q, P, D, BY_OUT)  # [BQ] lanes
+        a = tl.load(a_rows + p[None, :] * stride_ai, mask=mask_t[:, None] & valid[None, :], other=0.0)  # [BT, BQ]
+        w = tl.load(values_ptr + vbase + d, mask=valid, other=0.0)  # [BQ]
+        acc += a.to(ACC) * w.to(ACC)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + q, mask=mask_q, other=0.0).to(ACC)[None, :]
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + q[None, :] * stride_oi,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_q[None, :])
+
+
+@triton.jit
+def diag_dw_kernel(
+    dy_ptr, x_ptr, groups_ptr, g_ptr,
+    T, T_CHUNK, D, R, C, N_GROUPS, N_VALUES,
+    stride_dyt, stride_dyo, stride_xt, stride_xi,
+    B: tl.constexpr, BLOCK_B: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Partial weight gradients g[chunk, k, d] = dy[chunk, row block]^T @ x[chunk, column
+    block] for G consecutive blocks d of one diagonal over one chunk of T_CHUNK tokens.
+
+    dy [T, out] (strides stride_dyt, stride_dyo); x [T, in] (strides stride_xt, stride_xi);
+    groups int32 [N_GROUPS, 4] from ``diag_dw_groups(offsets, R, C, G)``; g [n_chunks, K, D, B,
+    B] contiguous (N_VALUES = K * D * B * B elements a chunk; fp32, or dy's dtype when one
+    chunk). Grid: (N_GROUPS * n_chunks,). The launcher sums the chunks: deterministic, no
+    atomics.
+    """
+    # Token-major tiles: the MMA is [b, BT] @ [BT, b], batched over the G blocks (3-D
+    # mma.sync) or, for G = 1, 2-D (wgmma on sm_90 for b >= 64).
+    pid = tl.program_id(0)
+    group = pid % N_GROUPS
+    chunk = pid // N_GROUPS
+    offs_n = tl.arange(0, G)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    vd = tl.load(groups_ptr + 4 * group) + offs_n  # [G] k * D + d
+    d = tl.load(groups_ptr + 4 * group + 1) + offs_n
+    r = tl.load(groups_ptr + 4 * group + 2) + offs_n
+    c = tl.load(groups_ptr + 4 * group + 3) + offs_n
+    r = tl.where(r >= R, r - R, r)
+    c = tl.where(c >= C, c - C, c)
+    valid = d < D
+    t_start = chunk * T_CHUNK
+    t_end = tl.minimum(t_start + T_CHUNK, T)
+    offs_t = tl.arange(0, BLOCK_T)
+    row0 = t_start.to(tl.int64)
+    if USE_DOT and G == 1:
+        # One block: 2-D token-major tiles [BT, BB]; dy^T goes to the MMA as a transposed view
+        # (loaded async like x; a transposed pointer tile would be loaded synchronously and
+        # shuffled in registers: 132 PRMT per iteration at b = 64).
+        dy_ptrs = (dy_ptr + (row0 + offs_t)[:, None] * stride_dyt
+                   + (tl.sum(r, 0) * B + offs_b)[None, :] * stride_dyo)  # [BT, BB]
+        x_ptrs = x_ptr + (row0 + offs_t)[:, None] * stride_xt + (tl.sum(c, 0) * B + offs_b)[None, :] * stride_xi
+        acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=ACC)
+        for t0 in tl.range(t_start, t_end, BLOCK_T, num_stages=NUM_STAGES):
+            m = (t0 + offs_t < t_end)[:, None] & mask_b[None, :]
+            a = tl.load(dy_ptrs, mask=m, other=0.0)  # [BT, BB(i)]
+            x = tl.load(x_ptrs, mask=m, other=0.0)  # [BT, BB(j)]
+            if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+                a = a.to(ACC)
+                x = x.to(ACC)
+            acc += tl.dot(tl.trans(a), x, input_precision=DOT_PRECISION, out_dtype=ACC)
+            dy_ptrs += BLOCK_T * stride_dyt
+            x_ptrs += BLOCK_T * stride_xt
+        acc = tl.reshape(acc, (G, BLOCK_B, BLOCK_B))
+    else:
+        # G blocks: dy read as [G, BB(i), BT] (the 3-D dot's A, loaded async as it is; its
+        # transposed view of a [G, BT, BB] tile loads synchronously), x as [G, BT, BB(j)].
+        dy_ptrs = (dy_ptr + (row0 + offs_t)[None, None, :] * stride_dyt
+                   + ((r * B)[:, None, None] + offs_b[None, :, None]) * stride_dyo)
+        x_ptrs = (x_ptr + (row0 + offs_t)[None, :, None] * stride_xt
+                  + ((c * B)[:, None, None] + offs_b[None, None, :]) * stride_xi)
+        mask_dy = valid[:, None, None] & mask_b[None, :, None]
+        mask_x = valid[:, None, None] & mask_b[None, None, :]
+        acc = tl.zeros((G, BLOCK_B, BLOCK_B), dtype=ACC)
+        for t0 in tl.range(t_start, t_end, BLOCK_T, num_stages=NUM_STAGES):
+            in_t = t0 + offs_t < t_end
+            a = tl.load(dy_ptrs, mask=mask_dy & in_t[None, None, :], other=0.0)  # [G, BB, BT]
+            x = tl.load(x_ptrs, mask=mask_x & in_t[None, :, None], other=0.0)  # [G, BT, BB]
+            if UPCAST:
+                a = a.to(ACC)
+                x = x.to(ACC)
+            if USE_DOT:
+                acc += tl.dot(a, x, input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                acc += tl.sum(a.to(ACC)[:, :, :, None] * x.to(ACC)[:, None, :, :], axis=2)
+            dy_ptrs += BLOCK_T * stride_dyt
+            x_ptrs += BLOCK_T * stride_xt
+    offs_g = (chunk.to(tl.int64) * N_VALUES + (vd * (B * B))[:, None, None]
+              + offs_b[None, :, None] * B + offs_b[None, None, :])  # [G, BB, BB]
+    tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty),
+             mask=valid[:, None, None] & mask_b[None, :, None] & mask_b[None, None, :])
+
+
+# b = 16 with a gathered operand whose 64-token tile fits in L1 (fc1's forward, fc2's input
+# gradient at 768 wide): 32 output blocks a program and synchronous loads (LDG.E.128, cached
+# in L1; pipelined 16-byte cp.async bypasses L1, so every diagonal re-reads x from L2). sm_90,
+# bf16, T = 50,432, ViT-B: x from L2 once per 32 output blocks instead of once per diagonal,
+# static model 0.95 -> 1.90x dense; 242-254 registers, 1 block (8 warps) an SM, no spill.
+_L1_TILE_BYTES = 96 * 1024
+
+
+def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0) -> dict:
+    """Launch config of the block kernel where the table has no entry (bench/sweep.py tunes
+    the rest). Under the interpreter: big tiles, few loop iterations. fp32 / fp64 tiles take
+    twice the registers: b = 16 then keeps 4 blocks (8 spill 32 bytes in fp32 on sm_90).
+    ``width``: features of the gathered operand (x for the forward, dy for the input grad)."""
+    nb = _tile_blocks(b)
+    if dtype.itemsize > 2 and b == 16:
+        nb //= 2
+    if rt.interpreting():
+        return {"BLOCK_T": 64, "NB": nb, "num_warps": 4, "num_stages": 1}
+    if b == 16 and dtype.itemsize == 2 and epilogue == 0 and 0 < 64 * width * dtype.itemsize <= _L1_TILE_BYTES:
+        return {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1}
+    return {"BLOCK_T": 128, "NB": nb, "num_warps": 8 if b >= 64 or nb > 1 else 4, "num_stages": 3}
+
+
+def _tile_blocks(b: int) -> int:
+    """Output blocks per program (NB) by default, chosen on the sm_90 SASS (bf16, 128-token
+    tiles, instructions of the loop body per (input block, output block) pair, warps x
+    body / NB): b = 16 NB = 8 on 8 warps (3-D mma.sync 16816, 180 / pair, 92-104 registers)
+    beats NB = 1 (wgmma 64x16x16, 296 / pair); b = 32 NB = 1 (wgmma 64x32x16, 360 / pair,
+    83 registers) beats NB = 4 (mma.sync, 460 / pair, 201 registers); b = 64 NB = 1 (wgmma
+    64x64x16, 74-89 registers) where NB = 2 spills 10 KB. b < 16 (CUDA cores, a
+    [NB, BT, b, b] product in registers): 32 outputs."""
+    if b < 16:
+        return max(1, 32 // rt.next_pow2(b))
+    return 8 if b == 16 else 1
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
+# Epilogues of the block kernel (the fused MLP's backward; kernels/fused.py).
+EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_GRAD = 0, 1, 2
+
+
+def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name, bias=None,
+            aux=None, epilogue=EPILOGUE_NONE):
+    T = a.shape[0]
+    if epilogue != EPILOGUE_NONE and b < 16:
+        raise ValueError(f"the GELU epilogues need block_size >= 16 (the block kernel), got {b}")
+    if values.numel() > _INT32_MAX or max(a.shape[1], out.shape[1]) > _INT32_MAX:
+        raise ValueError(f"values ({values.numel()} elements) and the feature widths must stay below 2^31: "
+                         f"the kernels index them in int32")
+    if b == 1:
+        cfg = rt.launch_config(kernel_name, {"b": 1, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
+                               {"BLOCK_T": 64 if rt.interpreting() else 32, "BLOCK_Q": 64, "num_warps": 4,
+                                "num_stages": 1 if rt.interpreting() else 3})
+        tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, cfg["BLOCK_Q"])
+        n_tiles = tile_ptr.numel() - 1
+        grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
+        diag_elem_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+                                T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+                                BLOCK_T=cfg["BLOCK_T"], BLOCK_Q=cfg["BLOCK_Q"], BY_OUT=by_out, HAS_BIAS=bias is not None,
+                                ACC=acc_dtype(a.dtype), NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+        return
+    upcast, precision = dot_settings(a.dtype)
+    cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
+                           _block_default(b, a.dtype, a.shape[1], epilogue))
+    nb = cfg["NB"]
+    tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, nb)
+    n_tiles = tile_ptr.numel() - 1
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
+    if grid[0] > _INT32_MAX:
+        raise ValueError(f"{T} tokens need {grid[0]} programs, more than a launch holds")
+    diag_block_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
+                             out if aux is None else aux,
+                             T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+                             B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), NB=nb,
+                             BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16, HAS_BIAS=bias is not None,
+                             EPILOGUE=epilogue,
+                             UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(a.dtype),
+                             NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+
+
+def diag_fwd(x2, values, offsets, block_size: int, out_features: int, bias=None) -> torch.Tensor:
+    """Launcher of the forward product y = x2 W^T (+ bias): checks, allocates y, launches
+    ``diag_block_kernel`` (b >= 2) or ``diag_elem_kernel`` (b = 1) on x2's device.
+
+    Args:
+        x2: [T, in], floating (fp16 / bf16 / fp32 / fp64), any strides; T may be 0.
+        values: [K, D, b, b], x2's dtype, D = min(in, out) / b (made contiguous).
+        offsets: int32 [K], distinct, in [0, P), P = max(in, out) / b; K may be 0.
+        block_size: b >= 1, dividing in and out_features.
+        out_features: the width of y (a tall layer's height is not in values' shape).
+        bias: [out_features], x2's dtype, or None; added in the kernel's epilogue.
+    Returns:
+        y: [T, out_features], x2's dtype (accumulated in fp32, fp64 for fp64).
+    Constraints: values' element count and both widths below 2^31 (int32 indexing); the
+    grid (cdiv(T, BLOCK_T) x output tiles) below 2^31 programs.
+    """
+    R, C, D, P = check_args(x2, values, offsets, block_size, out_features, bias)
+    y = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
+    if x2.shape[0] == 0:
+        return y
+    if offsets.numel() == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+    _launch(x2, values.contiguous(), offsets.contiguous(), y, D, P, R, block_size,
+            by_out=R < C, trans_w=True, kernel_name="diag_fwd",
+            bias=None if bias is None else bias.contiguous())
+    return y
+
+
+def diag_fwd_gelu(x2, values, offsets, block_size: int, out_features: int, bias=None):
+    """Launcher of the forward product with a GELU epilogue (the fused MLP's backward):
+    ``diag_block_kernel`` with EPILOGUE=1 writes h and gelu(h) in one pass.
+
+    Args: as ``diag_fwd`` (x2 [T, in]; values [K, D, b, b] and bias [out_features] in x2's
+        dtype; offsets int32 [K]), with block_size b >= 16.
+    Returns:
+        (h, gelu(h)): each [T, out_features] in x2's dtype; h = x2 W^T + bias, the exact
+        (erf) GELU taken from the fp32 accumulator before rounding.
+    """
+    R, C, D, P = check_args(x2, values, offsets, block_size, out_features, bias)
+    h = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
+    if x2.shape[0] == 0 or offsets.numel() == 0:
+        if x2.shape[0]:
+            h.zero_() if bias is None else h.copy_(bias.expand_as(h))
+        return h, torch.nn.functional.gelu(h)
+    a = torch.empty_like(h)
+    _launch(x2, values.contiguous(), offsets.contiguous(), h, D, P, R, block_size,
+            by_out=R < C, trans_w=True, kernel_name="diag_fwd",
+            bias=None if bias is None else bias.contiguous(), aux=a, epilogue=EPILOGUE_GELU)
+    return h, a
+
+
+def diag_dx_gelu_grad(dy, values, offsets, block_size: int, in_features: int, h) -> torch.Tensor:
+    """Launcher of the input gradient through a GELU (the fused MLP's dh): ``diag_block_kernel``
+    with EPILOGUE=2 multiplies dy W by gelu'(h) before it stores.
+
+    Args:
+        dy: [T, out], floating, any strides.
+        values: [K, D, b, b], dy's dtype; offsets: int32 [K] distinct in [0, P).
+        block_size: b >= 16, dividing out and in_features.
+        in_features: the width of the result.
+        h: [T, in_features], dy's dtype: the pre-activation the GELU was applied to.
+    Returns:
+        dh: [T, in_features], dy's dtype, (dy W) * gelu'(h) with the exact (erf) derivative.
+    """
+    if h.shape != (dy.shape[0], in_features):
+        raise ValueError(f"h must have shape {(dy.shape[0], in_features)}, got {tuple(h.shape)}")
+    return _input_grad(dy, values, offsets, block_size, in_features, h.contiguous())
+
+
+def diag_dx(dy, values, offsets, block_size: int, in_features: int) -> torch.Tensor:
+    """Launcher of the input gradient dx = dy W: the forward's kernel with the roles of the
+    block row and column swapped (the transposed pattern is diagonal with the same offsets).
+
+    Args:
+        dy: [T, out], floating (fp16 / bf16 / fp32 / fp64), any strides; T may be 0.
+        values: [K, D, b, b], dy's dtype; offsets: int32 [K], distinct, in [0, P).
+        block_size: b >= 1, dividing out and in_features.
+        in_features: the width of dx.
+    Returns:
+        dx: [T, in_features], dy's dtype (accumulated in fp32, fp64 for fp64).
+    Constraints: as ``diag_fwd``.
+    """
+    return _input_grad(dy, values, offsets, block_size, in_features)
+
+
+def _input_grad(dy, values, offsets, block_size: int, in_features: int, h=None) -> torch.Tensor:
+    """dy W, times gelu'(h) in the epilogue when h is given."""
+    R, C = dy.shape[1] // block_size, in_features // block_size
+    D, P = min(R, C), max(R, C)
+    dx = torch.empty(dy.shape[0], in_features, dtype=dy.dtype, device=dy.device)
+    if dy.shape[0] == 0:
+        return dx
+    if offsets.numel() == 0:
+        return dx.zero_()
+    _launch(dy, values.contiguous(), offsets.contiguous(), dx, D, P, C, block_size, by_out=R >= C,
+            trans_w=False, kernel_name="diag_dx", aux=h, epilogue=EPILOGUE_NONE if h is None else EPILOGUE_GELU_GRAD)
+    return dx
+
+
+def _dw_default(b: int) -> dict:
+    """Launch config of the weight-gradient kernel where the table has no entry: G blocks of
+    one diagonal per program, chosen on the sm_90 SASS (bf16): b = 16 G = 8 and b = 32 G = 4
+    (3-D mma.sync 16816, both operands async, 96 / 128 registers; wgmma needs M = 64, which
+    the b rows of one block cannot fill; b = 32 G = 1 loads dy synchronously), b = 64 G = 1
+    (2-D wgmma 64x64x16, 62 registers). 1 < b < 16: a run of 32 / b blocks on CUDA cores
+    (b = 1 goes to the element SDDMM, see ``diag_dw``)."""
+    if b < 16:
+        group = max(1, 32 // rt.next_pow2(b))
+    else:
+        group = {16: 8, 32: 4}.get(b, 1)
+    if rt.interpreting():
+        return {"G": group, "BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "TARGET_PROGRAMS": 4}
+    return {"G": group, "BLOCK_T": 64 if group > 1 else 128, "num_warps": 4, "num_stages": 3,
+            "TARGET_PROGRAMS": 4 * 132}
+
+
+def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
+    """Launcher of the weight gradient dW[k, d] = dy[:, row block]^T x2[:, column block] (the
+    block SDDMM at the diagonals' blocks): ``diag_dw_kernel`` over token chunks, the fp32
+    partials summed here (deterministic); b = 1 goes to the element SDDMM (kernels/sddmm.py).
+
+    Args:
+        dy: [T, out], floating, any strides; x2: [T, in], dy's dtype, same T (may be 0).
+        offsets: int32 [K], distinct, in [0, P), P = max(in, out) / b.
+        block_size: b >= 1, dividing in and out.
+    Returns:
+        [K, D, b, b] in dy's dtype (accumulated in fp32, fp64 for fp64), D = min(in, out) / b.
+    Constraints: K * D * b * b and both widths below 2^31 (int32 indexing).
+    """
+    rt.check_float("dy", dy)
+    rt.check_float("x", x2)
+    rt.check_dtype_match("dy", dy, "x", x2)
+    rt.check_index("offsets", offsets, 1)
+    rt.check_same_device(dy=dy, x=x2, offsets=offsets)
+    b = block_size
+    R, C, D, P = diag_geometry(x2.shape[1], dy.shape[1], b)
+    if dy.shape[0] != x2.shape[0]:
+        raise ValueError(f"dy and x must have the same number of tokens, got {dy.shape[0]} and {x2.shape[0]}")
+    rt.check_range("offsets", offsets, P)
+    K, T = offsets.numel(), dy.shape[0]
+    if K * D * b * b > _INT32_MAX or max(dy.shape[1], x2.shape[1]) > _INT32_MAX:
+        raise ValueError("the weight gradient and the feature widths must stay below 2^31 elements: "
+                         "the kernel indexes them in int32")
+    if K == 0 or T == 0:
+        return torch.zeros(K, D, b, b, dtype=dy.dtype, device=dy.device)
+    if b == 1:
+        # Element diagonals: the element SDDMM, whose token-contiguous copies vectorise the
+        # reduction over T, beats a shifted run of this kernel on sm_90 (static report, T =
+        # 50,432: 0.046x vs 0.037x dense; this kernel's loop: 744 instructions per 32 FMA).
+        rows, cols = block_coords(offsets, R, C)
+        return sddmm(dy, x2, rows, cols, 1).reshape(K, D, 1, 1)
+    cfg = rt.launch_config("diag_dw", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dy.dtype)[6:]}, _dw_default(b))
+    groups = diag_dw_groups(offsets.contiguous(), R, C, cfg["G"])
+    n_groups, bt = groups.shape[0], cfg["BLOCK_T"]
+    n_chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(cfg["TARGET_PROGRAMS"], n_groups)))
+    chunk = triton.cdiv(triton.cdiv(T, n_chunks), bt) * bt
+    n_chunks = triton.cdiv(T, chunk)
+    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    g = torch.empty((n_chunks, K, D, b, b) if n_chunks > 1 else (K, D, b, b),
+                    dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
+    upcast, precision = dot_settings(dy.dtype)
+    diag_dw_kernel[(n_groups * n_chunks,)](
+        dy, x2, groups, g, T, chunk, D, R, C, n_groups, K * D * b * b,
+        dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1),
+        B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), G=cfg["G"], BLOCK_T=bt,
+        USE_DOT=b >= 16, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
+        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+    return g.sum(0).to(dy.dtype) if n_chunks > 1 else g

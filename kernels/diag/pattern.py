@@ -1,0 +1,67 @@
+"""Index structures of a diagonal pattern, built on the offsets' device once per pattern and
+cached on the offsets tensor (rebuilt when a mask update changes it): the kernels' tile lists
+and weight-gradient groups, and the block / element coordinates of the SDDMM and CPU paths."""
+from __future__ import annotations
+
+import torch
+
+from .. import runtime as rt
+from .reference import diag_coords
+
+
+def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bool, nb: int):
+    """(tile_ptr [n_tiles + 1], entries [E, 2]) int32: tile t's entries are
+    entries[tile_ptr[t]:tile_ptr[t + 1]], each (k * D, p0) as in ``diag_tile_list_ref``.
+    Built on the offsets' device once per pattern (cached on the offsets tensor), so the
+    kernel's loop over a tile's entries has no branch and no modulo."""
+    def build():
+        n_tiles = -(-n_out // nb)
+        dev = offsets.device
+        q0 = torch.arange(n_tiles, device=dev, dtype=torch.int64)[:, None] * nb  # [n_tiles, 1]
+        o = offsets.long()[None, :]  # [1, K]
+        p0 = (q0 + o) % P if by_out else (q0 - o) % P  # [n_tiles, K]
+        if by_out:
+            keep = torch.ones_like(p0, dtype=torch.bool)
+        else:
+            lane = torch.arange(nb, device=dev)
+            p = (p0[:, :, None] + lane) % P
+            keep = ((p < D) & (q0[:, :, None] + lane < n_out)).any(-1)
+        vbase = (torch.arange(offsets.numel(), device=dev, dtype=torch.int64) * D).expand_as(p0)
+        tile_ptr = torch.zeros(n_tiles + 1, device=dev, dtype=torch.int32)
+        tile_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
+        entries = torch.stack([vbase[keep], p0[keep]], 1).to(torch.int32).contiguous()
+        return tile_ptr, entries
+    return rt.cached_pattern((offsets,), ("diag tiles", n_out, P, D, by_out, nb), build)
+
+
+def diag_dw_groups(offsets: torch.Tensor, R: int, C: int, group: int) -> torch.Tensor:
+    """[n_groups, 4] int32 of the weight-gradient kernel: diagonal k's blocks d0 .. d0 +
+    group - 1 as (k * D + d0, d0, row block of d0, column block of d0); cached per pattern."""
+    def build():
+        D = min(R, C)
+        dev = offsets.device
+        d0 = torch.arange(0, D, group, device=dev, dtype=torch.int64)[None, :]  # [1, G]
+        o = offsets.long()[:, None]  # [K, 1]
+        k = torch.arange(offsets.numel(), device=dev, dtype=torch.int64)[:, None]
+        rows, cols = ((d0 + o) % R, d0.expand_as(d0 + o)) if R >= C else (d0.expand_as(d0 + o), (d0 + o) % C)
+        table = torch.stack([(k * D + d0).expand_as(rows), d0.expand_as(rows), rows, cols], -1)
+        return table.reshape(-1, 4).to(torch.int32).contiguous()
+    return rt.cached_pattern((offsets,), ("diag dw groups", R, C, group), build)
+
+
+def element_coords(offsets, R: int, C: int, b: int):
+    """(rows, cols) of every stored element, aligned with values.reshape(-1) ([K, D, b, b],
+    entry [i, j] of a block = output b*row + i, input b*col + j); cached per offsets."""
+    def build():
+        brow, bcol = (t.reshape(-1, 1, 1).long() for t in diag_coords(offsets, R, C))
+        i = torch.arange(b, device=offsets.device)
+        rows = (brow * b + i[:, None]).expand(-1, b, b).reshape(-1).to(torch.int32)
+        cols = (bcol * b + i[None, :]).expand(-1, b, b).reshape(-1).to(torch.int32)
+        return rows, cols
+    return rt.cached_pattern((offsets,), ("diag elements", R, C, b), build)
+
+
+def block_coords(offsets, R: int, C: int):
+    """Block (row, col) of every stored block, flat [K * D] int32 each; cached per offsets."""
+    return rt.cached_pattern((offsets,), ("diag coords", R, C),
+                             lambda: tuple(t.reshape(-1) for t in diag_coords(offsets, R, C)))

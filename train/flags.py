@@ -259,3 +259,6 @@ def check_common(cfg) -> None:
         raise UsageError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if getattr(cfg, "tensorboard", False):
+        from .tracking import check_tensorboard
+        check_tensorboard()

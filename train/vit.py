@@ -72,6 +72,8 @@ class Config:
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
     overwrite: bool = False         # replace a finished run in out_dir
     plots: bool = True              # write curves.png, masks.png and churn.png
+    tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
+                                    # extra: pip install -e ".[tensorboard]")
     progress: bool = True           # show a progress bar (on a terminal)
     dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
@@ -183,7 +185,7 @@ def train(cfg: Config, argv=None) -> int:
     from tqdm import tqdm
 
     from . import common as C
-    from . import distributed
+    from . import distributed, tracking
     from .plots import mask_rows, plot_churn, plot_curves, plot_masks
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:
@@ -216,6 +218,7 @@ def train(cfg: Config, argv=None) -> int:
                                        else v) for k, v in blob["history"].items()}}
     out.mkdir(parents=True, exist_ok=True)
     metrics = C.Metrics(out / "metrics.jsonl", keep_before=start)
+    metrics = tracking.mirror(metrics, out, cfg.tensorboard and ddp.is_main, start)   # --tensorboard
     ckpt = out / "checkpoint.pt"
 
     def save(step):

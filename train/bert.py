@@ -71,6 +71,8 @@ class Config:
     plots: bool = True              # write curves.png, masks.png and churn.png
     tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
                                     # extra: pip install -e ".[tensorboard]")
+    grad_sync: str = "ddp"          # under torchrun: ddp (DistributedDataParallel, all-reduce overlapped with
+                                    # backward) | flat (one all-reduce after backward); train/distributed.py
     progress: bool = True           # show a progress bar (on a terminal)
     dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
@@ -190,6 +192,7 @@ def train(cfg: Config, argv=None) -> int:
         return 0
     warnings = C.warn_schedule(cfg, PROG) if ddp.is_main else []
     ddp.broadcast_model(model)
+    net = ddp.wrap(model, cfg.grad_sync)   # the training forward: DDP under torchrun (train/distributed.py)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     names = list(targets)
     history = {"train": [], "eval": [], "density": [], "metric": "masked-token accuracy", "window": [], "mask_updates": 0, "mask_seconds": 0.0, "times": []}
@@ -248,7 +251,7 @@ def train(cfg: Config, argv=None) -> int:
             optimizer.zero_grad(set_to_none=True)
             with sparsifier.capture(step):  # records layer inputs / output grads on update steps
                 with amp():
-                    loss, logits, target = mlm_loss(model, inputs, labels)
+                    loss, logits, target = mlm_loss(net, inputs, labels)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     bar.close()
@@ -256,7 +259,8 @@ def train(cfg: Config, argv=None) -> int:
                           f"{ckpt if ckpt.exists() else 'none'})", file=sys.stderr)
                     return 1
                 loss.backward()
-            ddp.all_reduce_grads(model)  # average over ranks (no-op in one process)
+            if net is model:   # DDP averaged the gradients during backward; else --grad-sync flat / one process
+                ddp.all_reduce_grads(model)  # average over ranks (no-op in one process)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

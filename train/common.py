@@ -310,7 +310,7 @@ def save_checkpoint(path: Path, *, entry: str, cfg, step: int, model, optimizer,
 # fused_mlp computes the same function and gradients (rounding aside) and stores nothing else.
 # eval_every only adds validation rows (evaluation draws from no training RNG).
 RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir", "fused_mlp", "eval_every",
-               "tensorboard"}
+               "tensorboard", "grad_sync"}
 
 
 def load_checkpoint(path: Path, entry: str, cfg) -> dict:

@@ -9,7 +9,7 @@ downloaded at run time):
 
 A row ``{"step": s, "split": S, k: v, ...}`` becomes the scalar ``S/k`` at step s for every
 number v; nested dicts extend the tag (a "mask" row's ``layers`` -> ``mask/layers/<layer>/grown``) and
-lists of numbers become histograms (a "gates" row's ``gates/layers/<layer>/gate``). Strings and the
+lists of numbers become histograms (a "gates" row's ``gates/layers/<layer>/scores``). Strings and the
 diagonal offsets (indices, not values) are left to the JSONL. A resumed run purges the events
 at and after its checkpoint's step, as its metrics.jsonl drops those rows, so no step appears
 twice. Only rank 0 mirrors under torchrun.

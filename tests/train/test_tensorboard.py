@@ -55,7 +55,7 @@ def test_the_event_files_mirror_every_jsonl_row(tmp_path):
             hist.setdefault(tag, []).append((r["step"], len(v), sum(v)))
     assert {"train/loss", "val/accuracy", "test/accuracy"} <= set(expected)
     assert any(t.startswith("mask/") and t.endswith("/grown") for t in expected)
-    assert any(t.startswith("gates/") and t.endswith("/gate") for t in hist)
+    assert any(t.startswith("gates/") and t.endswith("/scores") for t in hist)
     assert set(events.Tags()["scalars"]) == set(expected)
     for tag, want in expected.items():
         got = [(e.step, e.value) for e in events.Scalars(tag)]

@@ -73,3 +73,31 @@ def test_flatten_names_numbers_by_path_and_skips_indices_and_text():
            "layers": {"fc": {"kept": 7, "frozen": True}}, "offsets": [1, 2], "gate": [0.5, 1]}
     assert tracking.flatten(row, "mask") == ({"mask/seconds": 0.5, "mask/layers/fc/kept": 7.0,
                                               "mask/layers/fc/frozen": 1.0}, {"mask/gate": [0.5, 1.0]})
+
+
+def test_a_resumed_mirror_purges_the_steps_it_writes_again(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Rows:   # what train.common.Metrics offers the mirror
+        def __init__(self):
+            self.rows = []
+
+        def write(self, **row):
+            self.rows.append(row)
+
+        def close(self):
+            pass
+
+    first = tracking.mirror(Rows(), tmp_path, True)
+    for step in range(6):
+        first.write(step=step, split="train", loss=float(step))
+    first.close()
+    resumed = tracking.mirror(Rows(), tmp_path, True, start_step=3)   # the checkpoint was at step 3
+    for step in range(3, 5):
+        resumed.write(step=step, split="train", loss=10.0 + step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    assert tracking.mirror(first.metrics, tmp_path, False) is first.metrics

@@ -60,3 +60,4 @@ for _kernel in list(globals().values()):
             _kernel.__doc__ = _kernel.fn.__doc__
         except (AttributeError, TypeError):
             pass
+del _kernel

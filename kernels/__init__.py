@@ -20,14 +20,20 @@ if runtime.interpreting():
     # triton imported before this package defined triton.language's functions uninterpreted.
     runtime.interpretable_triton_library()
 from .runtime import set_backend, get_backend, use_backend, set_checks  # noqa: E402
-from .sddmm import sddmm, sddmm_ref, sddmm_fwd, _sddmm_kernel, _sddmm_block_kernel  # noqa: E402
+from .sddmm import sddmm, sddmm_ref, sddmm_fwd, sddmm_kernel, sddmm_block_kernel  # noqa: E402
 from .fanin import (FanInLinear, fanin_matmul, fanin_matmul_ref, fanin_fwd, fanin_dx,  # noqa: E402
-                    _fanin_fwd_kernel, _fanin_dx_kernel)
+                    fanout_structure, fanin_fwd_kernel, fanin_dx_kernel)
+from .sparse import csr_matmul  # noqa: E402
 
+# The raw @triton.jit kernels, for other Triton projects: each docstring gives its grid and the
+# shape, dtype and constraint of every argument; the launchers (fanin_fwd, fanin_dx, sddmm_fwd)
+# show a complete launch. README: "Launching a raw kernel".
+RAW_KERNELS = ("fanin_fwd_kernel", "fanin_dx_kernel", "sddmm_kernel", "sddmm_block_kernel")
 __all__ = [
     "runtime", "set_backend", "get_backend", "use_backend", "set_checks",
-    "sddmm", "sddmm_ref", "sddmm_fwd",
-    "FanInLinear", "fanin_matmul", "fanin_matmul_ref", "fanin_fwd", "fanin_dx",
+    "sddmm", "sddmm_ref", "sddmm_fwd", "sddmm_kernel", "sddmm_block_kernel",
+    "FanInLinear", "fanin_matmul", "fanin_matmul_ref", "fanin_fwd", "fanin_dx", "fanout_structure",
+    "fanin_fwd_kernel", "fanin_dx_kernel", "csr_matmul",
 ]
 from .diag import (DiagLinear, diag_matmul, diag_matmul_ref, diag_fwd, diag_dx,  # noqa: E402
                    diag_coords, diag_geometry, _diag_block_kernel, _diag_elem_kernel)
@@ -45,3 +51,13 @@ __all__ += ["save_condensed", "load_layers", "load_into", "densify", "sparse_fro
 from .fused import fused_diag_mlp, fused_mlp, fused_diag_mlp_fwd, _fused_diag_mlp_kernel  # noqa: E402
 
 __all__ += ["fused_diag_mlp", "fused_mlp", "fused_diag_mlp_fwd"]
+
+# Triton's interpreter wraps a kernel in an object without the function's docstring: give it
+# back, so that help(kernels.sddmm_kernel) reads the same on CPU as on a GPU.
+for _kernel in list(globals().values()):
+    if getattr(_kernel, "__doc__", "") is None and getattr(getattr(_kernel, "fn", None), "__doc__", None):
+        try:
+            _kernel.__doc__ = _kernel.fn.__doc__
+        except (AttributeError, TypeError):
+            pass
+del _kernel

@@ -7,7 +7,9 @@ rows: int32 [n_rows] the output neuron of each stored row (distinct). Output neu
 are not in ``rows`` are ablated: they output 0 (their bias only, in the layer) and cost
 nothing. ``rows=None`` means every neuron is active (n_rows == out_features).
 
-Kernels: the forward gathers x along the stored columns (CUDA cores, one FMA per nonzero);
+Raw kernels (for other Triton projects; each docstring gives its grid and every argument):
+``fanin_fwd_kernel`` (launcher ``fanin_fwd``), ``fanin_dx_kernel`` (launcher ``fanin_dx``,
+index ``fanout_structure``). The forward gathers x along the stored columns (CUDA cores, one FMA per nonzero);
 the input gradient gathers dy the same way along W^T, a fan-out index built once per pattern
 (fanout_structure: no atomics, bitwise-reproducible); the weight gradient is the SDDMM of
 sddmm.py. Below ~2 programs per SM (few tokens) both split their reduction over extra
@@ -39,6 +41,7 @@ def fanin_matmul_ref(x, values, indices, rows=None, out_features=None):
 
 
 def fanin_to_dense(values, indices, in_features, rows=None, out_features=None):
+    """The dense [out_features, in_features] weight of a fan-in pattern (tests, export)."""
     n_rows, k = values.shape
     out_features = n_rows if out_features is None else out_features
     rows = torch.arange(n_rows, device=values.device) if rows is None else rows.long()
@@ -48,7 +51,7 @@ def fanin_to_dense(values, indices, in_features, rows=None, out_features=None):
 
 
 @triton.jit
-def _fanin_fwd_kernel(
+def fanin_fwd_kernel(
     x_ptr, values_ptr, indices_ptr, rows_ptr, y_ptr,
     T, n_rows, K, K_CHUNK,
     stride_xt, stride_xi, stride_ys, stride_yt, stride_yo,
@@ -56,6 +59,36 @@ def _fanin_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """Constant fan-in forward: y[s, t, rows[r]] = sum over j in split s of values[r, j] * x[t, indices[r, j]].
+
+    Grid: (cdiv(n_rows, BLOCK_R), cdiv(T, BLOCK_T), splits) with splits = cdiv(K, K_CHUNK);
+    program (i, j, s) computes stored rows [i * BLOCK_R, (i + 1) * BLOCK_R) for tokens
+    [j * BLOCK_T, (j + 1) * BLOCK_T) over fan-in positions [s * K_CHUNK, (s + 1) * K_CHUNK).
+    Nothing is checked here (``fanin_fwd`` checks, then launches this).
+
+    Args:
+        x_ptr: x, element (t, i) at t * stride_xt + i * stride_xi: a row-major [T, in] tensor
+            or a token-contiguous copy (x^T [in, T] in memory); fp16, bf16, fp32 or fp64.
+        values_ptr: values [n_rows, K], contiguous, the dtype of x.
+        indices_ptr: int32 [n_rows, K], contiguous: row r's K distinct input columns, each in
+            [0, in) (an index out of range reads out of bounds).
+        rows_ptr: int32 [n_rows]: the distinct output column of each stored row, in [0, out);
+            read only when HAS_ROWS (pass any tensor otherwise).
+        y_ptr: y, element (s, t, o) at s * stride_ys + t * stride_yt + o * stride_yo, [splits,
+            T, out]: the output dtype for one split, an fp32 (fp64) buffer the caller sums over
+            s for several. Columns not in rows are not written: zero them first.
+        T: int, tokens (>= 1). n_rows: int, stored rows (>= 1). K: int, fan-in k (>= 1).
+        K_CHUNK: int, fan-in positions per split (>= 1; K for no split).
+        stride_xt, stride_xi, stride_ys, stride_yt, stride_yo: int element strides of x and y.
+        HAS_ROWS: constexpr bool: False means rows = arange(n_rows) (contiguous stores).
+        EVEN_T: constexpr bool: T % BLOCK_T == 0 (no token mask in the loop).
+        INDEX_64: constexpr bool: int64 offsets, needed when an element offset of x, y or
+            values can reach 2**31.
+        BLOCK_T, BLOCK_R: constexpr ints, powers of two: tokens and stored rows per program.
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the fan-in loop.
+        UNROLL: constexpr int >= 1, unroll factor of the fan-in loop.
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 x).
+    """
     # Grid (row tiles, token tiles, K splits): row tiles vary fastest, so the programs running
     # together share one token tile of x (in L2). A K split (small T) writes its partial sum
     # to its own slice of y (stride_ys); the launcher adds the slices in a fixed order.
@@ -98,7 +131,7 @@ def _fanin_fwd_kernel(
 
 
 @triton.jit
-def _fanin_dx_kernel(
+def fanin_dx_kernel(
     dy_ptr, values_ptr, ell_ptr, slice_start_ptr, slice_width_ptr, slot_col_ptr, dx_ptr,
     T, J_CHUNK,
     stride_dyt, stride_dyo, stride_dxs, stride_dxt, stride_dxi,
@@ -106,6 +139,38 @@ def _fanin_dx_kernel(
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """Constant fan-in input gradient dx = dy W, a gather over W^T (no atomics, deterministic).
+
+    Grid: (n_slices, cdiv(T, BLOCK_T), splits) with n_slices = cdiv(in, BLOCK_R) and splits =
+    cdiv(max fan-out, J_CHUNK); program (c, j, s) computes input columns slot_col[c * BLOCK_R
+    + i] for tokens [j * BLOCK_T, (j + 1) * BLOCK_T) over fan-out entries [s * J_CHUNK,
+    (s + 1) * J_CHUNK) of its slice. The index arrays are ``fanout_structure(indices, rows,
+    in, BLOCK_R, zero_row=out)``, built with the same BLOCK_R. Nothing is checked here
+    (``fanin_dx`` builds the index, pads dy, launches this).
+
+    Args:
+        dy_ptr: dy with one zero row appended, [T, out + 1] (element (t, o) at t * stride_dyt
+            + o * stride_dyo; column out all zeros: the padding entries read it); fp16, bf16,
+            fp32 or fp64.
+        values_ptr: values [n_rows, k], contiguous, the dtype of dy.
+        ell_ptr: int64 [entries], fanout_structure's ell: (flat value position) | (output
+            neuron << 32).
+        slice_start_ptr: int64 [n_slices], first ell entry of each slice.
+        slice_width_ptr: int32 [n_slices], each slice's largest fan-out.
+        slot_col_ptr: int32 [n_slices * BLOCK_R], the input column of each slot, -1 padding.
+        dx_ptr: dx, element (s, t, i) at s * stride_dxs + t * stride_dxt + i * stride_dxi,
+            [splits, T, in]: the output dtype for one split, an fp32 (fp64) buffer the caller
+            sums over s for several.
+        T: int, tokens (>= 1). J_CHUNK: int, fan-out entries per split (>= 1).
+        stride_dyt, stride_dyo, stride_dxs, stride_dxt, stride_dxi: int element strides.
+        EVEN_T: constexpr bool: T % BLOCK_T == 0 (no token mask in the loop).
+        INDEX_64: constexpr bool: int64 offsets, needed when an element offset can reach 2**31.
+        BLOCK_T: constexpr int, power of two: tokens per program.
+        BLOCK_R: constexpr int, power of two: input columns (slots) per slice, as built.
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the gather loop.
+        UNROLL: constexpr int >= 1, unroll factor of the gather loop.
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 dy).
+    """
     # dx[t, c] = sum over the output neurons o that read input column c of dy[t, o] * w[o, c]:
     # a gather over W^T like the forward's over W, no atomics. W^T is a sliced ELL (see
     # fanout_structure): BLOCK_R input columns per slice ("slots", heaviest fan-out first),
@@ -245,7 +310,23 @@ def _rows_are_identity(rows, out_features: int) -> bool:
 
 
 def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
-    """Launcher of the forward kernel. x2: [T, in] -> y: [T, out_features]."""
+    """Launcher of ``fanin_fwd_kernel``: check, allocate, pick the launch config (the
+    per-device table, else a default), launch, add the split partial sums in a fixed order.
+    No autograd (``fanin_matmul`` is the differentiable op).
+
+    Args:
+        x2: [T, in], fp16, bf16, fp32 or fp64, any strides; T may be 0.
+        values: [n_rows, k], the dtype of x2 (made contiguous).
+        indices: int32 [n_rows, k]: k distinct columns per row, each in [0, in) (range and
+            repeats checked unless ``kernels.set_checks(False)``).
+        rows: int32 [n_rows], distinct output neurons in [0, out_features), or None for
+            arange(n_rows).
+        out_features: int >= n_rows, the width of y; outputs not in rows are 0 (ablated).
+    Returns:
+        y: [T, out_features] in x2's dtype, accumulated in fp32 (fp64 for fp64).
+    Raises:
+        ValueError / TypeError naming the argument on a bad shape, dtype, device or index.
+    """
     _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
@@ -265,7 +346,7 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
     # x[t, i] at x + t * stride_t + i * stride_i, from x itself or from a token-contiguous copy
     xs, (stride_t, stride_i) = (x2, x2.stride()) if not cfg["X_T"] else _token_contiguous(x2)
     index_64 = max(_extent(xs), _extent(y), values.numel()) >= _INT32_LIMIT
-    _fanin_fwd_kernel[(tiles[0], tiles[1], splits)](
+    fanin_fwd_kernel[(tiles[0], tiles[1], splits)](
         xs, values, indices, rows if has_rows else indices, y, T, n_rows, K, k_chunk,
         stride_t, stride_i, y.stride(0), y.stride(1), y.stride(2),
         HAS_ROWS=has_rows, EVEN_T=T % block_t == 0, INDEX_64=index_64, BLOCK_T=block_t, BLOCK_R=block_r,
@@ -276,6 +357,13 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
 def fanout_structure(indices, rows, in_features: int, block_r: int, zero_row: int):
     """W^T of a fan-in pattern as a sliced ELL, the input gradient's gather index. O(nnz): one
     bincount, one stable argsort of the columns, scatters.
+
+    Args:
+        indices: int32 or int64 [n_rows, k], each in [0, in_features).
+        rows: int32 or int64 [n_rows] output neuron of each stored row, or None (arange).
+        in_features: int, the input width (slots).
+        block_r: int >= 1, slots per slice: the BLOCK_R the kernel is launched with.
+        zero_row: int, the row of dy that holds zeros (``out``: the launcher appends it).
 
     The input columns (W^T's rows, "slots") are ordered by fan-out, heaviest first, and cut into
     slices of ``block_r``: a slice is padded only to its own largest fan-out (near its mean,
@@ -331,8 +419,20 @@ def _cached_fanout(indices, rows, in_features: int, block_r: int, zero_row: int)
 
 
 def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
-    """Launcher of the input-gradient kernel. dy: [T, out] -> dx: [T, in_features]. No
-    atomics: a gather over the cached W^T (fanout_structure); deterministic."""
+    """Launcher of ``fanin_dx_kernel``: dx = dy W. No atomics: a gather over W^T
+    (fanout_structure, cached per pattern); deterministic. No autograd, no argument checks
+    beyond the forward's (it runs inside the custom op's backward, after ``fanin_fwd`` checked
+    the same pattern).
+
+    Args:
+        dy: [T, out], fp16, bf16, fp32 or fp64; T may be 0.
+        values: [n_rows, k], the dtype of dy.
+        indices: int32 [n_rows, k]: k distinct columns per row, each in [0, in_features).
+        rows: int32 [n_rows], distinct output neurons in [0, out), or None (arange).
+        in_features: int, the width of dx.
+    Returns:
+        dx: [T, in_features] in dy's dtype, accumulated in fp32 (fp64 for fp64).
+    """
     T, (n_rows, K) = dy.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
         return torch.zeros(T, in_features, dtype=dy.dtype, device=dy.device)
@@ -358,7 +458,7 @@ def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
         dys[:, n_out].zero_()
         stride_t, stride_o = n_out + 1, 1
     index_64 = max(_extent(dys), _extent(dx), ell.numel(), values.numel()) >= _INT32_LIMIT
-    _fanin_dx_kernel[(tiles[0], tiles[1], splits)](
+    fanin_dx_kernel[(tiles[0], tiles[1], splits)](
         dys, values, ell, slice_start, slice_width, slot_col, dx, T, j_chunk,
         stride_t, stride_o, dx.stride(0), dx.stride(1), dx.stride(2),
         EVEN_T=T % block_t == 0, INDEX_64=index_64, BLOCK_T=block_t, BLOCK_R=block_r,

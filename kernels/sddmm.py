@@ -8,6 +8,10 @@ This one family computes the weight gradient of every sparse format (restricted 
 active coordinates) and the growth scores of every DST rule, so no dense [M, N] product is
 ever formed. Accumulation is fp32; the result has the dtype of dy.
 
+Raw kernels (for other Triton projects; each docstring gives its grid and every argument):
+``sddmm_kernel`` (element form) and ``sddmm_block_kernel`` (block form), both launched by
+``sddmm_fwd``.
+
 Example:
     g = sddmm(dy, x, rows, cols)                 # [n]
     gb = sddmm(dy, x, brows, bcols, block_size=16)  # [n, 16, 16]
@@ -38,13 +42,40 @@ def sddmm_ref(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch
 
 
 @triton.jit
-def _sddmm_kernel(
+def sddmm_kernel(
     dy_ptr, x_ptr, rows_ptr, cols_ptr, g_ptr,
     T, n, T_CHUNK,
     stride_dyt, stride_dym, stride_xt, stride_xn,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr, EVEN_T: tl.constexpr,
     INDEX_64: tl.constexpr, NUM_STAGES: tl.constexpr, ACC: tl.constexpr,
 ):
+    """Element SDDMM: g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]].
+
+    Grid: (cdiv(n, BLOCK_N), cdiv(T, T_CHUNK)); program (i, c) computes coordinates
+    [i * BLOCK_N, (i + 1) * BLOCK_N) over tokens [c * T_CHUNK, (c + 1) * T_CHUNK). Nothing is
+    checked here (``sddmm_fwd`` checks, then launches this).
+
+    Args:
+        dy_ptr: dy, element (t, m) at t * stride_dyt + m * stride_dym ([T, M], row-major or a
+            token-contiguous copy); fp16, bf16, fp32 or fp64.
+        x_ptr: x, element (t, j) at t * stride_xt + j * stride_xn ([T, N]), the dtype of dy.
+        rows_ptr: int32 [n], contiguous, each in [0, M) (not checked here).
+        cols_ptr: int32 [n], contiguous, each in [0, N); repeats allowed.
+        g_ptr: g [n], contiguous: the result dtype with one token chunk (SPLIT_T False), an
+            fp32 (fp64) buffer zeroed by the caller with several (SPLIT_T True: the chunks add
+            into it with relaxed atomics).
+        T: int, tokens (>= 1). n: int, coordinates (>= 1).
+        T_CHUNK: int >= 1, tokens per program (T for one chunk).
+        stride_dyt, stride_dym, stride_xt, stride_xn: int element strides of dy and x.
+        BLOCK_N: constexpr int, power of two: coordinates per program.
+        BLOCK_T: constexpr int, power of two: tokens per loop step.
+        SPLIT_T: constexpr bool: more than one token chunk (atomic accumulation into g).
+        EVEN_T: constexpr bool: T % T_CHUNK == 0 and T_CHUNK % BLOCK_T == 0 (no token mask).
+        INDEX_64: constexpr bool: int64 offsets, needed when an element offset of dy or x can
+            reach 2**31.
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the token loop.
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 dy).
+    """
     # Grid (coordinate tiles, token chunks): coordinate tiles vary fastest, so the programs
     # running together read one chunk of dy and x, which stays in L2. With SPLIT_T the chunks'
     # partial sums meet in an fp32 buffer through atomics (more programs when there are few
@@ -89,13 +120,43 @@ def _sddmm_kernel(
 
 
 @triton.jit
-def _sddmm_block_kernel(
+def sddmm_block_kernel(
     dy_ptr, x_ptr, rows_ptr, cols_ptr, g_ptr,
     T, n, T_CHUNK,
     stride_dyt, stride_dym, stride_xt, stride_xn,
     B: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr,
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
+    """Block SDDMM: g[i] = dy[:, rows[i]*B:(rows[i]+1)*B]^T @ x[:, cols[i]*B:(cols[i]+1)*B], [B, B].
+
+    Grid: (n * cdiv(T, T_CHUNK),); program p computes block coordinate p % n over tokens
+    [(p // n) * T_CHUNK, (p // n + 1) * T_CHUNK). Nothing is checked here (``sddmm_fwd``
+    checks, then launches this).
+
+    Args:
+        dy_ptr: dy [T, M], element (t, m) at t * stride_dyt + m * stride_dym; fp16, bf16,
+            fp32 or fp64; B divides M.
+        x_ptr: x [T, N], element (t, j) at t * stride_xt + j * stride_xn, the dtype of dy;
+            B divides N.
+        rows_ptr: int32 [n], contiguous: block rows, each in [0, M / B) (not checked here).
+        cols_ptr: int32 [n], contiguous: block columns, each in [0, N / B); repeats allowed.
+        g_ptr: g [n, B, B], contiguous: the result dtype with one token chunk (SPLIT_T
+            False), an fp32 (fp64) buffer zeroed by the caller with several (SPLIT_T True:
+            relaxed atomic adds).
+        T: int, tokens (>= 1). n: int, block coordinates (>= 1).
+        T_CHUNK: int >= 1, tokens per program (T for one chunk).
+        stride_dyt, stride_dym, stride_xt, stride_xn: int element strides of dy and x.
+        B: constexpr int >= 1, the block size.
+        BLOCK_B: constexpr int, the power of two >= B the tile is padded to (>= 16 with USE_DOT).
+        BLOCK_T: constexpr int, power of two (>= 16 with USE_DOT): tokens per loop step.
+        SPLIT_T: constexpr bool: more than one token chunk (atomic accumulation into g).
+        USE_DOT: constexpr bool: tl.dot (tensor cores on a GPU); needs B >= 16. False: an
+            outer-product sum on CUDA cores.
+        UPCAST: constexpr bool: cast dy and x tiles to ACC before tl.dot (the interpreter's
+            bf16 is wrong; fp32 operands give an exact dot).
+        DOT_PRECISION: constexpr str, tl.dot's input_precision: "ieee" or "tf32" (fp32 operands).
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 dy).
+    """
     # One program per (block coordinate, token chunk); coordinates vary fastest (see above).
     pid = tl.program_id(0).to(tl.int64)
     i = pid % n
@@ -194,7 +255,22 @@ def _token_contiguous(a: torch.Tensor):
 
 
 def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
-    """Launcher: check, allocate, pick the config, launch."""
+    """Launcher of ``sddmm_kernel`` (block_size 1) and ``sddmm_block_kernel``: check, allocate,
+    pick the launch config (the per-device table, else a default), launch. No autograd.
+
+    Args:
+        dy: [T, M], fp16, bf16, fp32 or fp64, any strides; T may be 0.
+        x: [T, N], the dtype of dy.
+        rows: int32 [n]: rows (block rows when block_size > 1), each in [0, M / block_size);
+            n may be 0; range checked unless ``kernels.set_checks(False)``.
+        cols: int32 [n]: columns (block columns), each in [0, N / block_size); repeats allowed.
+        block_size: int >= 1 that divides M and N.
+    Returns:
+        g: [n] (block_size 1) or [n, block_size, block_size] in dy's dtype, accumulated in
+        fp32 (fp64 for fp64).
+    Raises:
+        ValueError / TypeError naming the argument on a bad shape, dtype, device or index.
+    """
     _check(dy, x, rows, cols, block_size)
     n, T, b = rows.numel(), dy.shape[0], block_size
     shape = (n,) if b == 1 else (n, b, b)
@@ -222,7 +298,7 @@ def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
         else:
             (dys, dy_strides), (xs, x_strides) = (dy, dy.stride()), (x, x.stride())
         index_64 = max(_extent(dys), _extent(xs)) >= 2 ** 31
-        _sddmm_kernel[(n_tiles, n_chunks)](
+        sddmm_kernel[(n_tiles, n_chunks)](
             dys, xs, rows, cols, g, T, n, chunk,
             *dy_strides, *x_strides,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_T=cfg["BLOCK_T"], SPLIT_T=n_chunks > 1,
@@ -238,7 +314,7 @@ def sddmm_fwd(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     n_chunks = triton.cdiv(T, chunk)
     g = (torch.zeros(shape, dtype=acc_torch, device=dy.device) if n_chunks > 1
          else torch.empty(shape, dtype=dy.dtype, device=dy.device))
-    _sddmm_block_kernel[(n * n_chunks,)](
+    sddmm_block_kernel[(n * n_chunks,)](
         dy, x, rows, cols, g, T, n, chunk,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         B=b, BLOCK_B=block_b, BLOCK_T=cfg["BLOCK_T"], SPLIT_T=n_chunks > 1,

@@ -8,6 +8,10 @@ the layer. Forward and input gradient run torch.sparse CSR (MKL on CPU, cuSPARSE
 fp16/bf16 on CPU are computed in fp32 since MKL has no such kernels); the weight gradient is
 our SDDMM at the stored coordinates.
 
+No Triton kernel of its own: the raw kernel of this format is ``kernels.sddmm_kernel`` (its
+weight gradient, launched by ``kernels.sddmm_fwd``); ``csr_matmul`` is the product the forward
+and the input gradient run (torch.sparse CSR).
+
 Example:
     y = sparse_matmul(x, values, rows, cols, out_features=3072)
 """
@@ -29,6 +33,8 @@ warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implici
 
 
 def sparse_to_dense(values, rows, cols, in_features, out_features):
+    """The dense [out_features, in_features] weight of a coordinate list (tests, export);
+    repeated coordinates add up."""
     w = values.new_zeros(out_features, in_features)
     w.index_put_((rows.long(), cols.long()), values, accumulate=True)
     return w
@@ -46,12 +52,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def csr_matmul(crow, col, values, n_rows, n_cols, dense_t):
-    """(W @ dense_t) for W [n_rows, n_cols] in CSR (crow, col int32 or int64, values);
-    dense_t [n_cols, T]. fp16/bf16 on CPU are computed in fp32 (MKL has no such kernels).
-    One token (T = 1) is a sparse matrix-vector product: MKL's mv is ~2.5x faster than its mm
-    with one column (Linear 3072 -> 768 at 90%, 1 thread). In fp32 with the native library
-    (kernels.cpu) the product is its own: 2-byte indices, tiles of tokens (the forward and
-    input grad of every format in a CPU training step; bench/e2e.py)."""
+    """W @ dense_t for W [n_rows, n_cols] in CSR: in fp32 on CPU through the native library
+    (kernels.cpu: 2-byte indices, tiles of tokens; the forward and input grad of every format
+    in a CPU training step) where it applies, else through torch.sparse (MKL on CPU, cuSPARSE
+    on CUDA). No autograd, no checks: the caller passes a valid CSR structure.
+
+    Args:
+        crow: int32 or int64 [n_rows + 1], row pointers: crow[0] = 0, non-decreasing,
+            crow[-1] = nnz.
+        col: int32 or int64 [nnz], column of each value, each in [0, n_cols), sorted within
+            a row (the int64 path is taken unless crow and col are both int32).
+        values: [nnz], a float dtype (cast to dense_t's compute dtype).
+        n_rows, n_cols: int, the shape of W.
+        dense_t: [n_cols, T], fp16, bf16, fp32 or fp64; fp16 / bf16 on CPU are computed in fp32
+            (MKL has no such kernels). One token (T = 1) is a sparse matrix-vector product:
+            MKL's mv is ~2.5x faster than its mm with one column (Linear 3072 -> 768 at 90%,
+            1 thread).
+    Returns:
+        [n_rows, T] in dense_t's dtype.
+    """
     y = cpu_native.csr_matmul(crow, col, values, n_rows, n_cols, dense_t)
     if y is not None:
         return y

@@ -66,7 +66,11 @@ class Config:
     out_dir: str = ""               # run folder ("" = runs/bert/<method>-s<sparsity>-seed<seed>)
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
     overwrite: bool = False         # replace a finished run in out_dir
-    plots: bool = True              # write curves.png and masks.png
+    plots: bool = True              # write curves.png, masks.png and churn.png
+    tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
+                                    # extra: pip install -e ".[tensorboard]")
+    grad_sync: str = "ddp"          # under torchrun: ddp (DistributedDataParallel, all-reduce overlapped with
+                                    # backward) | flat (one all-reduce after backward); train/distributed.py
     progress: bool = True           # show a progress bar (on a terminal)
     dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
@@ -152,7 +156,7 @@ def train(cfg: Config, argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         with sparsifier.capture(step):  # records layer inputs / output grads on update steps
             with run.amp():
-                loss, logits, target = mlm_loss(model, inputs, labels)
+                loss, logits, target = mlm_loss(run.net, inputs, labels)
             loss_value = loss.item()
             if not run.finite(loss_value, step):
                 return 1

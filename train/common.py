@@ -287,7 +287,8 @@ def save_checkpoint(path: Path, *, entry: str, cfg, step: int, model, optimizer,
 # Fields that may differ between the saved run and the resuming one.
 # fused_mlp computes the same function and gradients (rounding aside) and stores nothing else.
 # eval_every only adds validation rows (evaluation draws from no training RNG).
-RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir", "fused_mlp", "eval_every"}
+RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir", "fused_mlp", "eval_every",
+               "tensorboard", "grad_sync"}
 
 
 def load_checkpoint(path: Path, entry: str, cfg) -> dict:

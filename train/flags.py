@@ -53,6 +53,7 @@ is_dense = _dst_config.is_dense
 # Accepted values of the string flags of the entry points, checked with the flags.
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
+GRAD_SYNCS = ("ddp", "flat")   # train/distributed.py
 
 
 class UsageError(Exception):
@@ -242,6 +243,11 @@ def check_common(cfg) -> None:
         raise UsageError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if getattr(cfg, "grad_sync", "ddp") not in GRAD_SYNCS:
+        raise UsageError(f"--grad-sync must be {' or '.join(GRAD_SYNCS)}, got {cfg.grad_sync!r}")
+    if getattr(cfg, "tensorboard", False):
+        from .tracking import check_tensorboard
+        check_tensorboard()
 
 
 class Exit(Exception):

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from . import common as C
-from . import distributed
+from . import distributed, tracking
+from .plots import mask_rows
 from .flags import Entry, Exit, UsageError, usage_exit
 
 
@@ -65,12 +66,13 @@ class Run:
     model_config: Any
     data: Any
     model: nn.Module
+    net: nn.Module                 # what the training forward calls: the model, or DDP around it under torchrun
     targets: dict                  # {layer name: target density}
     sparsifier: Any
     optimizer: torch.optim.Optimizer
     history: dict
     start: int                     # the first step of this session (the checkpoint's on --resume)
-    metrics: C.Metrics
+    metrics: Any                   # C.Metrics, mirrored to TensorBoard with --tensorboard
     warnings: list
     exit_code: int | None = None   # set when a signal stopped the loop
     _t0: float = 0.0
@@ -140,7 +142,8 @@ class Run:
         update when due; then the step time, and a metrics row every ``log_every`` steps
         (``accuracy()`` is called only then)."""
         cfg, history = self.cfg, self.history
-        self.ddp.all_reduce_grads(self.model)  # average over ranks (no-op in one process)
+        if self.net is self.model:   # DDP averaged the gradients during backward; else --grad-sync flat / one process
+            self.ddp.all_reduce_grads(self.model)  # average over ranks (no-op in one process)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -151,8 +154,11 @@ class Run:
         if stats is not None:
             history["mask_updates"] += 1
             history["mask_seconds"] += stats["seconds"]
+        log = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        for row in mask_rows(step, stats, self.sparsifier, log=log):
+            self.metrics.write(**row)   # mask churn and DynaDiag's gates (train/plots.py)
         history["window"].append(loss_value)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if log:
             train_loss = sum(history["window"]) / len(history["window"])
             history["window"] = []
             density = C.overall_density(self.model, self.names)
@@ -195,10 +201,11 @@ class Run:
         }
         C.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if cfg.plots:
-            from .plots import plot_curves, plot_masks
+            from .plots import plot_churn, plot_curves, plot_masks
             title = f"{self.entry.title} {cfg.preset} / {self.data.name} / {cfg.dst.method} sparsity {cfg.dst.sparsity:g}"
             plot_curves(history, self.out / "curves.png", title)
             plot_masks(C.sparse_layers(model), self.out / "masks.png", title)
+            plot_churn(self.out / "metrics.jsonl", self.out / "churn.png", title)
         print(f"{self.entry.label}: {headline} | {cfg.dst.method} density {summary['density']['overall']:.4f} | "
               f"{summary['step_time_ms']['median']:.1f} ms/step | {wall:.0f} s | {self.out}")
         return 0
@@ -248,6 +255,7 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         raise Exit(0)
     warnings = C.warn_schedule(cfg, entry.prog) if ddp.is_main else []
     ddp.broadcast_model(model)
+    net = ddp.wrap(model, cfg.grad_sync)   # the training forward: DDP under torchrun (train/distributed.py)
     history = {"train": [], "eval": [], "density": [], "metric": entry.metric, "window": [], "mask_updates": 0,
                "mask_seconds": 0.0, "times": []}
     first = 0
@@ -261,10 +269,12 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
                                        else v) for k, v in blob["history"].items()}}
     out.mkdir(parents=True, exist_ok=True)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    metrics = C.Metrics(out / "metrics.jsonl", keep_before=first)
+    metrics = tracking.mirror(metrics, out, cfg.tensorboard and ddp.is_main, first)   # --tensorboard
     run = Run(cfg=cfg, argv=argv, entry=entry, ddp=ddp, device=device, amp=amp, out=out,
-              model_config=built.model_config, data=built.data, model=model, targets=targets, sparsifier=sparsifier,
-              optimizer=optimizer, history=history, start=first,
-              metrics=C.Metrics(out / "metrics.jsonl", keep_before=first), warnings=warnings)
+              model_config=built.model_config, data=built.data, model=model, net=net, targets=targets,
+              sparsifier=sparsifier, optimizer=optimizer, history=history, start=first, metrics=metrics,
+              warnings=warnings)
     d = cfg.dst
     what = d.method if C.is_dense(d.method) else f"{d.method} at sparsity {d.sparsity:g} ({d.distribution})"
     mc = built.model_config

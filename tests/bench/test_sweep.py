@@ -160,8 +160,8 @@ def _flag_timing(monkeypatch, timing):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
 def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
     timing = {"on": False}
-    buggy = _PlantedBugs(kernels.fanin._fanin_fwd_kernel, timing, _fanin_bugs)
-    monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", buggy)
+    buggy = _PlantedBugs(kernels.fanin.fanin_fwd_kernel, timing, _fanin_bugs)
+    monkeypatch.setattr(kernels.fanin, "fanin_fwd_kernel", buggy)
     _flag_timing(monkeypatch, timing)
     bad = ['fanin_fwd={"BLOCK_R": 32}', 'fanin_fwd={"BLOCK_R": 16}', 'fanin_fwd={"BLOCK_T": 48}']
     argv = ["--quick", "--ops", "fanin_fwd", "--tokens", "40", "--sparsities", "0.9", "--out", str(tmp_path)]
@@ -259,7 +259,7 @@ def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(rt, "CONFIG_DIR", tmp_path)
     assert rt.launch_config("fanin_fwd", key, {"BLOCK_T": 64, "BLOCK_R": 64, "num_warps": 4}) == tuned
 
-    real = kernels.fanin._fanin_fwd_kernel
+    real = kernels.fanin.fanin_fwd_kernel
     seen = []
 
     class Spy:
@@ -269,7 +269,7 @@ def test_kernels_pick_up_a_tuned_config_from_the_table(tmp_path, monkeypatch):
                 return real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(kernels.fanin, "_fanin_fwd_kernel", Spy())
+    monkeypatch.setattr(kernels.fanin, "fanin_fwd_kernel", Spy())
     torch.manual_seed(0)
     layer = kernels.FanInLinear(n_in, n_out, density=0.1)
     x = torch.randn(T, n_in)

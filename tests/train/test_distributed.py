@@ -1,5 +1,7 @@
 """Data parallelism: two CPU processes (gloo) training with each DST method end with the same
-masks and values on both ranks, although each saw different data."""
+masks and values on both ranks, although each saw different data - with the flat all-reduce
+after backward and with DistributedDataParallel (rebuilt when a mask update resizes values),
+whose averaged gradients equal the flat all-reduce's at every step."""
 import os
 import socket
 
@@ -10,7 +12,7 @@ import torch.multiprocessing as mp
 
 import kernels
 from dst import DSTConfig, Sparsifier, make_layer
-from train.distributed import Dist
+from train.distributed import Dist, ParallelModel
 
 METHODS = {"rigl": {}, "set": {}, "gse": {"grow": "graest"}, "srigl": {"gamma_sal": 0.3},
            "dynadiag": {"freeze_at": 0.6}}
@@ -22,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, method, overrides, out_dir):
+def _worker(rank, world, port, method, overrides, out_dir, sync="flat"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -36,25 +38,40 @@ def _worker(rank, world, port, method, overrides, out_dir):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ddp.broadcast_model(model)
     initial = [m.mask() for m in model.modules() if isinstance(m, kernels.SparseLayer)]
+    net = ddp.wrap(model, sync)
+    assert isinstance(net, ParallelModel) == (sync == "ddp")
     data = torch.Generator().manual_seed(100 + rank)  # every rank its own data
+    shapes = lambda: tuple((n, tuple(p.shape)) for n, p in model.named_parameters())  # noqa: E731
+    seen, changes = shapes(), 0
     for step in range(10):
         x, y = torch.randn(12, 16, generator=data), torch.randn(12, 8, generator=data)
+        if sync == "ddp":   # what the flat all-reduce gives: this rank's own gradient, averaged by hand
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            ddp.all_reduce_grads(model)
+            expected = [p.grad.clone() for p in model.parameters()]
         opt.zero_grad(set_to_none=True)
         with sparsifier.capture(step):
-            torch.nn.functional.mse_loss(model(x), y).backward()
-        ddp.all_reduce_grads(model)
+            torch.nn.functional.mse_loss(net(x), y).backward()
+        if sync == "flat":
+            ddp.all_reduce_grads(model)
+        else:
+            got = [p.grad for p in model.parameters()]
+            assert len(got) == len(expected) and all(torch.equal(g, e) for g, e in zip(got, expected)), step
         opt.step()
         sparsifier.step(step, opt)
+        changes, seen = changes + (shapes() != seen), shapes()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state["masks"] = [m.mask() for m in model.modules() if isinstance(m, kernels.SparseLayer)]
     state["initial_masks"] = initial
+    state["builds"] = torch.tensor(net.builds if sync == "ddp" else 0)
+    state["shape_changes"] = torch.tensor(changes)
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_ranks_agree_on_masks_and_values_after_updates(tmp_path, method):
-    mp.start_processes(_worker, args=(2, _free_port(), method, METHODS[method], str(tmp_path)),
+def _run_pair(tmp_path, method, sync):
+    mp.start_processes(_worker, args=(2, _free_port(), method, METHODS[method], str(tmp_path), sync),
                        nprocs=2, join=True, start_method="fork")
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys()
@@ -66,6 +83,22 @@ def test_ranks_agree_on_masks_and_values_after_updates(tmp_path, method):
             assert torch.equal(a[key], b[key]), key
     # the updates really changed the masks
     assert any(not torch.equal(m, m0) for m, m0 in zip(a["masks"], a["initial_masks"]))
+    return a
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_ranks_agree_on_masks_and_values_after_updates(tmp_path, method):
+    _run_pair(tmp_path, method, "flat")
+
+
+# DDP: RigL's updates keep every values tensor's shape (one DDP for the run); SRigL's change its
+# fan-in k and DynaDiag's freeze drops the candidates and the gate scores (DDP rebuilt).
+@pytest.mark.parametrize("method", ["rigl", "srigl", "dynadiag"])
+def test_ddp_averages_like_the_flat_all_reduce_and_is_rebuilt_on_resized_values(tmp_path, method):
+    a = _run_pair(tmp_path, method, "ddp")
+    changes = int(a["shape_changes"])
+    assert (changes == 0) == (method == "rigl")
+    assert int(a["builds"]) == 1 + changes   # one DDP at the start, a new one after each resizing update
 
 
 def test_single_process_is_a_no_op():
@@ -89,8 +122,22 @@ def test_torchrun_trains_vit_on_two_processes_with_identical_states(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    import json
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["grad_sync"] == "ddp"   # the default
     a = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "run" / "rank1" / "checkpoint.pt", weights_only=False)["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_bad_grad_sync_is_refused_naming_the_flag(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "train.vit", "--grad-sync", "ring", "--out-dir", str(tmp_path / "r")],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--grad-sync must be ddp or flat, got 'ring'" in done.stderr, done.stderr
+    assert not (tmp_path / "r").exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear, resize_parameter
+from kernels import SparseLayer, SparseLinear, resize_parameter
 
 
 def gather_or_zero(old: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -54,14 +54,7 @@ def remap_parameter(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer 
 
 def values_shape(layer: SparseLayer, pattern: dict) -> tuple[int, ...]:
     """Shape of ``values`` for a pattern given as set_pattern's index arguments."""
-    if isinstance(layer, SparseLinear):
-        return tuple(pattern["rows"].shape)
-    if isinstance(layer, FanInLinear):
-        return tuple(pattern["indices"].shape)
-    if isinstance(layer, DiagLinear):
-        R, C, D, P = layer.geometry
-        return (pattern["offsets"].numel(), D, layer.block_size, layer.block_size)
-    raise TypeError(f"unknown sparse layer {type(layer).__name__}")
+    return layer.values_shape(**pattern)
 
 
 def apply_mask_update(layer: SparseLayer, optimizer: torch.optim.Optimizer | None, src: torch.Tensor,

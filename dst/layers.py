@@ -4,16 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear
+from kernels import SparseLayer
 
 from .config import LAYER_FORMAT, DSTConfig
 
-FORMAT_OF_CLASS = {SparseLinear: "sparse", FanInLinear: "fanin", DiagLinear: "diag"}
 def layer_format(layer: nn.Module) -> str:
-    for cls, fmt in FORMAT_OF_CLASS.items():
-        if isinstance(layer, cls):
-            return fmt
-    return "dense"
+    """The format name of a sparse layer ("fanin", ...); "dense" for anything else."""
+    return layer.format if isinstance(layer, SparseLayer) else "dense"
 
 
 def check_layer_format(method: str, name: str, layer: SparseLayer, supported: tuple[str, ...]) -> None:
@@ -43,11 +40,7 @@ def make_layer(cfg: DSTConfig, in_features: int, out_features: int, density: flo
     fmt = LAYER_FORMAT[cfg.method]
     if fmt == "dense":
         return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-    if fmt == "sparse":
-        return SparseLinear(in_features, out_features, density, bias=bias, device=device, dtype=dtype,
-                            generator=generator)
-    if fmt == "fanin":
-        return FanInLinear(in_features, out_features, density, bias=bias, device=device, dtype=dtype,
-                           generator=generator)
-    return DiagLinear(in_features, out_features, density, block_size=cfg.block_size, bias=bias,
-                              device=device, dtype=dtype, generator=generator)
+    cls = SparseLayer.by_format[fmt]
+    options = {name: getattr(cfg, name) for name in cls.options}   # DiagLinear: block_size
+    return cls(in_features, out_features, density, bias=bias, device=device, dtype=dtype, generator=generator,
+               **options)

@@ -24,23 +24,13 @@ import time
 import torch
 from torch import nn
 
-from kernels import DiagLinear, FanInLinear, SparseLayer, SparseLinear
+from kernels import DiagLinear, SparseLayer
 
 from .config import DSTConfig
 from .layers import check_layer_format
 from .rules import rule_for
 from .schedules import drop_fraction
 from .scores import UpdateContext
-
-PATTERN_BUFFERS = {SparseLinear: ("rows", "cols"), FanInLinear: ("indices", "rows"), DiagLinear: ("offsets",)}
-
-
-def _pattern_names(layer: SparseLayer) -> tuple[str, ...]:
-    for cls, names in PATTERN_BUFFERS.items():
-        if isinstance(layer, cls):
-            return names
-    raise TypeError(f"unknown sparse layer {type(layer).__name__}")
-
 
 class Sparsifier:
     """Mask updates of every ``kernels.SparseLayer`` in ``model`` under ``cfg``.
@@ -166,7 +156,7 @@ class Sparsifier:
     def state_dict(self) -> dict:
         layers = {}
         for name, layer in self.layers.items():
-            entry = {"pattern": {b: getattr(layer, b).detach().cpu().clone() for b in _pattern_names(layer)},
+            entry = {"pattern": {b: t.detach().cpu().clone() for b, t in layer.pattern().items()},
                      "values_shape": tuple(layer.values.shape), "gate": None}
             if isinstance(layer, DiagLinear) and layer.scores is not None:
                 entry["gate"] = {"scores": layer.scores.detach().cpu().clone(),

@@ -23,22 +23,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .diag import DiagLinear
-from .fanin import FanInLinear
+from .fanin import FanInLinear  # noqa: F401 (imported: each layer class registers its format)
 from .module import SparseLayer
-from .sparse import SparseLinear
+from .sparse import SparseLinear  # noqa: F401
 
 FORMAT_VERSION = 1
-_LAYER_TYPES = {"fanin": FanInLinear, "diag": DiagLinear, "sparse": SparseLinear}
-_FORMAT_OF = {cls: name for name, cls in _LAYER_TYPES.items()}
 
 
 def _layer_meta(layer: SparseLayer) -> dict:
-    meta = {"format": _FORMAT_OF[type(layer)], "in_features": layer.in_features,
+    meta = {"format": layer.format, "in_features": layer.in_features,
             "out_features": layer.out_features, "bias": layer.bias is not None,
-            "dtype": str(layer.values.dtype).replace("torch.", "")}
+            "dtype": str(layer.values.dtype).replace("torch.", ""),
+            **{name: getattr(layer, name) for name in layer.options}}   # DiagLinear: block_size
     if isinstance(layer, DiagLinear):
-        meta["block_size"] = layer.block_size
-        meta["k_target"] = layer.k_target
+        meta["k_target"] = layer.k_target   # its gate (DynaDiag before the freeze)
     return meta
 
 
@@ -98,11 +96,9 @@ def load_layers(path: str | os.PathLike, device=None) -> tuple[dict[str, SparseL
     tensors, header = read_condensed(path)
     layers = {}
     for name, meta in header["layers"].items():
-        cls = _LAYER_TYPES[meta["format"]]
+        cls = SparseLayer.by_format[meta["format"]]
         dtype = getattr(torch, meta["dtype"])
-        kwargs = {"bias": meta["bias"], "device": device, "dtype": dtype}
-        if meta["format"] == "diag":
-            kwargs["block_size"] = meta["block_size"]
+        kwargs = {"bias": meta["bias"], "device": device, "dtype": dtype, **{o: meta[o] for o in cls.options}}
         prefix = f"{name}." if name else ""
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         if meta["format"] == "diag":
@@ -148,9 +144,9 @@ def densify(model: nn.Module) -> nn.Module:
 def sparse_from_dense(linear: nn.Linear, fmt: str, pattern, block_size: int = 1) -> SparseLayer:
     """A sparse layer holding ``linear``'s weights on an explicit pattern: a boolean mask for
     "sparse" and "fanin", int32 diagonal offsets for "diag"."""
-    if fmt not in _LAYER_TYPES:
-        raise ValueError(f"fmt must be one of {sorted(_LAYER_TYPES)}, got {fmt!r}")
+    if fmt not in SparseLayer.by_format:
+        raise ValueError(f"fmt must be one of {sorted(SparseLayer.by_format)}, got {fmt!r}")
     bias = linear.bias.detach() if linear.bias is not None else None
     if fmt == "diag":
         return DiagLinear.from_dense(linear.weight.detach(), pattern, bias, block_size=block_size)
-    return _LAYER_TYPES[fmt].from_dense(linear.weight.detach(), pattern, bias)
+    return SparseLayer.by_format[fmt].from_dense(linear.weight.detach(), pattern, bias)

@@ -606,6 +606,9 @@ class FanInLinear(SparseLayer):
         >>> layer = FanInLinear(768, 3072, density=0.1)
         >>> y = layer(torch.randn(4, 768))
     """
+    format = "fanin"
+    pattern_buffers = ("indices", "rows")
+
 
     def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
                  k: int | None = None, bias: bool = True, device=None, dtype=None,

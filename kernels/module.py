@@ -2,6 +2,8 @@
 by tests and export, and a state_dict that round-trips although shapes change with the mask."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -31,7 +33,29 @@ class SparseLayer(nn.Module):
 
     Subclasses store ``values`` (Parameter) and int32 index buffers, and implement
     ``forward``, ``coords()`` -> (rows, cols) of every stored element and ``to_dense()``.
+    Each names its format and its pattern (the facts dst, export and the trainers read from
+    the class, so a new format is one class): a subclass with a ``format`` is registered in
+    ``SparseLayer.by_format``.
     """
+    format: ClassVar[str] = ""                        # the name in configs, files, tables: "fanin"
+    pattern_buffers: ClassVar[tuple[str, ...]] = ()   # the index buffers, as set_pattern takes them
+    options: ClassVar[tuple[str, ...]] = ()           # constructor settings beyond shape and density,
+                                                      # named as the DSTConfig fields that set them
+    by_format: ClassVar[dict[str, type]] = {}         # every registered format's class
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.format:
+            SparseLayer.by_format[cls.format] = cls
+
+    def values_shape(self, **pattern: torch.Tensor) -> tuple[int, ...]:
+        """The shape ``values`` takes for a pattern given as set_pattern's index arguments
+        (by default the first pattern buffer's shape: one value per index)."""
+        return tuple(pattern[self.pattern_buffers[0]].shape)
+
+    def pattern(self) -> dict[str, torch.Tensor]:
+        """The pattern buffers by name."""
+        return {b: getattr(self, b) for b in self.pattern_buffers}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
         super().__init__()

@@ -189,6 +189,9 @@ class SparseLinear(SparseLayer):
         >>> layer = SparseLinear(768, 3072, density=0.1)
         >>> y = layer(torch.randn(4, 768))
     """
+    format = "sparse"
+    pattern_buffers = ("rows", "cols")
+
 
     def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
                  nnz: int | None = None, bias: bool = True, device=None, dtype=None,

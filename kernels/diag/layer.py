@@ -28,6 +28,10 @@ class DiagLinear(SparseLayer):
         >>> layer = DiagLinear(768, 3072, density=0.1, block_size=16)
         >>> y = layer(torch.randn(4, 768))
     """
+    format = "diag"
+    pattern_buffers = ("offsets",)
+    options = ("block_size",)
+
 
     def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
                  num_diagonals: int | None = None, block_size: int = 1, bias: bool = True,
@@ -53,6 +57,10 @@ class DiagLinear(SparseLayer):
         self.register_parameter("scores", None)
         self.register_buffer("temperature", None)
         self.k_target = None
+
+    def values_shape(self, offsets: torch.Tensor) -> tuple[int, ...]:
+        R, C, D, P = self.geometry
+        return (offsets.numel(), D, self.block_size, self.block_size)
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:

@@ -98,3 +98,18 @@ def test_a_mismatched_model_is_refused(tmp_path):
     other = nn.Sequential(kernels.SparseLinear(12, 4, 0.5))
     with pytest.raises(ValueError, match="holds sparse layers"):
         kernels.load_into(other, tmp_path / "n.safetensors")
+
+
+def test_each_layer_class_carries_its_format_and_pattern():
+    """The facts dst, export and the trainers read from a layer class: its format name (the
+    registry SparseLayer.by_format), its pattern buffers and the values shape of a pattern."""
+    assert kernels.SparseLayer.by_format == {"fanin": kernels.FanInLinear, "sparse": kernels.SparseLinear,
+                                             "diag": kernels.DiagLinear}
+    g = torch.Generator().manual_seed(0)
+    layers = [kernels.FanInLinear(12, 8, 0.25, generator=g), kernels.SparseLinear(12, 8, 0.25, generator=g),
+              kernels.DiagLinear(12, 8, 0.5, block_size=4, generator=g)]
+    for layer in layers:
+        assert set(layer.pattern()) == set(layer.pattern_buffers)
+        assert all(name in dict(layer.named_buffers()) for name in layer.pattern_buffers)
+        assert layer.values_shape(**layer.pattern()) == tuple(layer.values.shape), type(layer).__name__
+    assert kernels.DiagLinear.options == ("block_size",)

@@ -628,7 +628,21 @@ def _fmt(v, nd=2):
     return str(v)
 
 
-def write_report(rows: list[dict], cc: int, out: Path, header: dict) -> None:
+def read_baseline(path: str | None, cc: int) -> dict:
+    """op -> its row (the op's model row) in an earlier report's sm<cc>.csv: the figures of
+    the kernels before a change, beside today's. {} without one."""
+    if not path:
+        return {}
+    p = Path(path)
+    p = p / f"sm{cc}.csv" if p.is_dir() else p
+    if not p.exists() or f"sm{cc}" not in p.name:  # a file is one architecture's (baseline_sm90.csv)
+        return {}
+    with open(p, newline="") as f:
+        return {r["op"]: r for r in csv.DictReader(f) if r.get("model_not_measured_x_dense_h200")}
+
+
+def write_report(rows: list[dict], cc: int, out: Path, header: dict, baseline: dict | None = None) -> None:
+    baseline = baseline or {}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"sm{cc}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -664,13 +678,15 @@ def write_report(rows: list[dict], cc: int, out: Path, header: dict) -> None:
               "The model's bound is the roofline term that decides.", "",
               "| op | params | kernels | GFLOP | HBM MB | L2 MB | glue MB | bound (model) | H100 us (model) | "
               "H200 us (model) | x dense H100 (model) | x dense H200 (model) |"
+              + (" before: x dense H200 (model) |" if baseline else "")
               + (" measured us | x dense measured | model / measured |" if measured else ""),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if measured else "")]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if baseline else "")
+              + ("---|---|---|" if measured else "")]
     for r in rows:
         if r.get("model_not_measured_h100_us") is None:
             if r.get("error") and r.get("launch") in (None, 0):
                 lines.append(f"| {r['op']} | {r.get('params', '')} | {r.get('kernel', '')} | failed: "
-                             f"{r['error'][:160]} |" + " |" * (8 + 3 * measured))
+                             f"{r['error'][:160]} |" + " |" * (8 + bool(baseline) + 3 * measured))
             continue
         kern = r["kernel"] + (f" (+{r['launches'] - 1})" if r["launches"] > 1 else "")
         lines.append(f"| {r['op']} | {r['params']} | {kern} | {_fmt(r['gflop'], 3)} | {_fmt(r['hbm_mb_model'], 1)} | "
@@ -678,15 +694,64 @@ def write_report(rows: list[dict], cc: int, out: Path, header: dict) -> None:
                      f"{_fmt(r['model_not_measured_h100_us'], 1)} | {_fmt(r['model_not_measured_h200_us'], 1)} | "
                      f"{_fmt(r['model_not_measured_x_dense_h100'], 3)} | "
                      f"{_fmt(r['model_not_measured_x_dense_h200'], 3)} |"
+                     + (f" {_before(baseline, r['op'])} |" if baseline else "")
                      + (f" {_fmt(r.get('measured_us'), 1)} | {_fmt(r.get('measured_x_dense'), 3)} | "
                         f"{_fmt(r.get('model_error'), 2)} |" if measured else ""))
     lines += ["", "## The issue's targets, judged by the model (not measured)", ""]
     lines += targets(rows)
+    lines += ["", "## Block-diagonal and fused-MLP targets (issue 12), judged by the model (not measured)", "",
+              "`before` = the same op in the baseline report (`--baseline`; see its header line above)."
+              if baseline else "No baseline report for this architecture (`--baseline`).", ""]
+    lines += block_targets(rows, baseline)
     lines += ["", "## Compute ceilings the model used (per op, H200)", ""]
     for r in rows:
         if r.get("model_not_measured_compute_peak"):
             lines.append(f"- {r['op']}: {r['model_not_measured_compute_peak']}")
     (out / f"sm{cc}.md").write_text("\n".join(lines) + "\n")
+
+
+def _before(baseline: dict, op: str) -> str:
+    r = baseline.get(op)
+    if not r:
+        return "-"
+    return f"{float(r['model_not_measured_x_dense_h200']):.3f} ({r['kernel']})"
+
+
+def block_targets(rows: list[dict], baseline: dict) -> list[str]:
+    """Issue 12's targets (H200, bf16, T = 50,432): the model's ratio now, before (the
+    baseline's) and how far from the target."""
+    ops = {r["op"]: r for r in rows if r.get("model_not_measured_h200_us") is not None}
+    out = ["| target | op | model H200 now | before | met (model) | missed by |", "|---|---|---|---|---|---|"]
+
+    def ratio(names, table):
+        got = [table.get(n) for n in names]
+        if not all(got):
+            return None
+        dense = sum(float(r["model_not_measured_dense_h200_us"]) for r in got)
+        return dense / sum(float(r["model_not_measured_h200_us"]) for r in got)
+
+    def line(target, goal, names, label):
+        now, before = ratio(names, ops), ratio(names, baseline)
+        if now is None:
+            return
+        out.append(f"| {target} | {label} | {now:.2f}x | {'-' if before is None else f'{before:.2f}x'} | "
+                   f"{'-' if not goal else 'yes' if now >= goal else 'no'} | "
+                   f"{'-' if now >= goal else f'{(1 - now / goal) * 100:.0f}%'} |")
+
+    for layer in ("fc1", "fc2"):
+        n_in, n_out = LAYERS[layer]
+        shape = f"{layer} {n_in}->{n_out} T=50432 bfloat16"
+        for b, goal in ((64, 2.5), (16, 2.0)):
+            line(f"block-diagonal forward, b = {b}, >= {goal}x", goal, [f"diag{b} fwd {shape}"], f"diag{b} fwd {shape}")
+        for b in (16, 64):
+            line(f"forward + dX + dW, b = {b}, >= 2.0x", 2.0, [f"diag{b} {p} {shape}" for p in ("fwd", "dx", "dw")],
+                 f"diag{b} fwd+dx+dw {shape}")
+    for b, goal in ((64, 4.0), (16, 3.0)):
+        name = f"mlp{b} fwd mlp 768->3072->768 T=50432 bfloat16"
+        line(f"fused MLP forward, b = {b}, >= {goal}x the dense MLP", goal, [name], name)
+        name_b = f"mlp{b} bwd mlp 768->3072->768 T=50432 bfloat16"
+        line(f"fused MLP backward, b = {b} (no target; beside the forward)", 0.0, [name_b], name_b)
+    return out
 
 
 FP32_FLOOR_TFLOPS = 67.0  # the CUDA-core floor of the targets: sparse FLOPs / 67 TFLOP/s
@@ -774,6 +839,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--json", action="store_true", help="one JSON line per launch on stdout, no files")
     p.add_argument("--no-measure", action="store_true", help="on a GPU: compile and model only")
+    p.add_argument("--baseline", default="",
+                   help="an earlier report's folder or sm<cc>.csv: its x dense figures go beside today's")
     p.add_argument("--budget-s", type=float, default=0,
                    help="stop starting new ops after this many seconds and write what is done (0: no limit)")
     args = p.parse_args(argv)
@@ -792,14 +859,18 @@ def main(argv=None) -> int:
                                  op.tokens == 1, op.dtype != "bfloat16"))
     archs = [int(a) for a in args.archs.split(",")]
     rows = {cc: [] for cc in archs}
+    baselines = {cc: read_baseline(args.baseline, cc) for cc in archs}  # read before --out is written
     failed = 0
     h = header(args)
+    if args.baseline:
+        h["baseline (before column)"] = (f"{args.baseline}: the kernels at 226cef5 under this model "
+                                         "(bench/README.md)" if "baseline_sm" in args.baseline else args.baseline)
 
     def write(done: int) -> None:
         h["run time"] = f"{time.time() - t0:.0f} s" + (f" ({done} of {len(ops)} ops: budget spent)"
                                                        if done < len(ops) else "")
         for cc in archs:
-            write_report(rows[cc], cc, Path(args.out), h)
+            write_report(rows[cc], cc, Path(args.out), h, baselines[cc])
 
     done = 0
     for n, op in enumerate(ops):

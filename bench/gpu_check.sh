@@ -56,7 +56,7 @@ phase() {
 phase "1 GPU tests" 100 30 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py \
     tests/kernels/test_fused.py tests/kernels/test_cpu_inference.py -k "gpu or vit_b"
 
-phase "2 static report, measured" 170 60 $PY bench/static.py --archs 90 --budget-s 150 --out "$OUT_DIR/static"
+phase "2 static report, measured" 170 60 $PY bench/static.py --archs 90 --budget-s 150 --baseline bench/results/static/baseline_sm90.csv --out "$OUT_DIR/static"
 
 phase "3 ratios vs CSR / surviving / unfused (default configs)" 80 40 $PY bench/sweep.py --no-tune \
     --shapes 768x3072,3072x768 --tokens 256,50432 --sparsities 0.9 --blocks 1,16,64 --dtypes bfloat16,float32 \

@@ -36,10 +36,10 @@ __all__ = [
     "fanin_fwd_kernel", "fanin_dx_kernel", "csr_matmul",
 ]
 from .diag import (DiagLinear, diag_matmul, diag_matmul_ref, diag_fwd, diag_dx,  # noqa: E402
-                   diag_coords, diag_geometry, _diag_block_kernel, _diag_elem_kernel)
+                   diag_coords, diag_geometry, diag_block_kernel, diag_elem_kernel, diag_dw_kernel)
 
 __all__ += ["DiagLinear", "diag_matmul", "diag_matmul_ref", "diag_fwd", "diag_dx", "diag_coords",
-            "diag_geometry"]
+            "diag_geometry", "diag_block_kernel", "diag_elem_kernel", "diag_dw_kernel"]
 from .sparse import SparseLinear, sparse_matmul, sparse_matmul_ref  # noqa: E402
 from .module import SparseLayer, resize_parameter  # noqa: E402
 from . import coords  # noqa: E402
@@ -48,9 +48,9 @@ __all__ += ["SparseLinear", "sparse_matmul", "sparse_matmul_ref", "SparseLayer",
 from .export import save_condensed, load_layers, load_into, densify, sparse_from_dense, atomic_write  # noqa: E402
 
 __all__ += ["save_condensed", "load_layers", "load_into", "densify", "sparse_from_dense", "atomic_write"]
-from .fused import fused_diag_mlp, fused_mlp, fused_diag_mlp_fwd, _fused_diag_mlp_kernel  # noqa: E402
+from .fused import fused_diag_mlp, fused_mlp, fused_diag_mlp_fwd, fused_diag_mlp_kernel  # noqa: E402
 
-__all__ += ["fused_diag_mlp", "fused_mlp", "fused_diag_mlp_fwd"]
+__all__ += ["fused_diag_mlp", "fused_mlp", "fused_diag_mlp_fwd", "fused_diag_mlp_kernel"]
 
 # Triton's interpreter wraps a kernel in an object without the function's docstring: give it
 # back, so that help(kernels.sddmm_kernel) reads the same on CPU as on a GPU.

@@ -264,7 +264,7 @@ def fused_diag_mlp_fwd(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
     ptr1, entries1 = diag_tile_list(w1_offsets.contiguous(), R1, P1, D1, R1 < C1, 1)
     ptr2, entries2 = diag_tile_list(w2_offsets.contiguous(), R2, P2, D2, R2 < C2, 1)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * R2,)
-    _fused_diag_mlp_kernel[grid](
+    fused_diag_mlp_kernel[grid](
         x2, w1_values.contiguous(), ptr1, entries1, b1 if b1 is not None else x2,
         w2_values.contiguous(), ptr2, entries2, b2 if b2 is not None else x2, y,
         T, R2, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),

@@ -193,10 +193,10 @@ def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monk
 
 
 def _fused_bugs(args, grid, kwargs):
-    """num_warps=2 skips fc2's last diagonal (K2 - 1: wrong values), BLOCK_T=16 launches one
+    """num_warps=2 reads x with a row stride one short (wrong values), BLOCK_T=16 launches one
     program too few (an output tile left unwritten)."""
     if kwargs["num_warps"] == 2:
-        args[12] = args[12] - 1  # K2
+        args[12] = args[12] - 1  # x2.stride(0)
     if kwargs["BLOCK_T"] == 16:
         grid = (grid[0] - 1,)
     return args, grid, kwargs["num_warps"] == 2 or kwargs["BLOCK_T"] == 16
@@ -205,8 +205,8 @@ def _fused_bugs(args, grid, kwargs):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
 def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, monkeypatch):
     timing = {"on": False}
-    buggy = _PlantedBugs(kernels.fused._fused_diag_mlp_kernel, timing, _fused_bugs)
-    monkeypatch.setattr(kernels.fused, "_fused_diag_mlp_kernel", buggy)
+    buggy = _PlantedBugs(kernels.fused.fused_diag_mlp_kernel, timing, _fused_bugs)
+    monkeypatch.setattr(kernels.fused, "fused_diag_mlp_kernel", buggy)
     _flag_timing(monkeypatch, timing)
     bad = ['fused_diag_mlp={"num_warps": 2}', 'fused_diag_mlp={"BLOCK_T": 16}', 'fused_diag_mlp={"BLOCK_T": 8}']
     argv = ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.75", "--tune-sparsities", "0.75",

@@ -52,11 +52,6 @@ def remap_parameter(param: torch.nn.Parameter, optimizer: torch.optim.Optimizer 
     param.grad = None
 
 
-def values_shape(layer: SparseLayer, pattern: dict) -> tuple[int, ...]:
-    """Shape of ``values`` for a pattern given as set_pattern's index arguments."""
-    return layer.values_shape(**pattern)
-
-
 def apply_mask_update(layer: SparseLayer, optimizer: torch.optim.Optimizer | None, src: torch.Tensor,
                       values: torch.Tensor | None = None, **pattern: torch.Tensor) -> dict:
     """Swap ``layer`` to a new pattern and remap its optimizer state.
@@ -73,7 +68,7 @@ def apply_mask_update(layer: SparseLayer, optimizer: torch.optim.Optimizer | Non
         old nnz).
     """
     old_numel = layer.values.numel()
-    shape = values_shape(layer, pattern)
+    shape = layer.values_shape(**pattern)
     if isinstance(layer, SparseLinear):
         # set_pattern sorts by (row, col): src must already be in that order.
         flat = pattern["rows"].long() * layer.in_features + pattern["cols"].long()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class Run:
 
     def finite(self, loss_value: float, step: int) -> bool:
         """False (and a line on stderr) when the loss is NaN / inf: the trainer returns 1."""
-        if loss_value == loss_value and abs(loss_value) != float("inf"):
+        if math.isfinite(loss_value):
             return True
         self._bar.close()
         print(f"{self.entry.label}: loss is {loss_value} at step {step}; stopping (last good checkpoint: "

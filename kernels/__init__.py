@@ -26,9 +26,11 @@ from .fanin import (FanInLinear, fanin_matmul, fanin_matmul_ref, fanin_fwd, fani
 from .sparse import csr_matmul  # noqa: E402
 
 # The raw @triton.jit kernels, for other Triton projects: each docstring gives its grid and the
-# shape, dtype and constraint of every argument; the launchers (fanin_fwd, fanin_dx, sddmm_fwd)
-# show a complete launch. README: "Launching a raw kernel".
-RAW_KERNELS = ("fanin_fwd_kernel", "fanin_dx_kernel", "sddmm_kernel", "sddmm_block_kernel")
+# shape, dtype and constraint of every argument; the launchers (fanin_fwd, fanin_dx, sddmm_fwd,
+# diag_fwd, diag_dx, diag_dw, fused_diag_mlp_fwd) show a complete launch. README: "Launching a
+# raw kernel".
+RAW_KERNELS = ("fanin_fwd_kernel", "fanin_dx_kernel", "sddmm_kernel", "sddmm_block_kernel",
+               "diag_block_kernel", "diag_elem_kernel", "diag_dw_kernel", "fused_diag_mlp_kernel")
 __all__ = [
     "runtime", "set_backend", "get_backend", "use_backend", "set_checks",
     "sddmm", "sddmm_ref", "sddmm_fwd", "sddmm_kernel", "sddmm_block_kernel",

@@ -97,12 +97,36 @@ def fused_diag_mlp_kernel(
     the hidden block j recomputed in registers: one program per (token tile of BLOCK_T, fc2
     output block r), never writing h.
 
-    x [T, dim] (strides stride_xt, stride_xi); w1 [K1, D1, B, B] and w2 [K2, D2, B, B]
-    contiguous; ptr1 / entries1 int32 from ``diag_tile_list(w1_offsets, R1, P1, D1, R1 < C1,
-    1)`` (per hidden block, fc1's (k1 * D1, input block) pairs) and ptr2 / entries2 likewise
-    for fc2 per output block; b1 [hidden] / b2 [out] read when HAS_B1 / HAS_B2; y [T, N_OUT *
-    B] (strides stride_yt, stride_yo). B >= 16, BLOCK_B = next power of two >= B, BLOCK_T >= 16.
-    Grid: (cdiv(T, BLOCK_T) * N_OUT,), output blocks varying fastest.
+    Grid: (cdiv(T, BLOCK_T) * N_OUT,); program p computes tokens [(p // N_OUT) * BLOCK_T,
+    (p // N_OUT + 1) * BLOCK_T) of output block p % N_OUT, output blocks varying fastest.
+    Nothing is checked here (``fused_diag_mlp_fwd`` checks, then launches this).
+
+    Args:
+        x_ptr: x [T, dim], element (t, i) at t * stride_xt + i * stride_xi; fp16, bf16, fp32
+            or fp64.
+        w1_ptr: fc1's values [K1, D1, B, B], contiguous, the dtype of x.
+        ptr1_ptr: int32 [R1 + 1], contiguous: hidden block j's fc1 entries are
+            entries1[ptr1[j]:ptr1[j + 1]] (``diag_tile_list(w1_offsets, R1, P1, D1, R1 < C1, 1)``).
+        entries1_ptr: int32 [E1, 2], contiguous: (k1 * D1, input block c) pairs.
+        b1_ptr: b1 [R1 * B], the dtype of x; read only when HAS_B1 (any tensor otherwise).
+        w2_ptr: fc2's values [K2, D2, B, B], contiguous, the dtype of x.
+        ptr2_ptr: int32 [N_OUT + 1], contiguous: output block r's fc2 entries, as ptr1 for fc2.
+        entries2_ptr: int32 [E2, 2], contiguous: (k2 * D2, hidden block j) pairs.
+        b2_ptr: b2 [N_OUT * B], the dtype of x; read only when HAS_B2 (any tensor otherwise).
+        y_ptr: y [T, N_OUT * B], element (t, o) at t * stride_yt + o * stride_yo; x's dtype.
+        T: int, tokens (>= 1). N_OUT: int, fc2's output blocks R2 (>= 1).
+        stride_xt, stride_xi, stride_yt, stride_yo: int element strides of x and y.
+        B: constexpr int >= 16, the block size.
+        BLOCK_B: constexpr int, the power of two >= B the tiles are padded to.
+        BLOCK_T: constexpr int, power of two >= 16: tokens per program.
+        FC1_BY_OUT, FC2_BY_OUT: constexpr bool: the layer's value index d is its output block
+            (the layer is wide, R < C), else its input block.
+        HAS_B1, HAS_B2: constexpr bool: add b1 before the GELU / b2 in the epilogue.
+        UPCAST: constexpr bool: cast tiles to ACC before tl.dot (the interpreter's bf16 is
+            wrong; fp32 operands give an exact dot).
+        DOT_PRECISION: constexpr str, tl.dot's input_precision: "ieee" or "tf32" (fp32 operands).
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 x).
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of fc1's inner loop.
     """
     # Output blocks vary fastest: programs running together read one token tile of x. The
     # loops walk host-built lists (kernels/diag's diag_tile_list with one block a tile):

@@ -58,13 +58,46 @@ def diag_block_kernel(
     """out = a @ op(W) (+ bias) for b >= 16 (tl.dot) or 1 < b < 16 (CUDA cores), with an
     optional GELU epilogue: one program per (token tile of BLOCK_T, tile of NB output blocks).
 
-    a [T, n_in] (strides stride_at, stride_ai); values [K, D, B, B] contiguous; tile_ptr int32
-    [N_TILES + 1] and entries int32 [E, 2] from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT,
-    NB)``; bias [N_OUT * B] (read when HAS_BIAS); out [T, N_OUT * B] (strides stride_ot,
-    stride_oi); aux with out's shape and strides (EPILOGUE 1: written with gelu(out); 2: read
-    as h, out = acc * gelu'(h); 0: unused). TRANS_W: op(W) = W^T (the forward), else W (the
-    input gradient). BLOCK_B = next power of two >= max(B, 16) when USE_DOT. Grid:
-    (cdiv(T, BLOCK_T) * N_TILES,), output tiles varying fastest.
+    Grid: (cdiv(T, BLOCK_T) * N_TILES,); program p computes tokens [(p // N_TILES) * BLOCK_T,
+    (p // N_TILES + 1) * BLOCK_T) of output blocks [(p % N_TILES) * NB, (p % N_TILES + 1) *
+    NB), output tiles varying fastest. Nothing is checked here (``diag_fwd`` / ``diag_dx``
+    check, then launch this).
+
+    Args:
+        a_ptr: a [T, n_in], element (t, i) at t * stride_at + i * stride_ai: x for the
+            forward, dy for the input gradient; fp16, bf16, fp32 or fp64.
+        values_ptr: values [K, D, B, B], contiguous, the dtype of a; w[k, d, i, j] is
+            (output feature i, input feature j) of block d of diagonal k.
+        tile_ptr: int32 [N_TILES + 1], contiguous: tile t's entries are entries[tile_ptr[t]
+            : tile_ptr[t + 1]] (from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT, NB)``).
+        entries_ptr: int32 [E, 2], contiguous: (k * D, input block p0 of the tile's first
+            output block), p0 in [0, P).
+        bias_ptr: bias [N_OUT * B], the dtype of a; read only when HAS_BIAS (pass any tensor
+            otherwise).
+        out_ptr: out [T, N_OUT * B], element (t, o) at t * stride_ot + o * stride_oi; any
+            floating dtype (the result's).
+        aux_ptr: aux [T, N_OUT * B], out's dtype, shape and strides: EPILOGUE 1 writes
+            gelu(out) there, EPILOGUE 2 reads h from it; unused (any tensor) for EPILOGUE 0.
+        T: int, tokens (>= 1). D: int, blocks per diagonal, min(R, C). P: int, max(R, C).
+        N_OUT: int, output blocks (>= 1). N_TILES: int, cdiv(N_OUT, NB).
+        stride_at, stride_ai, stride_ot, stride_oi: int element strides of a and out.
+        B: constexpr int >= 2, the block size.
+        BLOCK_B: constexpr int, the power of two >= B the tile is padded to (>= 16 with USE_DOT).
+        NB: constexpr int, power of two: output blocks per program.
+        BLOCK_T: constexpr int, power of two (>= 16 with USE_DOT): tokens per program.
+        BY_OUT: constexpr bool: the diagonal's block index d is the output block (the pattern
+            is wide on the output side), else the input block (valid where it is < D).
+        TRANS_W: constexpr bool: op(W) = W^T (the forward), else W (the input gradient).
+        USE_DOT: constexpr bool: tl.dot (tensor cores on a GPU); needs B >= 16. False: a
+            product summed on CUDA cores.
+        HAS_BIAS: constexpr bool: add bias in the epilogue.
+        EPILOGUE: constexpr int: 0 none, 1 GELU (aux = gelu(out)), 2 GELU_GRAD (out = acc *
+            gelu'(aux)), both exact (erf).
+        UPCAST: constexpr bool: cast a and w tiles to ACC before tl.dot (the interpreter's
+            bf16 is wrong; fp32 operands give an exact dot).
+        DOT_PRECISION: constexpr str, tl.dot's input_precision: "ieee" or "tf32" (fp32 operands).
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 a).
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the entry loop.
     """
     # The tiles of one token tile run together (output tiles vary fastest), so x stays in L2.
     # The loop walks the host-built list of (diagonal, first input block) pairs feeding the
@@ -134,13 +167,30 @@ def diag_elem_kernel(
     NUM_STAGES: tl.constexpr,
 ):
     """out = a @ op(W) (+ bias) for element diagonals (b = 1) on CUDA cores: one program per
-    (token tile of BLOCK_T, BLOCK_Q consecutive outputs).
+    (token tile of BLOCK_T, BLOCK_Q consecutive outputs). Per diagonal, output q0 + j reads
+    input p0 + j (wrapped once at P): a shifted contiguous run of a and of the values.
 
-    a [T, n_in] (strides stride_at, stride_ai); values [K, D] contiguous; tile_ptr / entries
-    int32 from ``diag_tile_list(offsets, N_OUT, P, D, BY_OUT, BLOCK_Q)``; bias [N_OUT] (read
-    when HAS_BIAS); out [T, N_OUT] (strides stride_ot, stride_oi). Grid: (cdiv(T, BLOCK_T) *
-    N_TILES,). Per diagonal, output q0 + j reads input p0 + j (wrapped once at P): a shifted
-    contiguous run of x and of the values.
+    Grid: (cdiv(T, BLOCK_T) * N_TILES,), output tiles varying fastest. Nothing is checked
+    here (``diag_fwd`` / ``diag_dx`` check, then launch this).
+
+    Args:
+        a_ptr: a [T, n_in], element (t, i) at t * stride_at + i * stride_ai; fp16, bf16,
+            fp32 or fp64.
+        values_ptr: values [K, D], contiguous, the dtype of a.
+        tile_ptr: int32 [N_TILES + 1], contiguous, from ``diag_tile_list(offsets, N_OUT, P,
+            D, BY_OUT, BLOCK_Q)``: tile t's entries are entries[tile_ptr[t]:tile_ptr[t + 1]].
+        entries_ptr: int32 [E, 2], contiguous: (k * D, input p0 of the tile's first output).
+        bias_ptr: bias [N_OUT], the dtype of a; read only when HAS_BIAS (any tensor otherwise).
+        out_ptr: out [T, N_OUT], element (t, o) at t * stride_ot + o * stride_oi; any
+            floating dtype (the result's).
+        T: int, tokens (>= 1). D: int, elements per diagonal, min(R, C). P: int, max(R, C).
+        N_OUT: int, outputs (>= 1). N_TILES: int, cdiv(N_OUT, BLOCK_Q).
+        stride_at, stride_ai, stride_ot, stride_oi: int element strides of a and out.
+        BLOCK_T, BLOCK_Q: constexpr ints, powers of two: tokens and outputs per program.
+        BY_OUT: constexpr bool: the value index is the output, else the input (valid < D).
+        HAS_BIAS: constexpr bool: add bias in the epilogue.
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 a).
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the entry loop.
     """
     pid = tl.program_id(0)
     tile = pid % N_TILES
@@ -177,11 +227,34 @@ def diag_dw_kernel(
     """Partial weight gradients g[chunk, k, d] = dy[chunk, row block]^T @ x[chunk, column
     block] for G consecutive blocks d of one diagonal over one chunk of T_CHUNK tokens.
 
-    dy [T, out] (strides stride_dyt, stride_dyo); x [T, in] (strides stride_xt, stride_xi);
-    groups int32 [N_GROUPS, 4] from ``diag_dw_groups(offsets, R, C, G)``; g [n_chunks, K, D, B,
-    B] contiguous (N_VALUES = K * D * B * B elements a chunk; fp32, or dy's dtype when one
-    chunk). Grid: (N_GROUPS * n_chunks,). The launcher sums the chunks: deterministic, no
-    atomics.
+    Grid: (N_GROUPS * n_chunks,), n_chunks = cdiv(T, T_CHUNK); program p computes group p %
+    N_GROUPS over tokens [(p // N_GROUPS) * T_CHUNK, (p // N_GROUPS + 1) * T_CHUNK). The
+    launcher (``diag_dw``) checks, then launches this, and sums the chunks: deterministic,
+    no atomics.
+
+    Args:
+        dy_ptr: dy [T, R * B], element (t, o) at t * stride_dyt + o * stride_dyo; fp16, bf16,
+            fp32 or fp64.
+        x_ptr: x [T, C * B], element (t, i) at t * stride_xt + i * stride_xi, the dtype of dy.
+        groups_ptr: int32 [N_GROUPS, 4], contiguous, from ``diag_dw_groups(offsets, R, C,
+            G)``: (k * D + d0, d0, row block of d0, column block of d0).
+        g_ptr: g [n_chunks, K, D, B, B] (or [K, D, B, B] for one chunk), contiguous: fp32
+            (fp64) partials, or dy's dtype when there is one chunk.
+        T: int, tokens (>= 1). T_CHUNK: int, tokens per program, a multiple of BLOCK_T.
+        D: int, blocks per diagonal, min(R, C).
+        R, C: int, output and input blocks (wrap the row and column block indices).
+        N_GROUPS: int, rows of groups. N_VALUES: int, K * D * B * B, the elements of a chunk.
+        stride_dyt, stride_dyo, stride_xt, stride_xi: int element strides of dy and x.
+        B: constexpr int >= 2, the block size.
+        BLOCK_B: constexpr int, the power of two >= B the tile is padded to (>= 16 with USE_DOT).
+        G: constexpr int, power of two: blocks of one diagonal per program.
+        BLOCK_T: constexpr int, power of two (>= 16 with USE_DOT): tokens per loop step.
+        USE_DOT: constexpr bool: tl.dot (tensor cores on a GPU); needs B >= 16.
+        UPCAST: constexpr bool: cast dy and x tiles to ACC before tl.dot (the interpreter's
+            bf16 is wrong; fp32 operands give an exact dot).
+        DOT_PRECISION: constexpr str, tl.dot's input_precision: "ieee" or "tf32" (fp32 operands).
+        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 dy).
+        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the token loop.
     """
     # Token-major tiles: the MMA is [b, BT] @ [BT, b], batched over the G blocks (3-D
     # mma.sync) or, for G = 1, 2-D (wgmma on sm_90 for b >= 64).

@@ -7,6 +7,21 @@ from __future__ import annotations
 import torch
 
 
+def stored_count(name: str, count: int | None, density: float | None, high: int, high_name: str = "") -> int:
+    """How many weights a layer stores: ``count`` if given, else ``density`` of ``high``
+    (at least 1); checked to lie in [1, high]. The names are the arguments' in errors."""
+    if count is None:
+        if density is None:
+            raise ValueError(f"give density (in (0, 1]) or {name}")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must lie in (0, 1], got {density}")
+        count = max(1, round(density * high))
+    if not 1 <= count <= high:
+        bound = f"{high_name}={high}" if high_name else high
+        raise ValueError(f"{name} must lie in [1, {bound}], got {count}")
+    return count
+
+
 def sample_distinct(n: int, k: int, *, exclude: torch.Tensor | None = None,
                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """``k`` distinct int64 values drawn uniformly from [0, n) minus ``exclude`` (sorted int64).

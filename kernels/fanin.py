@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .coords import csr_structure, index_dtype, random_rows_of_distinct
+from .coords import csr_structure, index_dtype, random_rows_of_distinct, stored_count
 from .module import SparseLayer
 from .sddmm import _token_contiguous, acc_dtype, sddmm
 from .sparse import csr_matmul
@@ -520,48 +520,19 @@ def _fanin_dw(dy, x2, indices, rows):
     return sddmm(dy, x2, flat_rows, indices.reshape(-1)).reshape(n_rows, K)
 
 
-@torch.library.custom_op("alwayssparse::fanin_matmul", mutates_args=())
-def _fanin_op(x2: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-              rows: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    if rt.runs_triton(x2):
-        return fanin_fwd(x2, values, indices, rows, out_features)
-    return fanin_fwd_torch(x2, values, indices, rows, out_features)
-
-
-@_fanin_op.register_fake
-def _(x2, values, indices, rows, out_features):
-    return x2.new_empty(x2.shape[0], out_features)
-
-
-@torch.library.custom_op("alwayssparse::fanin_dx", mutates_args=())
+@rt.backend_op("alwayssparse::fanin_dx", fanin_dx, 4)
 def _fanin_dx_op(dy: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                  rows: torch.Tensor | None, in_features: int) -> torch.Tensor:
-    if rt.runs_triton(dy):
-        return fanin_dx(dy, values, indices, rows, in_features)
     return fanin_dx_torch(dy, values, indices, rows, in_features)
 
 
-@_fanin_dx_op.register_fake
-def _(dy, values, indices, rows, in_features):
-    return dy.new_empty(dy.shape[0], in_features)
+@rt.backend_op("alwayssparse::fanin_matmul", fanin_fwd, 4)
+def _fanin_op(x2: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+              rows: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return fanin_fwd_torch(x2, values, indices, rows, out_features)
 
 
-def _setup(ctx, inputs, output):
-    x2, values, indices, rows, _ = inputs
-    ctx.save_for_backward(x2, values, indices, rows)
-
-
-def _backward(ctx, dy):
-    x2, values, indices, rows = ctx.saved_tensors
-    dy = dy.contiguous()  # a gradient from .sum() has stride 0
-    dx = _fanin_dx_op(dy, values, indices, rows, x2.shape[1]) if ctx.needs_input_grad[0] else None
-    dv = _fanin_dw(dy, x2, indices, rows) if ctx.needs_input_grad[1] else None
-    return dx, dv, None, None, None
-
-
-_fanin_op.register_autograd(_backward, setup_context=_setup)
-rt.register_autocast("alwayssparse::fanin_matmul")
-rt.register_autocast("alwayssparse::fanin_dx")
+rt.register_linear_autograd(_fanin_op, _fanin_dx_op, _fanin_dw)
 
 
 def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -609,19 +580,11 @@ class FanInLinear(SparseLayer):
     format = "fanin"
     pattern_buffers = ("indices", "rows")
 
-
     def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
                  k: int | None = None, bias: bool = True, device=None, dtype=None,
                  generator: torch.Generator | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        if k is None:
-            if density is None:
-                raise ValueError("give density (in (0, 1]) or k (fan-in per neuron)")
-            if not 0.0 < density <= 1.0:
-                raise ValueError(f"density must lie in (0, 1], got {density}")
-            k = max(1, round(density * in_features))
-        if not 1 <= k <= in_features:
-            raise ValueError(f"k must lie in [1, in_features={in_features}], got {k}")
+        k = stored_count("k", k, density, in_features, "in_features")
         indices = random_rows_of_distinct(out_features, in_features, k, generator=generator, device=device)
         bound = 1.0 / math.sqrt(k)
         values = torch.empty(out_features, k, device=device, dtype=dtype)

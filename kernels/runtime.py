@@ -326,6 +326,61 @@ def _autocast_kernel(op, device_type: str):
     return kernel
 
 
+def backend_op(qualname: str, triton, out_shape, outputs: int = 1):
+    """Decorator making the decorated CPU path the custom op ``namespace::name``, with autocast.
+
+    The op runs ``triton`` (same arguments) for tensors that take the Triton backend
+    (``runs_triton`` of the first argument) and the decorated function otherwise (always
+    when ``triton`` is None); its schema is the decorated function's signature. ``out_shape``
+    gives the shape of each of its ``outputs`` outputs for the fake (meta) kernel: an int i
+    for [the first argument's rows, args[i]], or a function of the op's arguments.
+
+    Example:
+        @rt.backend_op("ns::scale_rows", scale_rows_triton, lambda x, s: x.shape)  # or an int
+        def scale_rows(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return x * s[:, None]
+    """
+    def define(torch_path):
+        def body(*args, **kwargs):
+            return (triton if runs_triton(args[0]) else torch_path)(*args, **kwargs)
+        if triton is None:
+            body = torch_path
+
+        schema = torch.library.infer_schema(torch_path, mutates_args=())
+        op = torch.library.custom_op(qualname, body, mutates_args=(), schema=schema)
+
+        def fake(*args, **kwargs):
+            if isinstance(out_shape, int):
+                shape = (args[0].shape[0], args[out_shape])
+            else:
+                shape = out_shape(*args, **kwargs)
+            empties = tuple(args[0].new_empty(shape) for _ in range(outputs))
+            return empties[0] if outputs == 1 else empties
+        op.register_fake(fake)
+        register_autocast(qualname)
+        return op
+    return define
+
+
+def register_linear_autograd(op, dx_op, weight_grad) -> None:
+    """The autograd of an op ``(x2, values, *pattern, out_features) -> x2 W^T``.
+
+    dX = ``dx_op(dy, values, *pattern, in_features)``, dvalues = ``weight_grad(dy, x2,
+    *pattern)``; the pattern tensors (a None among them is kept) and the width get no gradient.
+    """
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:-1])
+
+    def backward(ctx, dy):
+        x2, values, *pattern = ctx.saved_tensors
+        dy = dy.contiguous()  # a gradient from .sum() has stride 0
+        dx = dx_op(dy, values, *pattern, x2.shape[1]) if ctx.needs_input_grad[0] else None
+        dv = weight_grad(dy, x2, *pattern) if ctx.needs_input_grad[1] else None
+        return (dx, dv) + (None,) * (len(pattern) + 1)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
 _PATTERNS: dict[tuple, tuple] = {}
 _PATTERNS_MAX = 1024
 

@@ -374,22 +374,14 @@ def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     return out.to(dy.dtype)
 
 
-@torch.library.custom_op("alwayssparse::sddmm", mutates_args=())
+def _sddmm_shape(dy, x, rows, cols, block_size):
+    return (rows.shape[0],) if block_size == 1 else (rows.shape[0], block_size, block_size)
+
+
+@rt.backend_op("alwayssparse::sddmm", sddmm_fwd, _sddmm_shape)
 def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
               block_size: int) -> torch.Tensor:
-    if rt.runs_triton(dy):
-        return sddmm_fwd(dy, x, rows, cols, block_size)
     return sddmm_torch(dy, x, rows, cols, block_size)
-
-
-@_sddmm_op.register_fake
-def _(dy, x, rows, cols, block_size):
-    n = rows.shape[0]
-    shape = (n,) if block_size == 1 else (n, block_size, block_size)
-    return dy.new_empty(shape)
-
-
-rt.register_autocast("alwayssparse::sddmm")
 
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,

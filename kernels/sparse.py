@@ -24,7 +24,7 @@ import torch
 
 from . import cpu as cpu_native
 from . import runtime as rt
-from .coords import csr_structure, sample_distinct, sort_coords
+from .coords import csr_structure, sample_distinct, sort_coords, stored_count
 from .module import SparseLayer
 from .sddmm import sddmm
 
@@ -109,7 +109,7 @@ def _check(x2, values, rows, cols, out_features):
     rt.check_range("cols", cols, x2.shape[-1])
 
 
-@torch.library.custom_op("alwayssparse::sparse_matmul", mutates_args=())
+@rt.backend_op("alwayssparse::sparse_matmul", None, 4)
 def _sparse_op(x2: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                out_features: int) -> torch.Tensor:
     _check(x2, values, rows, cols, out_features)
@@ -118,12 +118,7 @@ def _sparse_op(x2: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols:
     return _spmm(values, rows, cols, out_features, x2.shape[1], x2.t()).t().contiguous()
 
 
-@_sparse_op.register_fake
-def _(x2, values, rows, cols, out_features):
-    return x2.new_empty(x2.shape[0], out_features)
-
-
-@torch.library.custom_op("alwayssparse::sparse_dx", mutates_args=())
+@rt.backend_op("alwayssparse::sparse_dx", None, 4)
 def _sparse_dx_op(dy: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                   in_features: int) -> torch.Tensor:
     if values.numel() == 0 or dy.shape[0] == 0:
@@ -132,27 +127,7 @@ def _sparse_dx_op(dy: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, co
     return _spmm(values, cols, rows, in_features, dy.shape[1], dy.t()).t().contiguous()
 
 
-@_sparse_dx_op.register_fake
-def _(dy, values, rows, cols, in_features):
-    return dy.new_empty(dy.shape[0], in_features)
-
-
-def _setup(ctx, inputs, output):
-    x2, values, rows, cols, _ = inputs
-    ctx.save_for_backward(x2, values, rows, cols)
-
-
-def _backward(ctx, dy):
-    x2, values, rows, cols = ctx.saved_tensors
-    dy = dy.contiguous()
-    dx = _sparse_dx_op(dy, values, rows, cols, x2.shape[1]) if ctx.needs_input_grad[0] else None
-    dv = sddmm(dy, x2, rows, cols) if ctx.needs_input_grad[1] else None
-    return dx, dv, None, None, None
-
-
-_sparse_op.register_autograd(_backward, setup_context=_setup)
-rt.register_autocast("alwayssparse::sparse_matmul")
-rt.register_autocast("alwayssparse::sparse_dx")
+rt.register_linear_autograd(_sparse_op, _sparse_dx_op, sddmm)
 
 
 def sparse_matmul(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -192,20 +167,12 @@ class SparseLinear(SparseLayer):
     format = "sparse"
     pattern_buffers = ("rows", "cols")
 
-
     def __init__(self, in_features: int, out_features: int, density: float | None = None, *,
                  nnz: int | None = None, bias: bool = True, device=None, dtype=None,
                  generator: torch.Generator | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
         total = in_features * out_features
-        if nnz is None:
-            if density is None:
-                raise ValueError("give density (in (0, 1]) or nnz")
-            if not 0.0 < density <= 1.0:
-                raise ValueError(f"density must lie in (0, 1], got {density}")
-            nnz = max(1, round(density * total))
-        if not 1 <= nnz <= total:
-            raise ValueError(f"nnz must lie in [1, {total}], got {nnz}")
+        nnz = stored_count("nnz", nnz, density, total)
         flat = sample_distinct(total, nnz, generator=generator, device=device)
         self.register_buffer("rows", (flat // in_features).to(torch.int32))
         self.register_buffer("cols", (flat % in_features).to(torch.int32))

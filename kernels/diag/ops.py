@@ -14,74 +14,39 @@ from .cpu import diag_dw_torch, diag_dx_torch, diag_fwd_torch
 from .kernel import diag_dw, diag_dx, diag_dx_gelu_grad, diag_fwd, diag_fwd_gelu
 
 
-@torch.library.custom_op("alwayssparse::diag_dw", mutates_args=())
+@rt.backend_op("alwayssparse::diag_dw", diag_dw,
+               lambda dy, x2, offsets, b: (offsets.shape[0], min(dy.shape[1], x2.shape[1]) // b, b, b))
 def diag_dw_op(dy: torch.Tensor, x2: torch.Tensor, offsets: torch.Tensor, block_size: int) -> torch.Tensor:
-    if rt.runs_triton(dy):
-        return diag_dw(dy, x2, offsets, block_size)
     return diag_dw_torch(dy, x2, offsets, block_size)
-
-
-@diag_dw_op.register_fake
-def _(dy, x2, offsets, block_size):
-    D = min(dy.shape[1], x2.shape[1]) // block_size
-    return dy.new_empty(offsets.shape[0], D, block_size, block_size)
 
 
 def diag_weight_grad(dy, x2, offsets, block_size, values_shape):
     return diag_dw_op(dy, x2, offsets, block_size).reshape(values_shape)
 
 
-@torch.library.custom_op("alwayssparse::diag_matmul", mutates_args=())
+@rt.backend_op("alwayssparse::diag_matmul", diag_fwd, 4)
 def diag_matmul_op(x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
-             out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if rt.runs_triton(x2):
-        return diag_fwd(x2, values, offsets, block_size, out_features, bias)
+                   out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     return diag_fwd_torch(x2, values, offsets, block_size, out_features, bias)
 
 
-@diag_matmul_op.register_fake
-def _(x2, values, offsets, block_size, out_features, bias=None):
-    return x2.new_empty(x2.shape[0], out_features)
-
-
-@torch.library.custom_op("alwayssparse::diag_dx", mutates_args=())
+@rt.backend_op("alwayssparse::diag_dx", diag_dx, 4)
 def diag_dx_op(dy: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
-                in_features: int) -> torch.Tensor:
-    if rt.runs_triton(dy):
-        return diag_dx(dy, values, offsets, block_size, in_features)
+               in_features: int) -> torch.Tensor:
     return diag_dx_torch(dy, values, offsets, block_size, in_features)
 
 
-@diag_dx_op.register_fake
-def _(dy, values, offsets, block_size, in_features):
-    return dy.new_empty(dy.shape[0], in_features)
-
-
-@torch.library.custom_op("alwayssparse::diag_matmul_gelu", mutates_args=())
+@rt.backend_op("alwayssparse::diag_matmul_gelu", diag_fwd_gelu, 4, outputs=2)
 def diag_matmul_gelu_op(x2: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
-                  out_features: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if rt.runs_triton(x2):
-        return diag_fwd_gelu(x2, values, offsets, block_size, out_features, bias)
+                        out_features: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     h = diag_fwd_torch(x2, values, offsets, block_size, out_features, bias)
     return h, torch.nn.functional.gelu(h)
 
 
-@diag_matmul_gelu_op.register_fake
-def _(x2, values, offsets, block_size, out_features, bias=None):
-    return x2.new_empty(x2.shape[0], out_features), x2.new_empty(x2.shape[0], out_features)
-
-
-@torch.library.custom_op("alwayssparse::diag_dx_gelu_grad", mutates_args=())
+@rt.backend_op("alwayssparse::diag_dx_gelu_grad", diag_dx_gelu_grad, 4)
 def diag_dx_gelu_grad_op(dy: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int,
-                          in_features: int, h: torch.Tensor) -> torch.Tensor:
-    if rt.runs_triton(dy):
-        return diag_dx_gelu_grad(dy, values, offsets, block_size, in_features, h)
+                         in_features: int, h: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(diag_dx_torch(dy, values, offsets, block_size, in_features), h)
-
-
-@diag_dx_gelu_grad_op.register_fake
-def _(dy, values, offsets, block_size, in_features, h):
-    return dy.new_empty(dy.shape[0], in_features)
 
 
 def _setup(ctx, inputs, output):
@@ -104,10 +69,6 @@ def _backward(ctx, dy):
 
 
 diag_matmul_op.register_autograd(_backward, setup_context=_setup)
-rt.register_autocast("alwayssparse::diag_matmul")
-rt.register_autocast("alwayssparse::diag_dx")
-rt.register_autocast("alwayssparse::diag_matmul_gelu")
-rt.register_autocast("alwayssparse::diag_dx_gelu_grad")
 
 
 def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, block_size: int = 1,

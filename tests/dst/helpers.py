@@ -21,14 +21,20 @@ def batch(step: int, in_features=24, out_features=12, tokens=16, seed=0):
     return x, torch.tanh(x @ teacher.t())
 
 
-def train_step(model, sparsifier, optimizer, step, **batch_kw):
+def fit(model, sparsifier, optimizer, step, **batch_kw) -> float:
+    """One optimizer step on batch(step) under the sparsifier's capture, no mask update; the loss."""
     x, y = batch(step, **batch_kw)
     with sparsifier.capture(step):
         loss = (model(x) - y).square().mean()
         loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    return loss.item(), sparsifier.step(step, optimizer)
+    return loss.item()
+
+
+def train_step(model, sparsifier, optimizer, step, **batch_kw):
+    """fit, then the sparsifier's step: (loss, the update's stats or None)."""
+    return fit(model, sparsifier, optimizer, step, **batch_kw), sparsifier.step(step, optimizer)
 
 
 def entries(layer) -> dict[tuple[int, int], float]:

@@ -24,7 +24,7 @@ from torch import nn
 import kernels
 from dst import DSTConfig, Sparsifier, layer_densities, make_layer
 
-from .helpers import batch, entries, state_entries, tiny_model
+from .helpers import entries, fit, state_entries, tiny_model, train_step
 
 # SET, RigL (exact grow), GSE (its uniform sampler) on SparseLinear, SRigL on FanInLinear.
 # gamma_sal 0.3: SRigL's CNN value, which keeps most neurons of the 24-40-12 MLP alive.
@@ -56,13 +56,6 @@ def _snapshot(model, optimizer) -> list:
     return out
 
 
-def _fit_step(model, sparsifier, optimizer, step) -> dict | None:
-    x, y = batch(step)
-    with sparsifier.capture(step):
-        (model(x) - y).square().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return sparsifier.step(step, optimizer)
 
 
 # RigL's testSparsityDictErdosRenyiSparsitiesScale cases, its (in, out[, ...]) shapes written
@@ -171,7 +164,7 @@ def test_masks_change_on_update_steps_only_and_keep_their_nonzero_count(method, 
     nnz = {name: layer.nnz() for name, layer in layers.items()}
     for step in range(10):
         before = {name: _mask(layer) for name, layer in layers.items()}
-        stats = _fit_step(model, sparsifier, opt, step)
+        _, stats = train_step(model, sparsifier, opt, step)
         after = {name: _mask(layer) for name, layer in layers.items()}
         if step in (2, 4, 6):
             assert stats is not None, step
@@ -195,11 +188,7 @@ def test_drop_fraction_zero_changes_nothing(method, overrides, delta_t):
     model, sparsifier, opt = _setup(method, overrides, steps=8, alpha=0.0, delta_t=delta_t)
     updates = 0
     for step in range(8):
-        x, y = batch(step)
-        with sparsifier.capture(step):
-            (model(x) - y).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+        fit(model, sparsifier, opt, step)
         before = _snapshot(model, opt)
         updates += sparsifier.step(step, opt) is not None
         assert _snapshot(model, opt) == before, f"step {step}: coordinates, values or optimizer state changed"
@@ -220,11 +209,7 @@ def test_grown_weights_and_their_optimizer_state_start_at_zero_and_the_function_
     x_probe = torch.randn(5, 40, generator=torch.Generator().manual_seed(7))
     grown_total = 0
     for step in range(12):
-        x, y = batch(step)
-        with sparsifier.capture(step):
-            (model(x) - y).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+        fit(model, sparsifier, opt, step)
         before = {n: (entries(l), {k: state_entries(l, opt, k) for k in keys}, l.to_dense())
                   for n, l in sparsifier.layers.items()}
         if sparsifier.step(step, opt) is None:
@@ -262,7 +247,7 @@ def test_a_static_mask_never_changes_while_its_weights_train(make):
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     start = entries(layer)
     for step in range(15):
-        assert _fit_step(model, sparsifier, opt, step) is None
+        assert train_step(model, sparsifier, opt, step)[1] is None
         assert set(entries(layer)) == set(start), f"step {step}"
     assert entries(layer) != start, "the weights did train"
 
@@ -288,7 +273,7 @@ def test_srigl_keeps_one_fan_in_per_layer_after_init_and_through_training(gamma_
         assert counts.unique().tolist() == [layer.k], f"{name} after init"
     ablated = 0
     for step in range(30):
-        if _fit_step(model, sparsifier, opt, step) is None:
+        if train_step(model, sparsifier, opt, step)[1] is None:
             continue
         for name, layer in sparsifier.layers.items():
             counts = _row_counts(layer)

@@ -7,7 +7,7 @@ from torch import nn
 import kernels
 from dst import DSTConfig, Sparsifier
 
-from .helpers import batch, check_swap, entries, state_entries, tiny_model, train_step
+from .helpers import check_swap, entries, fit, state_entries, tiny_model, train_step
 
 
 def _one_update(gamma_sal=0.5, alpha=0.3, seed=0, ablation=True, in_f=24, out_f=40, k=7):
@@ -109,11 +109,7 @@ def test_every_update_holds_exactly_k_per_active_row_and_swaps_cleanly(grow):
     sparsifier = Sparsifier(model, cfg, 20)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for step in range(12):
-        x, y = batch(step)
-        with sparsifier.capture(step):
-            (model(x) - y).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+        fit(model, sparsifier, opt, step)
         before = {n: (entries(l), state_entries(l, opt, "exp_avg")) for n, l in sparsifier.layers.items()}
         stats = sparsifier.step(step, opt)
         if stats is None:

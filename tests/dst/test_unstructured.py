@@ -9,7 +9,7 @@ import dst.unstructured
 import kernels
 from dst import DSTConfig, Sparsifier
 
-from .helpers import batch, check_swap, entries, state_entries, tiny_model, train_step
+from .helpers import batch, check_swap, entries, fit, state_entries, tiny_model, train_step
 
 CASES = [("set", {}), ("rigl", {"grow": "exact"}), ("rigl", {"grow": "grabo"}), ("gse", {"grow": "uniform"}),
          ("gse", {"grow": "graest"}), ("gse", {"grow": "uniform", "scope": "global"}),
@@ -24,21 +24,13 @@ def _setup(method, overrides, seed=0, steps=20):
     return model, sparsifier, torch.optim.Adam(model.parameters(), lr=0.05)
 
 
-def _forward_backward(model, sparsifier, optimizer, step):
-    x, y = batch(step)
-    with sparsifier.capture(step):
-        (model(x) - y).square().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
 @pytest.mark.parametrize("method, overrides", CASES, ids=IDS)
 def test_every_update_keeps_counts_exact_drop_and_grow_disjoint_and_grown_weights_fresh(method, overrides):
     model, sparsifier, opt = _setup(method, overrides)
     nnz = {name: layer.nnz() for name, layer in sparsifier.layers.items()}
     updates = 0
     for step in range(9):
-        _forward_backward(model, sparsifier, opt, step)
+        fit(model, sparsifier, opt, step)
         before = {name: (entries(layer), state_entries(layer, opt, "exp_avg"), state_entries(layer, opt, "exp_avg_sq"))
                   for name, layer in sparsifier.layers.items()}
         stats = sparsifier.step(step, opt)
@@ -100,7 +92,7 @@ def test_gse_scores_only_sampled_inactive_candidates_and_grows_among_them(monkey
     model, sparsifier, opt = _setup("gse", {"grow": sampler, "gamma": 1.5})
     layers = list(sparsifier.layers.values())
     for step in range(5):
-        _forward_backward(model, sparsifier, opt, step)
+        fit(model, sparsifier, opt, step)
         before = [set(entries(layer)) for layer in layers]
         nnz = [len(b) for b in before]
         drawn.clear()

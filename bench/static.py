@@ -408,8 +408,24 @@ def l1_cached(s: sass.Sass | None) -> bool:
     return not any(w.startswith("LDGSTS") and "BYPASS" in w for w in loads.split())
 
 
+def stacked_slices(launch: sass.Launch | None) -> int | None:
+    """T x b activation slices the weight-gradient kernel's tensor-core path reads per token:
+    each of its N_GROUPS programs loads its G stacked blocks (padding lanes included) and the
+    one block they share, so N_GROUPS x (G + 1) instead of 2 per stored block. None for any
+    other launch."""
+    if launch is None or launch.name != "diag_dw_kernel":
+        return None
+    bound = dict(zip([p.name for p in launch.fn.params], launch.args))
+    bound.update(launch.kwargs)
+    groups, stack = bound.get("groups_ptr"), bound.get("G")
+    # the stacked table is [N_GROUPS, 1 + 2 G] (the run-of-blocks table, [N_GROUPS, 4], is not)
+    if not bound.get("USE_DOT") or not isinstance(groups, torch.Tensor) or groups.shape[-1] != 1 + 2 * stack:
+        return None
+    return int(bound["N_GROUPS"]) * (int(stack) + 1)
+
+
 def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
-            l1: bool = True) -> tuple[float, float]:
+            l1: bool = True, slices: int | None = None) -> tuple[float, float]:
     """(compulsory HBM bytes, L2-to-SM bytes) of the op (model).
 
     HBM: activations in and out once, values and indices once (and the glue's passes, added by
@@ -417,7 +433,9 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     activation slice it multiplies, T x b elements (x for fwd, dy for dx, both for dw) - but no
     program reads more than its whole token tile (BLOCK_T x width) when that fits in L1 - and
     every token tile re-reads the values. A model: L1 is taken as an LRU of 128 KB, and no L1
-    hit is counted when the main loop loads through L1-bypassing cp.async (``l1``)."""
+    hit is counted when the main loop loads through L1-bypassing cp.async (``l1``). ``slices``
+    (``stacked_slices``): the T x b slices a stacked weight-gradient kernel reads per token,
+    which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top)."""
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
     weights = nnz * e + op.index_bytes
     if op.fmt.startswith("mlp"):
@@ -433,7 +451,9 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     hbm = act + weights
     width = {"fwd": n_in, "dx": n_out, "dw": n_in + n_out}[op.product]  # the gathered operand(s)
     gathered = (2 if op.product == "dw" else 1) * T * nnz / b * e
-    if block_t and programs and l1:
+    if op.product == "dw" and slices:
+        gathered = T * slices * b * e
+    elif block_t and programs and l1:
         # A program touches at most its token tile of the gathered operand; re-reads of it hit
         # in L1 as far as the tile fits (a tile twice L1's share hits half of its re-reads).
         tile = min(block_t, T) * width * e
@@ -495,10 +515,10 @@ def compute_peak(s: sass.Sass, gpu: dict, dtype: str) -> tuple[float, str]:
     return peak, "CUDA cores (no FMA loop found)"
 
 
-def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, block_t):
+def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, block_t, slices=None):
     """Model time (s) of the op, of dense cuBLAS at the shape, and the bound that decides."""
     e = dtype_of(op.dtype).itemsize
-    hbm, l2 = traffic(op, e, block_t, programs, l1_cached(primary))
+    hbm, l2 = traffic(op, e, block_t, programs, l1_cached(primary), slices)
     hbm += op.glue_bytes
     flops = useful_flops(op)
     if primary is not None:
@@ -567,7 +587,8 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     primary = stats[p] if p is not None else None
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
-    models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None)
+    slices = stacked_slices(op.launches[p] if p is not None else None)
+    models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
               for name, gpu in GPUS.items()}
     out = []
     for i, (launch, s, err) in enumerate(zip(op.launches, stats, errors)):

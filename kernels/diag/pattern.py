@@ -49,6 +49,31 @@ def diag_dw_groups(offsets: torch.Tensor, R: int, C: int, group: int) -> torch.T
     return rt.cached_pattern((offsets,), ("diag dw groups", R, C, group), build)
 
 
+def diag_dw_stacks(offsets: torch.Tensor, R: int, C: int, stack: int) -> torch.Tensor:
+    """[n_groups, 1 + 2 * stack] int32 of the weight-gradient kernel's tensor-core path: per
+    group, the shared block s (the column block d when R >= C, else the row block d), then
+    ``stack`` value block indices k * D + d (-1: a padding lane) and the ``stack`` blocks of
+    the other operand (row block (d + o_k) mod R, or column block (d + o_k) mod C; 0 for a
+    padding lane). Diagonals are taken ``stack`` at a time in offsets' order, groups ordered
+    by d (the groups of one shared block are neighbours in the grid). Cached per pattern."""
+    def build():
+        D, P = min(R, C), max(R, C)
+        dev = offsets.device
+        K = offsets.numel()
+        n_stacks = -(-K // stack)
+        lane = torch.arange(n_stacks * stack, device=dev, dtype=torch.int64)  # [S * stack]
+        pad = lane >= K
+        k = torch.where(pad, 0, lane)
+        o = offsets.long()[k]
+        d = torch.arange(D, device=dev, dtype=torch.int64)[:, None]  # [D, 1]
+        vd = torch.where(pad, -1, k * D + d)  # [D, S * stack]
+        other = torch.where(pad, 0, (d + o) % P)
+        table = torch.cat([d.expand(D, n_stacks).reshape(-1, 1),
+                           vd.reshape(D * n_stacks, stack), other.reshape(D * n_stacks, stack)], 1)
+        return table.to(torch.int32).contiguous()
+    return rt.cached_pattern((offsets,), ("diag dw stacks", R, C, stack), build)
+
+
 def element_coords(offsets, R: int, C: int, b: int):
     """(rows, cols) of every stored element, aligned with values.reshape(-1) ([K, D, b, b],
     entry [i, j] of a block = output b*row + i, input b*col + j); cached per offsets."""

@@ -144,6 +144,7 @@ def test_zero_tokens_give_an_empty_product_and_gradients(backend, shape):
 
 from kernels import runtime as rt  # noqa: E402
 from kernels.diag import diag_coords, diag_dw, diag_dw_groups, diag_tile_list, diag_tile_list_ref  # noqa: E402
+from kernels.diag.pattern import diag_dw_stacks  # noqa: E402
 
 
 def _tile_list_as_rows(tile_ptr, entries):
@@ -184,6 +185,28 @@ def test_weight_grad_groups_name_the_stored_blocks(R, C, K, group):
         assert (r0, c0) == (rows[k, d0].item(), cols[k, d0].item())
 
 
+@pytest.mark.parametrize("R,C,K,stack", [(12, 3, 4, 4), (12, 3, 5, 4), (3, 12, 12, 8), (5, 5, 1, 2), (6, 6, 6, 1)])
+def test_weight_grad_stacks_name_every_stored_block_once_around_a_shared_block(R, C, K, stack):
+    offsets = torch.randperm(max(R, C), generator=torch.Generator().manual_seed(K))[:K].to(torch.int32)
+    rows, cols = diag_coords(offsets, R, C)
+    D = min(R, C)
+    table = diag_dw_stacks(offsets, R, C, stack)
+    assert table.dtype == torch.int32 and table.shape == (D * -(-K // stack), 1 + 2 * stack)
+    seen = []
+    for s, *rest in table.tolist():
+        vds, others = rest[:stack], rest[stack:]
+        for vd, other in zip(vds, others):
+            if vd < 0:  # a padding lane: block 0, never stored
+                assert other == 0
+                continue
+            k, d = divmod(vd, D)
+            # the shared block is x's column block (tall) or dy's row block (wide), the other the gathered one
+            shared, gathered = (cols, rows) if R >= C else (rows, cols)
+            assert (s, other) == (shared[k, d].item(), gathered[k, d].item())
+            seen.append((k, d))
+    assert sorted(seen) == [(k, d) for k in range(K) for d in range(D)]
+
+
 def test_tile_lists_are_cached_per_pattern_and_rebuilt_after_a_change():
     offsets = torch.tensor([0, 5, 9], dtype=torch.int32)
     first = diag_tile_list(offsets, 12, 12, 4, False, 4)
@@ -215,9 +238,11 @@ def _dw_ref(dy, x, offsets, b):
     return torch.einsum("tkdi,tkdj->kdij", dyb[:, rows.long()], xb[:, cols.long()])
 
 
-# The token split (fp32 partials summed on the host) needs more tokens than one chunk.
+# The token split (fp32 partials summed on the host) needs more tokens than one chunk; b = 24
+# pads the stacked tiles to 32 (a lane mask, padding lanes when K is not a multiple of G).
 @pytest.mark.parametrize("b,R,C,K,T", [(16, 4, 2, 3, 123), (16, 2, 4, 4, 63), (64, 2, 1, 2, 130),
-                                       (1, 40, 24, 7, 123), (4, 3, 5, 5, 1), (32, 3, 3, 3, 77)])
+                                       (1, 40, 24, 7, 123), (4, 3, 5, 5, 1), (32, 3, 3, 3, 77),
+                                       (24, 3, 2, 3, 37), (24, 2, 5, 5, 19)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_grad_kernel_matches_the_block_sddmm_reference(b, R, C, K, T, dtype):
     g = torch.Generator().manual_seed(b * T)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from bench import common
 from kernels.coords import random_rows_of_distinct, sample_distinct
 from kernels.diag import diag_coords, diag_geometry, diag_to_dense, diagonals_for_density
 from kernels.fanin import fanin_to_dense
@@ -98,8 +99,14 @@ class Case:
         return dataclasses.asdict(self)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+def _dense_product(product: str, x, dy, w, rows: str = ""):
+    """(fn, note) of the dense matmul a product stands against; ``rows`` names a subset of
+    W's rows ("_active": the surviving neurons) in the note."""
+    if product == "fwd":
+        return lambda: torch.matmul(x, w.t()), f"x @ W{rows}^T"
+    if product == "dx":
+        return lambda: torch.matmul(dy, w), f"dy{rows} @ W{rows}"
+    return lambda: torch.matmul(dy.t(), x), f"dy{rows}^T @ x" + ("" if rows else " (full dense dW)")
 
 
 class Problem:
@@ -111,7 +118,7 @@ class Problem:
             raise ValueError(f"invalid case {case}")
         self.case = case
         self.device = device
-        self.dtype = _dtype(case.dtype)
+        self.dtype = common.parse_dtype(case.dtype)
         g = torch.Generator().manual_seed(seed)  # the pattern (small): on the CPU
         c, dt = case, self.dtype
         T, n_in, n_out = c.tokens, c.in_features, c.out_features
@@ -230,25 +237,14 @@ class Problem:
             return self._mlp_baselines()
         out: dict[str, tuple[Callable, str]] = {}
         w = self.dense_weight(dt)
-        x, dy = self.x, self.dy
-        if c.product == "fwd":
-            out["dense"] = (lambda: torch.matmul(x, w.t()), "x @ W^T")
-        elif c.product == "dx":
-            out["dense"] = (lambda: torch.matmul(dy, w), "dy @ W")
-        else:
-            out["dense"] = (lambda: torch.matmul(dy.t(), x), "dy^T @ x (full dense dW)")
+        out["dense"] = _dense_product(c.product, self.x, self.dy, w)
         csr = self._csr_baseline(w)
         if csr is not None:
             out["csr"] = csr
         if self.surv_rows is not None:
             w_s = w[self.surv_rows.long()].contiguous()  # [active, in]
-            dy_s = dy[:, self.surv_rows.long()].contiguous()  # [T, active]
-            if c.product == "fwd":
-                out["surv"] = (lambda: torch.matmul(x, w_s.t()), "x @ W_active^T")
-            elif c.product == "dx":
-                out["surv"] = (lambda: torch.matmul(dy_s, w_s), "dy_active @ W_active")
-            else:
-                out["surv"] = (lambda: torch.matmul(dy_s.t(), x), "dy_active^T @ x")
+            dy_s = self.dy[:, self.surv_rows.long()].contiguous()  # [T, active]
+            out["surv"] = _dense_product(c.product, self.x, dy_s, w_s, "_active")
         return out
 
     def _mlp_baselines(self) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transformer import Block, EncoderConfig, LinearFactory, dense_linear
+from .transformer import EncoderConfig, LinearFactory, dense_linear, encoder_blocks
 
 
 # "micro" for tests, "tiny" the CPU default (2 x 128, like the BERT-tiny of Turc et al.), then
@@ -56,20 +56,17 @@ class BertConfig(EncoderConfig):
 
 
 class Bert(nn.Module):
-    """Pre-LN BERT encoder + masked-LM head; ``linear`` builds qkv / out / fc1 / fc2 by name
-    ("blocks.{i}.attn.qkv", "blocks.{i}.attn.out", "blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc2")."""
+    """Pre-LN BERT encoder + masked-LM head; ``linear`` builds the blocks' linears by name
+    (transformer.encoder_blocks)."""
 
     def __init__(self, config: BertConfig, linear: LinearFactory = dense_linear):
         super().__init__()
-        c = config.validate()
-        self.config = c
+        self.config = c = config.validate()
         self.tok_embed = nn.Embedding(c.vocab_size, c.dim)
         self.pos_embed = nn.Embedding(c.max_len, c.dim)
         self.embed_norm = nn.LayerNorm(c.dim)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp)
-            for i in range(c.depth))
+        self.blocks = encoder_blocks(c, linear)
         self.norm = nn.LayerNorm(c.dim)
         self.lm_transform = nn.Linear(c.dim, c.dim)
         self.lm_norm = nn.LayerNorm(c.dim)

@@ -165,3 +165,12 @@ class Block(nn.Module):
     def forward(self, x, key_mask=None):
         x = x + self.drop(self.attn(self.norm1(x), key_mask))
         return x + self.mlp(self.norm2(x))
+
+
+def encoder_blocks(config: EncoderConfig, linear: LinearFactory) -> nn.ModuleList:
+    """The encoder's ``config.depth`` blocks, their linears named "blocks.{i}.attn.qkv",
+    "blocks.{i}.attn.out", "blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc2" (the names ``linear``
+    gets, and the module paths in the model, as the trainers' sparse layers need them)."""
+    c = config
+    return nn.ModuleList(Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp)
+                         for i in range(c.depth))

@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .transformer import Block, EncoderConfig, LinearFactory, dense_linear
+from .transformer import EncoderConfig, LinearFactory, dense_linear, encoder_blocks
 
 
 # Sizes: "micro" for tests (seconds), "tiny" the MNIST default (minutes on 2 CPU cores), then the
@@ -59,20 +59,17 @@ class ViTConfig(EncoderConfig):
 
 
 class ViT(nn.Module):
-    """Pre-LN ViT with a class token; ``linear`` builds qkv / out / fc1 / fc2 by name
-    ("blocks.{i}.attn.qkv", "blocks.{i}.attn.out", "blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc2")."""
+    """Pre-LN ViT with a class token; ``linear`` builds the blocks' linears by name
+    (transformer.encoder_blocks)."""
 
     def __init__(self, config: ViTConfig, linear: LinearFactory = dense_linear):
         super().__init__()
-        c = config.validate()
-        self.config = c
+        self.config = c = config.validate()
         n_patches = (c.image_size // c.patch_size) ** 2
         self.patch_embed = nn.Linear(c.patch_size * c.patch_size * c.channels, c.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, c.dim) * 0.02)
-        self.blocks = nn.ModuleList(
-            Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp)
-            for i in range(c.depth))
+        self.blocks = encoder_blocks(c, linear)
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.num_classes)
 

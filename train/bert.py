@@ -17,19 +17,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Only the standard library at import: --help and flag errors return before torch, the kernels
 # and the data load (the functions below import them when called).
-from .flags import DSTConfig, Entry, UsageError, check_common, entry_main
+from .flags import Entry, TrainerFlags, UsageError, check_common, entry_main
 
 ENTRY = Entry("bert", title="BERT", metric="masked-token accuracy", loss_label="MLM loss",
               metric_label="masked accuracy")
 
 
 @dataclass
-class Config:
-    """Train a BERT masked-LM with sparse qkv / attention-out / fc1 / fc2 layers and a DST method."""
+class BertFlags:
+    """The BERT trainer's own flags (TrainerFlags has the shared ones)."""
     # data
     dataset: str = "pydoc"          # pydoc (stdlib text) | .txt file / folder | Hugging Face name | .parquet
     vocab_size: int = 4096          # WordPiece vocabulary trained on the corpus
@@ -37,42 +37,19 @@ class Config:
     mask_prob: float = 0.15         # fraction of tokens predicted (80% [MASK], 10% random, 10% kept)
     # model (None = the preset's value)
     preset: str = "tiny"            # micro | tiny (2x128) | mini | small | base (BERT-base) | large
-    dim: int | None = None          # hidden width (None: the preset's)
-    depth: int | None = None        # transformer blocks (None: the preset's)
-    heads: int | None = None        # attention heads (None: the preset's)
-    mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
     dropout: float = 0.1            # dropout on embeddings / attention / MLP / residuals
-    fused_mlp: bool = False         # each MLP as one fused kernel (kernels.fused_mlp): needs --method dynadiag,
-                                    # --block-size >= 16 and --dropout 0; not yet timed on a GPU (README)
     # optimisation
     steps: int = 600                # optimizer steps (the DST schedules scale with it)
     batch_size: int = 32            # sequences per step
-    optimizer: str = "adamw"        # adamw | sgd (Nesterov)
     lr: float = 1e-3                # peak learning rate (after warm-up; cosine decay to 0)
-    warmup: int = 100               # linear warm-up steps
     weight_decay: float = 0.01      # on weights / sparse values only
-    momentum: float = 0.9           # SGD momentum, AdamW beta1
-    grad_clip: float = 1.0          # max global gradient norm (0 = off)
     # evaluation, logging, checkpoints
-    eval_every: int = 0             # steps between validation passes (0: steps // 10, ten points a curve)
     eval_examples: int = 0          # validation sequences per pass (0 = all); the final test uses all
-    log_every: int = 25             # steps between metrics.jsonl rows / progress-bar updates
-    ckpt_every: int = 500           # steps between checkpoints (0 = only at the end)
-    # run
-    seed: int = 0                   # seeds init, data order, masking, dropout and the DST sampler
-    device: str = "auto"            # auto (cuda if present) | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    threads: int = 0                # torch CPU threads (0 = torch's default)
-    out_dir: str = ""               # run folder ("" = runs/bert/<method>-s<sparsity>-seed<seed>)
-    resume: bool = False            # continue from <out_dir>/checkpoint.pt
-    overwrite: bool = False         # replace a finished run in out_dir
-    plots: bool = True              # write curves.png, masks.png and churn.png
-    tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
-                                    # extra: pip install -e ".[tensorboard]")
-    grad_sync: str = "ddp"          # under torchrun: ddp (DistributedDataParallel, all-reduce overlapped with
-                                    # backward) | flat (one all-reduce after backward); train/distributed.py
-    progress: bool = True           # show a progress bar (on a terminal)
-    dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
+
+
+@dataclass
+class Config(TrainerFlags, BertFlags):
+    """Train a BERT masked-LM with sparse qkv / attention-out / fc1 / fc2 layers and a DST method."""
 
 
 def mlm_loss(model, inputs, labels):

@@ -3,7 +3,7 @@ return before torch, triton or the kernels are imported (0.1-0.2 s instead of 5-
 
 ``parse_config(Config)`` makes one ``--snake-case`` flag per field, help from the field's
 trailing comment, grouped by the section comments of the dataclass (``# data``, ``# model``,
-...). A field ``dst: DSTConfig`` becomes the flags of ``dst.DSTConfig`` in a "DST" group (new
+...; a base dataclass's fields join its sections by name). A field ``dst: DSTConfig`` becomes the flags of ``dst.DSTConfig`` in a "DST" group (new
 DSTConfig fields appear there by themselves), each with the methods that read it and each
 method's paper default.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import importlib.util
 import inspect
 import math
@@ -104,9 +104,16 @@ def field_sections(cls) -> dict[str, str]:
 
 
 def _read_source(cls):
-    names = {f.name for f in dataclasses.fields(cls)}
     comments: dict[str, str] = {}
     sections: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            _read_class_source(klass, comments, sections)
+    return comments, sections
+
+
+def _read_class_source(cls, comments: dict[str, str], sections: dict[str, str]) -> None:
+    names = set(inspect.get_annotations(cls))
     last, indent, section = None, 0, ""
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"(\s+)(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
@@ -120,7 +127,6 @@ def _read_source(cls):
             if re.match(r"\s+#", line):   # a section comment, at the fields' indentation
                 section = line.strip().lstrip("#").strip()
             last = None
-    return comments, sections
 
 
 def _flag_type(hint):
@@ -256,6 +262,46 @@ class Exit(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
+
+
+@dataclass
+class TrainerFlags:
+    """The flags every trainer has, with the same defaults. A trainer's config lists its own
+    flags in a dataclass of its own and joins the two, its own first::
+
+        class Config(TrainerFlags, ViTFlags): ...   # ViTFlags' fields, then these
+    """
+    # model (None = the preset's value)
+    dim: int | None = None          # token (hidden) width (None: the preset's)
+    depth: int | None = None        # transformer blocks (None: the preset's)
+    heads: int | None = None        # attention heads (None: the preset's)
+    mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
+    fused_mlp: bool = False         # each MLP as one fused kernel (kernels.fused_mlp): needs --method dynadiag,
+                                    # --block-size >= 16 and --dropout 0; not yet timed on a GPU (README)
+    # optimisation
+    optimizer: str = "adamw"        # adamw | sgd (Nesterov)
+    warmup: int = 100               # linear warm-up steps
+    momentum: float = 0.9           # SGD momentum, AdamW beta1
+    grad_clip: float = 1.0          # max global gradient norm (0 = off)
+    # evaluation, logging, checkpoints
+    eval_every: int = 0             # steps between validation passes (0: steps // 10, ten points a curve)
+    log_every: int = 25             # steps between metrics.jsonl rows / progress-bar updates
+    ckpt_every: int = 500           # steps between checkpoints (0 = only at the end)
+    # run
+    seed: int = 0                   # seeds init, data order, masking, dropout and the DST sampler
+    device: str = "auto"            # auto (cuda if present) | cpu | cuda | cuda:N
+    precision: str = "auto"         # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    threads: int = 0                # torch CPU threads (0 = torch's default)
+    out_dir: str = ""               # run folder ("" = runs/<vit|bert>/<method>-s<sparsity>-seed<seed>)
+    resume: bool = False            # continue from <out_dir>/checkpoint.pt
+    overwrite: bool = False         # replace a finished run in out_dir
+    plots: bool = True              # write curves.png, masks.png and churn.png
+    tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
+                                    # extra: pip install -e ".[tensorboard]")
+    grad_sync: str = "ddp"          # under torchrun: ddp (DistributedDataParallel, all-reduce overlapped with
+                                    # backward) | flat (one all-reduce after backward); train/distributed.py
+    progress: bool = True           # show a progress bar (on a terminal)
+    dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
 
 
 @dataclass(frozen=True)

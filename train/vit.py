@@ -17,19 +17,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Only the standard library at import: --help and flag errors return before torch, the kernels
 # and the data load (the functions below import them when called).
-from .flags import DSTConfig, Entry, UsageError, check_common, entry_main
+from .flags import Entry, TrainerFlags, UsageError, check_common, entry_main
 
 ENTRY = Entry("vit", title="ViT", metric="accuracy")
 
 
 
 @dataclass
-class Config:
-    """Train a ViT with sparse qkv / attention-out / fc1 / fc2 layers and a DST method."""
+class ViTFlags:
+    """The ViT trainer's own flags (TrainerFlags has the shared ones)."""
     # data
     dataset: str = "mnist"          # mnist | fashion_mnist | Hugging Face name | image folder | .parquet
     data_dir: str = ""              # where fashion_mnist's idx.gz files are ("" = the Debian package's path)
@@ -39,43 +39,20 @@ class Config:
     preset: str = "tiny"            # micro | tiny | small (ViT-S/16) | base (ViT-B/16) | large (ViT-L/16)
     patch_size: int | None = None   # patch side in pixels; must divide the image size (None: the divisor that
                                     # gives the preset's patches a side: 4 for micro / tiny, 14 for small+)
-    dim: int | None = None          # token width (None: the preset's)
-    depth: int | None = None        # transformer blocks (None: the preset's)
-    heads: int | None = None        # attention heads (None: the preset's)
-    mlp_dim: int | None = None      # MLP hidden width (None: the preset's)
     dropout: float = 0.0            # dropout in attention / MLP / residuals
-    fused_mlp: bool = False         # each MLP as one fused kernel (kernels.fused_mlp): needs --method dynadiag,
-                                    # --block-size >= 16 and --dropout 0; not yet timed on a GPU (README)
     # optimisation
     steps: int = 500                # optimizer steps (the DST schedules scale with it); ~91% for dynadiag on MNIST
     batch_size: int = 128           # images per step
-    optimizer: str = "adamw"        # adamw | sgd (Nesterov)
     lr: float = 3e-3                # peak learning rate (after warm-up; cosine decay to 0)
-    warmup: int = 100               # linear warm-up steps
     weight_decay: float = 0.05      # on weights / sparse values only
-    momentum: float = 0.9           # SGD momentum, AdamW beta1
-    grad_clip: float = 1.0          # max global gradient norm (0 = off)
     label_smoothing: float = 0.0    # cross-entropy label smoothing
     # evaluation, logging, checkpoints
-    eval_every: int = 0             # steps between validation passes (0: steps // 10, ten points a curve)
     eval_examples: int = 2000       # validation images per pass (0 = all); the final test uses all
-    log_every: int = 25             # steps between metrics.jsonl rows / progress-bar updates
-    ckpt_every: int = 500           # steps between checkpoints (0 = only at the end)
-    # run
-    seed: int = 0                   # seeds init, data order, dropout and the DST sampler
-    device: str = "auto"            # auto (cuda if present) | cpu | cuda | cuda:N
-    precision: str = "auto"         # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    threads: int = 0                # torch CPU threads (0 = torch's default)
-    out_dir: str = ""               # run folder ("" = runs/vit/<method>-s<sparsity>-seed<seed>)
-    resume: bool = False            # continue from <out_dir>/checkpoint.pt
-    overwrite: bool = False         # replace a finished run in out_dir
-    plots: bool = True              # write curves.png, masks.png and churn.png
-    tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
-                                    # extra: pip install -e ".[tensorboard]")
-    grad_sync: str = "ddp"          # under torchrun: ddp (DistributedDataParallel, all-reduce overlapped with
-                                    # backward) | flat (one all-reduce after backward); train/distributed.py
-    progress: bool = True           # show a progress bar (on a terminal)
-    dst: DSTConfig = field(default_factory=DSTConfig)  # --method, --sparsity, --delta-t, ... (see dst.DSTConfig)
+
+
+@dataclass
+class Config(TrainerFlags, ViTFlags):
+    """Train a ViT with sparse qkv / attention-out / fc1 / fc2 layers and a DST method."""
 
 
 def patch_size_for(image_size: int, per_side: int) -> int:

@@ -158,18 +158,26 @@ def _flag_timing(monkeypatch, timing):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
-def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
+def _sweep_with_planted_bugs(tmp_path, monkeypatch, module, kernel, plant, bad, argv):
+    """Run the sweep with ``module.kernel`` replaced by a _PlantedBugs and the ``bad`` configs
+    added as candidates: (candidates.csv rows, the _PlantedBugs, the written config table)."""
     timing = {"on": False}
-    buggy = _PlantedBugs(kernels.fanin.fanin_fwd_kernel, timing, _fanin_bugs)
-    monkeypatch.setattr(kernels.fanin, "fanin_fwd_kernel", buggy)
+    buggy = _PlantedBugs(getattr(module, kernel), timing, plant)
+    monkeypatch.setattr(module, kernel, buggy)
     _flag_timing(monkeypatch, timing)
-    bad = ['fanin_fwd={"BLOCK_R": 32}', 'fanin_fwd={"BLOCK_R": 16}', 'fanin_fwd={"BLOCK_T": 48}']
-    argv = ["--quick", "--ops", "fanin_fwd", "--tokens", "40", "--sparsities", "0.9", "--out", str(tmp_path)]
+    argv = argv + ["--out", str(tmp_path)]
     for b in bad:
         argv += ["--extra-candidate", b]
     assert sweep.main(argv, log=lambda *a: None) == 0
+    table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
+    return read_rows(tmp_path / "candidates.csv"), buggy, table
 
-    cands = read_rows(tmp_path / "candidates.csv")
+
+def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monkeypatch):
+    bad = ['fanin_fwd={"BLOCK_R": 32}', 'fanin_fwd={"BLOCK_R": 16}', 'fanin_fwd={"BLOCK_T": 48}']
+    cands, buggy, table = _sweep_with_planted_bugs(
+        tmp_path, monkeypatch, kernels.fanin, "fanin_fwd_kernel", _fanin_bugs, bad,
+        ["--quick", "--ops", "fanin_fwd", "--tokens", "40", "--sparsities", "0.9"])
     by_cfg = {}
     for r in cands:
         by_cfg.setdefault(r["config"], []).append(r)
@@ -186,7 +194,6 @@ def test_gate_rejects_injected_wrong_configs_and_never_times_them(tmp_path, monk
     assert any(k[0] == 16 and "non-finite" in v for k, v in reasons.items())     # unwritten rows
     assert any(k[1] == 48 and v.startswith("error:") for k, v in reasons.items())  # does not compile
     assert buggy.timed_bad == []
-    table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
     for cfg in table["fanin_fwd"].values():
         assert cfg["BLOCK_R"] not in (16, 32) and cfg["BLOCK_T"] != 48
     assert "Rejected by the gate" in (tmp_path / "sweep.md").read_text()
@@ -204,19 +211,12 @@ def _fused_bugs(args, grid, kwargs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the planted bugs are sized for the quick grid")
 def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, monkeypatch):
-    timing = {"on": False}
-    buggy = _PlantedBugs(kernels.fused.fused_diag_mlp_kernel, timing, _fused_bugs)
-    monkeypatch.setattr(kernels.fused, "fused_diag_mlp_kernel", buggy)
-    _flag_timing(monkeypatch, timing)
     bad = ['fused_diag_mlp={"num_warps": 2}', 'fused_diag_mlp={"BLOCK_T": 16}', 'fused_diag_mlp={"BLOCK_T": 8}']
-    argv = ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.75", "--tune-sparsities", "0.75",
-            "--out", str(tmp_path)]
-    for b in bad:
-        argv += ["--extra-candidate", b]
-    assert sweep.main(argv, log=lambda *a: None) == 0
-
+    cands, buggy, table = _sweep_with_planted_bugs(
+        tmp_path, monkeypatch, kernels.fused, "fused_diag_mlp_kernel", _fused_bugs, bad,
+        ["--quick", "--ops", "mlp_fwd", "--tokens", "40", "--sparsities", "0.75", "--tune-sparsities", "0.75"])
     reasons = {}
-    for r in read_rows(tmp_path / "candidates.csv"):
+    for r in cands:
         c = json.loads(r["config"])
         if c["num_warps"] == 2 or c["BLOCK_T"] in (8, 16):
             assert r["status"] == "rejected" and r["ms"] == "", r
@@ -228,7 +228,6 @@ def test_gate_rejects_wrong_fused_mlp_configs_and_never_times_them(tmp_path, mon
     assert "non-finite" in reasons[(4, 16)]                 # an unwritten output tile
     assert reasons[(4, 8)].startswith("error: ValueError")  # the launcher refuses BLOCK_T < 16
     assert buggy.timed_bad == []
-    table = json.loads((tmp_path / "configs" / "interpreter.json").read_text())
     for cfg in table["fused_diag_mlp"].values():
         assert cfg["num_warps"] != 2 and cfg["BLOCK_T"] not in (8, 16)
     rows = read_rows(tmp_path / "sweep.csv")

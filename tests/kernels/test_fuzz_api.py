@@ -72,11 +72,9 @@ def test_fanin_matmul_fuzz(backend, data):
         rows = rows.to(torch.int32) if d(st.integers(0, 5)) else rows
     out_features = d(st.sampled_from([None, None, 4, 9]))
 
-    def ref():
-        w_out = out_features if out_features is not None else values.shape[0]
-        return fanin_matmul_ref(x.double(), values.double(), indices, rows, w_out)
-
-    run_or_clear_error(lambda: kernels.fanin_matmul(x, values, indices, rows, out_features), ref,
+    w_out = out_features if out_features is not None else values.shape[0]
+    run_or_clear_error(lambda: kernels.fanin_matmul(x, values, indices, rows, out_features),
+                       lambda: fanin_matmul_ref(x.double(), values.double(), indices, rows, w_out),
                        ["x", "values", "indices", "rows", "out_features"])
 
 
@@ -101,10 +99,8 @@ def test_diag_matmul_fuzz(backend, data):
     else:
         offsets = tensor(d, (d(st.integers(0, 3)),), d(st.sampled_from(INDEX_DTYPES)), -1, P + 2)
 
-    def ref():
-        return diag_matmul_ref(x.double(), values.double(), offsets, b, out_features)
-
-    run_or_clear_error(lambda: kernels.diag_matmul(x, values, offsets, b, out_features), ref,
+    run_or_clear_error(lambda: kernels.diag_matmul(x, values, offsets, b, out_features),
+                       lambda: diag_matmul_ref(x.double(), values.double(), offsets, b, out_features),
                        ["x", "values", "offsets", "block_size", "out_features"])
 
 

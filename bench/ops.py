@@ -174,7 +174,6 @@ class Problem:
             self.params = f"nnz={target_nnz}"
         self.density = self.nnz / (n_in * n_out * (2 if c.format == "mlp" else 1))
 
-    # --------------------------------------------------------------------- the kernel
 
     def run(self) -> torch.Tensor:
         c, p = self.case, self
@@ -193,7 +192,6 @@ class Problem:
         # Every weight gradient is the SDDMM at the stored (block) coordinates.
         return kernels.sddmm_fwd(p.dy, p.x, p.coord_rows, p.coord_cols, c.block)
 
-    # --------------------------------------------------------------------- references
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The [out, in] weight this pattern stands for (for references and baselines)."""
@@ -228,7 +226,6 @@ class Problem:
             return dy @ self.dense_weight(dtype)
         return kernels.sddmm_ref(dy, x, self.coord_rows, self.coord_cols, c.block)
 
-    # --------------------------------------------------------------------- baselines
 
     def baselines(self) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
         """{name: (fn, note)}: the competitors of this case, prepared outside the timing."""
@@ -288,7 +285,6 @@ class Problem:
                 continue
         return None
 
-    # --------------------------------------------------------------------- roofline numbers
 
     def flops(self) -> float:
         """Useful FLOPs: 2 T nnz (a dense product does 2 T in out; the MLP 2 T (nnz1 + nnz2),

@@ -174,7 +174,6 @@ class Problem:
             self.params = f"nnz={target_nnz}"
         self.density = self.nnz / (n_in * n_out * (2 if c.format == "mlp" else 1))
 
-
     def run(self) -> torch.Tensor:
         c, p = self.case, self
         if c.op == "fanin_fwd":
@@ -191,7 +190,6 @@ class Problem:
                                               c.in_features)
         # Every weight gradient is the SDDMM at the stored (block) coordinates.
         return kernels.sddmm_fwd(p.dy, p.x, p.coord_rows, p.coord_cols, c.block)
-
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The [out, in] weight this pattern stands for (for references and baselines)."""
@@ -225,7 +223,6 @@ class Problem:
         if c.product == "dx":
             return dy @ self.dense_weight(dtype)
         return kernels.sddmm_ref(dy, x, self.coord_rows, self.coord_cols, c.block)
-
 
     def baselines(self) -> dict[str, tuple[Callable[[], torch.Tensor], str]]:
         """{name: (fn, note)}: the competitors of this case, prepared outside the timing."""
@@ -284,7 +281,6 @@ class Problem:
             except (RuntimeError, NotImplementedError):
                 continue
         return None
-
 
     def flops(self) -> float:
         """Useful FLOPs: 2 T nnz (a dense product does 2 T in out; the MLP 2 T (nnz1 + nnz2),

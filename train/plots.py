@@ -83,7 +83,6 @@ def plot_masks(layers: dict, path: Path, title: str, max_layers: int = 24) -> No
     plt.close(fig)
 
 
-
 def _round(values, digits: int = 5) -> list[float]:
     return [float(f"{v:.{digits}g}") for v in values]
 

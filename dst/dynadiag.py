@@ -84,6 +84,31 @@ def set_temperature(layer: DiagLinear, temperature: float) -> None:
         layer.temperature.fill_(temperature)
 
 
+def gate_state(layer: DiagLinear) -> dict | None:
+    """The gate a checkpoint keeps (scores, temperature, k_target), None without a gate."""
+    if layer.scores is None:
+        return None
+    return {"scores": layer.scores.detach().cpu().clone(), "temperature": float(layer.temperature),
+            "k_target": layer.k_target}
+
+
+def load_gate_state(layer: DiagLinear, gate: dict | None) -> None:
+    """Give ``layer`` the gate of ``gate_state`` (in the same scores Parameter when it has one,
+    so the optimizer keeps holding it); None removes its gate."""
+    if gate is None:
+        if layer.scores is not None:
+            layer.disable_gate()
+        return
+    scores = gate["scores"].to(layer.values.device)
+    if layer.scores is None:
+        layer.enable_gate(gate["k_target"], gate["temperature"], scores)
+        return
+    with torch.no_grad():
+        layer.scores.data = scores.clone()
+    layer.temperature = torch.tensor(float(gate["temperature"]), device=layer.values.device)
+    layer.k_target = int(gate["k_target"])
+
+
 def diagonal_gradient_norms(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, R: int, C: int, b: int,
                             chunk_elems: int) -> torch.Tensor:
     """||dL/dW|| over each diagonal's D blocks (fp32 [len(offsets)]): block SDDMM of about

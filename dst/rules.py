@@ -15,7 +15,8 @@ exactly 0 and their optimizer state reset.
 
 The Sparsifier asks its rule, through the hooks below, everything that depends on the
 method: when updates happen and end, what an update step captures, what happens every step
-(DynaDiag's temperature), the update itself and what counts as active. A new method is a
+(DynaDiag's temperature), the update itself, what counts as active and what a layer keeps
+beyond its pattern (DynaDiag's gate). A new method is a
 ``Rule`` (or a subclass for new hooks) in ``RULES`` and its ``dst.config.METHOD_SPECS`` entry.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import METHOD_SPECS, METHODS, check_choice
-from .dynadiag import diagonal_gradient_score, freeze, init_dynadiag, set_temperature, update_dynadiag
+from .dynadiag import (diagonal_gradient_score, freeze, gate_state, init_dynadiag, load_gate_state, set_temperature,
+                       update_dynadiag)
 from .schedules import cosine_anneal, is_update_step
 from .scores import gate_score, gradient_score, magnitude_score, random_score
 from .srigl import update_srigl_layers
@@ -71,6 +73,14 @@ class Rule:
     def active_density(self, sp, name: str, layer) -> float:
         """The share of the layer's weights that counts toward the target."""
         return layer.density()
+
+    def layer_state(self, layer) -> dict:
+        """What the rule keeps in a layer beyond its pattern and values, for the Sparsifier's
+        state_dict (entries of the layer's saved entry)."""
+        return {"gate": None}
+
+    def load_layer_state(self, layer, entry: dict) -> None:
+        """Restore ``layer_state``'s entries from a saved layer entry."""
 
     def schedule_warning(self, cfg, total_steps: int, method: str) -> str | None:
         """Why no mask would ever change in a run of ``total_steps`` under ``cfg`` (or None)."""
@@ -136,6 +146,12 @@ class DynaDiagRule(Rule):
         k = sp.k_targets.get(name)
         stored = layer.density()
         return stored * k / layer.num_diagonals if k is not None and not sp.frozen else stored
+
+    def layer_state(self, layer) -> dict:
+        return {"gate": gate_state(layer)}
+
+    def load_layer_state(self, layer, entry: dict) -> None:
+        load_gate_state(layer, entry["gate"])
 
     def no_update_message(self, cfg, total_steps: int, horizon: float, method: str) -> str:
         return (f"no DynaDiag resampling before the freeze at step {horizon} (--freeze-at {cfg.freeze_at:g} x "

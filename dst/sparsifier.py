@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from kernels import DiagLinear, SparseLayer
+from kernels import SparseLayer, resize_parameter
 
 from .config import DSTConfig
 from .layers import check_layer_format
@@ -156,12 +156,8 @@ class Sparsifier:
     def state_dict(self) -> dict:
         layers = {}
         for name, layer in self.layers.items():
-            entry = {"pattern": {b: t.detach().cpu().clone() for b, t in layer.pattern().items()},
-                     "values_shape": tuple(layer.values.shape), "gate": None}
-            if isinstance(layer, DiagLinear) and layer.scores is not None:
-                entry["gate"] = {"scores": layer.scores.detach().cpu().clone(),
-                                 "temperature": float(layer.temperature), "k_target": layer.k_target}
-            layers[name] = entry
+            layers[name] = {"pattern": {b: t.detach().cpu().clone() for b, t in layer.pattern().items()},
+                            "values_shape": tuple(layer.values.shape), **self.rule.layer_state(layer)}
         return {"method": self.cfg.method, "config": self.cfg.to_dict(), "total_steps": self.total_steps,
                 "generator": self.generator.get_state(), "frozen": self.frozen, "budgets": dict(self.budgets),
                 "k_targets": dict(self.k_targets), "heads": sorted(self.heads), "layers": layers}
@@ -185,22 +181,5 @@ class Sparsifier:
                 setattr(layer, b, t.to(device).clone())
             shape = tuple(entry["values_shape"])
             if tuple(layer.values.shape) != shape:
-                with torch.no_grad():
-                    layer.values.data = layer.values.new_zeros(shape)
-            if isinstance(layer, DiagLinear):
-                self._load_gate(layer, entry["gate"])
-
-    @staticmethod
-    def _load_gate(layer: DiagLinear, gate: dict | None) -> None:
-        if gate is None:
-            if layer.scores is not None:
-                layer.disable_gate()
-            return
-        scores = gate["scores"].to(layer.values.device)
-        if layer.scores is None:
-            layer.enable_gate(gate["k_target"], gate["temperature"], scores)
-            return
-        with torch.no_grad():
-            layer.scores.data = scores.clone()
-        layer.temperature = torch.tensor(float(gate["temperature"]), device=layer.values.device)
-        layer.k_target = int(gate["k_target"])
+                resize_parameter(layer.values, layer.values.new_zeros(shape))
+            self.rule.load_layer_state(layer, entry)

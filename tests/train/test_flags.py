@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dst import DSTConfig
-from train import bert, common, vit
+from train import bert, common, flags, vit
 
 BASE = ["--preset", "micro", "--steps", "4", "--no-progress", "--no-plots"]
 
@@ -147,3 +147,15 @@ def test_help_lists_every_flag_and_exits_0(entry, capsys):
         if f.name != "dst":
             assert "--" + f.name.replace("_", "-") in text
     assert "--delta-t" in text and "--gamma-sal" in text and "--seed" in text
+
+
+@pytest.mark.parametrize("entry", [vit, bert])
+def test_the_shared_flags_join_each_trainers_own_sections(entry):
+    parser = flags.build_parser(entry.Config)
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups if g._group_actions}
+    assert list(groups)[1:] == ["data", "model", "optimisation", "DST (dst.DSTConfig)",
+                                "evaluation, logging, checkpoints", "run"]
+    assert groups["model"][:2] == ["preset", "patch_size" if entry is vit else "dropout"]
+    assert {"dim", "mlp_dim", "fused_mlp", "dropout"} <= set(groups["model"])
+    assert {"steps", "lr", "optimizer", "grad_clip"} <= set(groups["optimisation"])
+    assert groups["run"][0] == "seed" and "grad_sync" in groups["run"]

@@ -5,6 +5,11 @@ Run as a script to print update time and peak memory per method side by side:
 
     .venv/bin/python -m tests.dst.workload            # 4096 x 16384 at 99%, T = 8, 1 thread
     .venv/bin/python -m tests.dst.workload --in-features 32768 --density 0.005
+    .venv/bin/python -m tests.dst.workload --widths 1,2,4   # same nnz at 1x, 2x, 4x the width
+
+With --widths each method's update time is measured at in_features x factor and density /
+factor (the same nnz), the widths alternating within each round, and printed as the ratio to
+the first width (1.0 = the cost follows nnz; the factor = it follows out * in).
 """
 from __future__ import annotations
 
@@ -78,6 +83,25 @@ def run(method: str, overrides: dict, out_features: int, in_features: int, densi
     return result
 
 
+def width_scaling(args, factors: list[int], rounds: int) -> None:
+    """Update seconds per method at the same nnz and growing width, rounds alternating."""
+    print(f"{'method':<15} {'nnz':>9} " + " ".join(f"{f'{f}x width s':>12}" for f in factors)
+          + " " + " ".join(f"{f'{f}x / {factors[0]}x':>10}" for f in factors[1:]))
+    for label, method, overrides in VARIANTS:
+        if method == "static":
+            continue
+        seconds: dict[int, list[float]] = {f: [] for f in factors}
+        for _ in range(rounds):
+            for f in factors:
+                timed = run(method, overrides, args.out_features, args.in_features * f, args.density / f,
+                            tokens=args.tokens, steps=args.steps)
+                seconds[f] += timed["update_s"]
+                nnz = timed["layer"].nnz()
+        med = {f: sorted(v)[len(v) // 2] for f, v in seconds.items()}
+        print(f"{label:<15} {nnz:>9} " + " ".join(f"{med[f]:>12.4f}" for f in factors) + " "
+              + " ".join(f"{med[f] / med[factors[0]]:>10.2f}" for f in factors[1:]), flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-features", type=int, default=4096)
@@ -87,11 +111,16 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine, 2 threads spin and run 10-50x slower)")
+    p.add_argument("--widths", default="", help="comma-separated width factors at the same nnz, e.g. 1,2,4")
+    p.add_argument("--rounds", type=int, default=3, help="with --widths: rounds over the widths")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = args.out_features * args.in_features
     print(f"layer {args.out_features} x {args.in_features} ({size / 1e6:.1f} M entries), density {args.density}, "
           f"T = {args.tokens}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.widths:
+        width_scaling(args, [int(f) for f in args.widths.split(",")], args.rounds)
+        return
     print(f"{'method':<15} {'nnz':>9} {'update s (median)':>18} {'update peak MiB':>16} "
           f"{'step peak MiB':>14} {'largest tensor / (out*in)':>26}")
     for label, method, overrides in VARIANTS:

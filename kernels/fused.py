@@ -237,15 +237,17 @@ def _config(b: int, T: int, dtype: torch.dtype) -> dict:
     # token tiles. On a GPU two [BT, b] fp32 tiles (h and y) live in registers (ptxas, sm_90,
     # bf16): b = 64 with 128 tokens on 8 warps takes 128 registers and gets wgmma 64x64x16
     # (64 tokens: 64x32x16 and every weight block read twice as often from L2); b = 16 72 and
-    # b = 32 124 on 4 warps. b = 64 at T >= 8192: 256 tokens (249 registers in bf16, 255 in
-    # fp32, no spill, 1 block an SM) halve the weights' re-reads from L2 (one per token tile):
-    # static model, H200, T = 50,432: L2 897 -> 704 MB, 3.63 -> 4.59x the dense MLP; at T =
-    # 256 it would leave 12 programs (0.96x vs 1.22x), hence the bound. Until bench/sweep.py
-    # writes entries.
+    # b = 32 124 on 4 warps. b = 64 in bf16 / fp16 at T >= 8192: 256 tokens (249 registers, no
+    # spill, 1 block an SM) halve the weights' re-reads from L2 (one per token tile): static
+    # model, H200, T = 50,432: L2 897 -> 704 MB, 3.63 -> 4.59x the dense MLP; at T = 256 it
+    # would leave 12 programs (0.96x vs 1.22x), hence the bound; fp32 (CUDA cores) keeps 128
+    # (at 256 ptxas for sm_80 gives a loop of 27,412 issue slots for 4096 FMA: 9.0 -> 1.5x).
+    # Until bench/sweep.py writes entries.
     if rt.interpreting():
         default = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1}
     else:
-        default = {"BLOCK_T": 256 if b >= 64 and T >= 8192 else 128, "num_warps": 4 if b <= 32 else 8,
+        wide_tile = b >= 64 and T >= 8192 and dtype.itemsize == 2
+        default = {"BLOCK_T": 256 if wide_tile else 128, "num_warps": 4 if b <= 32 else 8,
                    "num_stages": 2 if b <= 32 else 3}
     return rt.launch_config("fused_diag_mlp", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dtype)[6:]}, default)
 

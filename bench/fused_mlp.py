@@ -63,8 +63,6 @@ FIELDS = ["run", "device", "mode", "dim", "hidden", "tokens", "sparsity", "block
 QUICK = dict(dim=64, hidden=256, tokens=37, blocks="16,32", sparsity=0.75)
 
 
-# ----------------------------------------------------------------------------- FLOP model
-
 def block_counts(offsets: torch.Tensor, R: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored blocks per block-row [R] and per block-column [C] of a diagonal pattern."""
     rows, cols = diag_coords(offsets.cpu(), R, C)
@@ -116,8 +114,6 @@ def grouping_model(dim: int, hidden: int, block: int, offsets1: torch.Tensor, of
             "weight_bytes_per_tile": (computed + rows2.numel()) * b * b * elem_bytes,
             "x_tile_readers": -(-R2 // nb)}
 
-
-# ----------------------------------------------------------------------------- the variants
 
 class Variants:
     """The three MLPs of one block size, sharing one set of weights."""
@@ -206,8 +202,6 @@ def time_variant(v: Variants, name: str, x, dy, cpu_reps: int, warmup_ms: float,
     kw = dict(warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_reps=cpu_reps)
     return common.bench_ms(forward, **kw), common.bench_ms(forward_backward, **kw)
 
-
-# ----------------------------------------------------------------------------- main
 
 def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels  # noqa: E402
-from bench import sass  # noqa: E402
+from bench import common, sass  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "static"
@@ -62,7 +62,6 @@ DTYPES = ("bfloat16", "float32")
 FORMATS = ("fanin", "diag1", "diag16", "diag64", "sparse", "mlp16", "mlp64")
 DENSITY = 0.1
 
-# ----------------------------------------------------------------------------- model constants
 # Every figure below feeds the model only; sources in bench/README.md.
 GPUS = {
     "H100": dict(hbm=3.35e12, l2=5.5e12, tc_bf16=700e12, fp32=67e12, sms=132),
@@ -78,12 +77,6 @@ LAUNCH_S = 5e-6             # per Triton launch from Python (its launcher's host
 TORCH_OP_S = 2e-6           # per torch op on the device (glue: copies, casts, zeroing, bias)
 CUBLAS_S = 3e-6             # per cuBLAS call
 
-
-def dtype_of(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
-
-
-# ----------------------------------------------------------------------------- glue accounting
 
 _NO_BYTES = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
              "reshape", "_reshape_alias", "t", "transpose", "permute", "as_strided", "expand", "slice", "select",
@@ -158,8 +151,6 @@ class GlueBytes(TorchDispatchMode):
         return out
 
 
-# ----------------------------------------------------------------------------- cases
-
 @dataclass
 class Op:
     """One op at one shape: how to run it and what a perfect kernel would have to do."""
@@ -210,7 +201,7 @@ def _act(T: int, n: int, dt, device, grad=False):
 def build_ops(formats, layers, tokens, dtypes, device) -> list[Op]:
     ops = []
     for dname in dtypes:
-        dt = dtype_of(dname)
+        dt = common.parse_dtype(dname)
         for fmt in formats:
             if fmt.startswith("mlp"):
                 ops += _mlp_ops(fmt, tokens, dname, dt, device)
@@ -343,8 +334,6 @@ def _recompute(fc1, fc2, b, dim, hidden) -> float:
         return 1.0
 
 
-# ----------------------------------------------------------------------------- capture + compile
-
 def capture(op: Op, execute: bool) -> None:
     """Run the op's set-up, then record its launches and its torch glue."""
     if op.run is None:
@@ -395,8 +384,6 @@ def _device_cc() -> int | None:
     return 10 * major + minor
 
 
-# ----------------------------------------------------------------------------- the model
-
 L1_TILE_BYTES = 128 * 1024  # an activation tile up to this size stays in L1 (256 KB per SM, with shared memory)
 
 
@@ -432,8 +419,9 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     the caller). L2: every stored element (b = 1) or b x b block (b >= 16) re-reads the
     activation slice it multiplies, T x b elements (x for fwd, dy for dx, both for dw) - but no
     program reads more than its whole token tile (BLOCK_T x width) when that fits in L1 - and
-    every token tile re-reads the values. A model: L1 is taken as an LRU of 128 KB, and no L1
-    hit is counted when the main loop loads through L1-bypassing cp.async (``l1``). ``slices``
+    every token tile of fwd / dx re-reads the values (dW reads none, it writes the gradient:
+    its values term counts once). A model: L1 is taken as an LRU of 128 KB, and no L1 hit is
+    counted when the main loop loads through L1-bypassing cp.async (``l1``). ``slices``
     (``stacked_slices``): the T x b slices a stacked weight-gradient kernel reads per token,
     which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top)."""
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
@@ -459,7 +447,9 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
         tile = min(block_t, T) * width * e
         unique = min(gathered, programs * tile)
         gathered = unique + (gathered - unique) * (1 - min(1.0, L1_TILE_BYTES / tile))
-    l2 = gathered + weights * math.ceil(T / (block_t or T))
+    # Every token tile re-reads the values - except in dW, which reads none: it writes the
+    # gradient (per token chunk; the partials' sum is glue) and reads its index tables once.
+    l2 = gathered + weights * (1 if op.product == "dw" else math.ceil(T / (block_t or T)))
     return hbm, l2
 
 
@@ -497,7 +487,7 @@ def compute_peak(s: sass.Sass, gpu: dict, dtype: str) -> tuple[float, str]:
             why += f" x{MMA_SYNC_OF_WGMMA} mma.sync"
         elif s.mma_shape:
             m, n, k = (int(v) for v in s.mma_shape.split("x"))
-            el = 4 if dtype == "float32" else 2
+            el = common.parse_dtype(dtype).itemsize
             # wgmma reads its B tile (and A unless from registers) from shared memory
             flop_per_clk = 2 * m * n * k / ((m * k + k * n) * el / SMEM_BYTES_PER_CLK)
             f = min(1.0, flop_per_clk / TC_FLOP_PER_CLK / (2 if dtype == "float32" else 1))
@@ -517,7 +507,7 @@ def compute_peak(s: sass.Sass, gpu: dict, dtype: str) -> tuple[float, str]:
 
 def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, block_t, slices=None):
     """Model time (s) of the op, of dense cuBLAS at the shape, and the bound that decides."""
-    e = dtype_of(op.dtype).itemsize
+    e = common.parse_dtype(op.dtype).itemsize
     hbm, l2 = traffic(op, e, block_t, programs, l1_cached(primary), slices)
     hbm += op.glue_bytes
     flops = useful_flops(op)
@@ -541,8 +531,6 @@ def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, 
         t_dense = max(op.flops_dense / dense_peak, dense_bytes / gpu["hbm"]) + CUBLAS_S
     return dict(t=t, t_dense=t_dense, bound=bound, why=why, flops=flops, hbm=hbm, l2=l2, fill=fill)
 
-
-# ----------------------------------------------------------------------------- report
 
 def primary_launch(op: Op, stats: list) -> int | None:
     """Index of the launch that dominates the op: most programs x main-loop instructions."""

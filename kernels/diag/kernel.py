@@ -358,14 +358,23 @@ def diag_dw_kernel(
 # in L1; pipelined 16-byte cp.async bypasses L1, so every diagonal re-reads x from L2). sm_90,
 # bf16, T = 50,432, ViT-B: x from L2 once per 32 output blocks instead of once per diagonal,
 # static model 0.95 -> 1.90x dense; 242-254 registers, 1 block (8 warps) an SM, no spill.
+# Wider (fc2's forward, fc1's input gradient at 3072): 32-token tiles and 64 output blocks a
+# program (all 48 of ViT-B's 768 outputs), the same accumulator size; the tile lists walk a
+# tile's diagonals in ascending input block, so consecutive diagonals' windows of x overlap
+# (48 blocks wide, ~10 apart at K = 20 of 192) and their re-reads stay in L1: static model
+# 0.95 -> 1.10x dense (the 196 KB tile is past the model's 128 KB LRU; the values, re-read
+# once per 32-token tile, are 774 of its 1498 MB from L2); 250-253 registers, no spill.
+# From T = 8192: at T = 256 a program per 32 tokens would leave 8 programs for 132 SMs.
 _L1_TILE_BYTES = 96 * 1024
+_WIDE_L1_MIN_TOKENS = 8192
 
 
-def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0) -> dict:
+def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0, tokens: int = 0) -> dict:
     """Launch config of the block kernel where the table has no entry (bench/sweep.py tunes
     the rest). Under the interpreter: big tiles, few loop iterations. fp32 / fp64 tiles take
     twice the registers: b = 16 then keeps 4 blocks (8 spill 32 bytes in fp32 on sm_90).
-    ``width``: features of the gathered operand (x for the forward, dy for the input grad)."""
+    ``width``: features of the gathered operand (x for the forward, dy for the input grad);
+    ``tokens``: T."""
     nb = _tile_blocks(b)
     if dtype.itemsize > 2 and b == 16:
         nb //= 2
@@ -373,6 +382,8 @@ def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0
         return {"BLOCK_T": 64, "NB": nb, "num_warps": 4, "num_stages": 1}
     if b == 16 and dtype.itemsize == 2 and epilogue == 0 and 0 < 64 * width * dtype.itemsize <= _L1_TILE_BYTES:
         return {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1}
+    if b == 16 and dtype.itemsize == 2 and epilogue == 0 and width > 0 and tokens >= _WIDE_L1_MIN_TOKENS:
+        return {"BLOCK_T": 32, "NB": 64, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_T": 128, "NB": nb, "num_warps": 8 if b >= 64 or nb > 1 else 4, "num_stages": 3}
 
 
@@ -418,7 +429,7 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
         return
     upcast, precision = dot_settings(a.dtype)
     cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
-                           _block_default(b, a.dtype, a.shape[1], epilogue))
+                           _block_default(b, a.dtype, a.shape[1], epilogue, T))
     nb = cfg["NB"]
     tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, nb)
     n_tiles = tile_ptr.numel() - 1

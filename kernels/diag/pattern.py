@@ -11,7 +11,8 @@ from .reference import diag_coords
 
 def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bool, nb: int):
     """(tile_ptr [n_tiles + 1], entries [E, 2]) int32: tile t's entries are
-    entries[tile_ptr[t]:tile_ptr[t + 1]], each (k * D, p0) as in ``diag_tile_list_ref``.
+    entries[tile_ptr[t]:tile_ptr[t + 1]], each (k * D, p0) as in ``diag_tile_list_ref``, in
+    ascending p0 (consecutive entries read overlapping windows of the input: L1 reuse).
     Built on the offsets' device once per pattern (cached on the offsets tensor), so the
     kernel's loop over a tile's entries has no branch and no modulo."""
     def build():
@@ -20,13 +21,15 @@ def diag_tile_list(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bo
         q0 = torch.arange(n_tiles, device=dev, dtype=torch.int64)[:, None] * nb  # [n_tiles, 1]
         o = offsets.long()[None, :]  # [1, K]
         p0 = (q0 + o) % P if by_out else (q0 - o) % P  # [n_tiles, K]
+        order = p0.argsort(dim=1, stable=True)  # ascending input block within each tile
+        p0 = p0.gather(1, order)
         if by_out:
             keep = torch.ones_like(p0, dtype=torch.bool)
         else:
             lane = torch.arange(nb, device=dev)
             p = (p0[:, :, None] + lane) % P
             keep = ((p < D) & (q0[:, :, None] + lane < n_out)).any(-1)
-        vbase = (torch.arange(offsets.numel(), device=dev, dtype=torch.int64) * D).expand_as(p0)
+        vbase = order * D
         tile_ptr = torch.zeros(n_tiles + 1, device=dev, dtype=torch.int32)
         tile_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
         entries = torch.stack([vbase[keep], p0[keep]], 1).to(torch.int32).contiguous()

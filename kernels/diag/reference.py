@@ -58,7 +58,8 @@ def diag_matmul_ref(x, values, offsets, block_size, out_features=None):
 def diag_tile_list_ref(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out: bool, nb: int):
     """The spec of ``diag_tile_list`` as plain loops: for each output tile (nb consecutive
     output blocks from q0 = tile * nb), every diagonal k that feeds at least one of its
-    blocks, in order of k, as (k * D, p0) with p0 the input block that q0 reads."""
+    blocks, as (k * D, p0) with p0 the input block that q0 reads, in ascending p0 (ties: in
+    order of k)."""
     tiles = []
     for tile in range(-(-n_out // nb)):
         q0, row = tile * nb, []
@@ -66,7 +67,7 @@ def diag_tile_list_ref(offsets: torch.Tensor, n_out: int, P: int, D: int, by_out
             p0 = (q0 + o) % P if by_out else (q0 - o) % P
             if by_out or any((q - o) % P < D for q in range(q0, min(q0 + nb, n_out))):
                 row.append((k * D, p0))
-        tiles.append(row)
+        tiles.append(sorted(row, key=lambda entry: entry[1]))
     return tiles
 
 

@@ -143,17 +143,22 @@ class _TorchPath(nn.Module):
 
 
 class _NativeCall(nn.Module):
-    """The native library's product alone: kernels.cpu.matmul on the layer's weight copy, made
-    once; the gap to the layer's row is the per-call Python of the layer (its forward and
-    SparseLayer.cpu_inference: checks, the cache key of the weight copy)."""
+    """The native library's product alone on the layer's weight copy, made once: at one token
+    kernels.cpu.matvec with its plan (the allocation of y and the ctypes call), else
+    kernels.cpu.matmul. The gap to the layer's row is the per-call Python of the layer (its
+    forward and SparseLayer.cpu_inference: the checks and the watch of its tensors)."""
 
     def __init__(self, layer: nn.Module, tokens: int):
         super().__init__()
         with torch.no_grad():
             self.w = layer._inference_weight(layer.inference_values(), blocked=tokens == 1, native=True)
         self.bias = None if layer.bias is None else layer.bias.detach()
+        self.plan = (kernels.cpu.matvec_plan(self.w, self.bias, torch.Size([1, layer.in_features]),
+                                             (1, layer.out_features)) if tokens == 1 else None)
 
     def forward(self, x):
+        if self.plan is not None:
+            return kernels.cpu.matvec(self.plan, x)
         return kernels.cpu.matmul(self.w, x, self.bias)
 
 

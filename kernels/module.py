@@ -28,6 +28,50 @@ def resize_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
         param.data = new
 
 
+class _InferenceCache:
+    """The weight copies of SparseLayer.cpu_inference, valid while the layer's parameters and
+    buffers are the ones they were made from.
+
+    Each parameter and buffer slot is watched: the object in it (``.to()``, a set_pattern, a
+    state_dict load of another shape put new ones there), its version counter (bumped by
+    every in-place write: an optimizer step, a state_dict load, an index edited in place) and
+    its data pointer (``.data = t`` swaps the memory and keeps the counter). The tensors are
+    held, so no new tensor can get a watched one's memory and with it its address. Not
+    watched: writes through ``.data`` (autograd does not see them either). Not cacheable -
+    ``watch`` None, rebuilt at every call - when a tensor has no version counter (made under
+    inference_mode) or no memory of its own (empty: its data pointer is not unique).
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layouts: dict = {}                        # (blocked, native) -> sparse / native weight
+        self.matvec: cpu_native.MatVec | None = None   # the one-token native product, resolved
+        tensors, empty = [], []                        # (slots, name, tensor, version, address), (slots, name)
+        for slots in (layer._parameters, layer._buffers):
+            for name, t in slots.items():
+                if t is None:
+                    empty.append((slots, name))
+                    continue
+                if t.is_inference() or t.numel() == 0:
+                    self.watch = None
+                    return
+                tensors.append((slots, name, t, t._version, t.data_ptr()))
+        self.watch = (tuple(tensors), tuple(empty))
+        self.held = tuple(t.detach() for _, _, t, _, _ in tensors)  # their memory, as it is now
+
+    def current(self) -> bool:
+        """Whether every slot holds what it held at the build (~0.2 us a slot)."""
+        if self.watch is None:
+            return False
+        tensors, empty = self.watch
+        for slots, name, t, version, ptr in tensors:
+            if slots.get(name) is not t or t._version != version or t.data_ptr() != ptr:
+                return False
+        for slots, name in empty:
+            if slots.get(name) is not None:
+                return False
+        return True
+
+
 class SparseLayer(nn.Module):
     """Base of FanInLinear, DiagLinear and SparseLinear (not used on its own).
 
@@ -91,15 +135,29 @@ class SparseLayer(nn.Module):
         native library's product (kernels.cpu: CSR with 2-byte column indices, or for one token
         a BSR of the b x b blocks of block diagonals), else - fp64, or no C compiler - one MKL
         product (``addmv`` for a single token on a BSR / CSR, ``addmm`` on the CSR for more).
-        The copy is built on first use and rebuilt when the values or the pattern change. None
-        where this path does not apply (a gradient, an autocast region, torch.compile,
-        fp16/bf16, the Triton backend); ``forward`` then runs the custom op, whose dispatch and
-        per-call CSR set-up cost as much as a batch-1 product. Speed: bench/cpu_infer.py.
+        The copy is built on first use and rebuilt when a parameter or buffer changes (see
+        _InferenceCache). None where this path does not apply (a gradient, an autocast region,
+        torch.compile, fp16/bf16, the Triton backend); ``forward`` then runs the custom op,
+        whose dispatch and per-call CSR set-up cost as much as a batch-1 product. Speed:
+        bench/cpu_infer.py.
         """
-        # A batch-1 product takes 30-100 us: the checks below read the module's dicts directly
-        # (nn.Module attribute lookups cost ~1 us each; this path took ~14 us of Python before).
-        if x.device.type != "cpu" or rt.get_backend() != "torch" or torch.compiler.is_compiling():
+        # A batch-1 product takes 20-100 us. The one-token fp32 call after the first (a model's
+        # decode step, online inference) checks only what can change between calls - the
+        # global modes, x, the watched tensors - and calls the library with arguments resolved
+        # once: ~4 us of Python from forward() to the library, where the general path below
+        # takes ~10 us (cProfile and perf_counter loops on the 2-core EPYC).
+        if torch.compiler.is_compiling() or not x.is_cpu or rt.get_backend() != "torch":
             return None
+        cache = self.__dict__.get("_inference_cache")
+        plan = None if cache is None else cache.matvec
+        if (plan is not None and x.shape == plan.x_shape and x.dtype is torch.float32
+                and not torch.is_grad_enabled() and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+                and cpu_native.lib() is plan.lib and cache.current()):
+            return cpu_native.matvec(plan, x)
+        return self._cpu_inference(x)
+
+    def _cpu_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """cpu_inference past its first checks: every case, and the one-token plan made."""
         params = self._parameters
         weight, bias = params["values"], params["bias"]
         if x.dim() == 0 or x.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
@@ -108,7 +166,7 @@ class SparseLayer(nn.Module):
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         if wants_grad or torch.is_autocast_enabled("cpu"):
             # A training step will change the values: drop the copy instead of holding it.
-            self.__dict__.pop("_csr_cache", None)
+            self.__dict__.pop("_inference_cache", None)
             return None
         values = self.inference_values()
         if values is None:
@@ -118,9 +176,18 @@ class SparseLayer(nn.Module):
         lead = x.shape[:-1]
         x2 = x if x.dim() == 2 else rt.flatten_tokens(x)
         if x2.dtype == torch.float32 and cpu_native.lib() is not None:
-            w = self._inference_weight(values, blocked=x2.shape[0] == 1, native=True)
-            y = cpu_native.matmul(w, x2, bias)
-            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+            one = x2.shape[0] == 1
+            w = self._inference_weight(values, blocked=one, native=True)
+            if not one:
+                y = cpu_native.matmul(w, x2, bias)
+                return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+            cache = self.__dict__["_inference_cache"]  # (made by _inference_weight)
+            plan = cache.matvec
+            if plan is None or plan.weight is not w or plan.x_shape != x.shape:
+                plan = cpu_native.matvec_plan(w, bias, x.shape, (*lead, self.out_features))
+                if cache.watch is not None:  # (else uncacheable: see _InferenceCache)
+                    cache.matvec = plan
+            return cpu_native.matvec(plan, x if x.is_contiguous() else x.contiguous())
         if x2.shape[0] == 1:
             w = self._inference_weight(values, blocked=True)
             y = torch.mv(w, x2[0]) if self.bias is None else torch.addmv(self.bias, w, x2[0])
@@ -133,8 +200,9 @@ class SparseLayer(nn.Module):
 
     def inference_values(self) -> torch.Tensor | None:
         """The values the product uses, aligned with ``coords()``; None when they are not
-        fixed tensors (DiagLinear overrides this while its gate is on)."""
-        return self.values
+        fixed tensors (DiagLinear overrides this while its gate is on). A function of the
+        layer's parameters and buffers only: the cached weight is valid while they are."""
+        return self._parameters["values"]
 
     def weight_blocks(self, values: torch.Tensor):
         """(rows, cols, blocks, b): the stored weights as b x b blocks at block coordinates,
@@ -147,17 +215,15 @@ class SparseLayer(nn.Module):
         """The weight as a sparse tensor [out, in]: BSR of ``weight_blocks`` when ``blocked``
         and b > 1, else CSR of the elements; rows sorted, columns sorted within a row, int32
         indices; with ``native`` the same structure in kernels.cpu's layout (a NativeWeight).
-        Cached per layout, keyed on the storage, version counter and shape of the values and
-        of every index buffer: an optimizer step, a mask update or a state_dict load rebuilds
-        it. Each layout holds a copy of the values (nnz numbers)."""
-        try:
-            key = [(t.data_ptr(), t._version, t.shape) for t in (values, *self._buffers.values()) if t is not None]
-        except RuntimeError:  # tensors made under inference_mode have no version counter
-            key = None
-        cache = self.__dict__.setdefault("_csr_cache", {})
-        hit = cache.get((blocked, native))
-        if key is not None and hit is not None and hit[0] == key:
-            return hit[1]
+        Cached per layout in an _InferenceCache, rebuilt when any parameter or buffer changed
+        (an optimizer step, a mask update, a state_dict load, ``.to()``); the pattern is
+        checked at each build, not at each call. Each layout holds a copy of the values."""
+        cache = self.__dict__.get("_inference_cache")
+        if cache is None or not cache.current():
+            cache = self.__dict__["_inference_cache"] = _InferenceCache(self)
+        w = cache.layouts.get((blocked, native))
+        if w is not None:
+            return w
         with torch.no_grad():
             if blocked:
                 rows, cols, blocks, b = self.weight_blocks(values.detach())
@@ -181,8 +247,16 @@ class SparseLayer(nn.Module):
             else:
                 w = torch.sparse_bsr_tensor(crow.to(idx), csr_cols.to(idx), blocks.contiguous(),
                                             size=size, check_invariants=False)
-        cache[(blocked, native)] = (key, w)
+        if cache.watch is not None:
+            cache.layouts[(blocked, native)] = w
         return w
+
+    def __getstate__(self):
+        # The weight copies are derived (and hold ctypes pointers, which neither pickle nor
+        # deepcopy take): a copy of the layer makes its own.
+        state = super().__getstate__()
+        state.pop("_inference_cache", None)
+        return state
 
     @property
     def weight_numel(self) -> int:

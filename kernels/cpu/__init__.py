@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -37,7 +38,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -217,18 +218,15 @@ class NativeWeight:
     block: int = 1
     index: int = 32
     panels: int = 1         # CSR in column panels of PANEL columns (several tokens), see csr_weight
-    _mv: tuple | None = field(default=None, repr=False, compare=False)  # (library, function, leading args)
 
     def one_token(self, so: ctypes.CDLL) -> tuple:
-        """(function, leading arguments) of the one-token product, made once per weight and
-        library (the Python around a batch-1 product was ~14 us of its 30-150)."""
-        if self._mv is None or self._mv[0] is not so:
-            if self.kind == "bsr":
-                fn, lead = so.bsr_mv, (0, self.n_rows, self.block)
-            else:
-                fn, lead = (so.csr_mv_i16 if self.index == 16 else so.csr_mv_i32), (0, self.n_rows)
-            self._mv = (so, fn, (*lead, self.crow.data_ptr(), self.cols.data_ptr(), self.values.data_ptr()))
-        return self._mv[1], self._mv[2]
+        """(function, leading arguments) of the one-token product: rows [0, n_rows) and the
+        weight's pointers; x, bias and y follow."""
+        if self.kind == "bsr":
+            fn, lead = so.bsr_mv, (0, self.n_rows, self.block)
+        else:
+            fn, lead = (so.csr_mv_i16 if self.index == 16 else so.csr_mv_i32), (0, self.n_rows)
+        return fn, (*lead, self.crow.data_ptr(), self.cols.data_ptr(), self.values.data_ptr())
 
     @property
     def n_rows(self) -> int:
@@ -236,6 +234,59 @@ class NativeWeight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.crow, self.cols, self.values))
+
+
+@dataclass(frozen=True)
+class MatVec:
+    """A one-token product with its arguments resolved once (``matvec_plan``): what
+    ``matvec`` needs besides x. Holds the weight and the bias it points into."""
+    lib: ctypes.CDLL
+    fn: object                          # the library function (csr_mv_i16 / _i32, bsr_mv)
+    lead: tuple                         # its arguments before x (rows, the weight's pointers), as ctypes values
+    weight: NativeWeight
+    bias: torch.Tensor | None           # fp32, contiguous
+    bias_ptr: ctypes.c_void_p | None
+    x_shape: torch.Size                 # the x it takes: any shape of in_features elements
+    y_shape: tuple[int, ...]            # the y it returns (n_out elements)
+    parallel: bool                      # big enough to split over threads (PARALLEL_MIN_FMAS)
+
+    @property
+    def kind(self) -> str:
+        return self.weight.kind
+
+
+def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size, y_shape: tuple[int, ...]) -> MatVec:
+    """The one-token product of ``w`` (CSR without panels, or BSR) for x of ``x_shape`` (one
+    token: ``w.n_in`` elements) -> y of ``y_shape``, with ``bias`` [out] or None. Needs
+    ``lib()``; the plan is valid while w and bias are (the caller watches them)."""
+    so = lib()
+    if so is None:
+        raise RuntimeError(f"the native CPU library is unavailable: {error()}")
+    if w.panels != 1 or math.prod(x_shape) != w.n_in or math.prod(y_shape) != w.n_out:
+        raise ValueError(f"a one-token plan needs an unpanelled weight and {w.n_in} -> {w.n_out} "
+                         f"elements, got {tuple(x_shape)} -> {tuple(y_shape)}")
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    fn, lead = w.one_token(so)
+    # as ctypes values of the declared types, which a call passes on as they are (~0.2 us of a
+    # ~0.9 us call with 8 Python ints)
+    lead = tuple(kind(a) for kind, a in zip(fn.argtypes, lead))
+    bias_ptr = None if bias is None else ctypes.c_void_p(bias.data_ptr())
+    return MatVec(so, fn, lead, w, bias, bias_ptr, torch.Size(x_shape), tuple(y_shape),
+                  w.values.numel() >= PARALLEL_MIN_FMAS)
+
+
+def matvec(p: MatVec, x: torch.Tensor) -> torch.Tensor:
+    """y = W x + bias for one token by a plan from ``matvec_plan``: x fp32, contiguous, of
+    ``p.x_shape`` (unchecked: the caller checked it) -> y of ``p.y_shape``.
+
+    A batch-1 product takes ~20-100 us (Linear 3072 -> 768 at 90%), so this is the whole
+    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us)."""
+    if p.parallel and torch.get_num_threads() > 1:
+        return matmul(p.weight, x.reshape(1, -1), p.bias).reshape(p.y_shape)
+    y = torch.empty(*p.y_shape)
+    p.fn(*p.lead, x.data_ptr(), p.bias_ptr, y.data_ptr())
+    return y
 
 
 def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_out: int, n_in: int,
@@ -304,15 +355,10 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     bias_ptr = None if bias is None else bias.data_ptr()
     fmas = w.values.numel() * T
     if T == 1:
-        # The batch-1 product takes ~30-150 us: the Python around it is kept to a few calls
-        # (~3-5 us over the bare ctypes call for Linear 3072 -> 768, b = 16).
         x = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(1, w.n_out, dtype=torch.float32)
         fn, lead = w.one_token(so)
-        if fmas < PARALLEL_MIN_FMAS:
-            fn(*lead, x.data_ptr(), bias_ptr, y.data_ptr())
-        else:
-            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
+        _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
         return y
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     if w.kind != "csr":

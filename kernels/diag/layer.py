@@ -107,7 +107,8 @@ class DiagLinear(SparseLayer):
         return self.values * a.to(self.values.dtype)[:, None, None, None]
 
     def inference_values(self) -> torch.Tensor | None:
-        return self.values if self.scores is None else None
+        params = self._parameters  # (nn.Module attribute lookups cost ~0.7 us each)
+        return params["values"] if params["scores"] is None else None
 
     def weight_blocks(self, values: torch.Tensor):
         b = self.block_size

@@ -130,6 +130,6 @@ def test_a_training_forward_drops_the_cached_copy():
     x = torch.randn(2, layer.in_features, generator=g)
     with torch.no_grad():
         layer(x)
-    assert layer.__dict__.get("_csr_cache")
+    assert layer.__dict__.get("_inference_cache")
     layer(x).sum().backward()
-    assert "_csr_cache" not in layer.__dict__
+    assert "_inference_cache" not in layer.__dict__

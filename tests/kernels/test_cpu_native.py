@@ -2,7 +2,9 @@
 reference for every layer format, its cache following value and pattern changes, both builds
 (AVX2 and baseline x86-64), the fall back to torch's path when it is disabled or cannot be
 built, and its training-step products (csr_matmul, sddmm) against fp64."""
+import copy
 import os
+import pickle
 import platform
 import shutil
 
@@ -82,14 +84,20 @@ def check_layers(names, tokens, seed, what):
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts the calls into kernels.cpu.matmul (the layers look it up at each call)."""
+    """Counts the calls into kernels.cpu.matmul and matvec (one token), as (kind, tokens): the
+    layers look both up at each call."""
     calls = []
-    real = cpu.matmul
+    real_matmul, real_matvec = cpu.matmul, cpu.matvec
 
-    def spy(w, x, bias):
+    def spy_matmul(w, x, bias):
         calls.append((w.kind, x.shape[0]))
-        return real(w, x, bias)
-    monkeypatch.setattr(cpu, "matmul", spy)
+        return real_matmul(w, x, bias)
+
+    def spy_matvec(plan, x):
+        calls.append((plan.kind, 1))
+        return real_matvec(plan, x)
+    monkeypatch.setattr(cpu, "matmul", spy_matmul)
+    monkeypatch.setattr(cpu, "matvec", spy_matvec)
     return calls
 
 
@@ -162,6 +170,192 @@ def test_the_native_copy_follows_value_and_pattern_changes(name, tokens, native_
     assert len(native_calls) == 4
 
 
+def swap_values_memory(layer, g):
+    """``.data =``: new memory, the same Parameter and the same version counter."""
+    layer.values.data = torch.randn(layer.values.shape, generator=g)
+
+
+def swap_values_memory_twice(layer, g):
+    """The second tensor is made once the first swap freed the original memory, which the
+    allocator hands out again (a cache keyed on its address and version would match)."""
+    swap_values_memory(layer, g)
+    swap_values_memory(layer, g)
+
+
+def swap_bias_memory(layer, g):
+    layer.bias.data = torch.randn(layer.bias.shape, generator=g)
+
+
+def change_bias_in_place(layer, g):
+    with torch.no_grad():
+        layer.bias.add_(torch.randn(layer.bias.shape, generator=g))
+
+
+def load_same_shapes(layer, g):
+    """A state_dict of the same shapes: copied into the tensors in place."""
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        for t in other.parameters():
+            t.copy_(torch.randn(t.shape, generator=g))
+    layer.load_state_dict(other.state_dict())
+
+
+def reassign_index_buffer(layer, g):
+    """A new index tensor of the same shape put in the buffer's slot."""
+    name = layer.pattern_buffers[-1]
+    old = getattr(layer, name)
+    if isinstance(layer, kernels.DiagLinear):
+        P = max(layer.geometry[0], layer.geometry[1])
+        new = torch.randperm(P, generator=g)[:old.numel()].sort().values
+    elif isinstance(layer, kernels.FanInLinear):
+        new = torch.randperm(layer.out_features, generator=g)[:old.numel()]
+    else:  # SparseLinear: each stored weight one column further (wrapping), still distinct in its row
+        new = (old + 1) % layer.in_features
+    setattr(layer, name, new.to(torch.int32))
+
+
+def enable_gate(layer, g):
+    layer.enable_gate(k_target=1, temperature=0.5, scores=torch.randn(layer.num_diagonals, generator=g))
+
+
+def round_trip_dtype(layer, g):
+    """fp64 and back to fp32, the values changed while in fp64: new memory at each step."""
+    layer.double()
+    with torch.no_grad():
+        layer.values.mul_(3.0)
+    layer.float()
+
+
+CHANGES = {f.__name__: f for f in (swap_values_memory, swap_values_memory_twice, swap_bias_memory,
+                                   change_bias_in_place, load_same_shapes, reassign_index_buffer, enable_gate,
+                                   round_trip_dtype)}
+
+
+@needs_library
+@pytest.mark.parametrize("name, change", [(n, c) for n in ("fan-in wide", "diag b=1 tall", "diag b=16 wide", "unstructured")
+                                          for c in CHANGES if c != "enable_gate" or n.startswith("diag")])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_the_cached_copy_is_rebuilt_after_every_kind_of_change(name, tokens, change):
+    g = torch.Generator().manual_seed(24)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(tokens, layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # the second call takes the resolved one-token plan
+        CHANGES[change](layer, g)
+        y = layer(x)
+    ref, lowp = reference(layer, x)
+    assert_close_to_reference(y, ref, lowp, f"{name} after {change}")
+
+
+@needs_library
+@pytest.mark.parametrize("name", ["fan-in wide", "diag b=16 wide"])
+def test_memory_freed_by_a_swap_and_handed_out_again_is_not_taken_for_the_old_values(name):
+    # Each round frees the values' memory and makes new values of the same size, which the
+    # allocator may place there: the same address and version counter, other numbers.
+    g = torch.Generator().manual_seed(30)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    for round in range(10):
+        with torch.no_grad():
+            layer(x)
+            layer(x)
+            swap_values_memory_twice(layer, g)
+            y = layer(x)
+        ref, lowp = reference(layer, x)
+        assert_close_to_reference(y, ref, lowp, f"{name}, round {round}")
+
+
+@needs_library
+def test_a_layer_made_in_inference_mode_follows_its_changes():
+    # inference tensors have no version counter: the copy is rebuilt at every call
+    g = torch.Generator().manual_seed(31)
+    with torch.inference_mode():
+        layer = LAYERS["fan-in wide"](g, True)
+        x = torch.randn(1, layer.in_features, generator=g)
+        layer(x)
+        layer.values.mul_(-2.0)
+        y = layer(x)
+    ref, lowp = reference(layer, x)
+    assert_close_to_reference(y, ref, lowp, "inference mode")
+
+
+@needs_library
+def test_one_layer_follows_the_shape_of_x_from_call_to_call(native_calls):
+    g = torch.Generator().manual_seed(25)
+    layer = LAYERS["diag b=16 wide"](g, True)
+    for shape in [(1,), (), (1, 1), (1,), (3,), (1,)]:
+        x = torch.randn(*shape, layer.in_features, generator=g)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (*shape, layer.out_features)
+        ref, lowp = reference(layer, x.reshape(-1, layer.in_features))
+        assert_close_to_reference(y.reshape(-1, layer.out_features), ref, lowp, str(shape))
+    assert [t for _, t in native_calls] == [1, 1, 1, 1, 3, 1]
+
+
+@needs_library
+def test_a_strided_token_is_read_at_its_strides():
+    g = torch.Generator().manual_seed(26)
+    layer = LAYERS["fan-in wide"](g, True)
+    x = torch.randn(1, 2 * layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x[:, :layer.in_features])  # the plan, for a contiguous x
+        y = layer(x[:, ::2])
+    ref, lowp = reference(layer, x[:, ::2])
+    assert_close_to_reference(y, ref, lowp, "every other element")
+
+
+@needs_library
+def test_after_the_plan_a_gradient_or_autocast_takes_the_custom_op():
+    g = torch.Generator().manual_seed(27)
+    layer = LAYERS["fan-in wide"](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    y = layer(x)  # (the training products may run natively too: kernels.sparse.csr_matmul)
+    assert y.requires_grad and "_inference_cache" not in layer.__dict__
+    y.sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.ones(layer.out_features))
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+
+
+@needs_library
+def test_after_the_plan_another_dtype_of_x_is_refused_as_before():
+    g = torch.Generator().manual_seed(29)
+    layer = LAYERS["diag b=16 wide"](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        with pytest.raises(TypeError, match="dtype"):  # the custom op's check, not fp64 read as fp32
+            layer(x.double())
+
+
+@needs_library
+def test_a_layer_with_its_copy_can_be_deep_copied_and_pickled():
+    g = torch.Generator().manual_seed(28)
+    layer = LAYERS["diag b=16 wide"](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    twin = copy.deepcopy(layer)
+    assert "_inference_cache" not in twin.__dict__
+    restored = pickle.loads(pickle.dumps(layer))
+    with torch.no_grad():
+        twin.values.mul_(-1.0)  # the copy's values, not the original's
+        y, y_twin, y_restored = layer(x), twin(x), restored(x)
+    for mod, out in ((layer, y), (twin, y_twin), (restored, y_restored)):
+        ref, lowp = reference(mod, x)
+        assert_close_to_reference(out, ref, lowp, "copy")
+
+
 @needs_library
 def test_rows_split_over_threads_give_the_same_result(monkeypatch, two_threads):
     check_layers(("fan-in ablated", "diag b=16 tall", "diag b=12"), (1, 40), 14, "2 threads")
@@ -202,6 +396,7 @@ def answers_through_torch(monkeypatch):
     """A fan-in, a b = 16 and an unstructured layer answer correctly at 1 and 6 tokens, with
     the native product refused."""
     monkeypatch.setattr(cpu, "matmul", lambda *a: pytest.fail("the native product ran"))
+    monkeypatch.setattr(cpu, "matvec", lambda *a: pytest.fail("the native product ran"))
     check_layers(("fan-in ablated", "diag b=16 wide", "unstructured"), (1, 6), 16, "through torch")
 
 
@@ -242,7 +437,11 @@ def test_disabled_context_gives_torchs_path_in_it_only(native_calls):
             y_torch = layer(x)
         assert not native_calls
         y_native = layer(x)
-    assert native_calls
+        layer(x)  # the resolved one-token plan
+        with cpu.disabled():
+            y_torch_after = layer(x)
+    assert len(native_calls) == 2
+    torch.testing.assert_close(y_torch_after, y_torch)
     ref, lowp = reference(layer, x)
     assert_close_to_reference(y_torch, ref, lowp, "torch path")
     assert_close_to_reference(y_native, ref, lowp, "native path")

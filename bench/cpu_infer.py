@@ -29,7 +29,7 @@ Variants:
     diagonal b=1, b=16       kernels.DiagLinear
     SparseLinear             kernels.SparseLinear (unstructured)
     ... (torch path)         the four above on torch's MKL path instead of the native library
-    ... (kernels.cpu.matmul) fan-in and b=16: the native product alone on the layer's weight
+    ... (product alone)      fan-in and b=16: the native product alone on the layer's weight
                              copy (no layer forward around it): the gap is per-call Python
     gather (inline)          the library's condensed formulation written inline,
                              (x[:, idx] * v).sum(-1), int64 indices made once: the gap to
@@ -207,7 +207,7 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
         for name in ("fan-in (condensed)", "diagonal b=16"):
             if name in out:
                 layer, ref, params = out[name]
-                out[f"{name} (kernels.cpu.matmul)"] = (_NativeCall(layer, tokens), ref, params)
+                out[f"{name} (product alone)"] = (_NativeCall(layer, tokens), ref, params)
     out["gather (inline)"] = (_InlineGather(fan, flat=False), fan_dense, f"k={fan.k}")
     out["index_select (inline)"] = (_InlineGather(fan, flat=True), fan_dense, f"k={fan.k}")
     out["embedding_bag (inline)"] = (_EmbeddingBag(fan), fan_dense, f"k={fan.k}")

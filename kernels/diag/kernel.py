@@ -254,14 +254,10 @@ def diag_dw_kernel(
         G: constexpr int, power of two: blocks per program (USE_DOT: G * B >= 64 gives wgmma
             on sm_90).
         BLOCK_T: constexpr int, power of two (>= 16 with USE_DOT): tokens per loop step.
-        USE_DOT: constexpr bool: tl.dot (tensor cores on a GPU); needs B >= 16.
         TALL: constexpr bool: R >= C (the G diagonals share a column block of x and gather
             dy's row blocks), else they share a row block of dy and gather x's column blocks.
-        UPCAST: constexpr bool: cast dy and x tiles to ACC before tl.dot (the interpreter's
-            bf16 is wrong; fp32 operands give an exact dot).
-        DOT_PRECISION: constexpr str, tl.dot's input_precision: "ieee" or "tf32" (fp32 operands).
-        ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 dy).
-        NUM_STAGES: constexpr int >= 1, software-pipelining stages of the token loop.
+        USE_DOT, UPCAST, DOT_PRECISION, ACC, NUM_STAGES: constexpr bool, bool, str, triton
+            dtype, int: as for diag_block_kernel, with dy for a and the token loop pipelined.
     """
     pid = tl.program_id(0)
     group = pid % N_GROUPS

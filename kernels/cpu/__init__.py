@@ -23,6 +23,8 @@ Example:
     >>> rows, cols = layer.coords()                                      # once per pattern
     >>> w = kernels.cpu.csr_weight(rows, cols, layer.values, 768, 3072)
     >>> y = kernels.cpu.matmul(w, x, layer.bias)                         # x [T, 3072] fp32
+    >>> p = kernels.cpu.matvec_plan(w, layer.bias, x1.shape, (1, 768))   # one token, resolved once
+    >>> y1 = kernels.cpu.matvec(p, x1)                                   # x1 [1, 3072] fp32
     >>> g = kernels.cpu.sddmm(dy, x, rows, cols)                         # dW at the stored weights
 """
 from __future__ import annotations

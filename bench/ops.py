@@ -8,7 +8,9 @@ Ops (format x product):
     fanin_dw   dW at the stored coordinates (SDDMM)         kernel sddmm
     diag_fwd   y  = x W^T      wrap-around (block-)diagonal  kernel diag_fwd
     diag_dx    dx = dy W       (DynaDiag)                   kernel diag_dx
-    diag_dw    dW at the stored blocks (block SDDMM)        kernel sddmm_block (sddmm for b = 1)
+    diag_dw    dW at the stored blocks (the layer's)       kernel diag_dw (sddmm for b = 1)
+    diag_score DynaDiag's growth score: the block SDDMM at   kernel sddmm_block (sddmm for b = 1)
+               a diagonal's blocks (timed at the stored ones, the same cost as candidates)
     sparse_dw  dW at unstructured coordinates (SDDMM)       kernel sddmm
     mlp_fwd    y  = fc2(gelu(fc1(x))), both layers          kernel fused_diag_mlp
                block-diagonal (b >= 16), hidden on chip
@@ -47,7 +49,7 @@ from kernels.fanin import fanin_to_dense
 from kernels.fused import MIN_BLOCK_SIZE as MIN_FUSED_BLOCK
 from kernels.sparse import sparse_to_dense
 
-OPS = ("fanin_fwd", "fanin_dx", "fanin_dw", "diag_fwd", "diag_dx", "diag_dw", "sparse_dw", "mlp_fwd")
+OPS = ("fanin_fwd", "fanin_dx", "fanin_dw", "diag_fwd", "diag_dx", "diag_dw", "diag_score", "sparse_dw", "mlp_fwd")
 BASELINES = ("dense", "csr", "surv", "unfused")
 GATED_BASELINES = ("unfused",)
 
@@ -69,7 +71,9 @@ class Case:
 
     @property
     def product(self) -> str:
-        return self.op.split("_")[1]
+        """fwd, dx or dw (a growth score is a weight gradient at other coordinates)."""
+        product = self.op.split("_")[1]
+        return "dw" if product == "score" else product
 
     def valid(self) -> bool:
         if self.op not in OPS:
@@ -188,7 +192,9 @@ class Problem:
             (v1, off1, b1), (v2, off2, b2) = p.layers
             return kernels.fused_diag_mlp_fwd(p.x, v1, off1, b1, v2, off2, b2, c.block, c.out_features,
                                               c.in_features)
-        # Every weight gradient is the SDDMM at the stored (block) coordinates.
+        if c.op == "diag_dw" and c.block > 1:  # the layer's launcher; [K, D, b, b] in the coordinates' order
+            return kernels.diag.diag_dw(p.dy, p.x, p.offsets, c.block).reshape(-1, c.block, c.block)
+        # The other weight gradients and scores (diag_dw at b = 1 too, as the layer does) are the SDDMM.
         return kernels.sddmm_fwd(p.dy, p.x, p.coord_rows, p.coord_cols, c.block)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:

@@ -386,7 +386,6 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     return y
 
 
-# ------------------------------------------------------------------ training-step products
 # The layers' CPU training path (forward, input gradient, weight gradient) funnels into two
 # functions: kernels.sparse.csr_matmul (W @ dense_t for a CSR W: the forward and, with W^T's
 # CSR, the input gradient of every format) and the element SDDMM of kernels.sddmm (the weight

@@ -306,14 +306,20 @@ def test_a_strided_token_is_read_at_its_strides():
     assert_close_to_reference(y, ref, lowp, "every other element")
 
 
-@needs_library
-def test_after_the_plan_a_gradient_or_autocast_takes_the_custom_op():
-    g = torch.Generator().manual_seed(27)
-    layer = LAYERS["fan-in wide"](g, True)
+def planned(name: str, seed: int):
+    """(layer, one token x) with the layer's one-token plan built (two calls without grad)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = LAYERS[name](g, True)
     x = torch.randn(1, layer.in_features, generator=g)
     with torch.no_grad():
         layer(x)
         layer(x)
+    return layer, x
+
+
+@needs_library
+def test_after_the_plan_a_gradient_or_autocast_takes_the_custom_op():
+    layer, x = planned("fan-in wide", 27)
     y = layer(x)  # (the training products may run natively too: kernels.sparse.csr_matmul)
     assert y.requires_grad and "_inference_cache" not in layer.__dict__
     y.sum().backward()
@@ -327,24 +333,14 @@ def test_after_the_plan_a_gradient_or_autocast_takes_the_custom_op():
 
 @needs_library
 def test_after_the_plan_another_dtype_of_x_is_refused_as_before():
-    g = torch.Generator().manual_seed(29)
-    layer = LAYERS["diag b=16 wide"](g, True)
-    x = torch.randn(1, layer.in_features, generator=g)
-    with torch.no_grad():
-        layer(x)
-        layer(x)
-        with pytest.raises(TypeError, match="dtype"):  # the custom op's check, not fp64 read as fp32
-            layer(x.double())
+    layer, x = planned("diag b=16 wide", 29)
+    with torch.no_grad(), pytest.raises(TypeError, match="dtype"):  # the custom op's check, not fp64 as fp32
+        layer(x.double())
 
 
 @needs_library
 def test_a_layer_with_its_copy_can_be_deep_copied_and_pickled():
-    g = torch.Generator().manual_seed(28)
-    layer = LAYERS["diag b=16 wide"](g, True)
-    x = torch.randn(1, layer.in_features, generator=g)
-    with torch.no_grad():
-        layer(x)
-        layer(x)
+    layer, x = planned("diag b=16 wide", 28)
     twin = copy.deepcopy(layer)
     assert "_inference_cache" not in twin.__dict__
     restored = pickle.loads(pickle.dumps(layer))
@@ -484,8 +480,6 @@ def test_two_byte_column_indices_where_the_width_allows():
     ref, lowp = reference(layer, x)
     assert_close_to_reference(y, ref, lowp, "column 65535")
 
-
-# ------------------------------------------------------------------ training-step products
 
 def random_csr(g, n_rows, n_cols, density, empty_rows=()):
     """(crow, col, values) int32 / fp32 of a random pattern (coords.csr_structure, the layers'

@@ -3,7 +3,8 @@
 A program of ``diag_block_kernel`` owns a token tile and NB consecutive output blocks (b = 16:
 8 blocks, 128 outputs, a 3-D tl.dot, or 32 with L1-cached loads where x's tile fits L1; b >=
 32: one block, a 2-D dot, which the sm_90 SASS shows cheaper per block pair there, see
-``_tile_blocks``). Its loop walks a host-built list of the (diagonal, input block of the tile's
+``_tile_blocks``), or TILE_GROUP such tiles one after the other over the same x tile, re-read
+from L1 (``_tile_group``). Its loop walks a host-built list of the (diagonal, input block of the tile's
 first block) pairs that feed the tile (``diag_tile_list``): block nb reads input block p0 + nb,
 wrapped once, so the loop has no branch and no modulo, indexes in int32 and pipelines
 (``tl.range(num_stages=)``). The transpose of the pattern is again diagonal with the same
@@ -48,7 +49,7 @@ def tile_entry(entries_ptr, e, lanes, q, mask_q, P, D, BY_OUT: tl.constexpr):
 @triton.jit
 def diag_block_kernel(
     a_ptr, values_ptr, tile_ptr, entries_ptr, bias_ptr, out_ptr, aux_ptr,
-    T, D, P, N_OUT, N_TILES,
+    T, D, P, N_OUT, N_TILES, TILE_GROUP,
     stride_at, stride_ai, stride_ot, stride_oi,
     B: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr,
     BY_OUT: tl.constexpr, TRANS_W: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -56,12 +57,14 @@ def diag_block_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """out = a @ op(W) (+ bias) for b >= 16 (tl.dot) or 1 < b < 16 (CUDA cores), with an
-    optional GELU epilogue: one program per (token tile of BLOCK_T, tile of NB output blocks).
+    optional GELU epilogue: one program per (token tile of BLOCK_T, TILE_GROUP consecutive
+    tiles of NB output blocks, computed one after the other).
 
-    Grid: (cdiv(T, BLOCK_T) * N_TILES,); program p computes tokens [(p // N_TILES) * BLOCK_T,
-    (p // N_TILES + 1) * BLOCK_T) of output blocks [(p % N_TILES) * NB, (p % N_TILES + 1) *
-    NB), output tiles varying fastest. Nothing is checked here (``diag_fwd`` / ``diag_dx``
-    check, then launch this).
+    Grid: (cdiv(T, BLOCK_T) * N_GROUPS,), N_GROUPS = cdiv(N_TILES, TILE_GROUP); program p
+    computes tokens [(p // N_GROUPS) * BLOCK_T, (p // N_GROUPS + 1) * BLOCK_T) of output tiles
+    [(p % N_GROUPS) * TILE_GROUP, min(N_TILES, (p % N_GROUPS + 1) * TILE_GROUP)) (tile t:
+    output blocks [t * NB, (t + 1) * NB)), groups varying fastest. Nothing is checked here
+    (``diag_fwd`` / ``diag_dx`` check, then launch this).
 
     Args:
         a_ptr: a [T, n_in], element (t, i) at t * stride_at + i * stride_ai: x for the
@@ -79,7 +82,9 @@ def diag_block_kernel(
         aux_ptr: aux [T, N_OUT * B], out's dtype, shape and strides: EPILOGUE 1 writes
             gelu(out) there, EPILOGUE 2 reads h from it; unused (any tensor) for EPILOGUE 0.
         T: int, tokens (>= 1). D: int, blocks per diagonal, min(R, C). P: int, max(R, C).
-        N_OUT: int, output blocks (>= 1). N_TILES: int, cdiv(N_OUT, NB).
+        N_OUT: int, output blocks (>= 1). N_TILES: int, cdiv(N_OUT, NB). TILE_GROUP: int
+            >= 1, output tiles per program (their a tile is re-read from L1, see
+            ``_tile_group``).
         stride_at, stride_ai, stride_ot, stride_oi: int element strides of a and out.
         B: constexpr int >= 2, the block size.
         BLOCK_B: constexpr int, the power of two >= B the tile is padded to (>= 16 with USE_DOT).
@@ -99,18 +104,19 @@ def diag_block_kernel(
         ACC: constexpr triton dtype of the accumulator: tl.float32 (tl.float64 for fp64 a).
         NUM_STAGES: constexpr int >= 1, software-pipelining stages of the entry loop.
     """
-    # The tiles of one token tile run together (output tiles vary fastest), so x stays in L2.
-    # The loop walks the host-built list of (diagonal, first input block) pairs feeding the
-    # tile: block nb reads input block p0 + nb (wrapped once at P), in int32; the 3-D tl.dot
-    # keeps the NB accumulators [BT, b] apart.
+    # The groups of one token tile run together (groups vary fastest), so x stays in L2; the
+    # tiles of a group run one after the other and re-read the same x tile (from L1 when it
+    # fits). The loop walks the host-built list of (diagonal, first input block) pairs feeding
+    # the tile: block nb reads input block p0 + nb (wrapped once at P), in int32; the 3-D
+    # tl.dot keeps the NB accumulators [BT, b] apart. The values are read once per program
+    # (.cg: L2 only, they do not push the x tile out of L1).
     pid = tl.program_id(0)
-    tile = pid % N_TILES
-    pid_t = pid // N_TILES
+    n_groups = tl.cdiv(N_TILES, TILE_GROUP)
+    group = pid % n_groups
+    pid_t = pid // n_groups
     offs_n = tl.arange(0, NB)
     offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_b = tl.arange(0, BLOCK_B)
-    q = tile * NB + offs_n  # [NB] output blocks
-    mask_q = q < N_OUT
     mask_tb = (offs_t < T)[None, :, None] & (offs_b < B)[None, None, :]  # [1, BT, BB]
     a_rows = a_ptr + offs_t[None, :, None] * stride_at  # [1, BT, 1], the only int64 offsets
     # w[i, j] of a stored block is (output feature i, input feature j); read as op(W).
@@ -119,43 +125,48 @@ def diag_block_kernel(
     else:
         w_offs = offs_b[None, :, None] * B + offs_b[None, None, :]  # [1, BB(i), BB(j)]
     mask_w = (offs_b < B)[None, :, None] & (offs_b < B)[None, None, :]
-    if USE_DOT and NB == 1:
-        acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
-    else:
-        acc = tl.zeros((NB, BLOCK_T, BLOCK_B), dtype=ACC)
-    start = tl.load(tile_ptr + tile)
-    end = tl.load(tile_ptr + tile + 1)
-    for e in tl.range(start, end, num_stages=NUM_STAGES):
-        vbase, p, d, valid = tile_entry(entries_ptr, e, offs_n, q, mask_q, P, D, BY_OUT)  # [NB] lanes
-        a = tl.load(a_rows + ((p * B)[:, None, None] + offs_b[None, None, :]) * stride_ai,
-                    mask=valid[:, None, None] & mask_tb, other=0.0)  # [NB, BT, BB]
-        w = tl.load(values_ptr + ((vbase + d) * (B * B))[:, None, None] + w_offs,
-                    mask=valid[:, None, None] & mask_w, other=0.0)  # [NB, BB, BB]
-        if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
-            a = a.to(ACC)
-            w = w.to(ACC)
-        if USE_DOT and NB == 1:  # a 2-D dot: wgmma on sm_90 (a 3-D one is mma.sync)
-            acc += tl.dot(tl.reshape(a, (BLOCK_T, BLOCK_B)), tl.reshape(w, (BLOCK_B, BLOCK_B)),
-                          input_precision=DOT_PRECISION, out_dtype=ACC)
-        elif USE_DOT:
-            acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=ACC)
+    first = group * TILE_GROUP
+    for tile in range(first, tl.minimum(first + TILE_GROUP, N_TILES)):
+        q = tile * NB + offs_n  # [NB] output blocks
+        mask_q = q < N_OUT
+        if USE_DOT and NB == 1:
+            acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=ACC)
         else:
-            acc += tl.sum(a.to(ACC)[:, :, :, None] * w.to(ACC)[:, None, :, :], axis=2)
-    acc = tl.reshape(acc, (NB, BLOCK_T, BLOCK_B))
-    feat = (q * B)[:, None, None] + offs_b[None, None, :]  # [NB, 1, BB] output features
-    if HAS_BIAS:  # the layer's bias in the epilogue: no extra pass over y
-        acc += tl.load(bias_ptr + feat, mask=mask_q[:, None, None] & (offs_b < B)[None, None, :], other=0.0).to(ACC)
-    out_offs = offs_t[None, :, None] * stride_ot + feat * stride_oi  # aux has out's shape and strides
-    mask_out = mask_q[:, None, None] & mask_tb
-    if EPILOGUE == 1:  # GELU: out = h, aux = gelu(h) (exact, erf) from the fp32 h
-        gelu = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        tl.store(aux_ptr + out_offs, gelu.to(aux_ptr.dtype.element_ty), mask=mask_out)
-    if EPILOGUE == 2:  # GELU_GRAD: out = acc * gelu'(h), h read from aux (the MLP's dh)
-        h = tl.load(aux_ptr + out_offs, mask=mask_out, other=0.0).to(ACC)
-        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
-        acc = acc * (cdf + h * pdf)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+            acc = tl.zeros((NB, BLOCK_T, BLOCK_B), dtype=ACC)
+        start = tl.load(tile_ptr + tile)
+        end = tl.load(tile_ptr + tile + 1)
+        for e in tl.range(start, end, num_stages=NUM_STAGES):
+            vbase, p, d, valid = tile_entry(entries_ptr, e, offs_n, q, mask_q, P, D, BY_OUT)  # [NB] lanes
+            a = tl.load(a_rows + ((p * B)[:, None, None] + offs_b[None, None, :]) * stride_ai,
+                        mask=valid[:, None, None] & mask_tb, other=0.0)  # [NB, BT, BB]
+            w = tl.load(values_ptr + ((vbase + d) * (B * B))[:, None, None] + w_offs,
+                        mask=valid[:, None, None] & mask_w, other=0.0, cache_modifier=".cg")  # [NB, BB, BB]
+            if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+                a = a.to(ACC)
+                w = w.to(ACC)
+            if USE_DOT and NB == 1:  # a 2-D dot: wgmma on sm_90 (a 3-D one is mma.sync)
+                acc += tl.dot(tl.reshape(a, (BLOCK_T, BLOCK_B)), tl.reshape(w, (BLOCK_B, BLOCK_B)),
+                              input_precision=DOT_PRECISION, out_dtype=ACC)
+            elif USE_DOT:
+                acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                acc += tl.sum(a.to(ACC)[:, :, :, None] * w.to(ACC)[:, None, :, :], axis=2)
+        acc = tl.reshape(acc, (NB, BLOCK_T, BLOCK_B))
+        feat = (q * B)[:, None, None] + offs_b[None, None, :]  # [NB, 1, BB] output features
+        if HAS_BIAS:  # the layer's bias in the epilogue: no extra pass over y
+            acc += tl.load(bias_ptr + feat, mask=mask_q[:, None, None] & (offs_b < B)[None, None, :],
+                           other=0.0).to(ACC)
+        out_offs = offs_t[None, :, None] * stride_ot + feat * stride_oi  # aux has out's shape and strides
+        mask_out = mask_q[:, None, None] & mask_tb
+        if EPILOGUE == 1:  # GELU: out = h, aux = gelu(h) (exact, erf) from the fp32 h
+            gelu = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            tl.store(aux_ptr + out_offs, gelu.to(aux_ptr.dtype.element_ty), mask=mask_out)
+        if EPILOGUE == 2:  # GELU_GRAD: out = acc * gelu'(h), h read from aux (the MLP's dh)
+            h = tl.load(aux_ptr + out_offs, mask=mask_out, other=0.0).to(ACC)
+            cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
+            acc = acc * (cdf + h * pdf)
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -396,6 +407,27 @@ def _tile_blocks(b: int) -> int:
     return 8 if b == 16 else 1
 
 
+# Output tiles a program computes one after the other (``TILE_GROUP``; a config's non-zero
+# "TILE_GROUP" decides instead): where the x tile fits in L1 and the loads go through L1
+# (num_stages = 1: synchronous LDG.E.128; pipelined cp.async bypasses L1), the tiles after a
+# group's first re-read x from L1, not L2 (the values go .cg, L2 only, so they do not evict
+# it). As many as keep >= 4 programs an SM (132 SMs): sm_90, bf16, T = 50,432, fc1's forward
+# at b = 16: all 6 tiles (192 / 32) a program, 788 programs, x from L2 once per token tile
+# (465 -> 78 MB of the model's L2 count); static model (not measured) 1.90 -> 3.34x dense,
+# HBM-bound now, 254 registers, no spill; fc2's input grad the same, BERT's QKV 1.79 -> 3.10x.
+_GROUP_MIN_PROGRAMS = 4 * 132
+
+
+def _tile_group(T: int, row_bytes: int, n_tiles: int, cfg: dict) -> int:
+    """Default TILE_GROUP: 1 unless the launch's x tile (BLOCK_T rows of ``row_bytes``) fits
+    ``_L1_TILE_BYTES`` with L1-cached loads; then the most tiles per program (up to all of
+    them) that keep ``_GROUP_MIN_PROGRAMS`` programs."""
+    if cfg["num_stages"] != 1 or cfg["BLOCK_T"] * row_bytes > _L1_TILE_BYTES:
+        return 1
+    programs = triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles
+    return max(1, min(n_tiles, programs // _GROUP_MIN_PROGRAMS))
+
+
 _INT32_MAX = 2 ** 31 - 1
 
 
@@ -429,12 +461,15 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
     nb = cfg["NB"]
     tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, nb)
     n_tiles = tile_ptr.numel() - 1
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * n_tiles,)
+    group = cfg.get("TILE_GROUP") or _tile_group(T, a.shape[1] * a.element_size(), n_tiles, cfg)
+    group = max(1, min(group, n_tiles))
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(n_tiles, group),)
     if grid[0] > _INT32_MAX:
         raise ValueError(f"{T} tokens need {grid[0]} programs, more than a launch holds")
     diag_block_kernel[grid](a, values, tile_ptr, entries, a if bias is None else bias, out,
                              out if aux is None else aux,
-                             T, D, P, n_out_blocks, n_tiles, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+                             T, D, P, n_out_blocks, n_tiles, group,
+                             a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                              B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), NB=nb,
                              BLOCK_T=cfg["BLOCK_T"], BY_OUT=by_out, TRANS_W=trans_w, USE_DOT=b >= 16, HAS_BIAS=bias is not None,
                              EPILOGUE=epilogue,

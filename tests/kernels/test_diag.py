@@ -335,3 +335,46 @@ def test_gelu_epilogues_without_diagonals_give_bias_terms():
     h, act = diag_fwd_gelu(x, none, off, 16, 64, bias)
     assert torch.equal(h, bias.expand(5, 64)) and torch.allclose(act, F.gelu(h))
     assert torch.equal(diag_dx_gelu_grad(dy, none, off, 16, 32, pre), torch.zeros(5, 32))
+
+
+# Several output tiles a program (TILE_GROUP, one after the other over the same x tile): wide
+# and tall, a group that does not divide the tiles (7 blocks in tiles of 2: 4 tiles, groups of
+# 3), the bias and both GELU epilogues; fresh outputs are NaN-poisoned, so a tile a group
+# skipped fails.
+@pytest.mark.parametrize("R,C,K", [(7, 2, 4), (2, 7, 5)])
+@pytest.mark.parametrize("group", [2, 3, 4])
+def test_output_tiles_grouped_per_program_match_the_reference(R, C, K, group):
+    b, T = 16, 37
+    g = torch.Generator().manual_seed(R * 10 + group)
+    n_in, n_out = C * b, R * b
+    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32).to(DEVICE)
+    values = (torch.randn(K, min(R, C), b, b, generator=g) / (b * K) ** 0.5).to(DEVICE)
+    bias = torch.randn(n_out, generator=g).to(DEVICE)
+    x, dy = torch.randn(T, n_in, generator=g).to(DEVICE), torch.randn(T, n_out, generator=g).to(DEVICE)
+    pre = torch.randn(T, n_in, generator=g).to(DEVICE)
+    w64 = diag_to_dense(values.double(), offsets, n_in, n_out, b)
+    h64 = x.double() @ w64.t() + bias.double()
+
+    def grouped(kernel, key, default):
+        return dict(default, NB=2, BLOCK_T=16, TILE_GROUP=group) if kernel in ("diag_fwd", "diag_dx") else None
+
+    with rt.config_override(grouped):
+        y = kernels.diag.diag_fwd(x, values, offsets, b, n_out, bias)
+        h, act = diag_fwd_gelu(x, values, offsets, b, n_out, bias)
+        dx = kernels.diag.diag_dx(dy, values, offsets, b, n_in)
+        dh = diag_dx_gelu_grad(dy, values, offsets, b, n_in, pre)
+    assert_matches(y, h64, name="y")
+    assert_matches(h, h64, name="h")
+    assert_matches(act, F.gelu(h64), name="gelu(h)")
+    assert_matches(dx, dy.double() @ w64, name="dx")
+    assert_matches(dh, torch.ops.aten.gelu_backward(dy.double() @ w64, pre.double()), name="dh")
+
+
+def test_tile_group_is_one_unless_x_tile_is_read_through_l1():
+    from kernels.diag.kernel import _tile_group
+    l1 = {"BLOCK_T": 64, "NB": 32, "num_stages": 1}
+    # ViT-B fc1 forward, T = 50,432: 788 token tiles x 6 output tiles -> all 6 in one program
+    assert _tile_group(50432, 768 * 2, 6, l1) == 6
+    assert _tile_group(256, 768 * 2, 6, l1) == 1  # 24 programs: nothing to spare
+    assert _tile_group(50432, 3072 * 2, 6, l1) == 1  # a 384 KB x tile: no L1 reuse
+    assert _tile_group(50432, 768 * 2, 6, dict(l1, num_stages=3)) == 1  # cp.async bypasses L1

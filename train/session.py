@@ -119,8 +119,9 @@ class Run:
                         vloss, vacc = validate()
                         self.history["eval"].append((step, vloss, vacc))
                         self.metrics.write(step=step, split="val", loss=vloss, accuracy=vacc)
-                        self._bar.write(f"step {step}: val {self.entry.loss_label} {vloss:.4f}, "
-                                        f"{self.entry.metric_label} {100 * vacc:.2f}%")
+                        if self.ddp.is_main:   # (every rank has the same figures: one line, not one a rank)
+                            self._bar.write(f"step {step}: val {self.entry.loss_label} {vloss:.4f}, "
+                                            f"{self.entry.metric_label} {100 * vacc:.2f}%")
                     if cfg.ckpt_every and step > self.start and step % cfg.ckpt_every == 0:
                         self.save(step)
                     self._t0 = time.perf_counter()
@@ -207,8 +208,10 @@ class Run:
             plot_curves(history, self.out / "curves.png", title)
             plot_masks(C.sparse_layers(model), self.out / "masks.png", title)
             plot_churn(self.out / "metrics.jsonl", self.out / "churn.png", title)
-        print(f"{self.entry.label}: {headline} | {cfg.dst.method} density {summary['density']['overall']:.4f} | "
-              f"{summary['step_time_ms']['median']:.1f} ms/step | {wall:.0f} s | {self.out}")
+        if self.ddp.is_main:
+            print(f"{self.entry.label}: {headline} | {cfg.dst.method} density {summary['density']['overall']:.4f} | "
+                  f"{summary['step_time_ms']['median']:.1f} ms/step | {wall:.0f} s | {self.out}")
+        self.ddp.close()   # the process group, before the interpreter tears torch down
         return 0
 
 
@@ -279,7 +282,8 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
     d = cfg.dst
     what = d.method if C.is_dense(d.method) else f"{d.method} at sparsity {d.sparsity:g} ({d.distribution})"
     mc = built.model_config
-    print(f"{entry.label}: {what}, {cfg.preset} {mc.dim}x{mc.depth} on {built.about}, "
-          f"{sum(p.numel() for p in model.parameters()):,} stored parameters, "
-          f"{C.density_text(model, run.names, sparsifier)}, {device}, {cfg.steps} steps -> {out}")
+    if ddp.is_main:
+        print(f"{entry.label}: {what}, {cfg.preset} {mc.dim}x{mc.depth} on {built.about}, "
+              f"{sum(p.numel() for p in model.parameters()):,} stored parameters, "
+              f"{C.density_text(model, run.names, sparsifier)}, {device}, {cfg.steps} steps -> {out}")
     return run

@@ -128,6 +128,9 @@ def test_torchrun_trains_vit_on_two_processes_with_identical_states(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()   # rank 0 speaks for the run: each line once, not once a rank
+    assert sum("test accuracy" in line for line in lines) == 1, done.stdout
+    assert sum(line.startswith("step 8: val") for line in lines) == 1, done.stdout
     import json
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["grad_sync"] == "ddp"   # the default
     a = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]

@@ -423,7 +423,8 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     its values term counts once). A model: L1 is taken as an LRU of 128 KB, and no L1 hit is
     counted when the main loop loads through L1-bypassing cp.async (``l1``). ``slices``
     (``stacked_slices``): the T x b slices a stacked weight-gradient kernel reads per token,
-    which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top)."""
+    which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top); for the
+    MLP's backward a tuple, one per weight-gradient launch (None: 2 per block)."""
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
     weights = nnz * e + op.index_bytes
     if op.fmt.startswith("mlp"):
@@ -432,8 +433,11 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
             l2 = T * (nnz / 2) * op.recompute / b * e + nnz * e * math.ceil(T / (block_t or T))
         else:  # several kernels: each reads and writes its tensor arguments once (h, dh between them)
             hbm = launch_bytes(op) or 3 * T * n_in * e + 2 * weights + 2 * T * n_out * e
-            # five unfused products per layer pair: h, dx2, dx1 gather one operand, dW2, dW1 two
-            l2 = 7 * T * (nnz / 2) / b * e + 2 * weights * math.ceil(T / (block_t or T))
+            # five unfused products per layer pair: h, dx2, dx1 gather one operand; dW2, dW1
+            # read their stacked slices (``slices``: one entry per weight-gradient launch), or
+            # two operands per block where a launch has no stacked table
+            dw = [T * s * b * e if s else 2 * T * (nnz / 2) / b * e for s in (slices or (None, None))]
+            l2 = 3 * T * (nnz / 2) / b * e + sum(dw) + 2 * weights * math.ceil(T / (block_t or T))
         return hbm, l2
     act = T * (n_in + n_out) * e
     hbm = act + weights
@@ -575,7 +579,10 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     primary = stats[p] if p is not None else None
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
-    slices = stacked_slices(op.launches[p] if p is not None else None)
+    if op.fmt.startswith("mlp"):  # the backward's two weight-gradient launches (dW2, dW1)
+        slices = tuple(stacked_slices(launch) for launch in op.launches if launch.name == "diag_dw_kernel") or None
+    else:
+        slices = stacked_slices(op.launches[p] if p is not None else None)
     models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
               for name, gpu in GPUS.items()}
     out = []

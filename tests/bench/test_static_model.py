@@ -60,6 +60,19 @@ out["l1"] = dict(flags=[static.l1_cached(cached), static.l1_cached(bypass), stat
                  l2_cached=static.traffic(op, 2, 64, programs, static.l1_cached(cached))[1],
                  l2_bypass=static.traffic(op, 2, 64, programs, static.l1_cached(bypass))[1],
                  gathered=50432 * op.nnz / 16 * 2)
+# 5. The fused MLP's backward: its two weight-gradient launches read their stacked slices
+# (N_GROUPS x (G + 1) a token, from each launch's own table), not two per stored block.
+op = [o for o in static.build_ops(["mlp16"], ["fc1"], [4096], ["bfloat16"], torch.device("cpu"))
+      if o.product == "bwd"][0]
+static.capture(op, execute=False)
+dws = [l for l in op.launches if l.name == "diag_dw_kernel"]
+tables = [dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs for l in dws]
+slices = tuple(static.stacked_slices(l) for l in dws)
+out["mlp_bwd"] = dict(error=op.error, slices=slices,
+                      expected=[int(t["groups_ptr"].shape[0]) * (int(t["G"]) + 1) for t in tables],
+                      stacked=static.traffic(op, 2, 128, None, True, slices)[1],
+                      per_block=static.traffic(op, 2, 128, None, True, None)[1],
+                      blocks=op.nnz / 2 / 16 ** 2, tokens=op.tokens)
 print(json.dumps(out))
 '''
 
@@ -98,3 +111,13 @@ def test_l1_hits_are_counted_only_for_loads_that_go_through_l1(probe):
     assert l1["flags"] == [True, False, True]
     # cp.async bypassing L1: every block's x slice comes from L2 again (the plain gathered count)
     assert l1["l2_bypass"] > l1["gathered"] > l1["l2_cached"], l1
+
+
+def test_mlp_backward_counts_the_stacked_weight_gradient_slices(probe):
+    m = probe["mlp_bwd"]
+    assert not m["error"] and len(m["slices"]) == 2, m
+    assert m["slices"] == m["expected"], m  # N_GROUPS x (G + 1) of each launch's table
+    # b = 16, K = 20: 5 stacks of G = 4 on each of 48 shared blocks, 48 x 5 x 5 = 1200 slices
+    # a token per layer against 2 x 960 blocks; the L2 count drops by exactly the difference
+    saved = m["tokens"] * (2 * 2 * m["blocks"] - sum(m["slices"])) * 16 * 2
+    assert m["per_block"] - m["stacked"] == pytest.approx(saved) and saved > 0, m

@@ -321,7 +321,8 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
 
     Full: tile sides 16..256 (token tiles no larger than the tokens need), 2/4/8 warps, 2/3/4
     pipeline stages, token chunks per program for the split-T SDDMM (0 = the kernel's own
-    choice, or 512 .. whole T), both activation layouts (X_T) where the kernel has the knob;
+    choice, or 512 .. whole T), both activation layouts (X_T) where the kernel has the knob,
+    diagonal output tiles per program (TILE_GROUP) and the weight gradient's stack (G);
     tiles of at most 16K elements and at least 2 elements per thread. The default always
     comes first. Quick (interpreter): the default and one other
     token tile.
@@ -345,6 +346,8 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
             "num_warps": [2, 4, 8],
             "num_stages": [2, 3, 4],
             "X_T": [0, 1],  # row-major activations or token-contiguous copies (fan-in, SDDMM)
+            "TILE_GROUP": [0, 1, 3],  # diagonal output tiles a program runs over one x tile (0: the launcher's)
+            "G": [2, 4, 8],  # diagonals stacked in one weight-gradient MMA (M = G * b)
         }
         names = [k for k in default if k in choices]
         combos = [{}]

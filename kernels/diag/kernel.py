@@ -388,7 +388,7 @@ def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0
     if rt.interpreting():
         return {"BLOCK_T": 64, "NB": nb, "num_warps": 4, "num_stages": 1}
     if b == 16 and dtype.itemsize == 2 and epilogue == 0 and 0 < 64 * width * dtype.itemsize <= _L1_TILE_BYTES:
-        return {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1}
+        return {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1, "TILE_GROUP": 0}   # 0: _tile_group's
     if b == 16 and dtype.itemsize == 2 and epilogue == 0 and width > 0 and tokens >= _WIDE_L1_MIN_TOKENS:
         return {"BLOCK_T": 32, "NB": 64, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_T": 128, "NB": nb, "num_warps": 8 if b >= 64 or nb > 1 else 4, "num_stages": 3}

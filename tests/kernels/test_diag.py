@@ -140,8 +140,6 @@ def test_zero_tokens_give_an_empty_product_and_gradients(backend, shape):
     assert x.grad.shape == (0, n_in) and not layer.values.grad.abs().any()
 
 
-# ----------------------------------------------------------------------------- kernel structure
-
 from kernels import runtime as rt  # noqa: E402
 from kernels.diag import diag_coords, diag_dw, diag_dw_groups, diag_tile_list, diag_tile_list_ref  # noqa: E402
 from kernels.diag.pattern import diag_dw_stacks  # noqa: E402
@@ -269,7 +267,6 @@ def test_a_pattern_change_between_calls_reaches_every_kernel(backend):
                  [x, layer.values.detach()], torch.float32)
 
 
-
 @pytest.mark.parametrize("b,R,C", [(1, 6, 3), (16, 2, 3), (64, 2, 1)])
 def test_bias_in_the_epilogue_matches_a_separate_add_with_gradients(backend, b, R, C):
     g = torch.Generator().manual_seed(b + R)
@@ -293,7 +290,6 @@ def test_opcheck_passes_with_a_bias(backend):
     torch.library.opcheck(_diag_op, (x, v.requires_grad_(), off, 4, 16, bias.requires_grad_()))
 
 
-# ----------------------------------------------------------------------------- GELU epilogues
 # (the fused MLP's backward: h and gelu(h) from one forward, dh = (dy W) * gelu'(h) from one
 # input-gradient launch)
 

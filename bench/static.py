@@ -400,10 +400,15 @@ def stacked_slices(launch: sass.Launch | None) -> int | None:
     each of its N_GROUPS programs loads its G stacked blocks (padding lanes included) and the
     one block they share, so N_GROUPS x (G + 1) instead of 2 per stored block. None for any
     other launch."""
-    if launch is None or launch.name != "diag_dw_kernel":
+    if launch is None or launch.name not in ("diag_dw_kernel", "diag_dw_band_kernel"):
         return None
     bound = dict(zip([p.name for p in launch.fn.params], launch.args))
     bound.update(launch.kwargs)
+    if launch.name == "diag_dw_band_kernel":
+        # the band variant: each program's distinct dy and x blocks (its repeats hit in L1:
+        # synchronous LDG.E.128, NUM_STAGES = 1)
+        from kernels.diag.pattern import dw_band_slices
+        return dw_band_slices(bound["table_ptr"], int(bound["NB"]))
     groups, stack = bound.get("groups_ptr"), bound.get("G")
     # the stacked table is [N_GROUPS, 1 + 2 G] (the run-of-blocks table, [N_GROUPS, 4], is not)
     if not bound.get("USE_DOT") or not isinstance(groups, torch.Tensor) or groups.shape[-1] != 1 + 2 * stack:
@@ -580,7 +585,8 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
     if op.fmt.startswith("mlp"):  # the backward's two weight-gradient launches (dW2, dW1)
-        slices = tuple(stacked_slices(launch) for launch in op.launches if launch.name == "diag_dw_kernel") or None
+        slices = tuple(stacked_slices(launch) for launch in op.launches
+                       if launch.name in ("diag_dw_kernel", "diag_dw_band_kernel")) or None
     else:
         slices = stacked_slices(op.launches[p] if p is not None else None)
     models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .. import runtime as rt
 from ..sddmm import acc_dtype, dot_settings, sddmm
-from .pattern import block_coords, diag_dw_groups, diag_dw_stacks, diag_tile_list
+from .pattern import block_coords, diag_dw_bands, diag_dw_groups, diag_dw_stacks, diag_tile_list, dw_band_slices
 from .reference import check_args, diag_geometry
 
 
@@ -360,6 +360,67 @@ def diag_dw_kernel(
                  mask=valid[:, None, None] & mask_b[None, :, None] & mask_b[None, None, :])
 
 
+
+@triton.jit
+def diag_dw_band_kernel(
+    dy_ptr, x_ptr, table_ptr, g_ptr,
+    T, T_CHUNK, N_PROGS, N_VALUES,
+    stride_dyt, stride_dyo, stride_xt, stride_xi,
+    B: tl.constexpr, NB: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Partial weight gradients g[chunk, vd] = dy[chunk, row block]^T @ x[chunk, column block]
+    for the NB blocks of one program of a band table: a 3-D dot [NB, B, BT] @ [NB, BT, B]
+    (mma.sync on a GPU) whose operand tiles gather each lane's dy and x block. A program's
+    blocks repeat few distinct blocks (a band of consecutive blocks of the long operand, the
+    diagonals' windows of the other), and the loads are synchronous, cached in L1, so a repeat
+    is an L1 hit: at ViT-B b = 16, K = 20, NB = 64, 733 slices a token from L2 instead of the
+    stacks' 1200 (``dw_band_slices``).
+
+    Grid: (N_PROGS * n_chunks,); program p computes table row p % N_PROGS over tokens
+    [(p // N_PROGS) * T_CHUNK, ... + T_CHUNK), as ``diag_dw_kernel``.
+
+    Args:
+        dy_ptr, x_ptr, g_ptr, T, T_CHUNK, N_VALUES, strides: as ``diag_dw_kernel``.
+        table_ptr: int32 [N_PROGS, 3 * NB] from ``diag_dw_bands(offsets, R, C, NB)``, contiguous:
+            value block indices (-1: padding, not stored), dy row blocks, x column blocks.
+        B: constexpr int, the block size: a power of two >= 16. NB: constexpr int, power of two.
+        BLOCK_T: constexpr int, power of two >= 16. UPCAST, DOT_PRECISION, ACC, NUM_STAGES: as
+            ``diag_dw_kernel`` (NUM_STAGES = 1 keeps the loads in L1).
+    """
+    pid = tl.program_id(0)
+    prog = pid % N_PROGS
+    chunk = pid // N_PROGS
+    lanes = tl.arange(0, NB)
+    offs_b = tl.arange(0, B)
+    offs_t = tl.arange(0, BLOCK_T)
+    entry = table_ptr + prog * (3 * NB)
+    vd = tl.load(entry + lanes)
+    r = tl.load(entry + NB + lanes)
+    c = tl.load(entry + 2 * NB + lanes)
+    # runs of B features: 16-byte loads
+    rf = tl.max_contiguous(tl.multiple_of(r[:, None] * B + offs_b[None, :], [1, B]), [1, B])  # [NB, B]
+    cf = tl.max_contiguous(tl.multiple_of(c[:, None] * B + offs_b[None, :], [1, B]), [1, B])
+    t_start = chunk * T_CHUNK
+    t_end = tl.minimum(t_start + T_CHUNK, T)
+    row0 = t_start.to(tl.int64)
+    a_ptrs = dy_ptr + (row0 + offs_t)[None, None, :] * stride_dyt + rf[:, :, None] * stride_dyo  # [NB, B, BT]
+    x_ptrs = x_ptr + (row0 + offs_t)[None, :, None] * stride_xt + cf[:, None, :] * stride_xi  # [NB, BT, B]
+    acc = tl.zeros((NB, B, B), dtype=ACC)
+    for t0 in tl.range(t_start, t_end, BLOCK_T, num_stages=NUM_STAGES):
+        in_t = t0 + offs_t < t_end
+        a = tl.load(a_ptrs, mask=in_t[None, None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=in_t[None, :, None], other=0.0)
+        if UPCAST:  # right after the load: the interpreter computes bf16 on raw bits
+            a = a.to(ACC)
+            x = x.to(ACC)
+        acc += tl.dot(a, x, input_precision=DOT_PRECISION, out_dtype=ACC)
+        a_ptrs += BLOCK_T * stride_dyt
+        x_ptrs += BLOCK_T * stride_xt
+    offs_g = (chunk.to(tl.int64) * N_VALUES + (vd * (B * B))[:, None, None]
+              + offs_b[None, :, None] * B + offs_b[None, None, :])  # [NB, B, B]
+    tl.store(g_ptr + offs_g, acc.to(g_ptr.dtype.element_ty), mask=(vd >= 0)[:, None, None])
+
 # b = 16 with a gathered operand whose 64-token tile fits in L1 (fc1's forward, fc2's input
 # gradient at 768 wide): 32 output blocks a program and synchronous loads (LDG.E.128, cached
 # in L1; pipelined 16-byte cp.async bypasses L1, so every diagonal re-reads x from L2). sm_90,
@@ -595,6 +656,34 @@ def _dw_stack(b: int, K: int, itemsize: int, D: int, T: int) -> int:
     return min((low, big), key=lambda g: (-(-max(K, 1) // g) * (g + 1), g))
 
 
+# The band variant of the weight gradient (``diag_dw_band_kernel``): b = 16, 2-byte dtypes, 64
+# blocks a program (64 KB of fp32 accumulators), 16-token steps of synchronous L1-cached loads,
+# 8 warps: 180 registers, no spill on sm_90 (1 block an SM), mma.sync 16x8x16. The launcher
+# takes it where its table reads fewer slices a token than the stacks (``dw_band_slices`` vs
+# D cdiv(K, G) (G + 1)): ViT-B fc1 / fc2, K = 20: 733 vs 1200.
+_DW_BAND_NB = 64
+_DW_BAND_PROGRAMS = 2 * 132
+_DW_BAND_MIN_TOKENS = 8192
+
+
+def _dw_band_choice(b: int, itemsize: int, offsets, R: int, C: int, D: int, K: int, G: int,
+                    T: int) -> int:
+    """Blocks a program of the band variant (``_DW_BAND_NB``), or 0 for the stacks: b = 16 and
+    2-byte dtypes only (fp32 tiles and b = 32 accumulators would not fit the registers), from
+    ``_DW_BAND_MIN_TOKENS`` (its few programs need many token chunks: at T = 256, 15 chunks of
+    fp32 partials make ViT-B's dW HBM-bound, 10.9 -> 23.9 us in the static model), and only
+    where the band table reads fewer slices a token."""
+    if b != 16 or itemsize != 2 or T < _DW_BAND_MIN_TOKENS:
+        return 0
+    offsets = offsets.contiguous()
+
+    def build():  # cached per pattern: the count is a sort and a host sync
+        table = diag_dw_bands(offsets, R, C, _DW_BAND_NB)
+        stacks = D * -(-K // G) * (G + 1)
+        return _DW_BAND_NB if dw_band_slices(table, _DW_BAND_NB) < stacks else 0
+    return rt.cached_pattern((offsets,), ("diag dw band choice", R, C, G, _DW_BAND_NB), build)
+
+
 def _dw_default(b: int, K: int = 1, itemsize: int = 2, D: int = 1, T: int = 0) -> dict:
     """Launch config of the weight-gradient kernel where the table has no entry (a table's G
     decides instead). b >= 16: G diagonals stacked on one shared block (``_dw_stack``), so
@@ -607,9 +696,11 @@ def _dw_default(b: int, K: int = 1, itemsize: int = 2, D: int = 1, T: int = 0) -
     else:
         group = _dw_stack(b, K, itemsize, D, T)
     if rt.interpreting():
-        return {"G": group, "BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "TARGET_PROGRAMS": 4}
+        return {"G": group, "BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "TARGET_PROGRAMS": 4,
+                "BANDS": 0, "BAND_BLOCK_T": 64, "band_warps": 4, "BAND_PROGRAMS": 4}
     return {"G": group, "BLOCK_T": 128 if b >= 16 else 64, "num_warps": 4, "num_stages": 3,
-            "TARGET_PROGRAMS": _DW_MIN_PROGRAMS}
+            "TARGET_PROGRAMS": _DW_MIN_PROGRAMS, "BANDS": 0, "BAND_BLOCK_T": 16, "band_warps": 8,
+            "BAND_PROGRAMS": _DW_BAND_PROGRAMS}
 
 
 def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
@@ -647,8 +738,12 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
         # 50,432: 0.046x vs 0.037x dense; this kernel's loop: 744 instructions per 32 FMA).
         rows, cols = block_coords(offsets, R, C)
         return sddmm(dy, x2, rows, cols, 1).reshape(K, D, 1, 1)
-    cfg = rt.launch_config("diag_dw", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dy.dtype)[6:]},
-                           _dw_default(b, K, dy.element_size(), D, T))
+    default = _dw_default(b, K, dy.element_size(), D, T)
+    default["BANDS"] = _dw_band_choice(b, dy.element_size(), offsets, R, C, D, K, default["G"], T)
+    cfg = rt.launch_config("diag_dw", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dy.dtype)[6:]}, default)
+    bands = cfg.get("BANDS", 0)
+    if bands:
+        return _dw_bands(dy, x2, offsets, b, R, C, D, K, T, cfg)
     use_dot = b >= 16
     if use_dot:
         groups = diag_dw_stacks(offsets.contiguous(), R, C, cfg["G"])
@@ -668,4 +763,24 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
         B=b, BLOCK_B=max(16, rt.next_pow2(b)) if b >= 16 else rt.next_pow2(b), G=cfg["G"], BLOCK_T=bt,
         USE_DOT=use_dot, TALL=R >= C, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
         NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+    return g.sum(0).to(dy.dtype) if n_chunks > 1 else g
+
+
+def _dw_bands(dy, x2, offsets, b, R, C, D, K, T, cfg) -> torch.Tensor:
+    """``diag_dw``'s band variant (``diag_dw_band_kernel``), cfg["BANDS"] blocks a program."""
+    nb = cfg["BANDS"]
+    table = diag_dw_bands(offsets.contiguous(), R, C, nb)
+    n_progs, bt = table.shape[0], cfg["BAND_BLOCK_T"]
+    n_chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(cfg["BAND_PROGRAMS"], n_progs)))
+    chunk = triton.cdiv(triton.cdiv(T, n_chunks), bt) * bt
+    n_chunks = triton.cdiv(T, chunk)
+    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    g = torch.empty((n_chunks, K, D, b, b) if n_chunks > 1 else (K, D, b, b),
+                    dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
+    upcast, precision = dot_settings(dy.dtype)
+    diag_dw_band_kernel[(n_progs * n_chunks,)](
+        dy, x2, table, g, T, chunk, n_progs, K * D * b * b,
+        dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1),
+        B=b, NB=nb, BLOCK_T=bt, UPCAST=upcast, DOT_PRECISION=precision, ACC=acc_dtype(dy.dtype),
+        NUM_STAGES=1, num_warps=cfg["band_warps"])
     return g.sum(0).to(dy.dtype) if n_chunks > 1 else g

@@ -77,6 +77,71 @@ def diag_dw_stacks(offsets: torch.Tensor, R: int, C: int, stack: int) -> torch.T
     return rt.cached_pattern((offsets,), ("diag dw stacks", R, C, stack), build)
 
 
+def diag_dw_bands(offsets: torch.Tensor, R: int, C: int, nb: int) -> torch.Tensor:
+    """[n_programs, 3 * nb] int32 of the weight-gradient band kernel (``diag_dw_band_kernel``):
+    per program ``nb`` value block indices k * D + d (-1: a padding lane), then their dy row
+    blocks and x column blocks (a padding lane repeats lane 0's: no slice of its own). The
+    blocks are cut into bands of W consecutive blocks of the operand with P = max(R, C) blocks
+    (dy's rows when R >= C), each band's blocks sorted by their block of the other operand
+    and taken ``nb`` at a time; W is the power of two that minimises the distinct slices the
+    programs read a token (``dw_band_slices``; every block of one diagonal over a band has
+    consecutive blocks of both operands, and diagonals whose windows overlap share them).
+    Cached per pattern."""
+    def build():
+        D, P = min(R, C), max(R, C)
+        dev = offsets.device
+        K = offsets.numel()
+        k = torch.arange(K, device=dev, dtype=torch.int64)[:, None].expand(K, D).reshape(-1)
+        d = torch.arange(D, device=dev, dtype=torch.int64)[None, :].expand(K, D).reshape(-1)
+        t = (d + offsets.long()[k]) % P  # the P-side block of each stored block
+        vd = k * D + d
+        best = None
+        W = 1
+        while True:
+            band = t // W
+            order = torch.argsort(band * (D + 1) * (P + 1) + d * (P + 1) + t, stable=True)
+            b_sorted = band[order]
+            # rank within the band -> program: bands start at program boundaries
+            counts = torch.bincount(b_sorted, minlength=int(band.max()) + 1)
+            per = -(-counts // nb)  # programs of each band
+            first = torch.cumsum(per, 0) - per
+            start = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(order.numel(), device=dev) - start[b_sorted]
+            prog = first[b_sorted] + rank // nb
+            lane = rank % nb
+            n = int(per.sum())
+            table = torch.full((n, 3 * nb), -1, dtype=torch.int64, device=dev)
+            s_, t_ = d[order], t[order]
+            rows, cols = (t_, s_) if R >= C else (s_, t_)
+            table[prog, lane] = vd[order]
+            table[:, nb:2 * nb] = -2
+            table[prog, nb + lane] = rows
+            table[prog, 2 * nb + lane] = cols
+            pad = table[:, nb:2 * nb] == -2
+            table[:, nb:2 * nb] = torch.where(pad, table[:, nb:nb + 1], table[:, nb:2 * nb])
+            table[:, 2 * nb:] = torch.where(pad, table[:, 2 * nb:2 * nb + 1], table[:, 2 * nb:])
+            table = table.to(torch.int32).contiguous()
+            got = dw_band_slices(table, nb)
+            if best is None or got < best[0]:
+                best = (got, table)
+            if W >= P:
+                break
+            W *= 2
+        return best[1]
+    return rt.cached_pattern((offsets,), ("diag dw bands", R, C, nb), build)
+
+
+def dw_band_slices(table: torch.Tensor, nb: int) -> int:
+    """T x b activation slices a token of the band kernel reads from L2 with ``table``
+    (``diag_dw_bands``): per program its distinct dy row blocks plus its distinct x column
+    blocks (a program's repeats hit in L1)."""
+    rows, cols = table[:, nb:2 * nb].long(), table[:, 2 * nb:].long()
+    def distinct(a):
+        a = a.sort(dim=1).values
+        return int(a.shape[0] + (a[:, 1:] != a[:, :-1]).sum()) if a.numel() else 0
+    return distinct(rows) + distinct(cols)
+
+
 def element_coords(offsets, R: int, C: int, b: int):
     """(rows, cols) of every stored element, aligned with values.reshape(-1) ([K, D, b, b],
     entry [i, j] of a block = output b*row + i, input b*col + j); cached per offsets."""

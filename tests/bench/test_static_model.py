@@ -73,6 +73,20 @@ out["mlp_bwd"] = dict(error=op.error, slices=slices,
                       stacked=static.traffic(op, 2, 128, None, True, slices)[1],
                       per_block=static.traffic(op, 2, 128, None, True, None)[1],
                       blocks=op.nnz / 2 / 16 ** 2, tokens=op.tokens)
+# 6. The band weight gradient (b = 16 bf16 from T = 8192): each program's distinct dy and x
+# blocks a token (its repeats hit in L1), from its own table.
+op = [o for o in static.build_ops(["diag16"], ["fc1"], [50432], ["bfloat16"], torch.device("cpu"))
+      if o.product == "dw"][0]
+static.capture(op, execute=False)
+band = [l for l in op.launches if l.name == "diag_dw_band_kernel"]
+args = dict(zip([p.name for p in band[0].fn.params], band[0].args)) | band[0].kwargs if band else {}
+nb = int(args.get("NB", 0))
+table = args["table_ptr"].tolist() if band else []
+distinct = sum(len(set(r[nb:2 * nb])) + len(set(r[2 * nb:])) for r in table)
+sl = static.stacked_slices(band[0]) if band else None
+out["band"] = dict(launches=[l.name for l in op.launches], slices=sl, distinct=distinct,
+                   l2=static.traffic(op, 2, 16, None, True, sl)[1], tokens=op.tokens, blocks=op.nnz / 16 ** 2,
+                   weights=op.nnz * 2 + op.index_bytes)
 print(json.dumps(out))
 '''
 
@@ -121,3 +135,13 @@ def test_mlp_backward_counts_the_stacked_weight_gradient_slices(probe):
     # a token per layer against 2 x 960 blocks; the L2 count drops by exactly the difference
     saved = m["tokens"] * (2 * 2 * m["blocks"] - sum(m["slices"])) * 16 * 2
     assert m["per_block"] - m["stacked"] == pytest.approx(saved) and saved > 0, m
+
+
+def test_band_weight_gradient_counts_each_programs_distinct_slices(probe):
+    m = probe["band"]
+    assert m["launches"] == ["diag_dw_band_kernel"], m
+    # ViT-B fc1, K = 20, 64 blocks a program: 733 distinct slices a token, not the stacks' 1200
+    assert m["slices"] == m["distinct"] == 733, m
+    # the slices, 16 bf16 features a token each, plus the values and offsets once (the gradient)
+    assert m["l2"] == pytest.approx(m["tokens"] * m["slices"] * 16 * 2 + m["weights"]), m
+    assert m["slices"] < 1.25 * m["blocks"], m

@@ -142,7 +142,7 @@ def test_zero_tokens_give_an_empty_product_and_gradients(backend, shape):
 
 from kernels import runtime as rt  # noqa: E402
 from kernels.diag import diag_coords, diag_dw, diag_dw_groups, diag_tile_list, diag_tile_list_ref  # noqa: E402
-from kernels.diag.pattern import diag_dw_stacks  # noqa: E402
+from kernels.diag.pattern import diag_dw_bands, diag_dw_stacks, dw_band_slices  # noqa: E402
 
 
 def _tile_list_as_rows(tile_ptr, entries):
@@ -417,3 +417,74 @@ def test_weight_grad_with_a_configured_stack_matches_the_reference(b, R, C, K, G
         got = diag_dw(dy.to(DEVICE), x.to(DEVICE), offsets.to(DEVICE), b)
     assert seen == [G]
     torch.testing.assert_close(got.cpu().double(), _dw_ref(dy, x, offsets, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("R,C,K,nb", [(12, 3, 4, 4), (12, 3, 5, 8), (3, 12, 12, 8), (5, 5, 1, 2), (6, 6, 6, 64),
+                                      (192, 48, 20, 64)])
+def test_weight_grad_bands_name_every_stored_block_once(R, C, K, nb):
+    offsets = torch.randperm(max(R, C), generator=torch.Generator().manual_seed(K + nb))[:K].to(torch.int32)
+    rows, cols = diag_coords(offsets, R, C)
+    D = min(R, C)
+    table = diag_dw_bands(offsets, R, C, nb)
+    assert table.dtype == torch.int32 and table.shape[1] == 3 * nb
+    seen, distinct = [], 0
+    for row in table.tolist():
+        vds, rs, cs = row[:nb], row[nb:2 * nb], row[2 * nb:]
+        assert vds[0] >= 0  # no empty program
+        for vd, r, c in zip(vds, rs, cs):
+            if vd < 0:  # a padding lane repeats lane 0's blocks (no slice of its own), never stored
+                assert (r, c) == (rs[0], cs[0])
+                continue
+            k, d = divmod(vd, D)
+            assert (r, c) == (rows[k, d].item(), cols[k, d].item())
+            seen.append((k, d))
+        distinct += len(set(rs)) + len(set(cs))
+    assert sorted(seen) == [(k, d) for k in range(K) for d in range(D)]
+    assert dw_band_slices(table, nb) == distinct
+
+
+def test_weight_grad_takes_the_bands_where_they_read_fewer_slices():
+    from kernels.diag.kernel import _dw_band_choice
+
+    g = torch.Generator().manual_seed(0)
+    # ViT-B fc1 / fc2 at 90%, b = 16: 733 slices a token with 64 blocks a program, the stacks 1200
+    offsets = kernels.DiagLinear(768, 3072, 0.1, block_size=16, generator=g).offsets
+    for R, C in ((192, 48), (48, 192)):
+        assert dw_band_slices(diag_dw_bands(offsets, R, C, 64), 64) == 733
+        assert _dw_band_choice(16, 2, offsets, R, C, 48, 20, 4, 50432) == 64
+        assert _dw_band_choice(16, 4, offsets, R, C, 48, 20, 4, 50432) == 0  # fp32: stacks
+        assert _dw_band_choice(16, 2, offsets, R, C, 48, 20, 4, 256) == 0  # few tokens: partial sums
+    assert _dw_band_choice(64, 2, offsets, 48, 12, 12, 20, 2, 50432) == 0  # b = 64: stacks
+    for seed in range(6):
+        R, C = (24, 6) if seed % 2 else (6, 24)
+        K = 2 + seed * 3
+        offsets = torch.randperm(24, generator=torch.Generator().manual_seed(seed))[:K].to(torch.int32)
+        stacks = 6 * -(-K // 4) * 5
+        bands = dw_band_slices(diag_dw_bands(offsets, R, C, 64), 64)
+        assert _dw_band_choice(16, 2, offsets, R, C, 6, K, 4, 8192) == (64 if bands < stacks else 0)
+
+
+# The band variant (forced by a config) against the reference: tall and wide, padding lanes,
+# several programs (nb below the block count) and token chunks, both dtypes.
+@pytest.mark.parametrize("R,C,K,nb,T", [(6, 2, 5, 4, 123), (2, 6, 6, 8, 77), (4, 4, 3, 64, 19), (5, 3, 4, 2, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_band_variant_matches_the_reference(R, C, K, nb, T, dtype):
+    b = 16
+    g = torch.Generator().manual_seed(nb * T)
+    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32)
+    dy, x = torch.randn(T, R * b, generator=g).to(dtype), torch.randn(T, C * b, generator=g).to(dtype)
+    seen = []
+
+    def bands(kernel, key, default):
+        if kernel != "diag_dw":
+            return None
+        seen.append(nb)
+        return dict(default, BANDS=nb, BAND_BLOCK_T=16, BAND_PROGRAMS=8)
+
+    with kernels.use_backend("triton"), rt.config_override(bands):
+        got = diag_dw(dy.to(DEVICE), x.to(DEVICE), offsets.to(DEVICE), b)
+    assert seen == [nb]
+    ref = _dw_ref(dy, x, offsets, b)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -750,12 +750,7 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
     else:
         groups = diag_dw_groups(offsets.contiguous(), R, C, cfg["G"])
     n_groups, bt = groups.shape[0], cfg["BLOCK_T"]
-    n_chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(cfg["TARGET_PROGRAMS"], n_groups)))
-    chunk = triton.cdiv(triton.cdiv(T, n_chunks), bt) * bt
-    n_chunks = triton.cdiv(T, chunk)
-    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    g = torch.empty((n_chunks, K, D, b, b) if n_chunks > 1 else (K, D, b, b),
-                    dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
+    chunk, n_chunks, g = _dw_chunks(dy, T, bt, cfg["TARGET_PROGRAMS"], n_groups, (K, D, b, b))
     upcast, precision = dot_settings(dy.dtype)
     diag_dw_kernel[(n_groups * n_chunks,)](
         dy, x2, groups, g, T, chunk, D, R, C, n_groups, K * D * b * b,
@@ -766,17 +761,25 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
     return g.sum(0).to(dy.dtype) if n_chunks > 1 else g
 
 
+def _dw_chunks(dy, T: int, bt: int, target_programs: int, programs: int, shape: tuple):
+    """(tokens a chunk, chunks, output) of a weight-gradient launch: T cut into chunks of whole
+    BLOCK_T steps until ``target_programs`` run; with several chunks the output holds their
+    fp32 (fp64) partials [chunks, *shape] for the launcher to sum, else dy's dtype."""
+    n_chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(target_programs, programs)))
+    chunk = triton.cdiv(triton.cdiv(T, n_chunks), bt) * bt
+    n_chunks = triton.cdiv(T, chunk)
+    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    g = torch.empty((n_chunks, *shape) if n_chunks > 1 else shape,
+                    dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
+    return chunk, n_chunks, g
+
+
 def _dw_bands(dy, x2, offsets, b, R, C, D, K, T, cfg) -> torch.Tensor:
     """``diag_dw``'s band variant (``diag_dw_band_kernel``), cfg["BANDS"] blocks a program."""
     nb = cfg["BANDS"]
     table = diag_dw_bands(offsets.contiguous(), R, C, nb)
     n_progs, bt = table.shape[0], cfg["BAND_BLOCK_T"]
-    n_chunks = max(1, min(triton.cdiv(T, bt), triton.cdiv(cfg["BAND_PROGRAMS"], n_progs)))
-    chunk = triton.cdiv(triton.cdiv(T, n_chunks), bt) * bt
-    n_chunks = triton.cdiv(T, chunk)
-    acc_torch = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    g = torch.empty((n_chunks, K, D, b, b) if n_chunks > 1 else (K, D, b, b),
-                    dtype=acc_torch if n_chunks > 1 else dy.dtype, device=dy.device)
+    chunk, n_chunks, g = _dw_chunks(dy, T, bt, cfg["BAND_PROGRAMS"], n_progs, (K, D, b, b))
     upcast, precision = dot_settings(dy.dtype)
     diag_dw_band_kernel[(n_progs * n_chunks,)](
         dy, x2, table, g, T, chunk, n_progs, K * D * b * b,

@@ -653,7 +653,13 @@ def _dw_stack(b: int, K: int, itemsize: int, D: int, T: int) -> int:
     big = 2 * low
     if itemsize > 2 or D * -(-max(K, 1) // big) * -(-T // 128) < _DW_MIN_PROGRAMS:
         return low
-    return min((low, big), key=lambda g: (-(-max(K, 1) // g) * (g + 1), g))
+    return min((low, big), key=lambda g: (_stack_slices(K, g), g))
+
+
+def _stack_slices(K: int, G: int) -> int:
+    """Activation slices a token the stacks read per shared block: cdiv(K, G) stacks of G
+    gathered blocks (padding lanes too) and the shared one."""
+    return -(-max(K, 1) // G) * (G + 1)
 
 
 # The band variant of the weight gradient (``diag_dw_band_kernel``): b = 16, 2-byte dtypes, 64
@@ -679,8 +685,7 @@ def _dw_band_choice(b: int, itemsize: int, offsets, R: int, C: int, D: int, K: i
 
     def build():  # cached per pattern: the count is a sort and a host sync
         table = diag_dw_bands(offsets, R, C, _DW_BAND_NB)
-        stacks = D * -(-K // G) * (G + 1)
-        return _DW_BAND_NB if dw_band_slices(table, _DW_BAND_NB) < stacks else 0
+        return _DW_BAND_NB if dw_band_slices(table, _DW_BAND_NB) < D * _stack_slices(K, G) else 0
     return rt.cached_pattern((offsets,), ("diag dw band choice", R, C, G, _DW_BAND_NB), build)
 
 

@@ -90,11 +90,9 @@ def diag_dw_bands(offsets: torch.Tensor, R: int, C: int, nb: int) -> torch.Tenso
     def build():
         D, P = min(R, C), max(R, C)
         dev = offsets.device
-        K = offsets.numel()
-        k = torch.arange(K, device=dev, dtype=torch.int64)[:, None].expand(K, D).reshape(-1)
-        d = torch.arange(D, device=dev, dtype=torch.int64)[None, :].expand(K, D).reshape(-1)
-        t = (d + offsets.long()[k]) % P  # the P-side block of each stored block
-        vd = k * D + d
+        brow, bcol = (c.long() for c in block_coords(offsets, R, C))  # [K * D], value block order
+        d, t = (bcol, brow) if R >= C else (brow, bcol)  # the D-side block d, the P-side block
+        vd = torch.arange(d.numel(), device=dev, dtype=torch.int64)
         best = None
         W = 1
         while True:
@@ -111,8 +109,7 @@ def diag_dw_bands(offsets: torch.Tensor, R: int, C: int, nb: int) -> torch.Tenso
             lane = rank % nb
             n = int(per.sum())
             table = torch.full((n, 3 * nb), -1, dtype=torch.int64, device=dev)
-            s_, t_ = d[order], t[order]
-            rows, cols = (t_, s_) if R >= C else (s_, t_)
+            rows, cols = brow[order], bcol[order]
             table[prog, lane] = vd[order]
             table[:, nb:2 * nb] = -2
             table[prog, nb + lane] = rows

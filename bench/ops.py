@@ -322,7 +322,8 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
     Full: tile sides 16..256 (token tiles no larger than the tokens need), 2/4/8 warps, 2/3/4
     pipeline stages, token chunks per program for the split-T SDDMM (0 = the kernel's own
     choice, or 512 .. whole T), both activation layouts (X_T) where the kernel has the knob,
-    diagonal output tiles per program (TILE_GROUP) and the weight gradient's stack (G);
+    diagonal output tiles per program (TILE_GROUP), the weight gradient's stack (G) and the
+    MLP forward fused or not (UNFUSED, one candidate: unfused, the other keys do nothing);
     tiles of at most 16K elements and at least 2 elements per thread. The default always
     comes first. Quick (interpreter): the default and one other
     token tile.
@@ -362,6 +363,8 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
             if tile > 16384 or cfg.get("num_warps", 4) * 32 * 2 > tile:
                 continue
             out.append(cfg)
+        if "UNFUSED" in default:  # the MLP forward as its two products: one config, the tiles are theirs
+            out.append(dict(default, UNFUSED=not default["UNFUSED"]))
     seen, unique = set(), []
     for cfg in out:
         if norm(cfg) not in seen:

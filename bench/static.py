@@ -32,7 +32,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -428,21 +428,14 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     its values term counts once). A model: L1 is taken as an LRU of 128 KB, and no L1 hit is
     counted when the main loop loads through L1-bypassing cp.async (``l1``). ``slices``
     (``stacked_slices``): the T x b slices a stacked weight-gradient kernel reads per token,
-    which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top); for the
-    MLP's backward a tuple, one per weight-gradient launch (None: 2 per block)."""
+    which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top). An MLP op
+    here is the fused kernel's forward; separate launches are modelled one by one
+    (``predict_by_launch``)."""
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
     weights = nnz * e + op.index_bytes
-    if op.fmt.startswith("mlp"):
-        if op.product == "fwd":
-            hbm = 2 * T * n_in * e + weights
-            l2 = T * (nnz / 2) * op.recompute / b * e + nnz * e * math.ceil(T / (block_t or T))
-        else:  # several kernels: each reads and writes its tensor arguments once (h, dh between them)
-            hbm = launch_bytes(op) or 3 * T * n_in * e + 2 * weights + 2 * T * n_out * e
-            # five unfused products per layer pair: h, dx2, dx1 gather one operand; dW2, dW1
-            # read their stacked slices (``slices``: one entry per weight-gradient launch), or
-            # two operands per block where a launch has no stacked table
-            dw = [T * s * b * e if s else 2 * T * (nnz / 2) / b * e for s in (slices or (None, None))]
-            l2 = 3 * T * (nnz / 2) / b * e + sum(dw) + 2 * weights * math.ceil(T / (block_t or T))
+    if op.fmt.startswith("mlp"):  # the fused kernel (the separate launches: predict_by_launch)
+        hbm = 2 * T * n_in * e + weights
+        l2 = T * (nnz / 2) * op.recompute / b * e + nnz * e * math.ceil(T / (block_t or T))
         return hbm, l2
     act = T * (n_in + n_out) * e
     hbm = act + weights
@@ -460,21 +453,6 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     # gradient (per token chunk; the partials' sum is glue) and reads its index tables once.
     l2 = gathered + weights * (1 if op.product == "dw" else math.ceil(T / (block_t or T)))
     return hbm, l2
-
-
-def launch_bytes(op: Op) -> int:
-    """Bytes of the tensors every captured launch of the op takes (each launch reads or writes
-    each of its tensors once: the HBM traffic between the kernels of a multi-kernel op such as
-    the MLP's backward, where L2 holds none of the T x hidden activations). 0 if the launches'
-    arguments were freed."""
-    total = 0
-    for launch in op.launches:
-        seen = {}
-        for a in list(launch.args) + list(launch.kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                seen[(a.data_ptr(), a.numel())] = a.numel() * a.element_size()
-        total += sum(seen.values())
-    return total
 
 
 def useful_flops(op: Op) -> float:
@@ -541,6 +519,58 @@ def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, 
     return dict(t=t, t_dense=t_dense, bound=bound, why=why, flops=flops, hbm=hbm, l2=l2, fill=fill)
 
 
+_DW_KERNELS = ("diag_dw_kernel", "diag_dw_band_kernel")
+
+
+def _layer_view(op: Op, launch: sass.Launch) -> Op:
+    """The single-layer op one launch of a multi-kernel MLP op is (its tensors' widths and
+    values; a GELU epilogue's second tensor, h or gelu(h), counted as HBM beside it)."""
+    bound = dict(zip([p.name for p in launch.fn.params], launch.args))
+    bound.update(launch.kwargs)
+    e = common.parse_dtype(op.dtype).itemsize
+    if launch.name in _DW_KERNELS:
+        dy, x = bound["dy_ptr"], bound["x_ptr"]
+        return replace(op, fmt=f"diag{op.block}", product="dw", n_in=x.shape[1], n_out=dy.shape[1],
+                       nnz=int(bound["N_VALUES"]), index_bytes=op.index_bytes // 2, recompute=1.0,
+                       launches=[launch], glue_bytes=0, glue_ops=0)
+    a, values, out = bound["a_ptr"], bound["values_ptr"], bound["out_ptr"]
+    aux = op.tokens * out.shape[1] * e if bound.get("EPILOGUE") in (1, 2) else 0
+    return replace(op, fmt=f"diag{op.block}", product="fwd", n_in=a.shape[1], n_out=out.shape[1],
+                   nnz=values.numel(), index_bytes=op.index_bytes // 2, recompute=1.0,
+                   launches=[launch], glue_bytes=aux, glue_ops=0)
+
+
+def predict_by_launch(op: Op, stats: list, gpus: dict) -> dict | None:
+    """Model of an MLP op that runs as separate products (the backward; the forward where the
+    launcher does not fuse it, kernels.fused's UNFUSED): each launch modelled as the layer op
+    it is (its own tiles, L1 rule, stacked slices and SASS: ``_layer_view``), the times
+    summed, the op's torch glue added once; the dense MLP's time as for the fused kernel.
+    None where the fused kernel runs, or a launch is of another kind."""
+    kinds = ("diag_block_kernel",) + _DW_KERNELS
+    if not (op.fmt.startswith("mlp") and op.launches and all(l.name in kinds for l in op.launches)):
+        return None
+    models = {}
+    for name, gpu in gpus.items():
+        total = None
+        for launch, s in zip(op.launches, stats):
+            layer = _layer_view(op, launch)
+            block_t = launch.constexprs().get("BLOCK_T")
+            m = predict(layer, s, launch.programs(), gpu, block_t if isinstance(block_t, int) else None,
+                        stacked_slices(launch))
+            if total is None:
+                total = dict(m, slowest=m["t"])
+            else:
+                for k in ("t", "flops", "hbm", "l2"):
+                    total[k] += m[k]
+                if m["t"] > total["slowest"]:
+                    total.update(bound=m["bound"], why=m["why"], slowest=m["t"])
+        total["t"] += TORCH_OP_S * op.glue_ops + op.glue_bytes / gpu["hbm"]
+        total["hbm"] += op.glue_bytes
+        total["t_dense"] = predict(op, stats[0], op.launches[0].programs(), gpu, None)["t_dense"]
+        models[name] = total
+    return models
+
+
 def primary_launch(op: Op, stats: list) -> int | None:
     """Index of the launch that dominates the op: most programs x main-loop instructions."""
     best, best_i = -1.0, None
@@ -584,13 +614,10 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     primary = stats[p] if p is not None else None
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
-    if op.fmt.startswith("mlp"):  # the backward's two weight-gradient launches (dW2, dW1)
-        slices = tuple(stacked_slices(launch) for launch in op.launches
-                       if launch.name in ("diag_dw_kernel", "diag_dw_band_kernel")) or None
-    else:
-        slices = stacked_slices(op.launches[p] if p is not None else None)
-    models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
-              for name, gpu in GPUS.items()}
+    slices = stacked_slices(op.launches[p] if p is not None else None)
+    models = predict_by_launch(op, stats, GPUS) or {
+        name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
+        for name, gpu in GPUS.items()}
     out = []
     for i, (launch, s, err) in enumerate(zip(op.launches, stats, errors)):
         r = dict(base)

@@ -43,6 +43,17 @@ Triton can also not add into a block of a register accumulator chosen at run tim
 hidden block's target lane), so a shared hidden block costs a branch per lane or an
 NB-wide masked add per use. One output block a program with 128-token tiles stays the design.
 
+Where recomputation costs more than the hidden layer's trip through memory, the launcher does
+not fuse (``_UNFUSED_MAX_BLOCK``: b = 16 from 8192 tokens in 2-byte dtypes; a config's
+UNFUSED decides instead): fc1 with GELU in its epilogue writes gelu(h) once, in x's dtype
+(``diag_fwd_act``), and fc2 reads it (``diag_fwd``), each product with kernels/diag's wide
+tiles (many output blocks a program over an L1-resident x tile). Static model (not measured),
+ViT-B, b = 16, H200, bf16, T = 50,432: 0.39x -> 1.66x the dense MLP (91 us for fc1, HBM-bound
+on writing gelu(h); 277 us for fc2, L2-bound). A streaming design that computed each hidden
+block once and kept h on chip would still pay fc2's cost (all 48 output blocks a program need
+the [BT, 768] accumulator; at BT = 32 the values are re-read once per 32 tokens, 774 MB):
+about 1.5-2x in the same model, not 3x (bench/README.md).
+
 Training (the trade-off). The forward saves only its inputs (x and the weights), never h.
 The backward recomputes h = fc1(x) once with the unfused diagonal kernel, whose epilogue also
 writes gelu(h) (``diag_fwd_gelu``), then: dW2 = SDDMM(dy, gelu(h)); dh = (dy W2) * gelu'(h) in
@@ -68,8 +79,8 @@ import triton
 import triton.language as tl
 
 from . import runtime as rt
-from .diag import (DiagLinear, diag_dx_gelu_grad_op, diag_dx_op, diag_fwd_torch, diag_matmul_gelu_op,
-                   diag_tile_list, diag_to_dense, diag_weight_grad)
+from .diag import (DiagLinear, diag_dx_gelu_grad_op, diag_dx_op, diag_fwd, diag_fwd_act, diag_fwd_torch,
+                   diag_matmul_gelu_op, diag_tile_list, diag_to_dense, diag_weight_grad)
 from .sddmm import acc_dtype, dot_settings
 
 # tl.dot needs tiles of at least 16 x 16.
@@ -232,6 +243,18 @@ def _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size,
     return g1, g2
 
 
+# Where the recomputation costs more than the hidden layer's round trip through memory, the
+# forward runs unfused: fc1 with GELU in its epilogue (``diag_fwd_act``, the activation
+# written once), then fc2 (``diag_fwd``), each with its own tiles (several output blocks a
+# program, the L1-resident x tile of kernels/diag). b = 16 recomputes every hidden block ~5x
+# (ViT-B, K = 20): static model (not measured), H200, bf16, T = 50,432: the fused kernel 0.39x
+# the dense MLP (8.5 GB from L2), the two products 91 + 277 us. b = 64 (1.3x) stays fused
+# (4.59x). From 8192 tokens in 2-byte dtypes, where kernels/diag's wide tiles apply; a
+# config's UNFUSED decides instead (bench/sweep.py tunes it).
+_UNFUSED_MAX_BLOCK = 16
+_UNFUSED_MIN_TOKENS = 8192
+
+
 def _config(b: int, T: int, dtype: torch.dtype) -> dict:
     # Under the interpreter programs run one after another (~1-2 ms per loop iteration): big
     # token tiles. On a GPU two [BT, b] fp32 tiles (h and y) live in registers (ptxas, sm_90,
@@ -243,12 +266,14 @@ def _config(b: int, T: int, dtype: torch.dtype) -> dict:
     # would leave 12 programs (0.96x vs 1.22x), hence the bound; fp32 (CUDA cores) keeps 128
     # (at 256 ptxas for sm_80 gives a loop of 27,412 issue slots for 4096 FMA: 9.0 -> 1.5x).
     # Until bench/sweep.py writes entries.
+    # UNFUSED: the two block-diagonal products instead (_UNFUSED_MAX_BLOCK).
     if rt.interpreting():
-        default = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1}
+        default = {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1, "UNFUSED": False}
     else:
         wide_tile = b >= 64 and T >= 8192 and dtype.itemsize == 2
         default = {"BLOCK_T": 256 if wide_tile else 128, "num_warps": 4 if b <= 32 else 8,
-                   "num_stages": 2 if b <= 32 else 3}
+                   "num_stages": 2 if b <= 32 else 3,
+                   "UNFUSED": b <= _UNFUSED_MAX_BLOCK and T >= _UNFUSED_MIN_TOKENS and dtype.itemsize == 2}
     return rt.launch_config("fused_diag_mlp", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dtype)[6:]}, default)
 
 
@@ -276,14 +301,20 @@ def fused_diag_mlp_fwd(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
         y: [T, out_features], x2's dtype (accumulated in fp32, fp64 for fp64).
     Constraints: the launch config's BLOCK_T >= 16; values' element counts and the widths
     below 2^31 (int32 indexing).
+    Where the config says UNFUSED (by default b = 16 from 8192 tokens in 2-byte dtypes:
+    ``_UNFUSED_MAX_BLOCK``), the two products of kernels/diag run instead (``diag_fwd_act``,
+    ``diag_fwd``): gelu(h) is rounded to x2's dtype between them.
     """
     (R1, C1, D1, P1), (R2, C2, D2, P2) = _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2,
                                                 block_size, hidden_features, out_features)
     T, b = x2.shape[0], block_size
-    y = torch.empty(T, out_features, dtype=x2.dtype, device=x2.device)
     if T == 0:
-        return y
+        return torch.empty(T, out_features, dtype=x2.dtype, device=x2.device)
     cfg = _config(b, T, x2.dtype)
+    if cfg.get("UNFUSED"):
+        h = diag_fwd_act(x2, w1_values, w1_offsets, b, hidden_features, b1)
+        return diag_fwd(h, w2_values, w2_offsets, b, out_features, b2)
+    y = torch.empty(T, out_features, dtype=x2.dtype, device=x2.device)
     if cfg["BLOCK_T"] < 16:
         raise ValueError(f"fused_diag_mlp launch config needs BLOCK_T >= 16 (tl.dot), got {cfg['BLOCK_T']}")
     upcast, precision = dot_settings(x2.dtype)

@@ -80,7 +80,7 @@ def diag_block_kernel(
         out_ptr: out [T, N_OUT * B], element (t, o) at t * stride_ot + o * stride_oi; any
             floating dtype (the result's).
         aux_ptr: aux [T, N_OUT * B], out's dtype, shape and strides: EPILOGUE 1 writes
-            gelu(out) there, EPILOGUE 2 reads h from it; unused (any tensor) for EPILOGUE 0.
+            gelu(out) there, EPILOGUE 2 reads h from it; unused (any tensor) for EPILOGUE 0, 3.
         T: int, tokens (>= 1). D: int, blocks per diagonal, min(R, C). P: int, max(R, C).
         N_OUT: int, output blocks (>= 1). N_TILES: int, cdiv(N_OUT, NB). TILE_GROUP: int
             >= 1, output tiles per program (their a tile is re-read from L1, see
@@ -97,7 +97,7 @@ def diag_block_kernel(
             product summed on CUDA cores.
         HAS_BIAS: constexpr bool: add bias in the epilogue.
         EPILOGUE: constexpr int: 0 none, 1 GELU (aux = gelu(out)), 2 GELU_GRAD (out = acc *
-            gelu'(aux)), both exact (erf).
+            gelu'(aux)), 3 ACT (out = gelu(acc), aux unused), all exact (erf).
         UPCAST: constexpr bool: cast a and w tiles to ACC before tl.dot (the interpreter's
             bf16 is wrong; fp32 operands give an exact dot).
         DOT_PRECISION: constexpr str, tl.dot's input_precision: "ieee" or "tf32" (fp32 operands).
@@ -166,6 +166,8 @@ def diag_block_kernel(
             cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
             pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
             acc = acc * (cdf + h * pdf)
+        if EPILOGUE == 3:  # ACT: out = gelu(h) alone (the MLP forward's hidden layer, unfused)
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -433,11 +435,14 @@ def diag_dw_band_kernel(
 # 0.95 -> 1.10x dense (the 196 KB tile is past the model's 128 KB LRU; the values, re-read
 # once per 32-token tile, are 774 of its 1498 MB from L2); 250-253 registers, no spill.
 # From T = 8192: at T = 256 a program per 32 tokens would leave 8 programs for 132 SMs.
+# Both tile shapes take the GELU epilogues too (the MLP's hidden layer: gelu(h) alone, h and
+# gelu(h), dh = dy W2 * gelu'(h)): 250-255 registers, no spill on sm_90 in bf16; static model,
+# ViT-B b = 16: MLP backward 0.82 -> 1.05x the dense one's, the unfused forward 1.66x.
 _L1_TILE_BYTES = 96 * 1024
 _WIDE_L1_MIN_TOKENS = 8192
 
 
-def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0, tokens: int = 0) -> dict:
+def _block_default(b: int, dtype: torch.dtype, width: int = 0, tokens: int = 0) -> dict:
     """Launch config of the block kernel where the table has no entry (bench/sweep.py tunes
     the rest). Under the interpreter: big tiles, few loop iterations. fp32 / fp64 tiles take
     twice the registers: b = 16 then keeps 4 blocks (8 spill 32 bytes in fp32 on sm_90).
@@ -448,9 +453,9 @@ def _block_default(b: int, dtype: torch.dtype, width: int = 0, epilogue: int = 0
         nb //= 2
     if rt.interpreting():
         return {"BLOCK_T": 64, "NB": nb, "num_warps": 4, "num_stages": 1}
-    if b == 16 and dtype.itemsize == 2 and epilogue == 0 and 0 < 64 * width * dtype.itemsize <= _L1_TILE_BYTES:
+    if b == 16 and dtype.itemsize == 2 and 0 < 64 * width * dtype.itemsize <= _L1_TILE_BYTES:
         return {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1, "TILE_GROUP": 0}   # 0: _tile_group's
-    if b == 16 and dtype.itemsize == 2 and epilogue == 0 and width > 0 and tokens >= _WIDE_L1_MIN_TOKENS:
+    if b == 16 and dtype.itemsize == 2 and width > 0 and tokens >= _WIDE_L1_MIN_TOKENS:
         return {"BLOCK_T": 32, "NB": 64, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_T": 128, "NB": nb, "num_warps": 8 if b >= 64 or nb > 1 else 4, "num_stages": 3}
 
@@ -492,8 +497,9 @@ def _tile_group(T: int, row_bytes: int, n_tiles: int, cfg: dict) -> int:
 _INT32_MAX = 2 ** 31 - 1
 
 
-# Epilogues of the block kernel (the fused MLP's backward; kernels/fused.py).
-EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_GRAD = 0, 1, 2
+# Epilogues of the block kernel (the MLP's hidden layer; kernels/fused.py): the backward's h and
+# gelu(h), its dh, and the forward's gelu(h) alone where the MLP is not fused.
+EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_GELU_GRAD, EPILOGUE_ACT = 0, 1, 2, 3
 
 
 def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, kernel_name, bias=None,
@@ -518,7 +524,7 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
         return
     upcast, precision = dot_settings(a.dtype)
     cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
-                           _block_default(b, a.dtype, a.shape[1], epilogue, T))
+                           _block_default(b, a.dtype, a.shape[1], T))
     nb = cfg["NB"]
     tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, nb)
     n_tiles = tile_ptr.numel() - 1
@@ -587,6 +593,27 @@ def diag_fwd_gelu(x2, values, offsets, block_size: int, out_features: int, bias=
             by_out=R < C, trans_w=True, kernel_name="diag_fwd",
             bias=None if bias is None else bias.contiguous(), aux=a, epilogue=EPILOGUE_GELU)
     return h, a
+
+
+def diag_fwd_act(x2, values, offsets, block_size: int, out_features: int, bias=None) -> torch.Tensor:
+    """Launcher of gelu(x2 W^T + bias) (the MLP forward's hidden layer where it is not fused,
+    ``kernels.fused``): ``diag_block_kernel`` with EPILOGUE=3 writes the activation alone.
+
+    Args: as ``diag_fwd`` (x2 [T, in]; values [K, D, b, b] and bias [out_features] in x2's
+        dtype; offsets int32 [K]), with block_size b >= 16.
+    Returns:
+        [T, out_features] in x2's dtype: the exact (erf) GELU of the fp32 accumulator.
+    """
+    R, C, D, P = check_args(x2, values, offsets, block_size, out_features, bias)
+    a = torch.empty(x2.shape[0], out_features, dtype=x2.dtype, device=x2.device)
+    if x2.shape[0] == 0 or offsets.numel() == 0:
+        if x2.shape[0]:
+            a.zero_() if bias is None else a.copy_(torch.nn.functional.gelu(bias.float()).expand_as(a))
+        return a
+    _launch(x2, values.contiguous(), offsets.contiguous(), a, D, P, R, block_size,
+            by_out=R < C, trans_w=True, kernel_name="diag_fwd",
+            bias=None if bias is None else bias.contiguous(), epilogue=EPILOGUE_ACT)
+    return a
 
 
 def diag_dx_gelu_grad(dy, values, offsets, block_size: int, in_features: int, h) -> torch.Tensor:

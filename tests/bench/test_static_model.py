@@ -60,19 +60,27 @@ out["l1"] = dict(flags=[static.l1_cached(cached), static.l1_cached(bypass), stat
                  l2_cached=static.traffic(op, 2, 64, programs, static.l1_cached(cached))[1],
                  l2_bypass=static.traffic(op, 2, 64, programs, static.l1_cached(bypass))[1],
                  gathered=50432 * op.nnz / 16 * 2)
-# 5. The fused MLP's backward: its two weight-gradient launches read their stacked slices
-# (N_GROUPS x (G + 1) a token, from each launch's own table), not two per stored block.
-op = [o for o in static.build_ops(["mlp16"], ["fc1"], [4096], ["bfloat16"], torch.device("cpu"))
-      if o.product == "bwd"][0]
-static.capture(op, execute=False)
-dws = [l for l in op.launches if l.name == "diag_dw_kernel"]
-tables = [dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs for l in dws]
-slices = tuple(static.stacked_slices(l) for l in dws)
-out["mlp_bwd"] = dict(error=op.error, slices=slices,
-                      expected=[int(t["groups_ptr"].shape[0]) * (int(t["G"]) + 1) for t in tables],
-                      stacked=static.traffic(op, 2, 128, None, True, slices)[1],
-                      per_block=static.traffic(op, 2, 128, None, True, None)[1],
-                      blocks=op.nnz / 2 / 16 ** 2, tokens=op.tokens)
+# 5. MLP ops that run as separate launches (the backward; the b = 16 forward from T = 8192,
+# unfused): each launch modelled as the layer op it is, the parts summed.
+out["by_launch"] = {}
+for T in (4096, 50432):
+    for op in static.build_ops(["mlp16"], ["fc1"], [T], ["bfloat16"], torch.device("cpu")):
+        static.capture(op, execute=False)
+        gpu = {"H200": static.GPUS["H200"]}
+        whole = static.predict_by_launch(op, [None] * len(op.launches), gpu)
+        parts = []
+        for l in op.launches if whole is not None else []:
+            view = static._layer_view(op, l)
+            bt = l.constexprs().get("BLOCK_T")
+            m = static.predict(view, None, l.programs(), gpu["H200"], bt, static.stacked_slices(l))
+            args = dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs
+            parts.append(dict(name=l.name, t=m["t"], l2=m["l2"], hbm=m["hbm"], product=view.product,
+                              n_in=view.n_in, n_out=view.n_out, epilogue=args.get("EPILOGUE"),
+                              slices=static.stacked_slices(l)))
+        out["by_launch"][f"{op.product} {T}"] = dict(
+            error=op.error, parts=parts, glue=op.glue_bytes, glue_ops=op.glue_ops,
+            glue_s=static.TORCH_OP_S * op.glue_ops + op.glue_bytes / gpu["H200"]["hbm"],
+            whole=None if whole is None else {k: whole["H200"][k] for k in ("t", "l2", "hbm")})
 # 6. The band weight gradient (b = 16 bf16 from T = 8192): each program's distinct dy and x
 # blocks a token (its repeats hit in L1), from its own table.
 op = [o for o in static.build_ops(["diag16"], ["fc1"], [50432], ["bfloat16"], torch.device("cpu"))
@@ -127,14 +135,32 @@ def test_l1_hits_are_counted_only_for_loads_that_go_through_l1(probe):
     assert l1["l2_bypass"] > l1["gathered"] > l1["l2_cached"], l1
 
 
-def test_mlp_backward_counts_the_stacked_weight_gradient_slices(probe):
-    m = probe["mlp_bwd"]
-    assert not m["error"] and len(m["slices"]) == 2, m
-    assert m["slices"] == m["expected"], m  # N_GROUPS x (G + 1) of each launch's table
-    # b = 16, K = 20: 5 stacks of G = 4 on each of 48 shared blocks, 48 x 5 x 5 = 1200 slices
-    # a token per layer against 2 x 960 blocks; the L2 count drops by exactly the difference
-    saved = m["tokens"] * (2 * 2 * m["blocks"] - sum(m["slices"])) * 16 * 2
-    assert m["per_block"] - m["stacked"] == pytest.approx(saved) and saved > 0, m
+def test_mlp_ops_of_separate_launches_are_the_sum_of_their_layer_models(probe):
+    m = probe["by_launch"]
+    # the fused kernel below 8192 tokens (its own formula), the two products from there on
+    assert m["fwd 4096"]["whole"] is None, m["fwd 4096"]
+    fwd = m["fwd 50432"]
+    assert [(p["name"], p["epilogue"], p["n_in"], p["n_out"]) for p in fwd["parts"]] == [
+        ("diag_block_kernel", 3, 768, 3072), ("diag_block_kernel", 0, 3072, 768)], fwd
+    for key in ("fwd 50432", "bwd 4096", "bwd 50432"):
+        r = m[key]
+        assert not r["error"] and r["whole"], r
+        assert r["whole"]["l2"] == pytest.approx(sum(p["l2"] for p in r["parts"])), key
+        assert r["whole"]["hbm"] == pytest.approx(sum(p["hbm"] for p in r["parts"]) + r["glue"]), key
+        assert r["whole"]["t"] == pytest.approx(sum(p["t"] for p in r["parts"]) + r["glue_s"]), key
+    # the backward: h (and gelu(h)), dW2, dh, dx, dW1; each weight gradient reads its own
+    # table's slices (stacks at 4096 tokens, bands at 50,432), never 2 per stored block
+    for key in ("bwd 4096", "bwd 50432"):
+        parts = m[key]["parts"]
+        assert [p["product"] for p in parts] == ["fwd", "dw", "fwd", "fwd", "dw"], parts
+        assert all(p["slices"] for p in parts if p["product"] == "dw"), parts
+    assert m["bwd 50432"]["glue_s"] > 0  # the partial sums of dW and b1's column sum
+    # a GELU epilogue's second tensor (gelu(h) written, or h read for dh) is HBM beside the
+    # layer's own x and y (and its values and offsets): T x 3072 x 2 bytes more
+    b = m["bwd 50432"]["parts"]
+    assert [p["epilogue"] for p in b] == [1, None, 2, 0, None], b
+    f = m["fwd 50432"]["parts"]  # the same fc1 product without the second tensor
+    assert b[0]["hbm"] - f[0]["hbm"] == 50432 * 3072 * 2, (b[0], f[0])
 
 
 def test_band_weight_gradient_counts_each_programs_distinct_slices(probe):

@@ -318,3 +318,15 @@ def test_gpu_report_sums_training_products_and_judges_the_targets(tmp_path):
     assert interp["diag/block fwd, T=256x197"]["met"].startswith("n/a")
     sweep.plot(rows, tmp_path / "speedup.png", interp=False)
     assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_full_space_tries_the_mlp_forward_unfused_once():
+    """UNFUSED swaps the fused kernel for the two block-diagonal products, whose tiles are their
+    own: one candidate with it flipped, the default's other keys unchanged."""
+    from bench.ops import candidate_space
+    default = {"BLOCK_T": 128, "num_warps": 4, "num_stages": 2, "UNFUSED": False}
+    space = candidate_space(default, 50432, 16, quick=False)
+    assert space[0] == default
+    flipped = [c for c in space if c["UNFUSED"]]
+    assert flipped == [dict(default, UNFUSED=True)], flipped
+    assert len(space) > 10  # the fused kernel's tiles, warps and stages are still swept

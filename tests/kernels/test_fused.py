@@ -325,3 +325,55 @@ def test_fused_mlp_follows_a_pattern_change_between_calls(backend):
         y = fused_diag_mlp(x, v1, off1, b1, v2, off2, b2, *shape)
         assert_matches(y, fused_diag_mlp_ref(x.double(), v1.double(), off1, b1.double(), v2.double(), off2,
                                              b2.double(), *shape))
+
+
+@pytest.fixture
+def unfused(monkeypatch):
+    """The launcher's unfused forward (fc1 with GELU in its epilogue, then fc2), forced."""
+    original = rt.launch_config
+
+    def choose(kernel, key, default, device=None):
+        cfg = original(kernel, key, default, device)
+        return dict(cfg, UNFUSED=True) if kernel == "fused_diag_mlp" else cfg
+
+    monkeypatch.setattr(rt, "launch_config", choose)
+    with kernels.use_backend("triton"):
+        yield
+
+
+@pytest.mark.parametrize("b,C1,R1,R2,K1,K2", [
+    (16, 2, 8, 2, 3, 3),   # ViT-like: fc1 tall, fc2 wide
+    (16, 4, 2, 4, 2, 1),   # bottleneck: fc1 wide, fc2 tall
+    (16, 3, 5, 1, 1, 5),   # one output block, every fc2 diagonal
+    (32, 1, 3, 2, 3, 1),
+    (16, 2, 3, 2, 0, 2),   # no fc1 diagonal: the hidden layer is gelu(b1)
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_unfused_forward_matches_the_reference(unfused, b, C1, R1, R2, K1, K2, dtype):
+    check_mlp(1, b, C1, R1, R2, K1, K2, 37, dtype)
+
+
+def test_the_unfused_forward_runs_the_two_products(unfused):
+    """The forced config takes the other path: a [T, hidden] activation exists (which the
+    fused kernel never makes), and it is gelu(fc1(x)) rounded to x's dtype."""
+    v1, off1, b1, v2, off2, b2 = make(0, 16, 2, 8, 2, 3, 3)
+    x = torch.randn(20, 32, device=DEVICE)
+    with torch.no_grad(), _Sizes() as census:
+        y = fused_diag_mlp_fwd(x, v1, off1, b1, v2, off2, b2, 16, 128, 32)
+    assert census.largest >= 20 * 128
+    h = F.gelu(F.linear(x.double(), diag_to_dense(v1.double(), off1, 32, 128, 16), b1.double()))
+    expected = F.linear(h, diag_to_dense(v2.double(), off2, 128, 32, 16), b2.double())
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_forward_is_unfused_by_default_only_at_b16_on_many_tokens(monkeypatch):
+    """Off the interpreter: b = 16 from 8192 tokens in 2-byte dtypes (the hidden layer would be
+    recomputed ~5x); b = 64, few tokens and fp32 stay fused."""
+    monkeypatch.setattr(rt, "interpreting", lambda: False)
+    cfg = kernels.fused._config
+    assert cfg(16, 50432, torch.bfloat16)["UNFUSED"]
+    assert cfg(16, 8192, torch.float16)["UNFUSED"]
+    assert not cfg(16, 4096, torch.bfloat16)["UNFUSED"]
+    assert not cfg(64, 50432, torch.bfloat16)["UNFUSED"]
+    assert not cfg(32, 50432, torch.bfloat16)["UNFUSED"]
+    assert not cfg(16, 50432, torch.float32)["UNFUSED"]

@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels.diag.pattern import L1_MODEL_BYTES, tile_l1_slices  # noqa: E402
 from bench import common, sass  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,7 +385,7 @@ def _device_cc() -> int | None:
     return 10 * major + minor
 
 
-L1_TILE_BYTES = 128 * 1024  # an activation tile up to this size stays in L1 (256 KB per SM, with shared memory)
+L1_TILE_BYTES = L1_MODEL_BYTES  # L1 as an LRU of 128 KB (256 KB an SM on sm_90, shared memory included)
 
 
 def l1_cached(s: sass.Sass | None) -> bool:
@@ -416,6 +417,32 @@ def stacked_slices(launch: sass.Launch | None) -> int | None:
     return int(bound["N_GROUPS"]) * (int(stack) + 1)
 
 
+def l1_slices(launch: sass.Launch) -> int | None:
+    """Slices (BLOCK_T tokens x b features) of the gathered operand the programs of one token
+    tile of ``diag_block_kernel`` read from L2 (model; so a token reads that many): each
+    program's loads replayed in the kernel's order through an LRU of L1_TILE_BYTES
+    (``kernels.diag.pattern.tile_l1_slices``, from the launch's own tile list and
+    TILE_GROUP). The values load .cg (L2 only) and stores do not allocate in L1: neither
+    takes a place in it. Only for loads through L1 (``l1_cached``; the caller checks)."""
+    if launch is None or launch.name != "diag_block_kernel":
+        return None
+    bound = dict(zip([p.name for p in launch.fn.params], launch.args))
+    bound.update(launch.kwargs)
+    slice_bytes = int(bound["BLOCK_T"]) * int(bound["B"]) * bound["a_ptr"].element_size()
+    return tile_l1_slices(bound["tile_ptr"], bound["entries_ptr"], int(bound["N_OUT"]), int(bound["P"]),
+                          int(bound["D"]), bool(bound["BY_OUT"]), int(bound["NB"]), int(bound["TILE_GROUP"]),
+                          L1_TILE_BYTES // slice_bytes)
+
+
+def launch_slices(launch: sass.Launch | None, s: sass.Sass | None) -> int | None:
+    """Activation slices of b features a token the launch reads from L2 where the model counts
+    them from its tables: the weight gradient's stacks and bands (``stacked_slices``), the
+    block kernel's L1 replay (``l1_slices``) when its loads go through L1; else None."""
+    if launch is not None and launch.name == "diag_block_kernel":
+        return l1_slices(launch) if l1_cached(s) else None
+    return stacked_slices(launch)
+
+
 def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
             l1: bool = True, slices: int | None = None) -> tuple[float, float]:
     """(compulsory HBM bytes, L2-to-SM bytes) of the op (model).
@@ -427,8 +454,10 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     every token tile of fwd / dx re-reads the values (dW reads none, it writes the gradient:
     its values term counts once). A model: L1 is taken as an LRU of 128 KB, and no L1 hit is
     counted when the main loop loads through L1-bypassing cp.async (``l1``). ``slices``
-    (``stacked_slices``): the T x b slices a stacked weight-gradient kernel reads per token,
-    which replace the 2 per block of dw (its loads bypass L1: no L1 hit on top). An MLP op
+    (``launch_slices``): the slices of b features a token reads from L2, counted from the
+    launch's own tables - a stacked or band weight gradient's (2 per block otherwise), the
+    block kernel's L1 replay (``l1_slices``) - replacing the count above (no L1 hit on top:
+    the tile rule stays for the other kernels). An MLP op
     here is the fused kernel's forward; separate launches are modelled one by one
     (``predict_by_launch``)."""
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
@@ -441,7 +470,7 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     hbm = act + weights
     width = {"fwd": n_in, "dx": n_out, "dw": n_in + n_out}[op.product]  # the gathered operand(s)
     gathered = (2 if op.product == "dw" else 1) * T * nnz / b * e
-    if op.product == "dw" and slices:
+    if slices:
         gathered = T * slices * b * e
     elif block_t and programs and l1:
         # A program touches at most its token tile of the gathered operand; re-reads of it hit
@@ -556,7 +585,7 @@ def predict_by_launch(op: Op, stats: list, gpus: dict) -> dict | None:
             layer = _layer_view(op, launch)
             block_t = launch.constexprs().get("BLOCK_T")
             m = predict(layer, s, launch.programs(), gpu, block_t if isinstance(block_t, int) else None,
-                        stacked_slices(launch))
+                        launch_slices(launch, s))
             if total is None:
                 total = dict(m, slowest=m["t"])
             else:
@@ -614,7 +643,7 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     primary = stats[p] if p is not None else None
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
-    slices = stacked_slices(op.launches[p] if p is not None else None)
+    slices = launch_slices(op.launches[p] if p is not None else None, primary)
     models = predict_by_launch(op, stats, GPUS) or {
         name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
         for name, gpu in GPUS.items()}

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .. import runtime as rt
 from ..sddmm import acc_dtype, dot_settings, sddmm
-from .pattern import block_coords, diag_dw_bands, diag_dw_groups, diag_dw_stacks, diag_tile_list, dw_band_slices
+from .pattern import (L1_MODEL_BYTES, block_coords, diag_dw_bands, diag_dw_groups, diag_dw_stacks, diag_tile_list,
+                      dw_band_slices, tile_l1_slices)
 from .reference import check_args, diag_geometry
 
 
@@ -428,18 +429,58 @@ def diag_dw_band_kernel(
 # in L1; pipelined 16-byte cp.async bypasses L1, so every diagonal re-reads x from L2). sm_90,
 # bf16, T = 50,432, ViT-B: x from L2 once per 32 output blocks instead of once per diagonal,
 # static model 0.95 -> 1.90x dense; 242-254 registers, 1 block (8 warps) an SM, no spill.
-# Wider (fc2's forward, fc1's input gradient at 3072): 32-token tiles and 64 output blocks a
-# program (all 48 of ViT-B's 768 outputs), the same accumulator size; the tile lists walk a
-# tile's diagonals in ascending input block, so consecutive diagonals' windows of x overlap
-# (48 blocks wide, ~10 apart at K = 20 of 192) and their re-reads stay in L1: static model
-# 0.95 -> 1.10x dense (the 196 KB tile is past the model's 128 KB LRU; the values, re-read
-# once per 32-token tile, are 774 of its 1498 MB from L2); 250-253 registers, no spill.
-# From T = 8192: at T = 256 a program per 32 tokens would leave 8 programs for 132 SMs.
+# Wider (fc2's forward, fc1's input gradient at 3072): the same accumulator size (BLOCK_T x NB
+# = 2048) in the shape that moves the fewest bytes from L2 for the pattern (``_wide_tiles``):
+# the tile lists walk a tile's diagonals in ascending input block, so consecutive diagonals'
+# windows of x overlap and their re-reads hit in L1, while the values are re-read once per
+# token tile. 32 tokens x 64 blocks (all 48 of ViT-B's outputs) read x about once but the
+# values once per 32 tokens (775 MB); 128 x 16 read the values a quarter as often (194 MB)
+# and x ~2.3 times (717 MB: three tiles, windows 16 blocks wide ~10 apart). Replaying each
+# program's loads through the model's 128 KB LRU (``tile_l1_slices``), static model, ViT-B fc2
+# forward, H200, bf16, T = 50,432: 1.43x (32 x 64) -> 1.78x (128 x 16); 232-253 registers,
+# no spill. From T = 8192: at T = 256 a program per 32 tokens would leave 8 programs for 132
+# SMs.
 # Both tile shapes take the GELU epilogues too (the MLP's hidden layer: gelu(h) alone, h and
 # gelu(h), dh = dy W2 * gelu'(h)): 250-255 registers, no spill on sm_90 in bf16; static model,
 # ViT-B b = 16: MLP backward 0.82 -> 1.05x the dense one's, the unfused forward 1.66x.
 _L1_TILE_BYTES = 96 * 1024
 _WIDE_L1_MIN_TOKENS = 8192
+
+
+_WIDE_TILES = ((32, 64), (64, 32), (128, 16))  # (BLOCK_T, NB): 2048 accumulators [BT, NB x 16] each
+_SMS = 132
+
+
+def _wide_l1(b: int, dtype: torch.dtype, width: int, tokens: int) -> bool:
+    """Whether the block kernel takes the wide L1 tiles: b = 16 in 2-byte dtypes from
+    ``_WIDE_L1_MIN_TOKENS``, the gathered operand too wide for a 64-token tile in L1."""
+    return (b == 16 and dtype.itemsize == 2 and 64 * width * dtype.itemsize > _L1_TILE_BYTES
+            and tokens >= _WIDE_L1_MIN_TOKENS)
+
+
+def _wide_tiles(offsets, n_out: int, P: int, D: int, by_out: bool, b: int, itemsize: int, T: int) -> dict:
+    """BLOCK_T and NB of the wide L1 tiles (``_WIDE_TILES``) that read the fewest bytes from L2
+    a token: the gathered operand's slices the L1 replay misses (``tile_l1_slices``, an LRU
+    of L1_MODEL_BYTES) plus the values once per token tile, over the grid's wave fill on 132
+    SMs (one block an SM). The replay is cached per pattern."""
+    values = offsets.numel() * D * b * b * itemsize
+
+    def build():
+        out = []
+        for bt, nb in _WIDE_TILES:
+            tile_ptr, entries = diag_tile_list(offsets, n_out, P, D, by_out, nb)
+            out.append(tile_l1_slices(tile_ptr, entries, n_out, P, D, by_out, nb, 1,
+                                      L1_MODEL_BYTES // (bt * b * itemsize)))
+        return out
+    misses = rt.cached_pattern((offsets,), ("diag wide tiles", n_out, P, D, by_out, b, itemsize), build)
+
+    def cost(i):
+        bt, nb = _WIDE_TILES[i]
+        programs = triton.cdiv(T, bt) * triton.cdiv(n_out, nb)
+        fill = programs / (triton.cdiv(programs, _SMS) * _SMS)
+        return (misses[i] * b * itemsize + values / bt) / fill
+    bt, nb = _WIDE_TILES[min(range(len(_WIDE_TILES)), key=cost)]
+    return {"BLOCK_T": bt, "NB": nb}
 
 
 def _block_default(b: int, dtype: torch.dtype, width: int = 0, tokens: int = 0) -> dict:
@@ -455,7 +496,7 @@ def _block_default(b: int, dtype: torch.dtype, width: int = 0, tokens: int = 0) 
         return {"BLOCK_T": 64, "NB": nb, "num_warps": 4, "num_stages": 1}
     if b == 16 and dtype.itemsize == 2 and 0 < 64 * width * dtype.itemsize <= _L1_TILE_BYTES:
         return {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1, "TILE_GROUP": 0}   # 0: _tile_group's
-    if b == 16 and dtype.itemsize == 2 and width > 0 and tokens >= _WIDE_L1_MIN_TOKENS:
+    if _wide_l1(b, dtype, width, tokens):  # the launcher's _wide_tiles picks the tile shape
         return {"BLOCK_T": 32, "NB": 64, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_T": 128, "NB": nb, "num_warps": 8 if b >= 64 or nb > 1 else 4, "num_stages": 3}
 
@@ -523,8 +564,10 @@ def _launch(a, values, offsets, out, D, P, n_out_blocks, b, by_out, trans_w, ker
                                 ACC=acc_dtype(a.dtype), NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
         return
     upcast, precision = dot_settings(a.dtype)
-    cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]},
-                           _block_default(b, a.dtype, a.shape[1], T))
+    default = _block_default(b, a.dtype, a.shape[1], T)
+    if not rt.interpreting() and _wide_l1(b, a.dtype, a.shape[1], T):
+        default.update(_wide_tiles(offsets, n_out_blocks, P, D, by_out, b, a.element_size(), T))
+    cfg = rt.launch_config(kernel_name, {"b": b, "T": rt.shape_bucket(T), "dtype": str(a.dtype)[6:]}, default)
     nb = cfg["NB"]
     tile_ptr, entries = diag_tile_list(offsets, n_out_blocks, P, D, by_out, nb)
     n_tiles = tile_ptr.numel() - 1

@@ -139,6 +139,43 @@ def dw_band_slices(table: torch.Tensor, nb: int) -> int:
     return distinct(rows) + distinct(cols)
 
 
+# What the launcher's tile choice and bench/static.py's model take L1 to be: an LRU of 128 KB
+# (256 KB an SM on sm_90, shared memory included). A model: only a GPU run can confirm it.
+L1_MODEL_BYTES = 128 * 1024
+
+
+def tile_l1_slices(tile_ptr, entries, n_out: int, P: int, D: int, by_out: bool, nb: int, group: int,
+                   capacity: int) -> int:
+    """Slices (a token tile x one input block) of the gathered operand that the programs of one
+    token tile of ``diag_block_kernel`` read from L2, their loads replayed in the kernel's
+    order - a program's ``group`` tiles one after the other, a tile's entries in list order,
+    an entry's valid lanes (input block p0 + lane wrapped at P; BY_IN: only p < D) - through
+    an LRU of ``capacity`` slices (0: no L1). tile_ptr, entries: ``diag_tile_list``'s, as
+    tensors or lists. Per token that is the slices it reads, each of b features."""
+    tile_ptr = tile_ptr.tolist() if hasattr(tile_ptr, "tolist") else list(tile_ptr)
+    entries = entries.tolist() if hasattr(entries, "tolist") else list(entries)
+    n_tiles = len(tile_ptr) - 1
+    misses = 0
+    for first in range(0, n_tiles, max(1, group)):
+        lru: dict[int, None] = {}  # insertion order = recency
+        for tile in range(first, min(first + max(1, group), n_tiles)):
+            lanes = [n for n in range(nb) if tile * nb + n < n_out]
+            for _, p0 in entries[tile_ptr[tile]:tile_ptr[tile + 1]]:
+                for n in lanes:
+                    p = p0 + n - P if p0 + n >= P else p0 + n
+                    if not by_out and p >= D:
+                        continue
+                    if p in lru:
+                        del lru[p]
+                    else:
+                        misses += 1
+                        if capacity and len(lru) >= capacity:
+                            del lru[next(iter(lru))]
+                    if capacity:
+                        lru[p] = None
+    return misses
+
+
 def element_coords(offsets, R: int, C: int, b: int):
     """(rows, cols) of every stored element, aligned with values.reshape(-1) ([K, D, b, b],
     entry [i, j] of a block = output b*row + i, input b*col + j); cached per offsets."""

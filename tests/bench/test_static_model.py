@@ -72,11 +72,11 @@ for T in (4096, 50432):
         for l in op.launches if whole is not None else []:
             view = static._layer_view(op, l)
             bt = l.constexprs().get("BLOCK_T")
-            m = static.predict(view, None, l.programs(), gpu["H200"], bt, static.stacked_slices(l))
+            m = static.predict(view, None, l.programs(), gpu["H200"], bt, static.launch_slices(l, None))
             args = dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs
             parts.append(dict(name=l.name, t=m["t"], l2=m["l2"], hbm=m["hbm"], product=view.product,
                               n_in=view.n_in, n_out=view.n_out, epilogue=args.get("EPILOGUE"),
-                              slices=static.stacked_slices(l)))
+                              slices=static.launch_slices(l, None)))
         out["by_launch"][f"{op.product} {T}"] = dict(
             error=op.error, parts=parts, glue=op.glue_bytes, glue_ops=op.glue_ops,
             glue_s=static.TORCH_OP_S * op.glue_ops + op.glue_bytes / gpu["H200"]["hbm"],
@@ -95,6 +95,23 @@ sl = static.stacked_slices(band[0]) if band else None
 out["band"] = dict(launches=[l.name for l in op.launches], slices=sl, distinct=distinct,
                    l2=static.traffic(op, 2, 16, None, True, sl)[1], tokens=op.tokens, blocks=op.nnz / 16 ** 2,
                    weights=op.nnz * 2 + op.index_bytes)
+# 7. The block kernel's gathered operand: its programs' loads replayed through the LRU (the
+# launch's own tile list, NB, BLOCK_T and TILE_GROUP), for loads through L1 only.
+op = [o for o in static.build_ops(["diag16"], ["fc2"], [50432], ["bfloat16"], torch.device("cpu"))
+      if o.product == "fwd"][0]
+static.capture(op, execute=False)
+l = op.launches[0]
+a = dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs
+from kernels.diag.pattern import tile_l1_slices
+cap = 128 * 1024 // (int(a["BLOCK_T"]) * 16 * 2)
+out["replay"] = dict(slices=static.launch_slices(l, cached), bypass=static.launch_slices(l, bypass),
+                     own=tile_l1_slices(a["tile_ptr"], a["entries_ptr"], 48, 192, 48, True, int(a["NB"]),
+                                        int(a["TILE_GROUP"]), cap),
+                     none=tile_l1_slices(a["tile_ptr"], a["entries_ptr"], 48, 192, 48, True, int(a["NB"]),
+                                         int(a["TILE_GROUP"]), 0),
+                     blocks=op.nnz / 16 ** 2, bt=int(a["BLOCK_T"]),
+                     l2=static.traffic(op, 2, int(a["BLOCK_T"]), l.programs(), True, static.launch_slices(l, cached))[1],
+                     weights=op.nnz * 2 + op.index_bytes, tokens=op.tokens)
 print(json.dumps(out))
 '''
 
@@ -171,3 +188,14 @@ def test_band_weight_gradient_counts_each_programs_distinct_slices(probe):
     # the slices, 16 bf16 features a token each, plus the values and offsets once (the gradient)
     assert m["l2"] == pytest.approx(m["tokens"] * m["slices"] * 16 * 2 + m["weights"]), m
     assert m["slices"] < 1.25 * m["blocks"], m
+
+
+def test_block_kernel_l2_count_replays_each_programs_loads_through_l1(probe):
+    m = probe["replay"]
+    assert m["bypass"] is None  # cp.async past L1: the plain count (a slice per block) instead
+    assert m["slices"] == m["own"] > 0, m
+    # without L1 every block's slice is read: 20 diagonals x 48 output blocks a token
+    assert m["none"] == m["blocks"] == 960, m
+    assert m["slices"] < 0.5 * m["none"], m  # ascending windows ~10 blocks apart overlap
+    T, bt = m["tokens"], m["bt"]
+    assert m["l2"] == pytest.approx(T * m["slices"] * 16 * 2 + m["weights"] * -(-T // bt)), m

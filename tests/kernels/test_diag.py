@@ -293,7 +293,7 @@ def test_opcheck_passes_with_a_bias(backend):
 # (the fused MLP's backward: h and gelu(h) from one forward, dh = (dy W) * gelu'(h) from one
 # input-gradient launch)
 
-from kernels.diag import diag_dx_gelu_grad, diag_fwd_gelu  # noqa: E402
+from kernels.diag import diag_dx_gelu_grad, diag_fwd_act, diag_fwd_gelu  # noqa: E402
 
 
 # tall, wide; b = 16 (NB = 8 output blocks a program on a GPU) and 32; odd token counts
@@ -315,6 +315,8 @@ def test_gelu_epilogues_match_gelu_of_the_reference_product(b, R, C, K, T, dtype
     h, act = diag_fwd_gelu(x.to(dtype), values.to(dtype), offsets, b, n_out, bias.to(dtype))
     assert_matches(h, h64, hl, "h")
     assert_matches(act, F.gelu(h64), F.gelu(hl), "gelu(h)")
+    alone = diag_fwd_act(x.to(dtype), values.to(dtype), offsets, b, n_out, bias.to(dtype))
+    assert_matches(alone, F.gelu(h64), F.gelu(hl), "gelu(h) alone")
     # input gradient of the layer whose *input* went through the GELU: dh = (dy2 W) * gelu'(h)
     # with dy2 [T, n_out] and the pre-activation of its input [T, n_in]
     pre = torch.randn(T, n_in, generator=g).to(DEVICE)
@@ -330,6 +332,8 @@ def test_gelu_epilogues_without_diagonals_give_bias_terms():
     off = torch.zeros(0, dtype=torch.int32)
     h, act = diag_fwd_gelu(x, none, off, 16, 64, bias)
     assert torch.equal(h, bias.expand(5, 64)) and torch.allclose(act, F.gelu(h))
+    assert torch.allclose(diag_fwd_act(x, none, off, 16, 64, bias), F.gelu(bias).expand(5, 64))
+    assert torch.equal(diag_fwd_act(x, none, off, 16, 64), torch.zeros(5, 64))
     assert torch.equal(diag_dx_gelu_grad(dy, none, off, 16, 32, pre), torch.zeros(5, 32))
 
 
@@ -357,11 +361,13 @@ def test_output_tiles_grouped_per_program_match_the_reference(R, C, K, group):
     with rt.config_override(grouped):
         y = kernels.diag.diag_fwd(x, values, offsets, b, n_out, bias)
         h, act = diag_fwd_gelu(x, values, offsets, b, n_out, bias)
+        alone = diag_fwd_act(x, values, offsets, b, n_out, bias)
         dx = kernels.diag.diag_dx(dy, values, offsets, b, n_in)
         dh = diag_dx_gelu_grad(dy, values, offsets, b, n_in, pre)
     assert_matches(y, h64, name="y")
     assert_matches(h, h64, name="h")
     assert_matches(act, F.gelu(h64), name="gelu(h)")
+    assert_matches(alone, F.gelu(h64), name="gelu(h) alone")
     assert_matches(dx, dy.double() @ w64, name="dx")
     assert_matches(dh, torch.ops.aten.gelu_backward(dy.double() @ w64, pre.double()), name="dh")
 
@@ -374,6 +380,73 @@ def test_tile_group_is_one_unless_x_tile_is_read_through_l1():
     assert _tile_group(256, 768 * 2, 6, l1) == 1  # 24 programs: nothing to spare
     assert _tile_group(50432, 3072 * 2, 6, l1) == 1  # a 384 KB x tile: no L1 reuse
     assert _tile_group(50432, 768 * 2, 6, dict(l1, num_stages=3)) == 1  # cp.async bypasses L1
+
+
+def test_l1_replay_counts_the_misses_of_an_lru_in_the_kernels_load_order():
+    from kernels.diag.pattern import tile_l1_slices
+    # one tile of 2 output blocks (by_out: lane n reads p0 + n, wrapped at P = 8)
+    windows = [[0, 0], [0, 2], [0, 0]]  # input blocks {0, 1}, {2, 3}, {0, 1}
+    assert tile_l1_slices([0, 3], windows, 2, 8, 2, True, 2, 1, 0) == 6  # no L1: every load
+    assert tile_l1_slices([0, 3], windows, 2, 8, 2, True, 2, 1, 2) == 6  # {0, 1} evicted by {2, 3}
+    assert tile_l1_slices([0, 3], windows, 2, 8, 2, True, 2, 1, 4) == 4  # all four stay
+    sliding = [[0, 0], [0, 1], [0, 7]]  # {0, 1}, {1, 2}, then {7, 0}: wrapped at P
+    assert tile_l1_slices([0, 3], sliding, 2, 8, 2, True, 2, 1, 4) == 4  # the overlaps hit
+    assert tile_l1_slices([0, 3], sliding, 2, 8, 2, True, 2, 1, 3) == 5  # 7 evicts 0, the least recent
+    # recency, not arrival: 0 read again before 2 comes, so 2 evicts 1 (a FIFO would evict 0)
+    assert tile_l1_slices([0, 5], [[0, p] for p in (0, 1, 0, 2, 0)], 1, 8, 1, True, 1, 1, 2) == 3
+    # a second tile reading the same windows hits only when one program runs both (group 2)
+    two = [0, 2, 4], [[0, 0], [0, 2], [0, 0], [0, 2]]
+    assert tile_l1_slices(*two, 4, 8, 4, True, 2, 1, 4) == 8
+    assert tile_l1_slices(*two, 4, 8, 4, True, 2, 2, 4) == 4
+    # BY_IN reads only input blocks below D; lanes past the last output block read nothing
+    assert tile_l1_slices([0, 1], [[0, 2]], 2, 8, 3, False, 2, 1, 4) == 1
+    assert tile_l1_slices([0, 1], [[0, 2]], 1, 8, 3, True, 2, 1, 4) == 1
+
+
+def test_wide_tiles_take_the_shape_that_reads_the_fewest_bytes():
+    """fc2's forward at ViT-B b = 16 (768 outputs, x 3072 wide): 128 tokens x 16 output blocks
+    beat 32 x 64 once T fills the SMs (values a quarter as often, x ~2x); the choice is the
+    argmin of the replayed misses plus the values per token tile."""
+    from kernels.diag.kernel import _WIDE_TILES, _wide_l1, _wide_tiles
+    from kernels.diag.pattern import tile_l1_slices
+    g = torch.Generator().manual_seed(0)
+    R, C, b = 48, 192, 16
+    offsets = torch.randperm(C, generator=g)[:20].to(torch.int32)
+    assert _wide_l1(b, torch.bfloat16, 3072, 50432) and not _wide_l1(b, torch.bfloat16, 768, 50432)
+    assert not _wide_l1(b, torch.bfloat16, 3072, 4096) and not _wide_l1(b, torch.float32, 3072, 50432)
+    per_token = {}
+    for bt, nb in _WIDE_TILES:
+        tp, en = kernels.diag.diag_tile_list(offsets, R, C, R, True, nb)
+        misses = tile_l1_slices(tp, en, R, C, R, True, nb, 1, 128 * 1024 // (bt * b * 2))
+        per_token[(bt, nb)] = misses * b * 2 + 20 * R * b * b * 2 / bt
+    best = min(per_token, key=per_token.get)
+    assert _wide_tiles(offsets, R, C, R, True, b, 2, 50432 * 8) == {"BLOCK_T": best[0], "NB": best[1]}
+    assert best == (128, 16) and per_token[best] < 0.85 * per_token[(32, 64)], per_token
+    # few tokens: 128-token tiles leave a wave of the grid mostly empty
+    assert _wide_tiles(offsets, R, C, R, True, b, 2, 8192) != {"BLOCK_T": 128, "NB": 16}
+
+
+@pytest.mark.parametrize("bt,nb", [(128, 16), (64, 32)])
+def test_the_wide_tiles_match_the_reference(bt, nb):
+    """The wide shapes on a ViT-B-sized fc2 (48 output blocks: 3 tiles of 16, or a full and a
+    half-empty tile of 32) with a ragged last token tile, forward with bias and input grad."""
+    g = torch.Generator().manual_seed(bt)
+    b, R, C, T = 16, 48, 192, 150
+    n_in, n_out = C * b, R * b
+    offsets = torch.randperm(C, generator=g)[:20].to(torch.int32).to(DEVICE)
+    values = (torch.randn(20, R, b, b, generator=g) / (b * 20) ** 0.5).to(DEVICE)
+    bias = torch.randn(n_out, generator=g).to(DEVICE)
+    x, dy = torch.randn(T, n_in, generator=g).to(DEVICE), torch.randn(T, n_in // 4, generator=g).to(DEVICE)
+    w64 = diag_to_dense(values.double(), offsets, n_in, n_out, b)
+
+    def wide(kernel, key, default):
+        return dict(default, BLOCK_T=bt, NB=nb, num_stages=1) if kernel in ("diag_fwd", "diag_dx") else None
+
+    with rt.config_override(wide):
+        y = kernels.diag.diag_fwd(x, values, offsets, b, n_out, bias)
+        dx = kernels.diag.diag_dx(dy, values, offsets, b, n_in)
+    assert_matches(y, x.double() @ w64.t() + bias.double(), name="y")
+    assert_matches(dx, dy.double() @ w64, name="dx")
 
 
 def test_weight_grad_stack_minimises_the_slices_read_per_token():

@@ -374,19 +374,30 @@ def diag_dw_band_kernel(
     (mma.sync on a GPU) whose operand tiles gather each lane's dy and x block. A program's
     blocks repeat few distinct blocks (a band of consecutive blocks of the long operand, the
     diagonals' windows of the other), and the loads are synchronous, cached in L1, so a repeat
-    is an L1 hit: at ViT-B b = 16, K = 20, NB = 64, 733 slices a token from L2 instead of the
-    stacks' 1200 (``dw_band_slices``).
+    is an L1 hit: at ViT-B b = 16, K = 20, 552 slices a token from L2 at NB = 128 (733 at NB =
+    64) instead of the stacks' 1200 (``dw_band_slices``).
 
-    Grid: (N_PROGS * n_chunks,); program p computes table row p % N_PROGS over tokens
-    [(p // N_PROGS) * T_CHUNK, ... + T_CHUNK), as ``diag_dw_kernel``.
+    Grid: (N_PROGS * n_chunks,), n_chunks = cdiv(T, T_CHUNK); program p computes table row p %
+    N_PROGS over tokens [(p // N_PROGS) * T_CHUNK, (p // N_PROGS + 1) * T_CHUNK). The launcher
+    (``diag_dw``) checks, then launches this, and sums the chunks: deterministic, no atomics.
 
     Args:
-        dy_ptr, x_ptr, g_ptr, T, T_CHUNK, N_VALUES, strides: as ``diag_dw_kernel``.
+        dy_ptr: dy [T, R * B], element (t, o) at t * stride_dyt + o * stride_dyo; fp16 or bf16
+            (fp32 works, but its tiles do not fit the registers on a GPU).
+        x_ptr: x [T, C * B], element (t, i) at t * stride_xt + i * stride_xi, the dtype of dy.
         table_ptr: int32 [N_PROGS, 3 * NB] from ``diag_dw_bands(offsets, R, C, NB)``, contiguous:
-            value block indices (-1: padding, not stored), dy row blocks, x column blocks.
-        B: constexpr int, the block size: a power of two >= 16. NB: constexpr int, power of two.
-        BLOCK_T: constexpr int, power of two >= 16. UPCAST, DOT_PRECISION, ACC, NUM_STAGES: as
-            ``diag_dw_kernel`` (NUM_STAGES = 1 keeps the loads in L1).
+            per row NB value block indices k * D + d (-1: a padding lane, not stored), their dy
+            row blocks and their x column blocks.
+        g_ptr: g [n_chunks, K, D, B, B] (or [K, D, B, B] for one chunk), contiguous: fp32
+            partials, or dy's dtype when there is one chunk.
+        T: int, tokens (>= 1). T_CHUNK: int, tokens per program, a multiple of BLOCK_T.
+        N_PROGS: int, rows of the table. N_VALUES: int, K * D * B * B, the elements of a chunk.
+        stride_dyt, stride_dyo, stride_xt, stride_xi: int element strides of dy and x.
+        B: constexpr int, the block size: a power of two >= 16.
+        NB: constexpr int, power of two: blocks per program (the table's lanes).
+        BLOCK_T: constexpr int, power of two >= 16: tokens per loop step.
+        UPCAST, DOT_PRECISION, ACC, NUM_STAGES: constexpr bool, str, triton dtype, int: as for
+            diag_dw_kernel (NUM_STAGES = 1: the loads stay synchronous and cached in L1).
     """
     pid = tl.program_id(0)
     prog = pid % N_PROGS

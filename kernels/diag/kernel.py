@@ -673,31 +673,38 @@ def _stack_slices(K: int, G: int) -> int:
     return -(-max(K, 1) // G) * (G + 1)
 
 
-# The band variant of the weight gradient (``diag_dw_band_kernel``): b = 16, 2-byte dtypes, 64
-# blocks a program (64 KB of fp32 accumulators), 16-token steps of synchronous L1-cached loads,
-# 8 warps: 180 registers, no spill on sm_90 (1 block an SM), mma.sync 16x8x16. The launcher
-# takes it where its table reads fewer slices a token than the stacks (``dw_band_slices`` vs
-# D cdiv(K, G) (G + 1)): ViT-B fc1 / fc2, K = 20: 733 vs 1200.
-_DW_BAND_NB = 64
+# The band variant of the weight gradient (``diag_dw_band_kernel``): b = 16, 2-byte dtypes,
+# 16-token steps of synchronous L1-cached loads, mma.sync 16x8x16, 1 block an SM on sm_90 (the
+# dy and x tiles take 2 x NB x BLOCK_T x 16 x 2 B of shared memory). Blocks a program: 64 (64
+# KB of fp32 accumulators, 8 warps: 178 registers, no spill) or 128 (128 KB, 16 warps: 128
+# registers, no spill; at 8 warps 255, the limit, and half the warps to hide the loads),
+# whichever table reads fewer slices a token (``dw_band_slices``), where that is fewer than
+# the stacks' D cdiv(K, G) (G + 1). ViT-B fc1 / fc2, K = 20: 552 at 128, 733 at 64, 1200
+# stacked; static model, H200 bf16 T = 50,432, L2-bound: 1183 -> 891 MB, dW 224 -> 171 us
+# (1.36 -> 1.78x dense), training matmul 1.54 -> 1.69x, BERT's QKV dW 1.23 -> 1.64x. 32-token
+# steps at 128 blocks need 256 KB of shared memory: no compile. The model does not count the
+# loads' latency (not pipelined): a GPU run must confirm.
+_DW_BAND_WARPS = {64: 8, 128: 16}
 _DW_BAND_PROGRAMS = 2 * 132
 _DW_BAND_MIN_TOKENS = 8192
 
 
 def _dw_band_choice(b: int, itemsize: int, offsets, R: int, C: int, D: int, K: int, G: int,
                     T: int) -> int:
-    """Blocks a program of the band variant (``_DW_BAND_NB``), or 0 for the stacks: b = 16 and
-    2-byte dtypes only (fp32 tiles and b = 32 accumulators would not fit the registers), from
-    ``_DW_BAND_MIN_TOKENS`` (its few programs need many token chunks: at T = 256, 15 chunks of
-    fp32 partials make ViT-B's dW HBM-bound, 10.9 -> 23.9 us in the static model), and only
-    where the band table reads fewer slices a token."""
+    """Blocks a program of the band variant (a key of ``_DW_BAND_WARPS``), or 0 for the stacks:
+    b = 16 and 2-byte dtypes only (fp32 tiles and b = 32 accumulators would not fit the
+    registers), from ``_DW_BAND_MIN_TOKENS`` (its few programs need many token chunks: at T =
+    256, 15 chunks of fp32 partials make ViT-B's dW HBM-bound, 10.9 -> 23.9 us in the static
+    model), the block count whose table reads the fewest slices a token (the smaller on a
+    tie), and only where that is fewer than the stacks read."""
     if b != 16 or itemsize != 2 or T < _DW_BAND_MIN_TOKENS:
         return 0
     offsets = offsets.contiguous()
 
     def build():  # cached per pattern: the count is a sort and a host sync
-        table = diag_dw_bands(offsets, R, C, _DW_BAND_NB)
-        return _DW_BAND_NB if dw_band_slices(table, _DW_BAND_NB) < D * _stack_slices(K, G) else 0
-    return rt.cached_pattern((offsets,), ("diag dw band choice", R, C, G, _DW_BAND_NB), build)
+        slices, nb = min((dw_band_slices(diag_dw_bands(offsets, R, C, nb), nb), nb) for nb in _DW_BAND_WARPS)
+        return nb if slices < D * _stack_slices(K, G) else 0
+    return rt.cached_pattern((offsets,), ("diag dw band choice", R, C, G, tuple(_DW_BAND_WARPS)), build)
 
 
 def _dw_default(b: int, K: int = 1, itemsize: int = 2, D: int = 1, T: int = 0) -> dict:
@@ -756,6 +763,8 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
         return sddmm(dy, x2, rows, cols, 1).reshape(K, D, 1, 1)
     default = _dw_default(b, K, dy.element_size(), D, T)
     default["BANDS"] = _dw_band_choice(b, dy.element_size(), offsets, R, C, D, K, default["G"], T)
+    if default["BANDS"] and not rt.interpreting():
+        default["band_warps"] = _DW_BAND_WARPS[default["BANDS"]]
     cfg = rt.launch_config("diag_dw", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dy.dtype)[6:]}, default)
     bands = cfg.get("BANDS", 0)
     if bands:
@@ -795,7 +804,11 @@ def _dw_bands(dy, x2, offsets, b, R, C, D, K, T, cfg) -> torch.Tensor:
     nb = cfg["BANDS"]
     table = diag_dw_bands(offsets.contiguous(), R, C, nb)
     n_progs, bt = table.shape[0], cfg["BAND_BLOCK_T"]
-    chunk, n_chunks, g = _dw_chunks(dy, T, bt, cfg["BAND_PROGRAMS"], n_progs, (K, D, b, b))
+    # At most BAND_PROGRAMS programs (whole waves at 1 block an SM): ViT-B fc1's 9 table rows
+    # at NB = 128 take 29 chunks, 261 programs in 2 waves of 132 SMs, where rounding the chunks
+    # up (30, 270) left a third wave of 6.
+    target = max(1, cfg["BAND_PROGRAMS"] // n_progs) * n_progs
+    chunk, n_chunks, g = _dw_chunks(dy, T, bt, target, n_progs, (K, D, b, b))
     upcast, precision = dot_settings(dy.dtype)
     diag_dw_band_kernel[(n_progs * n_chunks,)](
         dy, x2, table, g, T, chunk, n_progs, K * D * b * b,

@@ -30,7 +30,8 @@ from .sparse import csr_matmul  # noqa: E402
 # diag_fwd, diag_dx, diag_dw, fused_diag_mlp_fwd) show a complete launch. README: "Launching a
 # raw kernel".
 RAW_KERNELS = ("fanin_fwd_kernel", "fanin_dx_kernel", "sddmm_kernel", "sddmm_block_kernel",
-               "diag_block_kernel", "diag_elem_kernel", "diag_dw_kernel", "fused_diag_mlp_kernel")
+               "diag_block_kernel", "diag_elem_kernel", "diag_dw_kernel", "diag_dw_band_kernel",
+               "fused_diag_mlp_kernel")
 __all__ = [
     "runtime", "set_backend", "get_backend", "use_backend", "set_checks",
     "sddmm", "sddmm_ref", "sddmm_fwd", "sddmm_kernel", "sddmm_block_kernel",
@@ -38,10 +39,11 @@ __all__ = [
     "fanin_fwd_kernel", "fanin_dx_kernel", "csr_matmul",
 ]
 from .diag import (DiagLinear, diag_matmul, diag_matmul_ref, diag_fwd, diag_dx,  # noqa: E402
-                   diag_coords, diag_geometry, diag_block_kernel, diag_elem_kernel, diag_dw_kernel)
+                   diag_coords, diag_geometry, diag_block_kernel, diag_elem_kernel, diag_dw_kernel,
+                   diag_dw_band_kernel)
 
 __all__ += ["DiagLinear", "diag_matmul", "diag_matmul_ref", "diag_fwd", "diag_dx", "diag_coords",
-            "diag_geometry", "diag_block_kernel", "diag_elem_kernel", "diag_dw_kernel"]
+            "diag_geometry", "diag_block_kernel", "diag_elem_kernel", "diag_dw_kernel", "diag_dw_band_kernel"]
 from .sparse import SparseLinear, sparse_matmul, sparse_matmul_ref  # noqa: E402
 from .module import SparseLayer, resize_parameter  # noqa: E402
 from . import coords  # noqa: E402

@@ -31,8 +31,8 @@ from .reference import (check_args, diag_coords, diag_geometry, diag_matmul_ref,
                         diag_to_dense)
 from .pattern import block_coords, diag_dw_groups, diag_tile_list, element_coords  # noqa: F401
 from .kernel import (EPILOGUE_ACT, EPILOGUE_GELU, EPILOGUE_GELU_GRAD, EPILOGUE_NONE,  # noqa: F401
-                     diag_block_kernel, diag_dw, diag_dw_kernel, diag_dx, diag_dx_gelu_grad, diag_elem_kernel,
-                     diag_fwd, diag_fwd_act, diag_fwd_gelu, tile_entry)
+                     diag_block_kernel, diag_dw, diag_dw_band_kernel, diag_dw_kernel, diag_dx, diag_dx_gelu_grad,
+                     diag_elem_kernel, diag_fwd, diag_fwd_act, diag_fwd_gelu, tile_entry)
 from .kernel import _INT32_MAX, _block_default, _dw_default, _launch, _tile_blocks  # noqa: F401
 from .cpu import diag_dw_torch, diag_dx_torch, diag_fwd_torch  # noqa: F401
 from .cpu import (_CPU_ELEMENT_MAX_BLOCK, _TORCH_CHUNK_ELEMS, _acc, _diag_csr_product,  # noqa: F401

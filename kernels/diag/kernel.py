@@ -377,19 +377,30 @@ def diag_dw_band_kernel(
     (mma.sync on a GPU) whose operand tiles gather each lane's dy and x block. A program's
     blocks repeat few distinct blocks (a band of consecutive blocks of the long operand, the
     diagonals' windows of the other), and the loads are synchronous, cached in L1, so a repeat
-    is an L1 hit: at ViT-B b = 16, K = 20, NB = 64, 733 slices a token from L2 instead of the
-    stacks' 1200 (``dw_band_slices``).
+    is an L1 hit: at ViT-B b = 16, K = 20, 552 slices a token from L2 at NB = 128 (733 at NB =
+    64) instead of the stacks' 1200 (``dw_band_slices``).
 
-    Grid: (N_PROGS * n_chunks,); program p computes table row p % N_PROGS over tokens
-    [(p // N_PROGS) * T_CHUNK, ... + T_CHUNK), as ``diag_dw_kernel``.
+    Grid: (N_PROGS * n_chunks,), n_chunks = cdiv(T, T_CHUNK); program p computes table row p %
+    N_PROGS over tokens [(p // N_PROGS) * T_CHUNK, (p // N_PROGS + 1) * T_CHUNK). The launcher
+    (``diag_dw``) checks, then launches this, and sums the chunks: deterministic, no atomics.
 
     Args:
-        dy_ptr, x_ptr, g_ptr, T, T_CHUNK, N_VALUES, strides: as ``diag_dw_kernel``.
+        dy_ptr: dy [T, R * B], element (t, o) at t * stride_dyt + o * stride_dyo; fp16 or bf16
+            (fp32 works, but its tiles do not fit the registers on a GPU).
+        x_ptr: x [T, C * B], element (t, i) at t * stride_xt + i * stride_xi, the dtype of dy.
         table_ptr: int32 [N_PROGS, 3 * NB] from ``diag_dw_bands(offsets, R, C, NB)``, contiguous:
-            value block indices (-1: padding, not stored), dy row blocks, x column blocks.
-        B: constexpr int, the block size: a power of two >= 16. NB: constexpr int, power of two.
-        BLOCK_T: constexpr int, power of two >= 16. UPCAST, DOT_PRECISION, ACC, NUM_STAGES: as
-            ``diag_dw_kernel`` (NUM_STAGES = 1 keeps the loads in L1).
+            per row NB value block indices k * D + d (-1: a padding lane, not stored), their dy
+            row blocks and their x column blocks.
+        g_ptr: g [n_chunks, K, D, B, B] (or [K, D, B, B] for one chunk), contiguous: fp32
+            partials, or dy's dtype when there is one chunk.
+        T: int, tokens (>= 1). T_CHUNK: int, tokens per program, a multiple of BLOCK_T.
+        N_PROGS: int, rows of the table. N_VALUES: int, K * D * B * B, the elements of a chunk.
+        stride_dyt, stride_dyo, stride_xt, stride_xi: int element strides of dy and x.
+        B: constexpr int, the block size: a power of two >= 16.
+        NB: constexpr int, power of two: blocks per program (the table's lanes).
+        BLOCK_T: constexpr int, power of two >= 16: tokens per loop step.
+        UPCAST, DOT_PRECISION, ACC, NUM_STAGES: constexpr bool, str, triton dtype, int: as for
+            diag_dw_kernel (NUM_STAGES = 1: the loads stay synchronous and cached in L1).
     """
     pid = tl.program_id(0)
     prog = pid % N_PROGS
@@ -732,31 +743,38 @@ def _stack_slices(K: int, G: int) -> int:
     return -(-max(K, 1) // G) * (G + 1)
 
 
-# The band variant of the weight gradient (``diag_dw_band_kernel``): b = 16, 2-byte dtypes, 64
-# blocks a program (64 KB of fp32 accumulators), 16-token steps of synchronous L1-cached loads,
-# 8 warps: 180 registers, no spill on sm_90 (1 block an SM), mma.sync 16x8x16. The launcher
-# takes it where its table reads fewer slices a token than the stacks (``dw_band_slices`` vs
-# D cdiv(K, G) (G + 1)): ViT-B fc1 / fc2, K = 20: 733 vs 1200.
-_DW_BAND_NB = 64
+# The band variant of the weight gradient (``diag_dw_band_kernel``): b = 16, 2-byte dtypes,
+# 16-token steps of synchronous L1-cached loads, mma.sync 16x8x16, 1 block an SM on sm_90 (the
+# dy and x tiles take 2 x NB x BLOCK_T x 16 x 2 B of shared memory). Blocks a program: 64 (64
+# KB of fp32 accumulators, 8 warps: 178 registers, no spill) or 128 (128 KB, 16 warps: 128
+# registers, no spill; at 8 warps 255, the limit, and half the warps to hide the loads),
+# whichever table reads fewer slices a token (``dw_band_slices``), where that is fewer than
+# the stacks' D cdiv(K, G) (G + 1). ViT-B fc1 / fc2, K = 20: 552 at 128, 733 at 64, 1200
+# stacked; static model, H200 bf16 T = 50,432, L2-bound: 1183 -> 891 MB, dW 224 -> 171 us
+# (1.36 -> 1.78x dense), training matmul 1.54 -> 1.69x, BERT's QKV dW 1.23 -> 1.64x. 32-token
+# steps at 128 blocks need 256 KB of shared memory: no compile. The model does not count the
+# loads' latency (not pipelined): a GPU run must confirm.
+_DW_BAND_WARPS = {64: 8, 128: 16}
 _DW_BAND_PROGRAMS = 2 * 132
 _DW_BAND_MIN_TOKENS = 8192
 
 
 def _dw_band_choice(b: int, itemsize: int, offsets, R: int, C: int, D: int, K: int, G: int,
                     T: int) -> int:
-    """Blocks a program of the band variant (``_DW_BAND_NB``), or 0 for the stacks: b = 16 and
-    2-byte dtypes only (fp32 tiles and b = 32 accumulators would not fit the registers), from
-    ``_DW_BAND_MIN_TOKENS`` (its few programs need many token chunks: at T = 256, 15 chunks of
-    fp32 partials make ViT-B's dW HBM-bound, 10.9 -> 23.9 us in the static model), and only
-    where the band table reads fewer slices a token."""
+    """Blocks a program of the band variant (a key of ``_DW_BAND_WARPS``), or 0 for the stacks:
+    b = 16 and 2-byte dtypes only (fp32 tiles and b = 32 accumulators would not fit the
+    registers), from ``_DW_BAND_MIN_TOKENS`` (its few programs need many token chunks: at T =
+    256, 15 chunks of fp32 partials make ViT-B's dW HBM-bound, 10.9 -> 23.9 us in the static
+    model), the block count whose table reads the fewest slices a token (the smaller on a
+    tie), and only where that is fewer than the stacks read."""
     if b != 16 or itemsize != 2 or T < _DW_BAND_MIN_TOKENS:
         return 0
     offsets = offsets.contiguous()
 
     def build():  # cached per pattern: the count is a sort and a host sync
-        table = diag_dw_bands(offsets, R, C, _DW_BAND_NB)
-        return _DW_BAND_NB if dw_band_slices(table, _DW_BAND_NB) < D * _stack_slices(K, G) else 0
-    return rt.cached_pattern((offsets,), ("diag dw band choice", R, C, G, _DW_BAND_NB), build)
+        slices, nb = min((dw_band_slices(diag_dw_bands(offsets, R, C, nb), nb), nb) for nb in _DW_BAND_WARPS)
+        return nb if slices < D * _stack_slices(K, G) else 0
+    return rt.cached_pattern((offsets,), ("diag dw band choice", R, C, G, tuple(_DW_BAND_WARPS)), build)
 
 
 def _dw_default(b: int, K: int = 1, itemsize: int = 2, D: int = 1, T: int = 0) -> dict:
@@ -815,6 +833,8 @@ def diag_dw(dy, x2, offsets, block_size: int) -> torch.Tensor:
         return sddmm(dy, x2, rows, cols, 1).reshape(K, D, 1, 1)
     default = _dw_default(b, K, dy.element_size(), D, T)
     default["BANDS"] = _dw_band_choice(b, dy.element_size(), offsets, R, C, D, K, default["G"], T)
+    if default["BANDS"] and not rt.interpreting():
+        default["band_warps"] = _DW_BAND_WARPS[default["BANDS"]]
     cfg = rt.launch_config("diag_dw", {"b": b, "T": rt.shape_bucket(T), "dtype": str(dy.dtype)[6:]}, default)
     bands = cfg.get("BANDS", 0)
     if bands:
@@ -854,7 +874,11 @@ def _dw_bands(dy, x2, offsets, b, R, C, D, K, T, cfg) -> torch.Tensor:
     nb = cfg["BANDS"]
     table = diag_dw_bands(offsets.contiguous(), R, C, nb)
     n_progs, bt = table.shape[0], cfg["BAND_BLOCK_T"]
-    chunk, n_chunks, g = _dw_chunks(dy, T, bt, cfg["BAND_PROGRAMS"], n_progs, (K, D, b, b))
+    # At most BAND_PROGRAMS programs (whole waves at 1 block an SM): ViT-B fc1's 9 table rows
+    # at NB = 128 take 29 chunks, 261 programs in 2 waves of 132 SMs, where rounding the chunks
+    # up (30, 270) left a third wave of 6.
+    target = max(1, cfg["BAND_PROGRAMS"] // n_progs) * n_progs
+    chunk, n_chunks, g = _dw_chunks(dy, T, bt, target, n_progs, (K, D, b, b))
     upcast, precision = dot_settings(dy.dtype)
     diag_dw_band_kernel[(n_progs * n_chunks,)](
         dy, x2, table, g, T, chunk, n_progs, K * D * b * b,

@@ -516,43 +516,54 @@ def test_weight_grad_bands_name_every_stored_block_once(R, C, K, nb):
     assert dw_band_slices(table, nb) == distinct
 
 
-def test_weight_grad_takes_the_bands_where_they_read_fewer_slices():
+def test_weight_grad_takes_the_band_block_count_that_reads_the_fewest_slices():
     from kernels.diag.kernel import _dw_band_choice
 
     g = torch.Generator().manual_seed(0)
-    # ViT-B fc1 / fc2 at 90%, b = 16: 733 slices a token with 64 blocks a program, the stacks 1200
+    # ViT-B fc1 / fc2 at 90%, b = 16: 552 slices a token with 128 blocks a program, 733 with
+    # 64, the stacks 1200
     offsets = kernels.DiagLinear(768, 3072, 0.1, block_size=16, generator=g).offsets
     for R, C in ((192, 48), (48, 192)):
         assert dw_band_slices(diag_dw_bands(offsets, R, C, 64), 64) == 733
-        assert _dw_band_choice(16, 2, offsets, R, C, 48, 20, 4, 50432) == 64
+        assert dw_band_slices(diag_dw_bands(offsets, R, C, 128), 128) == 552
+        assert _dw_band_choice(16, 2, offsets, R, C, 48, 20, 4, 50432) == 128
         assert _dw_band_choice(16, 4, offsets, R, C, 48, 20, 4, 50432) == 0  # fp32: stacks
         assert _dw_band_choice(16, 2, offsets, R, C, 48, 20, 4, 256) == 0  # few tokens: partial sums
     assert _dw_band_choice(64, 2, offsets, 48, 12, 12, 20, 2, 50432) == 0  # b = 64: stacks
+    chosen = set()
     for seed in range(6):
         R, C = (24, 6) if seed % 2 else (6, 24)
         K = 2 + seed * 3
         offsets = torch.randperm(24, generator=torch.Generator().manual_seed(seed))[:K].to(torch.int32)
         stacks = 6 * -(-K // 4) * 5
-        bands = dw_band_slices(diag_dw_bands(offsets, R, C, 64), 64)
-        assert _dw_band_choice(16, 2, offsets, R, C, 6, K, 4, 8192) == (64 if bands < stacks else 0)
+        slices, nb = min((dw_band_slices(diag_dw_bands(offsets, R, C, nb), nb), nb) for nb in (64, 128))
+        got = _dw_band_choice(16, 2, offsets, R, C, 6, K, 4, 8192)
+        assert got == (nb if slices < stacks else 0)
+        chosen.add(got)
+    assert chosen == {64, 128}  # a tie takes 64; 128 where it reads fewer
 
 
 # The band variant (forced by a config) against the reference: tall and wide, padding lanes,
-# several programs (nb below the block count) and token chunks, both dtypes.
-@pytest.mark.parametrize("R,C,K,nb,T", [(6, 2, 5, 4, 123), (2, 6, 6, 8, 77), (4, 4, 3, 64, 19), (5, 3, 4, 2, 150)])
+# several programs (nb below the block count) and token chunks, both dtypes, both block counts
+# the launcher takes (64, 128) with lanes past the first half in use.
+@pytest.mark.parametrize("R,C,K,nb,T", [(6, 2, 5, 4, 123), (2, 6, 6, 8, 77), (4, 4, 3, 64, 19), (5, 3, 4, 2, 150),
+                                        (10, 10, 10, 64, 45), (16, 8, 12, 128, 50), (8, 16, 13, 128, 33),
+                                        (12, 12, 11, 128, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_grad_band_variant_matches_the_reference(R, C, K, nb, T, dtype):
     b = 16
     g = torch.Generator().manual_seed(nb * T)
     offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32)
     dy, x = torch.randn(T, R * b, generator=g).to(dtype), torch.randn(T, C * b, generator=g).to(dtype)
+    if nb >= 64 and K * min(R, C) > nb // 2:  # a kernel that skipped the second half of the lanes fails here
+        assert (diag_dw_bands(offsets, R, C, nb)[:, :nb] >= 0).sum(1).max() > nb // 2
     seen = []
 
     def bands(kernel, key, default):
         if kernel != "diag_dw":
             return None
         seen.append(nb)
-        return dict(default, BANDS=nb, BAND_BLOCK_T=16, BAND_PROGRAMS=8)
+        return dict(default, BANDS=nb, BAND_BLOCK_T=16, BAND_PROGRAMS=16)
 
     with kernels.use_backend("triton"), rt.config_override(bands):
         got = diag_dw(dy.to(DEVICE), x.to(DEVICE), offsets.to(DEVICE), b)
@@ -561,3 +572,31 @@ def test_weight_grad_band_variant_matches_the_reference(R, C, K, nb, T, dtype):
     assert got.dtype == dtype and got.shape == ref.shape
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_weight_grad_band_variant_launches_at_most_band_programs(monkeypatch):
+    # 2 table rows (12 x 12 blocks, K = 11, 128 a program) and BAND_PROGRAMS = 7: 3 token
+    # chunks, 6 programs (rounding the chunks up would launch 8)
+    from kernels.diag import kernel as kernel_module
+
+    R, C, K, nb, T, b = 12, 12, 11, 128, 200, 16
+    g = torch.Generator().manual_seed(7)
+    offsets = torch.randperm(12, generator=g)[:K].to(torch.int32)
+    dy, x = torch.randn(T, R * b, generator=g), torch.randn(T, C * b, generator=g)
+    assert diag_dw_bands(offsets, R, C, nb).shape[0] == 2
+    real, grids = kernel_module.diag_dw_band_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernel_module, "diag_dw_band_kernel", Recording())
+
+    def bands(kernel, key, default):
+        return dict(default, BANDS=nb, BAND_BLOCK_T=16, BAND_PROGRAMS=7) if kernel == "diag_dw" else None
+
+    with kernels.use_backend("triton"), rt.config_override(bands):
+        got = diag_dw(dy.to(DEVICE), x.to(DEVICE), offsets.to(DEVICE), b)
+    assert grids == [(6,)]
+    torch.testing.assert_close(got.cpu().double(), _dw_ref(dy, x, offsets, b), rtol=1e-5, atol=1e-5)

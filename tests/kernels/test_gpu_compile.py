@@ -5,8 +5,9 @@ Triton's compiler, ptxas and nvdisasm ship in the triton wheel. The compile path
 bench/static.py's (bench/sass.py), run in a subprocess with TRITON_INTERPRET=0 on a subset of
 its cases: every format and product at T = 256 (T = 256 and 50,432 get the same
 specialisation: both divisible by 16) in bf16 and fp32, for sm_90 at fc1 / fc2 (tall and wide)
-and for sm_80 at fc2. T = 1 (sizes equal to 1 become constants: other code) and the rest are
-compiled by the full report, `python bench/static.py`. Most of the time is ptxas and nvdisasm
+and for sm_80 at fc2, plus the b = 16 weight gradient at T = 50,432 (its band variant starts at
+T = 8192). T = 1 (sizes equal to 1 become constants: other code) and the rest are compiled by
+the full report, `python bench/static.py`. Most of the time is ptxas and nvdisasm
 (cached: Triton's cache, and bench/sass.py's by cubin hash)."""
 import json
 import os
@@ -38,10 +39,13 @@ def _env() -> dict:
 def compiled_rows():
     # sm_90: both layers (the tall and wide variants of the diagonal kernels), both dtypes;
     # sm_80 (A100): the wide layer only - it is there for the smaller shared memory.
+    # The band weight gradient (b = 16, 2-byte dtypes, T >= 8192) at T = 50,432 on both.
     rows, done = [], None
-    for layers, arch in (("fc1,fc2", "90"), ("fc2", "80")):
-        cmd = [sys.executable, "bench/static.py", "--json", "--layers", layers, "--tokens", "256",
-               "--archs", arch, "--no-measure"]
+    for layers, arch, more in (("fc1,fc2", "90", ["--tokens", "256"]), ("fc2", "80", ["--tokens", "256"]),
+                               ("fc1,fc2", "90,80", ["--tokens", "50432", "--formats", "diag16", "--products", "dw",
+                                                     "--dtypes", "bfloat16"])):
+        cmd = [sys.executable, "bench/static.py", "--json", "--layers", layers, *more, "--archs", arch,
+               "--no-measure"]
         done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800)
         got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == UNSUPPORTED and got and "unsupported" in got[-1]:
@@ -61,6 +65,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory(compiled_r
     assert {r["cc"] for r in rows} == {80, 90}
     assert {r["format"] for r in rows} >= {"fanin", "diag1", "diag16", "diag64", "sparse", "mlp16", "mlp64"}
     assert all(r["registers"] for r in rows)
+    assert {r["cc"] for r in rows if r["kernel"] == "diag_dw_band_kernel"} == {80, 90}
     # The default configs of the training dtype keep every kernel out of local memory on H100
     # (fp32 tiles take twice the registers; some spill there, see kernels/diag/kernel.py).
     spilled = [(r["op"], r["kernel"], r["spill_bytes"]) for r in rows

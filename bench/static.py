@@ -51,7 +51,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels.diag.pattern import L1_MODEL_BYTES, tile_l1_slices  # noqa: E402
+try:
+    from kernels.diag.pattern import L1_MODEL_BYTES, tile_l1_slices  # noqa: E402
+except ImportError:  # an older kernels tree (a baseline report, bench/README.md): no tile lists
+    L1_MODEL_BYTES, tile_l1_slices = 128 * 1024, None
 from bench import common, sass  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,6 +431,8 @@ def l1_slices(launch: sass.Launch) -> int | None:
         return None
     bound = dict(zip([p.name for p in launch.fn.params], launch.args))
     bound.update(launch.kwargs)
+    if tile_l1_slices is None or not {"tile_ptr", "entries_ptr", "NB", "TILE_GROUP"} <= bound.keys():
+        return None  # an older kernel without tile lists (a baseline): the tile rule
     slice_bytes = int(bound["BLOCK_T"]) * int(bound["B"]) * bound["a_ptr"].element_size()
     return tile_l1_slices(bound["tile_ptr"], bound["entries_ptr"], int(bound["N_OUT"]), int(bound["P"]),
                           int(bound["D"]), bool(bound["BY_OUT"]), int(bound["NB"]), int(bound["TILE_GROUP"]),
@@ -463,6 +468,9 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
     T, n_in, n_out, nnz, b = op.tokens, op.n_in, op.n_out, op.nnz, op.block
     weights = nnz * e + op.index_bytes
     if op.fmt.startswith("mlp"):  # the fused kernel (the separate launches: predict_by_launch)
+        if op.product != "fwd":
+            raise ValueError("no model for this MLP backward: it is modelled launch by launch "
+                             "(predict_by_launch), and a launch is of a kind it does not read")
         hbm = 2 * T * n_in * e + weights
         l2 = T * (nnz / 2) * op.recompute / b * e + nnz * e * math.ceil(T / (block_t or T))
         return hbm, l2
@@ -535,7 +543,13 @@ def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, 
     terms = {"compute": flops / (peak * fill), "HBM": hbm / (gpu["hbm"] * fill), "L2": l2 / (gpu["l2"] * fill)}
     bound = max(terms, key=terms.get)
     t = terms[bound] + LAUNCH_S * len(op.launches) + TORCH_OP_S * op.glue_ops
-    # dense: cuBLAS at the shape (bf16 tensor cores; fp32 FFMA: torch's default fp32 matmul)
+    return dict(t=t, t_dense=dense_time(op, gpu), bound=bound, why=why, flops=flops, hbm=hbm, l2=l2, fill=fill)
+
+
+def dense_time(op: Op, gpu: dict) -> float:
+    """Model time (s) of dense cuBLAS at the op's shape (bf16 tensor cores; fp32 FFMA: torch's
+    default fp32 matmul); the MLP: its two GEMMs forward, four backward, the hidden via HBM."""
+    e = common.parse_dtype(op.dtype).itemsize
     dense_peak = gpu["tc_bf16"] if op.dtype != "float32" else gpu["fp32"] * CUBLAS_FP32_OF_PEAK
     if op.fmt.startswith("mlp"):
         n_gemm = 2 if op.product == "fwd" else 4
@@ -545,7 +559,7 @@ def predict(op: Op, primary: sass.Sass | None, programs: int | None, gpu: dict, 
     else:
         dense_bytes = op.tokens * (op.n_in + op.n_out) * e + op.n_in * op.n_out * e
         t_dense = max(op.flops_dense / dense_peak, dense_bytes / gpu["hbm"]) + CUBLAS_S
-    return dict(t=t, t_dense=t_dense, bound=bound, why=why, flops=flops, hbm=hbm, l2=l2, fill=fill)
+    return t_dense
 
 
 _DW_KERNELS = ("diag_dw_kernel", "diag_dw_band_kernel")
@@ -595,7 +609,7 @@ def predict_by_launch(op: Op, stats: list, gpus: dict) -> dict | None:
                     total.update(bound=m["bound"], why=m["why"], slowest=m["t"])
         total["t"] += TORCH_OP_S * op.glue_ops + op.glue_bytes / gpu["hbm"]
         total["hbm"] += op.glue_bytes
-        total["t_dense"] = predict(op, stats[0], op.launches[0].programs(), gpu, None)["t_dense"]
+        total["t_dense"] = dense_time(op, gpu)
         models[name] = total
     return models
 
@@ -644,9 +658,12 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
     slices = launch_slices(op.launches[p] if p is not None else None, primary)
-    models = predict_by_launch(op, stats, GPUS) or {
-        name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
-        for name, gpu in GPUS.items()}
+    try:
+        models = predict_by_launch(op, stats, GPUS) or {
+            name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
+            for name, gpu in GPUS.items()}
+    except ValueError as e:
+        return [dict(base, error="; ".join(x for x in (op.error, str(e)) if x))]
     out = []
     for i, (launch, s, err) in enumerate(zip(op.launches, stats, errors)):
         r = dict(base)
@@ -941,7 +958,8 @@ def main(argv=None) -> int:
     failed = 0
     h = header(args)
     if args.baseline:
-        h["baseline (before column)"] = (f"{args.baseline}: the kernels at 226cef5 under this model "
+        h["baseline (before column)"] = (f"{args.baseline}: the kernels at 226cef5 under this model, but "
+                                         "the MLP backward's rows under the earlier one-formula model "
                                          "(bench/README.md)" if "baseline_sm" in args.baseline else args.baseline)
 
     def write(done: int) -> None:

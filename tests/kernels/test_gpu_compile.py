@@ -5,8 +5,8 @@ Triton's compiler, ptxas and nvdisasm ship in the triton wheel. The compile path
 bench/static.py's (bench/sass.py), run in a subprocess with TRITON_INTERPRET=0 on a subset of
 its cases: every format and product at T = 256 (T = 256 and 50,432 get the same
 specialisation: both divisible by 16) in bf16 and fp32, for sm_90 at fc1 / fc2 (tall and wide)
-and for sm_80 at fc2, plus the b = 16 weight gradient at T = 50,432 (its band variant starts at
-T = 8192). T = 1 (sizes equal to 1 become constants: other code) and the rest are compiled by
+and for sm_80 at fc2, plus the b = 16 layers and MLP at T = 50,432 (the band weight gradient,
+the wide L1 tiles and the unfused MLP forward start at T = 8192). T = 1 (sizes equal to 1 become constants: other code) and the rest are compiled by
 the full report, `python bench/static.py`. Most of the time is ptxas and nvdisasm
 (cached: Triton's cache, and bench/sass.py's by cubin hash)."""
 import json
@@ -39,10 +39,12 @@ def _env() -> dict:
 def compiled_rows():
     # sm_90: both layers (the tall and wide variants of the diagonal kernels), both dtypes;
     # sm_80 (A100): the wide layer only - it is there for the smaller shared memory.
-    # The band weight gradient (b = 16, 2-byte dtypes, T >= 8192) at T = 50,432 on both.
+    # The b = 16 configs that start at T = 8192 in 2-byte dtypes, at T = 50,432 on both: the band
+    # weight gradient, the wide L1 tiles (fc2's forward, fc1's input grad), the MLP's products
+    # with GELU epilogues (its unfused forward, its backward).
     rows, done = [], None
     for layers, arch, more in (("fc1,fc2", "90", ["--tokens", "256"]), ("fc2", "80", ["--tokens", "256"]),
-                               ("fc1,fc2", "90,80", ["--tokens", "50432", "--formats", "diag16", "--products", "dw",
+                               ("fc1,fc2", "90,80", ["--tokens", "50432", "--formats", "diag16,mlp16",
                                                      "--dtypes", "bfloat16"])):
         cmd = [sys.executable, "bench/static.py", "--json", "--layers", layers, *more, "--archs", arch,
                "--no-measure"]
@@ -66,6 +68,9 @@ def test_every_kernel_compiles_for_sm90_and_sm80_within_shared_memory(compiled_r
     assert {r["format"] for r in rows} >= {"fanin", "diag1", "diag16", "diag64", "sparse", "mlp16", "mlp64"}
     assert all(r["registers"] for r in rows)
     assert {r["cc"] for r in rows if r["kernel"] == "diag_dw_band_kernel"} == {80, 90}
+    late = [r for r in rows if r["tokens"] == 50432 and r["kernel"] == "diag_block_kernel"]
+    assert any("NB=16 BLOCK_T=128" in r["constexprs"] for r in late), late  # fc2's wide tiles
+    assert {e for r in late for e in (0, 1, 2, 3) if f"EPILOGUE={e}" in r["constexprs"]} == {0, 1, 2, 3}
     # The default configs of the training dtype keep every kernel out of local memory on H100
     # (fp32 tiles take twice the registers; some spill there, see kernels/diag/kernel.py).
     spilled = [(r["op"], r["kernel"], r["spill_bytes"]) for r in rows

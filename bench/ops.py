@@ -323,7 +323,8 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
     pipeline stages, token chunks per program for the split-T SDDMM (0 = the kernel's own
     choice, or 512 .. whole T), both activation layouts (X_T) where the kernel has the knob,
     diagonal output tiles per program (TILE_GROUP), the weight gradient's stack (G) and the
-    MLP forward fused or not (UNFUSED, one candidate: unfused, the other keys do nothing);
+    MLP forward fused or not (UNFUSED, one candidate: unfused, the other keys do nothing), the
+    weight gradient's band variant at 64 / 128 blocks or none (BANDS, one candidate each);
     tiles of at most 16K elements and at least 2 elements per thread. The default always
     comes first. Quick (interpreter): the default and one other
     token tile.
@@ -365,6 +366,9 @@ def candidate_space(default: dict, t_max: int, block: int, quick: bool) -> list[
             out.append(cfg)
         if "UNFUSED" in default:  # the MLP forward as its two products: one config, the tiles are theirs
             out.append(dict(default, UNFUSED=not default["UNFUSED"]))
+        if "BANDS" in default:  # the weight gradient's band variant (0: the stacks), its warps with it
+            out += [dict(default, BANDS=n, band_warps=w) for n, w in ((0, default["band_warps"]), (64, 8), (128, 16))
+                    if n != default["BANDS"]]
     seen, unique = set(), []
     for cfg in out:
         if norm(cfg) not in seen:

@@ -330,3 +330,12 @@ def test_the_full_space_tries_the_mlp_forward_unfused_once():
     flipped = [c for c in space if c["UNFUSED"]]
     assert flipped == [dict(default, UNFUSED=True)], flipped
     assert len(space) > 10  # the fused kernel's tiles, warps and stages are still swept
+
+
+def test_the_full_space_tries_each_band_count_of_the_weight_gradient_once():
+    from bench.ops import candidate_space
+    default = {"G": 4, "BLOCK_T": 128, "num_warps": 4, "num_stages": 3, "BANDS": 128, "band_warps": 16}
+    space = candidate_space(default, 50432, 16, quick=False)
+    others = [(c["BANDS"], c["band_warps"]) for c in space if c["BANDS"] != 128]
+    assert sorted(others) == [(0, 16), (64, 8)], others
+    assert all(c == dict(default, BANDS=c["BANDS"], band_warps=c["band_warps"]) for c in space if c["BANDS"] != 128)

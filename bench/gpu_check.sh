@@ -10,6 +10,7 @@
 #   2. bench/static.py on the GPU: every op at the target shapes with its launchers'
 #      default configs, timed beside dense cuBLAS, with the model's error             <= 170 s
 #   3. bench/sweep.py --no-tune: the same ops against CSR, surviving neurons, unfused  <= 80 s
+#   4a. the wide b = 16 tiles and the band counts timed side by side (the L1 model's test) <= 45 s
 #   4. a short tuning pass (bench/sweep.py, 8 candidates per key) if >= 150 s are left   <= 60 s
 #   5. bench/e2e.py on ViT-B/16: training step and inference, sparse vs dense           <= 70 s
 #   6. a short python -m train.vit run on the GPU (fashion_mnist from data_cache, or mnist) <= 45 s
@@ -61,6 +62,19 @@ phase "2 static report, measured" 170 60 $PY bench/static.py --archs 90 --budget
 phase "3 ratios vs CSR / surviving / unfused (default configs)" 80 40 $PY bench/sweep.py --no-tune \
     --shapes 768x3072,3072x768 --tokens 256,50432 --sparsities 0.9 --blocks 1,16,64 --dtypes bfloat16,float32 \
     --ablations 0,0.3 --warmup-ms 5 --rep-ms 20 --budget-s 70 --out "$SCRATCH/sweep" --table-dir "$SCRATCH/configs"
+
+# The model's two assumptions about L1 (bench/README.md), measured side by side at ViT-B's fc2,
+# b = 16: the wide tiles (32 x 64, 64 x 32, 128 x 16; the launcher picks by the L1 replay) and
+# the weight gradient's band counts (64, 128) against the stacks; every time is in the log.
+WIDE='"num_warps": 8, "num_stages": 1'
+phase "4a wide tiles and band counts side by side" 45 120 $PY bench/sweep.py --ops diag_fwd,diag_dw \
+    --shapes 3072x768 --tokens 50432 --sparsities 0.9 --blocks 16 --dtypes bfloat16 --ablations 0 \
+    --max-candidates 1 --warmup-ms 5 --rep-ms 15 --budget-s 35 --out "$SCRATCH/side" --table-dir "$SCRATCH/side_configs" \
+    --extra-candidate "diag_fwd={\"BLOCK_T\": 32, \"NB\": 64, $WIDE}" \
+    --extra-candidate "diag_fwd={\"BLOCK_T\": 64, \"NB\": 32, $WIDE}" \
+    --extra-candidate "diag_fwd={\"BLOCK_T\": 128, \"NB\": 16, $WIDE}" \
+    --extra-candidate 'diag_dw={"BANDS": 0}' --extra-candidate 'diag_dw={"BANDS": 64, "band_warps": 8}' \
+    --extra-candidate 'diag_dw={"BANDS": 128, "band_warps": 16}'
 
 phase "4 short tuning pass" 60 150 $PY bench/sweep.py --ops fanin_fwd,fanin_dx,diag_fwd,mlp_fwd \
     --shapes 3072x768 --tokens 256,50432 --sparsities 0.9 --blocks 1,16,64 --dtypes bfloat16 --ablations 0 \

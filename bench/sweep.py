@@ -69,6 +69,10 @@ TUNE_FIELDS = ["run", "device", "mode", "kernel", "key", "winner", "default", "n
                "n_rejected", "x_default", "winner_ms_geomean"]
 
 
+
+_LOG_EACH_UP_TO = 8  # candidates of a key whose every time the log shows (bench/gpu_check.sh's side-by-side phase)
+
+
 def _floats(s):
     return [float(v) for v in str(s).split(",") if v.strip()]
 
@@ -278,6 +282,10 @@ def tune(args, cases, run_info, save, out_of_time, log=print) -> dict[str, dict[
             del prob, truth, lowp
             _free()
         common.append_csv(args.out / "candidates.csv", rows, CAND_FIELDS)
+        if len(cands) <= _LOG_EACH_UP_TO:  # a side-by-side comparison: every time in the log
+            for i, cfg in enumerate(cands):
+                for case, ms in times[i].items():
+                    log(f"  {json.dumps(cfg, sort_keys=True)} on {case.label()}: {ms:.4f} ms")
         best = {case: min((t[case] for t in times if case in t), default=math.nan) for case in g["cases"]}
         full = [i for i, t in enumerate(times) if len(t) == len(g["cases"])]
         if not full:

@@ -46,6 +46,12 @@ def test_quick_sweep_writes_every_output_and_says_timings_are_not_speed_figures(
     assert all(r["status"] == "timed" and r["config_source"] == "table" for r in rows)
     assert all(r["mode"] == "interpreter" for r in rows)
     assert any(r["surv_ms"] for r in rows if r["op"].startswith("fanin"))
+    # few candidates a key (2 in --quick): each one's time is in the log, as the side-by-side
+    # phase of bench/gpu_check.sh reads them
+    cands = read_rows(out / "candidates.csv")
+    timed = [r for r in cands if r["status"] == "timed"]
+    assert timed and sum(" ms" in line and ": " in line and line.startswith("  {") for line in
+                         proc.stdout.splitlines()) == len(timed), proc.stdout[-2000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--quick is the CPU interpreter check")

@@ -449,6 +449,39 @@ def test_the_wide_tiles_match_the_reference(bt, nb):
     assert_matches(dx, dy.double() @ w64, name="dx")
 
 
+def test_few_tokens_get_short_tiles_and_enough_programs_for_the_sms():
+    from kernels.diag.kernel import _fill_sms
+    l1 = {"BLOCK_T": 64, "NB": 32, "num_warps": 8, "num_stages": 1, "TILE_GROUP": 0}
+    # ViT-B fc1 at batch 1: 6 programs of 32 blocks -> 192 of one block, 16-token tiles
+    assert _fill_sms(l1, 1, 192) == dict(l1, BLOCK_T=16, NB=1)
+    assert _fill_sms(l1, 256, 192) == dict(l1, NB=4)  # 4 token tiles x 48 = 192 programs
+    assert _fill_sms(l1, 50432, 192) == l1  # 4728 programs already
+    # fc2 (48 output blocks) at T = 256: one block a program is as far as it goes (96 programs)
+    assert _fill_sms({"BLOCK_T": 128, "NB": 8}, 256, 48) == {"BLOCK_T": 128, "NB": 1}
+
+
+@pytest.mark.parametrize("nb", [1, 2])
+@pytest.mark.parametrize("T", [1, 5])
+def test_the_few_token_tiles_match_the_reference(nb, T):
+    g = torch.Generator().manual_seed(T * 10 + nb)
+    b, R, C, K = 16, 6, 2, 3
+    n_in, n_out = C * b, R * b
+    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32).to(DEVICE)
+    values = (torch.randn(K, min(R, C), b, b, generator=g) / (b * K) ** 0.5).to(DEVICE)
+    bias = torch.randn(n_out, generator=g).to(DEVICE)
+    x, dy = torch.randn(T, n_in, generator=g).to(DEVICE), torch.randn(T, n_out, generator=g).to(DEVICE)
+    w64 = diag_to_dense(values.double(), offsets, n_in, n_out, b)
+
+    def short(kernel, key, default):
+        return dict(default, BLOCK_T=16, NB=nb) if kernel in ("diag_fwd", "diag_dx") else None
+
+    with rt.config_override(short):
+        y = kernels.diag.diag_fwd(x, values, offsets, b, n_out, bias)
+        dx = kernels.diag.diag_dx(dy, values, offsets, b, n_in)
+    assert_matches(y, x.double() @ w64.t() + bias.double(), name="y")
+    assert_matches(dx, dy.double() @ w64, name="dx")
+
+
 def test_weight_grad_stack_minimises_the_slices_read_per_token():
     from kernels.diag.kernel import _dw_default, _dw_stack
 

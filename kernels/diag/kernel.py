@@ -4,7 +4,10 @@ A program of ``diag_block_kernel`` owns a token tile and NB consecutive output b
 8 blocks, 128 outputs, a 3-D tl.dot, or 32 with L1-cached loads where x's tile fits L1; b >=
 32: one block, a 2-D dot, which the sm_90 SASS shows cheaper per block pair there, see
 ``_tile_blocks``), or TILE_GROUP such tiles one after the other over the same x tile, re-read
-from L1 (``_tile_group``). Its loop walks a host-built list of the (diagonal, input block of the tile's
+from L1 (``_tile_group``); where x is too wide for that, the tile shape that moves the fewest
+bytes from L2 by a replay of its loads through an LRU model of L1 (``_wide_tiles``), and with
+few tokens shorter tiles of fewer blocks until the grid covers the SMs (``_fill_sms``). Its
+epilogue adds the bias and, for the MLP's hidden layer, a GELU (``EPILOGUE``). Its loop walks a host-built list of the (diagonal, input block of the tile's
 first block) pairs that feed the tile (``diag_tile_list``): block nb reads input block p0 + nb,
 wrapped once, so the loop has no branch and no modulo, indexes in int32 and pipelines
 (``tl.range(num_stages=)``). The transpose of the pattern is again diagonal with the same
@@ -13,7 +16,10 @@ re-layout. b = 1 (``diag_elem_kernel``) walks the same list: each diagonal is a 
 contiguous run of x and of its values. ``diag_dw_kernel`` reduces dW[k, d] = dy[:, row]^T @
 x[:, col] over a token chunk for G consecutive blocks of one diagonal (their rows and columns
 are runs too) with token-major tiles, and writes fp32 partials per chunk that the launcher
-sums: deterministic, no atomics.
+sums: deterministic, no atomics; at b >= 16 it stacks G diagonals on the block they share
+(``diag_dw_stacks``), and at b = 16 in 2-byte dtypes from 8192 tokens ``diag_dw_band_kernel``
+takes 64 or 128 blocks a program from bands of consecutive blocks (``diag_dw_bands``) so a
+program's repeated operand blocks hit in L1.
 """
 from __future__ import annotations
 

@@ -305,6 +305,14 @@ def test_vit_b_shapes_on_gpu(b, dtype):
     check_mlp(0, b, 768 // b, 3072 // b, 768 // b, max(1, 3072 // b // 10), max(1, 3072 // b // 10), 4096, dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA); the interpreter runs "
+                    "the unfused forward with a forced config above")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vit_b_b16_forward_runs_unfused_from_8192_tokens_on_gpu(dtype):
+    assert kernels.fused._config(16, 8192, dtype)["UNFUSED"]
+    check_mlp(0, 16, 48, 192, 48, 20, 20, 8192, dtype)
+
+
 # Odd token counts through the host-built lists; fc1 tall / fc2 wide (ViT) and both square
 # with every diagonal, b = 16 and 64.
 @pytest.mark.parametrize("T", [1, 63, 123])

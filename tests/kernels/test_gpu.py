@@ -45,6 +45,34 @@ def test_diag_at_vit_shapes(dtype, b, n_in, n_out):
     assert_matches(x.grad, dy.double() @ w.double(), dy @ w)
 
 
+# b = 16's configs by token count (kernels/diag/kernel.py): from 8192 tokens in 2-byte dtypes the
+# wide L1 tiles (fc2's forward, fc1's input grad, chosen by the L1 replay) and the band weight
+# gradient; at 1 and 197 tokens (ViT-B at batch 1) the few-token tiles. Output, dx and dW.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 197, 8192])
+@pytest.mark.parametrize("n_in,n_out", [(768, 3072), (3072, 768)])
+def test_diag16_at_few_and_many_tokens(dtype, T, n_in, n_out):
+    from kernels.diag import diag_to_dense
+    torch.manual_seed(0)
+    layer = kernels.DiagLinear(n_in, n_out, density=0.1, block_size=16, device="cuda", dtype=dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype, requires_grad=True)
+    y = kernels.diag_matmul(x, layer.values, layer.offsets, 16, n_out)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    def reference(t):
+        v = layer.values.detach().to(t).requires_grad_(True)
+        xt = x.detach().to(t).requires_grad_(True)
+        yt = xt @ diag_to_dense(v, layer.offsets, n_in, n_out, 16).t()
+        yt.backward(dy.to(t))
+        return yt, xt.grad, v.grad
+
+    (y64, dx64, dw64), (yl, dxl, dwl) = reference(torch.float64), reference(dtype)
+    assert_matches(y, y64, yl, name="y")
+    assert_matches(x.grad, dx64, dxl, name="dx")
+    assert_matches(layer.values.grad, dw64, dwl, name="dW")
+
+
 def test_compiled_model_matches_the_dense_reference_on_gpu():
     # Inductor fuses the bias + GELU between the layers in fp32 where eager rounds to bf16 in
     # between, so compiled and eager differ by bf16 rounding: each is held to the fp64 dense

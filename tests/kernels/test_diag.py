@@ -426,27 +426,32 @@ def test_wide_tiles_take_the_shape_that_reads_the_fewest_bytes():
     assert _wide_tiles(offsets, R, C, R, True, b, 2, 8192) != {"BLOCK_T": 128, "NB": 16}
 
 
-@pytest.mark.parametrize("bt,nb", [(128, 16), (64, 32)])
-def test_the_wide_tiles_match_the_reference(bt, nb):
-    """The wide shapes on a ViT-B-sized fc2 (48 output blocks: 3 tiles of 16, or a full and a
-    half-empty tile of 32) with a ragged last token tile, forward with bias and input grad."""
-    g = torch.Generator().manual_seed(bt)
-    b, R, C, T = 16, 48, 192, 150
+def _fwd_and_dx_under(config: dict, b, R, C, K, T, seed):
+    """diag_fwd (with a bias) and diag_dx with ``config`` forced on both launchers, against the
+    fp64 reference."""
+    g = torch.Generator().manual_seed(seed)
     n_in, n_out = C * b, R * b
-    offsets = torch.randperm(C, generator=g)[:20].to(torch.int32).to(DEVICE)
-    values = (torch.randn(20, R, b, b, generator=g) / (b * 20) ** 0.5).to(DEVICE)
+    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32).to(DEVICE)
+    values = (torch.randn(K, min(R, C), b, b, generator=g) / (b * K) ** 0.5).to(DEVICE)
     bias = torch.randn(n_out, generator=g).to(DEVICE)
-    x, dy = torch.randn(T, n_in, generator=g).to(DEVICE), torch.randn(T, n_in // 4, generator=g).to(DEVICE)
+    x, dy = torch.randn(T, n_in, generator=g).to(DEVICE), torch.randn(T, n_out, generator=g).to(DEVICE)
     w64 = diag_to_dense(values.double(), offsets, n_in, n_out, b)
 
-    def wide(kernel, key, default):
-        return dict(default, BLOCK_T=bt, NB=nb, num_stages=1) if kernel in ("diag_fwd", "diag_dx") else None
+    def forced(kernel, key, default):
+        return dict(default, **config) if kernel in ("diag_fwd", "diag_dx") else None
 
-    with rt.config_override(wide):
+    with rt.config_override(forced):
         y = kernels.diag.diag_fwd(x, values, offsets, b, n_out, bias)
         dx = kernels.diag.diag_dx(dy, values, offsets, b, n_in)
     assert_matches(y, x.double() @ w64.t() + bias.double(), name="y")
     assert_matches(dx, dy.double() @ w64, name="dx")
+
+
+@pytest.mark.parametrize("bt,nb", [(128, 16), (64, 32)])
+def test_the_wide_tiles_match_the_reference(bt, nb):
+    """The wide shapes on a ViT-B-sized fc2 (48 output blocks: 3 tiles of 16, or a full and a
+    half-empty tile of 32) with a ragged last token tile, forward with bias and input grad."""
+    _fwd_and_dx_under({"BLOCK_T": bt, "NB": nb, "num_stages": 1}, 16, 48, 192, 20, 150, bt)
 
 
 def test_few_tokens_get_short_tiles_and_enough_programs_for_the_sms():
@@ -463,23 +468,7 @@ def test_few_tokens_get_short_tiles_and_enough_programs_for_the_sms():
 @pytest.mark.parametrize("nb", [1, 2])
 @pytest.mark.parametrize("T", [1, 5])
 def test_the_few_token_tiles_match_the_reference(nb, T):
-    g = torch.Generator().manual_seed(T * 10 + nb)
-    b, R, C, K = 16, 6, 2, 3
-    n_in, n_out = C * b, R * b
-    offsets = torch.randperm(max(R, C), generator=g)[:K].to(torch.int32).to(DEVICE)
-    values = (torch.randn(K, min(R, C), b, b, generator=g) / (b * K) ** 0.5).to(DEVICE)
-    bias = torch.randn(n_out, generator=g).to(DEVICE)
-    x, dy = torch.randn(T, n_in, generator=g).to(DEVICE), torch.randn(T, n_out, generator=g).to(DEVICE)
-    w64 = diag_to_dense(values.double(), offsets, n_in, n_out, b)
-
-    def short(kernel, key, default):
-        return dict(default, BLOCK_T=16, NB=nb) if kernel in ("diag_fwd", "diag_dx") else None
-
-    with rt.config_override(short):
-        y = kernels.diag.diag_fwd(x, values, offsets, b, n_out, bias)
-        dx = kernels.diag.diag_dx(dy, values, offsets, b, n_in)
-    assert_matches(y, x.double() @ w64.t() + bias.double(), name="y")
-    assert_matches(dx, dy.double() @ w64, name="dx")
+    _fwd_and_dx_under({"BLOCK_T": 16, "NB": nb}, 16, 6, 2, 3, T, T * 10 + nb)
 
 
 def test_weight_grad_stack_minimises_the_slices_read_per_token():

@@ -47,12 +47,13 @@ Where recomputation costs more than the hidden layer's trip through memory, the 
 not fuse (``_UNFUSED_MAX_BLOCK``: b = 16 from 8192 tokens in 2-byte dtypes; a config's
 UNFUSED decides instead): fc1 with GELU in its epilogue writes gelu(h) once, in x's dtype
 (``diag_fwd_act``), and fc2 reads it (``diag_fwd``), each product with kernels/diag's wide
-tiles (many output blocks a program over an L1-resident x tile). Static model (not measured),
-ViT-B, b = 16, H200, bf16, T = 50,432: 0.39x -> 1.66x the dense MLP (91 us for fc1, HBM-bound
-on writing gelu(h); 277 us for fc2, L2-bound). A streaming design that computed each hidden
-block once and kept h on chip would still pay fc2's cost (all 48 output blocks a program need
-the [BT, 768] accumulator; at BT = 32 the values are re-read once per 32 tokens, 774 MB):
-about 1.5-2x in the same model, not 3x (bench/README.md).
+tiles (many output blocks a program; fc1's x tile in L1, fc2's tile shape by the L1 replay).
+Static model (not measured), ViT-B, b = 16, H200, bf16, T = 50,432: 0.39x -> 2.22x the dense
+MLP (91 us for fc1, HBM-bound on writing gelu(h); 184 us for fc2, L2-bound). A streaming
+design that computed each hidden block once and kept h on chip would save the hidden's trip
+through HBM, but fc1 would then be L2-bound at nearly the same time (85 us) and fc2's L2
+traffic stays (x once needs all 48 output blocks a program, a [BT, 768] fp32 accumulator):
+~2.3x at best in the same model, not 3x (bench/README.md).
 
 Training (the trade-off). The forward saves only its inputs (x and the weights), never h.
 The backward recomputes h = fc1(x) once with the unfused diagonal kernel, whose epilogue also
@@ -248,7 +249,7 @@ def _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size,
 # written once), then fc2 (``diag_fwd``), each with its own tiles (several output blocks a
 # program, the L1-resident x tile of kernels/diag). b = 16 recomputes every hidden block ~5x
 # (ViT-B, K = 20): static model (not measured), H200, bf16, T = 50,432: the fused kernel 0.39x
-# the dense MLP (8.5 GB from L2), the two products 91 + 277 us. b = 64 (1.3x) stays fused
+# the dense MLP (8.5 GB from L2), the two products 91 + 184 us, 2.22x. b = 64 (1.3x) stays fused
 # (4.59x). From 8192 tokens in 2-byte dtypes, where kernels/diag's wide tiles apply; a
 # config's UNFUSED decides instead (bench/sweep.py tunes it).
 _UNFUSED_MAX_BLOCK = 16

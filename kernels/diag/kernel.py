@@ -459,7 +459,8 @@ def diag_dw_band_kernel(
 # SMs.
 # Both tile shapes take the GELU epilogues too (the MLP's hidden layer: gelu(h) alone, h and
 # gelu(h), dh = dy W2 * gelu'(h)): 250-255 registers, no spill on sm_90 in bf16; static model,
-# ViT-B b = 16: MLP backward 0.82 -> 1.05x the dense one's, the unfused forward 1.66x.
+# ViT-B b = 16: MLP backward 0.82 -> 1.05x the dense one's from this alone (1.29x with the wide
+# tiles and the 128-block bands), the unfused forward 2.22x.
 _L1_TILE_BYTES = 96 * 1024
 _WIDE_L1_MIN_TOKENS = 8192
 
@@ -772,9 +773,9 @@ def _stack_slices(K: int, G: int) -> int:
 # whichever table reads fewer slices a token (``dw_band_slices``), where that is fewer than
 # the stacks' D cdiv(K, G) (G + 1). ViT-B fc1 / fc2, K = 20: 552 at 128, 733 at 64, 1200
 # stacked; static model, H200 bf16 T = 50,432, L2-bound: 1183 -> 891 MB, dW 224 -> 171 us
-# (1.36 -> 1.78x dense), training matmul 1.54 -> 1.69x, BERT's QKV dW 1.23 -> 1.64x. 32-token
-# steps at 128 blocks need 256 KB of shared memory: no compile. The model does not count the
-# loads' latency (not pipelined): a GPU run must confirm.
+# (1.36 -> 1.78x dense), training matmul 1.54 -> 1.69x (2.11x with the wide tiles), BERT's
+# QKV dW 1.23 -> 1.64x. 32-token steps at 128 blocks need 256 KB of shared memory: no compile.
+# The model does not count the loads' latency (not pipelined): a GPU run must confirm.
 _DW_BAND_WARPS = {64: 8, 128: 16}
 _DW_BAND_PROGRAMS = 2 * 132
 _DW_BAND_MIN_TOKENS = 8192

@@ -54,15 +54,18 @@ class Launch:
     def name(self) -> str:
         return self.fn.__name__
 
+    def bound(self) -> dict:
+        """The launch's arguments by parameter name (positional and keyword)."""
+        out = dict(zip([p.name for p in self.fn.params], self.args))
+        out.update(self.kwargs)
+        return out
+
     def programs(self) -> int | None:
         """Number of programs in the grid (None when it cannot be evaluated here)."""
         grid = self.grid
         try:
             if callable(grid):
-                names = [p.name for p in self.fn.params]
-                bound = dict(zip(names, self.args))
-                bound.update(self.kwargs)
-                grid = grid(bound)
+                grid = grid(self.bound())
             n = 1
             for g in grid:
                 n *= int(g)

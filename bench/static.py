@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels  # noqa: E402
+# L1_MODEL_BYTES: L1 as an LRU of 128 KB (256 KB an SM on sm_90, shared memory included)
 try:
     from kernels.diag.pattern import L1_MODEL_BYTES, tile_l1_slices  # noqa: E402
 except ImportError:  # an older kernels tree (a baseline report, bench/README.md): no tile lists
@@ -388,9 +389,6 @@ def _device_cc() -> int | None:
     return 10 * major + minor
 
 
-L1_TILE_BYTES = L1_MODEL_BYTES  # L1 as an LRU of 128 KB (256 KB an SM on sm_90, shared memory included)
-
-
 def l1_cached(s: sass.Sass | None) -> bool:
     """Whether the main loop's global loads can hit in L1: 16-byte cp.async (LDGSTS.*.BYPASS,
     what Triton emits for pipelined 128-bit loads) goes from L2 straight to shared memory, so
@@ -406,8 +404,7 @@ def stacked_slices(launch: sass.Launch | None) -> int | None:
     other launch."""
     if launch is None or launch.name not in ("diag_dw_kernel", "diag_dw_band_kernel"):
         return None
-    bound = dict(zip([p.name for p in launch.fn.params], launch.args))
-    bound.update(launch.kwargs)
+    bound = launch.bound()
     if launch.name == "diag_dw_band_kernel":
         # the band variant: each program's distinct dy and x blocks (its repeats hit in L1:
         # synchronous LDG.E.128, NUM_STAGES = 1)
@@ -423,20 +420,19 @@ def stacked_slices(launch: sass.Launch | None) -> int | None:
 def l1_slices(launch: sass.Launch) -> int | None:
     """Slices (BLOCK_T tokens x b features) of the gathered operand the programs of one token
     tile of ``diag_block_kernel`` read from L2 (model; so a token reads that many): each
-    program's loads replayed in the kernel's order through an LRU of L1_TILE_BYTES
+    program's loads replayed in the kernel's order through an LRU of L1_MODEL_BYTES
     (``kernels.diag.pattern.tile_l1_slices``, from the launch's own tile list and
     TILE_GROUP). The values load .cg (L2 only) and stores do not allocate in L1: neither
     takes a place in it. Only for loads through L1 (``l1_cached``; the caller checks)."""
     if launch is None or launch.name != "diag_block_kernel":
         return None
-    bound = dict(zip([p.name for p in launch.fn.params], launch.args))
-    bound.update(launch.kwargs)
+    bound = launch.bound()
     if tile_l1_slices is None or not {"tile_ptr", "entries_ptr", "NB", "TILE_GROUP"} <= bound.keys():
         return None  # an older kernel without tile lists (a baseline): the tile rule
     slice_bytes = int(bound["BLOCK_T"]) * int(bound["B"]) * bound["a_ptr"].element_size()
     return tile_l1_slices(bound["tile_ptr"], bound["entries_ptr"], int(bound["N_OUT"]), int(bound["P"]),
                           int(bound["D"]), bool(bound["BY_OUT"]), int(bound["NB"]), int(bound["TILE_GROUP"]),
-                          L1_TILE_BYTES // slice_bytes)
+                          L1_MODEL_BYTES // slice_bytes)
 
 
 def launch_slices(launch: sass.Launch | None, s: sass.Sass | None) -> int | None:
@@ -485,7 +481,7 @@ def traffic(op: Op, e: int, block_t: int | None, programs: int | None,
         # in L1 as far as the tile fits (a tile twice L1's share hits half of its re-reads).
         tile = min(block_t, T) * width * e
         unique = min(gathered, programs * tile)
-        gathered = unique + (gathered - unique) * (1 - min(1.0, L1_TILE_BYTES / tile))
+        gathered = unique + (gathered - unique) * (1 - min(1.0, L1_MODEL_BYTES / tile))
     # Every token tile re-reads the values - except in dW, which reads none: it writes the
     # gradient (per token chunk; the partials' sum is glue) and reads its index tables once.
     l2 = gathered + weights * (1 if op.product == "dw" else math.ceil(T / (block_t or T)))
@@ -568,8 +564,7 @@ _DW_KERNELS = ("diag_dw_kernel", "diag_dw_band_kernel")
 def _layer_view(op: Op, launch: sass.Launch) -> Op:
     """The single-layer op one launch of a multi-kernel MLP op is (its tensors' widths and
     values; a GELU epilogue's second tensor, h or gelu(h), counted as HBM beside it)."""
-    bound = dict(zip([p.name for p in launch.fn.params], launch.args))
-    bound.update(launch.kwargs)
+    bound = launch.bound()
     e = common.parse_dtype(op.dtype).itemsize
     if launch.name in _DW_KERNELS:
         dy, x = bound["dy_ptr"], bound["x_ptr"]
@@ -592,14 +587,16 @@ def predict_by_launch(op: Op, stats: list, gpus: dict) -> dict | None:
     kinds = ("diag_block_kernel",) + _DW_KERNELS
     if not (op.fmt.startswith("mlp") and op.launches and all(l.name in kinds for l in op.launches)):
         return None
+    parts = []  # per launch: its layer op, SASS, programs, BLOCK_T, slices (the same on every GPU)
+    for launch, s in zip(op.launches, stats):
+        block_t = launch.constexprs().get("BLOCK_T")
+        parts.append((_layer_view(op, launch), s, launch.programs(), block_t if isinstance(block_t, int) else None,
+                      launch_slices(launch, s)))
     models = {}
     for name, gpu in gpus.items():
         total = None
-        for launch, s in zip(op.launches, stats):
-            layer = _layer_view(op, launch)
-            block_t = launch.constexprs().get("BLOCK_T")
-            m = predict(layer, s, launch.programs(), gpu, block_t if isinstance(block_t, int) else None,
-                        launch_slices(launch, s))
+        for layer, s, programs, block_t, slices in parts:
+            m = predict(layer, s, programs, gpu, block_t, slices)
             if total is None:
                 total = dict(m, slowest=m["t"])
             else:
@@ -657,11 +654,12 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     primary = stats[p] if p is not None else None
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
-    slices = launch_slices(op.launches[p] if p is not None else None, primary)
     try:
-        models = predict_by_launch(op, stats, GPUS) or {
-            name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None, slices)
-            for name, gpu in GPUS.items()}
+        models = predict_by_launch(op, stats, GPUS)
+        if models is None:
+            slices = launch_slices(op.launches[p] if p is not None else None, primary)
+            models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None,
+                                    slices) for name, gpu in GPUS.items()}
     except ValueError as e:
         return [dict(base, error="; ".join(x for x in (op.error, str(e)) if x))]
     out = []

@@ -244,14 +244,9 @@ def _check(x2, w1_values, w1_offsets, b1, w2_values, w2_offsets, b2, block_size,
     return g1, g2
 
 
-# Where the recomputation costs more than the hidden layer's round trip through memory, the
-# forward runs unfused: fc1 with GELU in its epilogue (``diag_fwd_act``, the activation
-# written once), then fc2 (``diag_fwd``), each with its own tiles (several output blocks a
-# program, the L1-resident x tile of kernels/diag). b = 16 recomputes every hidden block ~5x
-# (ViT-B, K = 20): static model (not measured), H200, bf16, T = 50,432: the fused kernel 0.39x
-# the dense MLP (8.5 GB from L2), the two products 91 + 184 us, 2.22x. b = 64 (1.3x) stays fused
-# (4.59x). From 8192 tokens in 2-byte dtypes, where kernels/diag's wide tiles apply; a
-# config's UNFUSED decides instead (bench/sweep.py tunes it).
+# The forward runs unfused (the module docstring: why, and the model's figures) at b <= 16
+# (ViT-B b = 16 recomputes each hidden block ~5x; b = 64 ~1.3x stays fused) from 8192 tokens in
+# 2-byte dtypes, where kernels/diag's wide tiles apply; a config's UNFUSED decides instead.
 _UNFUSED_MAX_BLOCK = 16
 _UNFUSED_MIN_TOKENS = 8192
 

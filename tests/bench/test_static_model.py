@@ -73,7 +73,7 @@ for T in (4096, 50432):
             view = static._layer_view(op, l)
             bt = l.constexprs().get("BLOCK_T")
             m = static.predict(view, None, l.programs(), gpu["H200"], bt, static.launch_slices(l, None))
-            args = dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs
+            args = l.bound()
             parts.append(dict(name=l.name, t=m["t"], l2=m["l2"], hbm=m["hbm"], product=view.product,
                               n_in=view.n_in, n_out=view.n_out, epilogue=args.get("EPILOGUE"),
                               slices=static.launch_slices(l, None)))
@@ -87,7 +87,7 @@ op = [o for o in static.build_ops(["diag16"], ["fc1"], [50432], ["bfloat16"], to
       if o.product == "dw"][0]
 static.capture(op, execute=False)
 band = [l for l in op.launches if l.name == "diag_dw_band_kernel"]
-args = dict(zip([p.name for p in band[0].fn.params], band[0].args)) | band[0].kwargs if band else {}
+args = band[0].bound() if band else {}
 nb = int(args.get("NB", 0))
 table = args["table_ptr"].tolist() if band else []
 distinct = sum(len(set(r[nb:2 * nb])) + len(set(r[2 * nb:])) for r in table)
@@ -101,7 +101,7 @@ op = [o for o in static.build_ops(["diag16"], ["fc2"], [50432], ["bfloat16"], to
       if o.product == "fwd"][0]
 static.capture(op, execute=False)
 l = op.launches[0]
-a = dict(zip([p.name for p in l.fn.params], l.args)) | l.kwargs
+a = l.bound()
 from kernels.diag.pattern import tile_l1_slices
 cap = 128 * 1024 // (int(a["BLOCK_T"]) * 16 * 2)
 out["replay"] = dict(slices=static.launch_slices(l, cached), bypass=static.launch_slices(l, bypass),

@@ -393,35 +393,39 @@ def main(argv=None, log=print) -> int:
     previous = kernels.runtime.checks_enabled()
     kernels.set_checks(False)  # per-call index checks synchronise; the layers check on mask change
     rows = []
+
+    def record(model, fmt, result):  # on a GPU each format as it finishes: a phase cut short keeps them
+        row = dict(run=run_id, device=head.get("gpu") if gpu else "cpu", model=model,
+                   preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "base"),
+                   format=fmt, sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
+                   dtype=str(dtype).removeprefix("torch."), **result)
+        rows.append(row)
+        log(f"[e2e] {model:<9} {fmt:<12} {row['status']:<7} train {common.fmt(row.get('train_ms'))} ms  "
+            f"infer {common.fmt(row.get('infer_ms'))} ms  peak {common.fmt(row.get('train_peak_mb'))} MB"
+            + (f"  ({row['reason']})" if row["reason"] else ""))
+
     try:
         for model in args.models:
-            if gpu:
-                results = {}
-                for fmt in args.formats:
-                    try:
-                        results[fmt] = dict(measure_gpu(model, fmt, args, device, dtype), status="ok", reason="")
-                    except ImportError as e:
-                        results[fmt] = dict(status="skipped", reason=f"models unavailable: {e}")
-                    except torch.cuda.OutOfMemoryError:
-                        results[fmt] = dict(status="oom", reason="out of GPU memory")
-                    except ValueError as e:  # e.g. a block size that does not divide a width
-                        results[fmt] = dict(status="skipped", reason=str(e).splitlines()[0][:160])
-                    except WrongOutput as e:
-                        results[fmt] = dict(status="wrong", reason=str(e)[:160])
-                    except Exception as e:  # noqa: BLE001 - record it, go on with the other formats
-                        results[fmt] = dict(status="error", reason=f"{type(e).__name__}: {str(e)[:160]}")
-                    torch.cuda.empty_cache()
-            else:
+            if not gpu:
                 results = measure_cpu(model, args.formats, args, device, dtype)
+                for fmt in args.formats:
+                    record(model, fmt, results[fmt])
+                continue
             for fmt in args.formats:
-                row = dict(run=run_id, device=head.get("gpu") if gpu else "cpu", model=model,
-                           preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "base"),
-                           format=fmt, sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
-                           dtype=str(dtype).removeprefix("torch."), **results[fmt])
-                rows.append(row)
-                log(f"[e2e] {model:<9} {fmt:<12} {row['status']:<7} train {common.fmt(row.get('train_ms'))} ms  "
-                    f"infer {common.fmt(row.get('infer_ms'))} ms  peak {common.fmt(row.get('train_peak_mb'))} MB"
-                    + (f"  ({row['reason']})" if row["reason"] else ""))
+                try:
+                    result = dict(measure_gpu(model, fmt, args, device, dtype), status="ok", reason="")
+                except ImportError as e:
+                    result = dict(status="skipped", reason=f"models unavailable: {e}")
+                except torch.cuda.OutOfMemoryError:
+                    result = dict(status="oom", reason="out of GPU memory")
+                except ValueError as e:  # e.g. a block size that does not divide a width
+                    result = dict(status="skipped", reason=str(e).splitlines()[0][:160])
+                except WrongOutput as e:
+                    result = dict(status="wrong", reason=str(e)[:160])
+                except Exception as e:  # noqa: BLE001 - record it, go on with the other formats
+                    result = dict(status="error", reason=f"{type(e).__name__}: {str(e)[:160]}")
+                torch.cuda.empty_cache()
+                record(model, fmt, result)
     finally:
         kernels.set_checks(previous)
     for r in rows:

@@ -12,7 +12,7 @@
 #   3. bench/sweep.py --no-tune: the same ops against CSR, surviving neurons, unfused  <= 80 s
 #   4a. the wide b = 16 tiles and the band counts timed side by side (the L1 model's test) <= 45 s
 #   4. a short tuning pass (bench/sweep.py, 8 candidates per key) if >= 150 s are left   <= 60 s
-#   5. bench/e2e.py on ViT-B/16: training step and inference, sparse vs dense           <= 70 s
+#   5. bench/e2e.py on ViT-B/16 at batch 256: training step and inference vs dense       <= 90 s
 #   6. a short python -m train.vit run on the GPU (fashion_mnist from data_cache, or mnist) <= 45 s
 # Files: gpu_check.log (every phase's output, with times), static/sm90.md, static/sm90.csv,
 # sweep/sweep.md, sweep/sweep.csv, e2e.md, train_summary.json, configs.json (the tuned table,
@@ -81,8 +81,10 @@ phase "4 short tuning pass" 60 150 $PY bench/sweep.py --ops fanin_fwd,fanin_dx,d
     --max-candidates 8 --warmup-ms 5 --rep-ms 15 --budget-s 50 --resume --out "$SCRATCH/sweep" \
     --table-dir "$SCRATCH/configs"
 
-phase "5 e2e ViT-B/16" 70 40 $PY bench/e2e.py --models vit-b16 --formats dense,fanin,diag16,diag16-fused,diag64-fused \
-    --batch 64 --steps 5 --warmup 2 --out "$SCRATCH/e2e"
+# batch 256 (50,432 tokens): the shape of bench/step_model.py's model in static/step_sm90.csv, so
+# that its train_ms / infer_ms against the model's are the step model's error
+phase "5 e2e ViT-B/16" 90 40 $PY bench/e2e.py --models vit-b16 --formats dense,diag64,diag16,fanin,diag64-fused,csr \
+    --batch 256 --steps 5 --warmup 2 --out "$SCRATCH/e2e"
 
 DATASET=mnist
 if [ -d data_cache/fashion-mnist ]; then DATASET=fashion_mnist; fi

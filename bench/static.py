@@ -132,28 +132,23 @@ class GlueBytes(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in _NO_BYTES:
             return out
-        moved = 0
-        seen = set()
-
-        def add(t):
-            nonlocal moved
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
-                moved += t.numel() * t.element_size()
-
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, (list, tuple)):
-                for b in a:
-                    add(b)
-            else:
-                add(a)
-        for o in (out if isinstance(out, (list, tuple)) else (out,)):
-            add(o)
+        moved = moved_bytes(args, kwargs, out)
         if moved >= 4096:  # scalars and small index set-ups are launch cost, not traffic
             self.bytes += moved
             self.ops += 1
             self.names[name] = self.names.get(name, 0) + 1
         return out
+
+
+def moved_bytes(args, kwargs, out) -> int:
+    """Bytes of an op's tensors - inputs (lists too) and outputs, each once: one pass over HBM."""
+    seen, moved = set(), 0
+    for t in list(args) + list(kwargs.values()) + list(out if isinstance(out, (list, tuple)) else (out,)):
+        for u in (t if isinstance(t, (list, tuple)) else (t,)):
+            if isinstance(u, torch.Tensor) and id(u) not in seen:
+                seen.add(id(u))
+                moved += u.numel() * u.element_size()
+    return moved
 
 
 @dataclass
@@ -212,29 +207,36 @@ def build_ops(formats, layers, tokens, dtypes, device) -> list[Op]:
                 ops += _mlp_ops(fmt, tokens, dname, dt, device)
                 continue
             for lname in layers:
-                n_in, n_out = LAYERS[lname]
-                b = int(fmt[4:]) if fmt.startswith("diag") else 1
-                if n_in % b or n_out % b:
-                    continue
-                try:
-                    layer = _layer(fmt, n_in, n_out, dt, device)
-                except Exception as e:  # noqa: BLE001 - a layer that cannot be built gets a row
-                    ops.append(Op(fmt, lname, n_in, n_out, 0, dname, "fwd", b, 0, 0, None,
-                                  error=f"layer: {type(e).__name__}: {e}"))
-                    continue
-                nnz = layer.values.numel()
-                if fmt == "fanin":
-                    index_bytes, params = 4 * (nnz + layer.values.shape[0]), f"k={layer.values.shape[1]}"
-                elif fmt.startswith("diag"):
-                    index_bytes, params = 4 * layer.offsets.numel(), f"K={layer.offsets.numel()}"
-                else:
-                    index_bytes, params = 8 * nnz, f"nnz={nnz}"
-                for T in tokens:
-                    products = ("dw",) if fmt == "sparse" else ("fwd", "dx", "dw")
-                    for product in products:
-                        run, dense = _layer_closures(layer, fmt, product, T, n_in, n_out, dt, device)
-                        ops.append(Op(fmt, lname, n_in, n_out, T, dname, product, b, nnz, index_bytes, run,
-                                      dense, flops_dense=2.0 * T * n_in * n_out, params=params))
+                ops += layer_ops(fmt, lname, *LAYERS[lname], tokens, dname, device)
+    return ops
+
+
+def layer_ops(fmt: str, lname: str, n_in: int, n_out: int, tokens, dname: str, device,
+              products=None) -> list[Op]:
+    """The ops of one sparse layer (format ``fmt``, n_in -> n_out, named ``lname``) at each of
+    ``tokens``: forward, input grad and weight grad (``products`` to choose; the unstructured
+    format: its weight grad only). None where the block size does not divide the widths."""
+    dt = common.parse_dtype(dname)
+    b = int(fmt[4:]) if fmt.startswith("diag") else 1
+    if n_in % b or n_out % b:
+        return []
+    try:
+        layer = _layer(fmt, n_in, n_out, dt, device)
+    except Exception as e:  # noqa: BLE001 - a layer that cannot be built gets a row
+        return [Op(fmt, lname, n_in, n_out, 0, dname, "fwd", b, 0, 0, None, error=f"layer: {type(e).__name__}: {e}")]
+    nnz = layer.values.numel()
+    if fmt == "fanin":
+        index_bytes, params = 4 * (nnz + layer.values.shape[0]), f"k={layer.values.shape[1]}"
+    elif fmt.startswith("diag"):
+        index_bytes, params = 4 * layer.offsets.numel(), f"K={layer.offsets.numel()}"
+    else:
+        index_bytes, params = 8 * nnz, f"nnz={nnz}"
+    ops = []
+    for T in tokens:
+        for product in products or (("dw",) if fmt == "sparse" else ("fwd", "dx", "dw")):
+            run, dense = _layer_closures(layer, fmt, product, T, n_in, n_out, dt, device)
+            ops.append(Op(fmt, lname, n_in, n_out, T, dname, product, b, nnz, index_bytes, run,
+                          dense, flops_dense=2.0 * T * n_in * n_out, params=params))
     return ops
 
 
@@ -546,16 +548,20 @@ def dense_time(op: Op, gpu: dict) -> float:
     """Model time (s) of dense cuBLAS at the op's shape (bf16 tensor cores; fp32 FFMA: torch's
     default fp32 matmul); the MLP: its two GEMMs forward, four backward, the hidden via HBM."""
     e = common.parse_dtype(op.dtype).itemsize
-    dense_peak = gpu["tc_bf16"] if op.dtype != "float32" else gpu["fp32"] * CUBLAS_FP32_OF_PEAK
     if op.fmt.startswith("mlp"):
         n_gemm = 2 if op.product == "fwd" else 4
         dense_bytes = (op.tokens * (2 * op.n_in + 4 * op.n_out) * e * (1 if op.product == "fwd" else 2)
                        + 2 * op.n_in * op.n_out * e)
-        t_dense = max(op.flops_dense / dense_peak, dense_bytes / gpu["hbm"]) + n_gemm * CUBLAS_S + TORCH_OP_S
-    else:
-        dense_bytes = op.tokens * (op.n_in + op.n_out) * e + op.n_in * op.n_out * e
-        t_dense = max(op.flops_dense / dense_peak, dense_bytes / gpu["hbm"]) + CUBLAS_S
-    return t_dense
+        return gemm_time(op.flops_dense, dense_bytes, op.dtype, gpu, n_gemm) + TORCH_OP_S
+    dense_bytes = op.tokens * (op.n_in + op.n_out) * e + op.n_in * op.n_out * e
+    return gemm_time(op.flops_dense, dense_bytes, op.dtype, gpu)
+
+
+def gemm_time(flops: float, nbytes: float, dtype: str, gpu: dict, calls: int = 1) -> float:
+    """Model time (s) of ``calls`` dense cuBLAS GEMMs doing ``flops`` and moving ``nbytes`` in
+    all: bf16 / fp16 on the tensor cores, fp32 as torch's default (FFMA, CUBLAS_FP32_OF_PEAK)."""
+    peak = gpu["tc_bf16"] if dtype != "float32" else gpu["fp32"] * CUBLAS_FP32_OF_PEAK
+    return max(flops / peak, nbytes / gpu["hbm"]) + calls * CUBLAS_S
 
 
 _DW_KERNELS = ("diag_dw_kernel", "diag_dw_band_kernel")
@@ -637,12 +643,10 @@ CSV_FIELDS = [
     "measured_us", "measured_dense_us", "measured_x_dense", "model_error", "error"]
 
 
-def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
-    base = dict(op=op.label, format=op.fmt, product=op.product, layer=op.layer, tokens=op.tokens, dtype=op.dtype,
-                block=op.block, params=op.params, launches=len(op.launches), cc=cc, error=op.error)
-    base["in"], base["out"] = op.n_in, op.n_out
-    if op.error and not op.launches:
-        return [base]
+def op_models(op: Op, cc: int) -> tuple[list, list, int | None, dict]:
+    """(SASS of each launch, its compile error, the dominant launch's index, the model on each
+    GPU: ``predict``'s dict by name) of a captured op compiled for sm_<cc>. Raises ValueError
+    where the model cannot read the op."""
     stats, errors = [], []
     for launch in op.launches:
         s, _, err = compiled_sass(launch, cc)
@@ -654,12 +658,22 @@ def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
     primary = stats[p] if p is not None else None
     block_t = op.launches[p].constexprs().get("BLOCK_T") if p is not None else None
     programs = op.launches[p].programs() if p is not None else None
+    models = predict_by_launch(op, stats, GPUS)
+    if models is None:
+        slices = launch_slices(op.launches[p] if p is not None else None, primary)
+        models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None,
+                                slices) for name, gpu in GPUS.items()}
+    return stats, errors, p, models
+
+
+def rows_for(op: Op, cc: int, measured: dict | None) -> list[dict]:
+    base = dict(op=op.label, format=op.fmt, product=op.product, layer=op.layer, tokens=op.tokens, dtype=op.dtype,
+                block=op.block, params=op.params, launches=len(op.launches), cc=cc, error=op.error)
+    base["in"], base["out"] = op.n_in, op.n_out
+    if op.error and not op.launches:
+        return [base]
     try:
-        models = predict_by_launch(op, stats, GPUS)
-        if models is None:
-            slices = launch_slices(op.launches[p] if p is not None else None, primary)
-            models = {name: predict(op, primary, programs, gpu, block_t if isinstance(block_t, int) else None,
-                                    slices) for name, gpu in GPUS.items()}
+        stats, errors, p, models = op_models(op, cc)
     except ValueError as e:
         return [dict(base, error="; ".join(x for x in (op.error, str(e)) if x))]
     out = []
@@ -734,7 +748,8 @@ def read_baseline(path: str | None, cc: int) -> dict:
         return {r["op"]: r for r in csv.DictReader(f) if r.get("model_not_measured_x_dense_h200")}
 
 
-def write_report(rows: list[dict], cc: int, out: Path, header: dict, baseline: dict | None = None) -> None:
+def write_report(rows: list[dict], cc: int, out: Path, header: dict, baseline: dict | None = None,
+                 step: list[dict] | None = None) -> None:
     baseline = baseline or {}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"sm{cc}.csv", "w", newline="") as f:
@@ -795,7 +810,12 @@ def write_report(rows: list[dict], cc: int, out: Path, header: dict, baseline: d
     lines += ["", "## Block-diagonal and fused-MLP targets (issue 12), judged by the model (not measured)", "",
               "`before` = the same op in the baseline report (`--baseline`; see its header line above)."
               if baseline else "No baseline report for this architecture (`--baseline`).", ""]
-    lines += block_targets(rows, baseline)
+    lines += block_targets(rows, baseline, step)
+    if step:
+        from bench import step_model
+
+        lines += [""] + step_model.markdown(step)
+        step_model.write_csv(out / f"step_sm{cc}.csv", step)
     lines += ["", "## Compute ceilings the model used (per op, H200)", ""]
     for r in rows:
         if r.get("model_not_measured_compute_peak"):
@@ -810,9 +830,10 @@ def _before(baseline: dict, op: str) -> str:
     return f"{float(r['model_not_measured_x_dense_h200']):.3f} ({r['kernel']})"
 
 
-def block_targets(rows: list[dict], baseline: dict) -> list[str]:
+def block_targets(rows: list[dict], baseline: dict, step: list[dict] | None = None) -> list[str]:
     """Issue 12's targets (H200, bf16, T = 50,432): the model's ratio now, before (the
-    baseline's) and how far from the target."""
+    baseline's) and how far from the target; with ``step`` (bench/step_model.py's rows) also
+    the ViT-B/16 step and batch-1 inference against torch CSR (its floor)."""
     ops = {r["op"]: r for r in rows if r.get("model_not_measured_h200_us") is not None}
     out = ["| target | op | model H200 now | before | met (model) | missed by |", "|---|---|---|---|---|---|"]
 
@@ -823,8 +844,9 @@ def block_targets(rows: list[dict], baseline: dict) -> list[str]:
         dense = sum(float(r["model_not_measured_dense_h200_us"]) for r in got)
         return dense / sum(float(r["model_not_measured_h200_us"]) for r in got)
 
-    def line(target, goal, names, label):
-        now, before = ratio(names, ops), ratio(names, baseline)
+    def line(target, goal, names, label, now=None, before=None):
+        if now is None:
+            now, before = ratio(names, ops), ratio(names, baseline)
         if now is None:
             return
         out.append(f"| {target} | {label} | {now:.2f}x | {'-' if before is None else f'{before:.2f}x'} | "
@@ -844,6 +866,29 @@ def block_targets(rows: list[dict], baseline: dict) -> list[str]:
         line(f"fused MLP forward, b = {b}, >= {goal}x the dense MLP", goal, [name], name)
         name_b = f"mlp{b} bwd mlp 768->3072->768 T=50432 bfloat16"
         line(f"fused MLP backward, b = {b} (no target; beside the forward)", 0.0, [name_b], name_b)
+    from bench.step_model import csr_floor
+
+    for layer in ("fc1", "fc2"):  # one token: the layer against torch CSR at its floor
+        n_in, n_out = LAYERS[layer]
+        for b in (16, 64):
+            r = ops.get(f"diag{b} fwd {layer} {n_in}->{n_out} T=1 bfloat16")
+            if r:
+                csr = csr_floor(DENSITY * n_in * n_out, n_in, n_out, 1, "bfloat16", GPUS["H200"])
+                line("batch-1 inference vs torch CSR (at its floor), >= 3.13x", 3.13, [],
+                     f"diag{b} fwd {layer} T=1 bfloat16 vs CSR", now=csr / (float(r["model_not_measured_h200_us"]) * 1e-6))
+    by = {(r["phase"], r["batch"], r["format"]): r for r in step or [] if not r.get("error")}
+    for b in (16, 64):
+        own, csr = by.get(("infer", 1, f"diag{b}")), by.get(("infer", 1, "csr"))
+        if own and csr:
+            line("batch-1 inference vs torch CSR (at its floor), >= 3.13x", 3.13, [],
+                 f"ViT-B/16 inference, batch 1 (197 tokens), diag{b} vs csr (bench/step_model.py)",
+                 now=float(csr["model_not_measured_h200_ms"]) / float(own["model_not_measured_h200_ms"]))
+    for b in (64, 16):
+        own = by.get(("train", 256, f"diag{b}"))
+        if own and own.get("model_not_measured_x_dense_h200"):
+            line(f"ViT-B/16 training step, DynaDiag b = {b}, >= 1.5x dense" + ("" if b == 64 else " (b = 16: beside it)"),
+                 1.5, [], f"bench/e2e.py's step, batch 256, diag{b} (bench/step_model.py)",
+                 now=float(own["model_not_measured_x_dense_h200"]))
     return out
 
 
@@ -934,6 +979,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-measure", action="store_true", help="on a GPU: compile and model only")
     p.add_argument("--baseline", default="",
                    help="an earlier report's folder or sm<cc>.csv: its x dense figures go beside today's")
+    p.add_argument("--no-step", action="store_true",
+                   help="leave out the ViT-B/16 step model (bench/step_model.py; ~1-2 min on CPU, off on a GPU)")
     p.add_argument("--budget-s", type=float, default=0,
                    help="stop starting new ops after this many seconds and write what is done (0: no limit)")
     args = p.parse_args(argv)
@@ -960,11 +1007,13 @@ def main(argv=None) -> int:
                                          "the MLP backward's rows under the earlier one-formula model "
                                          "(bench/README.md)" if "baseline_sm" in args.baseline else args.baseline)
 
+    step = None
+
     def write(done: int) -> None:
         h["run time"] = f"{time.time() - t0:.0f} s" + (f" ({done} of {len(ops)} ops: budget spent)"
                                                        if done < len(ops) else "")
         for cc in archs:
-            write_report(rows[cc], cc, Path(args.out), h, baselines[cc])
+            write_report(rows[cc], cc, Path(args.out), h, baselines[cc], step if cc == 90 else None)
 
     done = 0
     for n, op in enumerate(ops):
@@ -987,6 +1036,12 @@ def main(argv=None) -> int:
         if not args.json and GPU and done % 10 == 0:  # a run stopped by its timeout keeps what it measured
             write(done)
     if not args.json:
+        if 90 in archs and not (GPU or args.no_step or (args.budget_s and time.time() - t0 > args.budget_s)):
+            from bench import step_model
+
+            step = step_model.rows(log=lambda m: print(f"[{time.time() - t0:6.0f} s] {m}", file=sys.stderr,
+                                                       flush=True))
+            failed += sum(1 for r in step if r.get("error"))
         write(done)
         print(f"wrote {args.out}/sm{{{','.join(map(str, archs))}}}.md/.csv: {done} of {len(ops)} ops, "
               f"{len(_COMPILED)} compiled kernels, {failed} rows with errors, {time.time() - t0:.0f} s")

@@ -290,9 +290,11 @@ def _layer_closures(layer, fmt, product, T, n_in, n_out, dt, device):
     return run, dense
 
 
-def _mlp_ops(fmt, tokens, dname, dt, device) -> list[Op]:
+def _mlp_ops(fmt, tokens, dname, dt, device, dim: int | None = None, hidden: int | None = None) -> list[Op]:
+    """The fused MLP's forward and backward (``fmt`` mlp<b>) at each of ``tokens``; ViT-B's
+    768 -> 3072 -> 768 unless ``dim`` and ``hidden`` say otherwise."""
     b = int(fmt[3:])
-    dim, hidden = LAYERS["fc1"]
+    dim, hidden = (dim, hidden) if dim else LAYERS["fc1"]
     g = torch.Generator().manual_seed(0)
     try:
         fc1 = kernels.DiagLinear(dim, hidden, DENSITY, block_size=b, dtype=dt, generator=g).to(device)
@@ -877,17 +879,18 @@ def block_targets(rows: list[dict], baseline: dict, step: list[dict] | None = No
                 line("batch-1 inference vs torch CSR (at its floor), >= 3.13x", 3.13, [],
                      f"diag{b} fwd {layer} T=1 bfloat16 vs CSR", now=csr / (float(r["model_not_measured_h200_us"]) * 1e-6))
     by = {(r["phase"], r["batch"], r["format"]): r for r in step or [] if not r.get("error")}
-    for b in (16, 64):
-        own, csr = by.get(("infer", 1, f"diag{b}")), by.get(("infer", 1, "csr"))
+    for fmt in ("diag16", "diag64", "diag64-fused"):
+        own, csr = by.get(("infer", 1, fmt)), by.get(("infer", 1, "csr"))
         if own and csr:
             line("batch-1 inference vs torch CSR (at its floor), >= 3.13x", 3.13, [],
-                 f"ViT-B/16 inference, batch 1 (197 tokens), diag{b} vs csr (bench/step_model.py)",
+                 f"ViT-B/16 inference, batch 1 (197 tokens), {fmt} vs csr (bench/step_model.py)",
                  now=float(csr["model_not_measured_h200_ms"]) / float(own["model_not_measured_h200_ms"]))
-    for b in (64, 16):
-        own = by.get(("train", 256, f"diag{b}"))
+    for fmt in ("diag64", "diag64-fused", "diag16", "diag16-fused"):
+        own = by.get(("train", 256, fmt))
         if own and own.get("model_not_measured_x_dense_h200"):
-            line(f"ViT-B/16 training step, DynaDiag b = {b}, >= 1.5x dense" + ("" if b == 64 else " (b = 16: beside it)"),
-                 1.5, [], f"bench/e2e.py's step, batch 256, diag{b} (bench/step_model.py)",
+            line("ViT-B/16 training step, DynaDiag b = 64, >= 1.5x dense" + ("" if fmt == "diag64" else
+                 " (beside it: " + ("fused MLP)" if fmt == "diag64-fused" else f"b = 16{fmt[6:].replace('-', ', ')})")),
+                 1.5, [], f"bench/e2e.py's step, batch 256, {fmt} (bench/step_model.py)",
                  now=float(own["model_not_measured_x_dense_h200"]))
     return out
 

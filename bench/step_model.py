@@ -50,9 +50,13 @@ from kernels import runtime as rt  # noqa: E402
 ATTN_OF_PEAK = 0.3
 ATTN_BWD_OF_FWD = 2.5   # the backward's matmuls: 5 against the forward's 2 (S recomputed)
 MIN_BYTES = 4096        # as static.GlueBytes: smaller ops are host scalars or launch noise
-FORMATS = ("dense", "diag64", "diag16", "fanin", "csr")
+FORMATS = ("dense", "diag64", "diag64-fused", "diag16", "diag16-fused", "fanin", "csr")
 PRODUCTS = {"diag_matmul": "fwd", "fanin_matmul": "fwd", "sparse_matmul": "fwd",
-            "diag_dx": "dx", "fanin_dx": "dx", "sparse_dx": "dx", "diag_dw": "dw", "sddmm": "dw"}
+            "diag_dx": "dx", "fanin_dx": "dx", "sparse_dx": "dx", "diag_dw": "dw", "sddmm": "dw",
+            "fused_diag_mlp": "mlp",
+            # the fused MLP's backward: fc1 recomputed with h and gelu(h) written, fc2's input grad
+            # times gelu'(h), h read - each the plain product's model plus its second tensor over HBM
+            "diag_matmul_gelu": "fwd", "diag_dx_gelu_grad": "dx"}
 GEMMS = ("mm", "addmm", "bmm", "baddbmm")
 ATTENTION = "scaled_dot_product"
 KINDS = ("sparse", "gemm", "attention", "memory")
@@ -71,6 +75,7 @@ class Call:
     n_in: int = 0
     n_out: int = 0
     nnz: float = 0      # a custom op's stored values
+    aux_bytes: float = 0  # a GELU epilogue's second tensor (h or gelu(h)), beside the product's own
 
 
 def _dtype_name(t) -> str:
@@ -80,16 +85,20 @@ def _dtype_name(t) -> str:
 def _sparse_call(name: str, args, out) -> Call:
     product = PRODUCTS.get(name)
     if product is None:
-        raise ValueError(f"no model for the custom op alwayssparse::{name} (the fused MLP is not modelled "
-                         f"step by step; formats: {', '.join(FORMATS)})")
-    a = args[0]
+        raise ValueError(f"no model for the custom op alwayssparse::{name}; formats: {', '.join(FORMATS)}")
+    a, moved = args[0], static.moved_bytes(args, {}, out)
+    out = out[0] if isinstance(out, (list, tuple)) else out  # diag_matmul_gelu: (h, gelu(h))
+    if product == "mlp":  # (x2, w1, offsets1, b1, w2, offsets2, b2, b, hidden, out)
+        return Call(name, "sparse", moved, dtype=_dtype_name(a), product=product,
+                    tokens=a.shape[0], n_in=a.shape[1], n_out=int(args[8]), nnz=args[1].numel() + args[4].numel())
     if product == "dw":
         n_in, n_out, nnz = args[1].shape[1], a.shape[1], out.numel()
     else:
         n_in, n_out = (a.shape[1], out.shape[1]) if product == "fwd" else (out.shape[1], a.shape[1])
         nnz = args[1].numel()
-    return Call(name, "sparse", static.moved_bytes(args, {}, out), dtype=_dtype_name(a), product=product,
-                tokens=a.shape[0], n_in=n_in, n_out=n_out, nnz=nnz)
+    aux = a.shape[0] * (n_out if product == "fwd" else n_in) * a.element_size() if "gelu" in name else 0
+    return Call(name, "sparse", moved, dtype=_dtype_name(a), product=product,
+                tokens=a.shape[0], n_in=n_in, n_out=n_out, nnz=nnz, aux_bytes=aux)
 
 
 def _flops(name: str, args, out) -> float:
@@ -168,7 +177,7 @@ def extrapolate(at2: list[Call], at3: list[Call], batch: int) -> list[Call]:
         if (a.kind, a.product, a.n_in, a.n_out, a.dtype) != (b.kind, b.product, b.n_in, b.n_out, b.dtype):
             raise ValueError(f"{a.name}: another shape or dtype at batch 3 ({a} vs {b})")
         out.append(replace(a, **{f: getattr(a, f) + (batch - 2) * (getattr(b, f) - getattr(a, f))
-                                 for f in ("bytes", "flops", "tokens", "nnz")}))
+                                 for f in ("bytes", "flops", "tokens", "nnz", "aux_bytes")}))
     return [c for c in out if c.bytes >= MIN_BYTES]
 
 
@@ -188,14 +197,19 @@ _LAYER_MODELS: dict = {}
 def layer_model(fmt: str, product: str, n_in: int, n_out: int, tokens: int, dtype: str) -> dict:
     """{GPU name: model time (s)} of one sparse layer's product (bench/static.py's model of its
     launches compiled for sm_90), cached per shape."""
+    fmt = fmt.removesuffix("-fused")  # a fused-MLP model's other layers are plain diag<b>
     key = (fmt, product, n_in, n_out, tokens, dtype)
     if key not in _LAYER_MODELS:
         backend, checks = rt.get_backend(), rt.checks_enabled()
         rt.set_backend("triton")  # CPU tensors take the launchers: captured, never run
         rt.set_checks(False)  # as benchmarks run (the report's setting): no per-call index checks
         try:
-            op = static.layer_ops("sparse" if fmt == "csr" else fmt, f"{n_in}->{n_out}", n_in, n_out, [tokens], dtype,
-                                  torch.device("cpu"), products=(product,))[0]
+            if product == "mlp":  # the fused MLP's forward, n_in -> n_out (hidden) -> n_in
+                op = static._mlp_ops(f"mlp{fmt[4:]}", [tokens], dtype, common.parse_dtype(dtype), torch.device("cpu"),
+                                     n_in, n_out)[0]
+            else:
+                op = static.layer_ops("sparse" if fmt == "csr" else fmt, f"{n_in}->{n_out}", n_in, n_out, [tokens],
+                                      dtype, torch.device("cpu"), products=(product,))[0]
             static.capture(op, execute=False)
             if op.error:
                 raise ValueError(f"{op.label}: {op.error}")
@@ -226,7 +240,8 @@ def call_time(c: Call, fmt: str, gpu_name: str, layer=layer_model) -> float:
         if c.name.startswith("sparse_"):  # forward or input grad: x W^T or dy W, the same floor
             n_in, n_out = (c.n_in, c.n_out) if c.product == "fwd" else (c.n_out, c.n_in)
             return csr_floor(c.nnz, n_in, n_out, c.tokens, c.dtype, gpu)
-        return layer(fmt, c.product, c.n_in, c.n_out, int(round(c.tokens)), c.dtype)[gpu_name]
+        t = layer(fmt, c.product, c.n_in, c.n_out, int(round(c.tokens)), c.dtype)[gpu_name]
+        return t + c.aux_bytes / gpu["hbm"]
     if c.kind == "gemm":
         return static.gemm_time(c.flops, c.bytes, c.dtype, gpu)
     if c.kind == "attention":

@@ -49,7 +49,7 @@ with torch.inference_mode(), t:
     torch.ops.aten.gelu(a)
 out["single"] = as_dicts(t.calls)
 try:
-    sm._sparse_call("diag_matmul_gelu", (a,), a)
+    sm._sparse_call("diag_matmul_relu", (a,), a)
     out["unknown"] = "no error"
 except ValueError as e:
     out["unknown"] = str(e)
@@ -60,10 +60,16 @@ stub = lambda fmt, product, n_in, n_out, tokens, dtype: {"H100": 7e-6, "H200": 7
 st = sm.step_time(calls, "diag16", "H200", stub)
 out["stub"] = dict(step=st, sum=sum(sm.call_time(c, "diag16", "H200", stub) for c in calls),
                    sparse=[(c.product, c.n_in, c.n_out, c.tokens) for c in calls if c.kind == "sparse"])
+gelu = sm.Call("diag_matmul_gelu", "sparse", 0, product="fwd", tokens=10, n_in=32, n_out=64, aux_bytes=4.5e6)
+out["aux"] = sm.call_time(gelu, "diag16-fused", "H200", stub)
 out["csr"] = sm.csr_floor(1000, 64, 32, 10, "bfloat16", static.GPUS["H200"])
 
-# 4. The whole chain, compiled (micro ViT, batch 4): dense, diag16 and the CSR floor.
-out["rows"] = sm.rows(("dense", "diag16", "csr"), (("train", 4), ("infer", 1)), quick=True, log=lambda m: None)
+fused, _ = sm.trace("vit-b16", "diag16-fused", 2, "train", quick=True)
+out["fused"] = as_dicts([c for c in fused if c.kind == "sparse"])
+
+# 4. The whole chain, compiled (micro ViT, batch 4): dense, diag16 (and its fused MLP), the CSR floor.
+out["rows"] = sm.rows(("dense", "diag16", "diag16-fused", "csr"), (("train", 4), ("infer", 1)), quick=True,
+                      log=lambda m: None)
 print("RESULT" + json.dumps(out))
 '''
 
@@ -108,6 +114,17 @@ def test_the_trace_records_each_sparse_product_once_a_layer(probe):
     assert sum(c["kind"] == "gemm" for c in calls) == 2 + 2 + 1
 
 
+def test_the_fused_mlp_is_one_op_forward_and_its_backward_products_carry_the_gelu_tensor(probe):
+    calls = [(c["name"], c["product"], c["n_in"], c["n_out"], c["aux_bytes"]) for c in probe["fused"]]
+    T = 2 * 17
+    assert ("fused_diag_mlp", "mlp", 32, 64, 0) in calls  # dim -> hidden (-> dim)
+    assert ("diag_matmul_gelu", "fwd", 32, 64, T * 64 * 2) in calls  # h and gelu(h): bf16 [T, 64] beside h
+    assert ("diag_dx_gelu_grad", "dx", 64, 32, T * 64 * 2) in calls  # reads h
+    assert sum(c[0] == "fused_diag_mlp" for c in calls) == 1
+    assert not any(c[0] in ("diag_matmul", "diag_dx") and c[2:4] in ((32, 64), (64, 32)) and c[1] == "fwd"
+                   for c in calls)  # the MLP's own forward products run inside the fused op
+
+
 def test_single_ops_are_charged_by_kind(probe):
     calls = probe["single"]
     # F.linear under inference_mode is taken apart (addmm); dropout at eval runs nothing
@@ -125,7 +142,7 @@ def test_single_ops_are_charged_by_kind(probe):
 
 
 def test_an_unmodelled_custom_op_is_named(probe):
-    assert "alwayssparse::diag_matmul_gelu" in probe["unknown"]
+    assert "alwayssparse::diag_matmul_relu" in probe["unknown"]
 
 
 def test_the_step_time_is_the_sum_of_its_ops(probe):
@@ -133,6 +150,10 @@ def test_the_step_time_is_the_sum_of_its_ops(probe):
     assert s["step"]["total"] == pytest.approx(s["sum"], rel=1e-12)
     assert s["step"]["sparse"] == pytest.approx(7e-6 * 12, rel=1e-12)  # 4 layers x 3 products
     assert s["step"]["total"] == pytest.approx(sum(s["step"][k] for k in ("sparse", "gemm", "attention", "memory")))
+
+
+def test_a_gelu_epilogue_pays_its_second_tensor(probe):
+    assert probe["aux"] == pytest.approx(7e-6 + 4.5e6 / probe["consts"]["hbm"], rel=1e-12)
 
 
 def test_csr_floor_by_hand(probe):
@@ -146,10 +167,11 @@ def test_the_chain_compiles_and_models_a_micro_step(probe):
     rows = {(r["phase"], r["format"]): r for r in probe["rows"]}
     assert not [r for r in probe["rows"] if r.get("error")], probe["rows"]
     for phase in ("train", "infer"):
+        assert rows[(phase, "diag16-fused")]["sparse_ms"] > 0
         dense, diag = rows[(phase, "dense")], rows[(phase, "diag16")]
         assert dense["model_not_measured_x_dense_h200"] == 1
         assert diag["sparse_ms"] > 0 and dense["sparse_ms"] == 0 and dense["gemm_ms"] > diag["gemm_ms"]
-        for r in (dense, diag, rows[(phase, "csr")]):
+        for r in (dense, diag, rows[(phase, "csr")], rows[(phase, "diag16-fused")]):
             assert r["model_not_measured_h200_ms"] == pytest.approx(
                 sum(r[f"{k}_ms"] for k in ("sparse", "gemm", "attention", "memory")), abs=4e-6)
         assert diag["model_not_measured_x_dense_h200"] == pytest.approx(

@@ -28,7 +28,6 @@ Ops moving under 4 KB are left out (AdamW's step counters live on the host).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import types
 from dataclasses import dataclass, replace
@@ -70,7 +69,7 @@ class Call:
     bytes: float
     flops: float = 0.0
     dtype: str = "bfloat16"
-    product: str = ""   # a custom op's: fwd, dx, dw
+    product: str = ""   # a custom op's: fwd, dx, dw; mlp (the fused MLP's forward)
     tokens: float = 0   # a custom op's rows
     n_in: int = 0
     n_out: int = 0
@@ -101,7 +100,7 @@ def _sparse_call(name: str, args, out) -> Call:
                 tokens=a.shape[0], n_in=n_in, n_out=n_out, nnz=nnz, aux_bytes=aux)
 
 
-def _flops(name: str, args, out) -> float:
+def _flops(name: str, args) -> float:
     if name in GEMMS:
         a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
         return 2.0 * a.numel() * b.shape[-1]
@@ -136,7 +135,7 @@ class Trace(TorchDispatchMode):
             kind = "gemm" if name in GEMMS else "attention" if ATTENTION in name else "memory"
             first = out[0] if isinstance(out, (list, tuple)) else out
             self.calls.append(Call(name, kind, static.moved_bytes(args, kwargs, out),
-                                   0.0 if kind == "memory" else _flops(name, args, out), dtype=_dtype_name(first)))
+                                   0.0 if kind == "memory" else _flops(name, args), dtype=_dtype_name(first)))
         return out
 
 
@@ -316,6 +315,8 @@ def main(argv=None) -> int:
     formats = args.formats.split(",")
     if formats[0] != "dense":
         p.error("--formats must start with dense (the ratios' baseline)")
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
     rs = rows(formats, (("train", args.batch), ("infer", args.batch), ("infer", 1)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

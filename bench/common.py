@@ -219,16 +219,22 @@ def merge_table(path: Path | str, winners: dict[str, dict[str, dict]], meta: dic
     return ordered
 
 
-def append_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    """Append rows (the header is written once, when the file is new)."""
+def append_csv(path: Path, rows: list[dict], fields: list[str], mode: str = "a") -> None:
+    """Append rows (the header is written once, when the file is new); ``mode="w"``: the
+    file is written anew (``write_csv``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+    new = mode == "w" or not path.exists()
+    with open(path, mode, newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
             w.writerow({k: cell(r.get(k)) for k in fields})
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """The rows as a new CSV file (header first)."""
+    append_csv(path, rows, fields, mode="w")
 
 
 def cell(v):

@@ -215,7 +215,7 @@ def layer_ops(fmt: str, lname: str, n_in: int, n_out: int, tokens, dname: str, d
               products=None) -> list[Op]:
     """The ops of one sparse layer (format ``fmt``, n_in -> n_out, named ``lname``) at each of
     ``tokens``: forward, input grad and weight grad (``products`` to choose; the unstructured
-    format: its weight grad only). None where the block size does not divide the widths."""
+    format: its weight grad only); none where the block size does not divide the widths."""
     dt = common.parse_dtype(dname)
     b = int(fmt[4:]) if fmt.startswith("diag") else 1
     if n_in % b or n_out % b:
@@ -817,7 +817,7 @@ def write_report(rows: list[dict], cc: int, out: Path, header: dict, baseline: d
         from bench import step_model
 
         lines += [""] + step_model.markdown(step)
-        step_model.write_csv(out / f"step_sm{cc}.csv", step)
+        common.write_csv(out / f"step_sm{cc}.csv", step, step_model.FIELDS)
     lines += ["", "## Compute ceilings the model used (per op, H200)", ""]
     for r in rows:
         if r.get("model_not_measured_compute_peak"):

@@ -28,6 +28,7 @@ Ops moving under 4 KB are left out (AdamW's step counters live on the host).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import types
 from dataclasses import dataclass, replace
@@ -120,23 +121,39 @@ class Trace(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten.dropout.default and (args[1] == 0 or not args[2]):
             return args[0]  # ATen returns the input itself (taken apart here, it would clone)
-        if func.namespace != static.KERNEL_NAMESPACE:
-            # A composite op (under inference_mode: linear, layer_norm, dropout, SDPA) is taken
-            # apart into the ops a GPU runs (addmm, native_layer_norm, none at eval, the flash op)
-            with self:
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
         name = func.__name__.split(".")[0]
         if func.namespace == static.KERNEL_NAMESPACE:
+            out = func(*args, **kwargs)
             self.calls.append(_sparse_call(name, args, out))
-        elif name not in static._NO_BYTES:  # every op, however small (MIN_BYTES: at the target batch)
+            return out
+        # A composite op (under inference_mode: linear, layer_norm, SDPA) is taken apart into
+        # the ops a GPU runs (addmm, native_layer_norm, the flash op)
+        with self:
+            out = func.decompose(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+        out = func(*args, **kwargs)
+        if name not in static._NO_BYTES:  # every op, however small (MIN_BYTES: at the target batch)
             kind = "gemm" if name in GEMMS else "attention" if ATTENTION in name else "memory"
             first = out[0] if isinstance(out, (list, tuple)) else out
             self.calls.append(Call(name, kind, static.moved_bytes(args, kwargs, out),
                                    0.0 if kind == "memory" else _flops(name, args), dtype=_dtype_name(first)))
         return out
+
+
+@contextlib.contextmanager
+def _backend(name: str):
+    """CPU tensors through ``name`` ("torch": the CPU path computes; "triton": the launchers,
+    captured and never run), per-call index checks off as bench/e2e.py and the report run;
+    both restored after."""
+    backend, checks = rt.get_backend(), rt.checks_enabled()
+    rt.set_backend(name)
+    rt.set_checks(False)
+    try:
+        yield
+    finally:
+        rt.set_backend(backend)
+        rt.set_checks(checks)
 
 
 def trace(model: str, fmt: str, batch: int, phase: str, quick: bool = False) -> tuple[list[Call], int]:
@@ -146,10 +163,7 @@ def trace(model: str, fmt: str, batch: int, phase: str, quick: bool = False) -> 
     from bench import e2e
 
     args = types.SimpleNamespace(sparsity=0.9, seed=0, batch=batch, quick=quick, seq=128)
-    backend, checks = rt.get_backend(), rt.checks_enabled()
-    rt.set_backend("torch")  # the CPU path computes (static.py sets "triton": launches captured)
-    rt.set_checks(False)  # as bench/e2e.py times it: no per-call index checks
-    try:
+    with _backend("torch"):
         r = e2e.Runner(model, fmt, args, torch.device("cpu"), torch.bfloat16)
         r.opt = torch.optim.AdamW(r.net.parameters(), lr=1e-4, foreach=True)  # what a GPU takes
         step = r.train_step if phase == "train" else r.infer_step
@@ -158,10 +172,7 @@ def trace(model: str, fmt: str, batch: int, phase: str, quick: bool = False) -> 
         t = Trace()
         with t:
             step()
-        return t.calls, r.tokens
-    finally:
-        rt.set_backend(backend)
-        rt.set_checks(checks)
+    return t.calls, r.tokens
 
 
 def extrapolate(at2: list[Call], at3: list[Call], batch: int) -> list[Call]:
@@ -199,10 +210,7 @@ def layer_model(fmt: str, product: str, n_in: int, n_out: int, tokens: int, dtyp
     fmt = fmt.removesuffix("-fused")  # a fused-MLP model's other layers are plain diag<b>
     key = (fmt, product, n_in, n_out, tokens, dtype)
     if key not in _LAYER_MODELS:
-        backend, checks = rt.get_backend(), rt.checks_enabled()
-        rt.set_backend("triton")  # CPU tensors take the launchers: captured, never run
-        rt.set_checks(False)  # as benchmarks run (the report's setting): no per-call index checks
-        try:
+        with _backend("triton"):
             if product == "mlp":  # the fused MLP's forward, n_in -> n_out (hidden) -> n_in
                 op = static._mlp_ops(f"mlp{fmt[4:]}", [tokens], dtype, common.parse_dtype(dtype), torch.device("cpu"),
                                      n_in, n_out)[0]
@@ -215,9 +223,6 @@ def layer_model(fmt: str, product: str, n_in: int, n_out: int, tokens: int, dtyp
             _, errors, _, models = static.op_models(op, 90)
             if any(errors):
                 raise ValueError(f"{op.label}: {'; '.join(e for e in errors if e)}")
-        finally:
-            rt.set_backend(backend)
-            rt.set_checks(checks)
         _LAYER_MODELS[key] = {name: m["t"] for name, m in models.items()}
     return _LAYER_MODELS[key]
 
@@ -322,18 +327,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(["# ViT-B/16 step model (H100 / H200; a MODEL, not measured)", ""]
                                                 + markdown(rs)))
-    write_csv(out.with_suffix(".csv"), rs)
+    common.write_csv(out.with_suffix(".csv"), rs, FIELDS)
     print(f"wrote {out}.md/.csv ({len(rs)} rows; formats {', '.join(formats[1:])} against dense)")
     return 1 if any(r.get("error") for r in rs) else 0
-
-
-def write_csv(path: Path, rs: list[dict]) -> None:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rs)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ width (``dst.candidates``).
     fc = dst.make_layer(cfg, 768, 3072, density=0.1)
     sparsifier = dst.Sparsifier(model, cfg, total_steps)   # then build the optimizer
 """
+
+# This project's kernels are `alwayssparse.kernels` (kernels/_names.py: why two names); in a
+# checkout that is not installed, its top-level `kernels` provides that name.
+try:
+    import alwayssparse.kernels  # noqa: F401
+except ModuleNotFoundError:
+    import kernels  # noqa: F401
 from .apply import apply_mask_update, remap_parameter
 from .candidates import SAMPLERS, exact_top, exact_top_per_row, sample_candidates
 from .config import LAYER_FORMAT, METHODS, PAPER_DEFAULTS, DSTConfig

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import SparseLayer, SparseLinear, resize_parameter
+from alwayssparse.kernels import SparseLayer, SparseLinear, resize_parameter
 
 
 def gather_or_zero(old: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

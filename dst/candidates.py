@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import sddmm
-from kernels.coords import isin_sorted, sample_distinct
+from alwayssparse.kernels import sddmm
+from alwayssparse.kernels.coords import isin_sorted, sample_distinct
 
 from .config import GROW_MODES, check_choice
 

@@ -32,9 +32,9 @@ import math
 
 import torch
 
-from kernels import DiagLinear, sddmm
-from kernels.coords import sample_distinct
-from kernels.diag import diag_coords
+from alwayssparse.kernels import DiagLinear, sddmm
+from alwayssparse.kernels.coords import sample_distinct
+from alwayssparse.kernels.diag import diag_coords
 
 from .apply import apply_mask_update, remap_parameter
 from .candidates import band_elems, reduce_across_ranks, sampling_weights

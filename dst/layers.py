@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import SparseLayer
+from alwayssparse.kernels import SparseLayer
 
 from .config import LAYER_FORMAT, DSTConfig
 

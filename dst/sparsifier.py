@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from kernels import SparseLayer, resize_parameter
+from alwayssparse.kernels import SparseLayer, resize_parameter
 
 from .config import DSTConfig
 from .layers import check_layer_format

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from kernels import FanInLinear
+from alwayssparse.kernels import FanInLinear
 
 from .apply import apply_mask_update
 from .candidates import band_elems, exact_top, exact_top_per_row, sample_in_rows, sampling_weights

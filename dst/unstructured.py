@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from kernels import SparseLinear
-from kernels.coords import sample_distinct
+from alwayssparse.kernels import SparseLinear
+from alwayssparse.kernels.coords import sample_distinct
 
 from .apply import apply_mask_update
 from .candidates import band_elems, exact_top, sample_candidates

@@ -6,8 +6,20 @@ See ``kernels.runtime`` for how CPU tensors choose between the torch path and th
 interpreter.
 """
 import os
+import sys
 
-import torch
+from . import _names
+
+# Installed this package is `alwayssparse.kernels`; in a checkout's root also `kernels`, the name
+# of Hugging Face's hub client elsewhere: one copy under both names, the hub's API served there.
+_names.bind(sys.modules[__name__])
+
+
+def __getattr__(name):
+    return _names.hub_attribute(__name__, name)
+
+
+import torch  # noqa: E402
 
 # Triton runs on CPU only under its interpreter, which must be on before any @triton.jit
 # function is defined (see ENVIRONMENT notes in the README).

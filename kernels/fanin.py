@@ -215,6 +215,7 @@ def fanin_dx_kernel(
 
 
 def _check(x2, values, indices, rows, out_features):
+    """Check a fan-in product's arguments; returns out_features (n_rows where it is None)."""
     rt.check_float("x", x2)
     rt.check_float("values", values)
     rt.check_dtype_match("values", values, "x", x2)
@@ -224,6 +225,7 @@ def _check(x2, values, indices, rows, out_features):
     if indices.shape != values.shape:
         raise ValueError(f"indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}")
     n_rows = values.shape[0]
+    out_features = n_rows if out_features is None else out_features
     if rows is not None:
         rt.check_index("rows", rows, 1)
         if rows.numel() != n_rows:
@@ -240,6 +242,7 @@ def _check(x2, values, indices, rows, out_features):
     if rt.checks_enabled() and rows is not None and rows.numel() > 1:
         if bool((rows.sort().values.diff() == 0).any()):
             raise ValueError("rows must be distinct output neurons; found a repeat")
+    return out_features
 
 
 # Programs to aim for before the reduction is split: two per SM of a 132-SM H100 / H200; 4
@@ -309,7 +312,7 @@ def _rows_are_identity(rows, out_features: int) -> bool:
         torch.equal(rows, torch.arange(out_features, dtype=rows.dtype, device=rows.device))))
 
 
-def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
+def fanin_fwd(x2, values, indices, rows=None, out_features: int | None = None) -> torch.Tensor:
     """Launcher of ``fanin_fwd_kernel``: check, allocate, pick the launch config (the
     per-device table, else a default), launch, add the split partial sums in a fixed order.
     No autograd (``fanin_matmul`` is the differentiable op).
@@ -319,15 +322,20 @@ def fanin_fwd(x2, values, indices, rows, out_features: int) -> torch.Tensor:
         values: [n_rows, k], the dtype of x2 (made contiguous).
         indices: int32 [n_rows, k]: k distinct columns per row, each in [0, in) (range and
             repeats checked unless ``kernels.set_checks(False)``).
-        rows: int32 [n_rows], distinct output neurons in [0, out_features), or None for
-            arange(n_rows).
-        out_features: int >= n_rows, the width of y; outputs not in rows are 0 (ablated).
+        rows: int32 [n_rows], distinct output neurons in [0, out_features), or None (the
+            default) for arange(n_rows): no ablated neuron.
+        out_features: int >= n_rows, the width of y (default n_rows); outputs not in rows
+            are 0 (ablated).
     Returns:
         y: [T, out_features] in x2's dtype, accumulated in fp32 (fp64 for fp64).
     Raises:
         ValueError / TypeError naming the argument on a bad shape, dtype, device or index.
+
+    Example:
+        >>> idx = torch.tensor([[0, 2], [1, 3]], dtype=torch.int32)
+        >>> y = fanin_fwd(torch.randn(5, 4), torch.randn(2, 2), idx)  # [5, 2]
     """
-    _check(x2, values, indices, rows, out_features)
+    out_features = _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
         return torch.zeros(T, out_features, dtype=x2.dtype, device=x2.device)
@@ -418,7 +426,7 @@ def _cached_fanout(indices, rows, in_features: int, block_r: int, zero_row: int)
                              lambda: fanout_structure(indices, rows, in_features, block_r, zero_row))
 
 
-def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
+def fanin_dx(dy, values, indices, rows=None, in_features: int | None = None) -> torch.Tensor:
     """Launcher of ``fanin_dx_kernel``: dx = dy W. No atomics: a gather over W^T
     (fanout_structure, cached per pattern); deterministic. No autograd, no argument checks
     beyond the forward's (it runs inside the custom op's backward, after ``fanin_fwd`` checked
@@ -428,11 +436,14 @@ def fanin_dx(dy, values, indices, rows, in_features: int) -> torch.Tensor:
         dy: [T, out], fp16, bf16, fp32 or fp64; T may be 0.
         values: [n_rows, k], the dtype of dy.
         indices: int32 [n_rows, k]: k distinct columns per row, each in [0, in_features).
-        rows: int32 [n_rows], distinct output neurons in [0, out), or None (arange).
-        in_features: int, the width of dx.
+        rows: int32 [n_rows], distinct output neurons in [0, out), or None (the default:
+            arange).
+        in_features: int, the width of dx (required: the pattern does not tell it).
     Returns:
         dx: [T, in_features] in dy's dtype, accumulated in fp32 (fp64 for fp64).
     """
+    if in_features is None:
+        raise ValueError("fanin_dx needs in_features=, the width of dx (the indices do not tell it)")
     T, (n_rows, K) = dy.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
         return torch.zeros(T, in_features, dtype=dy.dtype, device=dy.device)

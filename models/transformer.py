@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-import kernels
-from kernels.fused import MIN_BLOCK_SIZE
+import alwayssparse.kernels as kernels
+from alwayssparse.kernels.fused import MIN_BLOCK_SIZE
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 

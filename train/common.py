@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import dst
-import kernels
+import alwayssparse.kernels as kernels
 from dst import LAYER_FORMAT, DSTConfig, layer_densities, make_layer
 from dst.config import is_dense
 from models.transformer import sparse_layer_shapes

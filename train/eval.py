@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         return usage_exit(str(e), PROG)
     if args.export:
-        import kernels
+        import alwayssparse.kernels as kernels
         kernels.save_condensed(model, args.export, extra={"entry": entry, "model_config": dataclasses.asdict(model_cfg),
                                                           "method": cfg.dst.method})
         result["export"] = str(args.export)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
 
         import torch
 
-        import kernels
+        import alwayssparse.kernels as kernels
         kernels.densify(model)
         buf = io.BytesIO()
         torch.save({"entry": entry, "model_config": dataclasses.asdict(model_cfg), "model": model.state_dict()}, buf)

@@ -314,3 +314,18 @@ def test_outputs_past_the_stored_rows_are_zero_without_a_row_list(T):
     with kernels.use_backend("triton"):
         y = kernels.fanin_matmul(x.to(DEVICE), values.to(DEVICE), indices.to(DEVICE), None, 7).cpu()
     torch.testing.assert_close(y, fanin_matmul_ref(x, values, indices, None, 7))
+
+
+def test_raw_launchers_need_no_row_list_for_a_full_pattern():
+    # the common case another project calls first: no ablated rows, y as wide as values
+    torch.manual_seed(0)
+    x = torch.randn(7, 24, dtype=torch.float64, device=DEVICE)
+    idx = torch.stack([torch.randperm(24)[:5] for _ in range(12)]).to(torch.int32).to(DEVICE)
+    v = torch.randn(12, 5, dtype=torch.float64, device=DEVICE)
+    ref = fanin_matmul_ref(x, v, idx)
+    torch.testing.assert_close(kernels.fanin_fwd(x, v, idx), ref)
+    torch.testing.assert_close(kernels.fanin_fwd(x, v, idx, out_features=15)[:, :12], ref)
+    dy = torch.randn(7, 12, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(kernels.fanin_dx(dy, v, idx, in_features=24), dy @ fanin_to_dense(v, idx, 24))
+    with pytest.raises(ValueError, match="in_features"):
+        kernels.fanin_dx(dy, v, idx)

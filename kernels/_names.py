@@ -112,7 +112,11 @@ def hub_attribute(package_name: str, attribute: str):
     if "module" not in _hub:
         spec = importlib.util.spec_from_file_location(f"{LAYOUT}.__hub__", _hub["folder"] / "__init__.py")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:   # as AttributeError: hasattr() stays False, `from kernels import` an ImportError
+            raise AttributeError(f"{missing}: Hugging Face's hub client in {_hub['folder']} failed to "
+                                 f"import ({type(e).__name__}: {e})") from e
         _hub["module"] = module
     try:
         return getattr(_hub["module"], attribute)

@@ -1,11 +1,14 @@
-"""Native CPU products (fp32) for ``SparseLayer.cpu_inference`` and for the layers' CPU training
+"""Native CPU products (fp32 and bf16) for ``SparseLayer.cpu_inference`` and for the layers' CPU training
 step: a small C library, ``sparse_cpu.c``, compiled with the machine's C compiler into an
 ignored build folder and called through ctypes with tensors' data pointers (no torch headers,
 ~1-2 s to build).
 
 Formats: the weight's elements as CSR with 2-byte column indices when in <= 65536 (4-byte
 otherwise) - fan-in, b = 1 diagonals, unstructured - and, for one token, block diagonals as a
-BSR of transposed b x b blocks (one index per block). x [T, in] fp32 -> y [T, out] fp32. The
+BSR of transposed b x b blocks (one index per block). x [T, in] fp32 -> y [T, out] fp32, or in
+bf16: the weight stored in bf16 (2 bytes a weight), x widened to fp32 in the token tiles, fp32
+sums, y rounded to bf16 (to nearest even, as torch) - what nn.Linear computes under CPU
+autocast. The
 speed comes from the bytes moved (fan-in 6 bytes per weight against a dense layer's 4 / density)
 and not from a vendor's sparse routine; torch's MKL path stays the fallback. For training,
 ``csr_matmul`` (W @ dense_t for a CSR W: forward and input gradient) and ``sddmm`` (the weight
@@ -46,7 +49,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 4
+ABI = 5
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -132,19 +135,25 @@ def build() -> Path:
 
 def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    for f in ("csr_mv_i16", "csr_mv_i32"):
+    for f in ("csr_mv_i16", "csr_mv_i32", "csr_mv_i16_bf16", "csr_mv_i32_bf16"):
         getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, p]
         getattr(so, f).restype = None
-    for f in ("csr_mm_i16", "csr_mm_i32"):
+    for f in ("csr_mm_i16", "csr_mm_i32", "csr_mm_i16_bf16", "csr_mm_i32_bf16"):
         getattr(so, f).argtypes = [i64] * 7 + [p] * 6
         getattr(so, f).restype = ctypes.c_int
-    so.bsr_mv.argtypes = [i64, i64, i64, p, p, p, p, p, p]
-    so.bsr_mv.restype = None
-    so.pack_tokens.argtypes = [i64, i64, p, i64, i64, i64, p]
-    so.unpack_tokens.argtypes = [i64, i64, i64, i64, i64, p, p, i64]
+    for f in ("bsr_mv", "bsr_mv_bf16"):
+        getattr(so, f).argtypes = [i64, i64, i64, p, p, p, p, p, p]
+        getattr(so, f).restype = None
+    for f in ("pack_tokens", "pack_tokens_bf16"):
+        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p]
+        getattr(so, f).restype = None
+    for f in ("unpack_tokens", "unpack_tokens_bf16"):
+        getattr(so, f).argtypes = [i64, i64, i64, i64, i64, p, p, i64]
+        getattr(so, f).restype = None
     so.sddmm_tiles.argtypes = [i64] * 6 + [p] * 5
     so.sddmm_tiles.restype = ctypes.c_int
-    for f in ("pack_tokens", "unpack_tokens"):
+    for f in ("bf16_to_f32", "f32_to_bf16"):
+        getattr(so, f).argtypes = [i64, p, p]
         getattr(so, f).restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
@@ -210,13 +219,14 @@ def available() -> bool:
 @dataclass
 class NativeWeight:
     """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens) or
-    'bsr' (b x b blocks transposed, one token); ``index``: 16 or 32 (bits of a column index)."""
+    'bsr' (b x b blocks transposed, one token); ``index``: 16 or 32 (bits of a column index);
+    ``values`` fp32 or bf16 (the products then widen each weight to fp32 where it is used)."""
     kind: str
     n_out: int
     n_in: int
     crow: torch.Tensor      # int32 [rows + 1] (block rows for BSR)
     cols: torch.Tensor      # int16 bits of uint16, or int32 [nnz] (block columns for BSR)
-    values: torch.Tensor    # fp32 [nnz] (CSR) or [n, b, b] with [n][j][i] = W[i, j] of block n
+    values: torch.Tensor    # fp32 / bf16 [nnz] (CSR) or [n, b, b] with [n][j][i] = W[i, j] of block n
     block: int = 1
     index: int = 32
     panels: int = 1         # CSR in column panels of PANEL columns (several tokens), see csr_weight
@@ -224,10 +234,11 @@ class NativeWeight:
     def one_token(self, so: ctypes.CDLL) -> tuple:
         """(function, leading arguments) of the one-token product: rows [0, n_rows) and the
         weight's pointers; x, bias and y follow."""
+        bf = "_bf16" if self.values.dtype == torch.bfloat16 else ""
         if self.kind == "bsr":
-            fn, lead = so.bsr_mv, (0, self.n_rows, self.block)
+            fn, lead = getattr(so, "bsr_mv" + bf), (0, self.n_rows, self.block)
         else:
-            fn, lead = (so.csr_mv_i16 if self.index == 16 else so.csr_mv_i32), (0, self.n_rows)
+            fn, lead = getattr(so, f"csr_mv_i{self.index}{bf}"), (0, self.n_rows)
         return fn, (*lead, self.crow.data_ptr(), self.cols.data_ptr(), self.values.data_ptr())
 
     @property
@@ -251,16 +262,20 @@ class MatVec:
     x_shape: torch.Size                 # the x it takes: any shape of in_features elements
     y_shape: tuple[int, ...]            # the y it returns (n_out elements)
     parallel: bool                      # big enough to split over threads (PARALLEL_MIN_FMAS)
+    x_dtype: torch.dtype = torch.float32  # the x it takes (bf16: widened before the product)
+    y_dtype: torch.dtype = torch.float32  # the y it returns (bf16: rounded after it)
 
     @property
     def kind(self) -> str:
         return self.weight.kind
 
 
-def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size, y_shape: tuple[int, ...]) -> MatVec:
+def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size, y_shape: tuple[int, ...],
+                x_dtype: torch.dtype = torch.float32, y_dtype: torch.dtype = torch.float32) -> MatVec:
     """The one-token product of ``w`` (CSR without panels, or BSR) for x of ``x_shape`` (one
-    token: ``w.n_in`` elements) -> y of ``y_shape``, with ``bias`` [out] or None. Needs
-    ``lib()``; the plan is valid while w and bias are (the caller watches them)."""
+    token: ``w.n_in`` elements) and ``x_dtype`` (fp32 or bf16) -> y of ``y_shape`` and
+    ``y_dtype``, with ``bias`` [out] or None (added in fp32). Needs ``lib()``; the plan is
+    valid while w and bias are (the caller watches them)."""
     so = lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")
@@ -275,7 +290,7 @@ def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size,
     lead = tuple(kind(a) for kind, a in zip(fn.argtypes, lead))
     bias_ptr = None if bias is None else ctypes.c_void_p(bias.data_ptr())
     return MatVec(so, fn, lead, w, bias, bias_ptr, torch.Size(x_shape), tuple(y_shape),
-                  w.values.numel() >= PARALLEL_MIN_FMAS)
+                  w.values.numel() >= PARALLEL_MIN_FMAS, x_dtype, y_dtype)
 
 
 def matvec(p: MatVec, x: torch.Tensor) -> torch.Tensor:
@@ -283,19 +298,23 @@ def matvec(p: MatVec, x: torch.Tensor) -> torch.Tensor:
     ``p.x_shape`` (unchecked: the caller checked it) -> y of ``p.y_shape``.
 
     A batch-1 product takes ~20-100 us (Linear 3072 -> 768 at 90%), so this is the whole
-    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us)."""
+    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us); in bf16 also the
+    widening of x and the rounding of y (a torch cast each, ~1-2 us)."""
     if p.parallel and torch.get_num_threads() > 1:
-        return matmul(p.weight, x.reshape(1, -1), p.bias).reshape(p.y_shape)
+        return matmul(p.weight, x.reshape(1, -1), p.bias, p.y_dtype).reshape(p.y_shape)
+    if p.x_dtype is not torch.float32:
+        x = x.to(torch.float32)
     y = torch.empty(*p.y_shape)
     p.fn(*p.lead, x.data_ptr(), p.bias_ptr, y.data_ptr())
-    return y
+    return y if p.y_dtype is torch.float32 else y.to(p.y_dtype)
 
 
 def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_out: int, n_in: int,
-               panels: bool = False) -> NativeWeight:
+               panels: bool = False, dtype: torch.dtype = torch.float32) -> NativeWeight:
     """Elements at (rows, cols) (any order, each once) -> NativeWeight: a CSR (rows sorted,
     columns sorted within a row), with ``panels`` stored panel by panel of PANEL columns (for
-    several tokens); 2-byte column indices when ``n_in <= 65536``."""
+    several tokens); 2-byte column indices when ``n_in <= 65536``; values in ``dtype`` (fp32
+    or bf16, rounded to nearest even as ``.to`` does)."""
     rows, cols = rows.long(), cols.long()
     n_panels = -(-n_in // PANEL) if panels else 1
     key = ((cols // PANEL) * n_out + rows) * n_in + cols if panels else rows * n_in + cols
@@ -307,15 +326,23 @@ def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_o
         cols_native, index = torch.where(c >= 32768, c - 65536, c).to(torch.int16), 16  # uint16 bits
     else:
         cols_native, index = c.to(torch.int32), 32
-    vals = values.detach().to(torch.float32).reshape(-1)[order].contiguous()
+    vals = values.detach().to(_value_dtype(dtype)).reshape(-1)[order].contiguous()
     return NativeWeight("csr", n_out, n_in, crow, cols_native.contiguous(), vals, 1, index, n_panels)
 
 
-def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int) -> NativeWeight:
-    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight for one token."""
+def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int,
+               dtype: torch.dtype = torch.float32) -> NativeWeight:
+    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight for one token, the blocks in
+    ``dtype`` (fp32 or bf16)."""
     b = blocks.shape[-1]
     return NativeWeight("bsr", n_out, n_in, crow.to(torch.int32).contiguous(), bcols.to(torch.int32).contiguous(),
-                        blocks.detach().to(torch.float32).transpose(1, 2).contiguous(), b, 32)
+                        blocks.detach().to(_value_dtype(dtype)).transpose(1, 2).contiguous(), b, 32)
+
+
+def _value_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the native weights are fp32 or bf16, got {dtype}")
+    return dtype
 
 
 def _tile_width(T: int, width: int, choices) -> int:
@@ -345,23 +372,26 @@ def _split(n_rows: int, fmas: int, run) -> None:
         f.result()
 
 
-def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + bias: x [T, in] fp32 (CPU), bias [out] fp32 or None -> y [T, out]. Needs
-    ``lib()``; a BSR weight takes one token only."""
+def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x W^T + bias: x [T, in] fp32 or bf16 (CPU, any strides), bias [out] or None (added in
+    fp32) -> y [T, out] in ``out_dtype`` (default x's), fp32 sums whatever the dtypes of x and
+    w. Needs ``lib()``; a BSR weight takes one token only."""
     so = _state.get("lib") or lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")
     T = x.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
     fmas = w.values.numel() * T
     if T == 1:
-        x = x if x.is_contiguous() else x.contiguous()
+        x = x.contiguous() if x.dtype is torch.float32 else x.to(torch.float32).contiguous()
         y = torch.empty(1, w.n_out, dtype=torch.float32)
         fn, lead = w.one_token(so)
         _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
-        return y
+        return y if out_dtype is torch.float32 else y.to(out_dtype)
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     if w.kind != "csr":
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")
@@ -371,19 +401,28 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     # as much as the product (Linear 768 -> 3072 at 90%, T = 197: 2.6 of 6.1 ms).
     tw = _tile_width(T, w.n_in if w.panels == 1 else PANEL, (8, 16, 24, 32))
     tiles = -(-T // tw)
-    xt = torch.empty(tiles, w.n_in, tw, dtype=torch.float32)
-    so.pack_tokens(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    xt = _pack(so, x, tw)
     yt = torch.empty(tiles, w.n_out, tw, dtype=torch.float32)
-    y = torch.empty(T, w.n_out, dtype=torch.float32)
-    fn = so.csr_mm_i16 if w.index == 16 else so.csr_mm_i32
+    y = torch.empty(T, w.n_out, dtype=out_dtype)
+    fn = getattr(so, f"csr_mm_i{w.index}" + ("_bf16" if w.values.dtype == torch.bfloat16 else ""))
+    unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
 
     def run(r0, r1):
         if fn(r0, r1, w.n_in, w.n_out, tiles, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
               yt.data_ptr()):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
-        so.unpack_tokens(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
+        unpack(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
     _split(w.n_rows, fmas, run)
     return y
+
+
+def _pack(so: ctypes.CDLL, x: torch.Tensor, tw: int) -> torch.Tensor:
+    """x [T, n] fp32 or bf16 (any strides) -> fp32 token tiles [n_tiles, n, tw] (pack_tokens)."""
+    T, n = x.shape
+    xt = torch.empty(-(-T // tw), n, tw, dtype=torch.float32)
+    pack = so.pack_tokens if x.dtype is torch.float32 else so.pack_tokens_bf16
+    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    return xt
 
 
 # The layers' CPU training path (forward, input gradient, weight gradient) funnels into two
@@ -395,8 +434,11 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
 #     if y is None: ... torch's path ...
 
 
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
 def _native_operands(*tensors: torch.Tensor) -> bool:
-    """fp32 / int32 CPU tensors with real storage (not traced, not fake), and the library on."""
+    """CPU tensors with real storage (not traced, not fake), and the library on."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:  # (a Parameter reaches a custom op as it is; fake / functional tensors must not)
@@ -409,10 +451,11 @@ def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_ro
                dense_t: torch.Tensor) -> torch.Tensor | None:
     """W @ dense_t for W [n_rows, n_cols] in CSR (crow [n_rows + 1] and col [nnz] int32, as
     coords.csr_structure makes them: every column in [0, n_cols), unchecked here; values [nnz]
-    fp32) and dense_t [n_cols, T] fp32 (any strides; typically x.t()) -> [n_rows, T] fp32 (the
-    transpose of a contiguous [T, n_rows], so ``.t().contiguous()`` is free). None where the
-    library does not apply (another dtype, int64 indices, not on CPU, tracing, library off)."""
-    if (values.dtype != torch.float32 or dense_t.dtype != torch.float32 or crow.dtype != torch.int32
+    fp32 or bf16) and dense_t [n_cols, T] fp32 or bf16 (any strides; typically x.t()) -> [n_rows,
+    T] in dense_t's dtype, fp32 sums (the transpose of a contiguous [T, n_rows], so
+    ``.t().contiguous()`` is free). None where the library does not apply (another dtype, int64
+    indices, not on CPU, tracing, library off)."""
+    if (values.dtype not in _FLOATS or dense_t.dtype not in _FLOATS or crow.dtype != torch.int32
             or col.dtype != torch.int32 or dense_t.dim() != 2 or dense_t.shape[0] != n_cols
             or crow.numel() != n_rows + 1 or col.numel() != values.numel() or dense_t.shape[1] == 0
             or not _native_operands(crow, col, values, dense_t)):
@@ -422,11 +465,11 @@ def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_ro
 
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
-    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32, rows / cols
-    [n] int32 in range (unchecked here) -> g [n] fp32. Fastest with the coordinates in row
-    order (each dy row is then read once per row of weights). None where the library does not
-    apply (as csr_matmul)."""
-    if (dy.dtype != torch.float32 or x.dtype != torch.float32 or rows.dtype != torch.int32
+    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32 or bf16 (widened
+    into the fp32 token tiles), rows / cols [n] int32 in range (unchecked here) -> g [n] fp32.
+    Fastest with the coordinates in row order (each dy row is then read once per row of
+    weights). None where the library does not apply (as csr_matmul)."""
+    if (dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
             or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
             or rows.shape != cols.shape or not _native_operands(dy, x, rows, cols)):
         return None
@@ -439,10 +482,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     # and each weight's gradient is a dot of two contiguous rows per tile
     tw = _tile_width(T, x.shape[1], (16, 32))
     tiles = -(-T // tw)
-    dyt = torch.empty(tiles, dy.shape[1], tw, dtype=torch.float32)
-    xt = torch.empty(tiles, x.shape[1], tw, dtype=torch.float32)
-    so.pack_tokens(T, dy.shape[1], dy.data_ptr(), dy.stride(0), dy.stride(1), tw, dyt.data_ptr())
-    so.pack_tokens(T, x.shape[1], x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    dyt, xt = _pack(so, dy, tw), _pack(so, x, tw)
     rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
     _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))

@@ -1,4 +1,4 @@
-/* CPU products of the sparse layers, fp32: inference (SparseLayer.cpu_inference) and the
+/* CPU products of the sparse layers, fp32 and bf16: inference (SparseLayer.cpu_inference) and the
    training step's forward, input gradient and weight gradient (kernels.cpu.csr_matmul, sddmm).
 
    y = x W^T + bias with W given as
@@ -12,6 +12,10 @@
    each stored weight then scales one contiguous TW-wide row of xt; the CSR is split into
    panels of columns (see CSR_MM); pack_tokens / unpack_tokens make and undo that layout.
    Weight gradient (sddmm_tiles): g[i] = dy[:, rows[i]] . x[:, cols[i]] over the same tiles.
+   bf16 (the *_bf16 functions): the weights stored as bf16 bits (2 bytes, half of fp32's), widened
+   to fp32 where they are used; x widened into the fp32 token tiles (pack_tokens_bf16), fp32 sums,
+   y rounded to nearest even (unpack_tokens_bf16) - what torch's nn.Linear computes under CPU
+   autocast; the SDDMM's tiles are fp32 either way.
    Every function does the rows [r0, r1) (block rows for BSR; stored weights for the SDDMM), so
    callers may split them over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
    column indices, one index per b x b block) and the loop order. Built twice by kernels/cpu:
@@ -23,8 +27,55 @@
 #endif
 
 typedef float f8 __attribute__((vector_size(32), aligned(4)));  /* unaligned 8 x fp32 */
+typedef uint16_t h8 __attribute__((vector_size(16), aligned(2)));  /* unaligned 8 x bf16 bits */
+typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 4; }
+int sparse_cpu_abi(void) { return 5; }
+
+/* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
+   NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
+   are widened where they are used and the products accumulate in fp32. */
+static inline float bf16_f32(bf16 h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+static inline bf16 f32_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline f8 load_bf16x8(const bf16 *p) {
+    h8 h;
+    __builtin_memcpy(&h, p, 16);
+    return (f8)(__builtin_convertvector(h, u8v) << 16);
+}
+static inline void store_bf16x8(bf16 *p, f8 v) {
+    const u8v u = (u8v)v;
+    const i8v nan = (i8v)((u & 0x7fffffffu) > 0x7f800000u);
+    const u8v r = ((u8v)nan & (u | 0x400000u)) | (~(u8v)nan & (u + 0x7fffu + ((u >> 16) & 1u)));
+    const h8 h = __builtin_convertvector(r >> 16, h8);
+    __builtin_memcpy(p, &h, 16);
+}
+#define LD_F32(p, j) ((p)[j])
+#define LD_BF16(p, j) bf16_f32((p)[j])
+#define LD8_F32(p) (*(const f8 *)(p))
+#define LD8_BF16(p) load_bf16x8(p)
+
+void bf16_to_f32(int64_t n, const bf16 *restrict src, float *restrict dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) *(f8 *)(dst + i) = load_bf16x8(src + i);
+    for (; i < n; ++i) dst[i] = bf16_f32(src[i]);
+}
+void f32_to_bf16(int64_t n, const float *restrict src, bf16 *restrict dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store_bf16x8(dst + i, *(const f8 *)(src + i));
+    for (; i < n; ++i) dst[i] = f32_bf16(src[i]);
+}
 
 /* One token, CSR: a gather-bound loop (3 loads per stored weight). With AVX2, eight gathered
    x values are packed into one vector for one FMA with eight contiguous values, two such sums
@@ -46,17 +97,17 @@ static inline __m256 gather8_i16(const float *restrict x, const uint16_t *restri
 static inline __m256 gather8_i32(const float *restrict x, const int32_t *restrict c) {
     return _mm256_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
 }
-#define CSR_MV_BODY(GATHER)                                                                   \
+#define CSR_MV_BODY(GATHER, LD, LD8)                                                          \
         __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();                         \
         for (; j + 16 <= end; j += 16) {                                                      \
             _mm_prefetch((const char *)(vals + j) + PREFETCH_BYTES, _MM_HINT_T0);             \
             _mm_prefetch((const char *)(vals + j) + PREFETCH_BYTES + 32, _MM_HINT_T0);        \
             _mm_prefetch((const char *)(cols + j) + PREFETCH_BYTES / 2, _MM_HINT_T0);         \
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), GATHER(x, cols + j), acc);       \
-            acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), GATHER(x, cols + j + 8), acc2); \
+            acc = _mm256_fmadd_ps((__m256)LD8(vals + j), GATHER(x, cols + j), acc);           \
+            acc2 = _mm256_fmadd_ps((__m256)LD8(vals + j + 8), GATHER(x, cols + j + 8), acc2); \
         }                                                                                     \
         if (j + 8 <= end) {                                                                   \
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), GATHER(x, cols + j), acc);       \
+            acc = _mm256_fmadd_ps((__m256)LD8(vals + j), GATHER(x, cols + j), acc);           \
             j += 8;                                                                           \
         }                                                                                     \
         acc = _mm256_add_ps(acc, acc2);                                                       \
@@ -65,37 +116,39 @@ static inline __m256 gather8_i32(const float *restrict x, const int32_t *restric
         h = _mm_hadd_ps(h, h);                                                                \
         float s0 = _mm_cvtss_f32(h), s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #else
-#define CSR_MV_BODY(GATHER)                                                                   \
+#define CSR_MV_BODY(GATHER, LD, LD8)                                                          \
         float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                         \
         for (; j + 4 <= end; j += 4) {                                                        \
-            s0 += vals[j] * x[cols[j]];                                                       \
-            s1 += vals[j + 1] * x[cols[j + 1]];                                               \
-            s2 += vals[j + 2] * x[cols[j + 2]];                                               \
-            s3 += vals[j + 3] * x[cols[j + 3]];                                               \
+            s0 += LD(vals, j) * x[cols[j]];                                                   \
+            s1 += LD(vals, j + 1) * x[cols[j + 1]];                                           \
+            s2 += LD(vals, j + 2) * x[cols[j + 2]];                                           \
+            s3 += LD(vals, j + 3) * x[cols[j + 3]];                                           \
         }
 #endif
-#define CSR_MV(NAME, IDX, GATHER)                                                             \
+#define CSR_MV(NAME, IDX, VT, LD, LD8, GATHER)                                                \
 void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow, const IDX *restrict cols,     \
-          const float *restrict vals, const float *restrict x, const float *restrict bias,    \
+          const VT *restrict vals, const float *restrict x, const float *restrict bias,       \
           float *restrict y) {                                                                \
     for (int64_t r = r0; r < r1; ++r) {                                                       \
         int64_t j = crow[r];                                                                  \
         const int64_t end = crow[r + 1];                                                      \
-        CSR_MV_BODY(GATHER)                                                                   \
-        for (; j < end; ++j) s0 += vals[j] * x[cols[j]];                                      \
+        CSR_MV_BODY(GATHER, LD, LD8)                                                          \
+        for (; j < end; ++j) s0 += LD(vals, j) * x[cols[j]];                                  \
         y[r] = (bias ? bias[r] : 0.f) + ((s0 + s1) + (s2 + s3));                              \
     }                                                                                         \
 }
-CSR_MV(csr_mv_i16, uint16_t, gather8_i16)
-CSR_MV(csr_mv_i32, int32_t, gather8_i32)
+CSR_MV(csr_mv_i16, uint16_t, float, LD_F32, LD8_F32, gather8_i16)
+CSR_MV(csr_mv_i32, int32_t, float, LD_F32, LD8_F32, gather8_i32)
+CSR_MV(csr_mv_i16_bf16, uint16_t, bf16, LD_BF16, LD8_BF16, gather8_i16)
+CSR_MV(csr_mv_i32_bf16, int32_t, bf16, LD_BF16, LD8_BF16, gather8_i32)
 
 /* Several tokens, CSR, one tile of TW tokens: acc[TW] += v * xt[col, 0:TW] per stored
    weight, the TW sums kept in registers (TW / 8 vectors), in S sets taking the stored weights
    in turn: with one set every weight waits for the previous weight's FMAs (4 cycles of
    latency on Zen 3 and Skylake); S sets overlap S weights. */
-#define CSR_MM_TILE(NAME, IDX, TW, S)                                                         \
+#define CSR_MM_TILE(NAME, IDX, VT, LD, TW, S)                                                 \
 static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,                        \
-                 const IDX *restrict cols, const float *restrict vals,                        \
+                 const IDX *restrict cols, const VT *restrict vals,                           \
                  const float *restrict xt, const float *restrict bias, float *restrict yt,    \
                  int first) {                                                                 \
     enum { U = (TW) / 8 };                                                                    \
@@ -111,13 +164,13 @@ static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,          
         const int64_t end = crow[r + 1];                                                      \
         for (; j + (S) <= end; j += (S)) {                                                    \
             for (int k = 0; k < (S); ++k) {                                                   \
-                const float v = vals[j + k];                                                  \
+                const float v = LD(vals, j + k);                                              \
                 const f8 *p = (const f8 *)(xt + (int64_t)cols[j + k] * (TW));                 \
                 for (int u = 0; u < U; ++u) acc[k][u] += v * p[u];                            \
             }                                                                                 \
         }                                                                                     \
         for (; j < end; ++j) {                                                                \
-            const float v = vals[j];                                                          \
+            const float v = LD(vals, j);                                                      \
             const f8 *p = (const f8 *)(xt + (int64_t)cols[j] * (TW));                         \
             for (int u = 0; u < U; ++u) acc[0][u] += v * p[u];                                \
         }                                                                                     \
@@ -128,24 +181,32 @@ static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,          
         }                                                                                     \
     }                                                                                         \
 }
-CSR_MM_TILE(csr_mm_i16_8, uint16_t, 8, 4)
-CSR_MM_TILE(csr_mm_i16_16, uint16_t, 16, 4)
-CSR_MM_TILE(csr_mm_i16_24, uint16_t, 24, 3)
-CSR_MM_TILE(csr_mm_i16_32, uint16_t, 32, 3)
-CSR_MM_TILE(csr_mm_i32_8, int32_t, 8, 4)
-CSR_MM_TILE(csr_mm_i32_16, int32_t, 16, 4)
-CSR_MM_TILE(csr_mm_i32_24, int32_t, 24, 3)
-CSR_MM_TILE(csr_mm_i32_32, int32_t, 32, 3)
+CSR_MM_TILE(csr_mm_i16_8, uint16_t, float, LD_F32, 8, 4)
+CSR_MM_TILE(csr_mm_i16_16, uint16_t, float, LD_F32, 16, 4)
+CSR_MM_TILE(csr_mm_i16_24, uint16_t, float, LD_F32, 24, 3)
+CSR_MM_TILE(csr_mm_i16_32, uint16_t, float, LD_F32, 32, 3)
+CSR_MM_TILE(csr_mm_i32_8, int32_t, float, LD_F32, 8, 4)
+CSR_MM_TILE(csr_mm_i32_16, int32_t, float, LD_F32, 16, 4)
+CSR_MM_TILE(csr_mm_i32_24, int32_t, float, LD_F32, 24, 3)
+CSR_MM_TILE(csr_mm_i32_32, int32_t, float, LD_F32, 32, 3)
+CSR_MM_TILE(csr_mm_i16_bf16_8, uint16_t, bf16, LD_BF16, 8, 4)
+CSR_MM_TILE(csr_mm_i16_bf16_16, uint16_t, bf16, LD_BF16, 16, 4)
+CSR_MM_TILE(csr_mm_i16_bf16_24, uint16_t, bf16, LD_BF16, 24, 3)
+CSR_MM_TILE(csr_mm_i16_bf16_32, uint16_t, bf16, LD_BF16, 32, 3)
+CSR_MM_TILE(csr_mm_i32_bf16_8, int32_t, bf16, LD_BF16, 8, 4)
+CSR_MM_TILE(csr_mm_i32_bf16_16, int32_t, bf16, LD_BF16, 16, 4)
+CSR_MM_TILE(csr_mm_i32_bf16_24, int32_t, bf16, LD_BF16, 24, 3)
+CSR_MM_TILE(csr_mm_i32_bf16_32, int32_t, bf16, LD_BF16, 32, 3)
 
 /* Several tokens: every tile of TW tokens in turn, and within a tile every panel of columns
    in turn: the CSR is stored panel by panel (crow [n_panels * n_out + 1], row r of panel p at
    crow[p * n_out + r]), so the xt rows a panel reads (PANEL = 512 columns x TW x 4 B = 64 KB at
    TW = 32) stay in L2 while the weights stream past; one panel (a 3072-wide tile, 384 KB)
    took ~1.2x longer at T = 32 on the EPYC. Returns 0, or -1 for a TW without a kernel. */
-#define CSR_MM(NAME, IDX, T8, T16, T24, T32)                                                  \
+#define CSR_MM(NAME, IDX, VT, T8, T16, T24, T32)                                              \
 int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles, int64_t tw,    \
          int64_t n_panels, const int32_t *restrict crow, const IDX *restrict cols,            \
-         const float *restrict vals, const float *restrict xt, const float *restrict bias,    \
+         const VT *restrict vals, const float *restrict xt, const float *restrict bias,       \
          float *restrict yt) {                                                                \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
         const float *xs = xt + t * n_in * tw;                                                 \
@@ -163,67 +224,81 @@ int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles, i
     }                                                                                         \
     return 0;                                                                                 \
 }
-CSR_MM(csr_mm_i16, uint16_t, csr_mm_i16_8, csr_mm_i16_16, csr_mm_i16_24, csr_mm_i16_32)
-CSR_MM(csr_mm_i32, int32_t, csr_mm_i32_8, csr_mm_i32_16, csr_mm_i32_24, csr_mm_i32_32)
+CSR_MM(csr_mm_i16, uint16_t, float, csr_mm_i16_8, csr_mm_i16_16, csr_mm_i16_24, csr_mm_i16_32)
+CSR_MM(csr_mm_i32, int32_t, float, csr_mm_i32_8, csr_mm_i32_16, csr_mm_i32_24, csr_mm_i32_32)
+CSR_MM(csr_mm_i16_bf16, uint16_t, bf16, csr_mm_i16_bf16_8, csr_mm_i16_bf16_16, csr_mm_i16_bf16_24,
+       csr_mm_i16_bf16_32)
+CSR_MM(csr_mm_i32_bf16, int32_t, bf16, csr_mm_i32_bf16_8, csr_mm_i32_bf16_16, csr_mm_i32_bf16_24,
+       csr_mm_i32_bf16_32)
 
 /* One token, BSR with B = b a multiple of 8: the b outputs of a block row in B / 8 vector
-   sums, two sets (even and odd j) so that consecutive FMAs do not wait on each other. */
-static inline __attribute__((always_inline)) void
-bsr_mv_vec(int64_t rb0, int64_t rb1, const int B, const int32_t *restrict crow,
-           const int32_t *restrict bcols, const float *restrict blocks, const float *restrict x,
-           const float *restrict bias, float *restrict y) {
-    const int U = B / 8;
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-        f8 a0[8], a1[8];  /* U <= 8 (b <= 64) */
-        for (int u = 0; u < U; ++u) {
-            a0[u] = bias ? *(const f8 *)(bias + rb * B + 8 * u) : (f8){0};
-            a1[u] = (f8){0};
-        }
-        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
-            const float *xs = x + (int64_t)bcols[n] * B;
-            const f8 *col = (const f8 *)(blocks + n * B * B);  /* [j][i] */
-            for (int j = 0; j < B; j += 2) {
-                const float x0 = xs[j], x1 = xs[j + 1];
-                for (int u = 0; u < U; ++u) {
-                    a0[u] += x0 * col[j * U + u];
-                    a1[u] += x1 * col[(j + 1) * U + u];
-                }
-            }
-        }
-        f8 *q = (f8 *)(y + rb * B);
-        for (int u = 0; u < U; ++u) q[u] = a0[u] + a1[u];
-    }
+   sums, two sets (even and odd j) so that consecutive FMAs do not wait on each other. The
+   blocks in fp32 or bf16 (widened eight at a time where they are used). */
+#define BSR_MV_VEC(NAME, VT, LD8)                                                             \
+static inline __attribute__((always_inline)) void                                             \
+NAME(int64_t rb0, int64_t rb1, const int B, const int32_t *restrict crow,                     \
+     const int32_t *restrict bcols, const VT *restrict blocks, const float *restrict x,       \
+     const float *restrict bias, float *restrict y) {                                         \
+    const int U = B / 8;                                                                      \
+    for (int64_t rb = rb0; rb < rb1; ++rb) {                                                  \
+        f8 a0[8], a1[8];  /* U <= 8 (b <= 64) */                                              \
+        for (int u = 0; u < U; ++u) {                                                         \
+            a0[u] = bias ? *(const f8 *)(bias + rb * B + 8 * u) : (f8){0};                    \
+            a1[u] = (f8){0};                                                                  \
+        }                                                                                     \
+        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {                                   \
+            const float *xs = x + (int64_t)bcols[n] * B;                                      \
+            const VT *col = blocks + n * B * B;  /* [j][i] */                                 \
+            for (int j = 0; j < B; j += 2) {                                                  \
+                const float x0 = xs[j], x1 = xs[j + 1];                                       \
+                for (int u = 0; u < U; ++u) {                                                 \
+                    a0[u] += x0 * LD8(col + (j * U + u) * 8);                                 \
+                    a1[u] += x1 * LD8(col + ((j + 1) * U + u) * 8);                           \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        f8 *q = (f8 *)(y + rb * B);                                                           \
+        for (int u = 0; u < U; ++u) q[u] = a0[u] + a1[u];                                     \
+    }                                                                                         \
 }
+BSR_MV_VEC(bsr_mv_vec, float, LD8_F32)
+BSR_MV_VEC(bsr_mv_vec_bf16, bf16, LD8_BF16)
 
 /* One token, BSR, any b: y's b outputs summed in place (they stay in L1). */
-static void bsr_mv_any(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,
-                       const int32_t *restrict bcols, const float *restrict blocks,
-                       const float *restrict x, const float *restrict bias, float *restrict y) {
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-        float *yr = y + rb * b;
-        for (int64_t i = 0; i < b; ++i) yr[i] = bias ? bias[rb * b + i] : 0.f;
-        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
-            const float *xs = x + (int64_t)bcols[n] * b;
-            const float *col = blocks + n * b * b;
-            for (int64_t j = 0; j < b; ++j) {
-                const float xj = xs[j];
-                for (int64_t i = 0; i < b; ++i) yr[i] += xj * col[j * b + i];
-            }
-        }
-    }
+#define BSR_MV_ANY(NAME, VT, LD)                                                              \
+static void NAME(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,           \
+                 const int32_t *restrict bcols, const VT *restrict blocks,                    \
+                 const float *restrict x, const float *restrict bias, float *restrict y) {    \
+    for (int64_t rb = rb0; rb < rb1; ++rb) {                                                  \
+        float *yr = y + rb * b;                                                               \
+        for (int64_t i = 0; i < b; ++i) yr[i] = bias ? bias[rb * b + i] : 0.f;                \
+        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {                                   \
+            const float *xs = x + (int64_t)bcols[n] * b;                                      \
+            const VT *col = blocks + n * b * b;                                               \
+            for (int64_t j = 0; j < b; ++j) {                                                 \
+                const float xj = xs[j];                                                       \
+                for (int64_t i = 0; i < b; ++i) yr[i] += xj * LD(col, j * b + i);             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
 }
+BSR_MV_ANY(bsr_mv_any, float, LD_F32)
+BSR_MV_ANY(bsr_mv_any_bf16, bf16, LD_BF16)
 
-void bsr_mv(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,
-            const int32_t *restrict bcols, const float *restrict blocks, const float *restrict x,
-            const float *restrict bias, float *restrict y) {
-    switch (b) {
-    case 8: bsr_mv_vec(rb0, rb1, 8, crow, bcols, blocks, x, bias, y); break;
-    case 16: bsr_mv_vec(rb0, rb1, 16, crow, bcols, blocks, x, bias, y); break;
-    case 32: bsr_mv_vec(rb0, rb1, 32, crow, bcols, blocks, x, bias, y); break;
-    case 64: bsr_mv_vec(rb0, rb1, 64, crow, bcols, blocks, x, bias, y); break;
-    default: bsr_mv_any(rb0, rb1, b, crow, bcols, blocks, x, bias, y);
-    }
+#define BSR_MV(NAME, VT, VEC, ANY)                                                            \
+void NAME(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,                  \
+          const int32_t *restrict bcols, const VT *restrict blocks, const float *restrict x,  \
+          const float *restrict bias, float *restrict y) {                                    \
+    switch (b) {                                                                              \
+    case 8: VEC(rb0, rb1, 8, crow, bcols, blocks, x, bias, y); break;                         \
+    case 16: VEC(rb0, rb1, 16, crow, bcols, blocks, x, bias, y); break;                       \
+    case 32: VEC(rb0, rb1, 32, crow, bcols, blocks, x, bias, y); break;                       \
+    case 64: VEC(rb0, rb1, 64, crow, bcols, blocks, x, bias, y); break;                       \
+    default: ANY(rb0, rb1, b, crow, bcols, blocks, x, bias, y);                               \
+    }                                                                                         \
 }
+BSR_MV(bsr_mv, float, bsr_mv_vec, bsr_mv_any)
+BSR_MV(bsr_mv_bf16, bf16, bsr_mv_vec_bf16, bsr_mv_any_bf16)
 
 /* Token tiles (the layout of csr_mm_*): x [T, n] at element strides (st, sc) -> xt [n_tiles, n,
    TW], tokens past T zero; unpack_tokens writes the columns [r0, r1) of y [T, n] (row stride
@@ -247,56 +322,79 @@ static inline void transpose8(__m256 *r) {
 }
 #endif
 
-void pack_tokens(int64_t T, int64_t n, const float *restrict x, int64_t st, int64_t sc, int64_t tw,
-                 float *restrict xt) {
-    const int64_t n_tiles = (T + tw - 1) / tw;
-    for (int64_t t = 0; t < n_tiles; ++t) {
-        float *d = xt + t * n * tw;
-        int64_t c0 = 0;
-#ifdef __AVX__
-        if (sc == 1 && tw % 8 == 0) {
-            for (; c0 + 8 <= n; c0 += 8)
-                for (int64_t j0 = 0; j0 < tw; j0 += 8) {
-                    __m256 r[8];
-                    for (int m = 0; m < 8; ++m) {
-                        const int64_t tok = t * tw + j0 + m;
-                        r[m] = tok < T ? _mm256_loadu_ps(x + tok * st + c0) : _mm256_setzero_ps();
-                    }
-                    transpose8(r);
-                    for (int m = 0; m < 8; ++m) _mm256_storeu_ps(d + (c0 + m) * tw + j0, r[m]);
-                }
-        }
-#endif
-        for (int64_t c = c0; c < n; ++c)
-            for (int64_t j = 0; j < tw; ++j) {
-                const int64_t tok = t * tw + j;
-                d[c * tw + j] = tok < T ? x[tok * st + c * sc] : 0.f;
-            }
-    }
+/* x [T, n] as fp32 (X_F32) or bf16 (X_BF16, widened on the way: the tiles are fp32) */
+#define X_F32(p) _mm256_loadu_ps(p)
+#define X_BF16(p) ((__m256)load_bf16x8(p))
+#define PACK_TOKENS(NAME, VT, LD, LOADX)                                                      \
+void NAME(int64_t T, int64_t n, const VT *restrict x, int64_t st, int64_t sc, int64_t tw,     \
+          float *restrict xt) {                                                               \
+    const int64_t n_tiles = (T + tw - 1) / tw;                                                \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        float *d = xt + t * n * tw;                                                           \
+        int64_t c0 = 0;                                                                       \
+        PACK_AVX(LOADX)                                                                       \
+        for (int64_t c = c0; c < n; ++c)                                                      \
+            for (int64_t j = 0; j < tw; ++j) {                                                \
+                const int64_t tok = t * tw + j;                                               \
+                d[c * tw + j] = tok < T ? LD(x, tok * st + c * sc) : 0.f;                     \
+            }                                                                                 \
+    }                                                                                         \
 }
+#ifdef __AVX__
+#define PACK_AVX(LOADX)                                                                       \
+        if (sc == 1 && tw % 8 == 0) {                                                         \
+            for (; c0 + 8 <= n; c0 += 8)                                                      \
+                for (int64_t j0 = 0; j0 < tw; j0 += 8) {                                      \
+                    __m256 r[8];                                                              \
+                    for (int m = 0; m < 8; ++m) {                                             \
+                        const int64_t tok = t * tw + j0 + m;                                  \
+                        r[m] = tok < T ? LOADX(x + tok * st + c0) : _mm256_setzero_ps();      \
+                    }                                                                         \
+                    transpose8(r);                                                            \
+                    for (int m = 0; m < 8; ++m) _mm256_storeu_ps(d + (c0 + m) * tw + j0, r[m]); \
+                }                                                                             \
+        }
+#else
+#define PACK_AVX(LOADX)
+#endif
+PACK_TOKENS(pack_tokens, float, LD_F32, X_F32)
+PACK_TOKENS(pack_tokens_bf16, bf16, LD_BF16, X_BF16)
 
-void unpack_tokens(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t tw, const float *restrict yt,
-                   float *restrict y, int64_t ld) {
-    const int64_t n_tiles = (T + tw - 1) / tw;
-    for (int64_t t = 0; t < n_tiles; ++t) {
-        const float *s = yt + t * n * tw;
-        const int64_t valid = T - t * tw < tw ? T - t * tw : tw;
-        int64_t c0 = r0;
-#ifdef __AVX__
-        if (tw % 8 == 0) {
-            for (; c0 + 8 <= r1; c0 += 8)
-                for (int64_t j0 = 0; j0 < valid; j0 += 8) {
-                    __m256 r[8];
-                    for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c0 + m) * tw + j0);
-                    transpose8(r);
-                    for (int m = 0; m < 8 && j0 + m < valid; ++m) _mm256_storeu_ps(y + (t * tw + j0 + m) * ld + c0, r[m]);
-                }
-        }
-#endif
-        for (int64_t c = c0; c < r1; ++c)
-            for (int64_t j = 0; j < valid; ++j) y[(t * tw + j) * ld + c] = s[c * tw + j];
-    }
+/* y as fp32 (Y_F32) or bf16 rounded to nearest even (Y_BF16) */
+#define Y_F32(p, v) _mm256_storeu_ps(p, v)
+#define Y_BF16(p, v) store_bf16x8(p, (f8)(v))
+#define ST_F32(v) (v)
+#define ST_BF16(v) f32_bf16(v)
+#define UNPACK_TOKENS(NAME, VT, ST, STOREY)                                                   \
+void NAME(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t tw, const float *restrict yt, \
+          VT *restrict y, int64_t ld) {                                                       \
+    const int64_t n_tiles = (T + tw - 1) / tw;                                                \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        const float *s = yt + t * n * tw;                                                     \
+        const int64_t valid = T - t * tw < tw ? T - t * tw : tw;                              \
+        int64_t c0 = r0;                                                                      \
+        UNPACK_AVX(STOREY)                                                                    \
+        for (int64_t c = c0; c < r1; ++c)                                                     \
+            for (int64_t j = 0; j < valid; ++j) y[(t * tw + j) * ld + c] = ST(s[c * tw + j]); \
+    }                                                                                         \
 }
+#ifdef __AVX__
+#define UNPACK_AVX(STOREY)                                                                    \
+        if (tw % 8 == 0) {                                                                    \
+            for (; c0 + 8 <= r1; c0 += 8)                                                     \
+                for (int64_t j0 = 0; j0 < valid; j0 += 8) {                                   \
+                    __m256 r[8];                                                              \
+                    for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c0 + m) * tw + j0); \
+                    transpose8(r);                                                            \
+                    for (int m = 0; m < 8 && j0 + m < valid; ++m)                             \
+                        STOREY(y + (t * tw + j0 + m) * ld + c0, r[m]);                        \
+                }                                                                             \
+        }
+#else
+#define UNPACK_AVX(STOREY)
+#endif
+UNPACK_TOKENS(unpack_tokens, float, ST_F32, Y_F32)
+UNPACK_TOKENS(unpack_tokens_bf16, bf16, ST_BF16, Y_BF16)
 
 /* g[0:8] += the eight sums of the eight vectors v[0:8]. */
 static inline void add_hsum8(const f8 *v, float *restrict g) {

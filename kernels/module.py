@@ -156,7 +156,7 @@ class SparseLayer(nn.Module):
             return None
         cache = self.__dict__.get("_inference_cache")
         plan = None if cache is None else cache.matvec
-        if (plan is not None and x.shape == plan.x_shape and x.dtype is plan.x_dtype
+        if (plan is not None and x.shape == plan.x_shape and x.dtype is plan.dtype
                 and not torch.is_grad_enabled() and x.is_contiguous()
                 and torch.is_autocast_enabled("cpu") is cache.matvec_autocast
                 and (not cache.matvec_autocast or torch.get_autocast_dtype("cpu") is torch.bfloat16)
@@ -209,7 +209,7 @@ class SparseLayer(nn.Module):
             plan = cache.matvec
             if (plan is None or plan.weight is not w or plan.x_shape != x.shape
                     or cache.matvec_autocast is not autocast):
-                plan = cpu_native.matvec_plan(w, bias, x.shape, (*lead, self.out_features), dtype, dtype)
+                plan = cpu_native.matvec_plan(w, bias, x.shape, (*lead, self.out_features))
                 if cache.watch is not None:  # (else uncacheable: see _InferenceCache)
                     cache.matvec, cache.matvec_autocast = plan, autocast
             return cpu_native.matvec(plan, x if x.is_contiguous() else x.contiguous())

@@ -135,8 +135,11 @@ def build() -> Path:
 
 def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    for f in ("csr_mv_i16", "csr_mv_i32", "csr_mv_i16_bf16", "csr_mv_i32_bf16"):
+    for f in ("csr_mv_i16", "csr_mv_i32"):
         getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, p]
+        getattr(so, f).restype = None
+    for f in ("csr_mv_i16_bf16", "csr_mv_i32_bf16"):  # (+ the fp32 scratch of x, how much to widen)
+        getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, i64, p, p]
         getattr(so, f).restype = None
     for f in ("csr_mm_i16", "csr_mm_i32", "csr_mm_i16_bf16", "csr_mm_i32_bf16"):
         getattr(so, f).argtypes = [i64] * 7 + [p] * 6
@@ -233,13 +236,19 @@ class NativeWeight:
 
     def one_token(self, so: ctypes.CDLL) -> tuple:
         """(function, leading arguments) of the one-token product: rows [0, n_rows) and the
-        weight's pointers; x, bias and y follow."""
+        weight's pointers; x, bias and y follow (for a bf16 CSR - ``widens`` - x, an fp32
+        scratch of n_in, the count to widen into it, bias and y)."""
         bf = "_bf16" if self.values.dtype == torch.bfloat16 else ""
         if self.kind == "bsr":
             fn, lead = getattr(so, "bsr_mv" + bf), (0, self.n_rows, self.block)
         else:
             fn, lead = getattr(so, f"csr_mv_i{self.index}{bf}"), (0, self.n_rows)
         return fn, (*lead, self.crow.data_ptr(), self.cols.data_ptr(), self.values.data_ptr())
+
+    @property
+    def widens(self) -> bool:
+        """Whether the one-token product widens x into an fp32 scratch first (bf16 CSR)."""
+        return self.kind == "csr" and self.values.dtype == torch.bfloat16
 
     @property
     def n_rows(self) -> int:
@@ -262,20 +271,19 @@ class MatVec:
     x_shape: torch.Size                 # the x it takes: any shape of in_features elements
     y_shape: tuple[int, ...]            # the y it returns (n_out elements)
     parallel: bool                      # big enough to split over threads (PARALLEL_MIN_FMAS)
-    x_dtype: torch.dtype = torch.float32  # the x it takes (bf16: widened before the product)
-    y_dtype: torch.dtype = torch.float32  # the y it returns (bf16: rounded after it)
+    dtype: torch.dtype = torch.float32  # of x, y and the weight: fp32 or bf16
+    scratch: threading.local | None = None  # (bf16 CSR) each thread's fp32 copy of x, .xf
 
     @property
     def kind(self) -> str:
         return self.weight.kind
 
 
-def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size, y_shape: tuple[int, ...],
-                x_dtype: torch.dtype = torch.float32, y_dtype: torch.dtype = torch.float32) -> MatVec:
+def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size, y_shape: tuple[int, ...]) -> MatVec:
     """The one-token product of ``w`` (CSR without panels, or BSR) for x of ``x_shape`` (one
-    token: ``w.n_in`` elements) and ``x_dtype`` (fp32 or bf16) -> y of ``y_shape`` and
-    ``y_dtype``, with ``bias`` [out] or None (added in fp32). Needs ``lib()``; the plan is
-    valid while w and bias are (the caller watches them)."""
+    token: ``w.n_in`` elements) -> y of ``y_shape``, both in the weight's dtype (fp32 or bf16),
+    with ``bias`` [out] or None (added to the fp32 sums). Needs ``lib()``; the plan is valid
+    while w and bias are (the caller watches them)."""
     so = lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")
@@ -290,23 +298,29 @@ def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size,
     lead = tuple(kind(a) for kind, a in zip(fn.argtypes, lead))
     bias_ptr = None if bias is None else ctypes.c_void_p(bias.data_ptr())
     return MatVec(so, fn, lead, w, bias, bias_ptr, torch.Size(x_shape), tuple(y_shape),
-                  w.values.numel() >= PARALLEL_MIN_FMAS, x_dtype, y_dtype)
+                  w.values.numel() >= PARALLEL_MIN_FMAS, w.values.dtype,
+                  threading.local() if w.widens else None)
 
 
 def matvec(p: MatVec, x: torch.Tensor) -> torch.Tensor:
-    """y = W x + bias for one token by a plan from ``matvec_plan``: x fp32, contiguous, of
-    ``p.x_shape`` (unchecked: the caller checked it) -> y of ``p.y_shape``.
+    """y = W x + bias for one token by a plan from ``matvec_plan``: x of ``p.dtype``,
+    contiguous, of ``p.x_shape`` (unchecked: the caller checked it) -> y of ``p.y_shape``.
 
     A batch-1 product takes ~20-100 us (Linear 3072 -> 768 at 90%), so this is the whole
-    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us); in bf16 also the
-    widening of x and the rounding of y (a torch cast each, ~1-2 us)."""
+    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us). (In bf16 the
+    library reads bf16 x and writes bf16 y itself: two torch casts around an fp32 product
+    cost ~3.8 us each on the loaded EPYC, ~8% of the fan-in product.)"""
     if p.parallel and torch.get_num_threads() > 1:
-        return matmul(p.weight, x.reshape(1, -1), p.bias, p.y_dtype).reshape(p.y_shape)
-    if p.x_dtype is not torch.float32:
-        x = x.to(torch.float32)
-    y = torch.empty(*p.y_shape)
-    p.fn(*p.lead, x.data_ptr(), p.bias_ptr, y.data_ptr())
-    return y if p.y_dtype is torch.float32 else y.to(p.y_dtype)
+        return matmul(p.weight, x.reshape(1, -1), p.bias).reshape(p.y_shape)
+    y = torch.empty(*p.y_shape, dtype=p.dtype)
+    if p.scratch is None:
+        p.fn(*p.lead, x.data_ptr(), p.bias_ptr, y.data_ptr())
+        return y
+    xf = getattr(p.scratch, "xf", None)
+    if xf is None:
+        xf = p.scratch.xf = torch.empty(p.weight.n_in)
+    p.fn(*p.lead, x.data_ptr(), xf.data_ptr(), p.weight.n_in, p.bias_ptr, y.data_ptr())
+    return y
 
 
 def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_out: int, n_in: int,
@@ -386,12 +400,20 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
         bias = bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
     fmas = w.values.numel() * T
-    if T == 1:
-        x = x.contiguous() if x.dtype is torch.float32 else x.to(torch.float32).contiguous()
-        y = torch.empty(1, w.n_out, dtype=torch.float32)
+    if T == 1 and (w.kind == "bsr" or x.dtype == out_dtype == w.values.dtype):
+        # (the one-token kernels take x and give y in the weight's dtype; a CSR weight of
+        # another mix takes the tiles below)
+        x = x.to(w.values.dtype).contiguous()
+        y = torch.empty(1, w.n_out, dtype=w.values.dtype)
         fn, lead = w.one_token(so)
-        _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
-        return y if out_dtype is torch.float32 else y.to(out_dtype)
+        if w.widens:  # x widened once here, the rows then read the fp32 copy
+            xf = torch.empty(w.n_in)
+            so.bf16_to_f32(w.n_in, x.data_ptr(), xf.data_ptr())
+            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), xf.data_ptr(), 0, bias_ptr,
+                                                     y.data_ptr()))
+        else:
+            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
+        return y.to(out_dtype)
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     if w.kind != "csr":
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")

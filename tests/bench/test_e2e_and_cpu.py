@@ -158,3 +158,28 @@ def test_cpu_inference_refuses_a_variant_whose_output_is_wrong(tmp_path, monkeyp
     monkeypatch.setattr(cpu_infer, "build", broken)
     with pytest.raises(AssertionError, match="fan-in"):
         cpu_infer.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None)
+
+
+def test_cpu_inference_in_bf16_checks_outputs_at_bf16_tolerance_and_writes_both_anchors(tmp_path):
+    assert cpu_infer.main(["--quick", "--threads", "1", "--precision", "bf16", "--batch", "3", "--out", str(tmp_path)],
+                          log=lambda *a: None) == 0
+    rows = {r["variant"]: r for r in read_rows(tmp_path / "cpu_infer_bf16.csv")}
+    assert {cpu_infer.DENSE, cpu_infer.DENSE_BF16, "fan-in (condensed) bf16", "diagonal b=1 bf16",
+            "diagonal b=16 bf16", "diagonal b=64 bf16", "SparseLinear bf16"} <= set(rows)
+    assert float(rows[cpu_infer.DENSE_BF16]["x_dense"]) == pytest.approx(1.0)
+    assert float(rows[cpu_infer.DENSE]["x_dense_fp32"]) == pytest.approx(1.0)
+    assert "x dense fp32" in (tmp_path / "cpu_infer_bf16.md").read_text()
+
+
+def test_cpu_inference_in_bf16_refuses_a_wrong_bf16_variant(tmp_path, monkeypatch):
+    real = cpu_infer.build_bf16
+
+    def broken(*args, **kwargs):
+        variants = real(*args, **kwargs)
+        with torch.no_grad():
+            variants["diagonal b=16 bf16"][0].mod.values[0, 0, 0, 0] += 1.0
+        return variants
+
+    monkeypatch.setattr(cpu_infer, "build_bf16", broken)
+    with pytest.raises(AssertionError, match="b=16 bf16"):
+        cpu_infer.main(["--quick", "--threads", "1", "--precision", "bf16", "--out", str(tmp_path)], log=lambda *a: None)

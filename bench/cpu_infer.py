@@ -413,7 +413,7 @@ def main(argv=None, log=print) -> int:
     head["timing"] = (f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls "
                       f"({'perf_counter' if args.clock == 'wall' else 'thread CPU time (time.thread_time)'})")
     native = kernels.cpu.lib()
-    head["native_cpu"] = (f"{kernels.cpu.variant()[0]} build of kernels/cpu" if native is not None
+    head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu" if native is not None
                           else f"unavailable ({kernels.cpu.error()}): the library layers ran torch's path")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()

@@ -385,7 +385,7 @@ def main(argv=None, log=print) -> int:
         head["timing"] = ("median (ms) of " + ("perf_counter" if args.clock == "wall" else
                           "process CPU time (time.process_time)") + f", {torch.get_num_threads()} thread(s)")
         native = kernels.cpu.lib()
-        head["native_cpu"] = (f"{kernels.cpu.variant()[0]} build of kernels/cpu" if native is not None
+        head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu" if native is not None
                               else f"unavailable ({kernels.cpu.error()}): the sparse layers ran torch's path")
         head["training_step"] = ("sparse products through kernels/cpu (kernels.cpu.csr_matmul, kernels.cpu.sddmm)"
                                  if native is not None else "sparse products through torch (MKL)")

@@ -201,7 +201,11 @@ class SparseLayer(nn.Module):
         x2 = x if x.dim() == 2 else rt.flatten_tokens(x)
         if dtype in _NATIVE_FLOATS and cpu_native.lib() is not None:
             one = x2.shape[0] == 1
-            w = self._inference_weight(values, blocked=one, native=True, dtype=dtype)
+            # bf16 blocks of 16 | b as 16 x 16 tiles where this CPU has their kernel (AMX for
+            # several tokens, AVX-512-BF16 for one), else CSR / BSR as in fp32
+            tiles = (dtype is torch.bfloat16 and getattr(self, "block_size", 1) % 16 == 0
+                     and cpu_native.block_kernel(x2.shape[0]))
+            w = self._inference_weight(values, blocked=one or tiles, native=True, dtype=dtype, tiles=tiles)
             if not one:
                 y = cpu_native.matmul(w, x2, bias)
                 return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
@@ -237,18 +241,19 @@ class SparseLayer(nn.Module):
         return rows, cols, values.reshape(-1, 1, 1), 1
 
     def _inference_weight(self, values: torch.Tensor, blocked: bool, native: bool = False,
-                          dtype: torch.dtype = torch.float32):
+                          dtype: torch.dtype = torch.float32, tiles: bool = False):
         """The weight as a sparse tensor [out, in]: BSR of ``weight_blocks`` when ``blocked``
         and b > 1, else CSR of the elements; rows sorted, columns sorted within a row, int32
         indices; with ``native`` the same structure in kernels.cpu's layout (a NativeWeight).
         Cached per layout in an _InferenceCache, rebuilt when any parameter or buffer changed
         (an optimizer step, a mask update, a state_dict load, ``.to()``); the pattern is
         checked at each build, not at each call. Each layout holds a copy of the values (a
-        native one in ``dtype``: fp32 or bf16)."""
+        native one in ``dtype``: fp32 or bf16; with ``tiles`` the bf16 16 x 16 blocks of the AMX /
+        AVX-512-BF16 kernels, kernels.cpu.bsr16_weight)."""
         cache = self.__dict__.get("_inference_cache")
         if cache is None or not cache.current():
             cache = self.__dict__["_inference_cache"] = _InferenceCache(self)
-        key = (blocked, native, dtype if native else None)
+        key = (blocked, native, dtype if native else None, tiles)
         w = cache.layouts.get(key)
         if w is not None:
             return w
@@ -267,6 +272,8 @@ class SparseLayer(nn.Module):
             size = (self.out_features, self.in_features)
             if native and b == 1:
                 w = cpu_native.csr_weight(rows, cols, values.detach(), *size, panels=not blocked, dtype=dtype)
+            elif native and tiles:
+                w = cpu_native.bsr16_weight(crow, csr_cols, blocks, *size)
             elif native:
                 w = cpu_native.bsr_weight(crow, csr_cols, blocks, *size, dtype=dtype)
             elif b == 1:

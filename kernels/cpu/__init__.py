@@ -16,11 +16,15 @@ gradient at the stored elements) take the same arguments as the torch functions 
 for (kernels.sparse.csr_matmul, kernels.sddmm's element dots) and return None where they do
 not apply.
 
-Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Two variants
-from one source: ``-mavx2 -mfma`` where the CPU reports both (read from /proc/cpuinfo at run
-time, so a build never runs instructions the machine lacks) and ``-march=x86-64`` otherwise
-(``-O3`` alone off x86). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is
-None and the caller keeps torch's path.
+Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Variants
+from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a build never
+runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF16: bf16 block
+products of 16 x 16 tiles for several tokens, bsr16_mm_amx), ``avx512-bf16`` (one-token bf16
+block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16), ``avx2`` (``-mavx2 -mfma``) and
+``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the optional kernels
+the loaded build can run (AMX also needs Linux's arch_prctl permission, asked at load). No
+compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the caller keeps
+torch's path.
 
 Example:
     >>> rows, cols = layer.coords()                                      # once per pattern
@@ -47,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
 ABI = 5
@@ -77,13 +83,29 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+AVX2_FLAGS = ["-mavx2", "-mfma"]
+AVX512_BF16_FLAGS = [*AVX2_FLAGS, "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+AMX_FLAGS = [*AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"]
+# /proc/cpuinfo flags each build needs beyond avx2 + fma
+_AVX512_BF16_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c"}
+_AMX_CPU = _AVX512_BF16_CPU | {"amx_tile", "amx_bf16"}
+# widest first: where a build fails (a compiler without -mamx-tile), lib() takes the next one
+VARIANTS = {"amx": AMX_FLAGS, "avx512-bf16": AVX512_BF16_FLAGS, "avx2": AVX2_FLAGS, "x86-64": ["-march=x86-64"],
+            "generic": []}
+
+
 def variant() -> tuple[str, list[str]]:
-    """(name, compiler flags) of the build this CPU runs."""
+    """(name, compiler flags) of the build this CPU runs: the widest of VARIANTS its flags allow."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "generic", []
-    if {"avx2", "fma"} <= _cpu_flags():
-        return "avx2", ["-mavx2", "-mfma"]
-    return "x86-64", ["-march=x86-64"]
+    flags = _cpu_flags()
+    if {"avx2", "fma"} <= flags:
+        if _AMX_CPU <= flags:
+            return "amx", AMX_FLAGS
+        if _AVX512_BF16_CPU <= flags:
+            return "avx512-bf16", AVX512_BF16_FLAGS
+        return "avx2", AVX2_FLAGS
+    return "x86-64", VARIANTS["x86-64"]
 
 
 def build_dir() -> Path:
@@ -102,11 +124,12 @@ def build_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse-dst-kernels"
 
 
-def build() -> Path:
-    """Compile the library for this CPU (if not built already) and return its path. The name
+def build(name: str | None = None) -> Path:
+    """Compile the library for this CPU - or the variant ``name`` of VARIANTS, which the tests
+    build on CPUs that cannot run it - (if not built already) and return its path. The name
     carries a hash of the source and flags, so an edited source is rebuilt. Raises
     RuntimeError (no compiler, compile error)."""
-    name, flags = variant()
+    name, flags = variant() if name is None else (name, VARIANTS[name])
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler (gcc / cc / $CC) found")
@@ -158,6 +181,15 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     for f in ("bf16_to_f32", "f32_to_bf16"):
         getattr(so, f).argtypes = [i64, p, p]
         getattr(so, f).restype = None
+    so.sparse_cpu_features.restype = ctypes.c_int
+    built = so.sparse_cpu_features()
+    if built & 1:
+        so.bsr16_mm_amx.argtypes = [i64, i64, i64, p, p, p, p, i64, p, p, i64, ctypes.c_int]
+        so.bsr16_mm_amx.restype = ctypes.c_int
+        so.sparse_cpu_amx_init.restype = ctypes.c_int
+    if built & 2:
+        so.bsr16_mv_dpbf16.argtypes = [i64, i64, p, p, p, p, p, p]
+        so.bsr16_mv_dpbf16.restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -178,11 +210,28 @@ def lib() -> ctypes.CDLL | None:
             if os.environ.get("KERNELS_NATIVE_CPU", "1") == "0":
                 err = "disabled by KERNELS_NATIVE_CPU=0"
             else:
-                try:
-                    so = _declare(ctypes.CDLL(str(build())))
-                except (RuntimeError, OSError, AttributeError) as e:
-                    err = f"{type(e).__name__}: {e}"
-            _state.update(lib=so, error=err)
+                names = list(VARIANTS)
+                first = variant()[0]
+                tried = []
+                for name in names[names.index(first):] if first != "generic" else [first]:
+                    try:
+                        so = _declare(ctypes.CDLL(str(build(name))))
+                        _state["variant"] = name
+                        break
+                    except (RuntimeError, OSError, AttributeError) as e:
+                        tried.append(f"{name}: {type(e).__name__}: {e}")
+                err = None if so is not None else "; ".join(tried)
+            feats, why = set(), {}
+            if so is not None:
+                built = so.sparse_cpu_features()
+                if built & 2:
+                    feats.add("avx512_bf16")
+                if built & 1:
+                    if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
+                        feats.add("amx")
+                    else:
+                        why["amx"] = "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+            _state.update(lib=so, error=err, features=frozenset(feats), features_why=why)
     return _state["lib"]
 
 
@@ -204,6 +253,36 @@ def disabled():
         _off.depth -= 1
 
 
+def loaded_variant() -> str | None:
+    """The variant of the loaded library (variant()'s, or a narrower one where that failed to build)."""
+    return _state.get("variant") if lib() is not None else None
+
+
+def features() -> frozenset[str]:
+    """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens)
+    and "avx512_bf16" (bsr16_mv_dpbf16, one token); empty without the library or on CPUs
+    without them (the AVX2 / x86-64 builds)."""
+    return _state.get("features", frozenset()) if lib() is not None else frozenset()
+
+
+def missing_feature(name: str) -> str:
+    """Why ``name`` is not in ``features()`` (for skip reasons and logs)."""
+    if lib() is None:
+        return f"no native library: {error()}"
+    if name in _state.get("features_why", {}):
+        return _state["features_why"][name]
+    need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16"}[name]
+    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
+    return f"this CPU ({model}, the {variant()[0]} build) lacks {need}"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()[:64]
+    except OSError:
+        return []
+
+
 def error() -> str | None:
     """Why ``lib()`` is None (after it was asked), else None."""
     return _state.get("error")
@@ -221,8 +300,10 @@ def available() -> bool:
 
 @dataclass
 class NativeWeight:
-    """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens) or
-    'bsr' (b x b blocks transposed, one token); ``index``: 16 or 32 (bits of a column index);
+    """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens), 'bsr'
+    (b x b blocks transposed, one token) or 'bsr16' (bf16 16 x 16 blocks in the VNNI layout of
+    the AMX and AVX-512-BF16 kernels, [n][k / 2][i][k % 2] = W[i, k] of block n: any tokens with
+    "amx", one with "avx512_bf16"); ``index``: 16 or 32 (bits of a column index);
     ``values`` fp32 or bf16 (the products then widen each weight to fp32 where it is used)."""
     kind: str
     n_out: int
@@ -239,7 +320,9 @@ class NativeWeight:
         weight's pointers; x, bias and y follow (for a bf16 CSR - ``widens`` - x, an fp32
         scratch of n_in, the count to widen into it, bias and y)."""
         bf = "_bf16" if self.values.dtype == torch.bfloat16 else ""
-        if self.kind == "bsr":
+        if self.kind == "bsr16":
+            fn, lead = so.bsr16_mv_dpbf16, (0, self.n_rows)
+        elif self.kind == "bsr":
             fn, lead = getattr(so, "bsr_mv" + bf), (0, self.n_rows, self.block)
         else:
             fn, lead = getattr(so, f"csr_mv_i{self.index}{bf}"), (0, self.n_rows)
@@ -353,6 +436,45 @@ def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
                         blocks.detach().to(_value_dtype(dtype)).transpose(1, 2).contiguous(), b, 32)
 
 
+def bsr16_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int) -> NativeWeight:
+    """BSR (block rows sorted) of blocks [n, b, b] (blocks[n][i][j] = W[i, j] of block n), b a
+    multiple of 16 -> NativeWeight 'bsr16': each block cut into 16 x 16 blocks, in bf16 and the
+    VNNI layout of bsr16_mm_amx / bsr16_mv_dpbf16."""
+    b = blocks.shape[-1]
+    if b % 16 or n_out % 16 or n_in % 16:
+        raise ValueError(f"bsr16 needs 16 | b, out and in, got b={b}, {n_out} x {n_in}")
+    q, n = b // 16, blocks.shape[0]
+    brow = torch.repeat_interleave(torch.arange(crow.numel() - 1), (crow[1:] - crow[:-1]).long())
+    io = torch.arange(q)
+    rows = (brow[:, None, None] * q + io[:, None]).expand(n, q, q).reshape(-1)
+    cols = (bcols.long()[:, None, None] * q + io[None, :]).expand(n, q, q).reshape(-1)
+    sub = blocks.detach().to(torch.bfloat16).reshape(n, q, 16, q, 16).permute(0, 1, 3, 2, 4).reshape(-1, 16, 16)
+    order, crow16, cols16 = csr_structure(rows.to(torch.int32), cols.to(torch.int32), n_out // 16, n_in // 16)
+    if order is not None:
+        sub = sub[order]
+    vnni = sub.reshape(-1, 16, 8, 2).permute(0, 2, 1, 3).contiguous()  # [n][k / 2][i][k % 2]
+    return NativeWeight("bsr16", n_out, n_in, crow16.to(torch.int32).contiguous(), cols16.to(torch.int32).contiguous(),
+                        vnni, 16, 32)
+
+
+def bsr16_dense(w: NativeWeight) -> torch.Tensor:
+    """The dense [out, in] fp32 weight of a 'bsr16' NativeWeight (tests: its layout)."""
+    dense = torch.zeros(w.n_out, w.n_in)
+    counts = (w.crow[1:] - w.crow[:-1]).long()
+    rb = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    blocks = w.values.float().permute(0, 2, 1, 3).reshape(-1, 16, 16)  # [n][i][k]
+    for n in range(blocks.shape[0]):
+        r, c = int(rb[n]) * 16, int(w.cols[n]) * 16
+        dense[r:r + 16, c:c + 16] += blocks[n]
+    return dense
+
+
+def block_kernel(tokens: int) -> bool:
+    """Whether bf16 block products of ``tokens`` tokens have a kernel of 16 x 16 tiles here
+    ('bsr16': AMX for several tokens, AVX-512-BF16 for one)."""
+    return ("avx512_bf16" if tokens == 1 else "amx") in features()
+
+
 def _value_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the native weights are fp32 or bf16, got {dtype}")
@@ -415,6 +537,8 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
             _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
         return y.to(out_dtype)
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
+    if w.kind == "bsr16":
+        return _bsr16_matmul(so, w, x, bias_ptr, out_dtype, fmas)
     if w.kind != "csr":
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")
     # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one
@@ -434,6 +558,24 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
               yt.data_ptr()):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
         unpack(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
+    _split(w.n_rows, fmas, run)
+    return y
+
+
+def _bsr16_matmul(so, w: NativeWeight, x: torch.Tensor, bias_ptr, out_dtype: torch.dtype, fmas: int) -> torch.Tensor:
+    """Several tokens through AMX tiles (bsr16_mm_amx): x read in place as bf16 rows."""
+    if "amx" not in features():
+        raise RuntimeError(f"a bsr16 weight for several tokens needs AMX: {missing_feature('amx')}")
+    T = x.shape[0]
+    if x.dtype is not torch.bfloat16 or x.stride(1) != 1:
+        x = x.to(torch.bfloat16).contiguous()
+    y = torch.empty(T, w.n_out, dtype=out_dtype)
+    y_bf16 = int(out_dtype is torch.bfloat16)
+
+    def run(r0, r1):
+        if so.bsr16_mm_amx(r0, r1, T, w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(), x.data_ptr(),
+                           x.stride(0), bias_ptr, y.data_ptr(), w.n_out, y_bf16):
+            raise RuntimeError("bsr16_mm_amx: the AMX tile state is not granted to this process")
     _split(w.n_rows, fmas, run)
     return y
 

@@ -142,7 +142,7 @@ def test_cpu_inference_quick_checks_outputs_and_writes_ratios(tmp_path):
     assert float(dense["x_dense"]) == pytest.approx(1.0)
     md = (tmp_path / "cpu_infer.md").read_text()
     assert "x dense" in md
-    assert "**native_cpu**: " + ("unavailable" if kernels.cpu.lib() is None else kernels.cpu.variant()[0]) in md
+    assert "**native_cpu**: " + ("unavailable" if kernels.cpu.lib() is None else kernels.cpu.loaded_variant()) in md
 
 
 def test_cpu_inference_refuses_a_variant_whose_output_is_wrong(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ reference for every layer format, its cache following value and pattern changes,
 (AVX2 and baseline x86-64), the fall back to torch's path when it is disabled or cannot be
 built, and its training-step products (csr_matmul, sddmm) against fp64."""
 import copy
+import ctypes
 import os
 import pickle
 import platform
@@ -685,3 +686,109 @@ def test_bf16_training_products_match_the_fp64_reference():
 @needs_library
 def test_bf16_training_products_split_over_threads(two_threads):
     check_bf16_training_products(35, "2 threads", tokens=(5, 70))
+
+
+# The AVX-512-BF16 and AMX builds: chosen from the CPU's flags, compiled on every x86-64 CPU with
+# a compiler (a source that stops compiling for them fails here, on the AVX2-only EPYC too), run
+# where the CPU has them (their tests skip with the reason elsewhere).
+
+AMX_FLAGS = {"sse2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile",
+             "amx_bf16"}
+has_compiler = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")),
+    reason="needs x86-64 and a C compiler")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the variants are x86-64's")
+def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS)
+    assert cpu.variant() == ("amx", cpu.AMX_FLAGS)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS - {"amx_tile"})
+    assert cpu.variant() == ("avx512-bf16", cpu.AVX512_BF16_FLAGS)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS - {"avx512_bf16"})
+    assert cpu.variant() == ("avx2", ["-mavx2", "-mfma"])
+
+
+@has_compiler
+@pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16",)),
+                                           ("amx", ("bsr16_mv_dpbf16", "bsr16_mm_amx", "sparse_cpu_amx_init"))])
+def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
+    path = cpu.build(name)
+    assert path.exists() and name in path.name
+    so = ctypes.CDLL(str(path))  # (looked up, never called: this CPU may lack the instructions)
+    for symbol in symbols + ("csr_mv_i16_bf16", "csr_mm_i16_bf16", "bsr_mv_bf16", "sddmm_tiles"):
+        assert hasattr(so, symbol), f"{name} build lacks {symbol}"
+
+
+def test_a_build_that_fails_falls_back_to_the_next_narrower_variant(monkeypatch, fresh_library):
+    real = cpu.build
+    monkeypatch.setattr(cpu, "variant", lambda: ("amx", cpu.AMX_FLAGS))
+
+    def build(name=None):
+        if name in ("amx", "avx512-bf16"):
+            raise RuntimeError(f"gcc failed: unknown -m flag ({name})")
+        return real(name)
+    monkeypatch.setattr(cpu, "build", build)
+    so = cpu.lib()
+    if so is None:
+        pytest.skip(f"no native library here at all: {cpu.error()}")
+    assert cpu.loaded_variant() == ("avx2" if {"avx2", "fma"} <= cpu._cpu_flags() else "x86-64")
+    assert not cpu.features()
+
+
+@needs_library
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_the_16_by_16_tile_layout_holds_the_bf16_blocks(name):
+    """The VNNI blocks of the AMX / AVX-512-BF16 kernels, built on any CPU: their dense weight is
+    the layer's, rounded to bf16, exactly."""
+    g = torch.Generator().manual_seed(38)
+    layer = LAYERS[name](g, True)
+    with torch.no_grad():
+        w = layer._inference_weight(layer.values, blocked=True, native=True, dtype=torch.bfloat16, tiles=True)
+    assert w.kind == "bsr16" and w.values.dtype == torch.bfloat16 and w.values.shape[1:] == (8, 16, 2)
+    assert torch.equal(cpu.bsr16_dense(w), layer.to_dense().detach().to(torch.bfloat16).float())
+    assert w.n_rows == layer.out_features // 16
+
+
+needs_amx = pytest.mark.skipif("amx" not in cpu.features(), reason=f"AMX kernels: {cpu.missing_feature('amx')}")
+needs_avx512_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu.features(),
+                                       reason=f"AVX-512-BF16 kernels: {cpu.missing_feature('avx512_bf16')}")
+
+
+@needs_amx
+@pytest.mark.parametrize("how", ["bf16 layer", "autocast"])
+@pytest.mark.parametrize("tokens", [2, 16, 33, 70])
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_amx_tile_product_matches_the_fp64_reference(name, tokens, how, native_calls):
+    g = torch.Generator().manual_seed(39)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(tokens, layer.in_features, generator=g)
+    ref, lowp = bf16_reference(layer, x)
+    with torch.no_grad():
+        if how == "bf16 layer":
+            y = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+    assert native_calls[-1] == ("bsr16", tokens)
+    assert_matches(y, ref, lowp, f"{name}, T={tokens}, AMX, {how}")
+
+
+@needs_amx
+def test_amx_tile_product_split_over_threads(two_threads, native_calls):
+    test_amx_tile_product_matches_the_fp64_reference("diag b=16 tall", 70, "autocast", native_calls)
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_avx512_bf16_one_token_product_matches_the_fp64_reference(name, native_calls):
+    g = torch.Generator().manual_seed(40)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    ref, lowp = bf16_reference(layer, x)
+    with torch.no_grad():
+        y = [layer.to(torch.bfloat16)(x.to(torch.bfloat16)) for _ in range(2)]  # the plan, then its reuse
+    assert native_calls[-1] == ("bsr16", 1)
+    for out in y:
+        assert_matches(out, ref, lowp, f"{name}, AVX-512-BF16")

@@ -183,3 +183,39 @@ def test_cpu_inference_in_bf16_refuses_a_wrong_bf16_variant(tmp_path, monkeypatc
     monkeypatch.setattr(cpu_infer, "build_bf16", broken)
     with pytest.raises(AssertionError, match="b=16 bf16"):
         cpu_infer.main(["--quick", "--threads", "1", "--precision", "bf16", "--out", str(tmp_path)], log=lambda *a: None)
+
+
+@pytest.mark.skipif(kernels.cpu.lib() is None, reason="no native CPU library here")
+@pytest.mark.parametrize("name", TRAIN_LAYERS)
+def test_a_training_step_under_bf16_autocast_runs_the_native_bf16_products(name, monkeypatch):
+    """Forward, input gradient and weight gradient of a step under CPU bf16 autocast answered by
+    kernels.cpu on bf16 operands (tests/kernels/test_autocast.py checks the numbers)."""
+    calls = []
+
+    def spy(*args, real, fn):
+        out = real(*args)
+        if out is not None:
+            calls.append((fn, args[2].dtype if fn == "csr_matmul" else args[0].dtype))
+        return out
+    for fn in ("csr_matmul", "sddmm"):
+        monkeypatch.setattr(kernels.cpu, fn, functools.partial(spy, real=getattr(kernels.cpu, fn), fn=fn))
+    g = torch.Generator().manual_seed(41)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(9, layer.in_features, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+    assert y.dtype == torch.bfloat16 and layer.values.grad.dtype == torch.float32
+    bf = torch.bfloat16
+    assert sorted(calls) == [("csr_matmul", bf), ("csr_matmul", bf), ("sddmm", bf)], calls
+
+
+def test_e2e_under_bf16_autocast_times_every_format(tmp_path):
+    rc = e2e.main(["--quick", "--models", "mlp", "--formats", "dense,fanin,diag16", "--autocast", "bf16", "--out",
+                   str(tmp_path)], log=lambda *a: None)
+    assert rc == 0
+    rows = read_rows(tmp_path / "e2e.csv")
+    assert [r["format"] for r in rows] == ["dense", "fanin", "diag16"]
+    for r in rows:
+        assert r["status"] == "ok" and r["dtype"] == "float32 + autocast bf16" and math.isfinite(float(r["loss"]))
+    assert "under bf16 autocast" in (tmp_path / "e2e.md").read_text()

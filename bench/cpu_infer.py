@@ -6,6 +6,7 @@ setting; its claim: 3.4x dense, 2.5x CSR).
     python bench/cpu_infer.py --threads 1,2      # one table per thread count
     python bench/cpu_infer.py --quick            # tiny, for the tests
     python bench/cpu_infer.py --threads 1 --clock cpu   # on a CPU shared with other jobs
+    python bench/cpu_infer.py --threads 1 --clock cpu --precision bf16 --batch 32   # bf16 table
 
 Every variant's output is checked against the dense nn.Linear of the same weights before it
 is timed. Timing: the variants take turns, round after round (so drift and the load of other
@@ -40,10 +41,18 @@ Variants:
                              compilation fails)
     embedding_bag (inline)   the same product as F.embedding_bag(idx, x^T, per_sample_weights=v):
                              a weighted sum of T-long rows per nonzero (for --batch > 1)
+
+``--precision bf16``: the baseline is the dense nn.Linear cast to bf16 (torch's bf16 GEMM: oneDNN,
+with AVX-512-BF16 / AMX where the CPU has them), side by side with dense fp32 (column "x dense
+fp32"), CSR in fp32, the fp32 fan-in and b = 16 layers, and every format cast to bf16 (fan-in,
+diagonals b = 1 / 16 / 64, unstructured: the native library's bf16 products, bf16 weights and
+fp32 sums). A bf16 output is checked against the fp64 product of its bf16-rounded operands: at
+most 2x the error of torch's dense bf16 product plus 1e-2 (bench.common.gate).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import math
 import os
@@ -64,6 +73,7 @@ from bench import common  # noqa: E402
 
 FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "batch", "copies", "variant", "params",
           "us_per_call", "us_q1", "us_q3", "us_min", "x_dense", "x_csr", "x_dense_min", "x_csr_min", "max_err"]
+FIELDS_BF16 = FIELDS[:FIELDS.index("x_csr")] + ["x_dense_fp32"] + FIELDS[FIELDS.index("x_csr"):]
 
 
 class _InlineGather(nn.Module):
@@ -179,6 +189,71 @@ class _RoundRobin(nn.Module):
 
 
 DENSE, CSR = "dense nn.Linear", "CSR prebuilt"
+DENSE_BF16 = "dense nn.Linear bf16"
+
+
+class _Cast(nn.Module):
+    """A copy of a module in bf16. It is timed on a bf16 x, as a bf16 model's previous layer
+    hands it over (a cast of x inside the timed call, ~3.8 us at batch 1 on the loaded EPYC,
+    would be 4-9% of a sparse layer's call and <1% of a dense one's)."""
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self.mod = copy.deepcopy(mod).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.mod(x.to(torch.bfloat16))
+
+
+def _timed_input(mod: nn.Module, x: torch.Tensor, xb: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """(what to time, its input): a bf16 variant's module on the bf16 x, the others on x."""
+    if isinstance(mod, _RoundRobin) and isinstance(mod.mods[0], _Cast):
+        return _RoundRobin(m.mod for m in mod.mods), xb
+    if isinstance(mod, _Cast):
+        return mod.mod, xb
+    return mod, x
+
+
+def build_bf16(n_in: int, n_out: int, sparsity: float, seed: int, tokens: int = 1
+               ) -> dict[str, tuple[nn.Module, nn.Module, str]]:
+    """The --precision bf16 variants: {variant: (module, its fp32 dense equivalent, pattern)}."""
+    g = torch.Generator().manual_seed(seed)
+    density = 1.0 - sparsity
+    dense = nn.Linear(n_in, n_out)
+    csr = kernels.SparseLinear(n_in, n_out, density=density, generator=g)
+    fan = kernels.FanInLinear(n_in, n_out, density=density, generator=g)
+    out = {DENSE: (dense, dense, f"{n_out}x{n_in} dense"),
+           DENSE_BF16: (_Cast(dense), dense, f"{n_out}x{n_in} dense"),
+           CSR: (_PrebuiltCSR(csr), csr.to_linear(), f"nnz={csr.nnz()}"),
+           "fan-in (condensed) fp32": (fan, fan.to_linear(), f"k={fan.k}")}
+    diags = {}
+    for b in (1, 16, 64):
+        if n_in % b == 0 and n_out % b == 0:
+            diags[b] = kernels.DiagLinear(n_in, n_out, density=density, block_size=b, generator=g)
+    if 16 in diags:
+        out["diagonal b=16 fp32"] = (diags[16], diags[16].to_linear(), f"K={diags[16].num_diagonals}")
+    out["fan-in (condensed) bf16"] = (_Cast(fan), fan.to_linear(), f"k={fan.k}")
+    for b, d in diags.items():
+        out[f"diagonal b={b} bf16"] = (_Cast(d), d.to_linear(), f"K={d.num_diagonals}")
+    out["SparseLinear bf16"] = (_Cast(csr), csr.to_linear(), f"nnz={csr.nnz()}")
+    return out
+
+
+def check_bf16(name: str, mod: nn.Module, dense_eq: nn.Linear, x: torch.Tensor) -> float:
+    """The max error of a variant's output; a bf16 one against the fp64 product of its bf16
+    operands (2x torch's bf16 error + atol), an fp32 one against its fp32 dense equivalent."""
+    y = mod(x)
+    if y.dtype != torch.bfloat16:
+        err = (y - dense_eq(x)).abs().max().item()
+        if not torch.allclose(y, dense_eq(x), rtol=1e-4, atol=1e-5):
+            raise AssertionError(f"{name}: output differs from its dense equivalent by {err:.3e}")
+        return err
+    w, b, xb = (t.detach().to(torch.bfloat16) for t in (dense_eq.weight, dense_eq.bias, x))
+    truth = xb.double() @ w.double().t() + b.double()
+    ok, err, bound, why = common.gate(y, truth, xb @ w.t() + b)
+    if not ok:
+        raise AssertionError(f"{name}: {why}")
+    return err
 
 
 def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: bool, log=print, tokens: int = 1
@@ -237,37 +312,48 @@ def _time_calls(mod, x, calls: int) -> float:
 
 
 def measure(variants, x, rounds: int, round_ms: float) -> dict[str, list[float]]:
-    """Per-call microseconds of every variant, one sample per round, variants interleaved."""
+    """Per-call microseconds of every variant, one sample per round, variants interleaved
+    (bf16 variants on x in bf16, see _timed_input)."""
     names = list(variants)
+    xb = x.to(torch.bfloat16)
+    timed = {n: _timed_input(variants[n][0], x, xb) for n in names}
     calls = {}
     for n in names:
-        one = statistics.median(_time_calls(variants[n][0], x, 1) for _ in range(3))
+        one = statistics.median(_time_calls(*timed[n], 1) for _ in range(3))
         calls[n] = max(1, min(10_000, round(round_ms * 1e3 / max(one, 1e-3))))
     per_call = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            per_call[n].append(_time_calls(variants[n][0], x, calls[n]))
+            per_call[n].append(_time_calls(*timed[n], calls[n]))
     return per_call
 
 
 def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    if args.copies > 1 and not args.quick:
+    bf16 = args.precision == "bf16"
+    if args.copies > 1 and not args.quick and not bf16:
         log("index_select (torch.compile) left out: one compilation per copy")
-    sets = [build(args.in_features, args.out_features, args.sparsity, args.seed + 1000 * i,
-                  compile_gather=not args.quick and args.copies == 1, log=log, tokens=args.batch)
-            for i in range(args.copies)]
+    if bf16:
+        sets = [build_bf16(args.in_features, args.out_features, args.sparsity, args.seed + 1000 * i, args.batch)
+                for i in range(args.copies)]
+    else:
+        sets = [build(args.in_features, args.out_features, args.sparsity, args.seed + 1000 * i,
+                      compile_gather=not args.quick and args.copies == 1, log=log, tokens=args.batch)
+                for i in range(args.copies)]
     x = torch.randn(args.batch, args.in_features, generator=torch.Generator().manual_seed(args.seed + 1))
     errs = {}
     with torch.inference_mode():
         for variants in sets:
             for name, (mod, dense_eq, _) in variants.items():
-                y, ref = mod(x), dense_eq(x)
-                err = (y - ref).abs().max().item()
-                if not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
-                    raise AssertionError(f"{name}: output differs from its dense equivalent by {err:.3e}")
+                if bf16:
+                    err = check_bf16(name, mod, dense_eq, x)
+                else:
+                    y, ref = mod(x), dense_eq(x)
+                    err = (y - ref).abs().max().item()
+                    if not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+                        raise AssertionError(f"{name}: output differs from its dense equivalent by {err:.3e}")
                 errs[name] = max(err, errs.get(name, 0.0))
         variants = {name: (_RoundRobin(s[name][0] for s in sets) if args.copies > 1 else mod, ref, params)
                     for name, (mod, ref, params) in sets[0].items()}
@@ -277,6 +363,7 @@ def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
         per_call = measure(variants, x, args.rounds, args.round_ms)
     med = {n: statistics.median(v) for n, v in per_call.items()}
     best = {n: min(v) for n, v in per_call.items()}
+    base = DENSE_BF16 if bf16 else DENSE
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else math.nan
     rows = []
     for name, (_, _, params) in variants.items():
@@ -284,9 +371,9 @@ def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
         rows.append(dict(run=run_id, threads=threads, load_avg=load, in_features=args.in_features,
                          out_features=args.out_features, sparsity=args.sparsity, batch=args.batch, copies=args.copies,
                          variant=name, params=params, us_per_call=med[name], us_q1=q[0], us_q3=q[2],
-                         us_min=best[name], x_dense=med[DENSE] / med[name], x_csr=med[CSR] / med[name],
-                         x_dense_min=best[DENSE] / best[name], x_csr_min=best[CSR] / best[name],
-                         max_err=errs[name]))
+                         us_min=best[name], x_dense=med[base] / med[name], x_csr=med[CSR] / med[name],
+                         x_dense_min=best[base] / best[name], x_csr_min=best[CSR] / best[name],
+                         max_err=errs[name], **({"x_dense_fp32": med[DENSE] / med[name]} if bf16 else {})))
     return rows
 
 
@@ -305,6 +392,8 @@ def main(argv=None, log=print) -> int:
                         "weights stay in the core's cache)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall: perf_counter; cpu: the thread's CPU time (for a CPU shared with other jobs)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the layers cast to bf16 against dense bf16 (and fp32) side by side")
     p.add_argument("--quick", action="store_true", help="tiny layer, few rounds (tests)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/cpu_infer)")
     args = p.parse_args(argv)
@@ -324,7 +413,7 @@ def main(argv=None, log=print) -> int:
     head["timing"] = (f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls "
                       f"({'perf_counter' if args.clock == 'wall' else 'thread CPU time (time.thread_time)'})")
     native = kernels.cpu.lib()
-    head["native_cpu"] = (f"{kernels.cpu.variant()[0]} build of kernels/cpu" if native is not None
+    head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu" if native is not None
                           else f"unavailable ({kernels.cpu.error()}): the library layers ran torch's path")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()
@@ -336,31 +425,37 @@ def main(argv=None, log=print) -> int:
     finally:
         kernels.set_checks(previous)
         torch.set_num_threads(head["cpu_threads"])
-    common.append_csv(out / "cpu_infer.csv", rows, FIELDS)
-    title = (f"# CPU inference: Linear({args.in_features} -> {args.out_features}) at "
+    bf16 = args.precision == "bf16"
+    stem = "cpu_infer_bf16" if bf16 else "cpu_infer"
+    common.append_csv(out / f"{stem}.csv", rows, FIELDS_BF16 if bf16 else FIELDS)
+    title = (f"# CPU inference{' in bf16' if bf16 else ''}: Linear({args.in_features} -> {args.out_features}) at "
              f"{args.sparsity:.0%} sparsity, batch {args.batch}, {args.copies} layer(s) per variant in turn")
     md = [title, "", common.header_markdown(head), "",
           "Ratio = time of the baseline / time of the variant, measured side by side in one process "
           "(q1 / q3: quartiles over rounds; min: the fastest round, the least disturbed by other "
           "processes). CSR = a torch.sparse CSR tensor built once. "
-          "SRigL's CPU claim for this setting: 3.4x dense, 2.5x CSR.", ""]
+          + ("x dense = vs the dense layer in bf16 (torch's bf16 GEMM), x dense fp32 = vs the dense fp32 layer; "
+             "bf16 rows: the layer cast to bf16 (bf16 weights and activations, fp32 sums)."
+             if bf16 else "SRigL's CPU claim for this setting: 3.4x dense, 2.5x CSR."), ""]
     for t in threads:
         sub = [r for r in rows if r["threads"] == t]
         md += [f"## {t} thread(s) (1-min load average at the end: {sub[0]['load_avg']} on "
                f"{os.cpu_count()} cores)", "",
                common.md_table(sub, [("variant", "variant"), ("params", "pattern"), ("us_per_call", "us / call"),
-                                     ("us_q1", "q1"), ("us_q3", "q3"), ("us_min", "min"), ("x_dense", "x dense"),
-                                     ("x_csr", "x CSR"), ("x_dense_min", "x dense (min)"),
-                                     ("x_csr_min", "x CSR (min)")]),
+                                     ("us_q1", "q1"), ("us_q3", "q3"), ("us_min", "min"),
+                                     ("x_dense", "x dense bf16" if bf16 else "x dense")]
+                               + ([("x_dense_fp32", "x dense fp32")] if bf16 else [])
+                               + [("x_csr", "x CSR"), ("x_dense_min", "x dense (min)"),
+                                  ("x_csr_min", "x CSR (min)")]),
                ""]
-    (out / "cpu_infer.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     for t in threads:
         log(f"threads={t}")
         for r in rows:
             if r["threads"] == t:
                 log(f"  {r['variant']:<29} {r['us_per_call']:9.1f} us   x dense {r['x_dense']:6.2f}   "
                     f"x CSR {r['x_csr']:6.2f}   (min: {r['us_min']:9.1f} us, x dense {r['x_dense_min']:6.2f})")
-    log(f"[out] {out}/cpu_infer.md, cpu_infer.csv")
+    log(f"[out] {out}/{stem}.md, {stem}.csv")
     return 0
 
 

@@ -8,6 +8,8 @@ time and peak memory.
     python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,csr --infer-only  # CPU inference
     OMP_NUM_THREADS=1 python bench/e2e.py --models vit-b16,bert-base --formats dense,fanin,diag16,diag1,csr \
         --batch 1 --steps 5 --clock cpu   # CPU (the training step's sparse products through kernels/cpu)
+    OMP_NUM_THREADS=1 python bench/e2e.py --models vit-b16 --formats dense,diag16,fanin --autocast bf16 \
+        --batch 2 --steps 3 --clock cpu   # CPU under bf16 autocast: dense bf16 (oneDNN) vs kernels/cpu's bf16
 
 Models come from ``models`` (ViT / Bert with a ``linear`` factory that makes qkv, attention
 out, fc1 and fc2 sparse at ``--sparsity``; patch / token embeddings, norms and heads stay
@@ -26,13 +28,17 @@ after warm-up (device synchronised), median over steps. On a GPU each format run
 its peak memory is torch.cuda.max_memory_allocated; on CPU all formats of a model are built
 together and take turns step by step (a shared CPU's load then falls on all alike), and with
 no allocator statistic only the parameter + buffer bytes are reported. Everything runs in one dtype (bf16 on a GPU), no
-autocast: the sparse ops take values and activations of one dtype. BERT trains masked-LM on
+autocast: the sparse ops take values and activations of one dtype - unless ``--autocast bf16``:
+then the fp32 model's forward and loss run under torch.autocast(bf16), as a user's mixed-precision
+step does (the dense model's matmuls in torch's bf16 GEMM, the sparse layers' in kernels/cpu's
+bf16 products). BERT trains masked-LM on
 15% of the positions (logits only there when the model supports it); its inference step
 computes the logits of every position.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import inspect
@@ -196,6 +202,8 @@ class Runner:
 
     def __init__(self, model: str, fmt: str, args, device, dtype):
         self.work = build(model, fmt, args, device, dtype)
+        self.autocast = getattr(args, "autocast", None)
+        self.device_type = torch.device(device).type
         if fmt.endswith("-fused"):
             check_fused(self.work.net, dtype)
         self.net, self.tokens = self.work.net, self.work.tokens
@@ -207,15 +215,21 @@ class Runner:
     def train_step(self):
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        loss = self.work.loss()
+        with self._autocast():
+            loss = self.work.loss()
         loss.backward()
         self.opt.step()
         self.loss = loss.detach()
 
     def infer_step(self):
         self.net.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             self.work.infer()
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast)
 
     def drop_optimizer(self):
         self.opt.zero_grad(set_to_none=True)
@@ -344,6 +358,8 @@ def main(argv=None, log=print) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (GPU 20, CPU 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 5, CPU 1)")
     p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--autocast", choices=["bf16"], default=None,
+                   help="run forward and loss under torch.autocast in bf16 (the model stays fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="CPU: wall (perf_counter) or cpu (process CPU time, for a CPU shared with other jobs)")
@@ -352,6 +368,7 @@ def main(argv=None, log=print) -> int:
     p.add_argument("--quick", action="store_true", help="micro models, CPU-sized (pipeline check)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>)")
     args = p.parse_args(argv)
+    args.autocast = torch.bfloat16 if args.autocast == "bf16" else None
     device = common.device()
     gpu = device.type == "cuda"
     if args.infer_only and gpu:
@@ -385,7 +402,7 @@ def main(argv=None, log=print) -> int:
         head["timing"] = ("median (ms) of " + ("perf_counter" if args.clock == "wall" else
                           "process CPU time (time.process_time)") + f", {torch.get_num_threads()} thread(s)")
         native = kernels.cpu.lib()
-        head["native_cpu"] = (f"{kernels.cpu.variant()[0]} build of kernels/cpu" if native is not None
+        head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu" if native is not None
                               else f"unavailable ({kernels.cpu.error()}): the sparse layers ran torch's path")
         head["training_step"] = ("sparse products through kernels/cpu (kernels.cpu.csr_matmul, kernels.cpu.sddmm)"
                                  if native is not None else "sparse products through torch (MKL)")
@@ -398,7 +415,7 @@ def main(argv=None, log=print) -> int:
         row = dict(run=run_id, device=head.get("gpu") if gpu else "cpu", model=model,
                    preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "base"),
                    format=fmt, sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
-                   dtype=str(dtype).removeprefix("torch."), **result)
+                   dtype=str(dtype).removeprefix("torch.") + (" + autocast bf16" if args.autocast else ""), **result)
         rows.append(row)
         log(f"[e2e] {model:<9} {fmt:<12} {row['status']:<7} train {common.fmt(row.get('train_ms'))} ms  "
             f"infer {common.fmt(row.get('infer_ms'))} ms  peak {common.fmt(row.get('train_peak_mb'))} MB"
@@ -440,7 +457,7 @@ def main(argv=None, log=print) -> int:
         md += ["> **--quick: micro models on CPU, a pipeline check; these are not the ViT-B/BERT-base figures.**", ""]
     md += [common.header_markdown(head), "",
            f"batch {args.batch}, BERT sequence {args.seq}, {args.steps} timed steps after {args.warmup} warm-up, "
-           f"{str(dtype).removeprefix('torch.')}. x dense = dense time / sparse time; diag<b>-fused = the diag<b> "
+           f"{str(dtype).removeprefix('torch.')}{' under bf16 autocast' if args.autocast else ''}. x dense = dense time / sparse time; diag<b>-fused = the diag<b> "
            "layers with each MLP as one kernels.fused_mlp call (compare with the diag<b> row). Peak memory: "
            + ("torch.cuda.max_memory_allocated." if gpu else "not available on CPU (param MB = parameters + buffers)."),
            "", "Target (H100 bf16): ViT-B training step >= 1.3x dense. " + _target_line(rows, gpu, dtype, args), "",

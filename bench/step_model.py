@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench import common  # noqa: E402
+from kernels import cpu as kernels_cpu  # noqa: E402
 from kernels import runtime as rt  # noqa: E402
 
 # FlashAttention's published H100 figures at head dim 64 are ~35% of the dense bf16 peak
@@ -145,12 +146,16 @@ class Trace(TorchDispatchMode):
 def _backend(name: str):
     """CPU tensors through ``name`` ("torch": the CPU path computes; "triton": the launchers,
     captured and never run), per-call index checks off as bench/e2e.py and the report run;
-    both restored after."""
+    both restored after. The native CPU library is off inside: a bf16 layer without a gradient
+    would otherwise multiply in it through ctypes (SparseLayer.cpu_inference), which no
+    dispatch mode sees - the trace would lose the GPU's sparse products and record the CPU
+    weight copy's build instead."""
     backend, checks = rt.get_backend(), rt.checks_enabled()
     rt.set_backend(name)
     rt.set_checks(False)
     try:
-        yield
+        with kernels_cpu.disabled():
+            yield
     finally:
         rt.set_backend(backend)
         rt.set_checks(checks)

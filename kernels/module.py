@@ -28,6 +28,9 @@ def resize_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
         param.data = new
 
 
+_NATIVE_FLOATS = (torch.float32, torch.bfloat16)
+
+
 class _InferenceCache:
     """The weight copies of SparseLayer.cpu_inference, valid while the layer's parameters and
     buffers are the ones they were made from.
@@ -43,8 +46,9 @@ class _InferenceCache:
     """
 
     def __init__(self, layer: nn.Module):
-        self.layouts: dict = {}                        # (blocked, native) -> sparse / native weight
+        self.layouts: dict = {}                        # (blocked, native, dtype) -> sparse / native weight
         self.matvec: cpu_native.MatVec | None = None   # the one-token native product, resolved
+        self.matvec_autocast = False                   # whether it was made for a bf16 autocast region
         tensors, empty = [], []                        # (slots, name, tensor, version, address), (slots, name)
         for slots in (layer._parameters, layer._buffers):
             for name, t in slots.items():
@@ -131,15 +135,16 @@ class SparseLayer(nn.Module):
 
 
     def cpu_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """y on CPU when no gradient is wanted, from a cached copy of the weight: in fp32 the
-        native library's product (kernels.cpu: CSR with 2-byte column indices, or for one token
-        a BSR of the b x b blocks of block diagonals), else - fp64, or no C compiler - one MKL
-        product (``addmv`` for a single token on a BSR / CSR, ``addmm`` on the CSR for more).
-        The copy is built on first use and rebuilt when a parameter or buffer changes (see
-        _InferenceCache). None where this path does not apply (a gradient, an autocast region,
-        torch.compile, fp16/bf16, the Triton backend); ``forward`` then runs the custom op,
-        whose dispatch and per-call CSR set-up cost as much as a batch-1 product. Speed:
-        bench/cpu_infer.py.
+        """y on CPU when no gradient is wanted, from a cached copy of the weight: in fp32 and
+        bf16 the native library's product (kernels.cpu: CSR with 2-byte column indices, or for
+        one token a BSR of the b x b blocks of block diagonals; bf16 weights, fp32 sums), else -
+        fp64, or no C compiler - one MKL product (``addmv`` for a single token on a BSR / CSR,
+        ``addmm`` on the CSR for more). A CPU autocast region in bf16 is what nn.Linear does in
+        it: x, the weight and the bias rounded to bf16, y in bf16. The copy is built on first
+        use and rebuilt when a parameter or buffer changes (see _InferenceCache). None where
+        this path does not apply (a gradient, fp16, bf16 or autocast without the library,
+        torch.compile, the Triton backend); ``forward`` then runs the custom op, whose dispatch
+        and per-call CSR set-up cost as much as a batch-1 product. Speed: bench/cpu_infer.py.
         """
         # A batch-1 product takes 20-100 us. The one-token fp32 call after the first (a model's
         # decode step, online inference) checks only what can change between calls - the
@@ -151,8 +156,10 @@ class SparseLayer(nn.Module):
             return None
         cache = self.__dict__.get("_inference_cache")
         plan = None if cache is None else cache.matvec
-        if (plan is not None and x.shape == plan.x_shape and x.dtype is torch.float32
-                and not torch.is_grad_enabled() and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+        if (plan is not None and x.shape == plan.x_shape and x.dtype is plan.dtype
+                and not torch.is_grad_enabled() and x.is_contiguous()
+                and torch.is_autocast_enabled("cpu") is cache.matvec_autocast
+                and (not cache.matvec_autocast or torch.get_autocast_dtype("cpu") is torch.bfloat16)
                 and cpu_native.lib() is plan.lib and cache.current()):
             return cpu_native.matvec(plan, x)
         return self._cpu_inference(x)
@@ -161,13 +168,26 @@ class SparseLayer(nn.Module):
         """cpu_inference past its first checks: every case, and the one-token plan made."""
         params = self._parameters
         weight, bias = params["values"], params["bias"]
-        if x.dim() == 0 or x.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
-            return None
+        autocast = torch.is_autocast_enabled("cpu")
         wants_grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-        if wants_grad or torch.is_autocast_enabled("cpu"):
+        if wants_grad:
             # A training step will change the values: drop the copy instead of holding it.
             self.__dict__.pop("_inference_cache", None)
+            return None
+        # the dtype of the product: x's without autocast (fp32 or bf16 natively, fp64 on MKL);
+        # bf16 in a bf16 autocast region for fp32 / bf16 x and weights, as nn.Linear
+        if autocast:
+            if (torch.get_autocast_dtype("cpu") is not torch.bfloat16 or x.dtype not in _NATIVE_FLOATS
+                    or weight.dtype not in _NATIVE_FLOATS or cpu_native.lib() is None):
+                self.__dict__.pop("_inference_cache", None)
+                return None
+            dtype = torch.bfloat16
+        elif x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            return None
+        else:
+            dtype = x.dtype
+        if x.dim() == 0 or (dtype is torch.bfloat16 and cpu_native.lib() is None):  # (MKL has no bf16)
             return None
         values = self.inference_values()
         if values is None:
@@ -175,19 +195,27 @@ class SparseLayer(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got {tuple(x.shape)}")
         lead = x.shape[:-1]
+        if autocast:  # what nn.Linear rounds to bf16 under autocast: x, the weight, the bias
+            x = x.to(dtype)
+            bias = None if bias is None else bias.detach().to(dtype)
         x2 = x if x.dim() == 2 else rt.flatten_tokens(x)
-        if x2.dtype == torch.float32 and cpu_native.lib() is not None:
+        if dtype in _NATIVE_FLOATS and cpu_native.lib() is not None:
             one = x2.shape[0] == 1
-            w = self._inference_weight(values, blocked=one, native=True)
+            # bf16 blocks of 16 | b as 16 x 16 tiles where this CPU has their kernel (AMX for
+            # several tokens, AVX-512-BF16 for one), else CSR / BSR as in fp32
+            tiles = (dtype is torch.bfloat16 and getattr(self, "block_size", 1) % 16 == 0
+                     and cpu_native.block_kernel(x2.shape[0]))
+            w = self._inference_weight(values, blocked=one or tiles, native=True, dtype=dtype, tiles=tiles)
             if not one:
                 y = cpu_native.matmul(w, x2, bias)
                 return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
             cache = self.__dict__["_inference_cache"]  # (made by _inference_weight)
             plan = cache.matvec
-            if plan is None or plan.weight is not w or plan.x_shape != x.shape:
+            if (plan is None or plan.weight is not w or plan.x_shape != x.shape
+                    or cache.matvec_autocast is not autocast):
                 plan = cpu_native.matvec_plan(w, bias, x.shape, (*lead, self.out_features))
                 if cache.watch is not None:  # (else uncacheable: see _InferenceCache)
-                    cache.matvec = plan
+                    cache.matvec, cache.matvec_autocast = plan, autocast
             return cpu_native.matvec(plan, x if x.is_contiguous() else x.contiguous())
         if x2.shape[0] == 1:
             w = self._inference_weight(values, blocked=True)
@@ -212,17 +240,21 @@ class SparseLayer(nn.Module):
         rows, cols = self.coords()
         return rows, cols, values.reshape(-1, 1, 1), 1
 
-    def _inference_weight(self, values: torch.Tensor, blocked: bool, native: bool = False):
+    def _inference_weight(self, values: torch.Tensor, blocked: bool, native: bool = False,
+                          dtype: torch.dtype = torch.float32, tiles: bool = False):
         """The weight as a sparse tensor [out, in]: BSR of ``weight_blocks`` when ``blocked``
         and b > 1, else CSR of the elements; rows sorted, columns sorted within a row, int32
         indices; with ``native`` the same structure in kernels.cpu's layout (a NativeWeight).
         Cached per layout in an _InferenceCache, rebuilt when any parameter or buffer changed
         (an optimizer step, a mask update, a state_dict load, ``.to()``); the pattern is
-        checked at each build, not at each call. Each layout holds a copy of the values."""
+        checked at each build, not at each call. Each layout holds a copy of the values (a
+        native one in ``dtype``: fp32 or bf16; with ``tiles`` the bf16 16 x 16 blocks of the AMX /
+        AVX-512-BF16 kernels, kernels.cpu.bsr16_weight)."""
         cache = self.__dict__.get("_inference_cache")
         if cache is None or not cache.current():
             cache = self.__dict__["_inference_cache"] = _InferenceCache(self)
-        w = cache.layouts.get((blocked, native))
+        key = (blocked, native, dtype if native else None, tiles)
+        w = cache.layouts.get(key)
         if w is not None:
             return w
         with torch.no_grad():
@@ -239,9 +271,11 @@ class SparseLayer(nn.Module):
             blocks = blocks if order is None else blocks[order]
             size = (self.out_features, self.in_features)
             if native and b == 1:
-                w = cpu_native.csr_weight(rows, cols, values.detach(), *size, panels=not blocked)
+                w = cpu_native.csr_weight(rows, cols, values.detach(), *size, panels=not blocked, dtype=dtype)
+            elif native and tiles:
+                w = cpu_native.bsr16_weight(crow, csr_cols, blocks, *size)
             elif native:
-                w = cpu_native.bsr_weight(crow, csr_cols, blocks, *size)
+                w = cpu_native.bsr_weight(crow, csr_cols, blocks, *size, dtype=dtype)
             elif b == 1:
                 w = torch.sparse_csr_tensor(crow.to(idx), csr_cols.to(idx), blocks.reshape(-1),
                                             size=size, check_invariants=False)
@@ -249,7 +283,7 @@ class SparseLayer(nn.Module):
                 w = torch.sparse_bsr_tensor(crow.to(idx), csr_cols.to(idx), blocks.contiguous(),
                                             size=size, check_invariants=False)
         if cache.watch is not None:
-            cache.layouts[(blocked, native)] = w
+            cache.layouts[key] = w
         return w
 
     def __getstate__(self):

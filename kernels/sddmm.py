@@ -352,10 +352,14 @@ def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
     _check(dy, x, rows, cols, block_size)
     T, b, n = dy.shape[0], block_size, rows.numel()
     acc_dtype = rt.acc_dtype(dy.dtype)
-    dyc, xc = dy.to(acc_dtype), x.to(acc_dtype)
     if b == 1:
         if n == 0 or T == 0:
             return torch.zeros(n, dtype=dy.dtype, device=dy.device)
+        g = cpu_native.sddmm(dy, x, rows, cols)  # fp32 or bf16 as they come: widened in its tiles
+        if g is not None:
+            return g.to(dy.dtype)
+    dyc, xc = dy.to(acc_dtype), x.to(acc_dtype)
+    if b == 1:
         if n <= dy.shape[1] * x.shape[1]:  # (sampled_addmm refuses more elements than M * N)
             return _sampled_dots(dyc, xc, rows, cols).to(dy.dtype)
         out = torch.empty(n, dtype=acc_dtype, device=dy.device)

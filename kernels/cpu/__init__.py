@@ -1,11 +1,14 @@
-"""Native CPU products (fp32) for ``SparseLayer.cpu_inference`` and for the layers' CPU training
+"""Native CPU products (fp32 and bf16) for ``SparseLayer.cpu_inference`` and for the layers' CPU training
 step: a small C library, ``sparse_cpu.c``, compiled with the machine's C compiler into an
 ignored build folder and called through ctypes with tensors' data pointers (no torch headers,
 ~1-2 s to build).
 
 Formats: the weight's elements as CSR with 2-byte column indices when in <= 65536 (4-byte
 otherwise) - fan-in, b = 1 diagonals, unstructured - and, for one token, block diagonals as a
-BSR of transposed b x b blocks (one index per block). x [T, in] fp32 -> y [T, out] fp32. The
+BSR of transposed b x b blocks (one index per block). x [T, in] fp32 -> y [T, out] fp32, or in
+bf16: the weight stored in bf16 (2 bytes a weight), x widened to fp32 in the token tiles, fp32
+sums, y rounded to bf16 (to nearest even, as torch) - what nn.Linear computes under CPU
+autocast. The
 speed comes from the bytes moved (fan-in 6 bytes per weight against a dense layer's 4 / density)
 and not from a vendor's sparse routine; torch's MKL path stays the fallback. For training,
 ``csr_matmul`` (W @ dense_t for a CSR W: forward and input gradient) and ``sddmm`` (the weight
@@ -13,11 +16,15 @@ gradient at the stored elements) take the same arguments as the torch functions 
 for (kernels.sparse.csr_matmul, kernels.sddmm's element dots) and return None where they do
 not apply.
 
-Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Two variants
-from one source: ``-mavx2 -mfma`` where the CPU reports both (read from /proc/cpuinfo at run
-time, so a build never runs instructions the machine lacks) and ``-march=x86-64`` otherwise
-(``-O3`` alone off x86). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is
-None and the caller keeps torch's path.
+Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Variants
+from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a build never
+runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF16: bf16 block
+products of 16 x 16 tiles for several tokens, bsr16_mm_amx), ``avx512-bf16`` (one-token bf16
+block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16), ``avx2`` (``-mavx2 -mfma``) and
+``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the optional kernels
+the loaded build can run (AMX also needs Linux's arch_prctl permission, asked at load). No
+compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the caller keeps
+torch's path.
 
 Example:
     >>> rows, cols = layer.coords()                                      # once per pattern
@@ -45,8 +52,10 @@ from pathlib import Path
 
 import torch
 
+from ..coords import csr_structure
+
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 4
+ABI = 5
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -74,13 +83,29 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+AVX2_FLAGS = ["-mavx2", "-mfma"]
+AVX512_BF16_FLAGS = [*AVX2_FLAGS, "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+AMX_FLAGS = [*AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"]
+# /proc/cpuinfo flags each build needs beyond avx2 + fma
+_AVX512_BF16_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c"}
+_AMX_CPU = _AVX512_BF16_CPU | {"amx_tile", "amx_bf16"}
+# widest first: where a build fails (a compiler without -mamx-tile), lib() takes the next one
+VARIANTS = {"amx": AMX_FLAGS, "avx512-bf16": AVX512_BF16_FLAGS, "avx2": AVX2_FLAGS, "x86-64": ["-march=x86-64"],
+            "generic": []}
+
+
 def variant() -> tuple[str, list[str]]:
-    """(name, compiler flags) of the build this CPU runs."""
+    """(name, compiler flags) of the build this CPU runs: the widest of VARIANTS its flags allow."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "generic", []
-    if {"avx2", "fma"} <= _cpu_flags():
-        return "avx2", ["-mavx2", "-mfma"]
-    return "x86-64", ["-march=x86-64"]
+    flags = _cpu_flags()
+    if {"avx2", "fma"} <= flags:
+        if _AMX_CPU <= flags:
+            return "amx", AMX_FLAGS
+        if _AVX512_BF16_CPU <= flags:
+            return "avx512-bf16", AVX512_BF16_FLAGS
+        return "avx2", AVX2_FLAGS
+    return "x86-64", VARIANTS["x86-64"]
 
 
 def build_dir() -> Path:
@@ -99,11 +124,12 @@ def build_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparse-dst-kernels"
 
 
-def build() -> Path:
-    """Compile the library for this CPU (if not built already) and return its path. The name
+def build(name: str | None = None) -> Path:
+    """Compile the library for this CPU - or the variant ``name`` of VARIANTS, which the tests
+    build on CPUs that cannot run it - (if not built already) and return its path. The name
     carries a hash of the source and flags, so an edited source is rebuilt. Raises
     RuntimeError (no compiler, compile error)."""
-    name, flags = variant()
+    name, flags = variant() if name is None else (name, VARIANTS[name])
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler (gcc / cc / $CC) found")
@@ -135,17 +161,35 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     for f in ("csr_mv_i16", "csr_mv_i32"):
         getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, p]
         getattr(so, f).restype = None
-    for f in ("csr_mm_i16", "csr_mm_i32"):
+    for f in ("csr_mv_i16_bf16", "csr_mv_i32_bf16"):  # (+ the fp32 scratch of x, how much to widen)
+        getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, i64, p, p]
+        getattr(so, f).restype = None
+    for f in ("csr_mm_i16", "csr_mm_i32", "csr_mm_i16_bf16", "csr_mm_i32_bf16"):
         getattr(so, f).argtypes = [i64] * 7 + [p] * 6
         getattr(so, f).restype = ctypes.c_int
-    so.bsr_mv.argtypes = [i64, i64, i64, p, p, p, p, p, p]
-    so.bsr_mv.restype = None
-    so.pack_tokens.argtypes = [i64, i64, p, i64, i64, i64, p]
-    so.unpack_tokens.argtypes = [i64, i64, i64, i64, i64, p, p, i64]
+    for f in ("bsr_mv", "bsr_mv_bf16"):
+        getattr(so, f).argtypes = [i64, i64, i64, p, p, p, p, p, p]
+        getattr(so, f).restype = None
+    for f in ("pack_tokens", "pack_tokens_bf16"):
+        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p]
+        getattr(so, f).restype = None
+    for f in ("unpack_tokens", "unpack_tokens_bf16"):
+        getattr(so, f).argtypes = [i64, i64, i64, i64, i64, p, p, i64]
+        getattr(so, f).restype = None
     so.sddmm_tiles.argtypes = [i64] * 6 + [p] * 5
     so.sddmm_tiles.restype = ctypes.c_int
-    for f in ("pack_tokens", "unpack_tokens"):
+    for f in ("bf16_to_f32", "f32_to_bf16"):
+        getattr(so, f).argtypes = [i64, p, p]
         getattr(so, f).restype = None
+    so.sparse_cpu_features.restype = ctypes.c_int
+    built = so.sparse_cpu_features()
+    if built & 1:
+        so.bsr16_mm_amx.argtypes = [i64, i64, i64, p, p, p, p, i64, p, p, i64, ctypes.c_int]
+        so.bsr16_mm_amx.restype = ctypes.c_int
+        so.sparse_cpu_amx_init.restype = ctypes.c_int
+    if built & 2:
+        so.bsr16_mv_dpbf16.argtypes = [i64, i64, p, p, p, p, p, p]
+        so.bsr16_mv_dpbf16.restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -166,11 +210,28 @@ def lib() -> ctypes.CDLL | None:
             if os.environ.get("KERNELS_NATIVE_CPU", "1") == "0":
                 err = "disabled by KERNELS_NATIVE_CPU=0"
             else:
-                try:
-                    so = _declare(ctypes.CDLL(str(build())))
-                except (RuntimeError, OSError, AttributeError) as e:
-                    err = f"{type(e).__name__}: {e}"
-            _state.update(lib=so, error=err)
+                names = list(VARIANTS)
+                first = variant()[0]
+                tried = []
+                for name in names[names.index(first):] if first != "generic" else [first]:
+                    try:
+                        so = _declare(ctypes.CDLL(str(build(name))))
+                        _state["variant"] = name
+                        break
+                    except (RuntimeError, OSError, AttributeError) as e:
+                        tried.append(f"{name}: {type(e).__name__}: {e}")
+                err = None if so is not None else "; ".join(tried)
+            feats, why = set(), {}
+            if so is not None:
+                built = so.sparse_cpu_features()
+                if built & 2:
+                    feats.add("avx512_bf16")
+                if built & 1:
+                    if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
+                        feats.add("amx")
+                    else:
+                        why["amx"] = "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+            _state.update(lib=so, error=err, features=frozenset(feats), features_why=why)
     return _state["lib"]
 
 
@@ -192,6 +253,36 @@ def disabled():
         _off.depth -= 1
 
 
+def loaded_variant() -> str | None:
+    """The variant of the loaded library (variant()'s, or a narrower one where that failed to build)."""
+    return _state.get("variant") if lib() is not None else None
+
+
+def features() -> frozenset[str]:
+    """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens)
+    and "avx512_bf16" (bsr16_mv_dpbf16, one token); empty without the library or on CPUs
+    without them (the AVX2 / x86-64 builds)."""
+    return _state.get("features", frozenset()) if lib() is not None else frozenset()
+
+
+def missing_feature(name: str) -> str:
+    """Why ``name`` is not in ``features()`` (for skip reasons and logs)."""
+    if lib() is None:
+        return f"no native library: {error()}"
+    if name in _state.get("features_why", {}):
+        return _state["features_why"][name]
+    need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16"}[name]
+    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
+    return f"this CPU ({model}, the {variant()[0]} build) lacks {need}"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()[:64]
+    except OSError:
+        return []
+
+
 def error() -> str | None:
     """Why ``lib()`` is None (after it was asked), else None."""
     return _state.get("error")
@@ -209,26 +300,38 @@ def available() -> bool:
 
 @dataclass
 class NativeWeight:
-    """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens) or
-    'bsr' (b x b blocks transposed, one token); ``index``: 16 or 32 (bits of a column index)."""
+    """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens), 'bsr'
+    (b x b blocks transposed, one token) or 'bsr16' (bf16 16 x 16 blocks in the VNNI layout of
+    the AMX and AVX-512-BF16 kernels, [n][k / 2][i][k % 2] = W[i, k] of block n: any tokens with
+    "amx", one with "avx512_bf16"); ``index``: 16 or 32 (bits of a column index);
+    ``values`` fp32 or bf16 (the products then widen each weight to fp32 where it is used)."""
     kind: str
     n_out: int
     n_in: int
     crow: torch.Tensor      # int32 [rows + 1] (block rows for BSR)
     cols: torch.Tensor      # int16 bits of uint16, or int32 [nnz] (block columns for BSR)
-    values: torch.Tensor    # fp32 [nnz] (CSR) or [n, b, b] with [n][j][i] = W[i, j] of block n
+    values: torch.Tensor    # fp32 / bf16 [nnz] (CSR) or [n, b, b] with [n][j][i] = W[i, j] of block n
     block: int = 1
     index: int = 32
     panels: int = 1         # CSR in column panels of PANEL columns (several tokens), see csr_weight
 
     def one_token(self, so: ctypes.CDLL) -> tuple:
         """(function, leading arguments) of the one-token product: rows [0, n_rows) and the
-        weight's pointers; x, bias and y follow."""
-        if self.kind == "bsr":
-            fn, lead = so.bsr_mv, (0, self.n_rows, self.block)
+        weight's pointers; x, bias and y follow (for a bf16 CSR - ``widens`` - x, an fp32
+        scratch of n_in, the count to widen into it, bias and y)."""
+        bf = "_bf16" if self.values.dtype == torch.bfloat16 else ""
+        if self.kind == "bsr16":
+            fn, lead = so.bsr16_mv_dpbf16, (0, self.n_rows)
+        elif self.kind == "bsr":
+            fn, lead = getattr(so, "bsr_mv" + bf), (0, self.n_rows, self.block)
         else:
-            fn, lead = (so.csr_mv_i16 if self.index == 16 else so.csr_mv_i32), (0, self.n_rows)
+            fn, lead = getattr(so, f"csr_mv_i{self.index}{bf}"), (0, self.n_rows)
         return fn, (*lead, self.crow.data_ptr(), self.cols.data_ptr(), self.values.data_ptr())
+
+    @property
+    def widens(self) -> bool:
+        """Whether the one-token product widens x into an fp32 scratch first (bf16 CSR)."""
+        return self.kind == "csr" and self.values.dtype == torch.bfloat16
 
     @property
     def n_rows(self) -> int:
@@ -251,6 +354,8 @@ class MatVec:
     x_shape: torch.Size                 # the x it takes: any shape of in_features elements
     y_shape: tuple[int, ...]            # the y it returns (n_out elements)
     parallel: bool                      # big enough to split over threads (PARALLEL_MIN_FMAS)
+    dtype: torch.dtype = torch.float32  # of x, y and the weight: fp32 or bf16
+    scratch: threading.local | None = None  # (bf16 CSR) each thread's fp32 copy of x, .xf
 
     @property
     def kind(self) -> str:
@@ -259,8 +364,9 @@ class MatVec:
 
 def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size, y_shape: tuple[int, ...]) -> MatVec:
     """The one-token product of ``w`` (CSR without panels, or BSR) for x of ``x_shape`` (one
-    token: ``w.n_in`` elements) -> y of ``y_shape``, with ``bias`` [out] or None. Needs
-    ``lib()``; the plan is valid while w and bias are (the caller watches them)."""
+    token: ``w.n_in`` elements) -> y of ``y_shape``, both in the weight's dtype (fp32 or bf16),
+    with ``bias`` [out] or None (added to the fp32 sums). Needs ``lib()``; the plan is valid
+    while w and bias are (the caller watches them)."""
     so = lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")
@@ -275,27 +381,40 @@ def matvec_plan(w: NativeWeight, bias: torch.Tensor | None, x_shape: torch.Size,
     lead = tuple(kind(a) for kind, a in zip(fn.argtypes, lead))
     bias_ptr = None if bias is None else ctypes.c_void_p(bias.data_ptr())
     return MatVec(so, fn, lead, w, bias, bias_ptr, torch.Size(x_shape), tuple(y_shape),
-                  w.values.numel() >= PARALLEL_MIN_FMAS)
+                  w.values.numel() >= PARALLEL_MIN_FMAS, w.values.dtype,
+                  threading.local() if w.widens else None)
 
 
 def matvec(p: MatVec, x: torch.Tensor) -> torch.Tensor:
-    """y = W x + bias for one token by a plan from ``matvec_plan``: x fp32, contiguous, of
-    ``p.x_shape`` (unchecked: the caller checked it) -> y of ``p.y_shape``.
+    """y = W x + bias for one token by a plan from ``matvec_plan``: x of ``p.dtype``,
+    contiguous, of ``p.x_shape`` (unchecked: the caller checked it) -> y of ``p.y_shape``.
 
     A batch-1 product takes ~20-100 us (Linear 3072 -> 768 at 90%), so this is the whole
-    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us)."""
+    Python around it: an allocation (~0.8 us) and a ctypes call (~0.8 us). (In bf16 the
+    library reads bf16 x and writes bf16 y itself: two torch casts around an fp32 product
+    cost ~3.8 us each on the loaded EPYC, ~8% of the fan-in product.)"""
     if p.parallel and torch.get_num_threads() > 1:
         return matmul(p.weight, x.reshape(1, -1), p.bias).reshape(p.y_shape)
-    y = torch.empty(*p.y_shape)
-    p.fn(*p.lead, x.data_ptr(), p.bias_ptr, y.data_ptr())
+    y = torch.empty(*p.y_shape, dtype=p.dtype)
+    if p.scratch is None:
+        p.fn(*p.lead, x.data_ptr(), p.bias_ptr, y.data_ptr())
+        return y
+    xf = getattr(p.scratch, "xf", None)
+    if xf is None:
+        xf = p.scratch.xf = torch.empty(p.weight.n_in)
+    p.fn(*p.lead, x.data_ptr(), xf.data_ptr(), p.weight.n_in, p.bias_ptr, y.data_ptr())
     return y
 
 
 def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_out: int, n_in: int,
-               panels: bool = False) -> NativeWeight:
+               panels: bool = False, dtype: torch.dtype = torch.float32) -> NativeWeight:
     """Elements at (rows, cols) (any order, each once) -> NativeWeight: a CSR (rows sorted,
     columns sorted within a row), with ``panels`` stored panel by panel of PANEL columns (for
-    several tokens); 2-byte column indices when ``n_in <= 65536``."""
+    several tokens); 2-byte column indices when ``n_in <= 65536``; values in ``dtype`` (fp32
+    or bf16, rounded to nearest even as ``.to`` does). A bf16 weight with ``panels`` keeps the
+    bf16-rounded values in fp32: each weight then serves a tile of up to 32 tokens, so its
+    bytes hardly count, and widening it there (a scalar load, shift and broadcast per weight)
+    cost 5-10% at 32 / 256 tokens on the EPYC (DiagLinear b = 16 3072 -> 768 at 90%)."""
     rows, cols = rows.long(), cols.long()
     n_panels = -(-n_in // PANEL) if panels else 1
     key = ((cols // PANEL) * n_out + rows) * n_in + cols if panels else rows * n_in + cols
@@ -307,15 +426,63 @@ def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_o
         cols_native, index = torch.where(c >= 32768, c - 65536, c).to(torch.int16), 16  # uint16 bits
     else:
         cols_native, index = c.to(torch.int32), 32
-    vals = values.detach().to(torch.float32).reshape(-1)[order].contiguous()
+    vals = values.detach().to(_value_dtype(dtype)).reshape(-1)[order]
+    vals = (vals.to(torch.float32) if panels else vals).contiguous()
     return NativeWeight("csr", n_out, n_in, crow, cols_native.contiguous(), vals, 1, index, n_panels)
 
 
-def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int) -> NativeWeight:
-    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight for one token."""
+def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int,
+               dtype: torch.dtype = torch.float32) -> NativeWeight:
+    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight for one token, the blocks in
+    ``dtype`` (fp32 or bf16)."""
     b = blocks.shape[-1]
     return NativeWeight("bsr", n_out, n_in, crow.to(torch.int32).contiguous(), bcols.to(torch.int32).contiguous(),
-                        blocks.detach().to(torch.float32).transpose(1, 2).contiguous(), b, 32)
+                        blocks.detach().to(_value_dtype(dtype)).transpose(1, 2).contiguous(), b, 32)
+
+
+def bsr16_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int) -> NativeWeight:
+    """BSR (block rows sorted) of blocks [n, b, b] (blocks[n][i][j] = W[i, j] of block n), b a
+    multiple of 16 -> NativeWeight 'bsr16': each block cut into 16 x 16 blocks, in bf16 and the
+    VNNI layout of bsr16_mm_amx / bsr16_mv_dpbf16."""
+    b = blocks.shape[-1]
+    if b % 16 or n_out % 16 or n_in % 16:
+        raise ValueError(f"bsr16 needs 16 | b, out and in, got b={b}, {n_out} x {n_in}")
+    q, n = b // 16, blocks.shape[0]
+    brow = torch.repeat_interleave(torch.arange(crow.numel() - 1), (crow[1:] - crow[:-1]).long())
+    io = torch.arange(q)
+    rows = (brow[:, None, None] * q + io[:, None]).expand(n, q, q).reshape(-1)
+    cols = (bcols.long()[:, None, None] * q + io[None, :]).expand(n, q, q).reshape(-1)
+    sub = blocks.detach().to(torch.bfloat16).reshape(n, q, 16, q, 16).permute(0, 1, 3, 2, 4).reshape(-1, 16, 16)
+    order, crow16, cols16 = csr_structure(rows.to(torch.int32), cols.to(torch.int32), n_out // 16, n_in // 16)
+    if order is not None:
+        sub = sub[order]
+    vnni = sub.reshape(-1, 16, 8, 2).permute(0, 2, 1, 3).contiguous()  # [n][k / 2][i][k % 2]
+    return NativeWeight("bsr16", n_out, n_in, crow16.to(torch.int32).contiguous(), cols16.to(torch.int32).contiguous(),
+                        vnni, 16, 32)
+
+
+def bsr16_dense(w: NativeWeight) -> torch.Tensor:
+    """The dense [out, in] fp32 weight of a 'bsr16' NativeWeight (tests: its layout)."""
+    dense = torch.zeros(w.n_out, w.n_in)
+    counts = (w.crow[1:] - w.crow[:-1]).long()
+    rb = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    blocks = w.values.float().permute(0, 2, 1, 3).reshape(-1, 16, 16)  # [n][i][k]
+    for n in range(blocks.shape[0]):
+        r, c = int(rb[n]) * 16, int(w.cols[n]) * 16
+        dense[r:r + 16, c:c + 16] += blocks[n]
+    return dense
+
+
+def block_kernel(tokens: int) -> bool:
+    """Whether bf16 block products of ``tokens`` tokens have a kernel of 16 x 16 tiles here
+    ('bsr16': AMX for several tokens, AVX-512-BF16 for one)."""
+    return ("avx512_bf16" if tokens == 1 else "amx") in features()
+
+
+def _value_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the native weights are fp32 or bf16, got {dtype}")
+    return dtype
 
 
 def _tile_width(T: int, width: int, choices) -> int:
@@ -345,24 +512,37 @@ def _split(n_rows: int, fmas: int, run) -> None:
         f.result()
 
 
-def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + bias: x [T, in] fp32 (CPU), bias [out] fp32 or None -> y [T, out]. Needs
-    ``lib()``; a BSR weight takes one token only."""
+def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x W^T + bias: x [T, in] fp32 or bf16 (CPU, any strides), bias [out] or None (added in
+    fp32) -> y [T, out] in ``out_dtype`` (default x's), fp32 sums whatever the dtypes of x and
+    w. Needs ``lib()``; a BSR weight takes one token only."""
     so = _state.get("lib") or lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")
     T = x.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
     fmas = w.values.numel() * T
-    if T == 1:
-        x = x if x.is_contiguous() else x.contiguous()
-        y = torch.empty(1, w.n_out, dtype=torch.float32)
+    if T == 1 and (w.kind == "bsr" or x.dtype == out_dtype == w.values.dtype):
+        # (the one-token kernels take x and give y in the weight's dtype; a CSR weight of
+        # another mix takes the tiles below)
+        x = x.to(w.values.dtype).contiguous()
+        y = torch.empty(1, w.n_out, dtype=w.values.dtype)
         fn, lead = w.one_token(so)
-        _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
-        return y
+        if w.widens:  # x widened once here, the rows then read the fp32 copy
+            xf = torch.empty(w.n_in)
+            so.bf16_to_f32(w.n_in, x.data_ptr(), xf.data_ptr())
+            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), xf.data_ptr(), 0, bias_ptr,
+                                                     y.data_ptr()))
+        else:
+            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
+        return y.to(out_dtype)
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
+    if w.kind == "bsr16":
+        return _bsr16_matmul(so, w, x, bias_ptr, out_dtype, fmas)
     if w.kind != "csr":
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")
     # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one
@@ -371,19 +551,46 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     # as much as the product (Linear 768 -> 3072 at 90%, T = 197: 2.6 of 6.1 ms).
     tw = _tile_width(T, w.n_in if w.panels == 1 else PANEL, (8, 16, 24, 32))
     tiles = -(-T // tw)
-    xt = torch.empty(tiles, w.n_in, tw, dtype=torch.float32)
-    so.pack_tokens(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    xt = _pack(so, x, tw)
     yt = torch.empty(tiles, w.n_out, tw, dtype=torch.float32)
-    y = torch.empty(T, w.n_out, dtype=torch.float32)
-    fn = so.csr_mm_i16 if w.index == 16 else so.csr_mm_i32
+    y = torch.empty(T, w.n_out, dtype=out_dtype)
+    fn = getattr(so, f"csr_mm_i{w.index}" + ("_bf16" if w.values.dtype == torch.bfloat16 else ""))
+    unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
 
     def run(r0, r1):
         if fn(r0, r1, w.n_in, w.n_out, tiles, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
               yt.data_ptr()):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
-        so.unpack_tokens(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
+        unpack(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
     _split(w.n_rows, fmas, run)
     return y
+
+
+def _bsr16_matmul(so, w: NativeWeight, x: torch.Tensor, bias_ptr, out_dtype: torch.dtype, fmas: int) -> torch.Tensor:
+    """Several tokens through AMX tiles (bsr16_mm_amx): x read in place as bf16 rows."""
+    if "amx" not in features():
+        raise RuntimeError(f"a bsr16 weight for several tokens needs AMX: {missing_feature('amx')}")
+    T = x.shape[0]
+    if x.dtype is not torch.bfloat16 or x.stride(1) != 1:
+        x = x.to(torch.bfloat16).contiguous()
+    y = torch.empty(T, w.n_out, dtype=out_dtype)
+    y_bf16 = int(out_dtype is torch.bfloat16)
+
+    def run(r0, r1):
+        if so.bsr16_mm_amx(r0, r1, T, w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(), x.data_ptr(),
+                           x.stride(0), bias_ptr, y.data_ptr(), w.n_out, y_bf16):
+            raise RuntimeError("bsr16_mm_amx: the AMX tile state is not granted to this process")
+    _split(w.n_rows, fmas, run)
+    return y
+
+
+def _pack(so: ctypes.CDLL, x: torch.Tensor, tw: int) -> torch.Tensor:
+    """x [T, n] fp32 or bf16 (any strides) -> fp32 token tiles [n_tiles, n, tw] (pack_tokens)."""
+    T, n = x.shape
+    xt = torch.empty(-(-T // tw), n, tw, dtype=torch.float32)
+    pack = so.pack_tokens if x.dtype is torch.float32 else so.pack_tokens_bf16
+    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    return xt
 
 
 # The layers' CPU training path (forward, input gradient, weight gradient) funnels into two
@@ -395,8 +602,11 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch
 #     if y is None: ... torch's path ...
 
 
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
 def _native_operands(*tensors: torch.Tensor) -> bool:
-    """fp32 / int32 CPU tensors with real storage (not traced, not fake), and the library on."""
+    """CPU tensors with real storage (not traced, not fake), and the library on."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:  # (a Parameter reaches a custom op as it is; fake / functional tensors must not)
@@ -409,10 +619,11 @@ def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_ro
                dense_t: torch.Tensor) -> torch.Tensor | None:
     """W @ dense_t for W [n_rows, n_cols] in CSR (crow [n_rows + 1] and col [nnz] int32, as
     coords.csr_structure makes them: every column in [0, n_cols), unchecked here; values [nnz]
-    fp32) and dense_t [n_cols, T] fp32 (any strides; typically x.t()) -> [n_rows, T] fp32 (the
-    transpose of a contiguous [T, n_rows], so ``.t().contiguous()`` is free). None where the
-    library does not apply (another dtype, int64 indices, not on CPU, tracing, library off)."""
-    if (values.dtype != torch.float32 or dense_t.dtype != torch.float32 or crow.dtype != torch.int32
+    fp32 or bf16) and dense_t [n_cols, T] fp32 or bf16 (any strides; typically x.t()) -> [n_rows,
+    T] in dense_t's dtype, fp32 sums (the transpose of a contiguous [T, n_rows], so
+    ``.t().contiguous()`` is free). None where the library does not apply (another dtype, int64
+    indices, not on CPU, tracing, library off)."""
+    if (values.dtype not in _FLOATS or dense_t.dtype not in _FLOATS or crow.dtype != torch.int32
             or col.dtype != torch.int32 or dense_t.dim() != 2 or dense_t.shape[0] != n_cols
             or crow.numel() != n_rows + 1 or col.numel() != values.numel() or dense_t.shape[1] == 0
             or not _native_operands(crow, col, values, dense_t)):
@@ -422,11 +633,11 @@ def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_ro
 
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
-    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32, rows / cols
-    [n] int32 in range (unchecked here) -> g [n] fp32. Fastest with the coordinates in row
-    order (each dy row is then read once per row of weights). None where the library does not
-    apply (as csr_matmul)."""
-    if (dy.dtype != torch.float32 or x.dtype != torch.float32 or rows.dtype != torch.int32
+    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32 or bf16 (widened
+    into the fp32 token tiles), rows / cols [n] int32 in range (unchecked here) -> g [n] fp32.
+    Fastest with the coordinates in row order (each dy row is then read once per row of
+    weights). None where the library does not apply (as csr_matmul)."""
+    if (dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
             or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
             or rows.shape != cols.shape or not _native_operands(dy, x, rows, cols)):
         return None
@@ -439,10 +650,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     # and each weight's gradient is a dot of two contiguous rows per tile
     tw = _tile_width(T, x.shape[1], (16, 32))
     tiles = -(-T // tw)
-    dyt = torch.empty(tiles, dy.shape[1], tw, dtype=torch.float32)
-    xt = torch.empty(tiles, x.shape[1], tw, dtype=torch.float32)
-    so.pack_tokens(T, dy.shape[1], dy.data_ptr(), dy.stride(0), dy.stride(1), tw, dyt.data_ptr())
-    so.pack_tokens(T, x.shape[1], x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    dyt, xt = _pack(so, dy, tw), _pack(so, x, tw)
     rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
     _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))

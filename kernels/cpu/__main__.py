@@ -2,10 +2,11 @@
 path, or why it could not be built (exit 0 either way: the layers then use torch's path)."""
 import sys
 
-from . import build, variant
+from . import error, features, lib, loaded_variant
 
-try:
-    print(f"kernels.cpu: built {build()} ({variant()[0]})")
-except RuntimeError as e:
-    print(f"kernels.cpu: not built, the layers will use torch's CPU path: {e}", file=sys.stderr)
+so = lib()
+if so is not None:
+    print(f"kernels.cpu: built {so._name} ({loaded_variant()}; optional kernels: {', '.join(sorted(features())) or 'none'})")
+else:
+    print(f"kernels.cpu: not built, the layers will use torch's CPU path: {error()}", file=sys.stderr)
 sys.exit(0)

@@ -1,4 +1,4 @@
-/* CPU products of the sparse layers, fp32: inference (SparseLayer.cpu_inference) and the
+/* CPU products of the sparse layers, fp32 and bf16: inference (SparseLayer.cpu_inference) and the
    training step's forward, input gradient and weight gradient (kernels.cpu.csr_matmul, sddmm).
 
    y = x W^T + bias with W given as
@@ -12,19 +12,90 @@
    each stored weight then scales one contiguous TW-wide row of xt; the CSR is split into
    panels of columns (see CSR_MM); pack_tokens / unpack_tokens make and undo that layout.
    Weight gradient (sddmm_tiles): g[i] = dy[:, rows[i]] . x[:, cols[i]] over the same tiles.
+   bf16 (the *_bf16 functions): the weights stored as bf16 bits (2 bytes, half of fp32's), widened
+   to fp32 where they are used; x widened into the fp32 token tiles (pack_tokens_bf16), fp32 sums,
+   y rounded to nearest even (unpack_tokens_bf16) - what torch's nn.Linear computes under CPU
+   autocast; the SDDMM's tiles are fp32 either way.
    Every function does the rows [r0, r1) (block rows for BSR; stored weights for the SDDMM), so
    callers may split them over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
    column indices, one index per b x b block) and the loop order. Built twice by kernels/cpu:
    -march=x86-64 (any x86-64) and -mavx2 -mfma (chosen at run time when the CPU has both);
    the f8 vectors below are GCC vector extensions, lowered to whatever the target has. */
+#define _GNU_SOURCE  /* syscall (the AMX build's arch_prctl) */
 #include <stdint.h>
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
 
 typedef float f8 __attribute__((vector_size(32), aligned(4)));  /* unaligned 8 x fp32 */
+typedef uint16_t h8 __attribute__((vector_size(16), aligned(2)));  /* unaligned 8 x bf16 bits */
+typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 4; }
+int sparse_cpu_abi(void) { return 5; }
+
+/* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
+   NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
+   are widened where they are used and the products accumulate in fp32. */
+static inline float bf16_f32(bf16 h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+static inline bf16 f32_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#ifdef __AVX2__
+/* (GCC lowers the generic forms below to two 4-wide vpmovzxwd + vinserti128 per 8 weights:
+   DiagLinear b = 16 3072 -> 768 at 90%, batch 1, EPYC, 8 layers in turn: 61.8 us against 53.2
+   with one vpmovzxwd ymm + vpslld, in the same bench run as fp32's 38-45) */
+static inline f8 load_bf16x8(const bf16 *p) {
+    return (f8)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void store_bf16x8(bf16 *p, f8 v) {
+    const __m256i u = _mm256_castps_si256((__m256)v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+#else
+static inline f8 load_bf16x8(const bf16 *p) {
+    h8 h;
+    __builtin_memcpy(&h, p, 16);
+    return (f8)(__builtin_convertvector(h, u8v) << 16);
+}
+static inline void store_bf16x8(bf16 *p, f8 v) {
+    const u8v u = (u8v)v;
+    const i8v nan = (i8v)((u & 0x7fffffffu) > 0x7f800000u);
+    const u8v r = ((u8v)nan & (u | 0x400000u)) | (~(u8v)nan & (u + 0x7fffu + ((u >> 16) & 1u)));
+    const h8 h = __builtin_convertvector(r >> 16, h8);
+    __builtin_memcpy(p, &h, 16);
+}
+#endif
+#define LD_F32(p, j) ((p)[j])
+#define LD_BF16(p, j) bf16_f32((p)[j])
+#define LD8_F32(p) (*(const f8 *)(p))
+#define LD8_BF16(p) load_bf16x8(p)
+
+void bf16_to_f32(int64_t n, const bf16 *restrict src, float *restrict dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) *(f8 *)(dst + i) = load_bf16x8(src + i);
+    for (; i < n; ++i) dst[i] = bf16_f32(src[i]);
+}
+void f32_to_bf16(int64_t n, const float *restrict src, bf16 *restrict dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store_bf16x8(dst + i, *(const f8 *)(src + i));
+    for (; i < n; ++i) dst[i] = f32_bf16(src[i]);
+}
 
 /* One token, CSR: a gather-bound loop (3 loads per stored weight). With AVX2, eight gathered
    x values are packed into one vector for one FMA with eight contiguous values, two such sums
@@ -32,7 +103,13 @@ int sparse_cpu_abi(void) { return 4; }
    the integer ports), and the value / index streams prefetched 2 KB / 1 KB ahead. In a C timing
    loop on the loaded 2-core EPYC (Linear 3072 -> 768 at 90%, 8 layers in turn): 109 us against
    141 us for one sum with one load per index, 146 us without the prefetch; the same when the
-   layer stays in cache. AVX2's vgatherdps took 10-20% more; without AVX2, four scalar sums. */
+   layer stays in cache. AVX2's vgatherdps took 10-20% more; without AVX2, four scalar sums.
+   bf16 (csr_mv_*_bf16): bf16 values, bf16 x widened first into the caller's fp32 scratch xf
+   (n_widen elements; 0: xf holds x already, as when rows are split over threads), bf16 y. (A
+   gathered bf16 x widened on the way - movzx, shl, vmovd, vpinsrd - took 108 us against fp32's
+   74, fan-in 3072 -> 768 at 90% in L2, EPYC; two torch casts around the product ~3.8 us each.)
+   Sixteen values are one 32-byte load of eight 32-bit pairs: a shift gives the even ones as
+   fp32, a mask the odd ones, and the gathers take the x of the even / odd columns (P = 0 / 1). */
 #ifdef __AVX2__
 #define PREFETCH_BYTES 2048
 static inline __m256 gather8_i16(const float *restrict x, const uint16_t *restrict c) {
@@ -46,17 +123,42 @@ static inline __m256 gather8_i16(const float *restrict x, const uint16_t *restri
 static inline __m256 gather8_i32(const float *restrict x, const int32_t *restrict c) {
     return _mm256_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
 }
-#define CSR_MV_BODY(GATHER)                                                                   \
+static inline __m256 gather8_i16_eo(const float *restrict x, const uint16_t *restrict c, const int P) {
+    uint64_t a, b, d, e;
+    __builtin_memcpy(&a, c, 8);
+    __builtin_memcpy(&b, c + 4, 8);
+    __builtin_memcpy(&d, c + 8, 8);
+    __builtin_memcpy(&e, c + 12, 8);
+    const int s0 = 16 * P, s1 = 32 + 16 * P;
+    const __m128 lo = _mm_set_ps(x[(b >> s1) & 0xffff], x[(b >> s0) & 0xffff], x[(a >> s1) & 0xffff], x[(a >> s0) & 0xffff]);
+    const __m128 hi = _mm_set_ps(x[(e >> s1) & 0xffff], x[(e >> s0) & 0xffff], x[(d >> s1) & 0xffff], x[(d >> s0) & 0xffff]);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+static inline __m256 gather8_i32_eo(const float *restrict x, const int32_t *restrict c, const int P) {
+    return _mm256_set_ps(x[c[14 + P]], x[c[12 + P]], x[c[10 + P]], x[c[8 + P]], x[c[6 + P]], x[c[4 + P]],
+                         x[c[2 + P]], x[c[P]]);
+}
+#define STEP16_F32(GATHER)                                                                    \
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), GATHER(x, cols + j), acc);       \
+            acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), GATHER(x, cols + j + 8), acc2);
+#define STEP16_BF16(GATHER)                                                                   \
+            {                                                                                 \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(vals + j));            \
+                const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));            \
+                const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))); \
+                acc = _mm256_fmadd_ps(even, GATHER##_eo(x, cols + j, 0), acc);                \
+                acc2 = _mm256_fmadd_ps(odd, GATHER##_eo(x, cols + j, 1), acc2);               \
+            }
+#define CSR_MV_BODY(GATHER, LD, LD8, XLD, STEP16)                                             \
         __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();                         \
         for (; j + 16 <= end; j += 16) {                                                      \
             _mm_prefetch((const char *)(vals + j) + PREFETCH_BYTES, _MM_HINT_T0);             \
             _mm_prefetch((const char *)(vals + j) + PREFETCH_BYTES + 32, _MM_HINT_T0);        \
             _mm_prefetch((const char *)(cols + j) + PREFETCH_BYTES / 2, _MM_HINT_T0);         \
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), GATHER(x, cols + j), acc);       \
-            acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), GATHER(x, cols + j + 8), acc2); \
+            STEP16(GATHER)                                                                    \
         }                                                                                     \
         if (j + 8 <= end) {                                                                   \
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), GATHER(x, cols + j), acc);       \
+            acc = _mm256_fmadd_ps((__m256)LD8(vals + j), GATHER(x, cols + j), acc);           \
             j += 8;                                                                           \
         }                                                                                     \
         acc = _mm256_add_ps(acc, acc2);                                                       \
@@ -65,37 +167,51 @@ static inline __m256 gather8_i32(const float *restrict x, const int32_t *restric
         h = _mm_hadd_ps(h, h);                                                                \
         float s0 = _mm_cvtss_f32(h), s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #else
-#define CSR_MV_BODY(GATHER)                                                                   \
+#define CSR_MV_BODY(GATHER, LD, LD8, XLD, STEP16)                                             \
         float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                         \
         for (; j + 4 <= end; j += 4) {                                                        \
-            s0 += vals[j] * x[cols[j]];                                                       \
-            s1 += vals[j + 1] * x[cols[j + 1]];                                               \
-            s2 += vals[j + 2] * x[cols[j + 2]];                                               \
-            s3 += vals[j + 3] * x[cols[j + 3]];                                               \
+            s0 += LD(vals, j) * XLD(x, cols[j]);                                              \
+            s1 += LD(vals, j + 1) * XLD(x, cols[j + 1]);                                      \
+            s2 += LD(vals, j + 2) * XLD(x, cols[j + 2]);                                      \
+            s3 += LD(vals, j + 3) * XLD(x, cols[j + 3]);                                      \
         }
 #endif
-#define CSR_MV(NAME, IDX, GATHER)                                                             \
-void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow, const IDX *restrict cols,     \
-          const float *restrict vals, const float *restrict x, const float *restrict bias,    \
-          float *restrict y) {                                                                \
+#define CSR_MV_ROWS(IDX, VT, LD, LD8, STEP16, GATHER)                                         \
     for (int64_t r = r0; r < r1; ++r) {                                                       \
         int64_t j = crow[r];                                                                  \
         const int64_t end = crow[r + 1];                                                      \
-        CSR_MV_BODY(GATHER)                                                                   \
-        for (; j < end; ++j) s0 += vals[j] * x[cols[j]];                                      \
-        y[r] = (bias ? bias[r] : 0.f) + ((s0 + s1) + (s2 + s3));                              \
-    }                                                                                         \
+        CSR_MV_BODY(GATHER, LD, LD8, LD_F32, STEP16)                                          \
+        for (; j < end; ++j) s0 += LD(vals, j) * x[cols[j]];                                  \
+        const float sum = (bias ? bias[r] : 0.f) + ((s0 + s1) + (s2 + s3));                   \
+        y[r] = ST_##VT(sum);                                                                  \
+    }
+#define CSR_MV(NAME, IDX, VT, LD, LD8, STEP16, GATHER)                                        \
+void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow, const IDX *restrict cols,     \
+          const VT *restrict vals, const float *restrict x, const float *restrict bias,       \
+          VT *restrict y) {                                                                   \
+    CSR_MV_ROWS(IDX, VT, LD, LD8, STEP16, GATHER)                                             \
 }
-CSR_MV(csr_mv_i16, uint16_t, gather8_i16)
-CSR_MV(csr_mv_i32, int32_t, gather8_i32)
+#define CSR_MV_BF16(NAME, IDX, GATHER)                                                        \
+void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow, const IDX *restrict cols,     \
+          const bf16 *restrict vals, const bf16 *restrict xb, float *restrict x,              \
+          int64_t n_widen, const float *restrict bias, bf16 *restrict y) {                    \
+    bf16_to_f32(n_widen, xb, x);                                                              \
+    CSR_MV_ROWS(IDX, bf16, LD_BF16, LD8_BF16, STEP16_BF16, GATHER)                            \
+}
+#define ST_float(v) (v)
+#define ST_bf16(v) f32_bf16(v)
+CSR_MV(csr_mv_i16, uint16_t, float, LD_F32, LD8_F32, STEP16_F32, gather8_i16)
+CSR_MV(csr_mv_i32, int32_t, float, LD_F32, LD8_F32, STEP16_F32, gather8_i32)
+CSR_MV_BF16(csr_mv_i16_bf16, uint16_t, gather8_i16)
+CSR_MV_BF16(csr_mv_i32_bf16, int32_t, gather8_i32)
 
 /* Several tokens, CSR, one tile of TW tokens: acc[TW] += v * xt[col, 0:TW] per stored
    weight, the TW sums kept in registers (TW / 8 vectors), in S sets taking the stored weights
    in turn: with one set every weight waits for the previous weight's FMAs (4 cycles of
    latency on Zen 3 and Skylake); S sets overlap S weights. */
-#define CSR_MM_TILE(NAME, IDX, TW, S)                                                         \
+#define CSR_MM_TILE(NAME, IDX, VT, LD, TW, S)                                                 \
 static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,                        \
-                 const IDX *restrict cols, const float *restrict vals,                        \
+                 const IDX *restrict cols, const VT *restrict vals,                           \
                  const float *restrict xt, const float *restrict bias, float *restrict yt,    \
                  int first) {                                                                 \
     enum { U = (TW) / 8 };                                                                    \
@@ -111,13 +227,13 @@ static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,          
         const int64_t end = crow[r + 1];                                                      \
         for (; j + (S) <= end; j += (S)) {                                                    \
             for (int k = 0; k < (S); ++k) {                                                   \
-                const float v = vals[j + k];                                                  \
+                const float v = LD(vals, j + k);                                              \
                 const f8 *p = (const f8 *)(xt + (int64_t)cols[j + k] * (TW));                 \
                 for (int u = 0; u < U; ++u) acc[k][u] += v * p[u];                            \
             }                                                                                 \
         }                                                                                     \
         for (; j < end; ++j) {                                                                \
-            const float v = vals[j];                                                          \
+            const float v = LD(vals, j);                                                      \
             const f8 *p = (const f8 *)(xt + (int64_t)cols[j] * (TW));                         \
             for (int u = 0; u < U; ++u) acc[0][u] += v * p[u];                                \
         }                                                                                     \
@@ -128,24 +244,32 @@ static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,          
         }                                                                                     \
     }                                                                                         \
 }
-CSR_MM_TILE(csr_mm_i16_8, uint16_t, 8, 4)
-CSR_MM_TILE(csr_mm_i16_16, uint16_t, 16, 4)
-CSR_MM_TILE(csr_mm_i16_24, uint16_t, 24, 3)
-CSR_MM_TILE(csr_mm_i16_32, uint16_t, 32, 3)
-CSR_MM_TILE(csr_mm_i32_8, int32_t, 8, 4)
-CSR_MM_TILE(csr_mm_i32_16, int32_t, 16, 4)
-CSR_MM_TILE(csr_mm_i32_24, int32_t, 24, 3)
-CSR_MM_TILE(csr_mm_i32_32, int32_t, 32, 3)
+CSR_MM_TILE(csr_mm_i16_8, uint16_t, float, LD_F32, 8, 4)
+CSR_MM_TILE(csr_mm_i16_16, uint16_t, float, LD_F32, 16, 4)
+CSR_MM_TILE(csr_mm_i16_24, uint16_t, float, LD_F32, 24, 3)
+CSR_MM_TILE(csr_mm_i16_32, uint16_t, float, LD_F32, 32, 3)
+CSR_MM_TILE(csr_mm_i32_8, int32_t, float, LD_F32, 8, 4)
+CSR_MM_TILE(csr_mm_i32_16, int32_t, float, LD_F32, 16, 4)
+CSR_MM_TILE(csr_mm_i32_24, int32_t, float, LD_F32, 24, 3)
+CSR_MM_TILE(csr_mm_i32_32, int32_t, float, LD_F32, 32, 3)
+CSR_MM_TILE(csr_mm_i16_bf16_8, uint16_t, bf16, LD_BF16, 8, 4)
+CSR_MM_TILE(csr_mm_i16_bf16_16, uint16_t, bf16, LD_BF16, 16, 4)
+CSR_MM_TILE(csr_mm_i16_bf16_24, uint16_t, bf16, LD_BF16, 24, 3)
+CSR_MM_TILE(csr_mm_i16_bf16_32, uint16_t, bf16, LD_BF16, 32, 3)
+CSR_MM_TILE(csr_mm_i32_bf16_8, int32_t, bf16, LD_BF16, 8, 4)
+CSR_MM_TILE(csr_mm_i32_bf16_16, int32_t, bf16, LD_BF16, 16, 4)
+CSR_MM_TILE(csr_mm_i32_bf16_24, int32_t, bf16, LD_BF16, 24, 3)
+CSR_MM_TILE(csr_mm_i32_bf16_32, int32_t, bf16, LD_BF16, 32, 3)
 
 /* Several tokens: every tile of TW tokens in turn, and within a tile every panel of columns
    in turn: the CSR is stored panel by panel (crow [n_panels * n_out + 1], row r of panel p at
    crow[p * n_out + r]), so the xt rows a panel reads (PANEL = 512 columns x TW x 4 B = 64 KB at
    TW = 32) stay in L2 while the weights stream past; one panel (a 3072-wide tile, 384 KB)
    took ~1.2x longer at T = 32 on the EPYC. Returns 0, or -1 for a TW without a kernel. */
-#define CSR_MM(NAME, IDX, T8, T16, T24, T32)                                                  \
+#define CSR_MM(NAME, IDX, VT, T8, T16, T24, T32)                                              \
 int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles, int64_t tw,    \
          int64_t n_panels, const int32_t *restrict crow, const IDX *restrict cols,            \
-         const float *restrict vals, const float *restrict xt, const float *restrict bias,    \
+         const VT *restrict vals, const float *restrict xt, const float *restrict bias,       \
          float *restrict yt) {                                                                \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
         const float *xs = xt + t * n_in * tw;                                                 \
@@ -163,67 +287,86 @@ int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles, i
     }                                                                                         \
     return 0;                                                                                 \
 }
-CSR_MM(csr_mm_i16, uint16_t, csr_mm_i16_8, csr_mm_i16_16, csr_mm_i16_24, csr_mm_i16_32)
-CSR_MM(csr_mm_i32, int32_t, csr_mm_i32_8, csr_mm_i32_16, csr_mm_i32_24, csr_mm_i32_32)
+CSR_MM(csr_mm_i16, uint16_t, float, csr_mm_i16_8, csr_mm_i16_16, csr_mm_i16_24, csr_mm_i16_32)
+CSR_MM(csr_mm_i32, int32_t, float, csr_mm_i32_8, csr_mm_i32_16, csr_mm_i32_24, csr_mm_i32_32)
+CSR_MM(csr_mm_i16_bf16, uint16_t, bf16, csr_mm_i16_bf16_8, csr_mm_i16_bf16_16, csr_mm_i16_bf16_24,
+       csr_mm_i16_bf16_32)
+CSR_MM(csr_mm_i32_bf16, int32_t, bf16, csr_mm_i32_bf16_8, csr_mm_i32_bf16_16, csr_mm_i32_bf16_24,
+       csr_mm_i32_bf16_32)
 
 /* One token, BSR with B = b a multiple of 8: the b outputs of a block row in B / 8 vector
-   sums, two sets (even and odd j) so that consecutive FMAs do not wait on each other. */
-static inline __attribute__((always_inline)) void
-bsr_mv_vec(int64_t rb0, int64_t rb1, const int B, const int32_t *restrict crow,
-           const int32_t *restrict bcols, const float *restrict blocks, const float *restrict x,
-           const float *restrict bias, float *restrict y) {
-    const int U = B / 8;
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-        f8 a0[8], a1[8];  /* U <= 8 (b <= 64) */
-        for (int u = 0; u < U; ++u) {
-            a0[u] = bias ? *(const f8 *)(bias + rb * B + 8 * u) : (f8){0};
-            a1[u] = (f8){0};
-        }
-        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
-            const float *xs = x + (int64_t)bcols[n] * B;
-            const f8 *col = (const f8 *)(blocks + n * B * B);  /* [j][i] */
-            for (int j = 0; j < B; j += 2) {
-                const float x0 = xs[j], x1 = xs[j + 1];
-                for (int u = 0; u < U; ++u) {
-                    a0[u] += x0 * col[j * U + u];
-                    a1[u] += x1 * col[(j + 1) * U + u];
-                }
-            }
-        }
-        f8 *q = (f8 *)(y + rb * B);
-        for (int u = 0; u < U; ++u) q[u] = a0[u] + a1[u];
-    }
+   sums, two sets (even and odd j) so that consecutive FMAs do not wait on each other. The
+   blocks in fp32 or bf16 (widened eight at a time where they are used). */
+#define BSR_MV_VEC(NAME, VT, LD, LD8, STORE8)                                                 \
+static inline __attribute__((always_inline)) void                                             \
+NAME(int64_t rb0, int64_t rb1, const int B, const int32_t *restrict crow,                     \
+     const int32_t *restrict bcols, const VT *restrict blocks, const VT *restrict x,          \
+     const float *restrict bias, VT *restrict y) {                                            \
+    const int U = B / 8;                                                                      \
+    for (int64_t rb = rb0; rb < rb1; ++rb) {                                                  \
+        f8 a0[8], a1[8];  /* U <= 8 (b <= 64) */                                              \
+        for (int u = 0; u < U; ++u) {                                                         \
+            a0[u] = bias ? *(const f8 *)(bias + rb * B + 8 * u) : (f8){0};                    \
+            a1[u] = (f8){0};                                                                  \
+        }                                                                                     \
+        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {                                   \
+            const VT *xs = x + (int64_t)bcols[n] * B;                                         \
+            const VT *col = blocks + n * B * B;  /* [j][i] */                                 \
+            for (int j = 0; j < B; j += 2) {                                                  \
+                const float x0 = LD(xs, j), x1 = LD(xs, j + 1);                               \
+                for (int u = 0; u < U; ++u) {                                                 \
+                    a0[u] += x0 * LD8(col + (j * U + u) * 8);                                 \
+                    a1[u] += x1 * LD8(col + ((j + 1) * U + u) * 8);                           \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (int u = 0; u < U; ++u) STORE8(y + rb * B + 8 * u, a0[u] + a1[u]);                \
+    }                                                                                         \
 }
+#define STORE8_F32(p, v) (*(f8 *)(p) = (v))
+#define STORE8_BF16(p, v) store_bf16x8(p, v)
+BSR_MV_VEC(bsr_mv_vec, float, LD_F32, LD8_F32, STORE8_F32)
+BSR_MV_VEC(bsr_mv_vec_bf16, bf16, LD_BF16, LD8_BF16, STORE8_BF16)
 
 /* One token, BSR, any b: y's b outputs summed in place (they stay in L1). */
-static void bsr_mv_any(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,
-                       const int32_t *restrict bcols, const float *restrict blocks,
-                       const float *restrict x, const float *restrict bias, float *restrict y) {
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-        float *yr = y + rb * b;
-        for (int64_t i = 0; i < b; ++i) yr[i] = bias ? bias[rb * b + i] : 0.f;
-        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
-            const float *xs = x + (int64_t)bcols[n] * b;
-            const float *col = blocks + n * b * b;
-            for (int64_t j = 0; j < b; ++j) {
-                const float xj = xs[j];
-                for (int64_t i = 0; i < b; ++i) yr[i] += xj * col[j * b + i];
-            }
-        }
-    }
+#define BSR_MV_ANY(NAME, VT, LD)                                                              \
+static void NAME(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,           \
+                 const int32_t *restrict bcols, const VT *restrict blocks,                    \
+                 const VT *restrict x, const float *restrict bias, VT *restrict y) {          \
+    for (int64_t rb = rb0; rb < rb1; ++rb) {                                                  \
+        for (int64_t i0 = 0; i0 < b; i0 += 64) {  /* 64 sums of y at a time, in registers */  \
+            const int64_t m = b - i0 < 64 ? b - i0 : 64;                                      \
+            float yr[64];                                                                     \
+            for (int64_t i = 0; i < m; ++i) yr[i] = bias ? bias[rb * b + i0 + i] : 0.f;       \
+            for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {                               \
+                const VT *xs = x + (int64_t)bcols[n] * b;                                     \
+                const VT *col = blocks + n * b * b + i0;                                      \
+                for (int64_t j = 0; j < b; ++j) {                                             \
+                    const float xj = LD(xs, j);                                               \
+                    for (int64_t i = 0; i < m; ++i) yr[i] += xj * LD(col, j * b + i);         \
+                }                                                                             \
+            }                                                                                 \
+            for (int64_t i = 0; i < m; ++i) y[rb * b + i0 + i] = ST_##VT(yr[i]);              \
+        }                                                                                     \
+    }                                                                                         \
 }
+BSR_MV_ANY(bsr_mv_any, float, LD_F32)
+BSR_MV_ANY(bsr_mv_any_bf16, bf16, LD_BF16)
 
-void bsr_mv(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,
-            const int32_t *restrict bcols, const float *restrict blocks, const float *restrict x,
-            const float *restrict bias, float *restrict y) {
-    switch (b) {
-    case 8: bsr_mv_vec(rb0, rb1, 8, crow, bcols, blocks, x, bias, y); break;
-    case 16: bsr_mv_vec(rb0, rb1, 16, crow, bcols, blocks, x, bias, y); break;
-    case 32: bsr_mv_vec(rb0, rb1, 32, crow, bcols, blocks, x, bias, y); break;
-    case 64: bsr_mv_vec(rb0, rb1, 64, crow, bcols, blocks, x, bias, y); break;
-    default: bsr_mv_any(rb0, rb1, b, crow, bcols, blocks, x, bias, y);
-    }
+#define BSR_MV(NAME, VT, VEC, ANY)                                                            \
+void NAME(int64_t rb0, int64_t rb1, int64_t b, const int32_t *restrict crow,                  \
+          const int32_t *restrict bcols, const VT *restrict blocks, const VT *restrict x,     \
+          const float *restrict bias, VT *restrict y) {                                       \
+    switch (b) {                                                                              \
+    case 8: VEC(rb0, rb1, 8, crow, bcols, blocks, x, bias, y); break;                         \
+    case 16: VEC(rb0, rb1, 16, crow, bcols, blocks, x, bias, y); break;                       \
+    case 32: VEC(rb0, rb1, 32, crow, bcols, blocks, x, bias, y); break;                       \
+    case 64: VEC(rb0, rb1, 64, crow, bcols, blocks, x, bias, y); break;                       \
+    default: ANY(rb0, rb1, b, crow, bcols, blocks, x, bias, y);                               \
+    }                                                                                         \
 }
+BSR_MV(bsr_mv, float, bsr_mv_vec, bsr_mv_any)
+BSR_MV(bsr_mv_bf16, bf16, bsr_mv_vec_bf16, bsr_mv_any_bf16)
 
 /* Token tiles (the layout of csr_mm_*): x [T, n] at element strides (st, sc) -> xt [n_tiles, n,
    TW], tokens past T zero; unpack_tokens writes the columns [r0, r1) of y [T, n] (row stride
@@ -247,56 +390,79 @@ static inline void transpose8(__m256 *r) {
 }
 #endif
 
-void pack_tokens(int64_t T, int64_t n, const float *restrict x, int64_t st, int64_t sc, int64_t tw,
-                 float *restrict xt) {
-    const int64_t n_tiles = (T + tw - 1) / tw;
-    for (int64_t t = 0; t < n_tiles; ++t) {
-        float *d = xt + t * n * tw;
-        int64_t c0 = 0;
-#ifdef __AVX__
-        if (sc == 1 && tw % 8 == 0) {
-            for (; c0 + 8 <= n; c0 += 8)
-                for (int64_t j0 = 0; j0 < tw; j0 += 8) {
-                    __m256 r[8];
-                    for (int m = 0; m < 8; ++m) {
-                        const int64_t tok = t * tw + j0 + m;
-                        r[m] = tok < T ? _mm256_loadu_ps(x + tok * st + c0) : _mm256_setzero_ps();
-                    }
-                    transpose8(r);
-                    for (int m = 0; m < 8; ++m) _mm256_storeu_ps(d + (c0 + m) * tw + j0, r[m]);
-                }
-        }
-#endif
-        for (int64_t c = c0; c < n; ++c)
-            for (int64_t j = 0; j < tw; ++j) {
-                const int64_t tok = t * tw + j;
-                d[c * tw + j] = tok < T ? x[tok * st + c * sc] : 0.f;
-            }
-    }
+/* x [T, n] as fp32 (X_F32) or bf16 (X_BF16, widened on the way: the tiles are fp32) */
+#define X_F32(p) _mm256_loadu_ps(p)
+#define X_BF16(p) ((__m256)load_bf16x8(p))
+#define PACK_TOKENS(NAME, VT, LD, LOADX)                                                      \
+void NAME(int64_t T, int64_t n, const VT *restrict x, int64_t st, int64_t sc, int64_t tw,     \
+          float *restrict xt) {                                                               \
+    const int64_t n_tiles = (T + tw - 1) / tw;                                                \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        float *d = xt + t * n * tw;                                                           \
+        int64_t c0 = 0;                                                                       \
+        PACK_AVX(LOADX)                                                                       \
+        for (int64_t c = c0; c < n; ++c)                                                      \
+            for (int64_t j = 0; j < tw; ++j) {                                                \
+                const int64_t tok = t * tw + j;                                               \
+                d[c * tw + j] = tok < T ? LD(x, tok * st + c * sc) : 0.f;                     \
+            }                                                                                 \
+    }                                                                                         \
 }
+#ifdef __AVX__
+#define PACK_AVX(LOADX)                                                                       \
+        if (sc == 1 && tw % 8 == 0) {                                                         \
+            for (; c0 + 8 <= n; c0 += 8)                                                      \
+                for (int64_t j0 = 0; j0 < tw; j0 += 8) {                                      \
+                    __m256 r[8];                                                              \
+                    for (int m = 0; m < 8; ++m) {                                             \
+                        const int64_t tok = t * tw + j0 + m;                                  \
+                        r[m] = tok < T ? LOADX(x + tok * st + c0) : _mm256_setzero_ps();      \
+                    }                                                                         \
+                    transpose8(r);                                                            \
+                    for (int m = 0; m < 8; ++m) _mm256_storeu_ps(d + (c0 + m) * tw + j0, r[m]); \
+                }                                                                             \
+        }
+#else
+#define PACK_AVX(LOADX)
+#endif
+PACK_TOKENS(pack_tokens, float, LD_F32, X_F32)
+PACK_TOKENS(pack_tokens_bf16, bf16, LD_BF16, X_BF16)
 
-void unpack_tokens(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t tw, const float *restrict yt,
-                   float *restrict y, int64_t ld) {
-    const int64_t n_tiles = (T + tw - 1) / tw;
-    for (int64_t t = 0; t < n_tiles; ++t) {
-        const float *s = yt + t * n * tw;
-        const int64_t valid = T - t * tw < tw ? T - t * tw : tw;
-        int64_t c0 = r0;
-#ifdef __AVX__
-        if (tw % 8 == 0) {
-            for (; c0 + 8 <= r1; c0 += 8)
-                for (int64_t j0 = 0; j0 < valid; j0 += 8) {
-                    __m256 r[8];
-                    for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c0 + m) * tw + j0);
-                    transpose8(r);
-                    for (int m = 0; m < 8 && j0 + m < valid; ++m) _mm256_storeu_ps(y + (t * tw + j0 + m) * ld + c0, r[m]);
-                }
-        }
-#endif
-        for (int64_t c = c0; c < r1; ++c)
-            for (int64_t j = 0; j < valid; ++j) y[(t * tw + j) * ld + c] = s[c * tw + j];
-    }
+/* y as fp32 (Y_F32) or bf16 rounded to nearest even (Y_BF16) */
+#define Y_F32(p, v) _mm256_storeu_ps(p, v)
+#define Y_BF16(p, v) store_bf16x8(p, (f8)(v))
+#define ST_F32(v) (v)
+#define ST_BF16(v) f32_bf16(v)
+#define UNPACK_TOKENS(NAME, VT, ST, STOREY)                                                   \
+void NAME(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t tw, const float *restrict yt, \
+          VT *restrict y, int64_t ld) {                                                       \
+    const int64_t n_tiles = (T + tw - 1) / tw;                                                \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        const float *s = yt + t * n * tw;                                                     \
+        const int64_t valid = T - t * tw < tw ? T - t * tw : tw;                              \
+        int64_t c0 = r0;                                                                      \
+        UNPACK_AVX(STOREY)                                                                    \
+        for (int64_t c = c0; c < r1; ++c)                                                     \
+            for (int64_t j = 0; j < valid; ++j) y[(t * tw + j) * ld + c] = ST(s[c * tw + j]); \
+    }                                                                                         \
 }
+#ifdef __AVX__
+#define UNPACK_AVX(STOREY)                                                                    \
+        if (tw % 8 == 0) {                                                                    \
+            for (; c0 + 8 <= r1; c0 += 8)                                                     \
+                for (int64_t j0 = 0; j0 < valid; j0 += 8) {                                   \
+                    __m256 r[8];                                                              \
+                    for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c0 + m) * tw + j0); \
+                    transpose8(r);                                                            \
+                    for (int m = 0; m < 8 && j0 + m < valid; ++m)                             \
+                        STOREY(y + (t * tw + j0 + m) * ld + c0, r[m]);                        \
+                }                                                                             \
+        }
+#else
+#define UNPACK_AVX(STOREY)
+#endif
+UNPACK_TOKENS(unpack_tokens, float, ST_F32, Y_F32)
+UNPACK_TOKENS(unpack_tokens_bf16, bf16, ST_BF16, Y_BF16)
 
 /* g[0:8] += the eight sums of the eight vectors v[0:8]. */
 static inline void add_hsum8(const f8 *v, float *restrict g) {
@@ -355,4 +521,150 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
     case 32: sddmm_tiles_32(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
     default: return -1;
     }
+}
+
+/* AMX (the amx_tile + amx_bf16 build, -mamx-tile -mamx-bf16; Sapphire Rapids and later Xeons):
+   y [T, out] = x [T, in] W^T + bias for a BSR of 16 x 16 bf16 blocks (block diagonals b = 16;
+   b = 32 / 64 are split into 16 x 16 blocks by the caller), x bf16 read in place at row stride
+   ldx (elements), y fp32 or bf16 (y_bf16) at row stride ldy. A block is one tile B in the VNNI
+   layout the tile product wants, blocks [n][k / 2][i][k % 2] = W[rb * 16 + i, cb * 16 + k]
+   (8 rows of 64 bytes); a 16-token slice of x's 16 block columns is a tile A loaded straight
+   from x (16 rows of 32 bytes at stride ldx); C += A B (_tile_dpbf16ps: 16 x 16 x 16, fp32 sums)
+   for two token slices at once (C0, C1 share each B load), over the blocks of block row rb.
+   Tiles: 0, 1 C; 2, 3 A; 4 B. Linux lends a process the tile registers only after
+   arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): sparse_cpu_amx_init, called once by
+   kernels.cpu after loading; the function refuses (-1) until it succeeded. Not run on the CPUs
+   this was written on (AMD EPYC Zen 3): compiled by the tests there, run by them where the CPU
+   has amx_bf16. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+static int amx_ready = 0;
+
+int sparse_cpu_amx_init(void) {
+    if (!amx_ready && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) amx_ready = 1;
+    return amx_ready ? 0 : -1;
+}
+
+struct tile_config {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* rows of tokens (1..16) for the C and A tiles */
+static void amx_configure(int rows) {
+    struct tile_config c;
+    __builtin_memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 2; ++t) { c.rows[t] = (uint8_t)rows; c.colsb[t] = 64; }      /* C: rows x 16 fp32 */
+    for (int t = 2; t < 4; ++t) { c.rows[t] = (uint8_t)rows; c.colsb[t] = 32; }      /* A: rows x 16 bf16 */
+    c.rows[4] = 8; c.colsb[4] = 64;                                                  /* B: 8 x (16 x 2) bf16 */
+    _tile_loadconfig(&c);
+}
+
+static void amx_store(const float *restrict acc, int rows, int64_t t0, int64_t rb, const float *restrict bias,
+                      void *restrict y, int64_t ldy, int y_bf16) {
+    for (int m = 0; m < rows; ++m) {
+        float v[16];
+        for (int i = 0; i < 16; ++i) v[i] = acc[m * 16 + i] + (bias ? bias[rb * 16 + i] : 0.f);
+        if (y_bf16) {
+            bf16 *q = (bf16 *)y + (t0 + m) * ldy + rb * 16;
+            store_bf16x8(q, *(const f8 *)v);
+            store_bf16x8(q + 8, *(const f8 *)(v + 8));
+        } else {
+            float *q = (float *)y + (t0 + m) * ldy + rb * 16;
+            for (int i = 0; i < 16; ++i) q[i] = v[i];
+        }
+    }
+}
+
+int bsr16_mm_amx(int64_t rb0, int64_t rb1, int64_t T, const int32_t *restrict crow,
+                 const int32_t *restrict bcols, const bf16 *restrict blocks, const bf16 *restrict x,
+                 int64_t ldx, const float *restrict bias, void *restrict y, int64_t ldy, int y_bf16) {
+    if (!amx_ready) return -1;
+    float acc[2][16 * 16];
+    const int64_t sx = ldx * 2;  /* bytes between tokens */
+    int64_t t0 = 0;
+    amx_configure(16);
+    for (; t0 + 32 <= T; t0 += 32)
+        for (int64_t rb = rb0; rb < rb1; ++rb) {
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
+                const bf16 *xs = x + t0 * ldx + (int64_t)bcols[n] * 16;
+                _tile_loadd(4, blocks + n * 256, 64);
+                _tile_loadd(2, xs, sx);
+                _tile_loadd(3, xs + 16 * ldx, sx);
+                _tile_dpbf16ps(0, 2, 4);
+                _tile_dpbf16ps(1, 3, 4);
+            }
+            _tile_stored(0, acc[0], 64);
+            _tile_stored(1, acc[1], 64);
+            amx_store(acc[0], 16, t0, rb, bias, y, ldy, y_bf16);
+            amx_store(acc[1], 16, t0 + 16, rb, bias, y, ldy, y_bf16);
+        }
+    while (t0 < T) {  /* the last 1..31 tokens, a slice of up to 16 at a time */
+        const int rows = T - t0 < 16 ? (int)(T - t0) : 16;
+        amx_configure(rows);
+        for (int64_t rb = rb0; rb < rb1; ++rb) {
+            _tile_zero(0);
+            for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
+                _tile_loadd(4, blocks + n * 256, 64);
+                _tile_loadd(2, x + t0 * ldx + (int64_t)bcols[n] * 16, sx);
+                _tile_dpbf16ps(0, 2, 4);
+            }
+            _tile_stored(0, acc[0], 64);
+            amx_store(acc[0], rows, t0, rb, bias, y, ldy, y_bf16);
+        }
+        t0 += rows;
+    }
+    _tile_release();
+    return 0;
+}
+#endif
+
+/* AVX-512-BF16 (the avx512_bf16 build, -mavx512f -mavx512bf16; Cooper Lake, Sapphire Rapids
+   and later Xeons, Zen 4): one token, the BSR of 16 x 16 bf16 blocks in the VNNI layout of
+   bsr16_mm_amx, x bf16 [in] -> y bf16 [out] (_mm512_cvtneps_pbh: to nearest even). Per block, 8
+   _mm512_dpbf16_ps: the 16 outputs' weights of two adjacent columns (one 64-byte row of the
+   block) times those two x values broadcast as one bf16 pair: 2 multiply-adds per fp32 lane and
+   instruction, no widening of the weights (the AVX2 build spends a vpmovzxwd + vpslld on each
+   8). Two sums in flight. Not run on the CPU this was written on (AMD EPYC Zen 3): compiled
+   there by the tests. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+void bsr16_mv_dpbf16(int64_t rb0, int64_t rb1, const int32_t *restrict crow, const int32_t *restrict bcols,
+                     const bf16 *restrict blocks, const bf16 *restrict x, const float *restrict bias,
+                     bf16 *restrict y) {
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+        __m512 a0 = bias ? _mm512_loadu_ps(bias + rb * 16) : _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
+            const bf16 *xs = x + (int64_t)bcols[n] * 16;
+            const bf16 *blk = blocks + n * 256;
+            for (int r = 0; r < 8; r += 2) {
+                int32_t p0, p1;
+                __builtin_memcpy(&p0, xs + 2 * r, 4);
+                __builtin_memcpy(&p1, xs + 2 * r + 2, 4);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(blk + r * 32), (__m512bh)_mm512_set1_epi32(p0));
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(blk + r * 32 + 32), (__m512bh)_mm512_set1_epi32(p1));
+            }
+        }
+        _mm256_storeu_si256((__m256i *)(y + rb * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a0, a1)));
+    }
+}
+#endif
+
+/* Which of the optional kernels this build has: bit 0 AMX (bsr16_mm_amx), bit 1 AVX-512-BF16
+   (bsr16_mv_dpbf16). */
+int sparse_cpu_features(void) {
+    int f = 0;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    f |= 1;
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    f |= 2;
+#endif
+    return f;
 }

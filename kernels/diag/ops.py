@@ -91,8 +91,11 @@ def diag_matmul(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bl
         >>> off = torch.tensor([0, 3], dtype=torch.int32)
         >>> y = diag_matmul(torch.randn(5, 64), torch.randn(2, 4, 16, 16), off, 16)  # [5, 64]
     """
-    rt.check_float("x", x)
-    if x.dim() == 0:
+    # x's dtype is checked once, by the op (reference.check_args); here only what this wrapper
+    # relies on, and the devices: a tensor on another device (meta) would send the op to that
+    # device's kernel, past the op's own checks
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        rt.check_float("x", x)
         raise ValueError("x must have at least one dimension [..., in]")
     if not isinstance(values, torch.Tensor) or values.dim() != 4:
         raise ValueError(f"values must be a 4-D tensor [K, D, b, b], got {getattr(values, 'shape', values)!r}")

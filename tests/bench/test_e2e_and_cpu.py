@@ -142,7 +142,7 @@ def test_cpu_inference_quick_checks_outputs_and_writes_ratios(tmp_path):
     assert float(dense["x_dense"]) == pytest.approx(1.0)
     md = (tmp_path / "cpu_infer.md").read_text()
     assert "x dense" in md
-    assert "**native_cpu**: " + ("unavailable" if kernels.cpu.lib() is None else kernels.cpu.variant()[0]) in md
+    assert "**native_cpu**: " + ("unavailable" if kernels.cpu.lib() is None else kernels.cpu.loaded_variant()) in md
 
 
 def test_cpu_inference_refuses_a_variant_whose_output_is_wrong(tmp_path, monkeypatch):
@@ -158,3 +158,64 @@ def test_cpu_inference_refuses_a_variant_whose_output_is_wrong(tmp_path, monkeyp
     monkeypatch.setattr(cpu_infer, "build", broken)
     with pytest.raises(AssertionError, match="fan-in"):
         cpu_infer.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None)
+
+
+def test_cpu_inference_in_bf16_checks_outputs_at_bf16_tolerance_and_writes_both_anchors(tmp_path):
+    assert cpu_infer.main(["--quick", "--threads", "1", "--precision", "bf16", "--batch", "3", "--out", str(tmp_path)],
+                          log=lambda *a: None) == 0
+    rows = {r["variant"]: r for r in read_rows(tmp_path / "cpu_infer_bf16.csv")}
+    assert {cpu_infer.DENSE, cpu_infer.DENSE_BF16, "fan-in (condensed) bf16", "diagonal b=1 bf16",
+            "diagonal b=16 bf16", "diagonal b=64 bf16", "SparseLinear bf16"} <= set(rows)
+    assert float(rows[cpu_infer.DENSE_BF16]["x_dense"]) == pytest.approx(1.0)
+    assert float(rows[cpu_infer.DENSE]["x_dense_fp32"]) == pytest.approx(1.0)
+    assert "x dense fp32" in (tmp_path / "cpu_infer_bf16.md").read_text()
+
+
+def test_cpu_inference_in_bf16_refuses_a_wrong_bf16_variant(tmp_path, monkeypatch):
+    real = cpu_infer.build_bf16
+
+    def broken(*args, **kwargs):
+        variants = real(*args, **kwargs)
+        with torch.no_grad():
+            variants["diagonal b=16 bf16"][0].mod.values[0, 0, 0, 0] += 1.0
+        return variants
+
+    monkeypatch.setattr(cpu_infer, "build_bf16", broken)
+    with pytest.raises(AssertionError, match="b=16 bf16"):
+        cpu_infer.main(["--quick", "--threads", "1", "--precision", "bf16", "--out", str(tmp_path)], log=lambda *a: None)
+
+
+@pytest.mark.skipif(kernels.cpu.lib() is None, reason="no native CPU library here")
+@pytest.mark.parametrize("name", TRAIN_LAYERS)
+def test_a_training_step_under_bf16_autocast_runs_the_native_bf16_products(name, monkeypatch):
+    """Forward, input gradient and weight gradient of a step under CPU bf16 autocast answered by
+    kernels.cpu on bf16 operands (tests/kernels/test_autocast.py checks the numbers)."""
+    calls = []
+
+    def spy(*args, real, fn):
+        out = real(*args)
+        if out is not None:
+            calls.append((fn, args[2].dtype if fn == "csr_matmul" else args[0].dtype))
+        return out
+    for fn in ("csr_matmul", "sddmm"):
+        monkeypatch.setattr(kernels.cpu, fn, functools.partial(spy, real=getattr(kernels.cpu, fn), fn=fn))
+    g = torch.Generator().manual_seed(41)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(9, layer.in_features, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+    assert y.dtype == torch.bfloat16 and layer.values.grad.dtype == torch.float32
+    bf = torch.bfloat16
+    assert sorted(calls) == [("csr_matmul", bf), ("csr_matmul", bf), ("sddmm", bf)], calls
+
+
+def test_e2e_under_bf16_autocast_times_every_format(tmp_path):
+    rc = e2e.main(["--quick", "--models", "mlp", "--formats", "dense,fanin,diag16", "--autocast", "bf16", "--out",
+                   str(tmp_path)], log=lambda *a: None)
+    assert rc == 0
+    rows = read_rows(tmp_path / "e2e.csv")
+    assert [r["format"] for r in rows] == ["dense", "fanin", "diag16"]
+    for r in rows:
+        assert r["status"] == "ok" and r["dtype"] == "float32 + autocast bf16" and math.isfinite(float(r["loss"]))
+    assert "under bf16 autocast" in (tmp_path / "e2e.md").read_text()

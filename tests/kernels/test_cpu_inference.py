@@ -88,10 +88,12 @@ def test_the_path_is_skipped_where_it_does_not_apply(monkeypatch):
     monkeypatch.setattr(layer, "_inference_weight", lambda *args, **kwargs: pytest.fail("CSR path taken"))
     layer(x1)  # gradient wanted
     layer(x3)
-    with torch.no_grad():
-        layer.to(torch.bfloat16)(x1.to(torch.bfloat16))  # MKL has no bf16
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), kernels.cpu.disabled():
+        layer.to(torch.bfloat16)(x1.to(torch.bfloat16))  # MKL has no bf16 (the native library has)
+    with torch.no_grad(), kernels.cpu.disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
         layer.to(torch.float32)(x1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        layer(x1)  # fp16: no native product
     gated = kernels.DiagLinear(48, 20, density=0.3, block_size=1, generator=g)
     gated.enable_gate(k_target=gated.num_diagonals, temperature=1.0)
     monkeypatch.setattr(gated, "_inference_weight", lambda *args, **kwargs: pytest.fail("CSR path taken with the gate on"))

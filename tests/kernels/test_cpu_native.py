@@ -3,6 +3,7 @@ reference for every layer format, its cache following value and pattern changes,
 (AVX2 and baseline x86-64), the fall back to torch's path when it is disabled or cannot be
 built, and its training-step products (csr_matmul, sddmm) against fp64."""
 import copy
+import ctypes
 import os
 import pickle
 import platform
@@ -14,7 +15,7 @@ import torch
 import kernels
 from kernels import cpu
 
-from .conftest import ATOL
+from .conftest import ATOL, assert_matches
 
 needs_library = pytest.mark.skipif(cpu.lib() is None, reason=f"no native CPU library here: {cpu.error()}")
 
@@ -461,6 +462,15 @@ def test_the_baseline_x86_64_build_gives_the_same_products(monkeypatch, fresh_li
     check_layers(("fan-in ablated", "diag b=16 tall", "diag b=12", "unstructured 70000 wide"), (1, 19), 18,
                  "x86-64 build")
     check_training_products(19, "x86-64 build")
+    g = torch.Generator().manual_seed(36)
+    for name in ("fan-in ablated", "diag b=16 tall", "diag b=12", "unstructured 70000 wide"):
+        layer = LAYERS[name](g, True)
+        for t in (1, 19):
+            x = torch.randn(t, layer.in_features, generator=g)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            assert_matches(y, *bf16_reference(layer, x), f"{name}, T={t}, bf16, x86-64 build")
+    check_bf16_training_products(37, "x86-64 build", shapes=((37, 300),), tokens=(1, 19))
 
 
 @needs_library
@@ -566,3 +576,219 @@ def test_training_products_refuse_what_they_do_not_cover():
     with cpu.disabled():
         assert cpu.csr_matmul(crow, col, vals, 8, 12, x.t()) is None
         assert cpu.sddmm(dy, x, rows, col) is None
+
+
+# bf16: the weight stored in bf16, x widened to fp32, fp32 sums, y rounded to bf16 - nn.Linear
+# under CPU autocast. Compared with the fp64 product of the bf16-rounded operands: at most 2x
+# the error of torch's own dense bf16 product plus ATOL[bf16] (conftest.assert_matches).
+
+def bf16_reference(layer, x):
+    """(fp64 reference, torch's dense bf16 result) of the layer on x, operands rounded to bf16."""
+    w = layer.to_dense().detach().to(torch.bfloat16)
+    b = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    ref = xb.double() @ w.double().t() + (0 if b is None else b.double())
+    lowp = xb @ w.t() + (0 if b is None else b)
+    return ref, lowp
+
+
+@needs_library
+@pytest.mark.parametrize("how", ["bf16 layer", "autocast"])
+@pytest.mark.parametrize("tokens", [1, 5, 33, 70])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_native_bf16_product_matches_the_fp64_reference(name, tokens, how, native_calls):
+    g = torch.Generator().manual_seed(31)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(tokens, layer.in_features, generator=g)
+    ref, lowp = bf16_reference(layer, x)
+    with torch.no_grad():
+        if how == "bf16 layer":
+            layer.to(torch.bfloat16)
+            y = layer(x.to(torch.bfloat16))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+    assert native_calls, "the native product did not run"
+    assert native_calls[-1][0] == ("bsr" if tokens == 1 and getattr(layer, "block_size", 1) > 1 else "csr")
+    assert y.dtype == torch.bfloat16
+    assert_matches(y, ref, lowp, f"{name}, T={tokens}, {how}")
+
+
+@needs_library
+def test_a_bf16_one_token_plan_is_reused_and_follows_autocast_on_and_off(native_calls):
+    g = torch.Generator().manual_seed(32)
+    layer = LAYERS["diag b=16 wide"](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    with torch.no_grad():
+        y32 = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = [layer(x.to(torch.bfloat16)) for _ in range(3)]
+        again = layer(x)
+    assert y32.dtype == again.dtype == torch.float32 and torch.equal(y32, again)
+    ref, lowp = bf16_reference(layer, x)
+    for y in y16:
+        assert y.dtype == torch.bfloat16
+        assert_matches(y, ref, lowp, "bf16 plan")
+    assert len(native_calls) == 5
+
+
+@needs_library
+def test_bf16_rounding_is_torchs_round_to_nearest_even():
+    so = cpu.lib()
+    g = torch.Generator().manual_seed(33)
+    bits = torch.randint(-2**31, 2**31 - 1, (4099,), generator=g, dtype=torch.int64).to(torch.int32)
+    ties = (torch.randint(0, 2**15, (64,), generator=g, dtype=torch.int32) << 16) | 0x8000  # exactly half way
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.3895e38, 1e-40])
+    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), special])
+    out = torch.empty(x.numel(), dtype=torch.bfloat16)
+    so.f32_to_bf16(x.numel(), x.data_ptr(), out.data_ptr())
+    want = x.to(torch.bfloat16)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    back = torch.empty(x.numel())
+    so.bf16_to_f32(x.numel(), want.data_ptr(), back.data_ptr())
+    assert torch.equal(back[~nan], want[~nan].float())
+
+
+def check_bf16_training_products(seed, what, shapes=((37, 300), (300, 37)), tokens=(1, 5, 33, 70)):
+    """kernels.cpu.csr_matmul and sddmm on bf16 operands (values, x, dy) against fp64 of the
+    same bf16 numbers: csr_matmul's bf16 y within 2x torch's bf16 error + ATOL, sddmm's fp32 g
+    at fp32 tolerance (its sums are fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    for n_rows, n_cols in shapes:
+        crow, col, vals = random_csr(g, n_rows, n_cols, 0.2, empty_rows=range(0, n_rows, 3))
+        vals = vals.to(torch.bfloat16)
+        w = dense_of(crow, col, vals, n_rows, n_cols)
+        rows = torch.arange(n_rows).repeat_interleave((crow[1:] - crow[:-1]).long()).int()
+        for T in tokens:
+            x = torch.randn(T, n_cols, generator=g).to(torch.bfloat16)
+            for name, dense_t in (("x.t()", x.t()), ("token-minor", x.t().contiguous())):
+                y = cpu.csr_matmul(crow, col, vals, n_rows, n_cols, dense_t)
+                assert y is not None and y.dtype == torch.bfloat16, f"{what}: csr_matmul refused bf16"
+                assert_matches(y, w @ x.double().t(), w.to(torch.bfloat16) @ x.t(),
+                               f"csr_matmul {n_rows}x{n_cols} T={T} {name}, {what}")
+            dy = torch.randn(T, n_rows, generator=g).to(torch.bfloat16)
+            perm = torch.randperm(rows.numel(), generator=g)
+            r, c = rows[perm].contiguous(), col[perm].contiguous()
+            got = cpu.sddmm(dy, x, r, c)
+            assert got is not None and got.dtype == torch.float32, f"{what}: sddmm refused bf16"
+            ref = (dy.double().t() @ x.double())[r.long(), c.long()]
+            assert_close_to_reference(got, ref, (dy.float().t() @ x.float())[r.long(), c.long()],
+                                      f"sddmm {n_rows}x{n_cols} T={T}, {what}")
+
+
+@needs_library
+def test_bf16_training_products_match_the_fp64_reference():
+    check_bf16_training_products(34, "1 thread")
+
+
+@needs_library
+def test_bf16_training_products_split_over_threads(two_threads):
+    check_bf16_training_products(35, "2 threads", tokens=(5, 70))
+
+
+# The AVX-512-BF16 and AMX builds: chosen from the CPU's flags, compiled on every x86-64 CPU with
+# a compiler (a source that stops compiling for them fails here, on the AVX2-only EPYC too), run
+# where the CPU has them (their tests skip with the reason elsewhere).
+
+AMX_FLAGS = {"sse2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile",
+             "amx_bf16"}
+has_compiler = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")),
+    reason="needs x86-64 and a C compiler")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the variants are x86-64's")
+def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS)
+    assert cpu.variant() == ("amx", cpu.AMX_FLAGS)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS - {"amx_tile"})
+    assert cpu.variant() == ("avx512-bf16", cpu.AVX512_BF16_FLAGS)
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS - {"avx512_bf16"})
+    assert cpu.variant() == ("avx2", ["-mavx2", "-mfma"])
+
+
+@has_compiler
+@pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16",)),
+                                           ("amx", ("bsr16_mv_dpbf16", "bsr16_mm_amx", "sparse_cpu_amx_init"))])
+def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
+    path = cpu.build(name)
+    assert path.exists() and name in path.name
+    so = ctypes.CDLL(str(path))  # (looked up, never called: this CPU may lack the instructions)
+    for symbol in symbols + ("csr_mv_i16_bf16", "csr_mm_i16_bf16", "bsr_mv_bf16", "sddmm_tiles"):
+        assert hasattr(so, symbol), f"{name} build lacks {symbol}"
+
+
+def test_a_build_that_fails_falls_back_to_the_next_narrower_variant(monkeypatch, fresh_library):
+    real = cpu.build
+    monkeypatch.setattr(cpu, "variant", lambda: ("amx", cpu.AMX_FLAGS))
+
+    def build(name=None):
+        if name in ("amx", "avx512-bf16"):
+            raise RuntimeError(f"gcc failed: unknown -m flag ({name})")
+        return real(name)
+    monkeypatch.setattr(cpu, "build", build)
+    so = cpu.lib()
+    if so is None:
+        pytest.skip(f"no native library here at all: {cpu.error()}")
+    assert cpu.loaded_variant() == ("avx2" if {"avx2", "fma"} <= cpu._cpu_flags() else "x86-64")
+    assert not cpu.features()
+
+
+@needs_library
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_the_16_by_16_tile_layout_holds_the_bf16_blocks(name):
+    """The VNNI blocks of the AMX / AVX-512-BF16 kernels, built on any CPU: their dense weight is
+    the layer's, rounded to bf16, exactly."""
+    g = torch.Generator().manual_seed(38)
+    layer = LAYERS[name](g, True)
+    with torch.no_grad():
+        w = layer._inference_weight(layer.values, blocked=True, native=True, dtype=torch.bfloat16, tiles=True)
+    assert w.kind == "bsr16" and w.values.dtype == torch.bfloat16 and w.values.shape[1:] == (8, 16, 2)
+    assert torch.equal(cpu.bsr16_dense(w), layer.to_dense().detach().to(torch.bfloat16).float())
+    assert w.n_rows == layer.out_features // 16
+
+
+needs_amx = pytest.mark.skipif("amx" not in cpu.features(), reason=f"AMX kernels: {cpu.missing_feature('amx')}")
+needs_avx512_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu.features(),
+                                       reason=f"AVX-512-BF16 kernels: {cpu.missing_feature('avx512_bf16')}")
+
+
+@needs_amx
+@pytest.mark.parametrize("how", ["bf16 layer", "autocast"])
+@pytest.mark.parametrize("tokens", [2, 16, 33, 70])
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_amx_tile_product_matches_the_fp64_reference(name, tokens, how, native_calls):
+    g = torch.Generator().manual_seed(39)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(tokens, layer.in_features, generator=g)
+    ref, lowp = bf16_reference(layer, x)
+    with torch.no_grad():
+        if how == "bf16 layer":
+            y = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+    assert native_calls[-1] == ("bsr16", tokens)
+    assert_matches(y, ref, lowp, f"{name}, T={tokens}, AMX, {how}")
+
+
+@needs_amx
+def test_amx_tile_product_split_over_threads(two_threads, native_calls):
+    test_amx_tile_product_matches_the_fp64_reference("diag b=16 tall", 70, "autocast", native_calls)
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_avx512_bf16_one_token_product_matches_the_fp64_reference(name, native_calls):
+    g = torch.Generator().manual_seed(40)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(1, layer.in_features, generator=g)
+    ref, lowp = bf16_reference(layer, x)
+    with torch.no_grad():
+        y = [layer.to(torch.bfloat16)(x.to(torch.bfloat16)) for _ in range(2)]  # the plan, then its reuse
+    assert native_calls[-1] == ("bsr16", 1)
+    for out in y:
+        assert_matches(out, ref, lowp, f"{name}, AVX-512-BF16")

@@ -1,5 +1,5 @@
-"""End to end: ViT-B/16 and BERT-base, a training step and inference, sparse vs dense - step
-time and peak memory.
+"""End to end: ViT-B/16, BERT-base and GPT-2 small, a training step and inference, sparse vs
+dense - step time and peak memory.
 
     python bench/e2e.py                                   # GPU: ViT-B/16 batch 256, BERT-base 256 x 128
     python bench/e2e.py --models vit-b16 --formats dense,diag16 --batch 128
@@ -10,6 +10,8 @@ time and peak memory.
         --batch 1 --steps 5 --clock cpu   # CPU (the training step's sparse products through kernels/cpu)
     OMP_NUM_THREADS=1 python bench/e2e.py --models vit-b16 --formats dense,diag16,fanin --autocast bf16 \
         --batch 2 --steps 3 --clock cpu   # CPU under bf16 autocast: dense bf16 (oneDNN) vs kernels/cpu's bf16
+    OMP_NUM_THREADS=1 python bench/e2e.py --models gpt2-small --formats dense,fanin,diag16,diag1,csr \
+        --batch 1 --steps 5 --clock cpu   # GPT-2 small (124M shapes) on CPU
 
 Models come from ``models`` (ViT / Bert with a ``linear`` factory that makes qkv, attention
 out, fc1 and fc2 sparse at ``--sparsity``; patch / token embeddings, norms and heads stay
@@ -33,7 +35,10 @@ then the fp32 model's forward and loss run under torch.autocast(bf16), as a user
 step does (the dense model's matmuls in torch's bf16 GEMM, the sparse layers' in kernels/cpu's
 bf16 products). BERT trains masked-LM on
 15% of the positions (logits only there when the model supports it); its inference step
-computes the logits of every position.
+computes the logits of every position. GPT-2 small (models.gpt preset "small": 12 blocks, width
+768, MLP 3072, vocabulary 50,257, its head tied to the token embedding, dropout 0.1) trains on
+the next token at every position of ``--seq`` tokens and infers the logits of every position;
+its head (128 x 768 x 50,257 at 128 tokens) stays dense and is a fixed share of both steps.
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ import kernels  # noqa: E402
 from bench import common  # noqa: E402
 from kernels import runtime as rt  # noqa: E402
 
-MODELS = ("vit-b16", "bert-base", "mlp")
+MODELS = ("vit-b16", "bert-base", "gpt2-small", "mlp")
 FORMATS = ("dense", "fanin", "diag1", "diag16", "diag64", "diag16-fused", "diag64-fused", "csr")
 FIELDS = ["run", "device", "model", "preset", "format", "sparsity", "batch", "tokens", "dtype", "status", "reason",
           "train_ms", "train_q1", "train_q3", "infer_ms", "infer_q1", "infer_q3", "x_dense_train",
@@ -159,6 +164,21 @@ def build(model: str, fmt: str, args, device, dtype) -> Workload:
                 out = net(ids)
                 return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), labels.reshape(-1))
         return Workload(net, loss, lambda: net(ids), B * args.seq)
+    if model == "gpt2-small":
+        if fused:
+            raise ValueError("GPT-2 trains with dropout 0.1, which the fused MLP does not apply")
+        from models.gpt import GPT, GPTConfig
+
+        small = {"vocab_size": 512} if args.quick else {}
+        cfg = GPTConfig.preset("micro" if args.quick else "small", max_len=max(args.seq, 8), **small)
+        with torch.device(device):
+            net = GPT(cfg, linear=linear).to(dtype)
+        ids = torch.randint(0, cfg.vocab_size, (B, args.seq + 1), generator=g).to(device)
+
+        def loss():   # next-token cross-entropy at every position
+            out = net(ids[:, :-1])
+            return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+        return Workload(net, loss, lambda: net(ids[:, :-1]), B * args.seq)
     raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
 
 
@@ -354,7 +374,7 @@ def main(argv=None, log=print) -> int:
     p.add_argument("--formats", default="dense,fanin,diag16,diag16-fused,diag1,csr", help=f"comma list of {FORMATS}")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=None, help="images / sequences per step (GPU 256, CPU 1)")
-    p.add_argument("--seq", type=int, default=None, help="BERT sequence length (128)")
+    p.add_argument("--seq", type=int, default=None, help="BERT / GPT-2 sequence length (128)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (GPU 20, CPU 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 5, CPU 1)")
     p.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on CPU")
@@ -413,7 +433,7 @@ def main(argv=None, log=print) -> int:
 
     def record(model, fmt, result):  # on a GPU each format as it finishes: a phase cut short keeps them
         row = dict(run=run_id, device=head.get("gpu") if gpu else "cpu", model=model,
-                   preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "base"),
+                   preset="micro" if args.quick else ("vit-b/16 mlp" if model == "mlp" else "small" if model == "gpt2-small" else "base"),
                    format=fmt, sparsity=0.0 if fmt == "dense" else args.sparsity, batch=args.batch,
                    dtype=str(dtype).removeprefix("torch.") + (" + autocast bf16" if args.autocast else ""), **result)
         rows.append(row)
@@ -456,7 +476,7 @@ def main(argv=None, log=print) -> int:
     if args.quick:
         md += ["> **--quick: micro models on CPU, a pipeline check; these are not the ViT-B/BERT-base figures.**", ""]
     md += [common.header_markdown(head), "",
-           f"batch {args.batch}, BERT sequence {args.seq}, {args.steps} timed steps after {args.warmup} warm-up, "
+           f"batch {args.batch}, BERT / GPT-2 sequence {args.seq}, {args.steps} timed steps after {args.warmup} warm-up, "
            f"{str(dtype).removeprefix('torch.')}{' under bf16 autocast' if args.autocast else ''}. x dense = dense time / sparse time; diag<b>-fused = the diag<b> "
            "layers with each MLP as one kernels.fused_mlp call (compare with the diag<b> row). Peak memory: "
            + ("torch.cuda.max_memory_allocated." if gpu else "not available on CPU (param MB = parameters + buffers)."),

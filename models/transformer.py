@@ -1,5 +1,6 @@
-"""The transformer block shared by the ViT and the BERT: pre-LayerNorm attention + MLP whose
-four linear maps (qkv, attention out, fc1, fc2) come from a ``linear`` factory.
+"""The transformer block shared by the ViT, the BERT and the GPT: pre-LayerNorm attention + MLP
+whose four linear maps (qkv, attention out, fc1, fc2) come from a ``linear`` factory; causal
+attention (each token sees itself and the tokens before it) for a decoder (``causal=True``).
 
 The factory is ``linear(name, in_features, out_features, bias) -> nn.Module`` where ``name`` is
 the module's path in the finished model (e.g. "blocks.0.attn.qkv"), so that a caller can give
@@ -36,6 +37,7 @@ class EncoderConfig:
     kind: ClassVar[str]                 # "ViT": for the error of an unknown preset
     presets: ClassVar[dict]             # {name: field values}
     input_fields: ClassVar[tuple[str, ...]]   # the ints of the input side (image_size, vocab_size, ...)
+    causal: ClassVar[bool] = False      # causal attention in every block (a decoder: GPTConfig)
 
     @classmethod
     def preset(cls, name: str, **overrides):
@@ -107,19 +109,26 @@ class _SplitHeads(torch.autograd.Function):
 
 
 class Attention(nn.Module):
-    def __init__(self, name: str, dim: int, heads: int, dropout: float, linear: LinearFactory):
+    """Multi-head self-attention; ``causal=True``: token i attends to tokens 0..i only
+    (scaled_dot_product_attention's is_causal, which takes no padding mask besides)."""
+
+    def __init__(self, name: str, dim: int, heads: int, dropout: float, linear: LinearFactory,
+                 causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         self.heads = heads
         self.dropout = dropout
+        self.causal = causal
         self.qkv = linear(f"{name}.qkv", dim, 3 * dim, True)
         self.out = linear(f"{name}.out", dim, dim, True)
 
     def forward(self, x, key_mask=None):
         q, k, v = _SplitHeads.apply(self.qkv(x), self.heads)  # "b n (three h d) -> three b h n d"
+        if self.causal and key_mask is not None:
+            raise ValueError("causal attention takes no key_mask (pad at the end: a causal token never sees it)")
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         # Under autocast y is bf16; the sparse layers take it as nn.Linear does (no cast back).
         return self.out(rearrange(y, "b h n d -> b n (h d)"))
@@ -173,10 +182,10 @@ class Block(nn.Module):
     """x + attn(LN(x)), then x + mlp(LN(x)) (pre-LN: stable without warm-up tricks)."""
 
     def __init__(self, name: str, dim: int, heads: int, mlp_dim: int, dropout: float,
-                 linear: LinearFactory, fused_mlp: bool = False):
+                 linear: LinearFactory, fused_mlp: bool = False, causal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(f"{name}.attn", dim, heads, dropout, linear)
+        self.attn = Attention(f"{name}.attn", dim, heads, dropout, linear, causal=causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(f"{name}.mlp", dim, mlp_dim, dropout, linear, fused=fused_mlp)
         self.drop = nn.Dropout(dropout)
@@ -189,7 +198,8 @@ class Block(nn.Module):
 def encoder_blocks(config: EncoderConfig, linear: LinearFactory) -> nn.ModuleList:
     """The encoder's ``config.depth`` blocks, their linears named "blocks.{i}.attn.qkv",
     "blocks.{i}.attn.out", "blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc2" (the names ``linear``
-    gets, and the module paths in the model, as the trainers' sparse layers need them)."""
+    gets, and the module paths in the model, as the trainers' sparse layers need them); causal
+    attention when the config's class says so (``causal``)."""
     c = config
-    return nn.ModuleList(Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp)
-                         for i in range(c.depth))
+    return nn.ModuleList(Block(f"blocks.{i}", c.dim, c.heads, c.mlp_dim, c.dropout, linear, c.fused_mlp,
+                               causal=c.causal) for i in range(c.depth))

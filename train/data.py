@@ -23,6 +23,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,6 +261,7 @@ class TextData:
     test: torch.Tensor
     vocab_size: int
     special: dict         # token -> id of SPECIAL_TOKENS
+    tokenizer: Any = None  # the tokenizers.Tokenizer that made the ids (decodes GPT samples)
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         return self.train[epoch_batch(len(self.train), batch_size, step, seed)]
@@ -345,7 +347,7 @@ def load_text(spec: str, seq_len: int, vocab_size: int, seed: int = 0) -> TextDa
     perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(1234))
     n_eval = max(1, n_blocks // 20)
     test, val, train = perm[:n_eval], perm[n_eval:2 * n_eval], perm[2 * n_eval:]
-    return TextData(spec, blocks[train], blocks[val], blocks[test], tok.get_vocab_size(), special)
+    return TextData(spec, blocks[train], blocks[val], blocks[test], tok.get_vocab_size(), special, tok)
 
 
 def mask_tokens(ids: torch.Tensor, special: dict, vocab_size: int, generator: torch.Generator,

@@ -3,14 +3,19 @@
     python -m train.eval runs/vit/dynadiag-s0.9-seed0                       # test metrics, its dataset
     python -m train.eval RUN --dataset fashion_mnist                        # another image dataset
     python -m train.eval RUN --export model.safetensors --densify model.pt  # condensed / dense copies
+    python -m train.eval runs/gpt/srigl-s0.9-seed0 --samples 5              # GPT: perplexity + sampled text
 
 The model is rebuilt from the run's summary.json (model config) and checkpoint.pt (config,
 weights, patterns, DST state) and evaluated on the test split the run used: the same numbers
-as summary.json's "test". ``--export`` writes the condensed sparse model
+as summary.json's "test". A GPT run also prints ``--samples`` lines of text: each the start of
+a test sequence (its first ``--prompt-tokens`` tokens) continued by the model for
+``--sample-tokens`` tokens (top-k sampling at ``--temperature``, seeded by the run's seed).
+``--export`` writes the condensed sparse model
 (``kernels.save_condensed``: values + indices, no dense weight; ``kernels.load_layers`` /
 ``kernels.load_into`` read it); ``--densify`` writes ``{"model": state_dict, "model_config":
 ..., "entry": ...}`` with every sparse layer as a plain nn.Linear (``kernels.densify``),
-loadable into ``models.vit.ViT`` / ``models.bert.Bert`` built without a linear factory.
+loadable into ``models.vit.ViT`` / ``models.bert.Bert`` / ``models.gpt.GPT`` built without a
+linear factory.
 """
 from __future__ import annotations
 
@@ -57,6 +62,10 @@ def load_run(run: Path, device):
         from models.vit import ViT as build, ViTConfig as ModelConfig
 
         from .vit import Config
+    elif entry == "gpt":
+        from models.gpt import GPT as build, GPTConfig as ModelConfig
+
+        from .gpt import Config
     else:
         from models.bert import Bert as build, BertConfig as ModelConfig
 
@@ -89,8 +98,16 @@ def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device)
         loss, acc = vit.evaluate(model, data.test_x, data.test_y, 512, device, amp)
         return {"dataset": name, "test": {"accuracy": acc, "loss": loss}, "examples": len(data.test_y)}
     if name != cfg.dataset:
-        raise UsageError(f"a BERT run evaluates on its own corpus {cfg.dataset!r} only: its WordPiece "
+        raise UsageError(f"a {entry.upper()} run evaluates on its own corpus {cfg.dataset!r} only: its WordPiece "
                          f"tokenizer was trained on it, so another text would get other token ids")
+    if entry == "gpt":
+        import math
+
+        from . import gpt
+        data = gpt.load_text(cfg)
+        loss, acc = gpt.evaluate(model, data.test, device, amp)
+        return {"dataset": name, "test": {"lm_loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": acc},
+                "sequences": len(data.test), "data": data}
     from . import bert
     from .data import load_text
     data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)
@@ -98,24 +115,65 @@ def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device)
     return {"dataset": name, "test": {"mlm_loss": loss, "mlm_accuracy": acc}, "sequences": len(data.test)}
 
 
+def samples(model, data, n: int, prompt_tokens: int, new_tokens: int, temperature: float, top_k: int,
+            seed: int, device) -> list[dict]:
+    """``n`` continuations by a GPT ``model``: the first ``prompt_tokens`` tokens of test sequence
+    i, then ``new_tokens`` sampled ones; each {"prompt": text, "continuation": text}."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for block in data.test[:n]:
+        prompt = block[None, :prompt_tokens].to(device)
+        ids = model.generate(prompt, new_tokens, temperature=temperature, top_k=top_k or None, generator=g)[0].tolist()
+        decode = lambda t: data.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+        out.append({"prompt": decode(ids[:prompt_tokens]), "continuation": decode(ids[prompt_tokens:])})
+    return out
+
+
+def _check_sampling(args) -> None:
+    for name in ("samples", "prompt_tokens", "sample_tokens", "top_k"):
+        if getattr(args, name) < (1 if name == "prompt_tokens" else 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name == 'prompt_tokens' else 0}, "
+                             f"got {getattr(args, name)}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="a run folder of python -m train.vit / train.bert")
+    p.add_argument("run", type=Path, help="a run folder of python -m train.vit / train.bert / train.gpt")
     p.add_argument("--dataset", help="evaluate on this dataset instead of the run's (ViT: same channels, "
-                   "image size and classes; BERT: the run's corpus only)")
+                   "image size and classes; BERT, GPT: the run's corpus only)")
     p.add_argument("--export", type=Path, metavar="PATH", help="write the condensed sparse model (.safetensors)")
     p.add_argument("--densify", type=Path, metavar="PATH", help="write a dense copy: every sparse layer as nn.Linear (.pt)")
     p.add_argument("--no-eval", dest="eval", action="store_false", help="only export, do not evaluate")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the metrics here")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    g = p.add_argument_group("GPT runs: sampled text (printed, and in --json)")
+    g.add_argument("--samples", type=int, default=3, help="lines to sample, 0 = none (default: 3)")
+    g.add_argument("--prompt-tokens", type=int, default=8, help="tokens of a test sequence as the prompt (default: 8)")
+    g.add_argument("--sample-tokens", type=int, default=32, help="tokens sampled after the prompt (default: 32)")
+    g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 = all (default: 50)")
     args = p.parse_args(argv)
     try:
+        _check_sampling(args)
         from . import common as C
         device = C.resolve_device(args.device)
         entry, cfg, model_cfg, model = load_run(args.run, device)
         result = {"run": str(args.run), "entry": entry, "method": cfg.dst.method}
         if args.eval:
             result.update(evaluate_run(entry, cfg, model_cfg, model, args.dataset, device))
+        data = result.pop("data", None)
+        if entry == "gpt" and args.samples:
+            if data is None:   # --no-eval: the corpus, for the prompts and the tokenizer
+                from .gpt import load_text
+                data = load_text(cfg)
+            if args.prompt_tokens >= model_cfg.max_len:
+                raise UsageError(f"--prompt-tokens must be < the model's max_len {model_cfg.max_len}, "
+                                 f"got {args.prompt_tokens}")
+            result["samples"] = samples(model, data, args.samples, args.prompt_tokens, args.sample_tokens,
+                                        args.temperature, args.top_k, cfg.seed, device)
     except UsageError as e:
         return usage_exit(str(e), PROG)
     if args.export:
@@ -137,6 +195,8 @@ def main(argv=None) -> int:
     if args.eval:
         metrics = ", ".join(f"{k} {100 * v:.2f}%" if "accuracy" in k else f"{k} {v:.4f}" for k, v in result["test"].items())
         print(f"train.eval: {entry} {cfg.dst.method} on {result['dataset']}: test {metrics}")
+    for i, sample in enumerate(result.get("samples", [])):
+        print(f"sample {i}: {sample['prompt']} >>> {sample['continuation']}")
     for key in ("export", "densify"):
         if key in result:
             print(f"train.eval: wrote {result[key]}")

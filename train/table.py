@@ -1,7 +1,7 @@
 """Collect the summary.json files of finished runs into a markdown table: mean and spread over
 seeds per (entry point, method, sparsity).
 
-    python -m train.table runs/vit runs/bert                   # print the table
+    python -m train.table runs/vit runs/bert runs/gpt                  # print the table
     python -m train.table runs/vit --json train/results/vit.json --markdown train/results/vit.md
 """
 from __future__ import annotations
@@ -20,7 +20,10 @@ from .flags import dst_methods_of, is_dense
 
 METRICS = {"vit": [("test accuracy %", lambda s: 100 * s["test"]["accuracy"])],
            "bert": [("test MLM loss", lambda s: s["test"]["mlm_loss"]),
-                    ("test masked acc. %", lambda s: 100 * s["test"]["mlm_accuracy"])]}
+                    ("test masked acc. %", lambda s: 100 * s["test"]["mlm_accuracy"])],
+           "gpt": [("test perplexity", lambda s: s["test"]["perplexity"]),
+                   ("test LM loss", lambda s: s["test"]["lm_loss"]),
+                   ("next-token acc. %", lambda s: 100 * s["test"]["accuracy"])]}
 
 
 def _changed(summary: dict) -> set[str]:

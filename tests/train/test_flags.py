@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dst import DSTConfig
-from train import bert, common, flags, vit
+from train import bert, common, flags, gpt, vit
 
 BASE = ["--preset", "micro", "--steps", "4", "--no-progress", "--no-plots"]
 
@@ -106,7 +106,7 @@ def test_bert_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message,
 
 
 def test_every_config_field_is_a_commented_flag_and_dst_flags_take_paper_defaults():
-    for cls in (vit.Config, bert.Config):
+    for cls in (vit.Config, bert.Config, gpt.Config):
         comments = common.field_comments(cls)
         assert all(comments.get(f.name) for f in dataclasses.fields(cls)), [f.name for f in dataclasses.fields(cls)
                                                                              if not comments.get(f.name)]
@@ -137,7 +137,7 @@ def test_section_comments_are_not_glued_to_a_field():
     assert "GSE's samplers" in common.field_comments(DSTConfig)["grow"]   # a continuation line
 
 
-@pytest.mark.parametrize("entry", [vit, bert])
+@pytest.mark.parametrize("entry", [vit, bert, gpt])
 def test_help_lists_every_flag_and_exits_0(entry, capsys):
     with pytest.raises(SystemExit) as e:
         entry.main(["--help"])
@@ -149,7 +149,7 @@ def test_help_lists_every_flag_and_exits_0(entry, capsys):
     assert "--delta-t" in text and "--gamma-sal" in text and "--seed" in text
 
 
-@pytest.mark.parametrize("entry", [vit, bert])
+@pytest.mark.parametrize("entry", [vit, bert, gpt])
 def test_the_shared_flags_join_each_trainers_own_sections(entry):
     parser = flags.build_parser(entry.Config)
     groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups if g._group_actions}

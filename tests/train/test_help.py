@@ -22,6 +22,7 @@ def _imported_modules(*args):
     (["train.vit", "--help"], 0), (["train.bert", "--help"], 0),
     (["train.vit", "--optimizer", "adam"], 2), (["train.bert", "--seq-len", "4"], 2),
     (["train.vit", "--method", "magic"], 2),
+    (["train.gpt", "--help"], 0), (["train.gpt", "--seq-len", "4"], 2), (["train.gpt", "--dropout", "1"], 2),
 ])
 def test_help_and_flag_errors_return_before_torch_is_imported(args, code):
     done, modules = _imported_modules(*args)

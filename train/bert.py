@@ -64,21 +64,14 @@ def evaluate(model, blocks, data, cfg, device, amp):
     """(masked-LM loss, masked-token accuracy) with a fixed masking (same tokens every pass)."""
     import torch
 
+    from .common import token_metrics
     from .data import mask_tokens
-    model.eval()
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
-    loss_sum, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), 64):
-            inputs, labels = mask_tokens(blocks[i:i + 64], data.special, data.vocab_size, g, cfg.mask_prob)
-            with amp():
-                loss, logits, target = mlm_loss(model, inputs.to(device), labels.to(device))
-            n = target.numel()
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(-1) == target).sum().item()
-            count += n
-    model.train()
-    return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def batch(i):   # masked in order: the generator gives the same masking every pass
+        inputs, labels = mask_tokens(blocks[i:i + 64], data.special, data.vocab_size, g, cfg.mask_prob)
+        return mlm_loss(model, inputs.to(device), labels.to(device))
+    return token_metrics(model, (lambda i=i: batch(i) for i in range(0, len(blocks), 64)), amp)
 
 
 def check_flags(cfg: Config) -> None:

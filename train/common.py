@@ -35,7 +35,26 @@ if not hasattr(dst, "config"):
     dst.config = sys.modules["dst.config"]
 
 REPO = Path(__file__).resolve().parents[1]
+
 CHECKPOINT_FORMAT = "alwayssparse-train/1"
+
+
+def token_metrics(model, batches, amp):
+    """(token-weighted mean loss, accuracy) of ``model`` in eval mode, no gradients, over
+    ``batches``: thunks, each giving (mean loss, logits [..., V], targets [...]) of one batch
+    (BERT's masked tokens, GPT's next tokens), called in order under ``amp()``."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            with amp():
+                loss, logits, target = batch()
+            n = target.numel()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(-1) == target).sum().item()
+            count += n
+    model.train()
+    return loss_sum / max(count, 1), correct / max(count, 1)
 
 
 def config_to_dict(cfg) -> dict:

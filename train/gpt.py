@@ -63,19 +63,9 @@ def lm_loss(model, blocks):
 
 def evaluate(model, blocks, device, amp):
     """(next-token loss, next-token accuracy) over every position of ``blocks``."""
-    import torch
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), 64):
-            with amp():
-                loss, logits, target = lm_loss(model, blocks[i:i + 64].to(device))
-            n = target.numel()
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(-1) == target).sum().item()
-            count += n
-    model.train()
-    return loss_sum / max(count, 1), correct / max(count, 1)
+    from .common import token_metrics
+    return token_metrics(model, (lambda i=i: lm_loss(model, blocks[i:i + 64].to(device))
+                                 for i in range(0, len(blocks), 64)), amp)
 
 
 def check_flags(cfg: Config) -> None:

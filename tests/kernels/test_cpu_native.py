@@ -449,6 +449,7 @@ def test_disabled_context_gives_torchs_path_in_it_only(native_calls):
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="the AVX2 / x86-64 choice is made on x86-64 only")
 def test_the_build_uses_only_instructions_the_cpu_reports(monkeypatch):
+    monkeypatch.delenv("KERNELS_CPU_VARIANT", raising=False)  # (the choice from the flags)
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx"})
     assert cpu.variant() == ("x86-64", ["-march=x86-64"])
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
@@ -611,7 +612,11 @@ def test_native_bf16_product_matches_the_fp64_reference(name, tokens, how, nativ
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = layer(x)
     assert native_calls, "the native product did not run"
-    assert native_calls[-1][0] == ("bsr" if tokens == 1 and getattr(layer, "block_size", 1) > 1 else "csr")
+    b = getattr(layer, "block_size", 1)
+    # (bf16 blocks of 16 | b take the 16 x 16 tile kernels where the loaded build has them: AMX,
+    # AVX-512-BF16 or emu)
+    tiles = b % 16 == 0 and cpu.block_kernel(tokens)
+    assert native_calls[-1][0] == ("bsr16" if tiles else "bsr" if tokens == 1 and b > 1 else "csr")
     assert y.dtype == torch.bfloat16
     assert_matches(y, ref, lowp, f"{name}, T={tokens}, {how}")
 
@@ -704,6 +709,7 @@ has_compiler = pytest.mark.skipif(
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the variants are x86-64's")
 def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
+    monkeypatch.delenv("KERNELS_CPU_VARIANT", raising=False)  # (the choice from the flags)
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS)
     assert cpu.variant() == ("amx", cpu.AMX_FLAGS)
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS - {"amx_tile"})
@@ -724,6 +730,7 @@ def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fre
 
 
 def test_a_build_that_fails_falls_back_to_the_next_narrower_variant(monkeypatch, fresh_library):
+    monkeypatch.delenv("KERNELS_CPU_VARIANT", raising=False)  # (a forced variant has no fall back)
     real = cpu.build
     monkeypatch.setattr(cpu, "variant", lambda: ("amx", cpu.AMX_FLAGS))
 

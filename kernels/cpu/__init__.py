@@ -308,7 +308,7 @@ def loaded_variant() -> str | None:
 def features() -> frozenset[str]:
     """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens)
     and "avx512_bf16" (bsr16_mv_dpbf16, one token); empty without the library or on CPUs
-    without them (the AVX2 / x86-64 builds)."""
+    without them (the AVX2 / x86-64 builds); both in the emu build (on emulated instructions)."""
     return _state.get("features", frozenset()) if lib() is not None else frozenset()
 
 

@@ -26,6 +26,18 @@ the loaded build can run (AMX also needs Linux's arch_prctl permission, asked at
 compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the caller keeps
 torch's path.
 
+``KERNELS_CPU_VARIANT=<name>`` forces one of VARIANTS (``amx``, ``avx512-bf16``, ``avx2``,
+``x86-64``, ``generic``, ``emu``) instead of the choice from the CPU's flags, with no fall back
+to a narrower one: a name not in VARIANTS raises ValueError and a variant this CPU cannot run
+RuntimeError (naming the missing flags), at the first ``lib()``. ``emu`` is the AVX2 build with
+the AMX and AVX-512-BF16 kernels compiled from their same source onto portable C of those
+instructions (``sparse_cpu.c``, SPARSE_CPU_EMU: Intel's documented operation, rounding and
+faults): it runs wherever avx2 and fma are, reports both kernels in ``features()``, and is
+there so that tests run those kernels' logic on CPUs without the instructions - never for
+speed (it is never chosen by itself)::
+
+    KERNELS_CPU_VARIANT=emu python -m pytest -q tests/kernels/test_cpu_native.py
+
 Example:
     >>> rows, cols = layer.coords()                                      # once per pattern
     >>> w = kernels.cpu.csr_weight(rows, cols, layer.values, 768, 3072)
@@ -86,17 +98,34 @@ def _cpu_flags() -> set[str]:
 AVX2_FLAGS = ["-mavx2", "-mfma"]
 AVX512_BF16_FLAGS = [*AVX2_FLAGS, "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 AMX_FLAGS = [*AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"]
+# the AVX2 build with bsr16_mm_amx and bsr16_mv_dpbf16 on emulated instructions (sparse_cpu.c's
+# SPARSE_CPU_EMU): for tests, chosen only by KERNELS_CPU_VARIANT=emu
+EMU_FLAGS = [*AVX2_FLAGS, "-DSPARSE_CPU_EMU"]
 # /proc/cpuinfo flags each build needs beyond avx2 + fma
 _AVX512_BF16_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c"}
 _AMX_CPU = _AVX512_BF16_CPU | {"amx_tile", "amx_bf16"}
 # widest first: where a build fails (a compiler without -mamx-tile), lib() takes the next one
+# (never "emu", which only KERNELS_CPU_VARIANT names)
 VARIANTS = {"amx": AMX_FLAGS, "avx512-bf16": AVX512_BF16_FLAGS, "avx2": AVX2_FLAGS, "x86-64": ["-march=x86-64"],
-            "generic": []}
+            "generic": [], "emu": EMU_FLAGS}
+# the /proc/cpuinfo flags each x86-64 variant runs on
+_VARIANT_CPU = {"amx": {"avx2", "fma"} | _AMX_CPU, "avx512-bf16": {"avx2", "fma"} | _AVX512_BF16_CPU,
+                "avx2": {"avx2", "fma"}, "emu": {"avx2", "fma"}, "x86-64": set()}
+VARIANT_ENV = "KERNELS_CPU_VARIANT"
+
+
+def _x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def variant() -> tuple[str, list[str]]:
-    """(name, compiler flags) of the build this CPU runs: the widest of VARIANTS its flags allow."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    """(name, compiler flags) of the build this CPU runs: the one ``KERNELS_CPU_VARIANT`` names,
+    else the widest of VARIANTS its flags allow. Raises ValueError for a name not in VARIANTS,
+    RuntimeError for a variant this CPU cannot run."""
+    forced = os.environ.get(VARIANT_ENV)
+    if forced:
+        return forced, _runnable(forced)
+    if not _x86_64():
         return "generic", []
     flags = _cpu_flags()
     if {"avx2", "fma"} <= flags:
@@ -106,6 +135,23 @@ def variant() -> tuple[str, list[str]]:
             return "avx512-bf16", AVX512_BF16_FLAGS
         return "avx2", AVX2_FLAGS
     return "x86-64", VARIANTS["x86-64"]
+
+
+def _runnable(name: str) -> list[str]:
+    """The flags of variant ``name`` (as KERNELS_CPU_VARIANT named it) where this CPU runs it."""
+    if name not in VARIANTS:
+        raise ValueError(f"{VARIANT_ENV}={name!r} is not a variant; choose one of {', '.join(VARIANTS)}")
+    if name == "generic":
+        return VARIANTS[name]
+    if not _x86_64():
+        raise RuntimeError(f"{VARIANT_ENV}={name}: an x86-64 build, and this machine is {platform.machine()}")
+    missing = _VARIANT_CPU[name] - _cpu_flags()
+    if missing:
+        model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
+        raise RuntimeError(f"{VARIANT_ENV}={name}: this CPU ({model}) lacks {', '.join(sorted(missing))}"
+                           + ("; KERNELS_CPU_VARIANT=emu runs those kernels on emulated instructions wherever "
+                              "avx2 and fma are" if name in ("amx", "avx512-bf16") else ""))
+    return VARIANTS[name]
 
 
 def build_dir() -> Path:
@@ -210,10 +256,11 @@ def lib() -> ctypes.CDLL | None:
             if os.environ.get("KERNELS_NATIVE_CPU", "1") == "0":
                 err = "disabled by KERNELS_NATIVE_CPU=0"
             else:
-                names = list(VARIANTS)
-                first = variant()[0]
+                names = [n for n in VARIANTS if n != "emu"]
+                first = variant()[0]  # (raises for a KERNELS_CPU_VARIANT this CPU cannot run)
+                forced = bool(os.environ.get(VARIANT_ENV))
                 tried = []
-                for name in names[names.index(first):] if first != "generic" else [first]:
+                for name in [first] if forced or first == "generic" else names[names.index(first):]:
                     try:
                         so = _declare(ctypes.CDLL(str(build(name))))
                         _state["variant"] = name
@@ -261,7 +308,7 @@ def loaded_variant() -> str | None:
 def features() -> frozenset[str]:
     """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens)
     and "avx512_bf16" (bsr16_mv_dpbf16, one token); empty without the library or on CPUs
-    without them (the AVX2 / x86-64 builds)."""
+    without them (the AVX2 / x86-64 builds); both in the emu build (on emulated instructions)."""
     return _state.get("features", frozenset()) if lib() is not None else frozenset()
 
 

@@ -18,9 +18,11 @@
    autocast; the SDDMM's tiles are fp32 either way.
    Every function does the rows [r0, r1) (block rows for BSR; stored weights for the SDDMM), so
    callers may split them over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
-   column indices, one index per b x b block) and the loop order. Built twice by kernels/cpu:
-   -march=x86-64 (any x86-64) and -mavx2 -mfma (chosen at run time when the CPU has both);
-   the f8 vectors below are GCC vector extensions, lowered to whatever the target has. */
+   column indices, one index per b x b block) and the loop order. Built by kernels/cpu in the
+   variant the CPU runs (kernels.cpu.VARIANTS): -march=x86-64 (any x86-64), -mavx2 -mfma, and
+   on top of those the AVX-512-BF16 and AMX kernels near the end (avx512-bf16, amx; emu: the
+   AVX2 flags with those two kernels on emulated instructions, for tests); the f8 vectors
+   below are GCC vector extensions, lowered to whatever the target has. */
 #define _GNU_SOURCE  /* syscall (the AMX build's arch_prctl) */
 #include <stdint.h>
 #ifdef __AVX__
@@ -523,6 +525,269 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
     }
 }
 
+/* The instructions of the two optional kernels below (bsr16_mm_amx: AMX tiles; bsr16_mv_dpbf16:
+   AVX-512-BF16) behind wrappers, so that each kernel is written once: the amx / avx512-bf16
+   builds map every wrapper to its intrinsic one to one; the emu build (-DSPARSE_CPU_EMU with
+   the AVX2 flags: kernels.cpu's "emu" variant, for any AVX2 CPU, chosen only by
+   KERNELS_CPU_VARIANT=emu) maps them to the portable C below, which follows the operation the
+   Intel SDM (vol. 2) gives for VDPBF16PS, VCVTNEPS2BF16, LDTILECFG, TILEZERO, TILELOADD,
+   TDPBF16PS, TILESTORED and TILERELEASE. The kernels' own source then runs, and is tested, on
+   CPUs without the instructions. (GCC's immintrin.h declares the _mm512_* / _tile_* names with
+   target attributes: the emu build cannot define or call them, hence the names of our own.)
+   What is modelled: bf16 pairs into fp32 lanes; each multiply-add is one FMA rounded to
+   nearest even, denormal inputs read as signed zero (DAZ) and denormal results, judged after
+   rounding, written as signed zero (FTZ); MXCSR neither read nor written. VDPBF16PS adds the
+   odd element's product first, then the even one's. TDPBF16PS keeps two fp32 sums per output
+   over k (the even elements' products, the odd ones'), adds them, then adds that to C (two
+   more roundings, DAZ / FTZ); rows of C past its configured rows and bytes past its colsb are
+   zeroed. The tile registers: 8 tiles of 16 rows x 64 bytes and the loaded configuration, per
+   thread as on hardware. Where the hardware raises #GP (an invalid LDTILECFG) or #UD (a tile
+   instruction without a configuration, on an unconfigured tile, or with shapes the
+   configuration does not allow), or Linux sends SIGILL (tiles before arch_prctl's grant), the
+   emulation ends the process (abort) with the instruction and the reason on stderr. Not
+   modelled: NaN payload priorities (a NaN in gives some NaN out), LDTILECFG's start_row
+   restarts (start_row != 0 is refused), TSX aborts. */
+struct tile_config {  /* LDTILECFG's 64 bytes: palette 1 has tiles 0-7 */
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+#ifdef SPARSE_CPU_EMU
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#define HAVE_AMX 1
+#define HAVE_DPBF16 1
+
+static void emu_fault(const char *insn, const char *why, ...) {
+    va_list args;
+    va_start(args, why);
+    fprintf(stderr, "sparse_cpu emu: %s: ", insn);
+    vfprintf(stderr, why, args);
+    fputc('\n', stderr);
+    va_end(args);
+    fflush(stderr);
+    abort();
+}
+
+/* a denormal (or zero) as a zero of its sign: DAZ on inputs, FTZ on results */
+static inline float emu_flush(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+/* a * b + c in one rounding (to nearest even), DAZ in, FTZ out */
+static inline float emu_fma(float a, float b, float c) {
+    return emu_flush(__builtin_fmaf(emu_flush(a), emu_flush(b), emu_flush(c)));
+}
+static inline float emu_add(float a, float b) { return emu_flush(emu_flush(a) + emu_flush(b)); }
+
+typedef struct { float f[16]; } emu_zmm_ps;   /* __m512 */
+typedef struct { bf16 h[32]; } emu_zmm_bh;    /* __m512bh: 16 pairs of bf16 */
+
+static inline emu_zmm_ps emu_loadu_ps(const float *p) {
+    emu_zmm_ps v;
+    __builtin_memcpy(v.f, p, 64);
+    return v;
+}
+static inline emu_zmm_ps emu_setzero_ps(void) { return (emu_zmm_ps){{0}}; }
+static inline emu_zmm_ps emu_add_ps(emu_zmm_ps a, emu_zmm_ps b) {  /* VADDPS (MXCSR's defaults) */
+    for (int i = 0; i < 16; ++i) a.f[i] += b.f[i];
+    return a;
+}
+static inline emu_zmm_bh emu_loadu_bh(const bf16 *p) {
+    emu_zmm_bh v;
+    __builtin_memcpy(v.h, p, 64);
+    return v;
+}
+static inline emu_zmm_bh emu_set1_pair(int32_t pair) {  /* _mm512_set1_epi32 of a bf16 pair */
+    emu_zmm_bh v;
+    for (int i = 0; i < 16; ++i) __builtin_memcpy(v.h + 2 * i, &pair, 4);
+    return v;
+}
+/* VDPBF16PS: lane i += a[2i+1] b[2i+1], then += a[2i] b[2i] */
+static inline emu_zmm_ps emu_dpbf16_ps(emu_zmm_ps acc, emu_zmm_bh a, emu_zmm_bh b) {
+    for (int i = 0; i < 16; ++i) {
+        acc.f[i] = emu_fma(bf16_f32(a.h[2 * i + 1]), bf16_f32(b.h[2 * i + 1]), acc.f[i]);
+        acc.f[i] = emu_fma(bf16_f32(a.h[2 * i]), bf16_f32(b.h[2 * i]), acc.f[i]);
+    }
+    return acc;
+}
+/* VCVTNEPS2BF16 of one lane: zero and denormals to a zero of their sign, NaN quieted, else to
+   nearest even (infinities and overflow give infinities) */
+static inline bf16 emu_cvtne_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0) return (bf16)((u >> 16) & 0x8000u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline void emu_storeu_cvtne_bf16(bf16 *p, emu_zmm_ps v) {
+    for (int i = 0; i < 16; ++i) p[i] = emu_cvtne_bf16(v.f[i]);
+}
+
+/* (tests) n / 16 VDPBF16PS, acc[16 j:] = dpbf16(acc[16 j:], a[32 j:], b[32 j:]); n VCVTNEPS2BF16 */
+void emu_vdpbf16ps(int64_t n, float *acc, const bf16 *a, const bf16 *b) {
+    for (int64_t j = 0; j + 16 <= n; j += 16) {
+        const emu_zmm_ps r = emu_dpbf16_ps(emu_loadu_ps(acc + j), emu_loadu_bh(a + 2 * j), emu_loadu_bh(b + 2 * j));
+        __builtin_memcpy(acc + j, r.f, 64);
+    }
+}
+void emu_vcvtneps2bf16(int64_t n, const float *src, bf16 *dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = emu_cvtne_bf16(src[i]);
+}
+
+static _Thread_local struct {
+    int configured;                 /* a palette-1 configuration is loaded */
+    struct tile_config cfg;
+    uint8_t tmm[8][16][64];         /* tmm0-7, 1 KB each */
+} emu_amx;
+static int emu_xtiledata;           /* arch_prctl granted the tile state (the process's, as Linux) */
+
+static long emu_arch_prctl(int code, unsigned long feature) {
+    if (code != ARCH_REQ_XCOMP_PERM || feature != XFEATURE_XTILEDATA) return -1;
+    __atomic_store_n(&emu_xtiledata, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+static void emu_granted(const char *insn) {
+    if (!__atomic_load_n(&emu_xtiledata, __ATOMIC_ACQUIRE))
+        emu_fault(insn, "the process has no tile state: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) "
+                        "first (Linux sends SIGILL)");
+}
+/* tile t usable: a configuration loaded, t in 0-7 and configured */
+static void emu_tile(const char *insn, int t) {
+    emu_granted(insn);
+    if (!emu_amx.configured) emu_fault(insn, "#UD: no tile configuration (LDTILECFG first)");
+    if (t < 0 || t > 7) emu_fault(insn, "#UD: tmm%d does not exist (tmm0-7)", t);
+    if (!emu_amx.cfg.rows[t]) emu_fault(insn, "#UD: tmm%d is not configured (0 rows, 0 colsb)", t);
+}
+void emu_tilerelease(void) {
+    __builtin_memset(&emu_amx, 0, sizeof emu_amx);
+}
+void emu_ldtilecfg(const void *mem) {
+    struct tile_config c;
+    __builtin_memcpy(&c, mem, 64);
+    emu_granted("LDTILECFG");
+    if (c.palette_id == 0) {  /* the init state, as TILERELEASE */
+        emu_tilerelease();
+        return;
+    }
+    if (c.palette_id != 1) emu_fault("LDTILECFG", "#GP: palette %d (palette 1 only)", c.palette_id);
+    for (int i = 0; i < 14; ++i)
+        if (c.reserved[i]) emu_fault("LDTILECFG", "#GP: reserved byte %d is %d, must be 0", 2 + i, c.reserved[i]);
+    if (c.start_row) emu_fault("LDTILECFG", "start_row %d: restarts are not emulated", c.start_row);
+    for (int t = 0; t < 16; ++t) {
+        if (t >= 8 && (c.rows[t] || c.colsb[t]))
+            emu_fault("LDTILECFG", "#GP: tile %d configured, palette 1 has tiles 0-7", t);
+        if (c.rows[t] > 16) emu_fault("LDTILECFG", "#GP: tmm%d rows %d > 16", t, c.rows[t]);
+        if (c.colsb[t] > 64) emu_fault("LDTILECFG", "#GP: tmm%d colsb %d > 64", t, c.colsb[t]);
+        if (!c.rows[t] != !c.colsb[t])
+            emu_fault("LDTILECFG", "#GP: tmm%d rows %d, colsb %d: both 0 or neither", t, c.rows[t], c.colsb[t]);
+    }
+    emu_tilerelease();
+    emu_amx.cfg = c;
+    emu_amx.configured = 1;
+}
+void emu_tilezero(int t) {
+    emu_tile("TILEZERO", t);
+    __builtin_memset(emu_amx.tmm[t], 0, 1024);
+}
+/* rows x colsb bytes from base + m * stride; the rest of the tile zeroed */
+void emu_tileloadd(int t, const void *base, int64_t stride) {
+    emu_tile("TILELOADD", t);
+    const int rows = emu_amx.cfg.rows[t], colsb = emu_amx.cfg.colsb[t];
+    __builtin_memset(emu_amx.tmm[t], 0, 1024);
+    for (int m = 0; m < rows; ++m) __builtin_memcpy(emu_amx.tmm[t][m], (const uint8_t *)base + m * stride, colsb);
+}
+void emu_tilestored(int t, void *base, int64_t stride) {
+    emu_tile("TILESTORED", t);
+    const int rows = emu_amx.cfg.rows[t], colsb = emu_amx.cfg.colsb[t];
+    for (int m = 0; m < rows; ++m) __builtin_memcpy((uint8_t *)base + m * stride, emu_amx.tmm[t][m], colsb);
+}
+static inline bf16 emu_tile_bf16(int t, int m, int e) {
+    bf16 h;
+    __builtin_memcpy(&h, emu_amx.tmm[t][m] + 2 * e, 2);
+    return h;
+}
+/* TDPBF16PS: C [M, N] fp32 += A [M, K pairs] B [K, N pairs] */
+void emu_tdpbf16ps(int c, int a, int b) {
+    emu_tile("TDPBF16PS", c);
+    emu_tile("TDPBF16PS", a);
+    emu_tile("TDPBF16PS", b);
+    if (c == a || c == b || a == b) emu_fault("TDPBF16PS", "#UD: tmm%d, tmm%d, tmm%d are not three tiles", c, a, b);
+    const struct tile_config *g = &emu_amx.cfg;
+    if (g->colsb[c] % 4 || g->colsb[a] % 4 || g->colsb[b] % 4)
+        emu_fault("TDPBF16PS", "#UD: colsb %d, %d, %d not all multiples of 4", g->colsb[c], g->colsb[a], g->colsb[b]);
+    if (g->colsb[c] != g->colsb[b]) emu_fault("TDPBF16PS", "#UD: C colsb %d != B colsb %d", g->colsb[c], g->colsb[b]);
+    if (g->colsb[a] / 4 != g->rows[b]) emu_fault("TDPBF16PS", "#UD: A colsb / 4 = %d != B rows %d", g->colsb[a] / 4, g->rows[b]);
+    if (g->rows[c] != g->rows[a]) emu_fault("TDPBF16PS", "#UD: C rows %d != A rows %d", g->rows[c], g->rows[a]);
+    const int M = g->rows[c], K = g->colsb[a] / 4, N = g->colsb[c] / 4;
+    for (int m = 0; m < M; ++m) {
+        float even[16] = {0}, odd[16] = {0};
+        for (int k = 0; k < K; ++k) {
+            const float a0 = bf16_f32(emu_tile_bf16(a, m, 2 * k)), a1 = bf16_f32(emu_tile_bf16(a, m, 2 * k + 1));
+            for (int n = 0; n < N; ++n) {
+                even[n] = emu_fma(a0, bf16_f32(emu_tile_bf16(b, k, 2 * n)), even[n]);
+                odd[n] = emu_fma(a1, bf16_f32(emu_tile_bf16(b, k, 2 * n + 1)), odd[n]);
+            }
+        }
+        float row[16];
+        __builtin_memcpy(row, emu_amx.tmm[c][m], 4 * N);
+        for (int n = 0; n < N; ++n) row[n] = emu_add(row[n], emu_add(even[n], odd[n]));
+        __builtin_memset(emu_amx.tmm[c][m], 0, 64);
+        __builtin_memcpy(emu_amx.tmm[c][m], row, 4 * N);
+    }
+    for (int m = M; m < 16; ++m) __builtin_memset(emu_amx.tmm[c][m], 0, 64);
+}
+
+#define ZMM_PS emu_zmm_ps
+#define ZMM_BH emu_zmm_bh
+#define ZMM_LOADU_PS(p) emu_loadu_ps(p)
+#define ZMM_SETZERO_PS() emu_setzero_ps()
+#define ZMM_ADD_PS(a, b) emu_add_ps(a, b)
+#define ZMM_LOADU_BH(p) emu_loadu_bh(p)
+#define ZMM_SET1_PAIR(pair) emu_set1_pair(pair)
+#define ZMM_DPBF16_PS(acc, a, b) emu_dpbf16_ps(acc, a, b)
+#define ZMM_STOREU_CVTNE_BF16(p, v) emu_storeu_cvtne_bf16(p, v)
+#define ARCH_PRCTL(code, feature) emu_arch_prctl(code, feature)
+#define TILE_LOADCONFIG(cfg) emu_ldtilecfg(cfg)
+#define TILE_ZERO(t) emu_tilezero(t)
+#define TILE_LOADD(t, base, stride) emu_tileloadd(t, base, stride)
+#define TILE_DPBF16PS(c, a, b) emu_tdpbf16ps(c, a, b)
+#define TILE_STORED(t, base, stride) emu_tilestored(t, base, stride)
+#define TILE_RELEASE() emu_tilerelease()
+#else
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_DPBF16 1
+#define ZMM_PS __m512
+#define ZMM_BH __m512bh
+#define ZMM_LOADU_PS(p) _mm512_loadu_ps(p)
+#define ZMM_SETZERO_PS() _mm512_setzero_ps()
+#define ZMM_ADD_PS(a, b) _mm512_add_ps(a, b)
+#define ZMM_LOADU_BH(p) ((__m512bh)_mm512_loadu_si512(p))
+#define ZMM_SET1_PAIR(pair) ((__m512bh)_mm512_set1_epi32(pair))
+#define ZMM_DPBF16_PS(acc, a, b) _mm512_dpbf16_ps(acc, a, b)
+#define ZMM_STOREU_CVTNE_BF16(p, v) _mm256_storeu_si256((__m256i *)(p), (__m256i)_mm512_cvtneps_pbh(v))
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#define ARCH_PRCTL(code, feature) syscall(SYS_arch_prctl, code, feature)
+#define TILE_LOADCONFIG(cfg) _tile_loadconfig(cfg)
+#define TILE_ZERO(t) _tile_zero(t)
+#define TILE_LOADD(t, base, stride) _tile_loadd(t, base, stride)
+#define TILE_DPBF16PS(c, a, b) _tile_dpbf16ps(c, a, b)
+#define TILE_STORED(t, base, stride) _tile_stored(t, base, stride)
+#define TILE_RELEASE() _tile_release()
+#endif
+#endif
+
 /* AMX (the amx_tile + amx_bf16 build, -mamx-tile -mamx-bf16; Sapphire Rapids and later Xeons):
    y [T, out] = x [T, in] W^T + bias for a BSR of 16 x 16 bf16 blocks (block diagonals b = 16;
    b = 32 / 64 are split into 16 x 16 blocks by the caller), x bf16 read in place at row stride
@@ -533,26 +798,16 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
    for two token slices at once (C0, C1 share each B load), over the blocks of block row rb.
    Tiles: 0, 1 C; 2, 3 A; 4 B. Linux lends a process the tile registers only after
    arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): sparse_cpu_amx_init, called once by
-   kernels.cpu after loading; the function refuses (-1) until it succeeded. Not run on the CPUs
-   this was written on (AMD EPYC Zen 3): compiled by the tests there, run by them where the CPU
-   has amx_bf16. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
+   kernels.cpu after loading; the function refuses (-1) until it succeeded. Written against the
+   TILE_* wrappers above: the tests run it where the CPU has amx_bf16, and through the emulated
+   instructions (the emu build) on any AVX2 CPU. */
+#ifdef HAVE_AMX
 static int amx_ready = 0;
 
 int sparse_cpu_amx_init(void) {
-    if (!amx_ready && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) amx_ready = 1;
+    if (!amx_ready && ARCH_PRCTL(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) amx_ready = 1;
     return amx_ready ? 0 : -1;
 }
-
-struct tile_config {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
 
 /* rows of tokens (1..16) for the C and A tiles */
 static void amx_configure(int rows) {
@@ -562,7 +817,7 @@ static void amx_configure(int rows) {
     for (int t = 0; t < 2; ++t) { c.rows[t] = (uint8_t)rows; c.colsb[t] = 64; }      /* C: rows x 16 fp32 */
     for (int t = 2; t < 4; ++t) { c.rows[t] = (uint8_t)rows; c.colsb[t] = 32; }      /* A: rows x 16 bf16 */
     c.rows[4] = 8; c.colsb[4] = 64;                                                  /* B: 8 x (16 x 2) bf16 */
-    _tile_loadconfig(&c);
+    TILE_LOADCONFIG(&c);
 }
 
 static void amx_store(const float *restrict acc, int rows, int64_t t0, int64_t rb, const float *restrict bias,
@@ -591,18 +846,18 @@ int bsr16_mm_amx(int64_t rb0, int64_t rb1, int64_t T, const int32_t *restrict cr
     amx_configure(16);
     for (; t0 + 32 <= T; t0 += 32)
         for (int64_t rb = rb0; rb < rb1; ++rb) {
-            _tile_zero(0);
-            _tile_zero(1);
+            TILE_ZERO(0);
+            TILE_ZERO(1);
             for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
                 const bf16 *xs = x + t0 * ldx + (int64_t)bcols[n] * 16;
-                _tile_loadd(4, blocks + n * 256, 64);
-                _tile_loadd(2, xs, sx);
-                _tile_loadd(3, xs + 16 * ldx, sx);
-                _tile_dpbf16ps(0, 2, 4);
-                _tile_dpbf16ps(1, 3, 4);
+                TILE_LOADD(4, blocks + n * 256, 64);
+                TILE_LOADD(2, xs, sx);
+                TILE_LOADD(3, xs + 16 * ldx, sx);
+                TILE_DPBF16PS(0, 2, 4);
+                TILE_DPBF16PS(1, 3, 4);
             }
-            _tile_stored(0, acc[0], 64);
-            _tile_stored(1, acc[1], 64);
+            TILE_STORED(0, acc[0], 64);
+            TILE_STORED(1, acc[1], 64);
             amx_store(acc[0], 16, t0, rb, bias, y, ldy, y_bf16);
             amx_store(acc[1], 16, t0 + 16, rb, bias, y, ldy, y_bf16);
         }
@@ -610,18 +865,18 @@ int bsr16_mm_amx(int64_t rb0, int64_t rb1, int64_t T, const int32_t *restrict cr
         const int rows = T - t0 < 16 ? (int)(T - t0) : 16;
         amx_configure(rows);
         for (int64_t rb = rb0; rb < rb1; ++rb) {
-            _tile_zero(0);
+            TILE_ZERO(0);
             for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
-                _tile_loadd(4, blocks + n * 256, 64);
-                _tile_loadd(2, x + t0 * ldx + (int64_t)bcols[n] * 16, sx);
-                _tile_dpbf16ps(0, 2, 4);
+                TILE_LOADD(4, blocks + n * 256, 64);
+                TILE_LOADD(2, x + t0 * ldx + (int64_t)bcols[n] * 16, sx);
+                TILE_DPBF16PS(0, 2, 4);
             }
-            _tile_stored(0, acc[0], 64);
+            TILE_STORED(0, acc[0], 64);
             amx_store(acc[0], rows, t0, rb, bias, y, ldy, y_bf16);
         }
         t0 += rows;
     }
-    _tile_release();
+    TILE_RELEASE();
     return 0;
 }
 #endif
@@ -632,14 +887,14 @@ int bsr16_mm_amx(int64_t rb0, int64_t rb1, int64_t T, const int32_t *restrict cr
    _mm512_dpbf16_ps: the 16 outputs' weights of two adjacent columns (one 64-byte row of the
    block) times those two x values broadcast as one bf16 pair: 2 multiply-adds per fp32 lane and
    instruction, no widening of the weights (the AVX2 build spends a vpmovzxwd + vpslld on each
-   8). Two sums in flight. Not run on the CPU this was written on (AMD EPYC Zen 3): compiled
-   there by the tests. */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+   8). Two sums in flight. Written against the ZMM_* wrappers above: the tests run it where the
+   CPU has avx512_bf16, and through the emulated instructions (the emu build) on any AVX2 CPU. */
+#ifdef HAVE_DPBF16
 void bsr16_mv_dpbf16(int64_t rb0, int64_t rb1, const int32_t *restrict crow, const int32_t *restrict bcols,
                      const bf16 *restrict blocks, const bf16 *restrict x, const float *restrict bias,
                      bf16 *restrict y) {
     for (int64_t rb = rb0; rb < rb1; ++rb) {
-        __m512 a0 = bias ? _mm512_loadu_ps(bias + rb * 16) : _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        ZMM_PS a0 = bias ? ZMM_LOADU_PS(bias + rb * 16) : ZMM_SETZERO_PS(), a1 = ZMM_SETZERO_PS();
         for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n) {
             const bf16 *xs = x + (int64_t)bcols[n] * 16;
             const bf16 *blk = blocks + n * 256;
@@ -647,11 +902,11 @@ void bsr16_mv_dpbf16(int64_t rb0, int64_t rb1, const int32_t *restrict crow, con
                 int32_t p0, p1;
                 __builtin_memcpy(&p0, xs + 2 * r, 4);
                 __builtin_memcpy(&p1, xs + 2 * r + 2, 4);
-                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(blk + r * 32), (__m512bh)_mm512_set1_epi32(p0));
-                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(blk + r * 32 + 32), (__m512bh)_mm512_set1_epi32(p1));
+                a0 = ZMM_DPBF16_PS(a0, ZMM_LOADU_BH(blk + r * 32), ZMM_SET1_PAIR(p0));
+                a1 = ZMM_DPBF16_PS(a1, ZMM_LOADU_BH(blk + r * 32 + 32), ZMM_SET1_PAIR(p1));
             }
         }
-        _mm256_storeu_si256((__m256i *)(y + rb * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a0, a1)));
+        ZMM_STOREU_CVTNE_BF16(y + rb * 16, ZMM_ADD_PS(a0, a1));
     }
 }
 #endif
@@ -660,10 +915,10 @@ void bsr16_mv_dpbf16(int64_t rb0, int64_t rb1, const int32_t *restrict crow, con
    (bsr16_mv_dpbf16). */
 int sparse_cpu_features(void) {
     int f = 0;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef HAVE_AMX
     f |= 1;
 #endif
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#ifdef HAVE_DPBF16
     f |= 2;
 #endif
     return f;

@@ -1,7 +1,9 @@
 """The native CPU library (kernels/cpu): its fp32 inference products against the fp64 torch
 reference for every layer format, its cache following value and pattern changes, both builds
 (AVX2 and baseline x86-64), the fall back to torch's path when it is disabled or cannot be
-built, and its training-step products (csr_matmul, sddmm) against fp64."""
+built, its training-step products (csr_matmul, sddmm) against fp64, the variant
+KERNELS_CPU_VARIANT forces, and the AMX / AVX-512-BF16 kernels on this CPU where it has them and
+on the emu build everywhere."""
 import copy
 import ctypes
 import os
@@ -447,6 +449,7 @@ def test_disabled_context_gives_torchs_path_in_it_only(native_calls):
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                     reason="the AVX2 / x86-64 choice is made on x86-64 only")
 def test_the_build_uses_only_instructions_the_cpu_reports(monkeypatch):
+    monkeypatch.delenv("KERNELS_CPU_VARIANT", raising=False)  # (the choice from the flags)
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx"})
     assert cpu.variant() == ("x86-64", ["-march=x86-64"])
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
@@ -609,7 +612,11 @@ def test_native_bf16_product_matches_the_fp64_reference(name, tokens, how, nativ
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = layer(x)
     assert native_calls, "the native product did not run"
-    assert native_calls[-1][0] == ("bsr" if tokens == 1 and getattr(layer, "block_size", 1) > 1 else "csr")
+    b = getattr(layer, "block_size", 1)
+    # (bf16 blocks of 16 | b take the 16 x 16 tile kernels where the loaded build has them: AMX,
+    # AVX-512-BF16 or emu)
+    tiles = b % 16 == 0 and cpu.block_kernel(tokens)
+    assert native_calls[-1][0] == ("bsr16" if tiles else "bsr" if tokens == 1 and b > 1 else "csr")
     assert y.dtype == torch.bfloat16
     assert_matches(y, ref, lowp, f"{name}, T={tokens}, {how}")
 
@@ -702,6 +709,7 @@ has_compiler = pytest.mark.skipif(
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the variants are x86-64's")
 def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
+    monkeypatch.delenv("KERNELS_CPU_VARIANT", raising=False)  # (the choice from the flags)
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS)
     assert cpu.variant() == ("amx", cpu.AMX_FLAGS)
     monkeypatch.setattr(cpu, "_cpu_flags", lambda: AMX_FLAGS - {"amx_tile"})
@@ -722,6 +730,7 @@ def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fre
 
 
 def test_a_build_that_fails_falls_back_to_the_next_narrower_variant(monkeypatch, fresh_library):
+    monkeypatch.delenv("KERNELS_CPU_VARIANT", raising=False)  # (a forced variant has no fall back)
     real = cpu.build
     monkeypatch.setattr(cpu, "variant", lambda: ("amx", cpu.AMX_FLAGS))
 
@@ -735,6 +744,43 @@ def test_a_build_that_fails_falls_back_to_the_next_narrower_variant(monkeypatch,
         pytest.skip(f"no native library here at all: {cpu.error()}")
     assert cpu.loaded_variant() == ("avx2" if {"avx2", "fma"} <= cpu._cpu_flags() else "x86-64")
     assert not cpu.features()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the variants are x86-64's")
+def test_kernels_cpu_variant_forces_a_build_and_refuses_what_the_cpu_cannot_run(monkeypatch, fresh_library):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma", "f16c"})
+    monkeypatch.setenv("KERNELS_CPU_VARIANT", "x86-64")
+    assert cpu.variant() == ("x86-64", ["-march=x86-64"])
+    monkeypatch.setenv("KERNELS_CPU_VARIANT", "emu")
+    assert cpu.variant() == ("emu", cpu.EMU_FLAGS)
+    for name in ("amx", "avx512-bf16"):
+        monkeypatch.setenv("KERNELS_CPU_VARIANT", name)
+        with pytest.raises(RuntimeError, match=rf"KERNELS_CPU_VARIANT={name}: this CPU .* lacks .*avx512_bf16.*emu"):
+            cpu.lib()
+    monkeypatch.setenv("KERNELS_CPU_VARIANT", "avx512")
+    with pytest.raises(ValueError, match="'avx512' is not a variant; choose one of amx, avx512-bf16, avx2, x86-64"):
+        cpu.lib()
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"sse2", "avx"})
+    for name in ("avx2", "emu"):
+        monkeypatch.setenv("KERNELS_CPU_VARIANT", name)
+        with pytest.raises(RuntimeError, match="lacks avx2, fma"):
+            cpu.variant()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or cpu.lib() is None,
+                    reason="needs x86-64 and a C compiler")
+def test_a_forced_variant_is_loaded_without_falling_back(monkeypatch, fresh_library):
+    monkeypatch.setenv("KERNELS_CPU_VARIANT", "x86-64")
+    assert cpu.lib() is not None and cpu.loaded_variant() == "x86-64" and not cpu.features()
+    cpu.reset()
+    real = cpu.build
+
+    def build(name=None):
+        if name == "x86-64":
+            raise RuntimeError("gcc failed (x86-64)")
+        return real(name)
+    monkeypatch.setattr(cpu, "build", build)
+    assert cpu.lib() is None and cpu.error() == "x86-64: RuntimeError: gcc failed (x86-64)"
 
 
 @needs_library
@@ -751,16 +797,48 @@ def test_the_16_by_16_tile_layout_holds_the_bf16_blocks(name):
     assert w.n_rows == layer.out_features // 16
 
 
-needs_amx = pytest.mark.skipif("amx" not in cpu.features(), reason=f"AMX kernels: {cpu.missing_feature('amx')}")
-needs_avx512_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu.features(),
-                                       reason=f"AVX-512-BF16 kernels: {cpu.missing_feature('avx512_bf16')}")
+# The AMX and AVX-512-BF16 kernels run twice: on this CPU's build where it has them (skipping
+# with the reason elsewhere: the AMD EPYC) and on the emu build on any AVX2 CPU, the same kernel
+# source on emulated instructions (sparse_cpu.c, SPARSE_CPU_EMU; the emulation itself is tested
+# against a model of Intel's documented operation in test_cpu_emu.py). Same fp64 references,
+# same tolerances.
+
+@pytest.fixture
+def emu_library(monkeypatch):
+    """The emu build loaded in place of this CPU's (KERNELS_CPU_VARIANT=emu); this CPU's back after."""
+    if not (platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu._cpu_flags()):
+        pytest.skip("the emu build needs an x86-64 CPU with avx2 + fma")
+    monkeypatch.setenv("KERNELS_CPU_VARIANT", "emu")
+    cpu.reset()
+    if cpu.lib() is None:
+        pytest.skip(f"no native library here: {cpu.error()}")
+    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16"}
+    yield
+    monkeypatch.undo()
+    cpu.reset()
 
 
-@needs_amx
-@pytest.mark.parametrize("how", ["bf16 layer", "autocast"])
-@pytest.mark.parametrize("tokens", [2, 16, 33, 70])
-@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
-def test_amx_tile_product_matches_the_fp64_reference(name, tokens, how, native_calls):
+def tile_build(request, feature: str):
+    if request.param == "emu":
+        request.getfixturevalue("emu_library")
+    elif feature not in cpu.features():
+        pytest.skip(f"{feature} kernels: {cpu.missing_feature(feature)}")
+    return request.param
+
+
+@pytest.fixture(params=["this CPU", "emu"])
+def amx_build(request):
+    """bsr16_mm_amx on this CPU (skips without AMX) or on the emu build."""
+    return tile_build(request, "amx")
+
+
+@pytest.fixture(params=["this CPU", "emu"])
+def dpbf16_build(request):
+    """bsr16_mv_dpbf16 on this CPU (skips without AVX-512-BF16) or on the emu build."""
+    return tile_build(request, "avx512_bf16")
+
+
+def check_amx_tile_product(name, tokens, how, build, native_calls):
     g = torch.Generator().manual_seed(39)
     layer = LAYERS[name](g, True)
     x = torch.randn(tokens, layer.in_features, generator=g)
@@ -772,17 +850,21 @@ def test_amx_tile_product_matches_the_fp64_reference(name, tokens, how, native_c
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = layer(x)
     assert native_calls[-1] == ("bsr16", tokens)
-    assert_matches(y, ref, lowp, f"{name}, T={tokens}, AMX, {how}")
+    assert_matches(y, ref, lowp, f"{name}, T={tokens}, AMX ({build}), {how}")
 
 
-@needs_amx
-def test_amx_tile_product_split_over_threads(two_threads, native_calls):
-    test_amx_tile_product_matches_the_fp64_reference("diag b=16 tall", 70, "autocast", native_calls)
-
-
-@needs_avx512_bf16
+@pytest.mark.parametrize("how", ["bf16 layer", "autocast"])
+@pytest.mark.parametrize("tokens", [2, 16, 33, 70])
 @pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
-def test_avx512_bf16_one_token_product_matches_the_fp64_reference(name, native_calls):
+def test_amx_tile_product_matches_the_fp64_reference(name, tokens, how, amx_build, native_calls):
+    check_amx_tile_product(name, tokens, how, amx_build, native_calls)
+
+
+def test_amx_tile_product_split_over_threads(amx_build, two_threads, native_calls):
+    check_amx_tile_product("diag b=16 tall", 70, "autocast", amx_build, native_calls)
+
+
+def check_avx512_bf16_one_token_product(name, build, native_calls):
     g = torch.Generator().manual_seed(40)
     layer = LAYERS[name](g, True)
     x = torch.randn(1, layer.in_features, generator=g)
@@ -791,4 +873,52 @@ def test_avx512_bf16_one_token_product_matches_the_fp64_reference(name, native_c
         y = [layer.to(torch.bfloat16)(x.to(torch.bfloat16)) for _ in range(2)]  # the plan, then its reuse
     assert native_calls[-1] == ("bsr16", 1)
     for out in y:
-        assert_matches(out, ref, lowp, f"{name}, AVX-512-BF16")
+        assert_matches(out, ref, lowp, f"{name}, AVX-512-BF16 ({build})")
+
+
+@pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
+def test_avx512_bf16_one_token_product_matches_the_fp64_reference(name, dpbf16_build, native_calls):
+    check_avx512_bf16_one_token_product(name, dpbf16_build, native_calls)
+
+
+def test_avx512_bf16_one_token_product_split_over_threads(dpbf16_build, two_threads, native_calls):
+    check_avx512_bf16_one_token_product("diag b=16 tall", dpbf16_build, native_calls)
+
+
+def random_bsr16(g, n_out, n_in, empty_rows):
+    """A BSR of 16 x 16 blocks, about half the blocks of each block row, none in ``empty_rows``."""
+    crow, bcols = [0], []
+    for rb in range(n_out // 16):
+        cols = [] if rb in empty_rows else sorted(torch.randperm(n_in // 16, generator=g)[:max(1, n_in // 32)].tolist())
+        bcols += cols
+        crow.append(len(bcols))
+    blocks = torch.randn(len(bcols), 16, 16, generator=g)
+    dense = torch.zeros(n_out, n_in)
+    for rb in range(n_out // 16):
+        for n in range(crow[rb], crow[rb + 1]):
+            dense[rb * 16:rb * 16 + 16, bcols[n] * 16:bcols[n] * 16 + 16] = blocks[n]
+    return torch.tensor(crow, dtype=torch.int32), torch.tensor(bcols, dtype=torch.int32), blocks, dense
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_tile_kernels_take_empty_block_rows_strided_x_and_either_y(out_dtype, bias, amx_build):
+    """kernels.cpu.matmul on a 'bsr16' weight directly: block rows without blocks (bias only),
+    x a column slice of a wider bf16 tensor (row stride != in), y in bf16 or fp32, every tail
+    of the 32-token loop; one bf16 token takes bsr16_mv_dpbf16 (the AMX build has both)."""
+    g = torch.Generator().manual_seed(41)
+    n_out, n_in = 80, 96
+    crow, bcols, blocks, dense = random_bsr16(g, n_out, n_in, empty_rows=(0, 3))
+    w = cpu.bsr16_weight(crow, bcols, blocks, n_out, n_in)
+    b = torch.randn(n_out, generator=g).to(torch.bfloat16).float() if bias else None
+    wb = dense.to(torch.bfloat16)
+    for tokens in (1, 5, 16, 31, 32, 33, 70):
+        wide = torch.randn(tokens, n_in + 24, generator=g).to(torch.bfloat16)
+        x = wide[:, 8:8 + n_in]
+        y = cpu.matmul(w, x, b, out_dtype=out_dtype)
+        ref = x.double() @ wb.double().t() + (0 if b is None else b.double())
+        lowp = (x @ wb.t() + (0 if b is None else b.to(torch.bfloat16))).to(out_dtype)
+        assert y.dtype == out_dtype and y.shape == (tokens, n_out)
+        assert_matches(y, ref, lowp, f"T={tokens}, y {out_dtype}, bias {bias} ({amx_build})")
+        if not bias:
+            assert not y[:, :16].any() and not y[:, 48:64].any(), "an empty block row must give 0"

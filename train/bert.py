@@ -119,7 +119,8 @@ def train(cfg: Config, argv=None) -> int:
 
     from . import session
     from .data import mask_tokens
-    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m, resume_from: load(cfg, m, resume_from))
+    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg),
+                        lambda m, resume_from: load(cfg, m, resume_from))
     cfg, model, data, sparsifier, optimizer = run.cfg, run.model, run.data, run.sparsifier, run.optimizer
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
     for step in run.steps(lambda: evaluate(model, val, data, cfg, run.device, run.amp)):

@@ -118,7 +118,8 @@ def train(cfg: Config, argv=None) -> int:
     """The run: ``session.start``, then the loop (forward, backward, ``run.update``: optimizer and
     mask step), then the final evaluation (``run.finish``: summary.json, plots)."""
     from . import session
-    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m, resume_from: load(cfg, m, resume_from))
+    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg),
+                        lambda m, resume_from: load(cfg, m, resume_from))
     cfg, model, data, sparsifier, optimizer = run.cfg, run.model, run.data, run.sparsifier, run.optimizer
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
     for step in run.steps(lambda: evaluate(model, val, run.device, run.amp)):

@@ -222,8 +222,9 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
     processes (torchrun), the flags, the device, the run folder and checkpoint, the model
     config (``model_config() -> (class, config)``, checked before the data loads), the data
     (``load(model_config, resume_from) -> Built``; ``resume_from`` is the run folder on
-    --resume, else None: a trainer whose data depends on the run reads it there), the sparse model, the Sparsifier and the optimizer;
-    then resume, the metrics file and the banner. Raises ``Exit``."""
+    --resume, else None: a trainer whose data depends on the run reads it there), the sparse
+    model, the Sparsifier and the optimizer; then resume, the run's files (``Built.files``), the
+    metrics file and the banner. Raises ``Exit``."""
     from dst import Sparsifier
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:

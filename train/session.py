@@ -244,6 +244,11 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         C.prepare_run_dir(out, cfg.resume, cfg.overwrite)
         blob = C.load_checkpoint(out / "checkpoint.pt", entry.name, cfg) if cfg.resume else None
         model_cls, model_cfg = _model_config(model_config, cfg.dst)
+        if blob is not None and blob["step"] >= cfg.steps and (out / "summary.json").exists():
+            # A finished run: its summary (step times, wall time) is not rewritten by a session that
+            # trains nothing, and its data is not loaded (no tokenizer fallback, no warning).
+            print(f"{entry.label}: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
+            raise Exit(0)
         built = load(model_cfg, out if blob is not None else None)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -257,10 +262,6 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         optimizer = C.make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     except UsageError as e:
         raise Exit(usage_exit(str(e), entry.prog)) from None
-    if blob is not None and blob["step"] >= cfg.steps and (out / "summary.json").exists():
-        # A finished run: its summary (step times, wall time) is not rewritten by a session that trains nothing.
-        print(f"{entry.label}: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
-        raise Exit(0)
     warnings = C.warn_schedule(cfg, entry.prog) if ddp.is_main else []
     ddp.broadcast_model(model)
     net = ddp.wrap(model, cfg.grad_sync)   # the training forward: DDP under torchrun (train/distributed.py)

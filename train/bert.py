@@ -8,7 +8,8 @@ method.
 
 The default corpus is the stdlib's ``pydoc_data.topics`` (offline); ``--dataset`` also takes a
 local .txt file or folder, a Hugging Face dataset name or a .parquet file with a text column.
-A WordPiece tokenizer is trained on the corpus and cached in data_cache/. Metrics: masked-LM
+A WordPiece tokenizer is trained on the corpus, cached in data_cache/ and kept in the run folder
+(tokenizer.json: --resume and train.eval read that one). Metrics: masked-LM
 loss (cross-entropy over the masked tokens) and accuracy on the masked tokens.
 Writes to runs/bert/<method>-s<sparsity>-seed<seed>/ (or --out-dir) the same files as train.vit.
 """
@@ -92,16 +93,19 @@ def model_config(cfg: Config):
     return Bert, BertConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp, **overrides)
 
 
-def load(cfg: Config, model_cfg):
-    """The corpus (tokenized, in blocks of --seq-len) and the model config at its vocabulary."""
+def load(cfg: Config, model_cfg, resume_from=None):
+    """The corpus (tokenized, in blocks of --seq-len) and the model config at its vocabulary; the
+    tokenizer is kept in the run folder (tokenizer.json), and a resumed run reads it there."""
     from models.bert import Bert
 
-    from .data import load_text
+    from .data import TOKENIZER_FILE, load_text, run_tokenizer
     from .session import Built
-    data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)
+    tok = run_tokenizer(resume_from, cfg.dataset, cfg.vocab_size, ENTRY.prog, keeps=True) if resume_from else None
+    data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed, tokenizer=tok)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size, max_len=max(model_cfg.max_len, cfg.seq_len))
     return Built(Bert, model_cfg, data, about=f"{data.name} ({len(data.train)} train sequences of {cfg.seq_len}, "
-                                              f"vocab {data.vocab_size})")
+                                              f"vocab {data.vocab_size})",
+                 files={TOKENIZER_FILE: data.tokenizer.to_str(pretty=True)})
 
 
 def main(argv=None) -> int:
@@ -115,7 +119,8 @@ def train(cfg: Config, argv=None) -> int:
 
     from . import session
     from .data import mask_tokens
-    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m: load(cfg, m))
+    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg),
+                        lambda m, resume_from: load(cfg, m, resume_from))
     cfg, model, data, sparsifier, optimizer = run.cfg, run.model, run.data, run.sparsifier, run.optimizer
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
     for step in run.steps(lambda: evaluate(model, val, data, cfg, run.device, run.amp)):

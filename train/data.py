@@ -7,8 +7,10 @@ folder, a .parquet file.
 
 Text (train.bert): "pydoc" (the stdlib's ``pydoc_data.topics``, 465k characters of Python
 documentation), a local .txt file or folder of .txt files, or a ``datasets`` name / parquet
-with a "text" column. A WordPiece tokenizer is trained on the text and cached under
-``data_cache/``.
+with a "text" column. A WordPiece tokenizer is trained on the text (deterministically: the same
+file in every process, see ``wordpiece``) and cached under ``data_cache/``; each BERT / GPT run
+keeps the one that made its ids in its folder (``tokenizer.json``), and ``--resume`` and
+``train.eval`` read that one (``run_tokenizer``), never a fresh training.
 
 Batches are a pure function of (seed, step): the order is a fixed permutation per epoch, so a
 resumed run sees exactly the batches the uninterrupted one would.
@@ -20,6 +22,7 @@ import hashlib
 import os
 import pickle
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ CACHE = Path(os.environ.get("DST_DATA_CACHE", REPO / "data_cache"))
 # .ci/setup unpacks Debian's dataset-fashion-mnist into the cache; a system-wide install works too.
 FASHION_DIRS = (str(CACHE / "fashion-mnist/usr/share/datasets/fashion-mnist"), "/usr/share/datasets/fashion-mnist")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_FILE = "tokenizer.json"   # in a BERT / GPT run folder: the tokenizer that made its ids
 
 
 def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -301,38 +305,112 @@ def text_docs(spec: str) -> list[str]:
     return _hf_text_docs(spec, 0)
 
 
-def wordpiece(docs: list[str], vocab_size: int, name: str):
-    """A lower-cased BERT-style WordPiece tokenizer trained on ``docs`` (a few seconds), cached
-    by the hash of the text and the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def _cache_path(docs: list[str], vocab_size: int, name: str, prefix: str) -> Path:
     digest = hashlib.sha1()
     for d in docs:
         digest.update(d.encode("utf-8", errors="replace"))
     slug = "".join(c if c.isalnum() else "_" for c in name)[-40:]
-    path = CACHE / f"wordpiece-{slug}-{vocab_size}-{digest.hexdigest()[:12]}.json"
-    if path.exists():
-        return Tokenizer.from_file(str(path))
+    return CACHE / f"{prefix}-{slug}-{vocab_size}-{digest.hexdigest()[:12]}.json"
+
+
+def legacy_cache_path(docs: list[str], vocab_size: int, name: str) -> Path:
+    """Where the trainers before the deterministic ``wordpiece`` cached a corpus's tokenizer
+    (what a run folder without tokenizer.json read its ids from)."""
+    return _cache_path(docs, vocab_size, name, "wordpiece")
+
+
+def read_tokenizer(path: Path):
+    """The tokenizers.Tokenizer in ``path``; UsageError naming the file when it cannot be read
+    or lacks the special tokens."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises plain Exceptions (missing file, bad JSON, bad model)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read tokenizer {path}: {first}") from None
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise UsageError(f"tokenizer {path} lacks the special tokens {', '.join(missing)}: not one of this trainer's")
+    return tok
+
+
+def _train_wordpiece(docs: list[str], vocab_size: int):
+    """tokenizers' WordPieceTrainer, made reproducible across processes.
+
+    Its BPE trainer (tokenizers 0.23, models/bpe/trainer.rs) numbers the continuing-subword
+    tokens ("##e") in the order it meets them while iterating a Rust HashMap of the words,
+    whose hash keys are random per process; merges of equal count are then ordered by those
+    ids, so the ids, and at the vocabulary's cut-off even the token set, changed from one
+    process to the next (RAYON_NUM_THREADS=1 / TOKENIZERS_PARALLELISM=false change nothing: the
+    order is the hash's, not the threads'). Passing every "##c" of the corpus, sorted, as a
+    leading token fixes their ids, and with them every tie. They are taken back out of the
+    added (special) tokens afterwards: they stay plain vocabulary entries, as in a BERT vocab.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    inner = set()   # the characters that occur inside a word (after the first): the trainer's "##c" tokens
+    for d in docs:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(d)):
+            inner.update(word[1:])
+    continuing = ["##" + c for c in sorted(inner)]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuing,
+                                        show_progress=False)
     tok.train_from_iterator(docs, trainer=trainer)
+    blob = json.loads(tok.to_str())
+    blob["added_tokens"] = [t for t in blob["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    return Tokenizer.from_str(json.dumps(blob))
+
+
+def wordpiece(docs: list[str], vocab_size: int, name: str):
+    """A lower-cased BERT-style WordPiece tokenizer trained on ``docs`` (a few seconds), cached
+    by the hash of the text and the vocabulary size. The same text gives the same file in
+    every process (``_train_wordpiece``)."""
+    path = _cache_path(docs, vocab_size, name, "wordpiece2")
+    if path.exists():
+        return read_tokenizer(path)
+    tok = _train_wordpiece(docs, vocab_size)
     CACHE.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, tok.to_str())
     return tok
 
 
-def load_text(spec: str, seq_len: int, vocab_size: int, seed: int = 0) -> TextData:
+def run_tokenizer(run: Path, spec: str, vocab_size: int, prog: str, keeps: bool = False):
+    """The tokenizer that made the token ids of the run in folder ``run``: its tokenizer.json.
+    A run folder from before runs kept it falls back, with a warning on stderr, to the cache
+    file those trainers read (right only if it is still the file that run trained with; with
+    ``keeps`` the caller writes it into the run folder). UsageError naming both files when
+    neither exists: a fresh training could give other ids, so none is done."""
+    own = Path(run) / TOKENIZER_FILE
+    if own.exists():
+        return read_tokenizer(own)
+    cached = legacy_cache_path(text_docs(spec), vocab_size, spec)
+    if not cached.exists():
+        raise UsageError(f"{own} is missing, and so is the cached tokenizer {cached} a run folder from before "
+                         f"tokenizer.json falls back to: this run's token ids cannot be rebuilt (a new WordPiece "
+                         f"training may number them otherwise); put the tokenizer it trained with at {own}")
+    then = f"; it is kept as {own} from now on" if keeps else ""
+    print(f"{prog}: warning: {run} has no {TOKENIZER_FILE} (a run from before run folders kept their tokenizer); "
+          f"using the cached {cached}, which gives this run's token ids only if it is the file the run trained "
+          f"with{then}", file=sys.stderr)
+    return read_tokenizer(cached)
+
+
+def load_text(spec: str, seq_len: int, vocab_size: int, seed: int = 0, tokenizer=None) -> TextData:
     """Tokenise the corpus into one stream, cut it into blocks of ``seq_len`` tokens (each
     starting with [CLS]), and assign blocks 90 / 5 / 5 to train / val / test by a fixed
-    permutation (the tokenizer sees the whole corpus)."""
+    permutation. The tokenizer is ``tokenizer`` (a run's: ``run_tokenizer``) or, without it,
+    ``wordpiece`` trained on the whole corpus."""
     if seq_len < 8:
         raise UsageError(f"--seq-len must be >= 8, got {seq_len}")
     if vocab_size < len(SPECIAL_TOKENS) + 26:
         raise UsageError(f"--vocab-size must be >= {len(SPECIAL_TOKENS) + 26}, got {vocab_size}")
     docs = text_docs(spec)
-    tok = wordpiece(docs, vocab_size, spec)
+    tok = tokenizer if tokenizer is not None else wordpiece(docs, vocab_size, spec)
     special = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     stream = []
     for enc in tok.encode_batch(docs, add_special_tokens=False):

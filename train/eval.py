@@ -15,7 +15,9 @@ a test sequence (its first ``--prompt-tokens`` tokens) continued by the model fo
 ``kernels.load_into`` read it); ``--densify`` writes ``{"model": state_dict, "model_config":
 ..., "entry": ...}`` with every sparse layer as a plain nn.Linear (``kernels.densify``),
 loadable into ``models.vit.ViT`` / ``models.bert.Bert`` / ``models.gpt.GPT`` built without a
-linear factory.
+linear factory. A BERT / GPT run's text is tokenized with its folder's tokenizer.json (never a
+new training), and both exports carry that tokenizer (the condensed file's header
+``["extra"]["tokenizer"]``, the dense file's ``"tokenizer"``: ``tokenizers.Tokenizer.from_str``).
 """
 from __future__ import annotations
 
@@ -81,8 +83,20 @@ def load_run(run: Path, device):
     return entry, cfg, model_cfg, model
 
 
-def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device) -> dict:
-    """Test metrics of ``model`` on the run's dataset (or ``dataset``)."""
+def text_tokenizer(run: Path, cfg, model_cfg):
+    """The tokenizer of a BERT / GPT run (its tokenizer.json: train/data.run_tokenizer), checked
+    against the model's vocabulary (UsageError naming the file)."""
+    from .data import TOKENIZER_FILE, run_tokenizer
+    tok = run_tokenizer(run, cfg.dataset, cfg.vocab_size, PROG)
+    if tok.get_vocab_size() != model_cfg.vocab_size:
+        raise UsageError(f"the tokenizer of {run} ({run / TOKENIZER_FILE} or its fallback) has {tok.get_vocab_size()} "
+                         f"tokens, the model {model_cfg.vocab_size}: not the tokenizer this run trained with")
+    return tok
+
+
+def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device, run: Path | None = None) -> dict:
+    """Test metrics of ``model`` on the run's dataset (or ``dataset``); a BERT / GPT run's text is
+    tokenized with the tokenizer in its folder ``run``."""
     from . import common as C
     amp_dtype = C.autocast_dtype(cfg.precision, device)
     import torch
@@ -100,19 +114,23 @@ def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device)
     if name != cfg.dataset:
         raise UsageError(f"a {entry.upper()} run evaluates on its own corpus {cfg.dataset!r} only: its WordPiece "
                          f"tokenizer was trained on it, so another text would get other token ids")
+    if run is None:
+        raise ValueError(f"evaluate_run: a {entry.upper()} run needs its folder (run=...) for its tokenizer")
+    tok = text_tokenizer(run, cfg, model_cfg)
     if entry == "gpt":
         import math
 
         from . import gpt
-        data = gpt.load_text(cfg)
+        data = gpt.load_text(cfg, tok)
         loss, acc = gpt.evaluate(model, data.test, device, amp)
         return {"dataset": name, "test": {"lm_loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": acc},
                 "sequences": len(data.test), "data": data}
     from . import bert
     from .data import load_text
-    data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed)
+    data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed, tokenizer=tok)
     loss, acc = bert.evaluate(model, data.test, data, cfg, device, amp)
-    return {"dataset": name, "test": {"mlm_loss": loss, "mlm_accuracy": acc}, "sequences": len(data.test)}
+    return {"dataset": name, "test": {"mlm_loss": loss, "mlm_accuracy": acc}, "sequences": len(data.test),
+            "data": data}
 
 
 def samples(model, data, n: int, prompt_tokens: int, new_tokens: int, temperature: float, top_k: int,
@@ -163,12 +181,15 @@ def main(argv=None) -> int:
         entry, cfg, model_cfg, model = load_run(args.run, device)
         result = {"run": str(args.run), "entry": entry, "method": cfg.dst.method}
         if args.eval:
-            result.update(evaluate_run(entry, cfg, model_cfg, model, args.dataset, device))
+            result.update(evaluate_run(entry, cfg, model_cfg, model, args.dataset, device, args.run))
         data = result.pop("data", None)
+        tokenizer = data.tokenizer if data is not None else None
+        if entry != "vit" and tokenizer is None and (args.export or args.densify or (entry == "gpt" and args.samples)):
+            tokenizer = text_tokenizer(args.run, cfg, model_cfg)   # --no-eval: for the exports and the samples
         if entry == "gpt" and args.samples:
-            if data is None:   # --no-eval: the corpus, for the prompts and the tokenizer
+            if data is None:   # --no-eval: the corpus, for the prompts
                 from .gpt import load_text
-                data = load_text(cfg)
+                data = load_text(cfg, tokenizer)
             if args.prompt_tokens >= model_cfg.max_len:
                 raise UsageError(f"--prompt-tokens must be < the model's max_len {model_cfg.max_len}, "
                                  f"got {args.prompt_tokens}")
@@ -176,10 +197,12 @@ def main(argv=None) -> int:
                                         args.temperature, args.top_k, cfg.seed, device)
     except UsageError as e:
         return usage_exit(str(e), PROG)
+    # A BERT / GPT export carries its tokenizer (tokenizer.json's text): the ids mean nothing without it.
+    with_tokenizer = {"tokenizer": tokenizer.to_str()} if tokenizer is not None else {}
     if args.export:
         import alwayssparse.kernels as kernels
         kernels.save_condensed(model, args.export, extra={"entry": entry, "model_config": dataclasses.asdict(model_cfg),
-                                                          "method": cfg.dst.method})
+                                                          "method": cfg.dst.method, **with_tokenizer})
         result["export"] = str(args.export)
     if args.densify:
         import io
@@ -189,7 +212,8 @@ def main(argv=None) -> int:
         import alwayssparse.kernels as kernels
         kernels.densify(model)
         buf = io.BytesIO()
-        torch.save({"entry": entry, "model_config": dataclasses.asdict(model_cfg), "model": model.state_dict()}, buf)
+        torch.save({"entry": entry, "model_config": dataclasses.asdict(model_cfg), "model": model.state_dict(),
+                    **with_tokenizer}, buf)
         C.atomic_write_bytes(args.densify, buf.getvalue())
         result["densify"] = str(args.densify)
     if args.eval:

@@ -8,8 +8,9 @@ layers, with a DST method.
 
 The corpus is the BERT trainer's (train/data.load_text): the stdlib's ``pydoc_data.topics`` by
 default (offline); ``--dataset`` also takes a local .txt file or folder, a Hugging Face dataset
-name or a .parquet file with a text column. A lower-cased WordPiece tokenizer is trained on it
-and cached in data_cache/. Each sequence is --seq-len tokens and its --seq-len next tokens.
+name or a .parquet file with a text column. A lower-cased WordPiece tokenizer is trained on it,
+cached in data_cache/ and kept in the run folder (tokenizer.json: --resume and train.eval read
+that one). Each sequence is --seq-len tokens and its --seq-len next tokens.
 Metrics: next-token loss (mean cross-entropy over every position), perplexity = exp(loss), and
 next-token accuracy. Writes to runs/gpt/<method>-s<sparsity>-seed<seed>/ (or --out-dir) the
 same files as train.vit / train.bert; --resume, torchrun and train.eval work the same way.
@@ -86,22 +87,27 @@ def model_config(cfg: Config):
     return GPT, GPTConfig.preset(cfg.preset, dropout=cfg.dropout, fused_mlp=cfg.fused_mlp, **overrides)
 
 
-def load_text(cfg: Config):
+def load_text(cfg: Config, tokenizer=None):
     """The corpus in blocks of --seq-len + 1 tokens: a block's first --seq-len tokens are the input,
-    its last --seq-len the targets."""
+    its last --seq-len the targets. ``tokenizer``: a run's (train/data.run_tokenizer), else the
+    corpus's WordPiece (trained, or from data_cache/)."""
     from .data import load_text as load
-    return load(cfg.dataset, cfg.seq_len + 1, cfg.vocab_size, cfg.seed)
+    return load(cfg.dataset, cfg.seq_len + 1, cfg.vocab_size, cfg.seed, tokenizer=tokenizer)
 
 
-def load(cfg: Config, model_cfg):
-    """The corpus and the model config at its vocabulary."""
+def load(cfg: Config, model_cfg, resume_from=None):
+    """The corpus and the model config at its vocabulary; the tokenizer is kept in the run folder
+    (tokenizer.json), and a resumed run reads it there."""
     from models.gpt import GPT
 
+    from .data import TOKENIZER_FILE, run_tokenizer
     from .session import Built
-    data = load_text(cfg)
+    tok = run_tokenizer(resume_from, cfg.dataset, cfg.vocab_size, ENTRY.prog, keeps=True) if resume_from else None
+    data = load_text(cfg, tok)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab_size, max_len=max(model_cfg.max_len, cfg.seq_len))
     return Built(GPT, model_cfg, data, about=f"{data.name} ({len(data.train)} train sequences of {cfg.seq_len}, "
-                                             f"vocab {data.vocab_size})")
+                                             f"vocab {data.vocab_size})",
+                 files={TOKENIZER_FILE: data.tokenizer.to_str(pretty=True)})
 
 
 def main(argv=None) -> int:
@@ -112,7 +118,8 @@ def train(cfg: Config, argv=None) -> int:
     """The run: ``session.start``, then the loop (forward, backward, ``run.update``: optimizer and
     mask step), then the final evaluation (``run.finish``: summary.json, plots)."""
     from . import session
-    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m: load(cfg, m))
+    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg),
+                        lambda m, resume_from: load(cfg, m, resume_from))
     cfg, model, data, sparsifier, optimizer = run.cfg, run.model, run.data, run.sparsifier, run.optimizer
     val = data.val if not cfg.eval_examples else data.val[:cfg.eval_examples]
     for step in run.steps(lambda: evaluate(model, val, run.device, run.amp)):

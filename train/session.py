@@ -36,11 +36,13 @@ from .flags import Entry, Exit, UsageError, usage_exit
 @dataclass
 class Built:
     """A trainer's model-specific pieces: the model class, its config at the data's shapes, the
-    data, and the banner's words for the data."""
+    data, the banner's words for the data, and files the run folder keeps for the data (name ->
+    text: BERT's and GPT's tokenizer.json), written with the run's other files at the start."""
     model_class: type
     model_config: Any
     data: Any
     about: str
+    files: dict = field(default_factory=dict)
 
 
 def _model_config(build_model_config, dst_cfg):
@@ -219,8 +221,10 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
     """Everything before the first step, in the order that writes nothing on bad input: the
     processes (torchrun), the flags, the device, the run folder and checkpoint, the model
     config (``model_config() -> (class, config)``, checked before the data loads), the data
-    (``load(model_config) -> Built``), the sparse model, the Sparsifier and the optimizer;
-    then resume, the metrics file and the banner. Raises ``Exit``."""
+    (``load(model_config, resume_from) -> Built``; ``resume_from`` is the run folder on
+    --resume, else None: a trainer whose data depends on the run reads it there), the sparse
+    model, the Sparsifier and the optimizer; then resume, the run's files (``Built.files``), the
+    metrics file and the banner. Raises ``Exit``."""
     from dst import Sparsifier
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:
@@ -240,7 +244,12 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         C.prepare_run_dir(out, cfg.resume, cfg.overwrite)
         blob = C.load_checkpoint(out / "checkpoint.pt", entry.name, cfg) if cfg.resume else None
         model_cls, model_cfg = _model_config(model_config, cfg.dst)
-        built = load(model_cfg)
+        if blob is not None and blob["step"] >= cfg.steps and (out / "summary.json").exists():
+            # A finished run: its summary (step times, wall time) is not rewritten by a session that
+            # trains nothing, and its data is not loaded (no tokenizer fallback, no warning).
+            print(f"{entry.label}: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
+            raise Exit(0)
+        built = load(model_cfg, out if blob is not None else None)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         C.seed_everything(cfg.seed)
@@ -253,10 +262,6 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         optimizer = C.make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     except UsageError as e:
         raise Exit(usage_exit(str(e), entry.prog)) from None
-    if blob is not None and blob["step"] >= cfg.steps and (out / "summary.json").exists():
-        # A finished run: its summary (step times, wall time) is not rewritten by a session that trains nothing.
-        print(f"{entry.label}: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
-        raise Exit(0)
     warnings = C.warn_schedule(cfg, entry.prog) if ddp.is_main else []
     ddp.broadcast_model(model)
     net = ddp.wrap(model, cfg.grad_sync)   # the training forward: DDP under torchrun (train/distributed.py)
@@ -272,6 +277,8 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         history = {"times": [], **{k: ([e for e in v if e[0] < first] if k in ("train", "eval", "density", "times")
                                        else v) for k, v in blob["history"].items()}}
     out.mkdir(parents=True, exist_ok=True)
+    for name, text in built.files.items():
+        C.atomic_write_text(out / name, text)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     metrics = C.Metrics(out / "metrics.jsonl", keep_before=first)
     metrics = tracking.mirror(metrics, out, cfg.tensorboard and ddp.is_main, first)   # --tensorboard

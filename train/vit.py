@@ -135,7 +135,7 @@ def train(cfg: Config, argv=None) -> int:
     import torch.nn.functional as F
 
     from . import session
-    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m: load(cfg, m))
+    run = session.start(cfg, argv, ENTRY, check_flags, lambda: model_config(cfg), lambda m, resume_from: load(cfg, m))
     cfg, model, data, sparsifier, optimizer = run.cfg, run.model, run.data, run.sparsifier, run.optimizer
     val_x, val_y = (data.val_x, data.val_y) if not cfg.eval_examples else (data.val_x[:cfg.eval_examples],
                                                                            data.val_y[:cfg.eval_examples])

@@ -154,3 +154,41 @@ def test_odd_image_sizes_are_refused_unless_image_size_resizes_them(tmp_path, ca
     assert vit.main(args + ["--image-size", "16", "--out-dir", str(tmp_path / "run")]) == 0
     model = json.loads((tmp_path / "run" / "summary.json").read_text())["model"]
     assert (model["image_size"], model["patch_size"]) == (16, 4)
+
+
+WORDPIECE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from pydoc_data.topics import topics
+import train.data as data
+data.CACHE = Path(sys.argv[1])
+data.wordpiece([topics[k] for k in sorted(topics)[:30]], 512, "pydoc30")
+"""
+
+
+def test_wordpiece_training_gives_the_same_file_in_every_process(tmp_path):
+    # tokenizers 0.23's trainer numbers "##c" pieces in a per-process random hash order: before
+    # train/data._train_wordpiece fixed them, 4 processes of 4 wrote 4 different vocabularies.
+    files = []
+    for i in range(3):
+        cache = tmp_path / f"cache{i}"
+        done = subprocess.run([sys.executable, "-c", WORDPIECE_IN_A_PROCESS, str(cache)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (path,) = cache.glob("wordpiece*.json")
+        files.append(path.read_text())
+    assert files[0] == files[1] == files[2]
+    vocab = json.loads(files[0])["model"]["vocab"]
+    assert len(vocab) == 512 and [vocab[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+
+
+def test_wordpiece_keeps_its_continuation_pieces_plain_vocabulary(tmp_path, monkeypatch):
+    import train.data
+    from pydoc_data.topics import topics
+    monkeypatch.setattr(train.data, "CACHE", tmp_path)
+    tok = train.data.wordpiece([topics[k] for k in sorted(topics)[:30]], 512, "pydoc30")
+    assert [t["content"] for t in json.loads(tok.to_str())["added_tokens"]] == SPECIAL_TOKENS
+    enc = tok.encode("Exceptionally ##a", add_special_tokens=False)
+    assert any(t.startswith("##") for t in enc.tokens) and "##a" not in enc.tokens   # "##a" in text is not a token
+    assert tok.decode(enc.ids, skip_special_tokens=True) == "exceptionally # # a"
+    assert train.data.wordpiece([topics[k] for k in sorted(topics)[:30]], 512, "pydoc30").to_str() == tok.to_str()

@@ -1,7 +1,8 @@
 """Data parallelism: two CPU processes (gloo) training with each DST method end with the same
 masks and values on both ranks, although each saw different data - with the flat all-reduce
 after backward and with DistributedDataParallel (rebuilt when a mask update resizes values),
-whose averaged gradients equal the flat all-reduce's at every step."""
+whose averaged gradients equal the flat all-reduce's at every step; torchrun runs of train.vit
+and train.gpt (both ranks with one tokenizer) end with identical checkpoints on both ranks."""
 import datetime
 import os
 import socket
@@ -150,3 +151,36 @@ def test_a_bad_grad_sync_is_refused_naming_the_flag(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--grad-sync must be ddp or flat, got 'ring'" in done.stderr, done.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_torchrun_trains_gpt_on_two_processes_with_one_tokenizer_and_identical_states(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+    root = Path(__file__).resolve().parents[2]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(topics[k] for k in sorted(topics)[:30]))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "train.gpt",
+           "--dataset", str(corpus), "--method", "srigl", "--preset", "micro", "--vocab-size", "512", "--seq-len", "32",
+           "--steps", "16", "--warmup", "2", "--delta-t", "4", "--batch-size", "16", "--eval-every", "8",
+           "--eval-examples", "32", "--threads", "1", "--no-progress", "--no-plots", "--out-dir", str(tmp_path / "run")]
+    # An empty cache: both ranks train the tokenizer at once, and must get the same one.
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               DST_DATA_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()   # rank 0 speaks for the run: each line once, not once a rank
+    assert sum("test perplexity" in line for line in lines) == 1, done.stdout
+    assert sum(line.startswith("step 8: val LM loss") for line in lines) == 1, done.stdout
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["config"]["grad_sync"] == "ddp"
+    assert (run / "tokenizer.json").read_text() == (run / "rank1" / "tokenizer.json").read_text()   # the same ids
+    a = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(run / "rank1" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -89,9 +89,7 @@ def test_a_killed_gpt_run_resumes_to_the_same_run(corpus, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped_at = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"]
     assert 15 <= stopped_at < 60
-    # Every session in a process of its own, all with the repository's tokenizer cache (in this
-    # process the conftest points train.data.CACHE elsewhere, and WordPiece training is not
-    # bit-reproducible from one process to the next: a fresh tokenizer may differ).
+    # Every session in a process of its own (the resumed one reads the run folder's tokenizer.json).
     whole = small(corpus, tmp_path / "whole", "--method", "rigl", "--steps", "60", "--ckpt-every", "0", "--no-plots")
     for cmd in (args + ["--resume"], whole):
         done = subprocess.run([sys.executable, "-m", "train.gpt", *cmd], cwd=ROOT, env=ENV, capture_output=True,
@@ -104,7 +102,7 @@ def test_a_killed_gpt_run_resumes_to_the_same_run(corpus, tmp_path):
 
 
 def test_eval_of_a_gpt_run_gives_its_test_metrics_samples_text_and_exports(corpus, tmp_path):
-    out = tmp_path / "run"   # trained in a process of its own: the tokenizer cache that train.eval reads
+    out = tmp_path / "run"   # trained in a process of its own; train.eval reads its tokenizer.json
     done = subprocess.run([sys.executable, "-m", "train.gpt", *small(corpus, out, "--method", "srigl", "--steps", "6",
                                                                       "--no-plots")],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -19,9 +19,10 @@ not apply.
 Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Variants
 from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a build never
 runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF16: bf16 block
-products of 16 x 16 tiles for several tokens, bsr16_mm_amx), ``avx512-bf16`` (one-token bf16
-block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16), ``avx2`` (``-mavx2 -mfma``) and
-``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the optional kernels
+products of 16 x 16 tiles for several tokens, bsr16_mm_amx; and all of avx512-bf16's),
+``avx512-bf16`` (one-token bf16 block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16; bf16 CSR
+products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16), ``avx2`` (``-mavx2
+-mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the optional kernels
 the loaded build can run (AMX also needs Linux's arch_prctl permission, asked at load). No
 compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the caller keeps
 torch's path.
@@ -32,7 +33,7 @@ to a narrower one: a name not in VARIANTS raises ValueError and a variant this C
 RuntimeError (naming the missing flags), at the first ``lib()``. ``emu`` is the AVX2 build with
 the AMX and AVX-512-BF16 kernels compiled from their same source onto portable C of those
 instructions (``sparse_cpu.c``, SPARSE_CPU_EMU: Intel's documented operation, rounding and
-faults): it runs wherever avx2 and fma are, reports both kernels in ``features()``, and is
+faults): it runs wherever avx2 and fma are, reports all of them in ``features()``, and is
 there so that tests run those kernels' logic on CPUs without the instructions - never for
 speed (it is never chosen by itself)::
 

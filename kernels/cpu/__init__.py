@@ -22,10 +22,10 @@ runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF1
 products of 16 x 16 tiles for several tokens, bsr16_mm_amx; and all of avx512-bf16's),
 ``avx512-bf16`` (one-token bf16 block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16; bf16 CSR
 products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16), ``avx2`` (``-mavx2
--mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the optional kernels
-the loaded build can run (AMX also needs Linux's arch_prctl permission, asked at load). No
-compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the caller keeps
-torch's path.
+-mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the
+optional kernels the loaded build can run (AMX also needs Linux's arch_prctl permission, asked
+at load). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
+caller keeps torch's path.
 
 ``KERNELS_CPU_VARIANT=<name>`` forces one of VARIANTS (``amx``, ``avx512-bf16``, ``avx2``,
 ``x86-64``, ``generic``, ``emu``) instead of the choice from the CPU's flags, with no fall back

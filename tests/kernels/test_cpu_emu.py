@@ -1,8 +1,9 @@
 """The emulated instructions of the emu build (kernels/cpu/sparse_cpu.c, SPARSE_CPU_EMU) against
 a Python model of the operation the Intel SDM gives for them, bit for bit: VDPBF16PS (odd pair
 first, then even), VCVTNEPS2BF16, VPUNPCKLWD / VPUNPCKHWD (within 128-bit lanes), VBROADCASTSS,
-TDPBF16PS (an even and an odd fp32 sum per output over k, added, then added to C), each multiply-add one rounding to nearest even with denormal inputs
-as zero (DAZ) and denormal results as zero (FTZ); and the faults (#GP / #UD / no arch_prctl
+TDPBF16PS (an even and an odd fp32 sum per output over k, added, then added to C), each
+multiply-add one rounding to nearest even with denormal inputs as zero (DAZ) and denormal
+results as zero (FTZ); and the faults (#GP / #UD / no arch_prctl
 grant) that end the process. The model works in exact rationals (fractions), so it does not
 share the C code's rounding. Each comparison also checks that the inputs tell the documented
 order, DAZ and FTZ apart from the alternatives, so a wrong emulation cannot pass."""

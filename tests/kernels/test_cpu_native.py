@@ -719,8 +719,10 @@ def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
 
 
 @has_compiler
-@pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16",)),
-                                           ("amx", ("bsr16_mv_dpbf16", "bsr16_mm_amx", "sparse_cpu_amx_init"))])
+@pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16",
+                                                           "pack_tokens_dpbf16")),
+                                           ("amx", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "bsr16_mm_amx",
+                                                    "sparse_cpu_amx_init"))])
 def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
     path = cpu.build(name)
     assert path.exists() and name in path.name

@@ -19,12 +19,13 @@ not apply.
 Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Variants
 from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a build never
 runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF16: bf16 block
-products of 16 x 16 tiles for several tokens, bsr16_mm_amx), ``avx512-bf16`` (one-token bf16
-block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16), ``avx2`` (``-mavx2 -mfma``) and
-``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the optional kernels
-the loaded build can run (AMX also needs Linux's arch_prctl permission, asked at load). No
-compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the caller keeps
-torch's path.
+products of 16 x 16 tiles for several tokens, bsr16_mm_amx; and all of avx512-bf16's),
+``avx512-bf16`` (one-token bf16 block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16; bf16 CSR
+products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16), ``avx2`` (``-mavx2
+-mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the
+optional kernels the loaded build can run (AMX also needs Linux's arch_prctl permission, asked
+at load). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
+caller keeps torch's path.
 
 ``KERNELS_CPU_VARIANT=<name>`` forces one of VARIANTS (``amx``, ``avx512-bf16``, ``avx2``,
 ``x86-64``, ``generic``, ``emu``) instead of the choice from the CPU's flags, with no fall back
@@ -32,7 +33,7 @@ to a narrower one: a name not in VARIANTS raises ValueError and a variant this C
 RuntimeError (naming the missing flags), at the first ``lib()``. ``emu`` is the AVX2 build with
 the AMX and AVX-512-BF16 kernels compiled from their same source onto portable C of those
 instructions (``sparse_cpu.c``, SPARSE_CPU_EMU: Intel's documented operation, rounding and
-faults): it runs wherever avx2 and fma are, reports both kernels in ``features()``, and is
+faults): it runs wherever avx2 and fma are, reports all of them in ``features()``, and is
 there so that tests run those kernels' logic on CPUs without the instructions - never for
 speed (it is never chosen by itself)::
 
@@ -67,7 +68,7 @@ import torch
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 5
+ABI = 6
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -83,6 +84,10 @@ TILE_BYTES = 256 * 1024
 # 90% is 236k, a product of tens of microseconds that a hand-off to a pool thread would not pay
 # for; ViT-B's sparse layers at 197 tokens are 12-46M.
 PARALLEL_MIN_FMAS = 2_000_000
+# Fewest tokens that take the AVX-512-BF16 CSR product (csr_mm_*_dpbf16, tiles of 32 tokens) where
+# the build has it: up to 16 the fp32 loop's 8- / 16-token tiles do a half or less of the
+# 32-token tile's token slots (per weight ~1 cycle either way in sparse_cpu.c's model; not timed).
+DPBF16_MIN_TOKENS = 17
 
 
 def _cpu_flags() -> set[str]:
@@ -236,6 +241,12 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     if built & 2:
         so.bsr16_mv_dpbf16.argtypes = [i64, i64, p, p, p, p, p, p]
         so.bsr16_mv_dpbf16.restype = None
+    if built & 4:
+        for f in ("csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16"):
+            getattr(so, f).argtypes = [i64] * 6 + [p] * 6
+            getattr(so, f).restype = None
+        so.pack_tokens_dpbf16.argtypes = [i64, i64, p, i64, i64, p]
+        so.pack_tokens_dpbf16.restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -273,6 +284,8 @@ def lib() -> ctypes.CDLL | None:
                 built = so.sparse_cpu_features()
                 if built & 2:
                     feats.add("avx512_bf16")
+                if built & 4:
+                    feats.add("csr_dpbf16")
                 if built & 1:
                     if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
                         feats.add("amx")
@@ -306,9 +319,11 @@ def loaded_variant() -> str | None:
 
 
 def features() -> frozenset[str]:
-    """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens)
-    and "avx512_bf16" (bsr16_mv_dpbf16, one token); empty without the library or on CPUs
-    without them (the AVX2 / x86-64 builds); both in the emu build (on emulated instructions)."""
+    """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens),
+    "avx512_bf16" (bsr16_mv_dpbf16, one token) and "csr_dpbf16" (csr_mm_*_dpbf16: bf16 CSR
+    products of several tokens by AVX-512-BF16, in the avx512-bf16 and amx builds); empty without
+    the library or on CPUs without them (the AVX2 / x86-64 builds); all three in the emu build
+    (on emulated instructions)."""
     return _state.get("features", frozenset()) if lib() is not None else frozenset()
 
 
@@ -318,7 +333,7 @@ def missing_feature(name: str) -> str:
         return f"no native library: {error()}"
     if name in _state.get("features_why", {}):
         return _state["features_why"][name]
-    need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16"}[name]
+    need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16", "csr_dpbf16": "avx512_bf16"}[name]
     model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
     return f"this CPU ({model}, the {variant()[0]} build) lacks {need}"
 
@@ -361,6 +376,7 @@ class NativeWeight:
     block: int = 1
     index: int = 32
     panels: int = 1         # CSR in column panels of PANEL columns (several tokens), see csr_weight
+    pairs: torch.Tensor | None = None  # bf16 [nnz]: fp32 values' bf16 copy for csr_mm_*_dpbf16, see csr_weight
 
     def one_token(self, so: ctypes.CDLL) -> tuple:
         """(function, leading arguments) of the one-token product: rows [0, n_rows) and the
@@ -385,7 +401,14 @@ class NativeWeight:
         return (self.crow.numel() - 1) // self.panels
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.cols, self.values))
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.cols, self.values, self.pairs)
+                   if t is not None)
+
+    @property
+    def bf16_values(self) -> torch.Tensor | None:
+        """The values as bf16 (those, or their ``pairs`` copy), for csr_mm_*_dpbf16; None for fp32
+        values without the copy."""
+        return self.values if self.values.dtype is torch.bfloat16 else self.pairs
 
 
 @dataclass(frozen=True)
@@ -461,7 +484,9 @@ def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_o
     or bf16, rounded to nearest even as ``.to`` does). A bf16 weight with ``panels`` keeps the
     bf16-rounded values in fp32: each weight then serves a tile of up to 32 tokens, so its
     bytes hardly count, and widening it there (a scalar load, shift and broadcast per weight)
-    cost 5-10% at 32 / 256 tokens on the EPYC (DiagLinear b = 16 3072 -> 768 at 90%)."""
+    cost 5-10% at 32 / 256 tokens on the EPYC (DiagLinear b = 16 3072 -> 768 at 90%); where the
+    loaded build has "csr_dpbf16" it keeps a bf16 copy too (``pairs``, 2 bytes a weight), which
+    products of DPBF16_MIN_TOKENS or more bf16 tokens read."""
     rows, cols = rows.long(), cols.long()
     n_panels = -(-n_in // PANEL) if panels else 1
     key = ((cols // PANEL) * n_out + rows) * n_in + cols if panels else rows * n_in + cols
@@ -474,8 +499,12 @@ def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_o
     else:
         cols_native, index = c.to(torch.int32), 32
     vals = values.detach().to(_value_dtype(dtype)).reshape(-1)[order]
-    vals = (vals.to(torch.float32) if panels else vals).contiguous()
-    return NativeWeight("csr", n_out, n_in, crow, cols_native.contiguous(), vals, 1, index, n_panels)
+    pairs = None
+    if panels and vals.dtype is torch.bfloat16:
+        pairs = vals.contiguous() if "csr_dpbf16" in features() else None
+        vals = vals.to(torch.float32)
+    return NativeWeight("csr", n_out, n_in, crow, cols_native.contiguous(), vals.contiguous(), 1, index, n_panels,
+                        pairs)
 
 
 def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int,
@@ -592,11 +621,16 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
         return _bsr16_matmul(so, w, x, bias_ptr, out_dtype, fmas)
     if w.kind != "csr":
         raise ValueError("a BSR native weight takes one token; use the CSR one for several")
+    width = w.n_in if w.panels == 1 else PANEL
+    pairs = w.bf16_values
+    if (x.dtype is torch.bfloat16 and pairs is not None and T >= DPBF16_MIN_TOKENS
+            and width * 32 * 2 <= TILE_BYTES and "csr_dpbf16" in features()):
+        return _csr_dpbf16_matmul(so, w, pairs, x, bias_ptr, out_dtype, fmas)
     # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one
     # contiguous tw-wide row that stays in L2 (3072 x 32 x 4 B = 384 KB) for the whole tile.
     # The library packs x and unpacks y itself: torch's permute copies of these layouts cost
     # as much as the product (Linear 768 -> 3072 at 90%, T = 197: 2.6 of 6.1 ms).
-    tw = _tile_width(T, w.n_in if w.panels == 1 else PANEL, (8, 16, 24, 32))
+    tw = _tile_width(T, width, (8, 16, 24, 32))
     tiles = -(-T // tw)
     xt = _pack(so, x, tw)
     yt = torch.empty(tiles, w.n_out, tw, dtype=torch.float32)
@@ -609,6 +643,29 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
               yt.data_ptr()):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
         unpack(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
+    _split(w.n_rows, fmas, run)
+    return y
+
+
+def _csr_dpbf16_matmul(so, w: NativeWeight, pairs: torch.Tensor, x: torch.Tensor, bias_ptr, out_dtype: torch.dtype,
+                       fmas: int) -> torch.Tensor:
+    """bf16 x, several tokens, by AVX-512-BF16 on weight pairs (csr_mm_*_dpbf16, sparse_cpu.c): x
+    packed into bf16 tiles of 32 tokens (pack_tokens_dpbf16), fp32 sums in yt, y unpacked as by
+    matmul's fp32 loop."""
+    T = x.shape[0]
+    tiles = -(-T // 32)
+    xt = torch.empty(tiles, w.n_in, 32, dtype=torch.bfloat16)
+    so.pack_tokens_dpbf16(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), xt.data_ptr())
+    yt = torch.empty(tiles, w.n_out, 32, dtype=torch.float32)
+    y = torch.empty(T, w.n_out, dtype=out_dtype)
+    fn = getattr(so, f"csr_mm_i{w.index}_dpbf16")
+    unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
+    crow, cols = w.crow.data_ptr(), w.cols.data_ptr()
+
+    def run(r0, r1):
+        fn(r0, r1, w.n_in, w.n_out, tiles, w.panels, crow, cols, pairs.data_ptr(), xt.data_ptr(), bias_ptr,
+           yt.data_ptr())
+        unpack(r0, r1, T, w.n_out, 32, yt.data_ptr(), y.data_ptr(), w.n_out)
     _split(w.n_rows, fmas, run)
     return y
 

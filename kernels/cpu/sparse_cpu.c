@@ -21,7 +21,7 @@
    column indices, one index per b x b block) and the loop order. Built by kernels/cpu in the
    variant the CPU runs (kernels.cpu.VARIANTS): -march=x86-64 (any x86-64), -mavx2 -mfma, and
    on top of those the AVX-512-BF16 and AMX kernels near the end (avx512-bf16, amx; emu: the
-   AVX2 flags with those two kernels on emulated instructions, for tests); the f8 vectors
+   AVX2 flags with those kernels on emulated instructions, for tests); the f8 vectors
    below are GCC vector extensions, lowered to whatever the target has. */
 #define _GNU_SOURCE  /* syscall (the AMX build's arch_prctl) */
 #include <stdint.h>
@@ -35,7 +35,7 @@ typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 5; }
+int sparse_cpu_abi(void) { return 6; }
 
 /* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
    NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
@@ -525,13 +525,13 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
     }
 }
 
-/* The instructions of the two optional kernels below (bsr16_mm_amx: AMX tiles; bsr16_mv_dpbf16:
-   AVX-512-BF16) behind wrappers, so that each kernel is written once: the amx / avx512-bf16
-   builds map every wrapper to its intrinsic one to one; the emu build (-DSPARSE_CPU_EMU with
-   the AVX2 flags: kernels.cpu's "emu" variant, for any AVX2 CPU, chosen only by
-   KERNELS_CPU_VARIANT=emu) maps them to the portable C below, which follows the operation the
-   Intel SDM (vol. 2) gives for VDPBF16PS, VCVTNEPS2BF16, LDTILECFG, TILEZERO, TILELOADD,
-   TDPBF16PS, TILESTORED and TILERELEASE. The kernels' own source then runs, and is tested, on
+/* The instructions of the optional kernels below (bsr16_mm_amx: AMX tiles; bsr16_mv_dpbf16 and
+   csr_mm_*_dpbf16: AVX-512-BF16) behind wrappers, so that each kernel is written once: the amx /
+   avx512-bf16 builds map every wrapper to its intrinsic one to one; the emu build
+   (-DSPARSE_CPU_EMU with the AVX2 flags: kernels.cpu's "emu" variant, for any AVX2 CPU, chosen
+   only by KERNELS_CPU_VARIANT=emu) maps them to the portable C below, which follows the
+   operation the Intel SDM (vol. 2) gives for VDPBF16PS, VCVTNEPS2BF16, VPUNPCKLWD, VPUNPCKHWD,
+   VBROADCASTSS, LDTILECFG, TILEZERO, TILELOADD, TDPBF16PS, TILESTORED and TILERELEASE. The kernels' own source then runs, and is tested, on
    CPUs without the instructions. (GCC's immintrin.h declares the _mm512_* / _tile_* names with
    target attributes: the emu build cannot define or call them, hence the names of our own.)
    What is modelled: bf16 pairs into fp32 lanes; each multiply-add is one FMA rounded to
@@ -610,6 +610,24 @@ static inline emu_zmm_bh emu_set1_pair(int32_t pair) {  /* _mm512_set1_epi32 of 
     for (int i = 0; i < 16; ++i) __builtin_memcpy(v.h + 2 * i, &pair, 4);
     return v;
 }
+static inline emu_zmm_ps emu_set1_ps(float f) {  /* VBROADCASTSS: a copy of the bits */
+    emu_zmm_ps v;
+    for (int i = 0; i < 16; ++i) v.f[i] = f;
+    return v;
+}
+static inline void emu_storeu_ps(float *p, emu_zmm_ps v) { __builtin_memcpy(p, v.f, 64); }
+/* VPUNPCKLWD / VPUNPCKHWD zmm: in each 128-bit lane l (words 8l..8l+7) the low (high) four words
+   of a and b interleaved, a's first: out[8l + 2k] = a[8l + h + k], out[8l + 2k + 1] = b[8l + h + k],
+   k = 0..3, h = 0 (low) or 4 (high) */
+static inline emu_zmm_bh emu_unpack_epi16(emu_zmm_bh a, emu_zmm_bh b, int h) {
+    emu_zmm_bh v;
+    for (int l = 0; l < 4; ++l)
+        for (int k = 0; k < 4; ++k) {
+            v.h[8 * l + 2 * k] = a.h[8 * l + h + k];
+            v.h[8 * l + 2 * k + 1] = b.h[8 * l + h + k];
+        }
+    return v;
+}
 /* VDPBF16PS: lane i += a[2i+1] b[2i+1], then += a[2i] b[2i] */
 static inline emu_zmm_ps emu_dpbf16_ps(emu_zmm_ps acc, emu_zmm_bh a, emu_zmm_bh b) {
     for (int i = 0; i < 16; ++i) {
@@ -640,6 +658,17 @@ void emu_vdpbf16ps(int64_t n, float *acc, const bf16 *a, const bf16 *b) {
 }
 void emu_vcvtneps2bf16(int64_t n, const float *src, bf16 *dst) {
     for (int64_t i = 0; i < n; ++i) dst[i] = emu_cvtne_bf16(src[i]);
+}
+/* (tests) n / 32 VPUNPCKLWD (high = 0) or VPUNPCKHWD (high = 1): out[32 j:] of a[32 j:], b[32 j:];
+   n / 16 VBROADCASTSS of src[j] stored (VMOVUPS) to out[16 j:] */
+void emu_vpunpckwd(int64_t n, int high, const bf16 *a, const bf16 *b, bf16 *out) {
+    for (int64_t j = 0; j + 32 <= n; j += 32) {
+        const emu_zmm_bh r = emu_unpack_epi16(emu_loadu_bh(a + j), emu_loadu_bh(b + j), high ? 4 : 0);
+        __builtin_memcpy(out + j, r.h, 64);
+    }
+}
+void emu_vbroadcastss(int64_t n, const float *src, float *out) {
+    for (int64_t j = 0; j + 16 <= n; j += 16) emu_storeu_ps(out + j, emu_set1_ps(src[j / 16]));
 }
 
 static _Thread_local struct {
@@ -754,6 +783,10 @@ void emu_tdpbf16ps(int c, int a, int b) {
 #define ZMM_SET1_PAIR(pair) emu_set1_pair(pair)
 #define ZMM_DPBF16_PS(acc, a, b) emu_dpbf16_ps(acc, a, b)
 #define ZMM_STOREU_CVTNE_BF16(p, v) emu_storeu_cvtne_bf16(p, v)
+#define ZMM_SET1_PS(f) emu_set1_ps(f)
+#define ZMM_STOREU_PS(p, v) emu_storeu_ps(p, v)
+#define ZMM_UNPACKLO_EPI16(a, b) emu_unpack_epi16(a, b, 0)
+#define ZMM_UNPACKHI_EPI16(a, b) emu_unpack_epi16(a, b, 4)
 #define ARCH_PRCTL(code, feature) emu_arch_prctl(code, feature)
 #define TILE_LOADCONFIG(cfg) emu_ldtilecfg(cfg)
 #define TILE_ZERO(t) emu_tilezero(t)
@@ -773,6 +806,10 @@ void emu_tdpbf16ps(int c, int a, int b) {
 #define ZMM_SET1_PAIR(pair) ((__m512bh)_mm512_set1_epi32(pair))
 #define ZMM_DPBF16_PS(acc, a, b) _mm512_dpbf16_ps(acc, a, b)
 #define ZMM_STOREU_CVTNE_BF16(p, v) _mm256_storeu_si256((__m256i *)(p), (__m256i)_mm512_cvtneps_pbh(v))
+#define ZMM_SET1_PS(f) _mm512_set1_ps(f)
+#define ZMM_STOREU_PS(p, v) _mm512_storeu_ps(p, v)
+#define ZMM_UNPACKLO_EPI16(a, b) ((__m512bh)_mm512_unpacklo_epi16((__m512i)(a), (__m512i)(b)))
+#define ZMM_UNPACKHI_EPI16(a, b) ((__m512bh)_mm512_unpackhi_epi16((__m512i)(a), (__m512i)(b)))
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
@@ -911,15 +948,154 @@ void bsr16_mv_dpbf16(int64_t rb0, int64_t rb1, const int32_t *restrict crow, con
 }
 #endif
 
+/* AVX-512-BF16, several tokens, CSR of bf16 elements (fan-in, b = 1 diagonals, unstructured): the
+   bf16 product of csr_mm_* in tiles of 32 tokens, two stored weights of a row at a time. x in bf16
+   token tiles xt [n_tiles, in, 32] (pack_tokens_dpbf16; 64 bytes a column), the weights bf16
+   [nnz] in CSR order (by panels as csr_mm_*), fp32 sums written to yt [n_tiles, out, 32] as by
+   csr_mm_* (unpack_tokens makes y of them). For the weights j, j + 1 of a row (columns c0, c1):
+   the rows xt[c0] and xt[c1] interleaved word by word (VPUNPCKLWD / VPUNPCKHWD, one lane pair
+   (x[c0, t], x[c1, t]) per token) times the pair (v_j, v_j+1) broadcast (VPBROADCASTD), by
+   VDPBF16PS: acc[t] += x[c1, t] v_j+1, then += x[c0, t] v_j (each one fp32 rounding; bf16
+   denormals read as zero). The unpacks interleave within 128-bit lanes, so pack_tokens_dpbf16
+   stores the tokens of a column in the order that puts tokens 0-15 in the low unpack and 16-31
+   in the high one: slot 8 l + 4 h + k holds token 16 h + 4 l + k (l < 4, h < 2, k < 4). A row's
+   odd last weight is paired with a zero weight and a zero x row. S sets of accumulators take the
+   pairs in turn (VDPBF16PS's latency). Written against the ZMM_* wrappers: the tests run it where
+   the CPU has avx512_bf16, and through the emulated instructions (the emu build) on any AVX2 CPU.
+
+   A model, not a measurement (Sapphire Rapids, one core; the port and latency figures assumed
+   from Intel's optimization manual / uops.info-style tables, never timed here):
+     per weight pair, in a tile of 32 tokens: 2 index loads (2 or 4 B), 1 VPBROADCASTD of the
+     value pair from memory (a load), 2 x rows of 64 B (2 loads), 2 VPUNPCK*WD zmm (port 5),
+     2 VDPBF16PS zmm (assumed port 0, latency ~5: S = 4 sets, 8 chains, cover it);
+     so per weight: 1 shuffle + 1 VDPBF16PS (~1 cycle on the two ports), ~2.5 loads, 64 B of x
+     (the fp32 loop it replaces: 128 B per weight and 4 FMA ymm, or 2 zmm). As GCC 12 compiles
+     it (objdump of the avx512-bf16 build): 44 instructions per 4 pairs + 3 of loop, ~5.9 a
+     weight (index movzwl + shl, broadcast, load, unpack, dpbf16), within a 6-wide front end's
+     ~1 cycle.
+     The x panel: PANEL = 512 columns x 32 tokens x 2 B = 32 KB, inside the 48 KB L1D (fp32:
+     64 KB, from L2 - the previous model's ~2 cycles per weight). So ~1 cycle per weight,
+     port-bound, from L1; the weights (2 B value + 2 B index per weight per tile) and yt (per row
+     and panel: 2 zmm in, 2 out) are small beside it.
+   Against (a), 16-wide fp32 FMAs: also ~1 cycle per weight (2 FMA ports), but 128 B per weight,
+   so it needs 256-column panels to stay in L1 - twice the rows' per-panel overhead (acc in and
+   out, the set reduction, ~10 cycles a row; ~25 weights a row per panel for Linear 3072 -> 768
+   at 90%) - and twice the pack's bytes. Expected: Linear 3072 -> 768 at 90% (236k weights),
+   32 tokens: ~0.24 M cycles (~80 us at 3 GHz) + the bf16 pack (~0.3 cycle an element, ~15%);
+   256 tokens: 8 tiles, ~1.9 M cycles. Dense bf16 (oneDNN with AMX) is to be measured on the
+   Xeon beside it (issue 23); nothing here was timed on one. */
+#ifdef HAVE_DPBF16
+#define DPBF16_PAIR(LO, HI, J)                                                                \
+            {                                                                                 \
+                int32_t pair;                                                                 \
+                __builtin_memcpy(&pair, vals + (J), 4);                                       \
+                const ZMM_BH w = ZMM_SET1_PAIR(pair);                                         \
+                const ZMM_BH a = ZMM_LOADU_BH(xt + (int64_t)cols[J] * 32);                    \
+                const ZMM_BH b = ZMM_LOADU_BH(xt + (int64_t)cols[(J) + 1] * 32);              \
+                LO = ZMM_DPBF16_PS(LO, ZMM_UNPACKLO_EPI16(a, b), w);                          \
+                HI = ZMM_DPBF16_PS(HI, ZMM_UNPACKHI_EPI16(a, b), w);                          \
+            }
+static const bf16 dpbf16_zero_row[32];
+#define CSR_MM_DPBF16_TILE(NAME, IDX, S)                                                      \
+static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,                        \
+                 const IDX *restrict cols, const bf16 *restrict vals,                         \
+                 const bf16 *restrict xt, const float *restrict bias, float *restrict yt,     \
+                 int first) {                                                                 \
+    for (int64_t r = r0; r < r1; ++r) {                                                       \
+        float *q = yt + r * 32;                                                               \
+        ZMM_PS lo[S], hi[S];  /* tokens 0-15, 16-31 */                                        \
+        if (first) {                                                                          \
+            lo[0] = hi[0] = ZMM_SET1_PS(bias ? bias[r] : 0.f);                                \
+        } else {                                                                              \
+            lo[0] = ZMM_LOADU_PS(q);                                                          \
+            hi[0] = ZMM_LOADU_PS(q + 16);                                                     \
+        }                                                                                     \
+        for (int k = 1; k < (S); ++k) lo[k] = hi[k] = ZMM_SETZERO_PS();                       \
+        int64_t j = crow[r];                                                                  \
+        const int64_t end = crow[r + 1];                                                      \
+        for (; j + 2 * (S) <= end; j += 2 * (S))                                              \
+            for (int k = 0; k < (S); ++k) DPBF16_PAIR(lo[k], hi[k], j + 2 * k)                \
+        for (; j + 2 <= end; j += 2) DPBF16_PAIR(lo[0], hi[0], j)                             \
+        if (j < end) {  /* (v_j, 0) against (x[c], 0): nothing read past the row */           \
+            const ZMM_BH w = ZMM_SET1_PAIR((int32_t)vals[j]);                                 \
+            const ZMM_BH a = ZMM_LOADU_BH(xt + (int64_t)cols[j] * 32);                        \
+            const ZMM_BH z = ZMM_LOADU_BH(dpbf16_zero_row);                                   \
+            lo[0] = ZMM_DPBF16_PS(lo[0], ZMM_UNPACKLO_EPI16(a, z), w);                        \
+            hi[0] = ZMM_DPBF16_PS(hi[0], ZMM_UNPACKHI_EPI16(a, z), w);                        \
+        }                                                                                     \
+        for (int k = 1; k < (S); ++k) {                                                       \
+            lo[0] = ZMM_ADD_PS(lo[0], lo[k]);                                                 \
+            hi[0] = ZMM_ADD_PS(hi[0], hi[k]);                                                 \
+        }                                                                                     \
+        ZMM_STOREU_PS(q, lo[0]);                                                              \
+        ZMM_STOREU_PS(q + 16, hi[0]);                                                         \
+    }                                                                                         \
+}
+CSR_MM_DPBF16_TILE(csr_mm_i16_dpbf16_32, uint16_t, 4)
+CSR_MM_DPBF16_TILE(csr_mm_i32_dpbf16_32, int32_t, 4)
+
+/* Every tile and panel in turn, as CSR_MM (n_panels panels of PANEL columns, crow by panel). */
+#define CSR_MM_DPBF16(NAME, IDX, TILE)                                                        \
+void NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles,               \
+          int64_t n_panels, const int32_t *restrict crow, const IDX *restrict cols,           \
+          const bf16 *restrict vals, const bf16 *restrict xt, const float *restrict bias,     \
+          float *restrict yt) {                                                               \
+    for (int64_t t = 0; t < n_tiles; ++t)                                                     \
+        for (int64_t p = 0; p < n_panels; ++p)                                                \
+            TILE(r0, r1, crow + p * n_out, cols, vals, xt + t * n_in * 32, bias,              \
+                 yt + t * n_out * 32, p == 0);                                                \
+}
+CSR_MM_DPBF16(csr_mm_i16_dpbf16, uint16_t, csr_mm_i16_dpbf16_32)
+CSR_MM_DPBF16(csr_mm_i32_dpbf16, int32_t, csr_mm_i32_dpbf16_32)
+
+/* x [T, n] bf16 at element strides (st, sc) -> xt [n_tiles, n, 32] bf16 in csr_mm_*_dpbf16's
+   token order (slot 8 l + 4 h + k of a column holds token 16 h + 4 l + k), tokens past T zero.
+   With sc = 1 in 8 x 8 transposes of the bits widened to 32 (transpose8: moves only, so the bits
+   come back as they were), each column's 8 tokens then stored as two runs of 4; else element by
+   element. */
+static inline int64_t dpbf16_slot(int64_t j) { return 8 * ((j % 16) / 4) + 4 * (j / 16) + j % 4; }
+void pack_tokens_dpbf16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc,
+                        bf16 *restrict xt) {
+    const int64_t n_tiles = (T + 31) / 32;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        bf16 *d = xt + t * n * 32;
+        int64_t c0 = 0;
+        if (sc == 1) {
+            for (; c0 + 8 <= n; c0 += 8)
+                for (int64_t j0 = 0; j0 < 32; j0 += 8) {
+                    __m256 r[8];
+                    for (int m = 0; m < 8; ++m) {
+                        const int64_t tok = t * 32 + j0 + m;
+                        r[m] = tok < T ? (__m256)load_bf16x8(x + tok * st + c0) : _mm256_setzero_ps();
+                    }
+                    transpose8(r);
+                    const int64_t s = dpbf16_slot(j0);  /* tokens j0..j0+3; j0+4..j0+7 at s + 8 */
+                    for (int m = 0; m < 8; ++m) {
+                        const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(r[m]), 16);
+                        const __m256i h = _mm256_packus_epi32(u, u);  /* per 128-bit half: 4 words, twice */
+                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * 32 + s), _mm256_castsi256_si128(h));
+                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * 32 + s + 8), _mm256_extracti128_si256(h, 1));
+                    }
+                }
+        }
+        for (int64_t c = c0; c < n; ++c)
+            for (int64_t j = 0; j < 32; ++j) {
+                const int64_t tok = t * 32 + j;
+                d[c * 32 + dpbf16_slot(j)] = tok < T ? x[tok * st + c * sc] : 0;
+            }
+    }
+}
+#endif
+
 /* Which of the optional kernels this build has: bit 0 AMX (bsr16_mm_amx), bit 1 AVX-512-BF16
-   (bsr16_mv_dpbf16). */
+   (bsr16_mv_dpbf16), bit 2 AVX-512-BF16 (csr_mm_*_dpbf16, pack_tokens_dpbf16). */
 int sparse_cpu_features(void) {
     int f = 0;
 #ifdef HAVE_AMX
     f |= 1;
 #endif
 #ifdef HAVE_DPBF16
-    f |= 2;
+    f |= 2 | 4;
 #endif
     return f;
 }

@@ -1,8 +1,9 @@
 """The emulated instructions of the emu build (kernels/cpu/sparse_cpu.c, SPARSE_CPU_EMU) against
 a Python model of the operation the Intel SDM gives for them, bit for bit: VDPBF16PS (odd pair
-first, then even), VCVTNEPS2BF16, TDPBF16PS (an even and an odd fp32 sum per output over k,
-added, then added to C), each multiply-add one rounding to nearest even with denormal inputs
-as zero (DAZ) and denormal results as zero (FTZ); and the faults (#GP / #UD / no arch_prctl
+first, then even), VCVTNEPS2BF16, VPUNPCKLWD / VPUNPCKHWD (within 128-bit lanes), VBROADCASTSS,
+TDPBF16PS (an even and an odd fp32 sum per output over k, added, then added to C), each
+multiply-add one rounding to nearest even with denormal inputs as zero (DAZ) and denormal
+results as zero (FTZ); and the faults (#GP / #UD / no arch_prctl
 grant) that end the process. The model works in exact rationals (fractions), so it does not
 share the C code's rounding. Each comparison also checks that the inputs tell the documented
 order, DAZ and FTZ apart from the alternatives, so a wrong emulation cannot pass."""
@@ -35,6 +36,8 @@ def emu():
     i64, p, i = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     so.emu_vdpbf16ps.argtypes = [i64, p, p, p]
     so.emu_vcvtneps2bf16.argtypes = [i64, p, p]
+    so.emu_vpunpckwd.argtypes = [i64, i, p, p, p]
+    so.emu_vbroadcastss.argtypes = [i64, p, p]
     so.emu_ldtilecfg.argtypes = [p]
     so.emu_tilezero.argtypes = [i]
     so.emu_tileloadd.argtypes = [i, p, i64]
@@ -204,6 +207,50 @@ def test_emulated_vcvtneps2bf16_rounds_to_nearest_even_and_flushes_denormals(emu
     assert denormal.sum() > 0 and torch.equal(torch.isnan(out), nan)
     assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
     assert torch.all(out[nan].view(torch.int16) & 0x40 != 0), "a NaN comes out quiet"
+
+
+def model_vpunpckwd(a, b, high, per_lane=True, a_first=True):
+    """VPUNPCKLWD (high False) / VPUNPCKHWD zmm on 32 words each: in each 128-bit lane the low
+    (high) four words of a and b interleaved, a's first. The alternatives for the discrimination
+    check: one interleave over the whole register (per_lane False), b's words first."""
+    out = []
+    for lane in range(4) if per_lane else range(1):
+        base = 8 * lane + 4 * high if per_lane else 16 * high
+        for k in range(4 if per_lane else 16):
+            first, second = (a, b) if a_first else (b, a)
+            out += [first[base + k], second[base + k]]
+    return out
+
+
+@pytest.mark.parametrize("high", [0, 1])
+def test_emulated_vpunpcklwd_and_vpunpckhwd_interleave_within_128_bit_lanes(emu, high):
+    g = torch.Generator().manual_seed(53 + high)
+    n = 32 * 16
+    a = torch.randint(-2 ** 15, 2 ** 15, (n,), generator=g, dtype=torch.int32).to(torch.int16)
+    b = torch.randint(-2 ** 15, 2 ** 15, (n,), generator=g, dtype=torch.int32).to(torch.int16)
+    out = torch.empty(n, dtype=torch.int16)
+    emu.emu_vpunpckwd(n, high, a.data_ptr(), b.data_ptr(), out.data_ptr())
+    got, a_words, b_words = out.tolist(), a.tolist(), b.tolist()
+    for j in range(0, n, 32):
+        want = model_vpunpckwd(a_words[j:j + 32], b_words[j:j + 32], high)
+        assert got[j:j + 32] == want, f"register {j // 32} differs from the documented VPUNPCK{'HWD' if high else 'LWD'}"
+        for variant in ({"per_lane": False}, {"a_first": False}, {"high": 1 - high}):
+            args = {"high": high, **variant}
+            other = model_vpunpckwd(a_words[j:j + 32], b_words[j:j + 32], args.pop("high"), **args)
+            assert other != want, f"the inputs do not tell {variant} from the documented operation"
+
+
+def test_emulated_vbroadcastss_copies_the_bits(emu):
+    """VBROADCASTSS then VMOVUPS: every lane the source's 32 bits, a signalling NaN's payload, a
+    negative zero and denormals included (a move, not arithmetic: no quieting, no DAZ)."""
+    g = torch.Generator().manual_seed(55)
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (60,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0x7F800001, 0x7FA00000, -0x7FFFFFFF, 0x00000001, 0x807FFFFF, -2 ** 31],
+                           dtype=torch.int64).to(torch.int32)  # sNaN, sNaN, -sNaN, denormals, -0
+    src = torch.cat([bits, special]).view(torch.float32)
+    out = torch.empty(16 * src.numel())
+    emu.emu_vbroadcastss(out.numel(), src.data_ptr(), out.data_ptr())
+    assert torch.equal(out.view(torch.int32).reshape(-1, 16), src.view(torch.int32)[:, None].expand(-1, 16))
 
 
 # -- the tiles -------------------------------------------------------------------------------

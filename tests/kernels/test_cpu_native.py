@@ -719,8 +719,10 @@ def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
 
 
 @has_compiler
-@pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16",)),
-                                           ("amx", ("bsr16_mv_dpbf16", "bsr16_mm_amx", "sparse_cpu_amx_init"))])
+@pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16",
+                                                           "pack_tokens_dpbf16")),
+                                           ("amx", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "bsr16_mm_amx",
+                                                    "sparse_cpu_amx_init"))])
 def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
     path = cpu.build(name)
     assert path.exists() and name in path.name
@@ -812,7 +814,7 @@ def emu_library(monkeypatch):
     cpu.reset()
     if cpu.lib() is None:
         pytest.skip(f"no native library here: {cpu.error()}")
-    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16"}
+    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16", "csr_dpbf16"}
     yield
     monkeypatch.undo()
     cpu.reset()
@@ -922,3 +924,156 @@ def test_tile_kernels_take_empty_block_rows_strided_x_and_either_y(out_dtype, bi
         assert_matches(y, ref, lowp, f"T={tokens}, y {out_dtype}, bias {bias} ({amx_build})")
         if not bias:
             assert not y[:, :16].any() and not y[:, 48:64].any(), "an empty block row must give 0"
+
+
+# The AVX-512-BF16 CSR product of several tokens (csr_mm_*_dpbf16: weight pairs, bf16 tiles of 32
+# tokens), on this CPU where it has avx512_bf16 (skips with the reason elsewhere) and on the emu
+# build: the inference weight (by panels of PANEL columns, the bf16 copy in ``pairs``) and the
+# training product's (kernels.cpu.csr_matmul: one panel, bf16 values), fan-in (an odd k, so every
+# row ends on an unpaired weight in some panel; ablated rows) and unstructured masks (empty rows),
+# against fp64 of the same bf16 numbers at the existing tolerances (conftest.assert_matches).
+
+@pytest.fixture(params=["this CPU", "emu"])
+def csr_dpbf16_build(request):
+    """csr_mm_*_dpbf16 on this CPU (skips without AVX-512-BF16) or on the emu build."""
+    return tile_build(request, "csr_dpbf16")
+
+
+@pytest.fixture
+def dpbf16_calls(monkeypatch):
+    """Counts the products that take csr_mm_*_dpbf16, as tokens."""
+    calls = []
+    real = cpu._csr_dpbf16_matmul
+
+    def spy(so, w, pairs, x, *rest):
+        calls.append(x.shape[0])
+        return real(so, w, pairs, x, *rest)
+    monkeypatch.setattr(cpu, "_csr_dpbf16_matmul", spy)
+    return calls
+
+
+def csr_mask(g, kind, n_out, n_in):
+    """(rows, cols) int32 of a fan-in mask (k = 37 a row, rows 0, 7, 14, ... ablated) or an
+    unstructured one (density 0.15, every fifth row empty)."""
+    if kind == "fan-in":
+        live = [r for r in range(n_out) if r % 7]
+        rows = torch.tensor(live).repeat_interleave(37)
+        cols = torch.cat([torch.randperm(n_in, generator=g)[:37] for _ in live])
+    else:
+        mask = torch.rand(n_out, n_in, generator=g) < 0.15
+        mask[::5] = False
+        rows, cols = mask.nonzero(as_tuple=True)
+    return rows.int(), cols.int()
+
+
+DPBF16_TOKENS = [2, 5, 31, 32, 33, 70, 256]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["fan-in", "unstructured"])
+@pytest.mark.parametrize("tokens", DPBF16_TOKENS)
+def test_avx512_bf16_csr_product_matches_the_fp64_reference(tokens, kind, bias, out_dtype, threads, csr_dpbf16_build,
+                                                           dpbf16_calls, monkeypatch, request):
+    """kernels.cpu.matmul on bf16 x: the inference weight (3 panels, the last one partial) and the
+    training one, every token count through csr_mm_*_dpbf16 (DPBF16_MIN_TOKENS lowered to 1: 2
+    and 5 tokens are a partial tile); y in bf16 or fp32, bias (fp32) or none, 1 or 2 threads."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    monkeypatch.setattr(cpu, "DPBF16_MIN_TOKENS", 1)
+    g = torch.Generator().manual_seed(42 + tokens)
+    n_out, n_in = 45, 2 * cpu.PANEL + 76
+    rows, cols = csr_mask(g, kind, n_out, n_in)
+    values = torch.randn(rows.numel(), generator=g).to(torch.bfloat16)
+    panelled = cpu.csr_weight(rows, cols, values, n_out, n_in, panels=True, dtype=torch.bfloat16)
+    assert panelled.panels == 3 and panelled.pairs is not None and panelled.index == 16
+    order, crow, col = kernels.coords.csr_structure(rows, cols, n_out, n_in)
+    training = cpu.NativeWeight("csr", n_out, n_in, crow.int(), col.int(), values[order].contiguous())
+    w = dense_of(crow, col, values[order], n_out, n_in)
+    b = torch.randn(n_out, generator=g) if bias else None
+    x = torch.randn(tokens, n_in, generator=g).to(torch.bfloat16)
+    ref = x.double() @ w.t() + (0 if b is None else b.double())
+    lowp = (x @ w.to(torch.bfloat16).t() + (0 if b is None else b.to(torch.bfloat16))).to(out_dtype)
+    for name, weight in (("inference, by panels", panelled), ("training, one panel", training)):
+        y = cpu.matmul(weight, x, b, out_dtype=out_dtype)
+        assert y.dtype == out_dtype and y.shape == (tokens, n_out)
+        assert_matches(y, ref, lowp, f"{kind}, T={tokens}, {name}, bias {bias}, y {out_dtype}, {threads} threads "
+                                     f"({csr_dpbf16_build})")
+        if not bias:
+            assert not y[:, ::5 if kind == "unstructured" else 7].any(), "an empty row must give 0"
+    assert dpbf16_calls == [tokens, tokens]
+
+
+def test_avx512_bf16_csr_product_with_4_byte_column_indices(csr_dpbf16_build, dpbf16_calls):
+    g = torch.Generator().manual_seed(43)
+    layer = LAYERS["unstructured 70000 wide"](g, True)
+    x = torch.randn(33, layer.in_features, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert dpbf16_calls == [33]
+    assert layer._inference_weight(layer.values, blocked=False, native=True, dtype=torch.bfloat16).index == 32
+    assert_matches(y, *bf16_reference(layer, x), f"70000 wide ({csr_dpbf16_build})")
+
+
+@pytest.mark.parametrize("name", ["fan-in wide", "fan-in ablated", "diag b=1 tall", "unstructured"])
+def test_bf16_layers_take_the_avx512_bf16_csr_product_from_17_tokens(name, csr_dpbf16_build, dpbf16_calls,
+                                                                      native_calls):
+    """The layers' bf16 inference (a bf16 layer and autocast) at 2 ... 256 tokens: csr_mm_*_dpbf16
+    from DPBF16_MIN_TOKENS on, the fp32 loop below; both match the fp64 reference."""
+    g = torch.Generator().manual_seed(44)
+    layer = LAYERS[name](g, True)
+    for tokens in DPBF16_TOKENS:
+        x = torch.randn(tokens, layer.in_features, generator=g)
+        ref, lowp = bf16_reference(layer, x)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            y2 = copy.deepcopy(layer).to(torch.bfloat16)(x.to(torch.bfloat16))
+        for how, out in (("autocast", y), ("bf16 layer", y2)):
+            assert_matches(out, ref, lowp, f"{name}, T={tokens}, {how} ({csr_dpbf16_build})")
+    assert native_calls == [("csr", t) for t in DPBF16_TOKENS for _ in range(2)]
+    assert dpbf16_calls == [t for t in DPBF16_TOKENS if t >= cpu.DPBF16_MIN_TOKENS for _ in range(2)]
+
+
+def test_fp32_x_never_takes_the_avx512_bf16_csr_product(csr_dpbf16_build, dpbf16_calls):
+    """fp32 x with a bf16 weight keeps its fp32 numbers (the fp32 loop): rounding x to bf16 would not."""
+    g = torch.Generator().manual_seed(45)
+    rows, cols = csr_mask(g, "unstructured", 30, 200)
+    values = torch.randn(rows.numel(), generator=g).to(torch.bfloat16)
+    w = cpu.csr_weight(rows, cols, values, 30, 200, panels=True, dtype=torch.bfloat16)
+    x = torch.randn(40, 200, generator=g)
+    y = cpu.matmul(w, x, None)
+    assert not dpbf16_calls and y.dtype == torch.float32
+    dense = torch.zeros(30, 200, dtype=torch.float64)
+    dense[rows.long(), cols.long()] = values.double()
+    ref = x.double() @ dense.t()
+    assert_close_to_reference(y, ref, x @ dense.float().t(), "fp32 x, bf16 weight")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_training_products_take_the_avx512_bf16_csr_product(threads, csr_dpbf16_build, dpbf16_calls,
+                                                                 request):
+    """csr_matmul under autocast, as a training step calls it (forward and input gradient: bf16
+    values, bf16 dense_t), at 5 ... 256 tokens, tall and wide, x.t() and token-minor."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    check_bf16_training_products(46, f"{threads} threads ({csr_dpbf16_build})", tokens=(5, 31, 33, 70, 256))
+    assert dpbf16_calls.count(5) == 0 and len(dpbf16_calls) == 2 * 2 * 4  # shapes x layouts x T >= 17
+
+
+def test_a_bf16_layer_trains_under_autocast_through_the_avx512_bf16_csr_product(csr_dpbf16_build, dpbf16_calls):
+    """The forward and input gradient of a fan-in layer's training step under autocast against
+    fp64 of the bf16-rounded operands."""
+    g = torch.Generator().manual_seed(47)
+    layer = LAYERS["fan-in wide"](g, True)
+    x = torch.randn(40, layer.in_features, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(dy)
+    assert len(dpbf16_calls) == 2 and set(dpbf16_calls) == {40}  # forward, input gradient
+    w = layer.to_dense().detach().to(torch.bfloat16)
+    ref, lowp = bf16_reference(layer, x.detach())
+    assert_matches(y, ref, lowp, f"forward ({csr_dpbf16_build})")
+    assert_matches(x.grad.to(torch.bfloat16), dy.double() @ w.double(), dy @ w, f"input gradient ({csr_dpbf16_build})")

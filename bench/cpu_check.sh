@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The first thing to run on a CPU this project has not measured yet - above all an Intel Xeon
+# with AVX-512-BF16 and AMX (`lscpu` flags avx512_bf16 amx_bf16 amx_tile), whose native bf16
+# kernels (kernels/cpu: bsr16_mm_amx, bsr16_mv_dpbf16, csr_mm_*_dpbf16) have so far run only on
+# the emulated build. One command, its phases under `timeout` within a total budget:
+#
+#     bash bench/cpu_check.sh                       # -> bench/results/cpu_check/<cpu>/
+#     bash bench/cpu_check.sh OUT_DIR               # elsewhere
+#     CPU_CHECK_BUDGET_S=900 bash bench/cpu_check.sh
+#
+# Phases, in order, each skipped when the budget is spent:
+#   1. the CPU, the variant kernels.cpu loads and the kernels it can run                 <= 60 s
+#   2. the native-product tests on this CPU's build (the "this CPU" halves of the AMX /
+#      AVX-512-BF16 tests run here where the flags are present; emu runs them anywhere)   <= 400 s
+#   3. bench/cpu_infer.py --precision bf16, 1 thread, batch 1 / 32 / 256 (issue 23's layer
+#      table: every format against dense bf16 and dense fp32 side by side)                <= 3 x 240 s
+#   4. the same at 32 / 256 tokens with the AVX2 build forced (KERNELS_CPU_VARIANT=avx2):
+#      the wide kernels' gain over the AVX2 ones on this CPU, one run after the other     <= 2 x 240 s
+#   5. bench/e2e.py ViT-B/16 batch 32 under bf16 autocast, inference only, then the
+#      training step: dense, diag16, fan-in (issue 23's end-to-end rows)                   <= 600 s + 900 s
+# Files: cpu_check.log (every phase's output, with times), cpu_infer_bf16_batch{1,32,256}.md / .csv,
+# cpu_infer_bf16_batch{32,256}_avx2_forced.md, e2e_infer.md, e2e_train.md.
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=python
+CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '_' | sed 's/_$//')
+OUT_DIR=${1:-bench/results/cpu_check/${CPU:-unknown_cpu}}
+BUDGET=${CPU_CHECK_BUDGET_S:-3600}
+mkdir -p "$OUT_DIR"
+SCRATCH=$(mktemp -d /tmp/cpu_check.XXXXXX)
+LOG="$OUT_DIR/cpu_check.log"
+START=$(date +%s)
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# phase NAME MAX_SECONDS MIN_SECONDS_LEFT COMMAND...: runs COMMAND under timeout min(MAX, left)
+phase() {
+    local name=$1 max=$2 need=$3; shift 3
+    local l; l=$(left)
+    if (( l < need )); then
+        echo "== $name: skipped, ${l} s of the budget left (needs ${need})" >> "$LOG"
+        return 0
+    fi
+    local t=$(( max < l ? max : l )) t0; t0=$(date +%s)
+    echo "== $name (timeout ${t} s): $*" >> "$LOG"
+    timeout --kill-after=10 "$t" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "== $name: exit ${rc}$( ((rc == 124)) && echo ' (timed out)') after $(( $(date +%s) - t0 )) s" >> "$LOG"
+    return 0
+}
+
+echo "cpu_check $(date -u '+%Y-%m-%d %H:%M UTC') git $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')" \
+     "budget ${BUDGET} s" > "$LOG"
+
+phase "1 this CPU" 60 10 bash -c "lscpu | grep -E '^(Model name|Vendor ID|CPU\(s\)|Thread|Core|Socket|L1d|L2|L3)'; \
+    grep -m1 -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; \
+    $PY -c 'import alwayssparse.kernels.cpu as c; c.lib(); print(\"variant\", c.loaded_variant(), \"features\", sorted(c.features()), \"error\", c.error())'"
+
+phase "2 native-product tests" 400 60 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels/test_cpu_native.py \
+    tests/kernels/test_cpu_emu.py tests/kernels/test_cpu_inference.py tests/kernels/test_autocast.py
+
+for B in 1 32 256; do
+    phase "3 cpu_infer bf16, batch $B" 240 60 "$PY" bench/cpu_infer.py --threads 1 --clock cpu --precision bf16 \
+        --batch "$B" --out "$SCRATCH/b$B"
+    cp "$SCRATCH/b$B/cpu_infer_bf16.md" "$OUT_DIR/cpu_infer_bf16_batch$B.md" 2>/dev/null
+    cp "$SCRATCH/b$B/cpu_infer_bf16.csv" "$OUT_DIR/cpu_infer_bf16_batch$B.csv" 2>/dev/null
+done
+for B in 32 256; do
+    phase "4 cpu_infer bf16, batch $B, AVX2 build forced" 240 60 env KERNELS_CPU_VARIANT=avx2 "$PY" bench/cpu_infer.py \
+        --threads 1 --clock cpu --precision bf16 --batch "$B" --out "$SCRATCH/avx2_b$B"
+    cp "$SCRATCH/avx2_b$B/cpu_infer_bf16.md" "$OUT_DIR/cpu_infer_bf16_batch${B}_avx2_forced.md" 2>/dev/null
+done
+
+phase "5a e2e ViT-B/16 batch 32, bf16 autocast, inference" 600 120 "$PY" bench/e2e.py --models vit-b16 \
+    --formats dense,diag16,fanin --autocast bf16 --batch 32 --steps 3 --clock cpu --infer-only --out "$SCRATCH/e2e_infer"
+cp "$SCRATCH"/e2e_infer/e2e.md "$OUT_DIR/e2e_infer.md" 2>/dev/null
+phase "5b e2e ViT-B/16 batch 32, bf16 autocast, training step" 900 300 "$PY" bench/e2e.py --models vit-b16 \
+    --formats dense,diag16,fanin --autocast bf16 --batch 32 --steps 3 --clock cpu --out "$SCRATCH/e2e_train"
+cp "$SCRATCH"/e2e_train/e2e.md "$OUT_DIR/e2e_train.md" 2>/dev/null
+
+echo "== done in $(( $(date +%s) - START )) s; scratch $SCRATCH; files:" >> "$LOG"
+(cd "$OUT_DIR" && find . -type f | sort) >> "$LOG"
+echo "cpu_check: $OUT_DIR (log: $LOG)"

@@ -34,23 +34,7 @@ LOG="$OUT_DIR/cpu_check.log"
 START=$(date +%s)
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-
-# phase NAME MAX_SECONDS MIN_SECONDS_LEFT COMMAND...: runs COMMAND under timeout min(MAX, left)
-phase() {
-    local name=$1 max=$2 need=$3; shift 3
-    local l; l=$(left)
-    if (( l < need )); then
-        echo "== $name: skipped, ${l} s of the budget left (needs ${need})" >> "$LOG"
-        return 0
-    fi
-    local t=$(( max < l ? max : l )) t0; t0=$(date +%s)
-    echo "== $name (timeout ${t} s): $*" >> "$LOG"
-    timeout --kill-after=10 "$t" "$@" >> "$LOG" 2>&1
-    local rc=$?
-    echo "== $name: exit ${rc}$( ((rc == 124)) && echo ' (timed out)') after $(( $(date +%s) - t0 )) s" >> "$LOG"
-    return 0
-}
+. "$ROOT/bench/phases.sh"   # left, phase
 
 echo "cpu_check $(date -u '+%Y-%m-%d %H:%M UTC') git $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')" \
      "budget ${BUDGET} s" > "$LOG"

@@ -306,8 +306,9 @@ def save_checkpoint(path: Path, *, entry: str, cfg, step: int, model, optimizer,
 # Fields that may differ between the saved run and the resuming one.
 # fused_mlp computes the same function and gradients (rounding aside) and stores nothing else.
 # eval_every only adds validation rows (evaluation draws from no training RNG).
+# accept_data_change is checked against the run folder's data.json, not the checkpoint.
 RESUME_FREE = {"resume", "overwrite", "progress", "plots", "threads", "device", "out_dir", "fused_mlp", "eval_every",
-               "tensorboard", "grad_sync"}
+               "tensorboard", "grad_sync", "accept_data_change"}
 
 
 def load_checkpoint(path: Path, entry: str, cfg) -> dict:

@@ -12,6 +12,10 @@ file in every process, see ``wordpiece``) and cached under ``data_cache/``; each
 keeps the one that made its ids in its folder (``tokenizer.json``), and ``--resume`` and
 ``train.eval`` read that one (``run_tokenizer``), never a fresh training.
 
+Every run folder keeps the fingerprint of its data (``data.json``: the text's sha1, documents
+and characters; the images' split sizes, shape, classes and a sha1 of their labels), and
+``--resume`` and ``train.eval`` refuse data that no longer matches it (``check_fingerprint``).
+
 Batches are a pure function of (seed, step): the order is a fixed permutation per epoch, so a
 resumed run sees exactly the batches the uninterrupted one would.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -34,10 +39,13 @@ import torch
 from .common import REPO, UsageError, atomic_write_text
 
 CACHE = Path(os.environ.get("DST_DATA_CACHE", REPO / "data_cache"))
-# .ci/setup unpacks Debian's dataset-fashion-mnist into the cache; a system-wide install works too.
-FASHION_DIRS = (str(CACHE / "fashion-mnist/usr/share/datasets/fashion-mnist"), "/usr/share/datasets/fashion-mnist")
+# .ci/setup unpacks Debian's dataset-fashion-mnist into the repository's data_cache/ (found there
+# also when DST_DATA_CACHE points elsewhere); a system-wide install works too.
+FASHION_DIRS = tuple(dict.fromkeys(str(c / "fashion-mnist/usr/share/datasets/fashion-mnist")
+                                   for c in (CACHE, REPO / "data_cache"))) + ("/usr/share/datasets/fashion-mnist",)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_FILE = "tokenizer.json"   # in a BERT / GPT run folder: the tokenizer that made its ids
+DATA_FILE = "data.json"             # in every run folder: the fingerprint of the data it trains on
 
 
 def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -136,6 +144,16 @@ class ImageData:
     def batch(self, step: int, batch_size: int, seed: int):
         idx = epoch_batch(len(self.train_y), batch_size, step, seed)
         return self.train_x[idx], self.train_y[idx]
+
+    def fingerprint(self) -> dict:
+        """What identifies these images cheaply (no pass over the pixels, whose normalised
+        values may differ in the last bit with the thread count): the split sizes, the image
+        shape, the classes and a sha1 of every label in split order."""
+        digest = hashlib.sha1()
+        for y in (self.train_y, self.val_y, self.test_y):
+            digest.update(y.to(torch.int64).contiguous().numpy().tobytes())
+        return {"dataset": self.name, "sha1": digest.hexdigest(), "train": len(self.train_y), "val": len(self.val_y),
+                "test": len(self.test_y), "shape": list(self.train_x.shape[1:]), "classes": self.num_classes}
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -266,9 +284,13 @@ class TextData:
     vocab_size: int
     special: dict         # token -> id of SPECIAL_TOKENS
     tokenizer: Any = None  # the tokenizers.Tokenizer that made the ids (decodes GPT samples)
+    corpus: dict = None    # the fingerprint of the text the ids were made from (corpus_fingerprint)
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         return self.train[epoch_batch(len(self.train), batch_size, step, seed)]
+
+    def fingerprint(self) -> dict:
+        return self.corpus
 
 
 def _pydoc_docs() -> list[str]:
@@ -305,12 +327,22 @@ def text_docs(spec: str) -> list[str]:
     return _hf_text_docs(spec, 0)
 
 
-def _cache_path(docs: list[str], vocab_size: int, name: str, prefix: str) -> Path:
+def _docs_sha1(docs: list[str]) -> str:
     digest = hashlib.sha1()
     for d in docs:
         digest.update(d.encode("utf-8", errors="replace"))
+    return digest.hexdigest()
+
+
+def corpus_fingerprint(spec: str, docs: list[str]) -> dict:
+    """What identifies a corpus: the sha1 of its text (its first 12 digits name the cached
+    tokenizer), the number of documents (their boundaries are [SEP] tokens) and characters."""
+    return {"dataset": spec, "sha1": _docs_sha1(docs), "docs": len(docs), "chars": sum(map(len, docs))}
+
+
+def _cache_path(docs: list[str], vocab_size: int, name: str, prefix: str) -> Path:
     slug = "".join(c if c.isalnum() else "_" for c in name)[-40:]
-    return CACHE / f"{prefix}-{slug}-{vocab_size}-{digest.hexdigest()[:12]}.json"
+    return CACHE / f"{prefix}-{slug}-{vocab_size}-{_docs_sha1(docs)[:12]}.json"
 
 
 def legacy_cache_path(docs: list[str], vocab_size: int, name: str) -> Path:
@@ -346,8 +378,6 @@ def _train_wordpiece(docs: list[str], vocab_size: int):
     leading token fixes their ids, and with them every tie. They are taken back out of the
     added (special) tokens afterwards: they stay plain vocabulary entries, as in a BERT vocab.
     """
-    import json
-
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -425,7 +455,53 @@ def load_text(spec: str, seq_len: int, vocab_size: int, seed: int = 0, tokenizer
     perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(1234))
     n_eval = max(1, n_blocks // 20)
     test, val, train = perm[:n_eval], perm[n_eval:2 * n_eval], perm[2 * n_eval:]
-    return TextData(spec, blocks[train], blocks[val], blocks[test], tok.get_vocab_size(), special, tok)
+    return TextData(spec, blocks[train], blocks[val], blocks[test], tok.get_vocab_size(), special, tok,
+                    corpus_fingerprint(spec, docs))
+
+
+def _describe(fp: dict) -> str:
+    """'sha1 759d628f47df, docs 30, chars 60123' (the sha1's first 12 digits, as in the cache's names)."""
+    return ", ".join(f"{k} {str(v)[:12] if k == 'sha1' else v}" for k, v in fp.items() if k not in ("dataset", "previous"))
+
+
+def check_fingerprint(run: Path, now: dict, prog: str, proceed: str, accept: bool = False, keeps: bool = False,
+                      warn: bool = True) -> dict:
+    """Compare ``now``, the fingerprint of the data just loaded for the run in folder ``run``,
+    with the one in its data.json, and return what the folder keeps from now on. A mismatch
+    is a UsageError naming the dataset, both fingerprints and the file, unless ``accept``
+    (``--accept-data-change``): then a warning, and the old fingerprint is kept in the new one's
+    "previous" list. A folder without data.json (a run from before it was kept) gives a
+    warning, once: with ``keeps`` the caller writes ``now`` there. ``proceed``: what the caller
+    does with the data ("resume", "evaluate"); ``warn``: print the warnings (rank 0)."""
+    path = Path(run) / DATA_FILE
+    spec = now["dataset"]
+    if not path.exists():
+        if warn:
+            then = f"; it is kept as {path} from now on" if keeps else ""
+            print(f"{prog}: warning: {run} has no {DATA_FILE} (a run from before run folders kept the fingerprint of "
+                  f"their data): cannot check that {spec!r} ({_describe(now)}) is the data it trained on{then}",
+                  file=sys.stderr)
+        return now
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the data fingerprint {path}: {type(e).__name__}: {e}") from None
+    missing = [k for k in now if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UsageError(f"cannot read the data fingerprint {path}: it lacks {', '.join(missing)}, not one of "
+                         f"this trainer's")
+    if all(saved[k] == v for k, v in now.items() if k != "dataset"):
+        return saved
+    change = (f"dataset {spec!r} is not the data the run in {run} trained on: now {_describe(now)}; the run's "
+              f"{path}: {_describe(saved)}")
+    if not accept:
+        anew = ", start a new run (another --out-dir, or --overwrite)" if proceed == "resume" else ""
+        raise UsageError(f"{change}; restore the data it trained on{anew}, or pass --accept-data-change to {proceed} "
+                         f"on the new data deliberately")
+    if warn:
+        print(f"{prog}: warning: {change}; going on with the new data (--accept-data-change)", file=sys.stderr)
+    old = {k: v for k, v in saved.items() if k != "previous"}
+    return {**now, "previous": saved.get("previous", []) + [old]}
 
 
 def mask_tokens(ids: torch.Tensor, special: dict, vocab_size: int, generator: torch.Generator,

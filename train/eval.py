@@ -18,6 +18,8 @@ loadable into ``models.vit.ViT`` / ``models.bert.Bert`` / ``models.gpt.GPT`` bui
 linear factory. A BERT / GPT run's text is tokenized with its folder's tokenizer.json (never a
 new training), and both exports carry that tokenizer (the condensed file's header
 ``["extra"]["tokenizer"]``, the dense file's ``"tokenizer"``: ``tokenizers.Tokenizer.from_str``).
+The run's own dataset must still match the fingerprint in its folder (data.json); a changed one
+exits 2 unless ``--accept-data-change``.
 """
 from __future__ import annotations
 
@@ -94,9 +96,18 @@ def text_tokenizer(run: Path, cfg, model_cfg):
     return tok
 
 
-def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device, run: Path | None = None) -> dict:
+def check_data(run: Path, data, accept: bool = False) -> None:
+    """The data just loaded for the run in folder ``run`` against its data.json
+    (train/data.check_fingerprint: UsageError on a mismatch unless ``accept``)."""
+    from .data import check_fingerprint
+    check_fingerprint(run, data.fingerprint(), PROG, "evaluate", accept)
+
+
+def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device, run: Path | None = None,
+                 accept_data_change: bool = False) -> dict:
     """Test metrics of ``model`` on the run's dataset (or ``dataset``); a BERT / GPT run's text is
-    tokenized with the tokenizer in its folder ``run``."""
+    tokenized with the tokenizer in its folder ``run``, and the run's own data is checked
+    against the fingerprint there (``check_data``)."""
     from . import common as C
     amp_dtype = C.autocast_dtype(cfg.precision, device)
     import torch
@@ -109,6 +120,8 @@ def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device,
         want = (model_cfg.channels, model_cfg.image_size, model_cfg.num_classes)
         if got != want:
             raise UsageError(f"dataset {name!r} has (channels, image size, classes) {got}; the model takes {want}")
+        if run is not None and name == cfg.dataset:
+            check_data(run, data, accept_data_change)
         loss, acc = vit.evaluate(model, data.test_x, data.test_y, 512, device, amp)
         return {"dataset": name, "test": {"accuracy": acc, "loss": loss}, "examples": len(data.test_y)}
     if name != cfg.dataset:
@@ -122,12 +135,14 @@ def evaluate_run(entry: str, cfg, model_cfg, model, dataset: str | None, device,
 
         from . import gpt
         data = gpt.load_text(cfg, tok)
+        check_data(run, data, accept_data_change)
         loss, acc = gpt.evaluate(model, data.test, device, amp)
         return {"dataset": name, "test": {"lm_loss": loss, "perplexity": math.exp(min(loss, 50)), "accuracy": acc},
                 "sequences": len(data.test), "data": data}
     from . import bert
     from .data import load_text
     data = load_text(cfg.dataset, cfg.seq_len, cfg.vocab_size, cfg.seed, tokenizer=tok)
+    check_data(run, data, accept_data_change)
     loss, acc = bert.evaluate(model, data.test, data, cfg, device, amp)
     return {"dataset": name, "test": {"mlm_loss": loss, "mlm_accuracy": acc}, "sequences": len(data.test),
             "data": data}
@@ -167,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-eval", dest="eval", action="store_false", help="only export, do not evaluate")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the metrics here")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--accept-data-change", action="store_true", help="evaluate although the run's dataset no "
+                   "longer matches the fingerprint in its folder (data.json)")
     g = p.add_argument_group("GPT runs: sampled text (printed, and in --json)")
     g.add_argument("--samples", type=int, default=3, help="lines to sample, 0 = none (default: 3)")
     g.add_argument("--prompt-tokens", type=int, default=8, help="tokens of a test sequence as the prompt (default: 8)")
@@ -181,7 +198,8 @@ def main(argv=None) -> int:
         entry, cfg, model_cfg, model = load_run(args.run, device)
         result = {"run": str(args.run), "entry": entry, "method": cfg.dst.method}
         if args.eval:
-            result.update(evaluate_run(entry, cfg, model_cfg, model, args.dataset, device, args.run))
+            result.update(evaluate_run(entry, cfg, model_cfg, model, args.dataset, device, args.run,
+                                       args.accept_data_change))
         data = result.pop("data", None)
         tokenizer = data.tokenizer if data is not None else None
         if entry != "vit" and tokenizer is None and (args.export or args.densify or (entry == "gpt" and args.samples)):
@@ -190,6 +208,7 @@ def main(argv=None) -> int:
             if data is None:   # --no-eval: the corpus, for the prompts
                 from .gpt import load_text
                 data = load_text(cfg, tokenizer)
+                check_data(args.run, data, args.accept_data_change)
             if args.prompt_tokens >= model_cfg.max_len:
                 raise UsageError(f"--prompt-tokens must be < the model's max_len {model_cfg.max_len}, "
                                  f"got {args.prompt_tokens}")

@@ -295,6 +295,8 @@ class TrainerFlags:
     out_dir: str = ""               # run folder ("" = runs/<vit|bert>/<method>-s<sparsity>-seed<seed>)
     resume: bool = False            # continue from <out_dir>/checkpoint.pt
     overwrite: bool = False         # replace a finished run in out_dir
+    accept_data_change: bool = False  # --resume on data that no longer matches the run's fingerprint (data.json:
+                                      # a .txt edited, another dataset under the same name), deliberately
     plots: bool = True              # write curves.png, masks.png and churn.png
     tensorboard: bool = False       # mirror metrics.jsonl to TensorBoard in <out_dir>/tensorboard (an optional
                                     # extra: pip install -e ".[tensorboard]")

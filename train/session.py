@@ -29,6 +29,7 @@ from torch import nn
 
 from . import common as C
 from . import distributed, tracking
+from .data import DATA_FILE, check_fingerprint
 from .plots import mask_rows
 from .flags import Entry, Exit, UsageError, usage_exit
 
@@ -223,8 +224,9 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
     config (``model_config() -> (class, config)``, checked before the data loads), the data
     (``load(model_config, resume_from) -> Built``; ``resume_from`` is the run folder on
     --resume, else None: a trainer whose data depends on the run reads it there), the sparse
-    model, the Sparsifier and the optimizer; then resume, the run's files (``Built.files``), the
-    metrics file and the banner. Raises ``Exit``."""
+    model, the Sparsifier and the optimizer; then resume, the run's files (``Built.files``, and
+    data.json: the data's fingerprint, checked against the folder's on --resume), the metrics
+    file and the banner. Raises ``Exit``."""
     from dst import Sparsifier
     ddp = distributed.init(cfg.device)  # torchrun: one process per device (see train/distributed.py)
     if ddp.active:
@@ -250,6 +252,10 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
             print(f"{entry.label}: {out} already finished its {cfg.steps} steps; nothing to resume, summary.json kept")
             raise Exit(0)
         built = load(model_cfg, out if blob is not None else None)
+        fingerprint = built.data.fingerprint()   # kept in data.json; a resumed run's data must match it
+        if blob is not None:
+            fingerprint = check_fingerprint(out, fingerprint, entry.prog, "resume", cfg.accept_data_change,
+                                            keeps=True, warn=ddp.is_main)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         C.seed_everything(cfg.seed)
@@ -277,7 +283,7 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         history = {"times": [], **{k: ([e for e in v if e[0] < first] if k in ("train", "eval", "density", "times")
                                        else v) for k, v in blob["history"].items()}}
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in built.files.items():
+    for name, text in {**built.files, DATA_FILE: json.dumps(fingerprint, indent=2) + "\n"}.items():
         C.atomic_write_text(out / name, text)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     metrics = C.Metrics(out / "metrics.jsonl", keep_before=first)

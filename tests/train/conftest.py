@@ -1,9 +1,8 @@
 """Small data for the training tests: 2048 MNIST training images (256 val / test) and a cached
-tokenizer folder per session, so that each run takes seconds."""
+tokenizer folder per session (DST_DATA_CACHE, tests/conftest.py), so that each run takes seconds."""
 import pytest
 import torch
 
-import train.data
 from train.data import ImageData, load_images
 
 
@@ -19,12 +18,6 @@ def tiny_mnist(monkeypatch, small_mnist):
     """train.vit sees the small MNIST whatever --dataset says (bad names are checked elsewhere)."""
     monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0, **kw: small_mnist)
     return small_mnist
-
-
-@pytest.fixture(autouse=True)
-def data_cache(tmp_path_factory, monkeypatch):
-    """Tokenizers go to a per-session folder, not the repository's data_cache/."""
-    monkeypatch.setattr(train.data, "CACHE", tmp_path_factory.getbasetemp() / "data_cache")
 
 
 @pytest.fixture(autouse=True)

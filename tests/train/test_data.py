@@ -192,3 +192,85 @@ def test_wordpiece_keeps_its_continuation_pieces_plain_vocabulary(tmp_path, monk
     assert any(t.startswith("##") for t in enc.tokens) and "##a" not in enc.tokens   # "##a" in text is not a token
     assert tok.decode(enc.ids, skip_special_tokens=True) == "exceptionally # # a"
     assert train.data.wordpiece([topics[k] for k in sorted(topics)[:30]], 512, "pydoc30").to_str() == tok.to_str()
+
+
+def test_a_corpus_fingerprint_is_the_cache_names_sha1_with_documents_and_characters(tmp_path, monkeypatch):
+    import train.data
+    from train.data import corpus_fingerprint
+    monkeypatch.setattr(train.data, "CACHE", tmp_path)
+    docs = ["alpha beta gamma " * 40, "delta epsilon " * 30, "zeta"]
+    fp = corpus_fingerprint("notes.txt", docs)
+    assert fp["dataset"] == "notes.txt" and (fp["docs"], fp["chars"]) == (3, sum(map(len, docs)))
+    assert len(fp["sha1"]) == 40
+    train.data.wordpiece(docs, 64, "notes.txt")
+    (cached,) = tmp_path.glob("wordpiece2-*.json")
+    assert cached.stem.endswith("-" + fp["sha1"][:12])
+    assert corpus_fingerprint("notes.txt", docs[:2] + ["zeta!"])["sha1"] != fp["sha1"]
+    assert corpus_fingerprint("notes.txt", docs[:2])["docs"] == 2
+
+
+def test_an_image_fingerprint_changes_with_a_label_or_a_split():
+    from train.data import ImageData
+    x, y = torch.zeros(10, 1, 4, 4), torch.arange(10) % 3
+
+    def images(train_y=y, n_test=5):
+        return ImageData("toy", x, train_y, x[:3], y[:3], x[:n_test], y[:n_test], 3)
+
+    fp = images().fingerprint()
+    assert fp == images().fingerprint() and fp["shape"] == [1, 4, 4] and (fp["train"], fp["test"]) == (10, 5)
+    assert images(train_y=torch.roll(y, 1)).fingerprint()["sha1"] != fp["sha1"]
+    assert images(n_test=4).fingerprint() != fp
+
+
+def _fingerprint(sha1="a" * 40, docs=3, chars=100):
+    return {"dataset": "notes.txt", "sha1": sha1, "docs": docs, "chars": chars}
+
+
+def test_check_fingerprint_refuses_changed_data_naming_the_dataset_both_fingerprints_and_the_file(tmp_path):
+    from train.data import UsageError, check_fingerprint
+    (tmp_path / "data.json").write_text(json.dumps(_fingerprint()))
+    assert check_fingerprint(tmp_path, _fingerprint(), "prog", "resume") == _fingerprint()
+    with pytest.raises(UsageError) as e:
+        check_fingerprint(tmp_path, _fingerprint(sha1="b" * 40, chars=101), "prog", "resume")
+    msg = str(e.value)
+    assert "'notes.txt'" in msg and "b" * 12 in msg and "a" * 12 in msg and "chars 101" in msg, msg
+    assert str(tmp_path / "data.json") in msg and "--accept-data-change to resume" in msg, msg
+
+
+def test_check_fingerprint_accepts_a_change_when_asked_and_keeps_the_old_fingerprints(tmp_path, capsys):
+    from train.data import check_fingerprint
+    (tmp_path / "data.json").write_text(json.dumps(_fingerprint()))
+    kept = check_fingerprint(tmp_path, _fingerprint(sha1="b" * 40), "prog", "resume", accept=True)
+    assert kept == {**_fingerprint(sha1="b" * 40), "previous": [_fingerprint()]}
+    assert capsys.readouterr().err.count("prog: warning: dataset 'notes.txt' is not the data") == 1
+    (tmp_path / "data.json").write_text(json.dumps(kept))
+    again = check_fingerprint(tmp_path, _fingerprint(sha1="c" * 40), "prog", "resume", accept=True)
+    assert again["previous"] == [_fingerprint(), _fingerprint(sha1="b" * 40)]
+    assert check_fingerprint(tmp_path, _fingerprint(sha1="b" * 40), "prog", "resume") == kept   # now the run's
+
+
+def test_check_fingerprint_warns_once_for_a_folder_without_data_json_and_goes_on(tmp_path, capsys):
+    from train.data import check_fingerprint
+    assert check_fingerprint(tmp_path, _fingerprint(), "prog", "evaluate") == _fingerprint()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prog: warning: {tmp_path} has no data.json" in err and "'notes.txt'" in err, err
+    check_fingerprint(tmp_path, _fingerprint(), "prog", "resume", keeps=True, warn=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"sha1": 1}'])
+def test_an_unreadable_data_json_is_an_error_naming_it(tmp_path, content):
+    from train.data import UsageError, check_fingerprint
+    (tmp_path / "data.json").write_text(content)
+    with pytest.raises(UsageError, match="cannot read the data fingerprint " + str(tmp_path / "data.json")):
+        check_fingerprint(tmp_path, _fingerprint(), "prog", "resume")
+
+
+def test_fashion_mnist_is_found_in_the_repository_cache_when_dst_data_cache_points_elsewhere(tmp_path):
+    env = {**os.environ, "DST_DATA_CACHE": str(tmp_path / "elsewhere")}
+    done = subprocess.run([sys.executable, "-c", "import json, train.data as d; print(json.dumps(d.FASHION_DIRS))"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dirs = json.loads(done.stdout)
+    assert str(ROOT / "data_cache" / "fashion-mnist/usr/share/datasets/fashion-mnist") in dirs
+    assert dirs[0] == str(tmp_path / "elsewhere" / "fashion-mnist/usr/share/datasets/fashion-mnist")

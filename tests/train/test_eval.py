@@ -154,3 +154,57 @@ def test_a_folder_without_a_finished_run_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "train.eval", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "is not a finished run" in done.stderr
+
+
+def test_eval_of_a_vit_run_whose_images_changed_exits_2_naming_the_dataset_and_its_data_json(vit_run, tmp_path,
+                                                                                            capsys):
+    from train import eval as train_eval
+    out = tmp_path / "vit"
+    shutil.copytree(vit_run, out)
+    saved = json.loads((out / "data.json").read_text())
+    assert (saved["dataset"], saved["train"], saved["test"], saved["classes"]) == ("mnist", 50000, 10000, 10)
+    (out / "data.json").write_text(json.dumps({**saved, "sha1": "0" * 40}))   # what another copy of MNIST would give
+    assert train_eval.main([str(out), "--no-eval", "--export", str(tmp_path / "m.safetensors")]) == 0   # no data read
+    capsys.readouterr()
+    assert train_eval.main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset 'mnist' is not the data the run in" in err and "0" * 12 in err, err
+    assert saved["sha1"][:12] in err and str(out / "data.json") in err and "--accept-data-change to evaluate" in err
+    assert train_eval.main([str(out), "--accept-data-change", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["test"]["accuracy"] == \
+        json.loads((out / "summary.json").read_text())["test"]["accuracy"]
+
+
+def test_eval_of_a_gpt_run_whose_text_changed_exits_2_unless_accepted(tmp_path, capsys):
+    from pydoc_data.topics import topics
+
+    from train import eval as train_eval
+    from train import gpt
+    from train.data import corpus_fingerprint, text_docs
+    text = tmp_path / "corpus.txt"
+    original = "\n\n".join(topics[k] for k in sorted(topics)[:30])
+    text.write_text(original)
+    out = tmp_path / "gpt"
+    assert gpt.main(["--dataset", str(text), "--preset", "micro", "--vocab-size", "256", "--seq-len", "32", "--steps",
+                     "4", "--warmup", "1", "--batch-size", "8", "--method", "srigl", "--delta-t", "2", "--out-dir",
+                     str(out), "--no-progress", "--no-plots", "--threads", "1"]) == 0
+    trained = json.loads((out / "data.json").read_text())
+    text.write_text(original[:len(original) // 2])   # another version of the text under the same name
+    now = corpus_fingerprint(str(text), text_docs(str(text)))
+    capsys.readouterr()
+    for extra in ([], ["--no-eval", "--samples", "1"]):   # the test split, and the prompts of the samples
+        assert train_eval.main([str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"dataset {str(text)!r} is not the data the run in {out}" in err, err
+        assert trained["sha1"][:12] in err and now["sha1"][:12] in err and f"chars {now['chars']}" in err, err
+    assert train_eval.main([str(out), "--samples", "0", "--accept-data-change"]) == 0
+    assert capsys.readouterr().err.count("going on with the new data") == 1
+    assert json.loads((out / "data.json").read_text()) == trained   # train.eval writes no run file
+    text.write_text(original)
+    (out / "data.json").unlink()   # a run folder from before data.json
+    assert train_eval.main([str(out), "--samples", "0", "--json", str(tmp_path / "e.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and f"warning: {out} has no data.json" in err and "kept as" not in err, err
+    assert not (out / "data.json").exists()
+    got, want = json.loads((tmp_path / "e.json").read_text())["test"], json.loads((out / "summary.json").read_text())["test"]
+    assert got == pytest.approx(want, rel=1e-6)

@@ -169,3 +169,72 @@ def test_resuming_a_text_run_with_neither_its_tokenizer_nor_the_cache_exits_2_na
     assert err.count("\n") == 1 and f"{tmp_path / 'cut' / 'tokenizer.json'} is missing" in err, err
     assert str(tmp_path / "cache" / "wordpiece-") in err and "cannot be rebuilt" in err, err
     assert {p.name: p.read_bytes() for p in (tmp_path / "cut").iterdir()} == before   # nothing written, no re-training
+
+
+def test_resuming_a_text_run_on_changed_text_exits_2_naming_the_corpus_and_both_fingerprints(corpus, tmp_path,
+                                                                                             monkeypatch, capsys):
+    from train import gpt
+    from train.data import corpus_fingerprint, text_docs
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus.read_text())
+    out = tmp_path / "cut"
+    args = TEXT + ["--dataset", str(text), "--out-dir", str(out)]
+    cut_at_step_9(gpt, args, monkeypatch)
+    trained = json.loads((out / "data.json").read_text())
+    assert trained == corpus_fingerprint(str(text), text_docs(str(text)))
+    text.write_text(corpus.read_text().replace("the", "a"))   # the .txt edited between the sessions
+    edited = corpus_fingerprint(str(text), text_docs(str(text)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert gpt.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"dataset {str(text)!r} is not the data the run in {out} trained on" in err, err
+    assert trained["sha1"][:12] in err and edited["sha1"][:12] in err and str(out / "data.json") in err, err
+    assert "--accept-data-change" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # nothing written
+    assert gpt.main(args + ["--resume", "--accept-data-change"]) == 0
+    assert "going on with the new data (--accept-data-change)" in capsys.readouterr().err
+    assert json.loads((out / "data.json").read_text()) == {**edited, "previous": [trained]}
+
+
+def test_an_old_run_folder_without_data_json_resumes_with_one_warning_and_keeps_it(corpus, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from train import bert
+    args = TEXT + ["--dataset", str(corpus)]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert bert.main(args + ["--out-dir", str(whole)]) == 0
+    cut_at_step_9(bert, args + ["--out-dir", str(cut)], monkeypatch)
+    (cut / "data.json").unlink()   # what the trainers before data.json left
+    capsys.readouterr()
+    assert bert.main(args + ["--out-dir", str(cut), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and f"warning: {cut} has no data.json" in err and "kept as" in err, err
+    assert (cut / "data.json").read_text() == (whole / "data.json").read_text()
+    assert train_rows(cut / "metrics.jsonl") == train_rows(whole / "metrics.jsonl")
+
+
+def test_resuming_a_vit_run_on_other_images_exits_2_naming_the_dataset(tiny_mnist, tmp_path, monkeypatch, capsys):
+    from train.data import ImageData
+    out = tmp_path / "cut"
+    args = ARGS + ["--steps", "16", "--delta-t", "4", "--out-dir", str(out)]
+    batch = ImageData.batch
+
+    def batch_then_sigterm(self, step, batch_size, seed):
+        if step == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, step, batch_size, seed)
+
+    monkeypatch.setattr(ImageData, "batch", batch_then_sigterm)
+    assert vit.main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(ImageData, "batch", batch)
+    trained = json.loads((out / "data.json").read_text())
+    assert (trained["train"], trained["test"], trained["shape"]) == (2048, 256, [1, 28, 28])
+    relabelled = ImageData(tiny_mnist.name, tiny_mnist.train_x, tiny_mnist.train_y, tiny_mnist.val_x,
+                           tiny_mnist.val_y, tiny_mnist.test_x, torch.roll(tiny_mnist.test_y, 1), 10)
+    monkeypatch.setattr("train.vit.load_images", lambda spec, data_dir="", seed=0, **kw: relabelled)
+    capsys.readouterr()
+    assert vit.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset 'mnist-2k' is not the data" in err and trained["sha1"][:12] in err, err
+    assert relabelled.fingerprint()["sha1"][:12] in err and str(out / "data.json") in err, err
+    assert vit.main(args + ["--resume", "--accept-data-change"]) == 0

@@ -92,18 +92,19 @@ def scramble_tokenizers(folder: Path) -> int:
     return len(files)
 
 
-def cut_at_step_9(trainer, args, monkeypatch):
-    """Run ``trainer`` with a SIGTERM at step 9: it checkpoints step 10 and exits 143."""
-    batch = TextData.batch
+def cut_at_step_9(trainer, args, monkeypatch, data=TextData):
+    """Run ``trainer`` (its batches from ``data``'s class) with a SIGTERM at step 9: it
+    checkpoints step 10 and exits 143."""
+    batch = data.batch
 
     def batch_then_sigterm(self, step, batch_size, seed):
         if step == 9:
             os.kill(os.getpid(), signal.SIGTERM)
         return batch(self, step, batch_size, seed)
 
-    monkeypatch.setattr(TextData, "batch", batch_then_sigterm)
+    monkeypatch.setattr(data, "batch", batch_then_sigterm)
     assert trainer.main(args) == 128 + signal.SIGTERM
-    monkeypatch.setattr(TextData, "batch", batch)
+    monkeypatch.setattr(data, "batch", batch)
 
 
 @pytest.mark.parametrize("entry", ["bert", "gpt"])
@@ -217,16 +218,7 @@ def test_resuming_a_vit_run_on_other_images_exits_2_naming_the_dataset(tiny_mnis
     from train.data import ImageData
     out = tmp_path / "cut"
     args = ARGS + ["--steps", "16", "--delta-t", "4", "--out-dir", str(out)]
-    batch = ImageData.batch
-
-    def batch_then_sigterm(self, step, batch_size, seed):
-        if step == 9:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch(self, step, batch_size, seed)
-
-    monkeypatch.setattr(ImageData, "batch", batch_then_sigterm)
-    assert vit.main(args) == 128 + signal.SIGTERM
-    monkeypatch.setattr(ImageData, "batch", batch)
+    cut_at_step_9(vit, args, monkeypatch, ImageData)
     trained = json.loads((out / "data.json").read_text())
     assert (trained["train"], trained["test"], trained["shape"]) == (2048, 256, [1, 28, 28])
     relabelled = ImageData(tiny_mnist.name, tiny_mnist.train_x, tiny_mnist.train_y, tiny_mnist.val_x,

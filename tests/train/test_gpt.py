@@ -4,16 +4,16 @@ train.eval gives the summary's test metrics back and samples text."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from train import gpt
+
+from .runs import sigterm_after_step, train_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -32,10 +32,6 @@ def small(corpus, out, *extra):
             "--steps", "40", "--warmup", "5", "--lr", "3e-3", "--batch-size", "16", "--log-every", "5",
             "--eval-every", "20", "--delta-t", "10", "--sparsity", "0.8", "--out-dir", str(out), "--no-progress",
             "--threads", "1", *extra]
-
-
-def train_rows(path):
-    return [json.loads(line) for line in open(path) if '"train"' in line]
 
 
 @pytest.mark.parametrize("method", ["dense", "srigl", "dynadiag", "rigl"])
@@ -78,15 +74,8 @@ def test_a_killed_gpt_run_resumes_to_the_same_run(corpus, tmp_path):
     args = small(corpus, tmp_path / "cut", "--method", "rigl", "--steps", "60", "--ckpt-every", "0", "--no-plots")
     proc = subprocess.Popen([sys.executable, "-m", "train.gpt", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r["step"] >= 14 for r in train_rows(metrics)):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    sigterm_after_step(proc, metrics, 14, 180)
     stopped_at = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"]
     assert 15 <= stopped_at < 60
     # Every session in a process of its own (the resumed one reads the run folder's tokenizer.json).

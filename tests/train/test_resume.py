@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,12 @@ import train.data
 from train import vit
 from train.data import TextData
 
+from .runs import sigterm_after_step, train_rows
+
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--method", "rigl", "--preset", "micro", "--steps", "60", "--warmup", "5", "--batch-size", "64",
         "--log-every", "5", "--eval-every", "20", "--eval-examples", "500", "--ckpt-every", "0",
         "--delta-t", "10", "--threads", "1", "--no-progress", "--no-plots"]
-
-
-def train_rows(path):
-    return [json.loads(line) for line in open(path) if '"train"' in line]
 
 
 def test_a_killed_process_resumes_to_the_same_run(tmp_path):
@@ -32,15 +29,7 @@ def test_a_killed_process_resumes_to_the_same_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "train.vit", *ARGS, "--out-dir", str(cut)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = cut / "metrics.jsonl"
-        if metrics.exists() and any(r["step"] >= 14 for r in train_rows(metrics)):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    err = sigterm_after_step(proc, cut / "metrics.jsonl", 14, 120)
     stopped_at = torch.load(cut / "checkpoint.pt", weights_only=False)["step"]
     assert 15 <= stopped_at < 60 and f"at step {stopped_at}" in err
     assert vit.main(ARGS + ["--out-dir", str(cut), "--resume"]) == 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first thing to run on a CPU this project has not measured yet - above all an Intel Xeon
 # with AVX-512-BF16 and AMX (`lscpu` flags avx512_bf16 amx_bf16 amx_tile), whose native bf16
-# kernels (kernels/cpu: bsr16_mm_amx, bsr16_mv_dpbf16, csr_mm_*_dpbf16) have so far run only on
+# kernels (kernels/cpu: bsr16_mm_amx, bsr16_mv_dpbf16, csr_mm_*_dpbf16, sddmm_tiles_dpbf16) have so far run only on
 # the emulated build. One command, its phases under `timeout` within a total budget:
 #
 #     bash bench/cpu_check.sh                       # -> bench/results/cpu_check/<cpu>/
@@ -16,10 +16,13 @@
 #      table: every format against dense bf16 and dense fp32 side by side)                <= 3 x 240 s
 #   4. the same at 32 / 256 tokens with the AVX2 build forced (KERNELS_CPU_VARIANT=avx2):
 #      the wide kernels' gain over the AVX2 ones on this CPU, one run after the other     <= 2 x 240 s
+#   4b. bench/cpu_train.py at 32 / 256 tokens (one layer's training step and the SDDMM weight
+#      gradient, fp32 and bf16, vs dense fp32 and bf16), this CPU's build then AVX2 forced <= 4 x 240 s
 #   5. bench/e2e.py ViT-B/16 batch 32 under bf16 autocast, inference only, then the
 #      training step: dense, diag16, fan-in (issue 23's end-to-end rows)                   <= 600 s + 900 s
 # Files: cpu_check.log (every phase's output, with times), cpu_infer_bf16_batch{1,32,256}.md / .csv,
-# cpu_infer_bf16_batch{32,256}_avx2_forced.md, e2e_infer.md, e2e_train.md.
+# cpu_infer_bf16_batch{32,256}_avx2_forced.md,
+# cpu_train_t{32,256}.md and _avx2_forced.md, e2e_infer.md, e2e_train.md.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -56,6 +59,14 @@ for B in 32 256; do
     phase "4 cpu_infer bf16, batch $B, AVX2 build forced" 240 60 env KERNELS_CPU_VARIANT=avx2 "$PY" bench/cpu_infer.py \
         --threads 1 --clock cpu --precision bf16 --batch "$B" --out "$SCRATCH/avx2_b$B"
     cp "$SCRATCH/avx2_b$B/cpu_infer_bf16.md" "$OUT_DIR/cpu_infer_bf16_batch${B}_avx2_forced.md" 2>/dev/null
+done
+for T in 32 256; do
+    phase "4b cpu_train, $T tokens" 240 60 "$PY" bench/cpu_train.py --threads 1 --clock cpu --tokens "$T" \
+        --out "$SCRATCH/train_t$T"
+    cp "$SCRATCH/train_t$T/cpu_train.md" "$OUT_DIR/cpu_train_t$T.md" 2>/dev/null
+    phase "4b cpu_train, $T tokens, AVX2 build forced" 240 60 env KERNELS_CPU_VARIANT=avx2 "$PY" bench/cpu_train.py \
+        --threads 1 --clock cpu --tokens "$T" --out "$SCRATCH/train_avx2_t$T"
+    cp "$SCRATCH/train_avx2_t$T/cpu_train.md" "$OUT_DIR/cpu_train_t${T}_avx2_forced.md" 2>/dev/null
 done
 
 phase "5a e2e ViT-B/16 batch 32, bf16 autocast, inference" 600 120 "$PY" bench/e2e.py --models vit-b16 \

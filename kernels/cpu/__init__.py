@@ -21,7 +21,8 @@ from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a 
 runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF16: bf16 block
 products of 16 x 16 tiles for several tokens, bsr16_mm_amx; and all of avx512-bf16's),
 ``avx512-bf16`` (one-token bf16 block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16; bf16 CSR
-products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16), ``avx2`` (``-mavx2
+products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16; the weight gradient of bf16
+dy and x on token pairs, sddmm_tiles_dpbf16), ``avx2`` (``-mavx2
 -mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the
 optional kernels the loaded build can run (AMX also needs Linux's arch_prctl permission, asked
 at load). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
@@ -68,7 +69,7 @@ import torch
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 6
+ABI = 7
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -247,6 +248,11 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
             getattr(so, f).restype = None
         so.pack_tokens_dpbf16.argtypes = [i64, i64, p, i64, i64, p]
         so.pack_tokens_dpbf16.restype = None
+    if built & 8:
+        so.sddmm_tiles_dpbf16.argtypes = [i64] * 6 + [p] * 5
+        so.sddmm_tiles_dpbf16.restype = ctypes.c_int
+        so.pack_tokens_bf16_tiles.argtypes = [i64, i64, p, i64, i64, i64, p]
+        so.pack_tokens_bf16_tiles.restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -286,6 +292,8 @@ def lib() -> ctypes.CDLL | None:
                     feats.add("avx512_bf16")
                 if built & 4:
                     feats.add("csr_dpbf16")
+                if built & 8:
+                    feats.add("sddmm_dpbf16")
                 if built & 1:
                     if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
                         feats.add("amx")
@@ -320,10 +328,11 @@ def loaded_variant() -> str | None:
 
 def features() -> frozenset[str]:
     """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens),
-    "avx512_bf16" (bsr16_mv_dpbf16, one token) and "csr_dpbf16" (csr_mm_*_dpbf16: bf16 CSR
-    products of several tokens by AVX-512-BF16, in the avx512-bf16 and amx builds); empty without
-    the library or on CPUs without them (the AVX2 / x86-64 builds); all three in the emu build
-    (on emulated instructions)."""
+    "avx512_bf16" (bsr16_mv_dpbf16, one token), "csr_dpbf16" (csr_mm_*_dpbf16: bf16 CSR products
+    of several tokens by AVX-512-BF16) and "sddmm_dpbf16" (sddmm_tiles_dpbf16: the weight gradient
+    of bf16 dy and x by AVX-512-BF16), the last three in the avx512-bf16 and amx builds; empty
+    without the library or on CPUs without them (the AVX2 / x86-64 builds); all four in the emu
+    build (on emulated instructions)."""
     return _state.get("features", frozenset()) if lib() is not None else frozenset()
 
 
@@ -333,7 +342,8 @@ def missing_feature(name: str) -> str:
         return f"no native library: {error()}"
     if name in _state.get("features_why", {}):
         return _state["features_why"][name]
-    need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16", "csr_dpbf16": "avx512_bf16"}[name]
+    need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16", "csr_dpbf16": "avx512_bf16",
+            "sddmm_dpbf16": "avx512_bf16"}[name]
     model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
     return f"this CPU ({model}, the {variant()[0]} build) lacks {need}"
 
@@ -561,10 +571,10 @@ def _value_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _tile_width(T: int, width: int, choices) -> int:
+def _tile_width(T: int, width: int, choices, elem_bytes: int = 4) -> int:
     """Tokens per tile: the fewest multiple of 8 in ``choices`` covering T, at most the widest
-    whose width x tw x 4 B tile fits TILE_BYTES (never below the smallest choice)."""
-    fit = [tw for tw in choices if width * tw * 4 <= TILE_BYTES] or [choices[0]]
+    whose width x tw x elem_bytes tile fits TILE_BYTES (never below the smallest choice)."""
+    fit = [tw for tw in choices if width * tw * elem_bytes <= TILE_BYTES] or [choices[0]]
     return min(max(fit), next((tw for tw in choices if tw >= T), choices[-1]))
 
 
@@ -737,10 +747,12 @@ def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_ro
 
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
-    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32 or bf16 (widened
-    into the fp32 token tiles), rows / cols [n] int32 in range (unchecked here) -> g [n] fp32.
-    Fastest with the coordinates in row order (each dy row is then read once per row of
-    weights). None where the library does not apply (as csr_matmul)."""
+    """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32 or bf16, rows /
+    cols [n] int32 in range (unchecked here) -> g [n] fp32 (fp32 sums). Both bf16 where
+    features() has "sddmm_dpbf16": bf16 token tiles and AVX-512-BF16 dots (sddmm_tiles_dpbf16);
+    else widened into fp32 token tiles (sddmm_tiles; an fp32 operand is never rounded). Fastest
+    with the coordinates in row order (each dy row is then read once per row of weights). None
+    where the library does not apply (as csr_matmul)."""
     if (dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
             or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
             or rows.shape != cols.shape or not _native_operands(dy, x, rows, cols)):
@@ -750,12 +762,33 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     g = torch.empty(n, dtype=torch.float32)
     if n == 0 or T == 0:
         return g.zero_()
+    rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
+    if dy.dtype is x.dtype is torch.bfloat16 and "sddmm_dpbf16" in features():
+        return _sddmm_dpbf16(so, dy, x, rows, cols, g)
     # token tiles (pack_tokens): one tile of x stays in L2 while every weight reads its row,
     # and each weight's gradient is a dot of two contiguous rows per tile
     tw = _tile_width(T, x.shape[1], (16, 32))
     tiles = -(-T // tw)
     dyt, xt = _pack(so, dy, tw), _pack(so, x, tw)
-    rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
     _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))
+    return g
+
+
+def _sddmm_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  g: torch.Tensor) -> torch.Tensor:
+    """bf16 dy and x by AVX-512-BF16 (sddmm_tiles_dpbf16): both packed into bf16 token tiles in
+    token order (pack_tokens_bf16_tiles, 32 / 64 / 128 tokens: a tile of x within TILE_BYTES at
+    2 B an element), a pair of tokens per fp32 lane."""
+    T, n = dy.shape[0], rows.numel()
+    tw = _tile_width(T, x.shape[1], (32, 64, 128), elem_bytes=2)
+    tiles = -(-T // tw)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(tiles, t.shape[1], tw, dtype=torch.bfloat16)
+        so.pack_tokens_bf16_tiles(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), tw, out.data_ptr())
+        return out
+    dyt, xt = pack(dy), pack(x)
+    ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
+    _split(n, n * T, lambda i0, i1: so.sddmm_tiles_dpbf16(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))
     return g

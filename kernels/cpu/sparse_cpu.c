@@ -35,7 +35,7 @@ typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 6; }
+int sparse_cpu_abi(void) { return 7; }
 
 /* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
    NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
@@ -1048,54 +1048,140 @@ void NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles, 
 CSR_MM_DPBF16(csr_mm_i16_dpbf16, uint16_t, csr_mm_i16_dpbf16_32)
 CSR_MM_DPBF16(csr_mm_i32_dpbf16, int32_t, csr_mm_i32_dpbf16_32)
 
-/* x [T, n] bf16 at element strides (st, sc) -> xt [n_tiles, n, 32] bf16 in csr_mm_*_dpbf16's
-   token order (slot 8 l + 4 h + k of a column holds token 16 h + 4 l + k), tokens past T zero.
-   With sc = 1 in 8 x 8 transposes of the bits widened to 32 (transpose8: moves only, so the bits
-   come back as they were), each column's 8 tokens then stored as two runs of 4; else element by
-   element. */
+/* x [T, n] bf16 at element strides (st, sc) -> xt [n_tiles, n, tw] bf16 (tw a multiple of 8),
+   tokens past T zero, each column's tw tokens in the order slot(j): csr_mm_*_dpbf16's for tw = 32
+   (dpbf16_slot: slot 8 l + 4 h + k of a column holds token 16 h + 4 l + k), token order for
+   sddmm_tiles_dpbf16 (slot j holds token j). With sc = 1 in 8 x 8 transposes of the bits
+   widened to 32 (transpose8: moves only, so the bits come back as they were), each column's 8
+   tokens then stored as two runs of 4 (at slot(j0) and slot(j0 + 4)); else element by element. */
 static inline int64_t dpbf16_slot(int64_t j) { return 8 * ((j % 16) / 4) + 4 * (j / 16) + j % 4; }
-void pack_tokens_dpbf16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc,
-                        bf16 *restrict xt) {
-    const int64_t n_tiles = (T + 31) / 32;
+static inline int64_t token_slot(int64_t j) { return j; }
+static inline __attribute__((always_inline)) void
+pack_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
+                int64_t (*slot)(int64_t), bf16 *restrict xt) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
     for (int64_t t = 0; t < n_tiles; ++t) {
-        bf16 *d = xt + t * n * 32;
+        bf16 *d = xt + t * n * tw;
         int64_t c0 = 0;
         if (sc == 1) {
             for (; c0 + 8 <= n; c0 += 8)
-                for (int64_t j0 = 0; j0 < 32; j0 += 8) {
+                for (int64_t j0 = 0; j0 < tw; j0 += 8) {
                     __m256 r[8];
                     for (int m = 0; m < 8; ++m) {
-                        const int64_t tok = t * 32 + j0 + m;
+                        const int64_t tok = t * tw + j0 + m;
                         r[m] = tok < T ? (__m256)load_bf16x8(x + tok * st + c0) : _mm256_setzero_ps();
                     }
                     transpose8(r);
-                    const int64_t s = dpbf16_slot(j0);  /* tokens j0..j0+3; j0+4..j0+7 at s + 8 */
+                    const int64_t s0 = slot(j0), s4 = slot(j0 + 4);  /* tokens j0..j0+3, j0+4..j0+7 */
                     for (int m = 0; m < 8; ++m) {
                         const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(r[m]), 16);
                         const __m256i h = _mm256_packus_epi32(u, u);  /* per 128-bit half: 4 words, twice */
-                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * 32 + s), _mm256_castsi256_si128(h));
-                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * 32 + s + 8), _mm256_extracti128_si256(h, 1));
+                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * tw + s0), _mm256_castsi256_si128(h));
+                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * tw + s4), _mm256_extracti128_si256(h, 1));
                     }
                 }
         }
         for (int64_t c = c0; c < n; ++c)
-            for (int64_t j = 0; j < 32; ++j) {
-                const int64_t tok = t * 32 + j;
-                d[c * 32 + dpbf16_slot(j)] = tok < T ? x[tok * st + c * sc] : 0;
+            for (int64_t j = 0; j < tw; ++j) {
+                const int64_t tok = t * tw + j;
+                d[c * tw + slot(j)] = tok < T ? x[tok * st + c * sc] : 0;
             }
+    }
+}
+void pack_tokens_dpbf16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc,
+                        bf16 *restrict xt) {
+    pack_bf16_tiles(T, n, x, st, sc, 32, dpbf16_slot, xt);
+}
+void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
+                            bf16 *restrict xt) {
+    pack_bf16_tiles(T, n, x, st, sc, tw, token_slot, xt);
+}
+
+/* AVX-512-BF16 weight gradient at the stored elements (the SDDMM of sddmm_tiles) for bf16 dy and
+   x: g[i] = sum_t dy[t, rows[i]] x[t, cols[i]] for i in [i0, i1), fp32 g. dy and x in bf16
+   token tiles in token order (pack_tokens_bf16_tiles: dyt [n_tiles, M, TW], xt [n_tiles, N,
+   TW]), TW = 32, 64 or 128, so two adjacent tokens of a row are one bf16 pair of a 64-byte zmm:
+   per weight and 32 tokens one VDPBF16PS of the dy row against the x row (lane l: += dy[2l + 1]
+   x[2l + 1], then += dy[2l] x[2l]; each one fp32 rounding, bf16 denormals read as zero), TW / 32
+   of them in one chain; sixteen weights at a time, their sixteen sums each folded to 256 bits
+   (ZMM_ADD_HALVES: lanes l + l + 8) and reduced together by add_hsum8 (two sets of eight), then
+   added to g. Tile by tile as sddmm_tiles (one tile of x, N x TW x 2 B, stays in L2 while every
+   weight reads its row). Written against the ZMM_* wrappers: the tests run it where the CPU has
+   avx512_bf16, and through the emulated instructions (the emu build) on any AVX2 CPU.
+
+   A model, not a measurement (Sapphire Rapids figures assumed, as for csr_mm_*_dpbf16; nothing
+   timed on a Xeon): per weight and 64 tokens, 2 index loads, 4 zmm row loads (128 B of dy and
+   x) and 2 VDPBF16PS, plus the reduction, ~3 instructions a weight (an extract and an add of
+   the halves, 1/8 of add_hsum8's 9); ~11 instructions and ~2 cycles (the loads, 2 a cycle). The
+   fp32 tiles it replaces on that CPU (sddmm_tiles as the avx512-bf16 build compiles it, 8-wide):
+   16 ymm loads (256 B), 8 FMAs and 2 reductions per weight and 64 tokens, ~30 instructions and
+   ~5 cycles: ~2.5x from halved bytes and a dot of two tokens per lane. Returns -1 for another
+   TW. */
+#ifndef SPARSE_CPU_EMU
+#define ZMM_ADD_HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+#else
+#define ZMM_ADD_HALVES(v) _mm256_add_ps(_mm256_loadu_ps((v).f), _mm256_loadu_ps((v).f + 8))
+#endif
+#define SDDMM_DPBF16_TILES(NAME, TW)                                                          \
+static void NAME(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,               \
+                 const int32_t *restrict rows, const int32_t *restrict cols,                  \
+                 const bf16 *restrict dyt, const bf16 *restrict xt, float *restrict g) {      \
+    enum { U = (TW) / 32 };                                                                   \
+    for (int64_t i = i0; i < i1; ++i) g[i] = 0.f;                                             \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        const bf16 *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                        \
+        int64_t i = i0;                                                                       \
+        for (; i + 16 <= i1; i += 16) {                                                       \
+            f8 h[16];                                                                         \
+            for (int k = 0; k < 16; ++k) {                                                    \
+                const bf16 *a = dys + (int64_t)rows[i + k] * (TW);                            \
+                const bf16 *b = xs + (int64_t)cols[i + k] * (TW);                             \
+                ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), ZMM_LOADU_BH(a), ZMM_LOADU_BH(b)); \
+                for (int u = 1; u < U; ++u)                                                   \
+                    s = ZMM_DPBF16_PS(s, ZMM_LOADU_BH(a + 32 * u), ZMM_LOADU_BH(b + 32 * u)); \
+                h[k] = (f8)ZMM_ADD_HALVES(s);                                                 \
+            }                                                                                 \
+            add_hsum8(h, g + i);                                                              \
+            add_hsum8(h + 8, g + i + 8);                                                      \
+        }                                                                                     \
+        for (; i < i1; ++i) {                                                                 \
+            const bf16 *a = dys + (int64_t)rows[i] * (TW);                                    \
+            const bf16 *b = xs + (int64_t)cols[i] * (TW);                                     \
+            ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), ZMM_LOADU_BH(a), ZMM_LOADU_BH(b));     \
+            for (int u = 1; u < U; ++u)                                                       \
+                s = ZMM_DPBF16_PS(s, ZMM_LOADU_BH(a + 32 * u), ZMM_LOADU_BH(b + 32 * u));     \
+            const f8 v = (f8)ZMM_ADD_HALVES(s);                                               \
+            g[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));        \
+        }                                                                                     \
+    }                                                                                         \
+}
+SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_32, 32)
+SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_64, 64)
+SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_128, 128)
+
+int sddmm_tiles_dpbf16(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,
+                       const int32_t *restrict rows, const int32_t *restrict cols, const bf16 *restrict dyt,
+                       const bf16 *restrict xt, float *restrict g) {
+    switch (tw) {
+    case 32: sddmm_tiles_dpbf16_32(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
+    case 64: sddmm_tiles_dpbf16_64(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
+    case 128: sddmm_tiles_dpbf16_128(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
+    default: return -1;
     }
 }
 #endif
 
 /* Which of the optional kernels this build has: bit 0 AMX (bsr16_mm_amx), bit 1 AVX-512-BF16
-   (bsr16_mv_dpbf16), bit 2 AVX-512-BF16 (csr_mm_*_dpbf16, pack_tokens_dpbf16). */
+   (bsr16_mv_dpbf16), bit 2 AVX-512-BF16 (csr_mm_*_dpbf16, pack_tokens_dpbf16), bit 3
+   AVX-512-BF16 (sddmm_tiles_dpbf16, pack_tokens_bf16_tiles). */
 int sparse_cpu_features(void) {
     int f = 0;
 #ifdef HAVE_AMX
     f |= 1;
 #endif
 #ifdef HAVE_DPBF16
-    f |= 2 | 4;
+    f |= 2 | 4 | 8;
 #endif
     return f;
 }

@@ -1,5 +1,5 @@
-"""bench/e2e.py and bench/cpu_infer.py run their --quick variants on CPU and write their
-tables; e2e reports the models as skipped, not crashed, when ``models`` cannot be imported;
+"""bench/e2e.py, bench/cpu_infer.py and bench/cpu_train.py run their --quick variants on CPU
+and write their tables; e2e reports the models as skipped, not crashed, when ``models`` cannot be imported;
 e2e's native CPU training step gives the gradients of torch's path."""
 import copy
 import functools
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from bench import cpu_infer, e2e
+from bench import cpu_infer, cpu_train, e2e
 
 from tests.kernels.test_cpu_native import LAYERS
 
@@ -220,3 +220,35 @@ def test_e2e_under_bf16_autocast_times_every_format(tmp_path):
     for r in rows:
         assert r["status"] == "ok" and r["dtype"] == "float32 + autocast bf16" and math.isfinite(float(r["loss"]))
     assert "under bf16 autocast" in (tmp_path / "e2e.md").read_text()
+
+
+def test_cpu_training_products_quick_checks_weight_gradients_and_writes_both_anchors(tmp_path):
+    assert cpu_train.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None) == 0
+    rows = {r["variant"]: r for r in read_rows(tmp_path / "cpu_train.csv")}
+    for kind, dtype in (("step", "fp32"), ("step", "bf16"), ("dW", "fp32"), ("dW", "bf16")):
+        names = [n for n in rows if n.startswith(kind + " ") and dtype in n]
+        assert len(names) == 3, (kind, dtype, names)  # dense, fan-in, diag b=16
+    assert float(rows["step dense nn.Linear fp32"]["x_dense_fp32"]) == pytest.approx(1.0)
+    assert float(rows["dW dense bf16"]["x_dense_bf16"]) == pytest.approx(1.0)
+    want = ("sddmm_tiles_dpbf16" if "sddmm_dpbf16" in kernels.cpu.features() else "sddmm_tiles")
+    assert rows["dW SDDMM fan-in bf16"]["kernel"].startswith(want if kernels.cpu.lib() is not None else "torch")
+    for r in rows.values():
+        assert float(r["ms_per_call"]) > 0
+    assert "x dense bf16" in (tmp_path / "cpu_train.md").read_text()
+
+
+@pytest.mark.parametrize("variant", ["fan-in", "diag b=16"])
+def test_cpu_training_products_refuse_a_wrong_weight_gradient(variant, tmp_path, monkeypatch):
+    """A layer whose weight gradient is off at one stored element fails the check before timing."""
+    layer_type = kernels.FanInLinear if variant == "fan-in" else kernels.DiagLinear
+    real = cpu_train._Step.__init__
+
+    def init(self, layer, *args):
+        real(self, layer, *args)
+        if type(layer) is layer_type and not getattr(layer, "_bumped", False):
+            layer._bumped = True
+            bump = torch.zeros_like(layer.values).reshape(-1).index_fill_(0, torch.tensor([0]), 1.0)
+            layer.values.register_hook(lambda g: g + bump.reshape(g.shape))
+    monkeypatch.setattr(cpu_train._Step, "__init__", init)
+    with pytest.raises(AssertionError, match=f"step {variant} fp32"):
+        cpu_train.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None)

@@ -720,9 +720,10 @@ def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
 
 @has_compiler
 @pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16",
-                                                           "pack_tokens_dpbf16")),
+                                                           "pack_tokens_dpbf16", "sddmm_tiles_dpbf16",
+                                                           "pack_tokens_bf16_tiles")),
                                            ("amx", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "bsr16_mm_amx",
-                                                    "sparse_cpu_amx_init"))])
+                                                    "sparse_cpu_amx_init", "sddmm_tiles_dpbf16"))])
 def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
     path = cpu.build(name)
     assert path.exists() and name in path.name
@@ -814,7 +815,7 @@ def emu_library(monkeypatch):
     cpu.reset()
     if cpu.lib() is None:
         pytest.skip(f"no native library here: {cpu.error()}")
-    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16", "csr_dpbf16"}
+    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16", "csr_dpbf16", "sddmm_dpbf16"}
     yield
     monkeypatch.undo()
     cpu.reset()
@@ -1077,3 +1078,132 @@ def test_a_bf16_layer_trains_under_autocast_through_the_avx512_bf16_csr_product(
     ref, lowp = bf16_reference(layer, x.detach())
     assert_matches(y, ref, lowp, f"forward ({csr_dpbf16_build})")
     assert_matches(x.grad.to(torch.bfloat16), dy.double() @ w.double(), dy @ w, f"input gradient ({csr_dpbf16_build})")
+
+
+# The weight gradient of bf16 dy and x by AVX-512-BF16 (sddmm_tiles_dpbf16): both packed into bf16
+# token tiles of 32 / 64 / 128 tokens, a pair of tokens per fp32 lane, sixteen weights a
+# reduction and a scalar tail. fp32 sums, so against fp64 of the same bf16 numbers at fp32
+# tolerance (2x the error of torch's fp32 product of them + ATOL), as the fp32 tiles.
+
+@pytest.fixture(params=["this CPU", "emu"])
+def sddmm_dpbf16_build(request):
+    """sddmm_tiles_dpbf16 on this CPU (skips without AVX-512-BF16) or on the emu build."""
+    return tile_build(request, "sddmm_dpbf16")
+
+
+@pytest.fixture
+def sddmm_dpbf16_calls(monkeypatch):
+    """Counts the weight gradients that take sddmm_tiles_dpbf16, as tokens."""
+    calls = []
+    real = cpu._sddmm_dpbf16
+
+    def spy(so, dy, x, *rest):
+        calls.append(dy.shape[0])
+        return real(so, dy, x, *rest)
+    monkeypatch.setattr(cpu, "_sddmm_dpbf16", spy)
+    return calls
+
+
+def check_bf16_sddmm(dy, x, rows, cols, what):
+    got = cpu.sddmm(dy, x, rows, cols)
+    assert got is not None and got.dtype == torch.float32, f"{what}: sddmm refused bf16"
+    r, c = rows.long(), cols.long()
+    ref = (dy.double().t() @ x.double())[r, c]
+    assert_close_to_reference(got, ref, (dy.float().t() @ x.float())[r, c], what)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 5, 31, 32, 33, 70, 127, 256])
+def test_avx512_bf16_sddmm_matches_the_fp64_reference(tokens, threads, sddmm_dpbf16_build, sddmm_dpbf16_calls,
+                                                      request):
+    """cpu.sddmm on bf16 dy and x: a fan-in mask and an unstructured one, coordinates in row order
+    and shuffled, 7 / 16 / 53 / all of them (below, at and past the sixteen weights of a
+    reduction), every tile width (T = 1 ... 127 in one tile of 32, 64 or 128 tokens, partial or
+    full; 256 in two)."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(60 + tokens)
+    n_out, n_in = 45, 300
+    assert cpu._tile_width(tokens, n_in, (32, 64, 128), elem_bytes=2) == next((tw for tw in (32, 64, 128) if tw >= tokens), 128)
+    dy = torch.randn(tokens, n_out, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, n_in, generator=g).to(torch.bfloat16)
+    runs = 0
+    for kind in ("fan-in", "unstructured"):
+        rows, cols = csr_mask(g, kind, n_out, n_in)
+        for name, perm in (("row order", torch.arange(rows.numel())),
+                           ("shuffled", torch.randperm(rows.numel(), generator=g))):
+            for n in (7, 16, 53, rows.numel()):
+                r, c = rows[perm][:n].contiguous(), cols[perm][:n].contiguous()
+                check_bf16_sddmm(dy, x, r, c, f"{kind}, {name}, n={n}, T={tokens}, {threads} threads "
+                                              f"({sddmm_dpbf16_build})")
+                runs += 1
+    assert sddmm_dpbf16_calls == [tokens] * runs
+
+
+@pytest.mark.parametrize("n_in, tw", [(1500, 64), (3072, 32)])
+def test_avx512_bf16_sddmm_of_wide_inputs_takes_narrower_token_tiles(n_in, tw, sddmm_dpbf16_build,
+                                                                     sddmm_dpbf16_calls):
+    """A tile of x within TILE_BYTES at 2 B an element: 256 tokens of a 1500- / 3072-wide x in
+    tiles of 64 / 32 tokens."""
+    assert cpu._tile_width(256, n_in, (32, 64, 128), elem_bytes=2) == tw
+    g = torch.Generator().manual_seed(61)
+    dy = torch.randn(256, 40, generator=g).to(torch.bfloat16)
+    x = torch.randn(256, n_in, generator=g).to(torch.bfloat16)
+    rows, cols = csr_mask(g, "fan-in", 40, n_in)
+    check_bf16_sddmm(dy, x, rows, cols, f"{n_in} wide, tiles of {tw} ({sddmm_dpbf16_build})")
+    assert sddmm_dpbf16_calls == [256]
+
+
+@pytest.mark.parametrize("layout", ["transposed views", "row slices"])
+def test_avx512_bf16_sddmm_reads_dy_and_x_at_their_strides(layout, sddmm_dpbf16_build, sddmm_dpbf16_calls):
+    """dy and x as views: transposed (element stride 1 along tokens: packed element by element)
+    and row slices of wider tensors (token stride past the width: packed 8 x 8 at a time)."""
+    g = torch.Generator().manual_seed(62)
+    T, n_out, n_in = 70, 45, 300
+    if layout == "transposed views":
+        dy = torch.randn(n_out, T, generator=g).to(torch.bfloat16).t()
+        x = torch.randn(n_in, T, generator=g).to(torch.bfloat16).t()
+        assert dy.stride() == (1, T) and x.stride() == (1, T)
+    else:
+        dy = torch.randn(T, n_out + 19, generator=g).to(torch.bfloat16)[:, 3:3 + n_out]
+        x = torch.randn(T, n_in + 21, generator=g).to(torch.bfloat16)[:, 5:5 + n_in]
+        assert not dy.is_contiguous() and x.stride(1) == 1
+    rows, cols = csr_mask(g, "unstructured", n_out, n_in)
+    check_bf16_sddmm(dy, x, rows, cols, f"{layout} ({sddmm_dpbf16_build})")
+    assert sddmm_dpbf16_calls == [T]
+
+
+def test_fp32_or_mixed_operands_never_take_the_avx512_bf16_sddmm(sddmm_dpbf16_build, sddmm_dpbf16_calls):
+    """An fp32 dy or x keeps its fp32 numbers (the fp32 tiles): rounding it to bf16 would not."""
+    g = torch.Generator().manual_seed(63)
+    rows, cols = csr_mask(g, "fan-in", 45, 300)
+    dy, x = torch.randn(40, 45, generator=g), torch.randn(40, 300, generator=g)
+    for a, b in ((dy, x), (dy.to(torch.bfloat16), x), (dy, x.to(torch.bfloat16))):
+        got = cpu.sddmm(a, b, rows, cols)
+        ref = (a.double().t() @ b.double())[rows.long(), cols.long()]
+        assert_close_to_reference(got, ref, (a.float().t() @ b.float())[rows.long(), cols.long()],
+                                  f"dy {a.dtype}, x {b.dtype} ({sddmm_dpbf16_build})")
+    assert not sddmm_dpbf16_calls
+
+
+@pytest.mark.parametrize("name", ["fan-in wide", "unstructured", "diag b=1 tall", "diag b=16 wide"])
+def test_a_bf16_layer_takes_the_avx512_bf16_sddmm_for_its_weight_gradient(name, sddmm_dpbf16_build,
+                                                                          sddmm_dpbf16_calls):
+    """A training step under autocast: the weight gradient at the stored elements (a block
+    diagonal's b x b elements too, up to b = 16) from the bf16 dy and x the backward pass hands to
+    kernels.sddmm, against fp64 of those bf16 numbers (rounded
+    to bf16 as the layer's gradient is, so within 2x torch's bf16 error + ATOL)."""
+    g = torch.Generator().manual_seed(64)
+    layer = LAYERS[name](g, True)
+    x = torch.randn(40, layer.in_features, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(dy)
+    assert sddmm_dpbf16_calls == [40], f"{name}: {sddmm_dpbf16_calls}"
+    rows, cols = layer.coords()
+    xb = x.to(torch.bfloat16)
+    r, c = rows.long(), cols.long()
+    ref = (dy.double().t() @ xb.double())[r, c].reshape(layer.values.shape)
+    lowp = (dy.t() @ xb)[r, c].reshape(layer.values.shape)
+    assert_matches(layer.values.grad.to(torch.bfloat16), ref, lowp, f"{name} dW ({sddmm_dpbf16_build})")

@@ -1,0 +1,241 @@
+"""CPU training products: one layer's training step (forward, input gradient and weight gradient
+at the stored elements) and the weight gradient alone (the SDDMM), fp32 and bf16, against the
+dense layer in fp32 and in bf16 side by side; by default Linear(3072 -> 768) at 90% sparsity,
+256 tokens (a ViT-B MLP's second layer over one image and a bit).
+
+    python bench/cpu_train.py --threads 1 --clock cpu               # 3072 -> 768, 90%, 256 tokens
+    python bench/cpu_train.py --threads 1 --clock cpu --tokens 32
+    KERNELS_CPU_VARIANT=avx2 python bench/cpu_train.py --threads 1 --clock cpu   # the AVX2 anchor
+    python bench/cpu_train.py --quick                               # tiny, for the tests
+
+Variants, each checked against fp64 before it is timed (bench.common.gate: fp32 at fp32
+tolerance, bf16 within 2x torch's dense bf16 error + 1e-2):
+    step  dense fp32 / bf16     nn.Linear forward + backward (dx and dW), bf16 under CPU autocast
+    step  fan-in, diag b=16     kernels.FanInLinear / DiagLinear, the same, fp32 and under autocast
+    dW    dense fp32 / bf16     dy^T x, the dense weight gradient (torch's GEMM: MKL / oneDNN)
+    dW    SDDMM fan-in / b=16   kernels.cpu.sddmm at the layers' stored elements, fp32 and bf16
+                                dy and x: sddmm_tiles_dpbf16 where kernels.cpu.features() has
+                                "sddmm_dpbf16" (AVX-512-BF16), else bf16 widened into fp32 tiles
+Timing as bench/cpu_infer.py: the variants take turns round after round, each round ~--round-ms
+of back-to-back calls, the figure the median over rounds. x dense fp32 / x dense bf16: the dense
+variant of the same kind (step or dW) / this one, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels  # noqa: E402
+from bench import common  # noqa: E402
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "tokens", "kind", "variant",
+          "kernel", "ms_per_call", "ms_q1", "ms_q3", "ms_min", "x_dense_fp32", "x_dense_bf16", "max_err"]
+
+
+def _sddmm_kernel(dtype: torch.dtype) -> str:
+    if kernels.cpu.lib() is None:
+        return f"torch (no native library: {kernels.cpu.error()})"
+    if dtype == torch.bfloat16 and "sddmm_dpbf16" in kernels.cpu.features():
+        return "sddmm_tiles_dpbf16"
+    return "sddmm_tiles (fp32 tiles)" + (", bf16 widened" if dtype == torch.bfloat16 else "")
+
+
+class _Step:
+    """One training step of ``layer`` on x (requires grad) and dy: forward, backward (dx and the
+    weight's gradient), gradients dropped after; under CPU bf16 autocast with ``bf16``."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
+        self.layer, self.x, self.dy, self.bf16 = layer, x.detach().clone().requires_grad_(True), dy, bf16
+
+    def run(self):
+        for p in self.layer.parameters():
+            p.grad = None
+        self.x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            y = self.layer(self.x)
+        y.backward(self.dy.to(y.dtype))
+        return y
+
+    __call__ = run
+
+    def weight_grad(self) -> torch.Tensor:
+        p = self.layer.values if hasattr(self.layer, "values") else self.layer.weight
+        return p.grad
+
+
+def _check_step(name: str, step: _Step, coords) -> float:
+    """The step's weight gradient at the layer's stored elements (all of them for dense) against
+    fp64 of the same (bf16-rounded under autocast) operands."""
+    step.run()
+    xin = step.x.detach().to(torch.bfloat16) if step.bf16 else step.x.detach()
+    dy = step.dy.to(torch.bfloat16) if step.bf16 else step.dy
+    truth, lowp = dy.double().t() @ xin.double(), dy.t() @ xin  # lowp: torch's dense product at the dtype
+    got = step.weight_grad()
+    if step.bf16:  # the layer's gradient is rounded to bf16 before autocast hands it back in fp32
+        got = got.to(torch.bfloat16)
+    if coords is not None:
+        r, c = (t.long() for t in coords)
+        truth, lowp, got = truth[r, c], lowp[r, c], got.reshape(-1)
+    ok, err, _, why = common.gate(got, truth, lowp if step.bf16 else None)
+    if not ok:
+        raise AssertionError(f"{name}: weight gradient {why}")
+    return err
+
+
+def build(args):
+    """{name: (kind, callable, kernel, check error)} for every variant."""
+    n_in, n_out, T = args.in_features, args.out_features, args.tokens
+    g = torch.Generator().manual_seed(args.seed)
+    density = 1.0 - args.sparsity
+    dense = nn.Linear(n_in, n_out)
+    fanin = kernels.FanInLinear(n_in, n_out, density=density, generator=g)
+    diag = kernels.DiagLinear(n_in, n_out, density=density, block_size=16, generator=g)
+    x = torch.randn(T, n_in, generator=g)
+    dy = torch.randn(T, n_out, generator=g)
+    xb, dyb = x.to(torch.bfloat16), dy.to(torch.bfloat16)
+    out = {}
+    for bf16 in (False, True):
+        tag = "bf16" if bf16 else "fp32"
+        for name, layer, coords, kernel in (
+                ("dense nn.Linear", dense, None, "torch GEMM (oneDNN)" if bf16 else "torch GEMM (MKL)"),
+                ("fan-in", fanin, fanin.coords(), "layer step; dW " + _sddmm_kernel(torch.bfloat16 if bf16 else torch.float32)),
+                ("diag b=16", diag, diag.coords(), "layer step; dW " + _sddmm_kernel(torch.bfloat16 if bf16 else torch.float32))):
+            step = _Step(layer, x, dy, bf16)
+            label = f"step {name} {tag}" + (" (autocast)" if bf16 else "")
+            out[label] = ("step", step, kernel, _check_step(label, step, coords))
+    for bf16 in (False, True):
+        tag = "bf16" if bf16 else "fp32"
+        a, b = (dyb, xb) if bf16 else (dy, x)
+        truth = dyb.double().t() @ xb.double() if bf16 else dy.double().t() @ x.double()
+        ok, err, _, why = common.gate(a.t() @ b, truth, (a.t() @ b) if bf16 else None)
+        if not ok:
+            raise AssertionError(f"dense dW {tag}: {why}")
+        out[f"dW dense {tag}"] = ("dW", (lambda a=a, b=b: a.t() @ b), "torch GEMM", err)
+        for name, layer in (("fan-in", fanin), ("diag b=16", diag)):
+            rows, cols = (t.contiguous() for t in layer.coords())
+            r, c = rows.long(), cols.long()
+            got = kernels.cpu.sddmm(a, b, rows, cols)
+            if got is None:
+                raise AssertionError(f"SDDMM {name} {tag}: kernels.cpu.sddmm refused the operands "
+                                     f"({kernels.cpu.error() or 'no native library'})")
+            ok, err, _, why = common.gate(got, truth[r, c], (a.float().t() @ b.float())[r, c])
+            if not ok:
+                raise AssertionError(f"SDDMM {name} {tag}: {why}")
+            out[f"dW SDDMM {name} {tag}"] = ("dW", (lambda a=a, b=b, rows=rows, cols=cols:
+                                                     kernels.cpu.sddmm(a, b, rows, cols)),
+                                              _sddmm_kernel(a.dtype), err)
+    return out
+
+
+def measure(fns: dict, rounds: int, round_ms: float, clock) -> dict[str, list[float]]:
+    names = list(fns)
+    calls = {}
+    for n in names:
+        fns[n]()
+        t0 = clock()
+        fns[n]()
+        one = max(clock() - t0, 1e-6)
+        calls[n] = max(1, min(1000, round(round_ms / 1e3 / one)))
+    per_call = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = clock()
+            for _ in range(calls[n]):
+                fns[n]()
+            per_call[n].append((clock() - t0) / calls[n] * 1e3)
+    return per_call
+
+
+def run_one(args, threads: int, run_id: str) -> list[dict]:
+    torch.set_num_threads(threads)
+    variants = build(args)
+    per_call = measure({n: v[1] for n, v in variants.items()}, args.rounds, args.round_ms, CLOCKS[args.clock])
+    med = {n: statistics.median(v) for n, v in per_call.items()}
+    anchor = {("step", "fp32"): "step dense nn.Linear fp32", ("step", "bf16"): "step dense nn.Linear bf16 (autocast)",
+              ("dW", "fp32"): "dW dense fp32", ("dW", "bf16"): "dW dense bf16"}
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+    rows = []
+    for name, (kind, _, kernel, err) in variants.items():
+        q = statistics.quantiles(per_call[name], n=4) if len(per_call[name]) >= 2 else [med[name]] * 3
+        rows.append(dict(run=run_id, threads=threads, load_avg=load, in_features=args.in_features,
+                         out_features=args.out_features, sparsity=args.sparsity, tokens=args.tokens, kind=kind,
+                         variant=name, kernel=kernel, ms_per_call=med[name], ms_q1=q[0], ms_q3=q[2],
+                         ms_min=min(per_call[name]), x_dense_fp32=med[anchor[kind, "fp32"]] / med[name],
+                         x_dense_bf16=med[anchor[kind, "bf16"]] / med[name], max_err=err))
+    return rows
+
+
+def main(argv=None, log=print) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--in-features", type=int, default=3072)
+    p.add_argument("--out-features", type=int, default=768)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: torch's)")
+    p.add_argument("--rounds", type=int, default=11, help="timing rounds (median over them)")
+    p.add_argument("--round-ms", type=float, default=100.0, help="time spent on each variant per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall: perf_counter; cpu: this thread's CPU time (on a CPU shared with other jobs)")
+    p.add_argument("--quick", action="store_true", help="tiny layer, few rounds (tests)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/cpu_train)")
+    args = p.parse_args(argv)
+    if not 0.0 < args.sparsity < 1.0:
+        p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if args.tokens < 1:
+        p.error(f"--tokens must be >= 1, got {args.tokens}")
+    if args.quick:
+        args.in_features, args.out_features, args.tokens, args.rounds, args.round_ms = 512, 128, 40, 2, 2.0
+    out = args.out or (common.RESULTS / ("quick" if args.quick else "cpu_train"))
+    out.mkdir(parents=True, exist_ok=True)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    head = common.header()
+    for k in ("note", "table"):  # no Triton here: the CPU torch paths and the native library
+        head.pop(k, None)
+    head["timing"] = (f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls "
+                      f"({'perf_counter' if args.clock == 'wall' else 'thread CPU time (time.thread_time)'})")
+    head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu, features "
+                          f"{sorted(kernels.cpu.features()) or 'none'}" if kernels.cpu.lib() is not None
+                          else f"unavailable ({kernels.cpu.error()}): torch's path")
+    run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
+    previous = kernels.runtime.checks_enabled()
+    kernels.set_checks(False)
+    try:
+        rows = [r for t in threads for r in run_one(args, t, run_id)]
+    finally:
+        kernels.set_checks(previous)
+        torch.set_num_threads(head["cpu_threads"])
+    common.append_csv(out / "cpu_train.csv", rows, FIELDS)
+    md = [f"# CPU training products: Linear({args.in_features} -> {args.out_features}) at {args.sparsity:.0%} "
+          f"sparsity, {args.tokens} tokens", "", common.header_markdown(head), "",
+          "step = forward + backward (dx and the weight gradient) of one layer, bf16 under CPU autocast; "
+          "dW = the weight gradient alone (dense: dy^T x; sparse: kernels.cpu.sddmm at the layer's stored "
+          "elements). x dense fp32 / x dense bf16 = the dense variant of the same kind / this one, side by side "
+          "in one process (q1 / q3: quartiles over rounds). max err: the weight gradient against fp64.", ""]
+    for t in threads:
+        sub = [r for r in rows if r["threads"] == t]
+        md += [f"## {t} thread(s) (1-min load average at the end: {sub[0]['load_avg']} on {os.cpu_count()} cores)", "",
+               common.md_table(sub, [("variant", "variant"), ("kernel", "kernel"), ("ms_per_call", "ms / call"),
+                                     ("ms_q1", "q1"), ("ms_q3", "q3"), ("x_dense_fp32", "x dense fp32"),
+                                     ("x_dense_bf16", "x dense bf16"), ("max_err", "max err")]), ""]
+    (out / "cpu_train.md").write_text("\n".join(md) + "\n")
+    for r in rows:
+        log(f"  {r['variant']:<34} {r['ms_per_call']:9.3f} ms   x dense fp32 {r['x_dense_fp32']:6.2f}   "
+            f"x dense bf16 {r['x_dense_bf16']:6.2f}")
+    log(f"[out] {out}/cpu_train.md, cpu_train.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -268,7 +268,7 @@ def start(cfg, argv, entry: Entry, check_flags: Callable, model_config: Callable
         optimizer = C.make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     except UsageError as e:
         raise Exit(usage_exit(str(e), entry.prog)) from None
-    warnings = C.warn_schedule(cfg, entry.prog) if ddp.is_main else []
+    warnings = C.warn_schedule(cfg, entry.prog, device) if ddp.is_main else []
     ddp.broadcast_model(model)
     net = ddp.wrap(model, cfg.grad_sync)   # the training forward: DDP under torchrun (train/distributed.py)
     history = {"train": [], "eval": [], "density": [], "metric": entry.metric, "window": [], "mask_updates": 0,

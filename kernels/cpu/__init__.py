@@ -101,6 +101,21 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    return frozenset(_cpu_flags())
+
+
+def bf16_instructions() -> bool | None:
+    """Whether this x86-64 CPU has bf16 arithmetic (avx512_bf16 or amx_bf16, which torch's
+    oneDNN bf16 GEMM and this library's AVX-512-BF16 / AMX kernels use); None where it cannot
+    tell (another architecture, no /proc/cpuinfo)."""
+    flags = _cpu_flags()
+    if not _x86_64() or not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 AVX2_FLAGS = ["-mavx2", "-mfma"]
 AVX512_BF16_FLAGS = [*AVX2_FLAGS, "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 AMX_FLAGS = [*AVX512_BF16_FLAGS, "-mamx-tile", "-mamx-bf16"]

@@ -27,7 +27,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from bench import common  # noqa: E402
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+from bench.cpu_infer import CLOCKS  # noqa: E402
 FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "tokens", "kind", "variant",
           "kernel", "ms_per_call", "ms_q1", "ms_q3", "ms_min", "x_dense_fp32", "x_dense_bf16", "max_err"]
 

@@ -940,17 +940,22 @@ def csr_dpbf16_build(request):
     return tile_build(request, "csr_dpbf16")
 
 
+def count_tokens(monkeypatch, name: str, arg: int) -> list[int]:
+    """Spies on kernels.cpu.<name>: the token count (shape[0]) of its argument ``arg``, a call each."""
+    calls = []
+    real = getattr(cpu, name)
+
+    def spy(*args):
+        calls.append(args[arg].shape[0])
+        return real(*args)
+    monkeypatch.setattr(cpu, name, spy)
+    return calls
+
+
 @pytest.fixture
 def dpbf16_calls(monkeypatch):
     """Counts the products that take csr_mm_*_dpbf16, as tokens."""
-    calls = []
-    real = cpu._csr_dpbf16_matmul
-
-    def spy(so, w, pairs, x, *rest):
-        calls.append(x.shape[0])
-        return real(so, w, pairs, x, *rest)
-    monkeypatch.setattr(cpu, "_csr_dpbf16_matmul", spy)
-    return calls
+    return count_tokens(monkeypatch, "_csr_dpbf16_matmul", 3)  # (so, w, pairs, x, ...)
 
 
 def csr_mask(g, kind, n_out, n_in):
@@ -1094,14 +1099,7 @@ def sddmm_dpbf16_build(request):
 @pytest.fixture
 def sddmm_dpbf16_calls(monkeypatch):
     """Counts the weight gradients that take sddmm_tiles_dpbf16, as tokens."""
-    calls = []
-    real = cpu._sddmm_dpbf16
-
-    def spy(so, dy, x, *rest):
-        calls.append(dy.shape[0])
-        return real(so, dy, x, *rest)
-    monkeypatch.setattr(cpu, "_sddmm_dpbf16", spy)
-    return calls
+    return count_tokens(monkeypatch, "_sddmm_dpbf16", 1)  # (so, dy, x, ...)
 
 
 def check_bf16_sddmm(dy, x, rows, cols, what):

@@ -101,11 +101,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_flags() -> frozenset[str]:
-    """This CPU's flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
-    return frozenset(_cpu_flags())
-
-
 def bf16_instructions() -> bool | None:
     """Whether this x86-64 CPU has bf16 arithmetic (avx512_bf16 or amx_bf16, which torch's
     oneDNN bf16 GEMM and this library's AVX-512-BF16 / AMX kernels use); None where it cannot

@@ -15,7 +15,8 @@
    bf16 (the *_bf16 functions): the weights stored as bf16 bits (2 bytes, half of fp32's), widened
    to fp32 where they are used; x widened into the fp32 token tiles (pack_tokens_bf16), fp32 sums,
    y rounded to nearest even (unpack_tokens_bf16) - what torch's nn.Linear computes under CPU
-   autocast; the SDDMM's tiles are fp32 either way.
+   autocast; the SDDMM's tiles are fp32 (bf16 dy and x widened), except in the AVX-512-BF16 builds,
+   whose sddmm_tiles_dpbf16 reads bf16 tiles of both.
    Every function does the rows [r0, r1) (block rows for BSR; stored weights for the SDDMM), so
    callers may split them over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
    column indices, one index per b x b block) and the loop order. Built by kernels/cpu in the

@@ -377,24 +377,44 @@ def run_one(args, threads: int, run_id: str, log=print) -> list[dict]:
     return rows
 
 
-def main(argv=None, log=print) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_layer_args(p: argparse.ArgumentParser, *, tokens: tuple[str, int], rounds: int, round_ms: float) -> None:
+    """The options of a CPU layer benchmark (this one and bench/cpu_train.py): the layer, the token
+    flag (name, default), threads, timing rounds, seed, clock, --quick."""
     p.add_argument("--in-features", type=int, default=3072)
     p.add_argument("--out-features", type=int, default=768)
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(tokens[0], type=int, default=tokens[1])
     p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: torch's)")
-    p.add_argument("--rounds", type=int, default=31, help="timing rounds (median over them)")
-    p.add_argument("--round-ms", type=float, default=20.0, help="time spent on each variant per round")
+    p.add_argument("--rounds", type=int, default=rounds, help="timing rounds (median over them)")
+    p.add_argument("--round-ms", type=float, default=round_ms, help="time spent on each variant per round")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall: perf_counter; cpu: the thread's CPU time (for a CPU shared with other jobs)")
+    p.add_argument("--quick", action="store_true", help="tiny layer, few rounds (tests)")
+
+
+def cpu_header(args) -> dict:
+    """common.header() for a CPU benchmark: no Triton table, the timing mode, the native build and
+    its optional kernels (or why there is none)."""
+    head = common.header()
+    for k in ("note", "table"):  # no Triton here: the CPU torch paths and the native library
+        head.pop(k, None)
+    head["timing"] = (f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls "
+                      f"({'perf_counter' if args.clock == 'wall' else 'thread CPU time (time.thread_time)'})")
+    head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu, features "
+                          f"{sorted(kernels.cpu.features()) or 'none'}" if kernels.cpu.lib() is not None
+                          else f"unavailable ({kernels.cpu.error()}): the library layers ran torch's path")
+    return head
+
+
+def main(argv=None, log=print) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_layer_args(p, tokens=("--batch", 1), rounds=31, round_ms=20.0)
     p.add_argument("--copies", type=int, default=8,
                    help="distinct layers per variant called in turn (1: one layer back to back, its "
                         "weights stay in the core's cache)")
-    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                   help="wall: perf_counter; cpu: the thread's CPU time (for a CPU shared with other jobs)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the layers cast to bf16 against dense bf16 (and fp32) side by side")
-    p.add_argument("--quick", action="store_true", help="tiny layer, few rounds (tests)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/cpu_infer)")
     args = p.parse_args(argv)
     if args.copies < 1:
@@ -405,16 +425,9 @@ def main(argv=None, log=print) -> int:
     out = args.out or (common.RESULTS / ("quick" if args.quick else "cpu_infer"))
     out.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
-    head = common.header()
-    for k in ("note", "table"):  # no Triton here: the CPU torch paths, real CPU timings
-        head.pop(k, None)
+    head = cpu_header(args)
     global _clock
     _clock = CLOCKS[args.clock]
-    head["timing"] = (f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls "
-                      f"({'perf_counter' if args.clock == 'wall' else 'thread CPU time (time.thread_time)'})")
-    native = kernels.cpu.lib()
-    head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu" if native is not None
-                          else f"unavailable ({kernels.cpu.error()}): the library layers ran torch's path")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()
     kernels.set_checks(False)

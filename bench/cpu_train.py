@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from bench import common  # noqa: E402
-from bench.cpu_infer import CLOCKS  # noqa: E402
+from bench.cpu_infer import CLOCKS, add_layer_args, cpu_header  # noqa: E402
 FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "tokens", "kind", "variant",
           "kernel", "ms_per_call", "ms_q1", "ms_q3", "ms_min", "x_dense_fp32", "x_dense_bf16", "max_err"]
 
@@ -176,17 +176,7 @@ def run_one(args, threads: int, run_id: str) -> list[dict]:
 
 def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--in-features", type=int, default=3072)
-    p.add_argument("--out-features", type=int, default=768)
-    p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--threads", default=None, help="comma list of torch thread counts (default: torch's)")
-    p.add_argument("--rounds", type=int, default=11, help="timing rounds (median over them)")
-    p.add_argument("--round-ms", type=float, default=100.0, help="time spent on each variant per round")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                   help="wall: perf_counter; cpu: this thread's CPU time (on a CPU shared with other jobs)")
-    p.add_argument("--quick", action="store_true", help="tiny layer, few rounds (tests)")
+    add_layer_args(p, tokens=("--tokens", 256), rounds=11, round_ms=100.0)
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/cpu_train)")
     args = p.parse_args(argv)
     if not 0.0 < args.sparsity < 1.0:
@@ -198,14 +188,7 @@ def main(argv=None, log=print) -> int:
     out = args.out or (common.RESULTS / ("quick" if args.quick else "cpu_train"))
     out.mkdir(parents=True, exist_ok=True)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
-    head = common.header()
-    for k in ("note", "table"):  # no Triton here: the CPU torch paths and the native library
-        head.pop(k, None)
-    head["timing"] = (f"median over {args.rounds} interleaved rounds of ~{args.round_ms:g} ms of calls "
-                      f"({'perf_counter' if args.clock == 'wall' else 'thread CPU time (time.thread_time)'})")
-    head["native_cpu"] = (f"{kernels.cpu.loaded_variant()} build of kernels/cpu, features "
-                          f"{sorted(kernels.cpu.features()) or 'none'}" if kernels.cpu.lib() is not None
-                          else f"unavailable ({kernels.cpu.error()}): torch's path")
+    head = cpu_header(args)
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()
     kernels.set_checks(False)

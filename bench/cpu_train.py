@@ -11,11 +11,15 @@ dense layer in fp32 and in bf16 side by side; by default Linear(3072 -> 768) at 
 Variants, each checked against fp64 before it is timed (bench.common.gate: fp32 at fp32
 tolerance, bf16 within 2x torch's dense bf16 error + 1e-2):
     step  dense fp32 / bf16     nn.Linear forward + backward (dx and dW), bf16 under CPU autocast
-    step  fan-in, diag b=16     kernels.FanInLinear / DiagLinear, the same, fp32 and under autocast
+    step  fan-in, diag b=16/64  kernels.FanInLinear / DiagLinear, the same, fp32 and under autocast
+                                (DiagLinear: the block products bsr_matmul / sddmm_blocks)
+    step  diag b=16, elements   the same layer with the block products off (kernels.cpu.block_products
+                                patched to False): its elements' CSR products, as before them
     dW    dense fp32 / bf16     dy^T x, the dense weight gradient (torch's GEMM: MKL / oneDNN)
     dW    SDDMM fan-in / b=16   kernels.cpu.sddmm at the layers' stored elements, fp32 and bf16
                                 dy and x: sddmm_tiles_dpbf16 where kernels.cpu.features() has
                                 "sddmm_dpbf16" (AVX-512-BF16), else bf16 widened into fp32 tiles
+    dW    blocks b=16 / b=64    kernels.cpu.sddmm_blocks at the diagonals' block coordinates
 Timing as bench/cpu_infer.py: the variants take turns round after round, each round ~--round-ms
 of back-to-back calls, the figure the median over rounds. x dense fp32 / x dense bf16: the dense
 variant of the same kind (step or dW) / this one, measured in the same run.
@@ -23,11 +27,13 @@ variant of the same kind (step or dW) / this one, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -49,20 +55,30 @@ def _sddmm_kernel(dtype: torch.dtype) -> str:
     return "sddmm_tiles (fp32 tiles)" + (", bf16 widened" if dtype == torch.bfloat16 else "")
 
 
+def _step_kernel(layer: nn.Module, dtype: torch.dtype, elements: bool) -> str:
+    b = getattr(layer, "block_size", 1)
+    if isinstance(layer, kernels.DiagLinear) and not elements and kernels.cpu.block_products(b):
+        return "layer step: bsr_matmul + sddmm_blocks (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
+    return "layer step; dW " + _sddmm_kernel(dtype)
+
+
 class _Step:
     """One training step of ``layer`` on x (requires grad) and dy: forward, backward (dx and the
-    weight's gradient), gradients dropped after; under CPU bf16 autocast with ``bf16``."""
+    weight's gradient), gradients dropped after; under CPU bf16 autocast with ``bf16``; with
+    ``elements`` the library's block products off (the element products they replaced)."""
 
-    def __init__(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool):
+    def __init__(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool, elements: bool = False):
         self.layer, self.x, self.dy, self.bf16 = layer, x.detach().clone().requires_grad_(True), dy, bf16
+        self.elements = elements
 
     def run(self):
         for p in self.layer.parameters():
             p.grad = None
         self.x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        off = mock.patch.object(kernels.cpu, "block_products", lambda b: False) if self.elements else contextlib.nullcontext()
+        with off, torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             y = self.layer(self.x)
-        y.backward(self.dy.to(y.dtype))
+            y.backward(self.dy.to(y.dtype))
         return y
 
     __call__ = run
@@ -99,17 +115,21 @@ def build(args):
     dense = nn.Linear(n_in, n_out)
     fanin = kernels.FanInLinear(n_in, n_out, density=density, generator=g)
     diag = kernels.DiagLinear(n_in, n_out, density=density, block_size=16, generator=g)
+    diag64 = kernels.DiagLinear(n_in, n_out, density=density, block_size=64, generator=g)
     x = torch.randn(T, n_in, generator=g)
     dy = torch.randn(T, n_out, generator=g)
     xb, dyb = x.to(torch.bfloat16), dy.to(torch.bfloat16)
     out = {}
     for bf16 in (False, True):
         tag = "bf16" if bf16 else "fp32"
-        for name, layer, coords, kernel in (
-                ("dense nn.Linear", dense, None, "torch GEMM (oneDNN)" if bf16 else "torch GEMM (MKL)"),
-                ("fan-in", fanin, fanin.coords(), "layer step; dW " + _sddmm_kernel(torch.bfloat16 if bf16 else torch.float32)),
-                ("diag b=16", diag, diag.coords(), "layer step; dW " + _sddmm_kernel(torch.bfloat16 if bf16 else torch.float32))):
-            step = _Step(layer, x, dy, bf16)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        for name, layer, coords, elements in (
+                ("dense nn.Linear", dense, None, False), ("fan-in", fanin, fanin.coords(), False),
+                ("diag b=16", diag, diag.coords(), False), ("diag b=16, elements", diag, diag.coords(), True),
+                ("diag b=64", diag64, diag64.coords(), False)):
+            kernel = (("torch GEMM (oneDNN)" if bf16 else "torch GEMM (MKL)") if layer is dense
+                      else _step_kernel(layer, dtype, elements))
+            step = _Step(layer, x, dy, bf16, elements)
             label = f"step {name} {tag}" + (" (autocast)" if bf16 else "")
             out[label] = ("step", step, kernel, _check_step(label, step, coords))
     for bf16 in (False, True):
@@ -133,6 +153,22 @@ def build(args):
             out[f"dW SDDMM {name} {tag}"] = ("dW", (lambda a=a, b=b, rows=rows, cols=cols:
                                                      kernels.cpu.sddmm(a, b, rows, cols)),
                                               _sddmm_kernel(a.dtype), err)
+        for layer in (diag, diag64):
+            bs = layer.block_size
+            brow, bcol = (t.reshape(-1).contiguous() for t in kernels.diag.pattern.block_coords(
+                layer.offsets, n_out // bs, n_in // bs))
+            got = kernels.cpu.sddmm_blocks(a, b, brow, bcol, bs)
+            if got is None:
+                raise AssertionError(f"blocks b={bs} {tag}: kernels.cpu.sddmm_blocks refused the operands "
+                                     f"({kernels.cpu.error() or 'no native library'})")
+            rows, cols = (t.long() for t in layer.coords())
+            ok, err, _, why = common.gate(got.reshape(-1), truth[rows, cols], (a.float().t() @ b.float())[rows, cols])
+            if not ok:
+                raise AssertionError(f"blocks b={bs} {tag}: {why}")
+            out[f"dW blocks diag b={bs} {tag}"] = ("dW", (lambda a=a, b=b, brow=brow, bcol=bcol, bs=bs:
+                                                          kernels.cpu.sddmm_blocks(a, b, brow, bcol, bs)),
+                                                   "sddmm_blocks (fp32 register tiles)" + (", bf16 widened" if bf16 else ""),
+                                                   err)
     return out
 
 
@@ -202,7 +238,7 @@ def main(argv=None, log=print) -> int:
           f"sparsity, {args.tokens} tokens", "", common.header_markdown(head), "",
           "step = forward + backward (dx and the weight gradient) of one layer, bf16 under CPU autocast; "
           "dW = the weight gradient alone (dense: dy^T x; sparse: kernels.cpu.sddmm at the layer's stored "
-          "elements). x dense fp32 / x dense bf16 = the dense variant of the same kind / this one, side by side "
+          "elements, or kernels.cpu.sddmm_blocks at its b x b blocks). x dense fp32 / x dense bf16 = the dense variant of the same kind / this one, side by side "
           "in one process (q1 / q3: quartiles over rounds). max err: the weight gradient against fp64.", ""]
     for t in threads:
         sub = [r for r in rows if r["threads"] == t]

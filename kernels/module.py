@@ -202,10 +202,13 @@ class SparseLayer(nn.Module):
         if dtype in _NATIVE_FLOATS and cpu_native.lib() is not None:
             one = x2.shape[0] == 1
             # bf16 blocks of 16 | b as 16 x 16 tiles where this CPU has their kernel (AMX for
-            # several tokens, AVX-512-BF16 for one), else CSR / BSR as in fp32
-            tiles = (dtype is torch.bfloat16 and getattr(self, "block_size", 1) % 16 == 0
-                     and cpu_native.block_kernel(x2.shape[0]))
-            w = self._inference_weight(values, blocked=one or tiles, native=True, dtype=dtype, tiles=tiles)
+            # several tokens, AVX-512-BF16 for one), else for several tokens blocks of 8 | b
+            # as a BSR (bsr_matmul's register tiles), other formats as a CSR
+            b = getattr(self, "block_size", 1)
+            tiles = dtype is torch.bfloat16 and b % 16 == 0 and cpu_native.block_kernel(x2.shape[0])
+            several = not one and not tiles and b > 1 and cpu_native.block_products(b)
+            w = self._inference_weight(values, blocked=one or tiles or several, native=True, dtype=dtype,
+                                       tiles=tiles, several=several)
             if not one:
                 y = cpu_native.matmul(w, x2, bias)
                 return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
@@ -241,7 +244,7 @@ class SparseLayer(nn.Module):
         return rows, cols, values.reshape(-1, 1, 1), 1
 
     def _inference_weight(self, values: torch.Tensor, blocked: bool, native: bool = False,
-                          dtype: torch.dtype = torch.float32, tiles: bool = False):
+                          dtype: torch.dtype = torch.float32, tiles: bool = False, several: bool = False):
         """The weight as a sparse tensor [out, in]: BSR of ``weight_blocks`` when ``blocked``
         and b > 1, else CSR of the elements; rows sorted, columns sorted within a row, int32
         indices; with ``native`` the same structure in kernels.cpu's layout (a NativeWeight).
@@ -249,11 +252,12 @@ class SparseLayer(nn.Module):
         (an optimizer step, a mask update, a state_dict load, ``.to()``); the pattern is
         checked at each build, not at each call. Each layout holds a copy of the values (a
         native one in ``dtype``: fp32 or bf16; with ``tiles`` the bf16 16 x 16 blocks of the AMX /
-        AVX-512-BF16 kernels, kernels.cpu.bsr16_weight)."""
+        AVX-512-BF16 kernels, kernels.cpu.bsr16_weight; with ``several`` a BSR for several
+        tokens, whose bf16 values are kept as fp32 - each block serves a tile of tokens)."""
         cache = self.__dict__.get("_inference_cache")
         if cache is None or not cache.current():
             cache = self.__dict__["_inference_cache"] = _InferenceCache(self)
-        key = (blocked, native, dtype if native else None, tiles)
+        key = (blocked, native, dtype if native else None, tiles, several)
         w = cache.layouts.get(key)
         if w is not None:
             return w
@@ -275,7 +279,7 @@ class SparseLayer(nn.Module):
             elif native and tiles:
                 w = cpu_native.bsr16_weight(crow, csr_cols, blocks, *size)
             elif native:
-                w = cpu_native.bsr_weight(crow, csr_cols, blocks, *size, dtype=dtype)
+                w = cpu_native.bsr_weight(crow, csr_cols, blocks, *size, dtype=dtype, several=several)
             elif b == 1:
                 w = torch.sparse_csr_tensor(crow.to(idx), csr_cols.to(idx), blocks.reshape(-1),
                                             size=size, check_invariants=False)

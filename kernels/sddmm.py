@@ -358,6 +358,10 @@ def sddmm_torch(dy, x, rows, cols, block_size: int = 1) -> torch.Tensor:
         g = cpu_native.sddmm(dy, x, rows, cols)  # fp32 or bf16 as they come: widened in its tiles
         if g is not None:
             return g.to(dy.dtype)
+    elif n and T:
+        g = cpu_native.sddmm_blocks(dy, x, rows, cols, b)  # (b a multiple of 8; bf16 widened in its pack)
+        if g is not None:
+            return g.to(dy.dtype)
     dyc, xc = dy.to(acc_dtype), x.to(acc_dtype)
     if b == 1:
         if n <= dy.shape[1] * x.shape[1]:  # (sampled_addmm refuses more elements than M * N)

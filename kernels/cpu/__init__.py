@@ -69,7 +69,7 @@ import torch
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 7
+ABI = 8
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -240,6 +240,13 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         getattr(so, f).restype = None
     so.sddmm_tiles.argtypes = [i64] * 6 + [p] * 5
     so.sddmm_tiles.restype = ctypes.c_int
+    so.bsr_mm.argtypes = [i64] * 7 + [p] * 4 + [i64, i64] + [p] * 3
+    so.bsr_mm.restype = ctypes.c_int
+    so.sddmm_blocks.argtypes = [i64] * 4 + [p] * 3 + [i64, i64, p, i64, i64, p]
+    for f in ("pack_blocks", "pack_blocks_bf16"):
+        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p]
+        getattr(so, f).restype = None
+    so.sddmm_blocks.restype = ctypes.c_int
     for f in ("bf16_to_f32", "f32_to_bf16"):
         getattr(so, f).argtypes = [i64, p, p]
         getattr(so, f).restype = None
@@ -528,12 +535,17 @@ def csr_weight(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_o
 
 
 def bsr_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int,
-               dtype: torch.dtype = torch.float32) -> NativeWeight:
-    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight for one token, the blocks in
-    ``dtype`` (fp32 or bf16)."""
+               dtype: torch.dtype = torch.float32, several: bool = False) -> NativeWeight:
+    """BSR (block rows sorted) of blocks [n, b, b] -> NativeWeight, the blocks in ``dtype`` (fp32
+    or bf16). ``several``: for products of several tokens (bsr_matmul, b a multiple of 8), which
+    read fp32 blocks: bf16 values are rounded to bf16 and kept as fp32 (each block serves a tile
+    of tokens, so its bytes hardly count)."""
     b = blocks.shape[-1]
+    vals = blocks.detach().to(_value_dtype(dtype))
+    if several:
+        vals = vals.to(torch.float32)
     return NativeWeight("bsr", n_out, n_in, crow.to(torch.int32).contiguous(), bcols.to(torch.int32).contiguous(),
-                        blocks.detach().to(_value_dtype(dtype)).transpose(1, 2).contiguous(), b, 32)
+                        vals.transpose(1, 2).contiguous(), b, 32)
 
 
 def bsr16_weight(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_out: int, n_in: int) -> NativeWeight:
@@ -639,8 +651,13 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     if w.kind == "bsr16":
         return _bsr16_matmul(so, w, x, bias_ptr, out_dtype, fmas)
-    if w.kind != "csr":
-        raise ValueError("a BSR native weight takes one token; use the CSR one for several")
+    if w.kind == "bsr":  # several tokens: blocks of 8 | b (their values [n][i][o], transposed)
+        y = bsr_matmul(w.crow, w.cols, w.values, w.n_rows, w.n_in // w.block, x, bias, transpose=True,
+                       out_dtype=out_dtype)
+        if y is None:
+            raise ValueError(f"a BSR native weight of b = {w.block} takes one token (several need 8 | b); "
+                             "use the CSR one")
+        return y
     width = w.n_in if w.panels == 1 else PANEL
     pairs = w.bf16_values
     if (x.dtype is torch.bfloat16 and pairs is not None and T >= DPBF16_MIN_TOKENS
@@ -782,6 +799,98 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     dyt, xt = _pack(so, dy, tw), _pack(so, x, tw)
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
     _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))
+    return g
+
+
+# Token tiles of the block product (bsr_mm in sparse_cpu.c): 8 tokens (8 outputs a register
+# tile) up to 8 tokens, else 16 (4 outputs a register tile).
+BSR_TILES = (8, 16)
+
+
+def block_products(b: int) -> bool:
+    """Whether b x b blocks have the library's block products (bsr_matmul, sddmm_blocks): b a
+    multiple of 8 and the library loaded."""
+    return b % 8 == 0 and b > 0 and lib() is not None
+
+
+def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_rows: int, n_cols: int,
+               x: torch.Tensor, bias: torch.Tensor | None = None, bidx: torch.Tensor | None = None,
+               transpose: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """y = x W^T + bias, W [n_rows * b, n_cols * b] a BSR of b x b blocks (b a multiple of 8):
+    crow [n_rows + 1] and bcols [nnz] int32 over block rows / columns (coords.csr_structure's,
+    unchecked here), blocks [n, b, b] fp32 or bf16 with blocks[n][o][i] = W[o, i] of the block at
+    CSR position p being blocks[bidx[p]] (bidx int32 [nnz], or None for n = p) - or, with
+    ``transpose``, blocks[n][i][o] (the CSR of W^T over the blocks of W: the input gradient).
+    x [T, n_cols * b] fp32 or bf16, any strides -> y [T, n_rows * b] in ``out_dtype`` (default x's),
+    fp32 sums (bf16 blocks and x widened, exactly). None where the library does not apply."""
+    b = blocks.shape[-1] if blocks.dim() == 3 else 0
+    if (b % 8 or b == 0 or blocks.shape[1] != b or blocks.dtype not in _FLOATS or x.dtype not in _FLOATS
+            or crow.dtype != torch.int32 or bcols.dtype != torch.int32 or crow.numel() != n_rows + 1
+            or x.dim() != 2 or x.shape[1] != n_cols * b
+            or (bidx is not None and (bidx.dtype != torch.int32 or bidx.numel() != bcols.numel()))
+            or not _native_operands(crow, bcols, blocks, x)):
+        return None
+    so = _state["lib"]
+    T = x.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if T == 0:
+        return torch.empty(0, n_rows * b, dtype=out_dtype)
+    blocks = blocks.detach().to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    bias_ptr = None if bias is None else bias.data_ptr()
+    so_, si = (1, b) if transpose else (b, 1)
+    tw = BSR_TILES[0] if T <= BSR_TILES[0] else BSR_TILES[1]
+    tiles = -(-T // tw)
+    n_out = n_rows * b
+    xt = _pack(so, x, tw)
+    yt = torch.empty(tiles, n_out, tw, dtype=torch.float32)
+    y = torch.empty(T, n_out, dtype=out_dtype)
+    unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
+    crow, bcols = crow.contiguous(), bcols.contiguous()
+    bidx_ptr = None if bidx is None else bidx.contiguous().data_ptr()
+    ptrs = (crow.data_ptr(), bcols.data_ptr(), bidx_ptr, blocks.data_ptr())
+
+    def run(r0, r1):
+        if so.bsr_mm(r0, r1, b, x.shape[1], n_out, tiles, tw, *ptrs, so_, si, xt.data_ptr(), bias_ptr,
+                     yt.data_ptr()):
+            raise RuntimeError(f"bsr_mm: no kernel for b = {b}, a tile of {tw} tokens")
+        unpack(r0 * b, r1 * b, T, n_out, tw, yt.data_ptr(), y.data_ptr(), n_out)
+    _split(n_rows, bcols.numel() * b * b * T, run)
+    return y
+
+
+def _pack_blocks(so: ctypes.CDLL, x: torch.Tensor, b: int) -> torch.Tensor:
+    """x [T, n] fp32 or bf16 (any strides) -> fp32 block columns [n / b, T, b] (pack_blocks)."""
+    T, n = x.shape
+    xp = torch.empty(n // b, T, b, dtype=torch.float32)
+    pack = so.pack_blocks if x.dtype is torch.float32 else so.pack_blocks_bf16
+    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), b, xp.data_ptr())
+    return xp
+
+
+def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 b: int) -> torch.Tensor | None:
+    """g[n] = dy[:, rows[n] b : +b]^T x[:, cols[n] b : +b] ([n, b, b] fp32, fp32 sums) for block
+    coordinates rows / cols int32 [n] (in range, unchecked here), dy [T, M] and x [T, N] fp32 or
+    bf16 (bf16 widened first), b a multiple of 8 dividing M and N. None where the library does
+    not apply."""
+    if (b % 8 or b == 0 or dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
+            or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
+            or dy.shape[1] % b or x.shape[1] % b or rows.shape != cols.shape
+            or not _native_operands(dy, x, rows, cols)):
+        return None
+    so = _state["lib"]
+    n, T = rows.numel(), dy.shape[0]
+    g = torch.empty(n, b, b, dtype=torch.float32)
+    if n == 0:
+        return g
+    # both packed into fp32 block columns [n / b, T, b] (pack_blocks: bf16 widened), which every
+    # block then reads as two contiguous streams
+    dyp, xp = _pack_blocks(so, dy, b), _pack_blocks(so, x, b)
+    rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
+    ptrs = (rows.data_ptr(), cols.data_ptr(), dyp.data_ptr(), T * b, b, xp.data_ptr(), T * b, b, g.data_ptr())
+    _split(n, n * b * b * T, lambda n0, n1: so.sddmm_blocks(n0, n1, b, T, *ptrs))
     return g
 
 

@@ -227,11 +227,17 @@ def test_cpu_training_products_quick_checks_weight_gradients_and_writes_both_anc
     rows = {r["variant"]: r for r in read_rows(tmp_path / "cpu_train.csv")}
     for kind, dtype in (("step", "fp32"), ("step", "bf16"), ("dW", "fp32"), ("dW", "bf16")):
         names = [n for n in rows if n.startswith(kind + " ") and dtype in n]
-        assert len(names) == 3, (kind, dtype, names)  # dense, fan-in, diag b=16
+        # step: dense, fan-in, diag b=16, diag b=16 on its elements, diag b=64; dW: dense, the
+        # element SDDMM of fan-in and b=16, the block SDDMM of b=16 and b=64
+        assert len(names) == 5, (kind, dtype, names)
     assert float(rows["step dense nn.Linear fp32"]["x_dense_fp32"]) == pytest.approx(1.0)
     assert float(rows["dW dense bf16"]["x_dense_bf16"]) == pytest.approx(1.0)
     want = ("sddmm_tiles_dpbf16" if "sddmm_dpbf16" in kernels.cpu.features() else "sddmm_tiles")
     assert rows["dW SDDMM fan-in bf16"]["kernel"].startswith(want if kernels.cpu.lib() is not None else "torch")
+    if kernels.cpu.lib() is not None:
+        assert rows["step diag b=64 fp32"]["kernel"].startswith("layer step: bsr_matmul + sddmm_blocks")
+        assert rows["step diag b=16, elements fp32"]["kernel"].startswith("layer step; dW sddmm_tiles")
+        assert rows["dW blocks diag b=16 bf16"]["kernel"].startswith("sddmm_blocks")
     for r in rows.values():
         assert float(r["ms_per_call"]) > 0
     assert "x dense bf16" in (tmp_path / "cpu_train.md").read_text()
@@ -251,4 +257,19 @@ def test_cpu_training_products_refuse_a_wrong_weight_gradient(variant, tmp_path,
             layer.values.register_hook(lambda g: g + bump.reshape(g.shape))
     monkeypatch.setattr(cpu_train._Step, "__init__", init)
     with pytest.raises(AssertionError, match=f"step {variant} fp32"):
+        cpu_train.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None)
+
+
+@pytest.mark.skipif(kernels.cpu.lib() is None, reason=f"no native CPU library here: {kernels.cpu.error()}")
+def test_cpu_training_products_refuse_a_wrong_block_gradient(tmp_path, monkeypatch):
+    """A block weight gradient off at one element fails the check before timing."""
+    real = kernels.cpu.sddmm_blocks
+
+    def off(*args):
+        g = real(*args)
+        g.view(-1)[0] += 1.0
+        return g
+    monkeypatch.setattr(kernels.cpu, "sddmm_blocks", off)
+    monkeypatch.setattr(cpu_train, "_check_step", lambda *a: 0.0)  # (the layers' steps take it too)
+    with pytest.raises(AssertionError, match="blocks b=16 fp32"):
         cpu_train.main(["--quick", "--threads", "1", "--out", str(tmp_path)], log=lambda *a: None)

@@ -1,0 +1,276 @@
+"""The native library's block products (kernels.cpu.bsr_matmul, sddmm_blocks: b x b blocks, b a
+multiple of 8) against fp64: every register tile and token tile (partial and full), the block
+order given by an index, the transposed reading of the input gradient, bf16 operands widened,
+strided views, two threads; and the layers that take them (DiagLinear b = 8 / 16 / 64 in its
+training step and in inference of several tokens) with their gradients against fp64."""
+import pytest
+import torch
+
+import kernels
+from kernels import cpu
+from kernels.coords import csr_structure
+
+from .conftest import assert_matches
+from .test_cpu_native import assert_close_to_reference, needs_library, two_threads  # noqa: F401
+
+
+def block_pattern(g, n_rows, n_cols, density=0.4):
+    """Block coordinates (rows, cols int32, block-row order scrambled) of a random pattern with
+    its first block row empty and at least one block elsewhere."""
+    mask = torch.rand(n_rows, n_cols, generator=g) < density
+    mask[0] = False
+    mask[-1, -1] = True
+    rows, cols = mask.nonzero(as_tuple=True)
+    perm = torch.randperm(rows.numel(), generator=g)
+    return rows[perm].int(), cols[perm].int()
+
+
+def dense_of(rows, cols, blocks, n_rows, n_cols, b):
+    """The fp64 [n_rows * b, n_cols * b] matrix of blocks[n][o][i] at (rows[n], cols[n])."""
+    w = torch.zeros(n_rows * b, n_cols * b, dtype=torch.float64)
+    for n in range(rows.numel()):
+        r, c = int(rows[n]) * b, int(cols[n]) * b
+        w[r:r + b, c:c + b] += blocks[n].double()
+    return w
+
+
+def bsr_of(rows, cols, n_rows, n_cols, transpose=False):
+    """(crow, bcols, bidx) of the blocks in their given order: bidx[p] is the block at CSR position
+    p; with ``transpose`` the CSR of W^T over the same blocks."""
+    r, c, nr, nc = (cols, rows, n_cols, n_rows) if transpose else (rows, cols, n_rows, n_cols)
+    order, crow, bcols = csr_structure(r, c, nr, nc)
+    bidx = torch.arange(rows.numel(), dtype=torch.int32) if order is None else order.to(torch.int32)
+    return crow, bcols, bidx
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 5, 8, 9, 16, 17, 33, 70])
+@pytest.mark.parametrize("b", [8, 16, 32, 64])
+def test_bsr_matmul_matches_the_fp64_reference(b, tokens, threads, request):
+    """y = x W^T + bias and dx = dy W (``transpose``: the CSR of W^T over W's blocks, read
+    transposed) for tiles of 8 (up to 8 tokens) and 16, partial and full, with and without the
+    block index and the bias; an empty block row gives the bias alone."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(100 + b + tokens)
+    R, C = 5, 7
+    rows, cols = block_pattern(g, R, C)
+    blocks = torch.randn(rows.numel(), b, b, generator=g)
+    w = dense_of(rows, cols, blocks, R, C, b)
+    bias = torch.randn(R * b, generator=g)
+    x = torch.randn(tokens, C * b, generator=g)
+    dy = torch.randn(tokens, R * b, generator=g)
+    crow, bcols, bidx = bsr_of(rows, cols, R, C)
+    for with_bias in (True, False):
+        y = cpu.bsr_matmul(crow, bcols, blocks, R, C, x, bias if with_bias else None, bidx)
+        ref = x.double() @ w.t() + (bias.double() if with_bias else 0)
+        lowp = x @ w.float().t() + (bias if with_bias else 0)
+        assert_close_to_reference(y, ref, lowp, f"b={b}, T={tokens}, bias={with_bias}")
+    # the blocks already in CSR order: no index
+    y = cpu.bsr_matmul(crow, bcols, blocks[bidx.long()].contiguous(), R, C, x)
+    assert_close_to_reference(y, x.double() @ w.t(), x @ w.float().t(), f"b={b}, T={tokens}, no index")
+    crow_t, bcols_t, bidx_t = bsr_of(rows, cols, R, C, transpose=True)
+    dx = cpu.bsr_matmul(crow_t, bcols_t, blocks, C, R, dy, None, bidx_t, transpose=True)
+    assert_close_to_reference(dx, dy.double() @ w, dy @ w.float(), f"b={b}, T={tokens}, transposed")
+
+
+@needs_library
+@pytest.mark.parametrize("tokens", [1, 16, 33])
+def test_bsr_matmul_of_bf16_operands_widens_them_exactly(tokens):
+    """bf16 x and blocks: the same fp32 sums of the same numbers (fp64 of the bf16 values within
+    the fp32 tolerance), y in bf16 (within 2x torch's bf16 error) or fp32 (``out_dtype``)."""
+    g = torch.Generator().manual_seed(110 + tokens)
+    b, R, C = 16, 4, 6
+    rows, cols = block_pattern(g, R, C)
+    blocks = torch.randn(rows.numel(), b, b, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, C * b, generator=g).to(torch.bfloat16)
+    w = dense_of(rows, cols, blocks, R, C, b)
+    crow, bcols, bidx = bsr_of(rows, cols, R, C)
+    ref = x.double() @ w.t()
+    y32 = cpu.bsr_matmul(crow, bcols, blocks, R, C, x, None, bidx, out_dtype=torch.float32)
+    assert_close_to_reference(y32, ref, x.float() @ w.float().t(), f"T={tokens}, fp32 out")
+    y = cpu.bsr_matmul(crow, bcols, blocks, R, C, x, None, bidx)
+    assert y.dtype == torch.bfloat16
+    assert_matches(y, ref, x @ w.to(torch.bfloat16).t(), f"T={tokens}, bf16 out")
+
+
+@needs_library
+@pytest.mark.parametrize("layout", ["transposed view", "row slice"])
+def test_bsr_matmul_reads_x_at_its_strides(layout):
+    g = torch.Generator().manual_seed(120)
+    b, R, C, T = 16, 3, 4, 21
+    rows, cols = block_pattern(g, R, C, density=0.6)
+    blocks = torch.randn(rows.numel(), b, b, generator=g)
+    if layout == "transposed view":
+        x = torch.randn(C * b, T, generator=g).t()
+    else:
+        x = torch.randn(T, C * b + 13, generator=g)[:, 5:5 + C * b]
+    assert not x.is_contiguous()
+    w = dense_of(rows, cols, blocks, R, C, b)
+    y = cpu.bsr_matmul(*bsr_of(rows, cols, R, C)[:2], blocks, R, C, x, None, bsr_of(rows, cols, R, C)[2])
+    assert_close_to_reference(y, x.double() @ w.t(), x @ w.float().t(), layout)
+
+
+@needs_library
+def test_bsr_matmul_declines_what_it_does_not_take():
+    """None (the caller keeps torch's path) for a b not a multiple of 8, fp64, int64 indices, a
+    mismatched x; zero tokens give an empty y."""
+    g = torch.Generator().manual_seed(121)
+    rows, cols = block_pattern(g, 3, 4)
+    crow, bcols, bidx = bsr_of(rows, cols, 3, 4)
+    for b in (4, 12):
+        blocks = torch.randn(rows.numel(), b, b, generator=g)
+        assert cpu.bsr_matmul(crow, bcols, blocks, 3, 4, torch.randn(5, 4 * b), None, bidx) is None
+    blocks = torch.randn(rows.numel(), 8, 8, generator=g)
+    x = torch.randn(5, 32, generator=g)
+    assert cpu.bsr_matmul(crow, bcols, blocks.double(), 3, 4, x.double(), None, bidx) is None
+    assert cpu.bsr_matmul(crow.long(), bcols, blocks, 3, 4, x, None, bidx) is None
+    assert cpu.bsr_matmul(crow, bcols, blocks, 3, 4, torch.randn(5, 31), None, bidx) is None
+    assert cpu.bsr_matmul(crow, bcols, blocks, 3, 4, x, None, bidx[:-1]) is None
+    assert cpu.bsr_matmul(crow, bcols, blocks, 3, 4, x[:0], None, bidx).shape == (0, 24)
+
+
+def block_reference(dy, x, rows, cols, b):
+    """(fp64, fp32) g[n] = dy[:, rows[n] b : +b]^T x[:, cols[n] b : +b] of the given numbers."""
+    T = dy.shape[0]
+    r, c = rows.long(), cols.long()
+
+    def at(dtype):
+        d = dy.to(dtype).reshape(T, -1, b)[:, r]
+        s = x.to(dtype).reshape(T, -1, b)[:, c]
+        return torch.einsum("tno,tni->noi", d, s)
+    return at(torch.float64), at(torch.float32)
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 7, 32, 33, 128, 129, 300])
+@pytest.mark.parametrize("b", [8, 16, 64])
+def test_sddmm_blocks_matches_the_fp64_reference(b, tokens, threads, request):
+    """Every register tile (8 x 8 for b = 8, 4 x 16 otherwise), one and several token chunks
+    (2048 / b tokens: the sums go through g between them), partial chunks, blocks in any order
+    and repeated."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(130 + b + tokens)
+    M, N = 3 * b, 5 * b
+    rows, cols = block_pattern(g, 3, 5, density=0.5)
+    rows, cols = torch.cat([rows, rows[:2]]), torch.cat([cols, cols[:2]])
+    dy, x = torch.randn(tokens, M, generator=g), torch.randn(tokens, N, generator=g)
+    got = cpu.sddmm_blocks(dy, x, rows, cols, b)
+    ref, lowp = block_reference(dy, x, rows, cols, b)
+    assert got.dtype == torch.float32
+    assert_close_to_reference(got, ref, lowp, f"b={b}, T={tokens}, {threads} threads")
+
+
+@needs_library
+@pytest.mark.parametrize("layout", ["contiguous", "transposed views", "row slices"])
+@pytest.mark.parametrize("dtypes", ["bf16", "mixed"])
+def test_sddmm_blocks_of_bf16_and_strided_operands(layout, dtypes):
+    """bf16 dy and x (and one bf16, one fp32) widened exactly into the fp32 block columns, read
+    at any strides: fp64 of the same numbers within the fp32 tolerance."""
+    g = torch.Generator().manual_seed(140)
+    b, T, M, N = 16, 45, 48, 80
+    rows, cols = block_pattern(g, 3, 5, density=0.6)
+    if layout == "transposed views":
+        dy, x = torch.randn(M, T, generator=g).t(), torch.randn(N, T, generator=g).t()
+    elif layout == "row slices":
+        dy, x = torch.randn(T, M + 7, generator=g)[:, 3:3 + M], torch.randn(T, N + 9, generator=g)[:, 1:1 + N]
+    else:
+        dy, x = torch.randn(T, M, generator=g), torch.randn(T, N, generator=g)
+    dy = dy.to(torch.bfloat16)
+    x = x.to(torch.bfloat16) if dtypes == "bf16" else x
+    got = cpu.sddmm_blocks(dy, x, rows, cols, b)
+    ref, lowp = block_reference(dy, x, rows, cols, b)
+    assert_close_to_reference(got, ref, lowp, f"{layout}, {dtypes}")
+
+
+@needs_library
+def test_sddmm_blocks_declines_what_it_does_not_take():
+    g = torch.Generator().manual_seed(141)
+    rows, cols = block_pattern(g, 2, 2, density=0.9)
+    dy, x = torch.randn(9, 24, generator=g), torch.randn(9, 24, generator=g)
+    assert cpu.sddmm_blocks(dy, x, rows, cols, 12) is None  # b not a multiple of 8
+    assert cpu.sddmm_blocks(dy[:, :16], x, rows, cols, 16) is None  # b must divide M and N
+    assert cpu.sddmm_blocks(dy.double(), x.double(), rows, cols, 8) is None
+    assert cpu.sddmm_blocks(dy, x[:8], rows, cols, 8) is None
+    assert cpu.sddmm_blocks(dy, x, rows.long(), cols, 8) is None
+    assert cpu.sddmm_blocks(dy, x, rows[:0], cols[:0], 8).shape == (0, 8, 8)
+    assert (cpu.sddmm_blocks(dy[:0], x[:0], rows, cols, 8) == 0).all()
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """Counts the calls into kernels.cpu.bsr_matmul (as ('fwd' / 'dx', tokens)) and sddmm_blocks
+    (as ('dW', tokens)) that the library computed."""
+    calls = []
+    real_mm, real_dw = cpu.bsr_matmul, cpu.sddmm_blocks
+
+    def spy_mm(crow, bcols, blocks, n_rows, n_cols, x, *args, **kw):
+        y = real_mm(crow, bcols, blocks, n_rows, n_cols, x, *args, **kw)
+        if y is not None:
+            calls.append(("dx" if kw.get("transpose", args[2] if len(args) > 2 else False) else "fwd", x.shape[0]))
+        return y
+
+    def spy_dw(dy, x, rows, cols, b):
+        g = real_dw(dy, x, rows, cols, b)
+        if g is not None:
+            calls.append(("dW", dy.shape[0]))
+        return g
+    monkeypatch.setattr(cpu, "bsr_matmul", spy_mm)
+    monkeypatch.setattr(cpu, "sddmm_blocks", spy_dw)
+    return calls
+
+
+DIAG = {
+    "b=8": lambda g: kernels.DiagLinear(64, 48, density=0.4, block_size=8, generator=g),
+    "b=16 wide": lambda g: kernels.DiagLinear(192, 64, density=0.3, block_size=16, generator=g),
+    "b=16 tall": lambda g: kernels.DiagLinear(64, 192, density=0.3, block_size=16, generator=g),
+    "b=64": lambda g: kernels.DiagLinear(128, 192, density=0.5, block_size=64, generator=g),
+}
+
+
+@needs_library
+@pytest.mark.parametrize("precision", ["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("name", list(DIAG))
+def test_a_diag_layer_trains_through_the_block_products(name, tokens, precision, block_calls):
+    """DiagLinear's training step on CPU: forward, input gradient and weight gradient each one
+    block product, against fp64 of the numbers the layer multiplies (under autocast x, the
+    weight and dy rounded to bf16, the results compared within 2x torch's bf16 error)."""
+    g = torch.Generator().manual_seed(150 + tokens)
+    layer = DIAG[name](g)
+    layer.bias = None
+    x = torch.randn(tokens, layer.in_features, generator=g, requires_grad=True)
+    low = torch.bfloat16 if precision != "fp32" else torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+        y = layer(x)
+    assert y.dtype == low
+    dy = torch.randn(y.shape, generator=g).to(low)
+    y.backward(dy)
+    assert sorted(block_calls) == sorted([("fwd", tokens), ("dx", tokens), ("dW", tokens)]), f"{name}: {block_calls}"
+    w = layer.to_dense().detach().to(low)
+    xl = x.detach().to(low)
+    rows, cols = layer.coords()
+    r, c = rows.long(), cols.long()
+    checks = {
+        "y": (y, xl.double() @ w.double().t(), xl @ w.t()),
+        "dx": (x.grad.to(low), dy.double() @ w.double(), dy @ w),
+        "dW": (layer.values.grad.to(low), (dy.double().t() @ xl.double())[r, c].reshape(layer.values.shape),
+               (dy.t() @ xl)[r, c].reshape(layer.values.shape)),
+    }
+    for what, (got, ref, lowp) in checks.items():
+        assert_matches(got, ref, lowp, f"{name}, T={tokens}, {precision}: {what}")
+
+
+@needs_library
+def test_diag_b12_keeps_the_element_products(block_calls):
+    """b = 12 (not a multiple of 8): no block product; the step still matches fp64."""
+    g = torch.Generator().manual_seed(160)
+    layer = kernels.DiagLinear(48, 36, density=0.5, block_size=12, generator=g)
+    x = torch.randn(20, 48, generator=g, requires_grad=True)
+    layer(x).sum().backward()
+    assert not block_calls
+    w = layer.to_dense().detach().double()
+    assert_matches(x.grad, torch.ones(20, 36, dtype=torch.float64) @ w, None, "dx")

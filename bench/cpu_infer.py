@@ -27,11 +27,15 @@ Variants:
     CSR prebuilt             a torch.sparse CSR tensor built once, addmv at batch 1 (its
                              fastest form; torch.sparse.mm otherwise): the CSR baseline
     fan-in (condensed)       kernels.FanInLinear
-    diagonal b=1, b=16       kernels.DiagLinear
+    diagonal b=1, 16, 64     kernels.DiagLinear (several tokens, 8 | b: the block product bsr_matmul)
     SparseLinear             kernels.SparseLinear (unstructured)
-    ... (torch path)         the four above on torch's MKL path instead of the native library
+    ... (torch path)         fan-in, b=1, b=16, SparseLinear on torch's MKL path instead of the
+                             native library
     ... (product alone)      fan-in and b=16: the native product alone on the layer's weight
                              copy (no layer forward around it): the gap is per-call Python
+    diagonal b=16 (elements' CSR, product alone)  --batch > 1: the b=16 layer's elements as a
+                             CSR (kernels.cpu's element product, the layer's path before the
+                             block products), the product alone
     gather (inline)          the library's condensed formulation written inline,
                              (x[:, idx] * v).sum(-1), int64 indices made once: the gap to
                              "fan-in" is op and wrapper overhead
@@ -158,10 +162,16 @@ class _NativeCall(nn.Module):
     kernels.cpu.matmul. The gap to the layer's row is the per-call Python of the layer (its
     forward and SparseLayer.cpu_inference: the checks and the watch of its tensors)."""
 
-    def __init__(self, layer: nn.Module, tokens: int):
+    def __init__(self, layer: nn.Module, tokens: int, elements: bool = False):
         super().__init__()
+        b = getattr(layer, "block_size", 1)
+        # as the layer's own path (one token: BSR; several: BSR for 8 | b, else the elements'
+        # CSR), or with ``elements`` the elements' CSR for several tokens (the product before
+        # the block products)
+        several = tokens > 1 and not elements and b > 1 and kernels.cpu.block_products(b)
         with torch.no_grad():
-            self.w = layer._inference_weight(layer.inference_values(), blocked=tokens == 1, native=True)
+            self.w = layer._inference_weight(layer.inference_values(), blocked=tokens == 1 or several, native=True,
+                                             several=several)
         self.bias = None if layer.bias is None else layer.bias.detach()
         self.plan = (kernels.cpu.matvec_plan(self.w, self.bias, torch.Size([1, layer.in_features]),
                                              (1, layer.out_features)) if tokens == 1 else None)
@@ -269,7 +279,7 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
     out = {DENSE: (dense, dense, f"{n_out}x{n_in} dense"),
            CSR: (_PrebuiltCSR(csr), csr_dense, f"nnz={csr.nnz()}"),
            "fan-in (condensed)": (fan, fan_dense, f"k={fan.k}")}
-    for b in (1, 16):
+    for b in (1, 16, 64):
         if n_in % b == 0 and n_out % b == 0:
             d = kernels.DiagLinear(n_in, n_out, density=density, block_size=b, generator=g)
             out[f"diagonal b={b}"] = (d, d.to_linear(), f"K={d.num_diagonals}")
@@ -283,6 +293,10 @@ def build(n_in: int, n_out: int, sparsity: float, seed: int, compile_gather: boo
             if name in out:
                 layer, ref, params = out[name]
                 out[f"{name} (product alone)"] = (_NativeCall(layer, tokens), ref, params)
+        if tokens > 1 and "diagonal b=16" in out:
+            layer, ref, params = out["diagonal b=16"]
+            out["diagonal b=16 (elements' CSR, product alone)"] = (_NativeCall(layer, tokens, elements=True), ref,
+                                                                    params)
     out["gather (inline)"] = (_InlineGather(fan, flat=False), fan_dense, f"k={fan.k}")
     out["index_select (inline)"] = (_InlineGather(fan, flat=True), fan_dense, f"k={fan.k}")
     out["embedding_bag (inline)"] = (_EmbeddingBag(fan), fan_dense, f"k={fan.k}")

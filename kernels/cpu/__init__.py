@@ -14,7 +14,10 @@ and not from a vendor's sparse routine; torch's MKL path stays the fallback. For
 ``csr_matmul`` (W @ dense_t for a CSR W: forward and input gradient) and ``sddmm`` (the weight
 gradient at the stored elements) take the same arguments as the torch functions they stand in
 for (kernels.sparse.csr_matmul, kernels.sddmm's element dots) and return None where they do
-not apply.
+not apply; for b x b blocks with 8 | b (DiagLinear b = 8 / 16 / 32 / 64, and several-token
+inference of such blocks) ``bsr_matmul`` (forward, and the input gradient reading the same
+blocks transposed) and ``sddmm_blocks`` (the weight gradient at the stored blocks) do the same
+with register tiles that reuse each loaded row for several outputs.
 
 Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Variants
 from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a build never
@@ -47,6 +50,8 @@ Example:
     >>> p = kernels.cpu.matvec_plan(w, layer.bias, x1.shape, (1, 768))   # one token, resolved once
     >>> y1 = kernels.cpu.matvec(p, x1)                                   # x1 [1, 3072] fp32
     >>> g = kernels.cpu.sddmm(dy, x, rows, cols)                         # dW at the stored weights
+    >>> y = kernels.cpu.bsr_matmul(crow, bcols, blocks, 48, 192, x)      # 16 x 16 blocks, 3072 -> 768
+    >>> gb = kernels.cpu.sddmm_blocks(dy, x, brow, bcol, 16)             # dW at the stored blocks
 """
 from __future__ import annotations
 
@@ -390,7 +395,7 @@ def available() -> bool:
 @dataclass
 class NativeWeight:
     """A layer's weight in the library's layout. ``kind`` 'csr' (elements, any tokens), 'bsr'
-    (b x b blocks transposed, one token) or 'bsr16' (bf16 16 x 16 blocks in the VNNI layout of
+    (b x b blocks transposed: one token, and several for 8 | b through bsr_matmul) or 'bsr16' (bf16 16 x 16 blocks in the VNNI layout of
     the AMX and AVX-512-BF16 kernels, [n][k / 2][i][k % 2] = W[i, k] of block n: any tokens with
     "amx", one with "avx512_bf16"); ``index``: 16 or 32 (bits of a column index);
     ``values`` fp32 or bf16 (the products then widen each weight to fp32 where it is used)."""
@@ -624,7 +629,7 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x W^T + bias: x [T, in] fp32 or bf16 (CPU, any strides), bias [out] or None (added in
     fp32) -> y [T, out] in ``out_dtype`` (default x's), fp32 sums whatever the dtypes of x and
-    w. Needs ``lib()``; a BSR weight takes one token only."""
+    w. Needs ``lib()``; a BSR weight takes several tokens for 8 | b only (bsr_matmul)."""
     so = _state.get("lib") or lib()
     if so is None:
         raise RuntimeError(f"the native CPU library is unavailable: {error()}")

@@ -274,3 +274,23 @@ def test_diag_b12_keeps_the_element_products(block_calls):
     assert not block_calls
     w = layer.to_dense().detach().double()
     assert_matches(x.grad, torch.ones(20, 36, dtype=torch.float64) @ w, None, "dx")
+
+
+@needs_library
+def test_a_bsr_weight_takes_several_tokens_for_8_dividing_b_only():
+    """kernels.cpu.matmul on a 'bsr' NativeWeight: several tokens through bsr_matmul for b = 16
+    (its blocks stored transposed), a clear error naming b for b = 12 (one token only)."""
+    g = torch.Generator().manual_seed(170)
+    for b in (16, 12):
+        rows, cols = block_pattern(g, 3, 4, density=0.6)
+        blocks = torch.randn(rows.numel(), b, b, generator=g)
+        order, crow, bcols = csr_structure(rows, cols, 3, 4)
+        sorted_blocks = blocks if order is None else blocks[order]
+        w = cpu.bsr_weight(crow, bcols, sorted_blocks, 3 * b, 4 * b, several=True)
+        x = torch.randn(6, 4 * b, generator=g)
+        if b == 12:
+            with pytest.raises(ValueError, match="b = 12 takes one token"):
+                cpu.matmul(w, x, None)
+            continue
+        dense = dense_of(rows, cols, blocks, 3, 4, b)
+        assert_close_to_reference(cpu.matmul(w, x, None), x.double() @ dense.t(), x @ dense.float().t(), "b=16")

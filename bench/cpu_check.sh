@@ -47,7 +47,8 @@ phase "1 this CPU" 60 10 bash -c "lscpu | grep -E '^(Model name|Vendor ID|CPU\(s
     $PY -c 'import alwayssparse.kernels.cpu as c; c.lib(); print(\"variant\", c.loaded_variant(), \"features\", sorted(c.features()), \"error\", c.error())'"
 
 phase "2 native-product tests" 400 60 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels/test_cpu_native.py \
-    tests/kernels/test_cpu_emu.py tests/kernels/test_cpu_inference.py tests/kernels/test_autocast.py
+    tests/kernels/test_cpu_blocks.py tests/kernels/test_cpu_emu.py tests/kernels/test_cpu_inference.py \
+    tests/kernels/test_autocast.py
 
 for B in 1 32 256; do
     phase "3 cpu_infer bf16, batch $B" 240 60 "$PY" bench/cpu_infer.py --threads 1 --clock cpu --precision bf16 \

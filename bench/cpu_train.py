@@ -19,7 +19,8 @@ tolerance, bf16 within 2x torch's dense bf16 error + 1e-2):
     dW    SDDMM fan-in / b=16   kernels.cpu.sddmm at the layers' stored elements, fp32 and bf16
                                 dy and x: sddmm_tiles_dpbf16 where kernels.cpu.features() has
                                 "sddmm_dpbf16" (AVX-512-BF16), else bf16 widened into fp32 tiles
-    dW    blocks b=16 / b=64    kernels.cpu.sddmm_blocks at the diagonals' block coordinates
+    dW    blocks b=16 / b=64    kernels.cpu.sddmm_blocks at the diagonals' block coordinates (bf16:
+                                AMX tiles where features() has "amx", else fp32 register tiles)
 Timing as bench/cpu_infer.py: the variants take turns round after round, each round ~--round-ms
 of back-to-back calls, the figure the median over rounds. x dense fp32 / x dense bf16: the dense
 variant of the same kind (step or dW) / this one, measured in the same run.
@@ -55,10 +56,17 @@ def _sddmm_kernel(dtype: torch.dtype) -> str:
     return "sddmm_tiles (fp32 tiles)" + (", bf16 widened" if dtype == torch.bfloat16 else "")
 
 
+def _blocks_dw_kernel(b: int, dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16 and b % 16 == 0 and "amx" in kernels.cpu.features():
+        return "sddmm_blocks_amx (AMX tiles)"
+    return "sddmm_blocks (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
+
+
 def _step_kernel(layer: nn.Module, dtype: torch.dtype, elements: bool) -> str:
     b = getattr(layer, "block_size", 1)
     if isinstance(layer, kernels.DiagLinear) and not elements and kernels.cpu.block_products(b):
-        return "layer step: bsr_matmul + sddmm_blocks (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
+        return ("layer step: bsr_matmul (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
+                + "; dW " + _blocks_dw_kernel(b, dtype))
     return "layer step; dW " + _sddmm_kernel(dtype)
 
 
@@ -167,8 +175,7 @@ def build(args):
                 raise AssertionError(f"blocks b={bs} {tag}: {why}")
             out[f"dW blocks diag b={bs} {tag}"] = ("dW", (lambda a=a, b=b, brow=brow, bcol=bcol, bs=bs:
                                                           kernels.cpu.sddmm_blocks(a, b, brow, bcol, bs)),
-                                                   "sddmm_blocks (fp32 register tiles)" + (", bf16 widened" if bf16 else ""),
-                                                   err)
+                                                   _blocks_dw_kernel(bs, a.dtype), err)
     return out
 
 

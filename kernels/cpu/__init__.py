@@ -22,7 +22,8 @@ with register tiles that reuse each loaded row for several outputs.
 Build: ``python -m kernels.cpu`` (run by .ci/setup), else lazily at the first call. Variants
 from one source, chosen from the CPU's flags in /proc/cpuinfo at run time (so a build never
 runs instructions the machine lacks): ``amx`` (amx_tile + amx_bf16 + AVX-512-BF16: bf16 block
-products of 16 x 16 tiles for several tokens, bsr16_mm_amx; and all of avx512-bf16's),
+products of 16 x 16 tiles for several tokens, bsr16_mm_amx, and the weight gradient of bf16 dy
+and x at 16 | b blocks, sddmm_blocks_amx; and all of avx512-bf16's),
 ``avx512-bf16`` (one-token bf16 block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16; bf16 CSR
 products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16; the weight gradient of bf16
 dy and x on token pairs, sddmm_tiles_dpbf16), ``avx2`` (``-mavx2
@@ -260,6 +261,10 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     if built & 1:
         so.bsr16_mm_amx.argtypes = [i64, i64, i64, p, p, p, p, i64, p, p, i64, ctypes.c_int]
         so.bsr16_mm_amx.restype = ctypes.c_int
+        so.sddmm_blocks_amx.argtypes = [i64] * 6 + [p] * 5
+        so.sddmm_blocks_amx.restype = ctypes.c_int
+        so.pack_token_pairs.argtypes = [i64, i64, p, i64, i64, i64, p]
+        so.pack_token_pairs.restype = None
         so.sparse_cpu_amx_init.restype = ctypes.c_int
     if built & 2:
         so.bsr16_mv_dpbf16.argtypes = [i64, i64, p, p, p, p, p, p]
@@ -878,8 +883,9 @@ def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
                  b: int) -> torch.Tensor | None:
     """g[n] = dy[:, rows[n] b : +b]^T x[:, cols[n] b : +b] ([n, b, b] fp32, fp32 sums) for block
     coordinates rows / cols int32 [n] (in range, unchecked here), dy [T, M] and x [T, N] fp32 or
-    bf16 (bf16 widened first), b a multiple of 8 dividing M and N. None where the library does
-    not apply."""
+    bf16, b a multiple of 8 dividing M and N: by the fp32 register tiles of sddmm_blocks (bf16
+    widened in its pack), or - both bf16, 16 | b, features() has "amx" - by AMX tiles
+    (sddmm_blocks_amx). None where the library does not apply."""
     if (b % 8 or b == 0 or dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
             or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
             or dy.shape[1] % b or x.shape[1] % b or rows.shape != cols.shape
@@ -890,12 +896,33 @@ def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     g = torch.empty(n, b, b, dtype=torch.float32)
     if n == 0:
         return g
+    rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
+    if dy.dtype is x.dtype is torch.bfloat16 and b % 16 == 0 and T > 0 and "amx" in features():
+        return _sddmm_blocks_amx(so, dy, x, rows, cols, b, g)
     # both packed into fp32 block columns [n / b, T, b] (pack_blocks: bf16 widened), which every
     # block then reads as two contiguous streams
     dyp, xp = _pack_blocks(so, dy, b), _pack_blocks(so, x, b)
-    rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyp.data_ptr(), T * b, b, xp.data_ptr(), T * b, b, g.data_ptr())
     _split(n, n * b * b * T, lambda n0, n1: so.sddmm_blocks(n0, n1, b, T, *ptrs))
+    return g
+
+
+def _sddmm_blocks_amx(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int,
+                      g: torch.Tensor) -> torch.Tensor:
+    """bf16 dy and x, 16 | b, by AMX tiles (sddmm_blocks_amx): dy packed into bf16 token tiles of
+    32 (pack_tokens_bf16_tiles: the A operand), x into token pairs (pack_token_pairs: B)."""
+    T, M, N = dy.shape[0], dy.shape[1], x.shape[1]
+    chunks = -(-T // 32)
+    dyt = torch.empty(chunks, M, 32, dtype=torch.bfloat16)
+    so.pack_tokens_bf16_tiles(T, M, dy.data_ptr(), dy.stride(0), dy.stride(1), 32, dyt.data_ptr())
+    xv = torch.empty(chunks * 16, N, 2, dtype=torch.bfloat16)
+    so.pack_token_pairs(T, N, x.data_ptr(), x.stride(0), x.stride(1), chunks * 16, xv.data_ptr())
+    ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xv.data_ptr(), g.data_ptr())
+
+    def run(n0, n1):
+        if so.sddmm_blocks_amx(n0, n1, b, chunks, M, N, *ptrs):
+            raise RuntimeError("sddmm_blocks_amx: the AMX tile state is not granted to this process")
+    _split(rows.numel(), rows.numel() * b * b * T, run)
     return g
 
 

@@ -1069,6 +1069,60 @@ int bsr16_mm_amx(int64_t rb0, int64_t rb1, int64_t T, const int32_t *restrict cr
     TILE_RELEASE();
     return 0;
 }
+
+/* AMX weight gradient at stored b x b blocks (16 | b) for bf16 dy and x: g[n][o][i] = sum_t
+   dy[t, rows[n] b + o] x[t, cols[n] b + i] (fp32, [n][o][i] as sddmm_blocks) for blocks [n0, n1),
+   each cut into (b / 16)^2 16 x 16 outputs, one C tile each: per 32 tokens one TDPBF16PS of A =
+   16 dy columns x 32 tokens (the bf16 token tiles of pack_tokens_bf16_tiles, dyt [n_chunks, M,
+   32]: a row of A is one column of dy over the chunk's 32 tokens, 64 B) and B = 16 token pairs x
+   16 x columns (pack_token_pairs, xv [16 n_chunks, N, 2]: x[2p, i], x[2p + 1, i] adjacent, the
+   VNNI layout; rows N x 4 B apart), tokens past T zero in both. One C tile of 256 sums, 8192
+   multiply-adds per TDPBF16PS. A model, not a measurement (Sapphire Rapids figures assumed:
+   TDPBF16PS ~16 cycles of throughput, tile loads ~64 B a cycle, ~2 GHz): DiagLinear b = 16 3072 ->
+   768 at 90%, 256 tokens, one core: 960 C tiles x 8 chunks = 7680 TDPBF16PS (~61 us) and 15 MB
+   of tile loads (~120 us), so ~0.1-0.2 ms and the two packs (~1M bf16 elements), against ~1.8
+   ms of the fp32 register tiles (sddmm_blocks) on the EPYC. Returns -1 without the tile
+   permission, -2 for a b not a multiple of 16. */
+int sddmm_blocks_amx(int64_t n0, int64_t n1, int64_t b, int64_t n_chunks, int64_t M, int64_t N,
+                     const int32_t *restrict rows, const int32_t *restrict cols, const bf16 *restrict dyt,
+                     const bf16 *restrict xv, float *restrict g) {
+    if (!amx_ready) return -1;
+    if (b % 16) return -2;
+    struct tile_config c;
+    __builtin_memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 3; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }  /* C fp32, A and B bf16 pairs */
+    TILE_LOADCONFIG(&c);
+    const int64_t q = b / 16;
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t p = 0; p < q; ++p)
+            for (int64_t s = 0; s < q; ++s) {
+                const int64_t o0 = (int64_t)rows[n] * b + 16 * p, i0 = (int64_t)cols[n] * b + 16 * s;
+                TILE_ZERO(0);
+                for (int64_t ch = 0; ch < n_chunks; ++ch) {
+                    TILE_LOADD(1, dyt + (ch * M + o0) * 32, 64);
+                    TILE_LOADD(2, xv + (ch * 16 * N + i0) * 2, N * 4);
+                    TILE_DPBF16PS(0, 1, 2);
+                }
+                TILE_STORED(0, g + n * b * b + 16 * p * b + 16 * s, b * 4);
+            }
+    TILE_RELEASE();
+    return 0;
+}
+
+/* x [T, n] bf16 (element strides st, sc) -> xv [n_pairs, n, 2]: xv[p][i] = (x[2p, i], x[2p + 1,
+   i]), tokens past T zero (the B operand of sddmm_blocks_amx). */
+void pack_token_pairs(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t n_pairs,
+                      bf16 *restrict xv) {
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        bf16 *d = xv + p * n * 2;
+        const bf16 *r0 = 2 * p < T ? x + 2 * p * st : 0, *r1 = 2 * p + 1 < T ? x + (2 * p + 1) * st : 0;
+        for (int64_t i = 0; i < n; ++i) {
+            d[2 * i] = r0 ? r0[i * sc] : 0;
+            d[2 * i + 1] = r1 ? r1[i * sc] : 0;
+        }
+    }
+}
 #endif
 
 /* AVX-512-BF16 (the avx512_bf16 build, -mavx512f -mavx512bf16; Cooper Lake, Sapphire Rapids
@@ -1325,7 +1379,8 @@ int sddmm_tiles_dpbf16(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int6
 }
 #endif
 
-/* Which of the optional kernels this build has: bit 0 AMX (bsr16_mm_amx), bit 1 AVX-512-BF16
+/* Which of the optional kernels this build has: bit 0 AMX (bsr16_mm_amx, sddmm_blocks_amx,
+   pack_token_pairs), bit 1 AVX-512-BF16
    (bsr16_mv_dpbf16), bit 2 AVX-512-BF16 (csr_mm_*_dpbf16, pack_tokens_dpbf16), bit 3
    AVX-512-BF16 (sddmm_tiles_dpbf16, pack_tokens_bf16_tiles). */
 int sparse_cpu_features(void) {

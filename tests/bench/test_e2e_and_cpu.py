@@ -44,12 +44,12 @@ def _assert_within_2x_torch(native, torch32, ref, what):
 def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
     calls = []  # the native products that answered (not those that returned None)
 
-    def spy(*args, real, fn):
-        out = real(*args)
+    def spy(*args, real, fn, **kw):
+        out = real(*args, **kw)
         if out is not None:
             calls.append(fn)
         return out
-    for fn in ("csr_matmul", "sddmm"):
+    for fn in ("csr_matmul", "sddmm", "bsr_matmul", "sddmm_blocks"):
         monkeypatch.setattr(kernels.cpu, fn, functools.partial(spy, real=getattr(kernels.cpu, fn), fn=fn))
     g = torch.Generator().manual_seed(30)
     layer = LAYERS[name](g, True)
@@ -61,7 +61,10 @@ def test_native_training_step_gives_torchs_gradients(name, tokens, monkeypatch):
             torch32 = _grads(layer, x, dy)
         calls.clear()
         native = _grads(layer, x, dy)
-        if tokens > 4 or not isinstance(layer, kernels.DiagLinear):  # (DiagLinear gathers at T <= 4)
+        if isinstance(layer, kernels.DiagLinear) and layer.block_size % 8 == 0:  # (block products, any T)
+            assert sorted(calls) == ["bsr_matmul", "bsr_matmul", "sddmm_blocks"], \
+                f"{name}: forward, input and weight gradient not all block products ({calls})"
+        elif tokens > 4 or not isinstance(layer, kernels.DiagLinear):  # (DiagLinear gathers at T <= 4)
             assert sorted(calls) == ["csr_matmul", "csr_matmul", "sddmm"], \
                 f"{name}: forward, input and weight gradient not all native ({calls})"
         ref = _grads(layer_ref, x.double(), dy.double())
@@ -193,12 +196,12 @@ def test_a_training_step_under_bf16_autocast_runs_the_native_bf16_products(name,
     kernels.cpu on bf16 operands (tests/kernels/test_autocast.py checks the numbers)."""
     calls = []
 
-    def spy(*args, real, fn):
-        out = real(*args)
-        if out is not None:
-            calls.append((fn, args[2].dtype if fn == "csr_matmul" else args[0].dtype))
+    def spy(*args, real, fn, **kw):
+        out = real(*args, **kw)
+        if out is not None:  # (the dtype of the operand the product reads: values, x or dy)
+            calls.append((fn, args[{"csr_matmul": 2, "bsr_matmul": 5}.get(fn, 0)].dtype))
         return out
-    for fn in ("csr_matmul", "sddmm"):
+    for fn in ("csr_matmul", "sddmm", "bsr_matmul", "sddmm_blocks"):
         monkeypatch.setattr(kernels.cpu, fn, functools.partial(spy, real=getattr(kernels.cpu, fn), fn=fn))
     g = torch.Generator().manual_seed(41)
     layer = LAYERS[name](g, True)
@@ -208,7 +211,10 @@ def test_a_training_step_under_bf16_autocast_runs_the_native_bf16_products(name,
     y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
     assert y.dtype == torch.bfloat16 and layer.values.grad.dtype == torch.float32
     bf = torch.bfloat16
-    assert sorted(calls) == [("csr_matmul", bf), ("csr_matmul", bf), ("sddmm", bf)], calls
+    if isinstance(layer, kernels.DiagLinear) and layer.block_size % 8 == 0:
+        assert sorted(calls) == [("bsr_matmul", bf), ("bsr_matmul", bf), ("sddmm_blocks", bf)], calls
+    else:
+        assert sorted(calls) == [("csr_matmul", bf), ("csr_matmul", bf), ("sddmm", bf)], calls
 
 
 def test_e2e_under_bf16_autocast_times_every_format(tmp_path):
@@ -235,7 +241,8 @@ def test_cpu_training_products_quick_checks_weight_gradients_and_writes_both_anc
     want = ("sddmm_tiles_dpbf16" if "sddmm_dpbf16" in kernels.cpu.features() else "sddmm_tiles")
     assert rows["dW SDDMM fan-in bf16"]["kernel"].startswith(want if kernels.cpu.lib() is not None else "torch")
     if kernels.cpu.lib() is not None:
-        assert rows["step diag b=64 fp32"]["kernel"].startswith("layer step: bsr_matmul + sddmm_blocks")
+        assert rows["step diag b=64 fp32"]["kernel"].startswith("layer step: bsr_matmul (fp32 register tiles); "
+                                                                 "dW sddmm_blocks")
         assert rows["step diag b=16, elements fp32"]["kernel"].startswith("layer step; dW sddmm_tiles")
         assert rows["dW blocks diag b=16 bf16"]["kernel"].startswith("sddmm_blocks")
     for r in rows.values():

@@ -11,7 +11,7 @@ from kernels import cpu
 from kernels.coords import csr_structure
 
 from .conftest import assert_matches
-from .test_cpu_native import assert_close_to_reference, needs_library, two_threads  # noqa: F401
+from .test_cpu_native import amx_build, emu_library, assert_close_to_reference, needs_library, two_threads  # noqa: F401
 
 
 def block_pattern(g, n_rows, n_cols, density=0.4):
@@ -294,3 +294,74 @@ def test_a_bsr_weight_takes_several_tokens_for_8_dividing_b_only():
             continue
         dense = dense_of(rows, cols, blocks, 3, 4, b)
         assert_close_to_reference(cpu.matmul(w, x, None), x.double() @ dense.t(), x @ dense.float().t(), "b=16")
+
+
+# The AMX block SDDMM (sddmm_blocks_amx): on this CPU where it has AMX (skipping with the reason
+# elsewhere) and on the emu build (the same kernel source on emulated tile instructions).
+
+@pytest.fixture
+def amx_dw_calls(monkeypatch):
+    """Counts the weight gradients that take sddmm_blocks_amx, as tokens."""
+    calls = []
+    real = cpu._sddmm_blocks_amx
+
+    def spy(so, dy, *args):
+        calls.append(dy.shape[0])
+        return real(so, dy, *args)
+    monkeypatch.setattr(cpu, "_sddmm_blocks_amx", spy)
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 31, 32, 33, 100])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_amx_block_sddmm_matches_the_fp64_reference(b, tokens, threads, amx_build, amx_dw_calls, request):
+    """bf16 dy and x, 16 | b: the (b / 16)^2 C tiles of each block over one chunk of 32 tokens,
+    several, and partial ones (tokens past T zero in both packs), blocks in any order and
+    repeated, against fp64 of the bf16 numbers at the fp32 tolerance (its sums are fp32)."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(180 + b + tokens)
+    rows, cols = block_pattern(g, 3, 5, density=0.5)
+    rows, cols = torch.cat([rows, rows[:2]]), torch.cat([cols, cols[:2]])
+    dy = torch.randn(tokens, 3 * b, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, 5 * b, generator=g).to(torch.bfloat16)
+    got = cpu.sddmm_blocks(dy, x, rows, cols, b)
+    ref, lowp = block_reference(dy, x, rows, cols, b)
+    assert_close_to_reference(got, ref, lowp, f"b={b}, T={tokens}, {threads} threads, AMX ({amx_build})")
+    assert amx_dw_calls == [tokens]
+
+
+def test_amx_block_sddmm_reads_strided_operands_and_leaves_fp32_and_b8_alone(amx_build, amx_dw_calls):
+    """Transposed views of dy and x take it (packed element by element); fp32 or mixed operands
+    and b = 8 take the fp32 register tiles."""
+    g = torch.Generator().manual_seed(190)
+    rows, cols = block_pattern(g, 3, 5, density=0.6)
+    dy = torch.randn(48, 45, generator=g).to(torch.bfloat16).t()
+    x = torch.randn(80, 45, generator=g).to(torch.bfloat16).t()
+    got = cpu.sddmm_blocks(dy, x, rows, cols, 16)
+    ref, lowp = block_reference(dy, x, rows, cols, 16)
+    assert_close_to_reference(got, ref, lowp, f"transposed views, AMX ({amx_build})")
+    assert amx_dw_calls == [45]
+    for a, c, b in ((dy.float(), x, 16), (dy, x.float(), 16), (dy[:, :40], x[:, :40], 8)):
+        cpu.sddmm_blocks(a, c, rows, cols, b)
+    assert amx_dw_calls == [45]
+
+
+def test_a_diag_layer_under_autocast_takes_the_amx_block_sddmm(amx_build, amx_dw_calls):
+    """DiagLinear b = 16 under bf16 autocast: its weight gradient by AMX tiles, against fp64 of the
+    bf16 numbers (rounded to bf16 as the layer's gradient is)."""
+    g = torch.Generator().manual_seed(191)
+    layer = DIAG["b=16 wide"](g)
+    x = torch.randn(40, layer.in_features, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(dy)
+    assert amx_dw_calls == [40]
+    xb = x.to(torch.bfloat16)
+    rows, cols = layer.coords()
+    r, c = rows.long(), cols.long()
+    ref = (dy.double().t() @ xb.double())[r, c].reshape(layer.values.shape)
+    lowp = (dy.t() @ xb)[r, c].reshape(layer.values.shape)
+    assert_matches(layer.values.grad.to(torch.bfloat16), ref, lowp, f"dW, AMX ({amx_build})")

@@ -726,12 +726,14 @@ def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
                                                            "pack_tokens_dpbf16", "sddmm_tiles_dpbf16",
                                                            "pack_tokens_bf16_tiles")),
                                            ("amx", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "bsr16_mm_amx",
-                                                    "sparse_cpu_amx_init", "sddmm_tiles_dpbf16"))])
+                                                    "sparse_cpu_amx_init", "sddmm_tiles_dpbf16",
+                                                    "sddmm_blocks_amx", "pack_token_pairs"))])
 def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
     path = cpu.build(name)
     assert path.exists() and name in path.name
     so = ctypes.CDLL(str(path))  # (looked up, never called: this CPU may lack the instructions)
-    for symbol in symbols + ("csr_mv_i16_bf16", "csr_mm_i16_bf16", "bsr_mv_bf16", "sddmm_tiles"):
+    for symbol in symbols + ("csr_mv_i16_bf16", "csr_mm_i16_bf16", "bsr_mv_bf16", "sddmm_tiles", "bsr_mm",
+                             "sddmm_blocks", "pack_blocks_bf16"):
         assert hasattr(so, symbol), f"{name} build lacks {symbol}"
 
 

@@ -236,12 +236,10 @@ def _check(x2, values, indices, rows, out_features):
     rt.check_range("indices", indices, x2.shape[-1])
     if rows is not None:
         rt.check_range("rows", rows, out_features)
-    if rt.checks_enabled() and indices.numel() and indices.shape[1] > 1:
-        if bool((indices.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError("indices must hold k distinct columns in every row; found a repeated column")
-    if rt.checks_enabled() and rows is not None and rows.numel() > 1:
-        if bool((rows.sort().values.diff() == 0).any()):
-            raise ValueError("rows must be distinct output neurons; found a repeat")
+    if indices.dim() == 2 and rt.has_repeats(indices):
+        raise ValueError("indices must hold k distinct columns in every row; found a repeated column")
+    if rows is not None and rt.has_repeats(rows):
+        raise ValueError("rows must be distinct output neurons; found a repeat")
     return out_features
 
 

@@ -208,7 +208,7 @@ def _check_layer(name: str, values, offsets, in_features: int, out_features: int
                          f"{in_features} -> {out_features} layer with block_size={b} and {K} offsets, "
                          f"got {tuple(values.shape)}")
     rt.check_range(f"{name}_offsets", offsets, P)
-    if rt.checks_enabled() and K > 1 and bool((offsets.sort().values.diff() == 0).any()):
+    if rt.has_repeats(offsets):
         raise ValueError(f"{name}_offsets must be distinct diagonals; found a repeat")
     return R, C, D, P
 

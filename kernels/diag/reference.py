@@ -89,6 +89,6 @@ def check_args(x2, values, offsets, block_size, out_features, bias=None):
                          f"out={out_features}, block_size={b}, got {tuple(values.shape)}")
     rt.check_same_device(x=x2, values=values, offsets=offsets)
     rt.check_range("offsets", offsets, P)
-    if rt.checks_enabled() and K > 1 and bool((offsets.sort().values.diff() == 0).any()):
+    if rt.has_repeats(offsets):
         raise ValueError("offsets must be distinct diagonals; found a repeat")
     return R, C, D, P

@@ -287,7 +287,7 @@ def test_opcheck_passes_with_a_bias(backend):
     x, v = torch.randn(6, 32, generator=g).to(DEVICE), torch.randn(2, 4, 4, 4, generator=g).to(DEVICE)
     bias = torch.randn(16, generator=g).to(DEVICE)
     off = torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(_diag_op, (x, v.requires_grad_(), off, 4, 16, bias.requires_grad_()))
+    torch.library.opcheck(_diag_op.op, (x, v.requires_grad_(), off, 4, 16, bias.requires_grad_()))
 
 
 # (the fused MLP's backward: h and gelu(h) from one forward, dh = (dy W) * gelu'(h) from one

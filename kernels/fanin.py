@@ -475,23 +475,42 @@ def fanin_dx(dy, values, indices, rows=None, in_features: int | None = None) -> 
     return dx[0] if splits == 1 else dx.sum(0).to(dy.dtype)
 
 
+def _output_crow(indices, rows, out_features: int):
+    """Row pointers of the CSR over all ``out_features`` outputs, an ablated neuron's row empty
+    (so the product writes y whole, no scatter of the stored rows into it): for ``rows`` None
+    or ascending (as FanInLinear and SRigL keep them); None for rows in another order. Cached
+    per pattern; the values and indices are then the CSR's as they are stored."""
+    n_rows, K = indices.shape
+
+    def build():
+        if rows is None:
+            r = torch.arange(n_rows, device=indices.device)
+        else:
+            r = rows.long()
+            if n_rows > 1 and not bool((r[1:] > r[:-1]).all()):
+                return None
+        outputs = torch.arange(out_features + 1, device=indices.device)
+        return (torch.searchsorted(r, outputs) * K).to(index_dtype(n_rows * K))
+    tensors = (indices,) if rows is None else (indices, rows)
+    return rt.cached_pattern(tensors, ("fanin output crow", out_features), build)
+
+
 def fanin_fwd_torch(x2, values, indices, rows, out_features: int) -> torch.Tensor:
-    """CPU path: a CSR product (the fan-in rows are CSR rows of length k, so the row pointers
-    are an arange and nothing is sorted; the int32 indices are used as they are). One token is
+    """CPU path: a CSR product (the fan-in rows are CSR rows of length k, in the stored order:
+    nothing is sorted or gathered; the int32 indices are used as they are). One token is
     MKL's sparse matrix-vector product, the batch-1 inference case."""
     _check(x2, values, indices, rows, out_features)
     T, (n_rows, K) = x2.shape[0], values.shape
     if T == 0 or n_rows == 0 or K == 0:
         return x2.new_zeros(T, out_features)
+    crow = _output_crow(indices, rows, out_features)
+    if crow is not None:  # (Linear 3072 -> 768 at 90%, 32 tokens: the scatter was 0.13 of 0.65 ms)
+        y = csr_matmul(crow, indices.reshape(-1), values.reshape(-1), out_features, x2.shape[1], x2.t()).t()
+        return y.to(x2.dtype).contiguous()
     crow = torch.arange(0, n_rows * K + 1, K, device=x2.device, dtype=index_dtype(n_rows * K))
     part = csr_matmul(crow, indices.reshape(-1), values.reshape(-1), n_rows, x2.shape[1], x2.t()).t()
-    if rows is None and n_rows == out_features:
-        return part.to(x2.dtype).contiguous()
     y = x2.new_zeros(T, out_features, dtype=part.dtype)
-    if rows is None:
-        y[:, :n_rows] = part
-    else:
-        y[:, rows.long()] = part
+    y[:, rows.long()] = part
     return y.to(x2.dtype)
 
 
@@ -517,15 +536,18 @@ def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
     if T == 0 or n_rows == 0 or K == 0:
         return dy.new_zeros(T, in_features)
     order, crow, src_rows = _transposed_pattern(indices, rows, in_features, dy.shape[1])
-    vals = values.reshape(-1) if order is None else values.reshape(-1)[order]
+    # (index_select: 0.26 ms at 236k values, one thread; values[order] took 1.06)
+    vals = values.reshape(-1) if order is None else values.reshape(-1).index_select(0, order)
     return csr_matmul(crow, src_rows, vals, in_features, dy.shape[1], dy.t()).t().contiguous()
 
 
 def _fanin_dw(dy, x2, indices, rows):
     n_rows, K = indices.shape
-    out_of_row = (torch.arange(n_rows, device=indices.device, dtype=torch.int32) if rows is None
-                  else rows)
-    flat_rows = out_of_row.repeat_interleave(K)
+
+    def build():  # each stored weight's output neuron, once per pattern
+        out_of_row = torch.arange(n_rows, device=indices.device, dtype=torch.int32) if rows is None else rows
+        return out_of_row.repeat_interleave(K)
+    flat_rows = rt.cached_pattern((indices,) if rows is None else (indices, rows), "fanin flat rows", build)
     return sddmm(dy, x2, flat_rows, indices.reshape(-1)).reshape(n_rows, K)
 
 

@@ -68,7 +68,7 @@ def _diag_csr_product(a, values, offsets, R, C, b: int, transpose: bool):
         return csr_structure(*((cols, rows) if transpose else (rows, cols)), n_r, n_c)
 
     order, crow, csr_cols = rt.cached_pattern((offsets,), ("diag", R, C, b, transpose), build)
-    vals = values.reshape(-1) if order is None else values.reshape(-1)[order]
+    vals = values.reshape(-1) if order is None else values.reshape(-1).index_select(0, order)
     return csr_matmul(crow, csr_cols, vals, n_r, n_c, a.t()).t().contiguous()
 
 

@@ -329,3 +329,21 @@ def test_raw_launchers_need_no_row_list_for_a_full_pattern():
     torch.testing.assert_close(kernels.fanin_dx(dy, v, idx, in_features=24), dy @ fanin_to_dense(v, idx, 24))
     with pytest.raises(ValueError, match="in_features"):
         kernels.fanin_dx(dy, v, idx)
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled", "none, out wider"])
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_stored_rows_in_any_order_give_the_reference_on_every_path(backend, order, T):
+    """Ascending rows (FanInLinear's, SRigL's) take the CSR over every output with the ablated
+    rows empty; shuffled ones the product of the stored rows scattered into y; None with
+    out_features > n_rows the first rows."""
+    g = torch.Generator().manual_seed(T)
+    values, indices, rows = make_pattern(g, 50, 37, 6, 29)
+    rows = {"ascending": rows.sort().values, "shuffled": rows, "none, out wider": None}[order]
+    if rows is not None:
+        assert (order == "ascending") == bool((rows[1:] > rows[:-1]).all())
+        rows = rows.to(DEVICE)
+    x = torch.randn(T, 50, generator=g)
+    check_op(lambda x, v: kernels.fanin_matmul(x, v, indices.to(DEVICE), rows, 37),
+             lambda x, v: fanin_matmul_ref(x, v, indices.to(DEVICE), rows, 37),
+             [x.to(DEVICE), values.to(DEVICE)], torch.float32)

@@ -7,6 +7,7 @@ dense layer in fp32 and in bf16 side by side; by default Linear(3072 -> 768) at 
     python bench/cpu_train.py --threads 1 --clock cpu --tokens 32
     KERNELS_CPU_VARIANT=avx2 python bench/cpu_train.py --threads 1 --clock cpu   # the AVX2 anchor
     python bench/cpu_train.py --quick                               # tiny, for the tests
+    python bench/cpu_train.py --threads 1 --clock cpu --checks off  # as the runs before 2026-12-07's (checks off)
 
 Variants, each checked against fp64 before it is timed (bench.common.gate: fp32 at fp32
 tolerance, bf16 within 2x torch's dense bf16 error + 1e-2):
@@ -221,6 +222,9 @@ def main(argv=None, log=print) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_layer_args(p, tokens=("--tokens", 256), rounds=11, round_ms=100.0)
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/cpu_train)")
+    p.add_argument("--checks", choices=("on", "off"), default="on",
+                   help="the layers' argument and index checks: on (the default a user trains with; an index "
+                        "tensor's bounds are read once per pattern) or off (kernels.set_checks(False))")
     args = p.parse_args(argv)
     if not 0.0 < args.sparsity < 1.0:
         p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
@@ -234,7 +238,7 @@ def main(argv=None, log=print) -> int:
     head = cpu_header(args)
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     previous = kernels.runtime.checks_enabled()
-    kernels.set_checks(False)
+    kernels.set_checks(args.checks == "on")
     try:
         rows = [r for t in threads for r in run_one(args, t, run_id)]
     finally:
@@ -243,6 +247,7 @@ def main(argv=None, log=print) -> int:
     common.append_csv(out / "cpu_train.csv", rows, FIELDS)
     md = [f"# CPU training products: Linear({args.in_features} -> {args.out_features}) at {args.sparsity:.0%} "
           f"sparsity, {args.tokens} tokens", "", common.header_markdown(head), "",
+          f"Checks: {args.checks} (`--checks`).", "",
           "step = forward + backward (dx and the weight gradient) of one layer, bf16 under CPU autocast; "
           "dW = the weight gradient alone (dense: dy^T x; sparse: kernels.cpu.sddmm at the layer's stored "
           "elements, or kernels.cpu.sddmm_blocks at its b x b blocks). x dense fp32 / x dense bf16 = the dense variant of the same kind / this one, side by side "

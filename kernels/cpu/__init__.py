@@ -72,10 +72,11 @@ from pathlib import Path
 
 import torch
 
+from .. import runtime as rt
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 8
+ABI = 9
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -245,6 +246,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         getattr(so, f).argtypes = [i64, i64, i64, i64, i64, p, p, i64]
         getattr(so, f).restype = None
     so.sddmm_tiles.argtypes = [i64] * 6 + [p] * 5
+    so.sddmm_rows.argtypes = [i64] * 6 + [p] * 5
     so.sddmm_tiles.restype = ctypes.c_int
     so.bsr_mm.argtypes = [i64] * 7 + [p] * 4 + [i64, i64] + [p] * 3
     so.bsr_mm.restype = ctypes.c_int
@@ -787,9 +789,9 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32 or bf16, rows /
     cols [n] int32 in range (unchecked here) -> g [n] fp32 (fp32 sums). Both bf16 where
     features() has "sddmm_dpbf16": bf16 token tiles and AVX-512-BF16 dots (sddmm_tiles_dpbf16);
-    else widened into fp32 token tiles (sddmm_tiles; an fp32 operand is never rounded). Fastest
-    with the coordinates in row order (each dy row is then read once per row of weights). None
-    where the library does not apply (as csr_matmul)."""
+    else widened into fp32 token tiles (an fp32 operand is never rounded): sddmm_rows for
+    coordinates stored row by row (rows never decreasing: each dy row is read into registers
+    once per tile), else sddmm_tiles. None where the library does not apply (as csr_matmul)."""
     if (dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
             or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
             or rows.shape != cols.shape or not _native_operands(dy, x, rows, cols)):
@@ -799,6 +801,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     g = torch.empty(n, dtype=torch.float32)
     if n == 0 or T == 0:
         return g.zero_()
+    coords = (rows, cols)  # (the caller's tensors: what the pattern cache keys on)
     rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     if dy.dtype is x.dtype is torch.bfloat16 and "sddmm_dpbf16" in features():
         return _sddmm_dpbf16(so, dy, x, rows, cols, g)
@@ -807,9 +810,26 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     tw = _tile_width(T, x.shape[1], (16, 32))
     tiles = -(-T // tw)
     dyt, xt = _pack(so, dy, tw), _pack(so, x, tw)
+    M, N = dy.shape[1], x.shape[1]
+    crow = _row_pointers(coords[0], M)
+    if crow is not None:  # stored row by row: each dy row read into registers once (sddmm_rows)
+        ptrs = (crow.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
+        _split(M, n * T, lambda r0, r1: so.sddmm_rows(r0, r1, tiles, tw, M, N, *ptrs))
+        return g
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-    _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))
+    _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, M, N, *ptrs))
     return g
+
+
+def _row_pointers(rows: torch.Tensor, M: int) -> torch.Tensor | None:
+    """int32 [M + 1] row pointers of element coordinates whose rows never decrease (stored row
+    by row, as fan-in layers and sorted coordinates are), else None; kept per pattern."""
+    def build():
+        r = rows.reshape(-1)
+        if r.numel() > 1 and not bool((r[1:] >= r[:-1]).all()):
+            return None
+        return torch.searchsorted(r, torch.arange(M + 1, dtype=r.dtype)).to(torch.int32)
+    return rt.cached_pattern((rows,), ("sddmm rows", M), build)
 
 
 # Token tiles of the block product (bsr_mm in sparse_cpu.c): 8 tokens (8 outputs a register

@@ -36,7 +36,7 @@ typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 8; }
+int sparse_cpu_abi(void) { return 9; }
 
 /* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
    NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
@@ -522,6 +522,56 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
     switch (tw) {
     case 16: sddmm_tiles_16(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
     case 32: sddmm_tiles_32(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
+    default: return -1;
+    }
+}
+
+/* The same weight gradient at elements stored row by row (a CSR: fan-in's rows, the sorted
+   coordinates of an unstructured layer or of element diagonals): g[j] = sum_t dy[t, r] x[t,
+   cols[j]] for j in [crow[r], crow[r + 1]), rows [r0, r1), dy and x in token tiles as above.
+   A row's TW dy values are loaded into registers once a tile, so a weight costs its column
+   index and TW / 8 x loads and FMAs (sddmm_tiles: a row index and TW / 8 dy loads more), the
+   sums of eight weights reduced together. Returns -1 for another TW. */
+#define SDDMM_ROWS(NAME, TW)                                                                  \
+static void NAME(int64_t r0, int64_t r1, int64_t n_tiles, int64_t M, int64_t N,               \
+                 const int32_t *restrict crow, const int32_t *restrict cols,                  \
+                 const float *restrict dyt, const float *restrict xt, float *restrict g) {    \
+    enum { U = (TW) / 8 };                                                                    \
+    for (int64_t j = crow[r0]; j < crow[r1]; ++j) g[j] = 0.f;                                 \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        const float *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                       \
+        for (int64_t r = r0; r < r1; ++r) {                                                   \
+            f8 a[U];                                                                          \
+            for (int u = 0; u < U; ++u) a[u] = ((const f8 *)(dys + r * (TW)))[u];             \
+            int64_t j = crow[r];                                                              \
+            const int64_t end = crow[r + 1];                                                  \
+            for (; j + 8 <= end; j += 8) {                                                    \
+                f8 s[8];                                                                      \
+                for (int k = 0; k < 8; ++k) {                                                 \
+                    const f8 *b = (const f8 *)(xs + (int64_t)cols[j + k] * (TW));             \
+                    s[k] = a[0] * b[0];                                                       \
+                    for (int u = 1; u < U; ++u) s[k] += a[u] * b[u];                          \
+                }                                                                             \
+                add_hsum8(s, g + j);                                                          \
+            }                                                                                 \
+            for (; j < end; ++j) {                                                            \
+                const f8 *b = (const f8 *)(xs + (int64_t)cols[j] * (TW));                     \
+                f8 v = a[0] * b[0];                                                           \
+                for (int u = 1; u < U; ++u) v += a[u] * b[u];                                 \
+                g[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));    \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+SDDMM_ROWS(sddmm_rows_16, 16)
+SDDMM_ROWS(sddmm_rows_32, 32)
+
+int sddmm_rows(int64_t r0, int64_t r1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,
+               const int32_t *restrict crow, const int32_t *restrict cols, const float *restrict dyt,
+               const float *restrict xt, float *restrict g) {
+    switch (tw) {
+    case 16: sddmm_rows_16(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
+    case 32: sddmm_rows_32(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
     default: return -1;
     }
 }

@@ -557,6 +557,32 @@ def test_training_products_split_over_threads(two_threads):
 
 
 @needs_library
+def test_coordinates_in_row_order_take_the_row_kernel_and_others_the_element_one(monkeypatch):
+    """sddmm_rows (each dy row in registers once a tile) for rows that never decrease - fan-in's
+    repeat_interleave, a sorted unstructured mask, rows with 0 to 70 weights (below and past the
+    eight of a reduction) - and sddmm_tiles for any other order; both against fp64."""
+    g = torch.Generator().manual_seed(24)
+    so = cpu.lib()
+    calls = []
+    for name in ("sddmm_rows", "sddmm_tiles"):
+        real = getattr(so, name)
+        monkeypatch.setattr(so, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    counts = torch.tensor([0, 1, 7, 8, 9, 16, 70, 0, 3])
+    rows = torch.arange(counts.numel()).repeat_interleave(counts).int()
+    cols = torch.randint(0, 90, (rows.numel(),), generator=g).int()
+    for T in (1, 16, 17, 40):
+        dy, x = torch.randn(T, counts.numel(), generator=g), torch.randn(T, 90, generator=g)
+        full = dy.double().t() @ x.double()
+        for order, want in (("row order", "sddmm_rows"), ("reversed", "sddmm_tiles")):
+            r, c = (rows, cols) if order == "row order" else (rows.flip(0).contiguous(), cols.flip(0).contiguous())
+            calls.clear()
+            got = cpu.sddmm(dy, x, r, c)
+            assert calls == [want], f"{order}, T={T}: {calls}"
+            assert_close_to_reference(got, full[r.long(), c.long()], (dy.t() @ x)[r.long(), c.long()],
+                                      f"sddmm {order} T={T}")
+
+
+@needs_library
 def test_training_products_of_empty_patterns_and_no_tokens():
     crow = torch.zeros(5, dtype=torch.int32)
     empty = torch.zeros(0, dtype=torch.int32)
@@ -679,13 +705,14 @@ def check_bf16_training_products(seed, what, shapes=((37, 300), (300, 37)), toke
                 assert_matches(y, w @ x.double().t(), w.to(torch.bfloat16) @ x.t(),
                                f"csr_matmul {n_rows}x{n_cols} T={T} {name}, {what}")
             dy = torch.randn(T, n_rows, generator=g).to(torch.bfloat16)
-            perm = torch.randperm(rows.numel(), generator=g)
-            r, c = rows[perm].contiguous(), col[perm].contiguous()
-            got = cpu.sddmm(dy, x, r, c)
-            assert got is not None and got.dtype == torch.float32, f"{what}: sddmm refused bf16"
-            ref = (dy.double().t() @ x.double())[r.long(), c.long()]
-            assert_close_to_reference(got, ref, (dy.float().t() @ x.float())[r.long(), c.long()],
-                                      f"sddmm {n_rows}x{n_cols} T={T}, {what}")
+            for name, perm in (("row order", torch.arange(rows.numel())),
+                               ("shuffled", torch.randperm(rows.numel(), generator=g))):
+                r, c = rows[perm].contiguous(), col[perm].contiguous()
+                got = cpu.sddmm(dy, x, r, c)
+                assert got is not None and got.dtype == torch.float32, f"{what}: sddmm refused bf16"
+                ref = (dy.double().t() @ x.double())[r.long(), c.long()]
+                assert_close_to_reference(got, ref, (dy.float().t() @ x.float())[r.long(), c.long()],
+                                          f"sddmm {n_rows}x{n_cols} T={T} {name}, {what}")
 
 
 @needs_library
@@ -732,8 +759,8 @@ def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fre
     path = cpu.build(name)
     assert path.exists() and name in path.name
     so = ctypes.CDLL(str(path))  # (looked up, never called: this CPU may lack the instructions)
-    for symbol in symbols + ("csr_mv_i16_bf16", "csr_mm_i16_bf16", "bsr_mv_bf16", "sddmm_tiles", "bsr_mm",
-                             "sddmm_blocks", "pack_blocks_bf16"):
+    for symbol in symbols + ("csr_mv_i16_bf16", "csr_mm_i16_bf16", "bsr_mv_bf16", "sddmm_tiles", "sddmm_rows",
+                             "bsr_mm", "sddmm_blocks", "pack_blocks_bf16"):
         assert hasattr(so, symbol), f"{name} build lacks {symbol}"
 
 

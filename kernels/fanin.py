@@ -544,11 +544,12 @@ def fanin_dx_torch(dy, values, indices, rows, in_features: int) -> torch.Tensor:
 def _fanin_dw(dy, x2, indices, rows):
     n_rows, K = indices.shape
 
-    def build():  # each stored weight's output neuron, once per pattern
+    def build():  # each stored weight's output neuron and column, once per pattern (the same tensors
+        # each call, so the SDDMM's range checks and row pointers are kept too)
         out_of_row = torch.arange(n_rows, device=indices.device, dtype=torch.int32) if rows is None else rows
-        return out_of_row.repeat_interleave(K)
-    flat_rows = rt.cached_pattern((indices,) if rows is None else (indices, rows), "fanin flat rows", build)
-    return sddmm(dy, x2, flat_rows, indices.reshape(-1)).reshape(n_rows, K)
+        return out_of_row.repeat_interleave(K), indices.reshape(-1)
+    flat_rows, flat_cols = rt.cached_pattern((indices,) if rows is None else (indices, rows), "fanin flat", build)
+    return sddmm(dy, x2, flat_rows, flat_cols).reshape(n_rows, K)
 
 
 @rt.backend_op("alwayssparse::fanin_dx", fanin_dx, 4)

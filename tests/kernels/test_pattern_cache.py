@@ -63,3 +63,24 @@ def test_layers_follow_in_place_pattern_changes_on_the_cpu_path():
             sparse.rows.copy_((flat // 40).to(torch.int32))
             sparse.cols.copy_((flat % 40).to(torch.int32))
             diag.offsets.copy_(torch.randperm(40, generator=g)[:diag.offsets.numel()].to(torch.int32))
+
+
+def test_a_second_training_step_of_an_unchanged_pattern_derives_nothing_again(monkeypatch):
+    """Row pointers, W^T orders, flat coordinates and the index checks' bounds come from the
+    pattern cache from the second step on: nothing is sorted, reduced or rebuilt per call."""
+    builds = []
+    real = rt.cached_pattern
+    monkeypatch.setattr(rt, "cached_pattern",
+                        lambda tensors, extra, build: real(tensors, extra, lambda: builds.append(extra) or build()))
+    g = torch.Generator().manual_seed(3)
+    layers = {"fan-in": kernels.FanInLinear(64, 48, density=0.25, generator=g),
+              "diag b=16": kernels.DiagLinear(64, 48, density=0.5, block_size=16, generator=g),
+              "diag b=4": kernels.DiagLinear(64, 48, density=0.5, block_size=4, generator=g),
+              "unstructured": kernels.SparseLinear(64, 48, density=0.2, generator=g)}
+    for name, layer in layers.items():
+        x = torch.randn(2, 9, 64, generator=g, requires_grad=True)
+        for step in range(2):
+            builds.clear()
+            layer.zero_grad(set_to_none=True)
+            layer(x).square().sum().backward()
+        assert builds == [], f"{name}: the second step rebuilt {builds}"

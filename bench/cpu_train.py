@@ -45,16 +45,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from bench import common  # noqa: E402
 from bench.cpu_infer import CLOCKS, add_layer_args, cpu_header  # noqa: E402
+from kernels.diag.pattern import element_coords  # noqa: E402
 FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "tokens", "kind", "variant",
           "kernel", "ms_per_call", "ms_q1", "ms_q3", "ms_min", "x_dense_fp32", "x_dense_bf16", "max_err"]
 
 
-def _sddmm_kernel(dtype: torch.dtype) -> str:
+def _sddmm_kernel(dtype: torch.dtype, rows: torch.Tensor) -> str:
+    """The element SDDMM kernels.cpu.sddmm takes for these coordinates' rows."""
     if kernels.cpu.lib() is None:
         return f"torch (no native library: {kernels.cpu.error()})"
     if dtype == torch.bfloat16 and "sddmm_dpbf16" in kernels.cpu.features():
         return "sddmm_tiles_dpbf16"
-    return "sddmm_tiles (fp32 tiles)" + (", bf16 widened" if dtype == torch.bfloat16 else "")
+    r = rows.reshape(-1)
+    by_row = r.numel() < 2 or bool((r[1:] >= r[:-1]).all())
+    return (("sddmm_rows (fp32 tiles, row by row)" if by_row else "sddmm_tiles (fp32 tiles)")
+            + (", bf16 widened" if dtype == torch.bfloat16 else ""))
 
 
 def _blocks_dw_kernel(b: int, dtype: torch.dtype) -> str:
@@ -68,7 +73,12 @@ def _step_kernel(layer: nn.Module, dtype: torch.dtype, elements: bool) -> str:
     if isinstance(layer, kernels.DiagLinear) and not elements and kernels.cpu.block_products(b):
         return ("layer step: bsr_matmul (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
                 + "; dW " + _blocks_dw_kernel(b, dtype))
-    return "layer step; dW " + _sddmm_kernel(dtype)
+    if isinstance(layer, kernels.DiagLinear):  # (the layer's weight gradient takes its element coordinates)
+        R, C, _, _ = layer.geometry
+        rows = element_coords(layer.offsets, R, C, b)[0]
+    else:
+        rows = layer.coords()[0]
+    return "layer step; dW " + _sddmm_kernel(dtype, rows)
 
 
 class _Step:
@@ -161,7 +171,7 @@ def build(args):
                 raise AssertionError(f"SDDMM {name} {tag}: {why}")
             out[f"dW SDDMM {name} {tag}"] = ("dW", (lambda a=a, b=b, rows=rows, cols=cols:
                                                      kernels.cpu.sddmm(a, b, rows, cols)),
-                                              _sddmm_kernel(a.dtype), err)
+                                              _sddmm_kernel(a.dtype, rows), err)
         for layer in (diag, diag64):
             bs = layer.block_size
             brow, bcol = (t.reshape(-1).contiguous() for t in kernels.diag.pattern.block_coords(

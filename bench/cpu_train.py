@@ -13,6 +13,7 @@ Variants, each checked against fp64 before it is timed (bench.common.gate: fp32 
 tolerance, bf16 within 2x torch's dense bf16 error + 1e-2):
     step  dense fp32 / bf16     nn.Linear forward + backward (dx and dW), bf16 under CPU autocast
     step  fan-in, diag b=16/64  kernels.FanInLinear / DiagLinear, the same, fp32 and under autocast
+          diag b=1              (b = 1: DynaDiag's element diagonals, their CSR products and SDDMM)
                                 (DiagLinear: the block products bsr_matmul / sddmm_blocks)
     step  diag b=16, elements   the same layer with the block products off (kernels.cpu.block_products
                                 patched to False): its elements' CSR products, as before them
@@ -45,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
 from bench import common  # noqa: E402
 from bench.cpu_infer import CLOCKS, add_layer_args, cpu_header  # noqa: E402
-from kernels.diag.pattern import element_coords  # noqa: E402
+from kernels.diag import cpu as diag_cpu  # noqa: E402
+from kernels.diag.pattern import element_coords, element_coords_sorted  # noqa: E402
 FIELDS = ["run", "threads", "load_avg", "in_features", "out_features", "sparsity", "tokens", "kind", "variant",
           "kernel", "ms_per_call", "ms_q1", "ms_q3", "ms_min", "x_dense_fp32", "x_dense_bf16", "max_err"]
 
@@ -68,14 +70,15 @@ def _blocks_dw_kernel(b: int, dtype: torch.dtype) -> str:
     return "sddmm_blocks (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
 
 
-def _step_kernel(layer: nn.Module, dtype: torch.dtype, elements: bool) -> str:
+def _step_kernel(layer: nn.Module, dtype: torch.dtype, elements: bool, tokens: int) -> str:
     b = getattr(layer, "block_size", 1)
     if isinstance(layer, kernels.DiagLinear) and not elements and kernels.cpu.block_products(b):
         return ("layer step: bsr_matmul (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
                 + "; dW " + _blocks_dw_kernel(b, dtype))
-    if isinstance(layer, kernels.DiagLinear):  # (the layer's weight gradient takes its element coordinates)
-        R, C, _, _ = layer.geometry
-        rows = element_coords(layer.offsets, R, C, b)[0]
+    if isinstance(layer, kernels.DiagLinear):  # (the layer's weight gradient takes its element coordinates,
+        R, C, _, _ = layer.geometry                 # sorted by their separable side for b = 1 from 32 tokens)
+        sort = b == 1 and tokens >= diag_cpu._SORTED_ELEMENTS_MIN_TOKENS
+        rows = (element_coords_sorted if sort else element_coords)(layer.offsets, R, C, b)[0]
     else:
         rows = layer.coords()[0]
     return "layer step; dW " + _sddmm_kernel(dtype, rows)
@@ -135,6 +138,7 @@ def build(args):
     fanin = kernels.FanInLinear(n_in, n_out, density=density, generator=g)
     diag = kernels.DiagLinear(n_in, n_out, density=density, block_size=16, generator=g)
     diag64 = kernels.DiagLinear(n_in, n_out, density=density, block_size=64, generator=g)
+    diag1 = kernels.DiagLinear(n_in, n_out, density=density, block_size=1, generator=g)
     x = torch.randn(T, n_in, generator=g)
     dy = torch.randn(T, n_out, generator=g)
     xb, dyb = x.to(torch.bfloat16), dy.to(torch.bfloat16)
@@ -145,9 +149,9 @@ def build(args):
         for name, layer, coords, elements in (
                 ("dense nn.Linear", dense, None, False), ("fan-in", fanin, fanin.coords(), False),
                 ("diag b=16", diag, diag.coords(), False), ("diag b=16, elements", diag, diag.coords(), True),
-                ("diag b=64", diag64, diag64.coords(), False)):
+                ("diag b=64", diag64, diag64.coords(), False), ("diag b=1", diag1, diag1.coords(), False)):
             kernel = (("torch GEMM (oneDNN)" if bf16 else "torch GEMM (MKL)") if layer is dense
-                      else _step_kernel(layer, dtype, elements))
+                      else _step_kernel(layer, dtype, elements, T))
             step = _Step(layer, x, dy, bf16, elements)
             label = f"step {name} {tag}" + (" (autocast)" if bf16 else "")
             out[label] = ("step", step, kernel, _check_step(label, step, coords))

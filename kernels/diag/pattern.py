@@ -188,6 +188,28 @@ def element_coords(offsets, R: int, C: int, b: int):
     return rt.cached_pattern((offsets,), ("diag elements", R, C, b), build)
 
 
+# The permutations of the value axes [K, D, b, b] that put the element coordinates in the order of
+# their separable side (rows d * b + i when R < C, columns d * b + j when R >= C), and back.
+_BY_ROW, _FROM_ROW = (1, 2, 0, 3), (2, 0, 1, 3)
+_BY_COL, _FROM_COL = (1, 3, 0, 2), (2, 0, 3, 1)
+
+
+def element_coords_sorted(offsets, R: int, C: int, b: int):
+    """(first, second, by_row, back): the element coordinates as element_coords, permuted so that
+    ``first`` never decreases - rows when ``by_row`` (R < C: block row d of every diagonal), else
+    columns (R >= C), ``second`` the other side - and ``back``, the axis permutation that turns
+    values in that order (viewed [D, b, K, b]) into [K, D, b, b]. Cached per offsets."""
+    def build():
+        rows, cols = element_coords(offsets, R, C, b)
+        K, D = offsets.numel(), min(R, C)
+        by_row = R < C
+        axes = _BY_ROW if by_row else _BY_COL
+        order = [t.reshape(K, D, b, b).permute(*axes).reshape(-1).contiguous() for t in (rows, cols)]
+        first, second = order if by_row else order[::-1]
+        return first, second, by_row, _FROM_ROW if by_row else _FROM_COL
+    return rt.cached_pattern((offsets,), ("diag elements sorted", R, C, b), build)
+
+
 def block_coords(offsets, R: int, C: int):
     """Block (row, col) of every stored block, flat [K * D] int32 each; cached per offsets."""
     return rt.cached_pattern((offsets,), ("diag coords", R, C),

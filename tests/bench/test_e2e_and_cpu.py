@@ -233,17 +233,20 @@ def test_cpu_training_products_quick_checks_weight_gradients_and_writes_both_anc
     rows = {r["variant"]: r for r in read_rows(tmp_path / "cpu_train.csv")}
     for kind, dtype in (("step", "fp32"), ("step", "bf16"), ("dW", "fp32"), ("dW", "bf16")):
         names = [n for n in rows if n.startswith(kind + " ") and dtype in n]
-        # step: dense, fan-in, diag b=16, diag b=16 on its elements, diag b=64; dW: dense, the
-        # element SDDMM of fan-in and b=16, the block SDDMM of b=16 and b=64
-        assert len(names) == 5, (kind, dtype, names)
+        # step: dense, fan-in, diag b=16, diag b=16 on its elements, diag b=64, diag b=1; dW:
+        # dense, the element SDDMM of fan-in and b=16, the block SDDMM of b=16 and b=64
+        assert len(names) == (6 if kind == "step" else 5), (kind, dtype, names)
     assert float(rows["step dense nn.Linear fp32"]["x_dense_fp32"]) == pytest.approx(1.0)
     assert float(rows["dW dense bf16"]["x_dense_bf16"]) == pytest.approx(1.0)
-    want = ("sddmm_tiles_dpbf16" if "sddmm_dpbf16" in kernels.cpu.features() else "sddmm_tiles")
+    # (fan-in's coordinates are stored row by row: sddmm_rows; the quick run's 40 tokens take
+    # b = 1's sorted coordinates too, and the b = 16 elements keep their diagonal order)
+    want = ("sddmm_tiles_dpbf16" if "sddmm_dpbf16" in kernels.cpu.features() else "sddmm_rows")
     assert rows["dW SDDMM fan-in bf16"]["kernel"].startswith(want if kernels.cpu.lib() is not None else "torch")
     if kernels.cpu.lib() is not None:
         assert rows["step diag b=64 fp32"]["kernel"].startswith("layer step: bsr_matmul (fp32 register tiles); "
                                                                  "dW sddmm_blocks")
         assert rows["step diag b=16, elements fp32"]["kernel"].startswith("layer step; dW sddmm_tiles")
+        assert rows["step diag b=1 fp32"]["kernel"].startswith("layer step; dW sddmm_rows")
         assert rows["dW blocks diag b=16 bf16"]["kernel"].startswith("sddmm_blocks")
     for r in rows.values():
         assert float(r["ms_per_call"]) > 0

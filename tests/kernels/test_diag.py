@@ -55,6 +55,26 @@ def test_diag_edge_shapes(backend, b, R, C, K):
              [x.to(DEVICE), values.to(DEVICE)], torch.float32)
 
 
+@pytest.mark.parametrize("T", [31, 32, 70])
+@pytest.mark.parametrize("R,C,K", [(40, 96, 7), (96, 40, 9), (50, 50, 6)])
+def test_element_diagonals_weight_gradient_in_either_coordinate_order(monkeypatch, T, R, C, K):
+    """b = 1 from 32 tokens on takes its weight gradient at the coordinates sorted by the side
+    each diagonal walks in order (wide: rows, tall and square: columns, x and dy swapped) and
+    permutes it back; below 32 the element order. Both against fp64, the sorted one checked to
+    be taken (an SDDMM whose first coordinates never decrease)."""
+    from kernels.diag import cpu as diag_cpu
+    seen = []
+    real = diag_cpu.sddmm
+    monkeypatch.setattr(diag_cpu, "sddmm", lambda a, b, r, c, bs: seen.append(bool((r[1:] >= r[:-1]).all()))
+                        or real(a, b, r, c, bs))
+    g = torch.Generator().manual_seed(T + R)
+    values, offsets = make(g, 1, R, C, K)
+    x = torch.randn(T, C, generator=g)
+    check_op(lambda x, v: kernels.diag_matmul(x, v, offsets, 1, R),
+             lambda x, v: diag_matmul_ref(x, v, offsets, 1, R), [x, values], torch.float32)
+    assert seen and all(seen) == (T >= 32 and kernels.cpu.lib() is not None)
+
+
 @pytest.mark.parametrize("R,C", [(4, 4), (6, 3), (3, 6), (5, 2)])
 def test_pattern_follows_the_wraparound_definition(R, C):
     P, D = max(R, C), min(R, C)

@@ -76,9 +76,10 @@ def test_a_second_training_step_of_an_unchanged_pattern_derives_nothing_again(mo
     layers = {"fan-in": kernels.FanInLinear(64, 48, density=0.25, generator=g),
               "diag b=16": kernels.DiagLinear(64, 48, density=0.5, block_size=16, generator=g),
               "diag b=4": kernels.DiagLinear(64, 48, density=0.5, block_size=4, generator=g),
+              "diag b=1": kernels.DiagLinear(64, 48, density=0.3, block_size=1, generator=g),
               "unstructured": kernels.SparseLinear(64, 48, density=0.2, generator=g)}
     for name, layer in layers.items():
-        x = torch.randn(2, 9, 64, generator=g, requires_grad=True)
+        x = torch.randn(2, 20, 64, generator=g, requires_grad=True)  # (40 tokens: b = 1's sorted dW)
         for step in range(2):
             builds.clear()
             layer.zero_grad(set_to_none=True)

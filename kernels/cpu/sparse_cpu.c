@@ -485,32 +485,36 @@ static inline void add_hsum8(const f8 *v, float *restrict g) {
    N, TW]), TW = 16 or 32. Tile by tile (one tile of x, N x TW x 4 B, stays in L2 while every
    weight reads its row), eight weights at a time: eight independent chains of TW / 8 FMAs,
    whose eight sums are reduced together (add_hsum8) and added to g. Returns -1 for another TW. */
+/* g[j] += the dots, over a tile of TW tokens, of the dy values A(j, u) (u < TW / 8 vectors)
+   and the x row cols[j] of xs, for j from J to END: eight weights at a time (eight independent
+   chains of TW / 8 FMAs, their sums reduced together by add_hsum8), then one by one. */
+#define SDDMM_DOTS(J, END, A, TW)                                                             \
+    for (; (J) + 8 <= (END); (J) += 8) {                                                      \
+        f8 s[8];                                                                              \
+        for (int k = 0; k < 8; ++k) {                                                         \
+            const f8 *b = (const f8 *)(xs + (int64_t)cols[(J) + k] * (TW));                   \
+            s[k] = A((J) + k, 0) * b[0];                                                      \
+            for (int u = 1; u < (TW) / 8; ++u) s[k] += A((J) + k, u) * b[u];                  \
+        }                                                                                     \
+        add_hsum8(s, g + (J));                                                                \
+    }                                                                                         \
+    for (; (J) < (END); ++(J)) {                                                              \
+        const f8 *b = (const f8 *)(xs + (int64_t)cols[J] * (TW));                             \
+        f8 v = A(J, 0) * b[0];                                                                \
+        for (int u = 1; u < (TW) / 8; ++u) v += A(J, u) * b[u];                               \
+        g[J] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));            \
+    }
+#define DY_OF_ROW(i, u) (((const f8 *)(dys + (int64_t)rows[i] * TILE_W))[u])  /* TILE_W: the tile's TW */
 #define SDDMM_TILES(NAME, TW)                                                                 \
 static void NAME(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,               \
                  const int32_t *restrict rows, const int32_t *restrict cols,                  \
                  const float *restrict dyt, const float *restrict xt, float *restrict g) {    \
-    enum { U = (TW) / 8 };                                                                    \
+    enum { TILE_W = (TW) };                                                                   \
     for (int64_t i = i0; i < i1; ++i) g[i] = 0.f;                                             \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
         const float *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                       \
         int64_t i = i0;                                                                       \
-        for (; i + 8 <= i1; i += 8) {                                                         \
-            f8 s[8];                                                                          \
-            for (int k = 0; k < 8; ++k) {                                                     \
-                const f8 *a = (const f8 *)(dys + (int64_t)rows[i + k] * (TW));                \
-                const f8 *b = (const f8 *)(xs + (int64_t)cols[i + k] * (TW));                 \
-                s[k] = a[0] * b[0];                                                           \
-                for (int u = 1; u < U; ++u) s[k] += a[u] * b[u];                              \
-            }                                                                                 \
-            add_hsum8(s, g + i);                                                              \
-        }                                                                                     \
-        for (; i < i1; ++i) {                                                                 \
-            const f8 *a = (const f8 *)(dys + (int64_t)rows[i] * (TW));                        \
-            const f8 *b = (const f8 *)(xs + (int64_t)cols[i] * (TW));                         \
-            f8 v = a[0] * b[0];                                                               \
-            for (int u = 1; u < U; ++u) v += a[u] * b[u];                                     \
-            g[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));        \
-        }                                                                                     \
+        SDDMM_DOTS(i, i1, DY_OF_ROW, TW)                                                      \
     }                                                                                         \
 }
 SDDMM_TILES(sddmm_tiles_16, 16)
@@ -532,34 +536,20 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
    A row's TW dy values are loaded into registers once a tile, so a weight costs its column
    index and TW / 8 x loads and FMAs (sddmm_tiles: a row index and TW / 8 dy loads more), the
    sums of eight weights reduced together. Returns -1 for another TW. */
+#define DY_IN_REGISTERS(i, u) (a[u])
 #define SDDMM_ROWS(NAME, TW)                                                                  \
 static void NAME(int64_t r0, int64_t r1, int64_t n_tiles, int64_t M, int64_t N,               \
                  const int32_t *restrict crow, const int32_t *restrict cols,                  \
                  const float *restrict dyt, const float *restrict xt, float *restrict g) {    \
-    enum { U = (TW) / 8 };                                                                    \
     for (int64_t j = crow[r0]; j < crow[r1]; ++j) g[j] = 0.f;                                 \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
         const float *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                       \
         for (int64_t r = r0; r < r1; ++r) {                                                   \
-            f8 a[U];                                                                          \
-            for (int u = 0; u < U; ++u) a[u] = ((const f8 *)(dys + r * (TW)))[u];             \
+            f8 a[(TW) / 8];                                                                   \
+            for (int u = 0; u < (TW) / 8; ++u) a[u] = ((const f8 *)(dys + r * (TW)))[u];      \
             int64_t j = crow[r];                                                              \
             const int64_t end = crow[r + 1];                                                  \
-            for (; j + 8 <= end; j += 8) {                                                    \
-                f8 s[8];                                                                      \
-                for (int k = 0; k < 8; ++k) {                                                 \
-                    const f8 *b = (const f8 *)(xs + (int64_t)cols[j + k] * (TW));             \
-                    s[k] = a[0] * b[0];                                                       \
-                    for (int u = 1; u < U; ++u) s[k] += a[u] * b[u];                          \
-                }                                                                             \
-                add_hsum8(s, g + j);                                                          \
-            }                                                                                 \
-            for (; j < end; ++j) {                                                            \
-                const f8 *b = (const f8 *)(xs + (int64_t)cols[j] * (TW));                     \
-                f8 v = a[0] * b[0];                                                           \
-                for (int u = 1; u < U; ++u) v += a[u] * b[u];                                 \
-                g[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));    \
-            }                                                                                 \
+            SDDMM_DOTS(j, end, DY_IN_REGISTERS, TW)                                           \
         }                                                                                     \
     }                                                                                         \
 }

@@ -4,7 +4,7 @@
 # kernels (kernels/cpu: bsr16_mm_amx, bsr16_mv_dpbf16, csr_mm_*_dpbf16, sddmm_tiles_dpbf16) have so far run only on
 # the emulated build. One command, its phases under `timeout` within a total budget:
 #
-#     bash bench/cpu_check.sh                       # -> bench/results/cpu_check/<cpu>/
+#     bash bench/cpu_check.sh                       # -> bench/results/cpu_check/<cpu>_<build>/
 #     bash bench/cpu_check.sh OUT_DIR               # elsewhere
 #     CPU_CHECK_BUDGET_S=900 bash bench/cpu_check.sh
 #
@@ -29,7 +29,9 @@ cd "$ROOT"
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python
 CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '_' | sed 's/_$//')
-OUT_DIR=${1:-bench/results/cpu_check/${CPU:-unknown_cpu}}
+# "AMD EPYC" names a Zen 3 (AVX2) and a Zen 4 (AVX-512-BF16) alike: the folder names the build too
+VARIANT=$("$PY" -c 'import alwayssparse.kernels.cpu as c; print(c.variant()[0])' 2>/dev/null | tr -c 'a-z0-9\n' '_')
+OUT_DIR=${1:-bench/results/cpu_check/${CPU:-unknown_cpu}${VARIANT:+_$VARIANT}}
 BUDGET=${CPU_CHECK_BUDGET_S:-3600}
 mkdir -p "$OUT_DIR"
 SCRATCH=$(mktemp -d /tmp/cpu_check.XXXXXX)

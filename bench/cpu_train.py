@@ -22,7 +22,9 @@ tolerance, bf16 within 2x torch's dense bf16 error + 1e-2):
                                 dy and x: sddmm_tiles_dpbf16 where kernels.cpu.features() has
                                 "sddmm_dpbf16" (AVX-512-BF16), else bf16 widened into fp32 tiles
     dW    blocks b=16 / b=64    kernels.cpu.sddmm_blocks at the diagonals' block coordinates (bf16:
-                                AMX tiles where features() has "amx", else fp32 register tiles)
+                                AMX tiles where features() has "amx", else AVX-512-BF16 where it
+                                has "blocks_dpbf16" - as the step's bf16 block products - else
+                                fp32 register tiles)
 Timing as bench/cpu_infer.py: the variants take turns round after round, each round ~--round-ms
 of back-to-back calls, the figure the median over rounds. x dense fp32 / x dense bf16: the dense
 variant of the same kind (step or dW) / this one, measured in the same run.
@@ -67,14 +69,19 @@ def _sddmm_kernel(dtype: torch.dtype, rows: torch.Tensor) -> str:
 def _blocks_dw_kernel(b: int, dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and b % 16 == 0 and "amx" in kernels.cpu.features():
         return "sddmm_blocks_amx (AMX tiles)"
+    if dtype == torch.bfloat16 and b % 16 == 0 and "blocks_dpbf16" in kernels.cpu.features():
+        return "sddmm_blocks_dpbf16 (AVX-512-BF16)"
     return "sddmm_blocks (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
 
 
 def _step_kernel(layer: nn.Module, dtype: torch.dtype, elements: bool, tokens: int) -> str:
     b = getattr(layer, "block_size", 1)
     if isinstance(layer, kernels.DiagLinear) and not elements and kernels.cpu.block_products(b):
-        return ("layer step: bsr_matmul (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
-                + "; dW " + _blocks_dw_kernel(b, dtype))
+        if dtype == torch.bfloat16 and b % 16 == 0 and "blocks_dpbf16" in kernels.cpu.features():
+            mm = "bsr_matmul: bsr16_mm_dpbf16 (AVX-512-BF16)"
+        else:
+            mm = "bsr_matmul (fp32 register tiles" + (", bf16 widened)" if dtype == torch.bfloat16 else ")")
+        return f"layer step: {mm}; dW " + _blocks_dw_kernel(b, dtype)
     if isinstance(layer, kernels.DiagLinear):  # (the layer's weight gradient takes its element coordinates,
         R, C, _, _ = layer.geometry                 # sorted by their separable side for b = 1 from 32 tokens)
         sort = b == 1 and tokens >= diag_cpu._SORTED_ELEMENTS_MIN_TOKENS

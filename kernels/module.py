@@ -201,8 +201,8 @@ class SparseLayer(nn.Module):
         x2 = x if x.dim() == 2 else rt.flatten_tokens(x)
         if dtype in _NATIVE_FLOATS and cpu_native.lib() is not None:
             one = x2.shape[0] == 1
-            # bf16 blocks of 16 | b as 16 x 16 tiles where this CPU has their kernel (AMX for
-            # several tokens, AVX-512-BF16 for one), else for several tokens blocks of 8 | b
+            # bf16 blocks of 16 | b as 16 x 16 tiles where this CPU has their kernel (AMX, else
+            # AVX-512-BF16, for several tokens; AVX-512-BF16 for one), else for several tokens blocks of 8 | b
             # as a BSR (bsr_matmul's register tiles), other formats as a CSR
             b = getattr(self, "block_size", 1)
             tiles = dtype is torch.bfloat16 and b % 16 == 0 and cpu_native.block_kernel(x2.shape[0])

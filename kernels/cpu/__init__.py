@@ -26,7 +26,10 @@ products of 16 x 16 tiles for several tokens, bsr16_mm_amx, and the weight gradi
 and x at 16 | b blocks, sddmm_blocks_amx; and all of avx512-bf16's),
 ``avx512-bf16`` (one-token bf16 block products by _mm512_dpbf16_ps, bsr16_mv_dpbf16; bf16 CSR
 products of 17 or more bf16 tokens on weight pairs, csr_mm_*_dpbf16; the weight gradient of bf16
-dy and x on token pairs, sddmm_tiles_dpbf16), ``avx2`` (``-mavx2
+dy and x on token pairs, sddmm_tiles_dpbf16; bf16 block products of several tokens for 16 | b -
+forward and input gradient by bsr16_mm_dpbf16 on 16 x 16 VNNI sub-blocks, the weight gradient by
+sddmm_blocks_dpbf16 on token pairs - which the amx build leaves to its tiles where it has them),
+``avx2`` (``-mavx2
 -mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the
 optional kernels the loaded build can run (AMX also needs Linux's arch_prctl permission, asked
 at load). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
@@ -76,7 +79,7 @@ from .. import runtime as rt
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 9
+ABI = 10
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -282,6 +285,17 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         so.sddmm_tiles_dpbf16.restype = ctypes.c_int
         so.pack_tokens_bf16_tiles.argtypes = [i64, i64, p, i64, i64, i64, p]
         so.pack_tokens_bf16_tiles.restype = None
+    if built & 16:
+        so.bsr16_mm_dpbf16.argtypes = [i64] * 5 + [p] * 6 + [i64, ctypes.c_int]
+        so.bsr16_mm_dpbf16.restype = None
+        so.pack_token_pairs16.argtypes = [i64, i64, p, i64, i64, p]
+        so.pack_token_pairs16.restype = None
+        so.pack_vnni16.argtypes = [i64, i64, i64, p, p, i64, i64, p]
+        so.pack_vnni16.restype = None
+        so.sddmm_blocks_dpbf16.argtypes = [i64] * 4 + [p] * 5
+        so.sddmm_blocks_dpbf16.restype = None
+        so.pack_pair_groups.argtypes = [i64, i64, p, i64, i64, i64, p]
+        so.pack_pair_groups.restype = None
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -323,6 +337,8 @@ def lib() -> ctypes.CDLL | None:
                     feats.add("csr_dpbf16")
                 if built & 8:
                     feats.add("sddmm_dpbf16")
+                if built & 16:
+                    feats.add("blocks_dpbf16")
                 if built & 1:
                     if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
                         feats.add("amx")
@@ -358,10 +374,12 @@ def loaded_variant() -> str | None:
 def features() -> frozenset[str]:
     """The optional kernels the loaded library can run here: "amx" (bsr16_mm_amx, several tokens),
     "avx512_bf16" (bsr16_mv_dpbf16, one token), "csr_dpbf16" (csr_mm_*_dpbf16: bf16 CSR products
-    of several tokens by AVX-512-BF16) and "sddmm_dpbf16" (sddmm_tiles_dpbf16: the weight gradient
-    of bf16 dy and x by AVX-512-BF16), the last three in the avx512-bf16 and amx builds; empty
-    without the library or on CPUs without them (the AVX2 / x86-64 builds); all four in the emu
-    build (on emulated instructions)."""
+    of several tokens by AVX-512-BF16), "sddmm_dpbf16" (sddmm_tiles_dpbf16: the weight gradient
+    of bf16 dy and x by AVX-512-BF16) and "blocks_dpbf16" (bsr16_mm_dpbf16 and sddmm_blocks_dpbf16:
+    bf16 block products of several tokens with 16 | b, forward, input gradient and weight
+    gradient, by AVX-512-BF16), the last four in the avx512-bf16 and amx builds; empty without
+    the library or on CPUs without them (the AVX2 / x86-64 builds); all five in the emu build
+    (on emulated instructions)."""
     return _state.get("features", frozenset()) if lib() is not None else frozenset()
 
 
@@ -372,7 +390,7 @@ def missing_feature(name: str) -> str:
     if name in _state.get("features_why", {}):
         return _state["features_why"][name]
     need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16", "csr_dpbf16": "avx512_bf16",
-            "sddmm_dpbf16": "avx512_bf16"}[name]
+            "sddmm_dpbf16": "avx512_bf16", "blocks_dpbf16": "avx512_bf16"}[name]
     model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
     return f"this CPU ({model}, the {variant()[0]} build) lacks {need}"
 
@@ -595,8 +613,9 @@ def bsr16_dense(w: NativeWeight) -> torch.Tensor:
 
 def block_kernel(tokens: int) -> bool:
     """Whether bf16 block products of ``tokens`` tokens have a kernel of 16 x 16 tiles here
-    ('bsr16': AMX for several tokens, AVX-512-BF16 for one)."""
-    return ("avx512_bf16" if tokens == 1 else "amx") in features()
+    ('bsr16': AMX or else AVX-512-BF16 for several tokens, AVX-512-BF16 for one)."""
+    f = features()
+    return "avx512_bf16" in f if tokens == 1 else bool(f & {"amx", "blocks_dpbf16"})
 
 
 def _value_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -720,14 +739,21 @@ def _csr_dpbf16_matmul(so, w: NativeWeight, pairs: torch.Tensor, x: torch.Tensor
 
 
 def _bsr16_matmul(so, w: NativeWeight, x: torch.Tensor, bias_ptr, out_dtype: torch.dtype, fmas: int) -> torch.Tensor:
-    """Several tokens through AMX tiles (bsr16_mm_amx): x read in place as bf16 rows."""
-    if "amx" not in features():
-        raise RuntimeError(f"a bsr16 weight for several tokens needs AMX: {missing_feature('amx')}")
+    """Several tokens through AMX tiles (bsr16_mm_amx: x read in place as bf16 rows), or where the
+    CPU has AVX-512-BF16 and no AMX by bsr16_mm_dpbf16 (x packed into token pairs)."""
+    feats = features()
+    if "amx" not in feats and "blocks_dpbf16" not in feats:
+        raise RuntimeError(f"a bsr16 weight for several tokens needs AMX or AVX-512-BF16: {missing_feature('amx')}")
     T = x.shape[0]
     if x.dtype is not torch.bfloat16 or x.stride(1) != 1:
         x = x.to(torch.bfloat16).contiguous()
     y = torch.empty(T, w.n_out, dtype=out_dtype)
     y_bf16 = int(out_dtype is torch.bfloat16)
+    if "amx" not in feats:
+        xp = _pack_token_pairs16(so, x)
+        ptrs = (w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(), xp.data_ptr(), bias_ptr, y.data_ptr())
+        _split(w.n_rows, fmas, lambda r0, r1: so.bsr16_mm_dpbf16(r0, r1, 1, T, w.n_in, *ptrs, w.n_out, y_bf16))
+        return y
 
     def run(r0, r1):
         if so.bsr16_mm_amx(r0, r1, T, w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(), x.data_ptr(),
@@ -852,7 +878,8 @@ def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
     CSR position p being blocks[bidx[p]] (bidx int32 [nnz], or None for n = p) - or, with
     ``transpose``, blocks[n][i][o] (the CSR of W^T over the blocks of W: the input gradient).
     x [T, n_cols * b] fp32 or bf16, any strides -> y [T, n_rows * b] in ``out_dtype`` (default x's),
-    fp32 sums (bf16 blocks and x widened, exactly). None where the library does not apply."""
+    fp32 sums (bf16 blocks and x widened, exactly; both bf16 with 16 | b where features() has
+    "blocks_dpbf16": by AVX-512-BF16, _bsr_dpbf16). None where the library does not apply."""
     b = blocks.shape[-1] if blocks.dim() == 3 else 0
     if (b % 8 or b == 0 or blocks.shape[1] != b or blocks.dtype not in _FLOATS or x.dtype not in _FLOATS
             or crow.dtype != torch.int32 or bcols.dtype != torch.int32 or crow.numel() != n_rows + 1
@@ -865,10 +892,12 @@ def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if T == 0:
         return torch.empty(0, n_rows * b, dtype=out_dtype)
-    blocks = blocks.detach().to(torch.float32).contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
+    if blocks.dtype is x.dtype is torch.bfloat16 and b % 16 == 0 and "blocks_dpbf16" in features():
+        return _bsr_dpbf16(so, crow, bcols, blocks, n_rows, n_cols, x, bias_ptr, bidx, transpose, out_dtype)
+    blocks = blocks.detach().to(torch.float32).contiguous()
     so_, si = (1, b) if transpose else (b, 1)
     tw = BSR_TILES[0] if T <= BSR_TILES[0] else BSR_TILES[1]
     tiles = -(-T // tw)
@@ -890,6 +919,37 @@ def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
     return y
 
 
+def _pack_token_pairs16(so: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """bf16 x [T, n] (any strides, 16 | n) -> [tiles of 16 tokens, n / 2, 16, 2] bf16 (pack_token_pairs16)."""
+    T, n = x.shape
+    xp = torch.empty(-(-T // 16), n * 16, dtype=torch.bfloat16)
+    so.pack_token_pairs16(T, n, x.data_ptr(), x.stride(0), x.stride(1), xp.data_ptr())
+    return xp
+
+
+def _bsr_dpbf16(so, crow, bcols, blocks, n_rows: int, n_cols: int, x: torch.Tensor, bias_ptr, bidx,
+                transpose: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """bsr_matmul of bf16 blocks and x, 16 | b, by AVX-512-BF16 (bsr16_mm_dpbf16): the blocks cut
+    into 16 x 16 VNNI sub-blocks in CSR order (pack_vnni16: W's, or W^T's for ``transpose``),
+    x into token pairs (pack_token_pairs16); fp32 sums, y in ``out_dtype``."""
+    b, T, nnz = blocks.shape[-1], x.shape[0], bcols.numel()
+    q = b // 16
+    blocks = blocks.detach().contiguous()
+    crow, bcols = crow.contiguous(), bcols.contiguous()
+    bidx_ptr = None if bidx is None else bidx.contiguous().data_ptr()
+    vnni = torch.empty(nnz * q * q, 256, dtype=torch.bfloat16)
+    so_, si = (1, b) if transpose else (b, 1)  # W'[l, k] of the product's block at l * so_ + k * si
+    _split(nnz, nnz * b * b, lambda p0, p1: so.pack_vnni16(p0, p1, q, bidx_ptr, blocks.data_ptr(), so_, si,
+                                                                  vnni.data_ptr()))
+    xp = _pack_token_pairs16(so, x)
+    y = torch.empty(T, n_rows * b, dtype=out_dtype)
+    ptrs = (crow.data_ptr(), bcols.data_ptr(), vnni.data_ptr(), xp.data_ptr(), bias_ptr, y.data_ptr())
+    y_bf16 = int(out_dtype is torch.bfloat16)
+    _split(n_rows * q, nnz * b * b * T,
+           lambda r0, r1: so.bsr16_mm_dpbf16(r0, r1, q, T, n_cols * b, *ptrs, n_rows * b, y_bf16))
+    return y
+
+
 def _pack_blocks(so: ctypes.CDLL, x: torch.Tensor, b: int) -> torch.Tensor:
     """x [T, n] fp32 or bf16 (any strides) -> fp32 block columns [n / b, T, b] (pack_blocks)."""
     T, n = x.shape
@@ -904,8 +964,9 @@ def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     """g[n] = dy[:, rows[n] b : +b]^T x[:, cols[n] b : +b] ([n, b, b] fp32, fp32 sums) for block
     coordinates rows / cols int32 [n] (in range, unchecked here), dy [T, M] and x [T, N] fp32 or
     bf16, b a multiple of 8 dividing M and N: by the fp32 register tiles of sddmm_blocks (bf16
-    widened in its pack), or - both bf16, 16 | b, features() has "amx" - by AMX tiles
-    (sddmm_blocks_amx). None where the library does not apply."""
+    widened in its pack), or - both bf16, 16 | b - by AMX tiles where features() has "amx"
+    (sddmm_blocks_amx), else by AVX-512-BF16 where it has "blocks_dpbf16" (sddmm_blocks_dpbf16).
+    None where the library does not apply."""
     if (b % 8 or b == 0 or dy.dtype not in _FLOATS or x.dtype not in _FLOATS or rows.dtype != torch.int32
             or cols.dtype != torch.int32 or dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]
             or dy.shape[1] % b or x.shape[1] % b or rows.shape != cols.shape
@@ -917,8 +978,11 @@ def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     if n == 0:
         return g
     rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
-    if dy.dtype is x.dtype is torch.bfloat16 and b % 16 == 0 and T > 0 and "amx" in features():
-        return _sddmm_blocks_amx(so, dy, x, rows, cols, b, g)
+    if dy.dtype is x.dtype is torch.bfloat16 and b % 16 == 0 and T > 0:
+        if "amx" in features():
+            return _sddmm_blocks_amx(so, dy, x, rows, cols, b, g)
+        if "blocks_dpbf16" in features():
+            return _sddmm_blocks_dpbf16(so, dy, x, rows, cols, b, g)
     # both packed into fp32 block columns [n / b, T, b] (pack_blocks: bf16 widened), which every
     # block then reads as two contiguous streams
     dyp, xp = _pack_blocks(so, dy, b), _pack_blocks(so, x, b)
@@ -943,6 +1007,23 @@ def _sddmm_blocks_amx(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
         if so.sddmm_blocks_amx(n0, n1, b, chunks, M, N, *ptrs):
             raise RuntimeError("sddmm_blocks_amx: the AMX tile state is not granted to this process")
     _split(rows.numel(), rows.numel() * b * b * T, run)
+    return g
+
+
+def _sddmm_blocks_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int,
+                         g: torch.Tensor) -> torch.Tensor:
+    """bf16 dy and x, 16 | b, by AVX-512-BF16 (sddmm_blocks_dpbf16): both packed into groups of 16
+    columns over token pairs (pack_pair_groups)."""
+    T = dy.shape[0]
+    pairs = -(-T // 2)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape[1] // 16, pairs, 32, dtype=torch.bfloat16)
+        so.pack_pair_groups(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), pairs, out.data_ptr())
+        return out
+    dyg, xg = pack(dy), pack(x)
+    ptrs = (rows.data_ptr(), cols.data_ptr(), dyg.data_ptr(), xg.data_ptr(), g.data_ptr())
+    _split(rows.numel(), rows.numel() * b * b * T, lambda n0, n1: so.sddmm_blocks_dpbf16(n0, n1, b, pairs, *ptrs))
     return g
 
 

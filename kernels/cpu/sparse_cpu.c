@@ -36,7 +36,7 @@ typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 9; }
+int sparse_cpu_abi(void) { return 10; }
 
 /* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
    NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
@@ -1417,19 +1417,201 @@ int sddmm_tiles_dpbf16(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int6
     default: return -1;
     }
 }
+
+/* AVX-512-BF16 block products of several tokens (b = 16 q: DiagLinear b = 16 / 32 / 64) - what
+   AMX's tiles do on the Xeon, for the CPUs with avx512_bf16 and no AMX (Zen 4, Cooper Lake):
+   outputs in the 16 fp32 lanes, the reduction over pairs of inputs, one VDPBF16PS per 16
+   outputs, 2 inputs and a token (32 multiply-adds; the fp32 register tiles of bsr_mm do 8 per
+   FMA ymm). 16 x 16 sub-blocks in the VNNI layout of bsr16_mm_amx, [k / 2][l][k % 2] = W'[l, k]
+   (l the output lane, k the input), 8 rows of 64 bytes.
+
+   bsr16_mm_dpbf16: y [T, out] = x W'^T + bias for the BSR (crow, bcols) of b x b blocks, each cut
+   into q x q sub-blocks stored vnni[((n q + p) q + s) 256] (n the CSR position; p, s the
+   sub-block's row and column: pack_vnni16 makes it per call from the layer's blocks, and for
+   inference bsr16_weight once, with q = 1), for sub-rows [r0, r1) of 16 outputs (rb = r / q, p =
+   r % q). x in token tiles of input pairs, xp [n_tiles][in / 2][16][2] (pack_token_pairs16:
+   the pair (x[t, 2 k], x[t, 2 k + 1]) of the tile's 16 tokens side by side, tokens past T
+   zero), so the broadcast of token t's pair is one dword at a constant offset from the block's
+   base. Per tile and sub-row 16 sums in registers (a zmm per token); per sub-block its 8 VNNI
+   rows, each against the 16 tokens' pairs broadcast: 128 VDPBF16PS, 8 row loads and 128
+   broadcasts (a load each). The tile of x (in x 64 B: 192 KB at 3072 inputs) is read from L2 by
+   every sub-row, the weights (512 B a sub-block) once a tile. y rounded to bf16 (y_bf16, to
+   nearest even) or fp32, only tokens < T written. */
+void bsr16_mm_dpbf16(int64_t r0, int64_t r1, int64_t q, int64_t T, int64_t n_in, const int32_t *restrict crow,
+                     const int32_t *restrict bcols, const bf16 *restrict vnni, const bf16 *restrict xp,
+                     const float *restrict bias, void *restrict y, int64_t ldy, int y_bf16) {
+    const int64_t n_tiles = (T + 15) / 16;
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const bf16 *xs = xp + tile * n_in * 16;
+        const int64_t live = T - tile * 16 < 16 ? T - tile * 16 : 16;
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t rb = r / q, p = r % q;
+            ZMM_PS acc[16];
+            const ZMM_PS init = bias ? ZMM_LOADU_PS(bias + r * 16) : ZMM_SETZERO_PS();
+            for (int t = 0; t < 16; ++t) acc[t] = init;
+            for (int64_t n = crow[rb]; n < crow[rb + 1]; ++n)
+                for (int64_t s = 0; s < q; ++s) {
+                    const bf16 *w = vnni + ((n * q + p) * q + s) * 256;
+                    const bf16 *xb = xs + ((int64_t)bcols[n] * q + s) * 8 * 32;  /* 8 input pairs x 16 tokens */
+                    for (int j = 0; j < 8; ++j) {
+                        const ZMM_BH wj = ZMM_LOADU_BH(w + 32 * j);
+                        for (int t = 0; t < 16; ++t) {
+                            int32_t pair;
+                            __builtin_memcpy(&pair, xb + 32 * j + 2 * t, 4);
+                            acc[t] = ZMM_DPBF16_PS(acc[t], wj, ZMM_SET1_PAIR(pair));
+                        }
+                    }
+                }
+            for (int t = 0; t < live; ++t) {
+                const int64_t at = (tile * 16 + t) * ldy + r * 16;
+                if (y_bf16) ZMM_STOREU_CVTNE_BF16((bf16 *)y + at, acc[t]);
+                else ZMM_STOREU_PS((float *)y + at, acc[t]);
+            }
+        }
+    }
+}
+
+/* x [T, n] bf16 (element strides st, sc; n a multiple of 16) -> xp [n_tiles][n / 2][16][2]: for
+   each tile of 16 tokens and input pair k, the 16 tokens' (x[t, 2 k], x[t, 2 k + 1]) as dwords,
+   tokens past T zero (bsr16_mm_dpbf16's x). With sc = 1 by 8 x 8 transposes of the dwords
+   (transpose8: moves only, the bits as they were), else element by element. */
+void pack_token_pairs16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, bf16 *restrict xp) {
+    const int64_t n_tiles = (T + 15) / 16, kp = n / 2;
+    for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        bf16 *d = xp + tile * n * 16;
+        if (sc == 1) {
+            for (int64_t k0 = 0; k0 + 8 <= kp; k0 += 8)
+                for (int h = 0; h < 2; ++h) {  /* tokens 8 h .. 8 h + 7 of the tile */
+                    __m256 r[8];
+                    for (int m = 0; m < 8; ++m) {
+                        const int64_t tok = tile * 16 + 8 * h + m;
+                        r[m] = tok < T ? _mm256_loadu_ps((const float *)(x + tok * st + 2 * k0)) : _mm256_setzero_ps();
+                    }
+                    transpose8(r);  /* r[m]: pair k0 + m of the 8 tokens */
+                    for (int m = 0; m < 8; ++m) _mm256_storeu_ps((float *)(d + ((k0 + m) * 16 + 8 * h) * 2), r[m]);
+                }
+            continue;
+        }
+        for (int64_t k = 0; k < kp; ++k)
+            for (int t = 0; t < 16; ++t) {
+                const int64_t tok = tile * 16 + t;
+                d[(k * 16 + t) * 2] = tok < T ? x[tok * st + 2 * k * sc] : 0;
+                d[(k * 16 + t) * 2 + 1] = tok < T ? x[tok * st + (2 * k + 1) * sc] : 0;
+            }
+    }
+}
+
+/* The VNNI sub-blocks of bsr16_mm_dpbf16 from a layer's bf16 blocks, per call (the values change
+   every step): for CSR positions [p0, p1), block blocks[bidx ? bidx[p] : p] of b = 16 q, whose
+   element W'[l, k] (l the product's output, k its input) is at l * so + k * si - (b, 1) for
+   blocks [o][i] of W (the forward), (1, b) for the same blocks as W^T (the input gradient).
+   si = 1: each lane's 16 inputs are a row, whose 8 dwords go to the 8 VNNI rows; so = 1: two
+   adjacent inputs' rows of 16 lanes interleaved word by word. Moves only. */
+typedef uint16_t h16 __attribute__((vector_size(32), aligned(2)));
+static const h16 interleave_lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+static const h16 interleave_hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+void pack_vnni16(int64_t p0, int64_t p1, int64_t q, const int32_t *restrict bidx, const bf16 *restrict blocks,
+                 int64_t so, int64_t si, bf16 *restrict vnni) {
+    const int64_t b = 16 * q;
+    for (int64_t p = p0; p < p1; ++p) {
+        const bf16 *blk = blocks + (int64_t)(bidx ? bidx[p] : p) * b * b;
+        for (int64_t P = 0; P < q; ++P)
+            for (int64_t S = 0; S < q; ++S) {
+                const bf16 *s0 = blk + 16 * P * so + 16 * S * si;
+                bf16 *d = vnni + ((p * q + P) * q + S) * 256;
+                if (si == 1) {
+                    /* VNNI row j = dword j of the 16 lanes' rows: two 8 x 8 transposes of dwords
+                       (DiagLinear b = 16 3072 -> 768 at 90%, the EPYC Zen 4: 56 us for the layer's
+                       921 sub-blocks with dword copies, 64 with a gather per row) */
+                    for (int h = 0; h < 2; ++h) {
+                        __m256 r[8];
+                        for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps((const float *)(s0 + (8 * h + m) * so));
+                        transpose8(r);
+                        for (int m = 0; m < 8; ++m) _mm256_storeu_ps((float *)(d + 32 * m + 16 * h), r[m]);
+                    }
+                } else if (so == 1) {
+                    for (int j = 0; j < 8; ++j) {
+                        const h16 a = *(const h16 *)(s0 + 2 * j * si), c = *(const h16 *)(s0 + (2 * j + 1) * si);
+                        *(h16 *)(d + 32 * j) = __builtin_shuffle(a, c, interleave_lo);
+                        *(h16 *)(d + 32 * j + 16) = __builtin_shuffle(a, c, interleave_hi);
+                    }
+                } else {
+                    for (int j = 0; j < 8; ++j)
+                        for (int l = 0; l < 16; ++l)
+                            for (int e = 0; e < 2; ++e) d[32 * j + 2 * l + e] = s0[l * so + (2 * j + e) * si];
+                }
+            }
+    }
+}
+
+/* AVX-512-BF16 weight gradient at stored b x b blocks (16 | b) for bf16 dy and x: g[n][o][i] =
+   sum_t dy[t, rows[n] b + o] x[t, cols[n] b + i] (fp32, [n][o][i] as sddmm_blocks) for blocks
+   [n0, n1), q x q sub-blocks of 16 x 16 each. Both in groups of 16 columns over token pairs,
+   [n / 16][n_pairs][16][2] (pack_pair_groups: (v[2 u, c], v[2 u + 1, c]) side by side, tokens
+   past T zero), so a sub-block streams two contiguous runs of 64 B a pair: per token pair one
+   row of x's 16 columns (the lanes) against each of dy's 16 pairs broadcast, 16 VDPBF16PS into
+   16 sums (a zmm per output row o, 32 multiply-adds each). */
+void sddmm_blocks_dpbf16(int64_t n0, int64_t n1, int64_t b, int64_t n_pairs, const int32_t *restrict rows,
+                         const int32_t *restrict cols, const bf16 *restrict dyg, const bf16 *restrict xg,
+                         float *restrict g) {
+    const int64_t q = b / 16;
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t P = 0; P < q; ++P)
+            for (int64_t S = 0; S < q; ++S) {
+                const bf16 *a = dyg + ((int64_t)rows[n] * q + P) * n_pairs * 32;
+                const bf16 *c = xg + ((int64_t)cols[n] * q + S) * n_pairs * 32;
+                ZMM_PS acc[16];
+                for (int o = 0; o < 16; ++o) acc[o] = ZMM_SETZERO_PS();
+                for (int64_t u = 0; u < n_pairs; ++u) {
+                    const ZMM_BH xv = ZMM_LOADU_BH(c + u * 32);
+                    for (int o = 0; o < 16; ++o) {
+                        int32_t pair;
+                        __builtin_memcpy(&pair, a + u * 32 + 2 * o, 4);
+                        acc[o] = ZMM_DPBF16_PS(acc[o], xv, ZMM_SET1_PAIR(pair));
+                    }
+                }
+                float *gn = g + n * b * b + 16 * P * b + 16 * S;
+                for (int o = 0; o < 16; ++o) ZMM_STOREU_PS(gn + o * b, acc[o]);
+            }
+}
+
+/* v [T, n] bf16 (element strides st, sc; n a multiple of 16) -> [n / 16][n_pairs][16][2]:
+   (v[2 u, 16 c + l], v[2 u + 1, 16 c + l]) at [c][u][l], tokens past T zero (the operands of
+   sddmm_blocks_dpbf16). With sc = 1 two token rows' 16 columns interleaved word by word. */
+void pack_pair_groups(int64_t T, int64_t n, const bf16 *restrict v, int64_t st, int64_t sc, int64_t n_pairs,
+                      bf16 *restrict out) {
+    const h16 zero = {0};
+    for (int64_t u = 0; u < n_pairs; ++u) {
+        const bf16 *r0 = 2 * u < T ? v + 2 * u * st : 0, *r1 = 2 * u + 1 < T ? v + (2 * u + 1) * st : 0;
+        for (int64_t c = 0; c < n / 16; ++c) {
+            bf16 *d = out + (c * n_pairs + u) * 32;
+            if (sc == 1) {
+                const h16 a = r0 ? *(const h16 *)(r0 + 16 * c) : zero, e = r1 ? *(const h16 *)(r1 + 16 * c) : zero;
+                *(h16 *)d = __builtin_shuffle(a, e, interleave_lo);
+                *(h16 *)(d + 16) = __builtin_shuffle(a, e, interleave_hi);
+                continue;
+            }
+            for (int l = 0; l < 16; ++l) {
+                d[2 * l] = r0 ? r0[(16 * c + l) * sc] : 0;
+                d[2 * l + 1] = r1 ? r1[(16 * c + l) * sc] : 0;
+            }
+        }
+    }
+}
 #endif
 
 /* Which of the optional kernels this build has: bit 0 AMX (bsr16_mm_amx, sddmm_blocks_amx,
    pack_token_pairs), bit 1 AVX-512-BF16
    (bsr16_mv_dpbf16), bit 2 AVX-512-BF16 (csr_mm_*_dpbf16, pack_tokens_dpbf16), bit 3
-   AVX-512-BF16 (sddmm_tiles_dpbf16, pack_tokens_bf16_tiles). */
+   AVX-512-BF16 (sddmm_tiles_dpbf16, pack_tokens_bf16_tiles), bit 4 AVX-512-BF16 (bsr16_mm_dpbf16,
+   sddmm_blocks_dpbf16 and their packs). */
 int sparse_cpu_features(void) {
     int f = 0;
 #ifdef HAVE_AMX
     f |= 1;
 #endif
 #ifdef HAVE_DPBF16
-    f |= 2 | 4 | 8;
+    f |= 2 | 4 | 8 | 16;
 #endif
     return f;
 }

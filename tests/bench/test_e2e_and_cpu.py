@@ -248,6 +248,9 @@ def test_cpu_training_products_quick_checks_weight_gradients_and_writes_both_anc
         assert rows["step diag b=16, elements fp32"]["kernel"].startswith("layer step; dW sddmm_tiles")
         assert rows["step diag b=1 fp32"]["kernel"].startswith("layer step; dW sddmm_rows")
         assert rows["dW blocks diag b=16 bf16"]["kernel"].startswith("sddmm_blocks")
+        if "blocks_dpbf16" in kernels.cpu.features() and "amx" not in kernels.cpu.features():
+            assert rows["step diag b=64 bf16 (autocast)"]["kernel"] == (
+                "layer step: bsr_matmul: bsr16_mm_dpbf16 (AVX-512-BF16); dW sddmm_blocks_dpbf16 (AVX-512-BF16)")
     for r in rows.values():
         assert float(r["ms_per_call"]) > 0
     assert "x dense bf16" in (tmp_path / "cpu_train.md").read_text()

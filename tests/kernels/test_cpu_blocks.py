@@ -11,7 +11,8 @@ from kernels import cpu
 from kernels.coords import csr_structure
 
 from .conftest import assert_matches
-from .test_cpu_native import amx_build, emu_library, assert_close_to_reference, needs_library, two_threads  # noqa: F401
+from .test_cpu_native import (amx_build, emu_library, assert_close_to_reference, bf16_reference, needs_library,  # noqa: F401
+                              native_calls, tile_build, two_threads)
 
 
 def block_pattern(g, n_rows, n_cols, density=0.4):
@@ -365,3 +366,191 @@ def test_a_diag_layer_under_autocast_takes_the_amx_block_sddmm(amx_build, amx_dw
     ref = (dy.double().t() @ xb.double())[r, c].reshape(layer.values.shape)
     lowp = (dy.t() @ xb)[r, c].reshape(layer.values.shape)
     assert_matches(layer.values.grad.to(torch.bfloat16), ref, lowp, f"dW, AMX ({amx_build})")
+
+
+# The AVX-512-BF16 block products of several tokens (bsr16_mm_dpbf16 for the forward and the input
+# gradient, sddmm_blocks_dpbf16 for the weight gradient; 16 | b): on this CPU where it has
+# avx512_bf16 (skipping with the reason elsewhere) and on the emu build, with AMX hidden where
+# the build has it too (AMX would take the inference product and the weight gradient first).
+
+@pytest.fixture(params=["this CPU", "emu"])
+def blocks_dpbf16_build(request, monkeypatch):
+    build = tile_build(request, "blocks_dpbf16")
+    monkeypatch.setitem(cpu._state, "features", cpu.features() - {"amx"})
+    return build
+
+
+@pytest.fixture
+def dpbf16_block_calls(monkeypatch):
+    """Counts the products that take bsr16_mm_dpbf16 (as ('fwd' / 'dx' / 'bsr16', tokens)) and
+    sddmm_blocks_dpbf16 (as ('dW', tokens))."""
+    calls = []
+    real_mm, real_dw, real_w = cpu._bsr_dpbf16, cpu._sddmm_blocks_dpbf16, cpu._pack_token_pairs16
+
+    def spy_mm(so, crow, bcols, blocks, n_rows, n_cols, x, bias_ptr, bidx, transpose, out_dtype):
+        calls.append(("dx" if transpose else "fwd", x.shape[0]))
+        return real_mm(so, crow, bcols, blocks, n_rows, n_cols, x, bias_ptr, bidx, transpose, out_dtype)
+
+    def spy_dw(so, dy, *args):
+        calls.append(("dW", dy.shape[0]))
+        return real_dw(so, dy, *args)
+    monkeypatch.setattr(cpu, "_bsr_dpbf16", spy_mm)
+    monkeypatch.setattr(cpu, "_sddmm_blocks_dpbf16", spy_dw)
+    monkeypatch.setattr(cpu, "_pack_token_pairs16", lambda so, x: (calls.append(("x pairs", x.shape[0])),
+                                                                   real_w(so, x))[1])
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 17, 33])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_avx512_bf16_block_product_matches_the_fp64_reference(b, tokens, out_dtype, threads, blocks_dpbf16_build,
+                                                              dpbf16_block_calls, request):
+    """bf16 blocks and x, y = x W^T + bias and dx = dy W (the CSR of W^T, blocks read transposed):
+    the (b / 16)^2 sub-blocks of each block, one and several token tiles of 16 and partial ones
+    (tokens past T zero in the pack, never written), blocks in any order (the index), an empty
+    block row (the bias alone), y in bf16 or fp32; fp64 of the same bf16 numbers, at the fp32
+    tolerance for fp32 y (its sums are fp32) and 2x torch's bf16 error for bf16 y."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(200 + b + tokens)
+    R, C = 3, 5
+    rows, cols = block_pattern(g, R, C)
+    blocks = torch.randn(rows.numel(), b, b, generator=g).to(torch.bfloat16)
+    w = dense_of(rows, cols, blocks, R, C, b)
+    bias = torch.randn(R * b, generator=g).to(torch.bfloat16).float()
+    for transpose in (False, True):
+        crow, bcols, bidx = bsr_of(rows, cols, R, C, transpose)
+        n_r, n_c = (C, R) if transpose else (R, C)
+        x = torch.randn(tokens, n_c * b, generator=g).to(torch.bfloat16)
+        wt = w if transpose else w.t()
+        bb = None if transpose else bias
+        y = cpu.bsr_matmul(crow, bcols, blocks, n_r, n_c, x, bb, bidx, transpose, out_dtype=out_dtype)
+        ref = x.double() @ wt + (0 if bb is None else bb.double())
+        lowp = (x @ wt.to(torch.bfloat16) + (0 if bb is None else bb.to(torch.bfloat16))).to(out_dtype)
+        name = f"b={b}, T={tokens}, {'dx' if transpose else 'fwd'}, y {out_dtype}, {threads} threads ({blocks_dpbf16_build})"
+        assert y.dtype == out_dtype and y.shape == (tokens, n_r * b), name
+        if out_dtype is torch.float32:
+            assert_close_to_reference(y, ref, x.float() @ wt.float(), name)
+        else:
+            assert_matches(y, ref, lowp, name)
+        if not transpose:
+            assert torch.equal(y[:, :b].float(), bias[:b].expand(tokens, b).to(out_dtype).float()), \
+                f"{name}: the empty block row must give the bias alone"
+    assert [c for c in dpbf16_block_calls if c[0] != "x pairs"] == [("fwd", tokens), ("dx", tokens)]
+
+
+@pytest.mark.parametrize("layout", ["column slice", "transposed view"])
+def test_avx512_bf16_block_product_reads_x_at_its_strides_and_leaves_other_dtypes_alone(layout, blocks_dpbf16_build,
+                                                                                         dpbf16_block_calls):
+    """x a column slice of a wider bf16 tensor (row stride != width) or a transposed view (packed
+    element by element); fp32 blocks or x, and b = 8, take the fp32 register tiles."""
+    g = torch.Generator().manual_seed(210)
+    b, R, C, T = 16, 4, 6, 21
+    rows, cols = block_pattern(g, R, C)
+    blocks = torch.randn(rows.numel(), b, b, generator=g).to(torch.bfloat16)
+    w = dense_of(rows, cols, blocks, R, C, b)
+    crow, bcols, bidx = bsr_of(rows, cols, R, C)
+    if layout == "column slice":
+        x = torch.randn(T, C * b + 40, generator=g).to(torch.bfloat16)[:, 24:24 + C * b]
+    else:
+        x = torch.randn(C * b, T, generator=g).to(torch.bfloat16).t()
+    y = cpu.bsr_matmul(crow, bcols, blocks, R, C, x, None, bidx, out_dtype=torch.float32)
+    assert_close_to_reference(y, x.double() @ w.t(), x.float() @ w.float().t(), f"{layout} ({blocks_dpbf16_build})")
+    assert ("fwd", T) in dpbf16_block_calls
+    n = len(dpbf16_block_calls)
+    for bl, xx in ((blocks.float(), x), (blocks, x.float())):
+        cpu.bsr_matmul(crow, bcols, bl, R, C, xx, None, bidx)
+    rows8, cols8 = block_pattern(g, 2, 3)
+    crow8, bcols8, bidx8 = bsr_of(rows8, cols8, 2, 3)
+    cpu.bsr_matmul(crow8, bcols8, torch.randn(rows8.numel(), 8, 8).to(torch.bfloat16), 2, 3,
+                   torch.randn(5, 24).to(torch.bfloat16), None, bidx8)
+    assert len(dpbf16_block_calls) == n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 2, 31, 32, 33, 100])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_avx512_bf16_block_sddmm_matches_the_fp64_reference(b, tokens, threads, blocks_dpbf16_build,
+                                                           dpbf16_block_calls, request):
+    """bf16 dy and x, 16 | b: every sub-block of each block over token pairs (an odd T: the last
+    pair's second token zero in both packs), blocks in any order and repeated, against fp64 of
+    the bf16 numbers at the fp32 tolerance (its sums are fp32)."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(220 + b + tokens)
+    rows, cols = block_pattern(g, 3, 5, density=0.5)
+    rows, cols = torch.cat([rows, rows[:2]]), torch.cat([cols, cols[:2]])
+    dy = torch.randn(tokens, 3 * b, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, 5 * b, generator=g).to(torch.bfloat16)
+    got = cpu.sddmm_blocks(dy, x, rows, cols, b)
+    ref, lowp = block_reference(dy, x, rows, cols, b)
+    assert_close_to_reference(got, ref, lowp, f"b={b}, T={tokens}, {threads} threads ({blocks_dpbf16_build})")
+    assert dpbf16_block_calls == [("dW", tokens)]
+
+
+def test_avx512_bf16_block_sddmm_reads_strided_operands_and_leaves_fp32_and_b8_alone(blocks_dpbf16_build,
+                                                                                    dpbf16_block_calls):
+    """Transposed views and column slices of dy and x take it (packed element by element, or by
+    rows); fp32 or mixed operands and b = 8 take the fp32 register tiles."""
+    g = torch.Generator().manual_seed(230)
+    rows, cols = block_pattern(g, 3, 5, density=0.6)
+    for dy, x in ((torch.randn(48, 45, generator=g).t(), torch.randn(80, 45, generator=g).t()),
+                  (torch.randn(45, 60, generator=g)[:, 5:53], torch.randn(45, 96, generator=g)[:, 16:96])):
+        dy, x = dy.to(torch.bfloat16), x.to(torch.bfloat16)
+        got = cpu.sddmm_blocks(dy, x, rows, cols, 16)
+        ref, lowp = block_reference(dy, x, rows, cols, 16)
+        assert_close_to_reference(got, ref, lowp, f"strides {dy.stride()}, {x.stride()} ({blocks_dpbf16_build})")
+    assert dpbf16_block_calls == [("dW", 45), ("dW", 45)]
+    for a, c, b in ((dy.float(), x, 16), (dy, x.float(), 16), (dy[:, :40], x[:, :40], 8)):
+        cpu.sddmm_blocks(a, c, rows, cols, b)
+    assert len(dpbf16_block_calls) == 2
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("name", ["b=16 wide", "b=16 tall", "b=64"])
+def test_a_diag_layer_under_autocast_takes_the_avx512_bf16_block_products(name, tokens, blocks_dpbf16_build,
+                                                                          dpbf16_block_calls):
+    """DiagLinear's training step under bf16 autocast: forward, input gradient and weight gradient
+    each by AVX-512-BF16, against fp64 of the bf16 numbers within 2x torch's bf16 error."""
+    g = torch.Generator().manual_seed(240 + tokens)
+    layer = DIAG[name](g)
+    x = torch.randn(tokens, layer.in_features, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(dy)
+    ops = [c for c in dpbf16_block_calls if c[0] != "x pairs"]
+    assert sorted(ops) == sorted([("fwd", tokens), ("dx", tokens), ("dW", tokens)]), f"{name}: {ops}"
+    w = layer.to_dense().detach().to(torch.bfloat16)
+    xb = x.detach().to(torch.bfloat16)
+    bias = layer.bias.detach().to(torch.bfloat16)
+    rows, cols = layer.coords()
+    r, c = rows.long(), cols.long()
+    checks = {
+        "y": (y, xb.double() @ w.double().t() + bias.double(), xb @ w.t() + bias),
+        "dx": (x.grad.to(torch.bfloat16), dy.double() @ w.double(), dy @ w),
+        "dW": (layer.values.grad.to(torch.bfloat16), (dy.double().t() @ xb.double())[r, c].reshape(layer.values.shape),
+               (dy.t() @ xb)[r, c].reshape(layer.values.shape)),
+    }
+    for what, (got, ref, lowp) in checks.items():
+        assert_matches(got, ref, lowp, f"{name}, T={tokens} ({blocks_dpbf16_build}): {what}")
+
+
+@pytest.mark.parametrize("tokens", [2, 16, 33, 70])
+@pytest.mark.parametrize("name", ["b=16 wide", "b=16 tall", "b=64"])
+def test_bf16_inference_of_several_tokens_takes_the_avx512_bf16_block_product(name, tokens, blocks_dpbf16_build,
+                                                                             native_calls, dpbf16_block_calls):
+    """A bf16 DiagLinear's inference (cpu_inference) of several tokens: its 16 x 16 VNNI weight
+    ('bsr16', built once) by bsr16_mm_dpbf16, against fp64 of the bf16 numbers."""
+    g = torch.Generator().manual_seed(250 + tokens)
+    layer = DIAG[name](g).to(torch.bfloat16)
+    x = torch.randn(tokens, layer.in_features, generator=g)
+    ref, lowp = bf16_reference(layer, x)
+    with torch.no_grad():
+        y = layer(x.to(torch.bfloat16))
+    assert native_calls[-1] == ("bsr16", tokens)
+    assert dpbf16_block_calls == [("x pairs", tokens)]
+    assert_matches(y, ref, lowp, f"{name}, T={tokens} ({blocks_dpbf16_build})")

@@ -751,10 +751,13 @@ def test_the_widest_build_the_cpu_flags_allow_is_chosen(monkeypatch):
 @has_compiler
 @pytest.mark.parametrize("name, symbols", [("avx512-bf16", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16",
                                                            "pack_tokens_dpbf16", "sddmm_tiles_dpbf16",
-                                                           "pack_tokens_bf16_tiles")),
+                                                           "pack_tokens_bf16_tiles", "bsr16_mm_dpbf16",
+                                                           "pack_token_pairs16", "pack_vnni16",
+                                                           "sddmm_blocks_dpbf16", "pack_pair_groups")),
                                            ("amx", ("bsr16_mv_dpbf16", "csr_mm_i16_dpbf16", "bsr16_mm_amx",
                                                     "sparse_cpu_amx_init", "sddmm_tiles_dpbf16",
-                                                    "sddmm_blocks_amx", "pack_token_pairs"))])
+                                                    "sddmm_blocks_amx", "pack_token_pairs", "bsr16_mm_dpbf16",
+                                                    "sddmm_blocks_dpbf16"))])
 def test_the_avx512_bf16_and_amx_builds_compile_on_any_x86_64(name, symbols, fresh_library):
     path = cpu.build(name)
     assert path.exists() and name in path.name
@@ -847,7 +850,8 @@ def emu_library(monkeypatch):
     cpu.reset()
     if cpu.lib() is None:
         pytest.skip(f"no native library here: {cpu.error()}")
-    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16", "csr_dpbf16", "sddmm_dpbf16"}
+    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16", "csr_dpbf16", "sddmm_dpbf16",
+                                                                "blocks_dpbf16"}
     yield
     monkeypatch.undo()
     cpu.reset()

@@ -283,6 +283,8 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     if built & 8:
         so.sddmm_tiles_dpbf16.argtypes = [i64] * 6 + [p] * 5
         so.sddmm_tiles_dpbf16.restype = ctypes.c_int
+        so.sddmm_rows_dpbf16.argtypes = [i64] * 6 + [p] * 5
+        so.sddmm_rows_dpbf16.restype = ctypes.c_int
         so.pack_tokens_bf16_tiles.argtypes = [i64, i64, p, i64, i64, i64, p]
         so.pack_tokens_bf16_tiles.restype = None
     if built & 16:
@@ -814,7 +816,8 @@ def csr_matmul(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_ro
 def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
     """g[i] = sum_t dy[t, rows[i]] * x[t, cols[i]]: dy [T, M] and x [T, N] fp32 or bf16, rows /
     cols [n] int32 in range (unchecked here) -> g [n] fp32 (fp32 sums). Both bf16 where
-    features() has "sddmm_dpbf16": bf16 token tiles and AVX-512-BF16 dots (sddmm_tiles_dpbf16);
+    features() has "sddmm_dpbf16": bf16 token tiles and AVX-512-BF16 dots (sddmm_rows_dpbf16 for
+    coordinates stored row by row, else sddmm_tiles_dpbf16);
     else widened into fp32 token tiles (an fp32 operand is never rounded): sddmm_rows for
     coordinates stored row by row (rows never decreasing: each dy row is read into registers
     once per tile), else sddmm_tiles. None where the library does not apply (as csr_matmul)."""
@@ -830,7 +833,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     coords = (rows, cols)  # (the caller's tensors: what the pattern cache keys on)
     rows, cols = rows.reshape(-1).contiguous(), cols.reshape(-1).contiguous()
     if dy.dtype is x.dtype is torch.bfloat16 and "sddmm_dpbf16" in features():
-        return _sddmm_dpbf16(so, dy, x, rows, cols, g)
+        return _sddmm_dpbf16(so, dy, x, rows, cols, g, _row_pointers(coords[0], dy.shape[1]))
     # token tiles (pack_tokens): one tile of x stays in L2 while every weight reads its row,
     # and each weight's gradient is a dot of two contiguous rows per tile
     tw = _tile_width(T, x.shape[1], (16, 32))
@@ -1028,10 +1031,11 @@ def _sddmm_blocks_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tens
 
 
 def _sddmm_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  g: torch.Tensor) -> torch.Tensor:
-    """bf16 dy and x by AVX-512-BF16 (sddmm_tiles_dpbf16): both packed into bf16 token tiles in
-    token order (pack_tokens_bf16_tiles, 32 / 64 / 128 tokens: a tile of x within TILE_BYTES at
-    2 B an element), a pair of tokens per fp32 lane."""
+                  g: torch.Tensor, crow: torch.Tensor | None) -> torch.Tensor:
+    """bf16 dy and x by AVX-512-BF16: both packed into bf16 token tiles in token order
+    (pack_tokens_bf16_tiles, 32 / 64 / 128 tokens: a tile of x within TILE_BYTES at 2 B an
+    element), a pair of tokens per fp32 lane; coordinates stored row by row (``crow``, their row
+    pointers) by sddmm_rows_dpbf16 (each dy row in registers for its row), else sddmm_tiles_dpbf16."""
     T, n = dy.shape[0], rows.numel()
     tw = _tile_width(T, x.shape[1], (32, 64, 128), elem_bytes=2)
     tiles = -(-T // tw)
@@ -1041,6 +1045,11 @@ def _sddmm_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, col
         so.pack_tokens_bf16_tiles(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), tw, out.data_ptr())
         return out
     dyt, xt = pack(dy), pack(x)
+    M, N = dy.shape[1], x.shape[1]
+    if crow is not None:
+        ptrs = (crow.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
+        _split(M, n * T, lambda r0, r1: so.sddmm_rows_dpbf16(r0, r1, tiles, tw, M, N, *ptrs))
+        return g
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-    _split(n, n * T, lambda i0, i1: so.sddmm_tiles_dpbf16(i0, i1, tiles, tw, dy.shape[1], x.shape[1], *ptrs))
+    _split(n, n * T, lambda i0, i1: so.sddmm_tiles_dpbf16(i0, i1, tiles, tw, M, N, *ptrs))
     return g

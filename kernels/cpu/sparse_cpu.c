@@ -1370,38 +1370,76 @@ void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_
 #else
 #define ZMM_ADD_HALVES(v) _mm256_add_ps(_mm256_loadu_ps((v).f), _mm256_loadu_ps((v).f + 8))
 #endif
+/* The dots of sixteen weights at a time and of the rest one by one, the dy rows as A(i, u) gives
+   them: read per weight (sddmm_tiles_dpbf16) or held in registers for a row of the CSR
+   (sddmm_rows_dpbf16). */
+#define SDDMM_DPBF16_DOTS(I, END, A, TW)                                                      \
+    for (; (I) + 16 <= (END); (I) += 16) {                                                    \
+        f8 h[16];                                                                             \
+        for (int k = 0; k < 16; ++k) {                                                        \
+            const bf16 *b = xs + (int64_t)cols[(I) + k] * (TW);                               \
+            ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A((I) + k, 0), ZMM_LOADU_BH(b));       \
+            for (int u = 1; u < (TW) / 32; ++u)                                               \
+                s = ZMM_DPBF16_PS(s, A((I) + k, u), ZMM_LOADU_BH(b + 32 * u));                \
+            h[k] = (f8)ZMM_ADD_HALVES(s);                                                     \
+        }                                                                                     \
+        add_hsum8(h, g + (I));                                                                \
+        add_hsum8(h + 8, g + (I) + 8);                                                        \
+    }                                                                                         \
+    for (; (I) < (END); ++(I)) {                                                              \
+        const bf16 *b = xs + (int64_t)cols[I] * (TW);                                         \
+        ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A(I, 0), ZMM_LOADU_BH(b));                 \
+        for (int u = 1; u < (TW) / 32; ++u) s = ZMM_DPBF16_PS(s, A(I, u), ZMM_LOADU_BH(b + 32 * u)); \
+        const f8 v = (f8)ZMM_ADD_HALVES(s);                                                   \
+        g[I] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));            \
+    }
+#define DPBF16_DY_OF_ROW(i, u) ZMM_LOADU_BH(dys + (int64_t)rows[i] * TILE_W + 32 * (u))
+#define DPBF16_DY_IN_REGISTERS(i, u) (a[u])
 #define SDDMM_DPBF16_TILES(NAME, TW)                                                          \
 static void NAME(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,               \
                  const int32_t *restrict rows, const int32_t *restrict cols,                  \
                  const bf16 *restrict dyt, const bf16 *restrict xt, float *restrict g) {      \
-    enum { U = (TW) / 32 };                                                                   \
+    enum { TILE_W = (TW) };                                                                   \
     for (int64_t i = i0; i < i1; ++i) g[i] = 0.f;                                             \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
         const bf16 *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                        \
         int64_t i = i0;                                                                       \
-        for (; i + 16 <= i1; i += 16) {                                                       \
-            f8 h[16];                                                                         \
-            for (int k = 0; k < 16; ++k) {                                                    \
-                const bf16 *a = dys + (int64_t)rows[i + k] * (TW);                            \
-                const bf16 *b = xs + (int64_t)cols[i + k] * (TW);                             \
-                ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), ZMM_LOADU_BH(a), ZMM_LOADU_BH(b)); \
-                for (int u = 1; u < U; ++u)                                                   \
-                    s = ZMM_DPBF16_PS(s, ZMM_LOADU_BH(a + 32 * u), ZMM_LOADU_BH(b + 32 * u)); \
-                h[k] = (f8)ZMM_ADD_HALVES(s);                                                 \
-            }                                                                                 \
-            add_hsum8(h, g + i);                                                              \
-            add_hsum8(h + 8, g + i + 8);                                                      \
-        }                                                                                     \
-        for (; i < i1; ++i) {                                                                 \
-            const bf16 *a = dys + (int64_t)rows[i] * (TW);                                    \
-            const bf16 *b = xs + (int64_t)cols[i] * (TW);                                     \
-            ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), ZMM_LOADU_BH(a), ZMM_LOADU_BH(b));     \
-            for (int u = 1; u < U; ++u)                                                       \
-                s = ZMM_DPBF16_PS(s, ZMM_LOADU_BH(a + 32 * u), ZMM_LOADU_BH(b + 32 * u));     \
-            const f8 v = (f8)ZMM_ADD_HALVES(s);                                               \
-            g[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));        \
+        SDDMM_DPBF16_DOTS(i, i1, DPBF16_DY_OF_ROW, TW)                                        \
+    }                                                                                         \
+}
+/* sddmm_rows_dpbf16: the same for coordinates stored row by row (crow over the rows [r0, r1), the
+   weights crow[r0] .. crow[r1] - fan-in layers, sorted coordinates), each dy row's TW tokens held
+   in TW / 32 registers for its row's weights (no row index, no dy load a weight), as sddmm_rows
+   does in fp32. */
+#define SDDMM_ROWS_DPBF16(NAME, TW)                                                           \
+static void NAME(int64_t r0, int64_t r1, int64_t n_tiles, int64_t M, int64_t N,               \
+                 const int32_t *restrict crow, const int32_t *restrict cols,                  \
+                 const bf16 *restrict dyt, const bf16 *restrict xt, float *restrict g) {      \
+    for (int64_t j = crow[r0]; j < crow[r1]; ++j) g[j] = 0.f;                                 \
+    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
+        const bf16 *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                        \
+        for (int64_t r = r0; r < r1; ++r) {                                                   \
+            ZMM_BH a[(TW) / 32];                                                              \
+            for (int u = 0; u < (TW) / 32; ++u) a[u] = ZMM_LOADU_BH(dys + r * (TW) + 32 * u); \
+            int64_t j = crow[r];                                                              \
+            const int64_t end = crow[r + 1];                                                  \
+            SDDMM_DPBF16_DOTS(j, end, DPBF16_DY_IN_REGISTERS, TW)                             \
         }                                                                                     \
     }                                                                                         \
+}
+SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_32, 32)
+SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_64, 64)
+SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_128, 128)
+
+int sddmm_rows_dpbf16(int64_t r0, int64_t r1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,
+                      const int32_t *restrict crow, const int32_t *restrict cols, const bf16 *restrict dyt,
+                      const bf16 *restrict xt, float *restrict g) {
+    switch (tw) {
+    case 32: sddmm_rows_dpbf16_32(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
+    case 64: sddmm_rows_dpbf16_64(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
+    case 128: sddmm_rows_dpbf16_128(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
+    default: return -1;
+    }
 }
 SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_32, 32)
 SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_64, 64)

@@ -1174,6 +1174,26 @@ def test_avx512_bf16_sddmm_matches_the_fp64_reference(tokens, threads, sddmm_dpb
     assert sddmm_dpbf16_calls == [tokens] * runs
 
 
+def test_avx512_bf16_sddmm_of_coordinates_by_row_takes_the_row_kernel(sddmm_dpbf16_build, monkeypatch):
+    """Coordinates stored row by row (fan-in's) take sddmm_rows_dpbf16 (their row pointers
+    passed), any other order sddmm_tiles_dpbf16 (none); both against fp64, rows with no weight
+    and rows past the last coordinate included."""
+    kinds = []
+    real = cpu._sddmm_dpbf16
+    monkeypatch.setattr(cpu, "_sddmm_dpbf16", lambda so, dy, x, r, c, g, crow: (
+        kinds.append("rows" if crow is not None else "tiles"), real(so, dy, x, r, c, g, crow))[1])
+    g = torch.Generator().manual_seed(66)
+    dy = torch.randn(70, 45, generator=g).to(torch.bfloat16)
+    x = torch.randn(70, 300, generator=g).to(torch.bfloat16)
+    rows, cols = csr_mask(g, "fan-in", 45, 300)
+    keep = rows < 40  # (the last rows hold no weight)
+    rows, cols = rows[keep].contiguous(), cols[keep].contiguous()
+    perm = torch.randperm(rows.numel(), generator=g)
+    check_bf16_sddmm(dy, x, rows, cols, f"row order ({sddmm_dpbf16_build})")
+    check_bf16_sddmm(dy, x, rows[perm].contiguous(), cols[perm].contiguous(), f"shuffled ({sddmm_dpbf16_build})")
+    assert kinds == ["rows", "tiles"]
+
+
 @pytest.mark.parametrize("n_in, tw", [(1500, 64), (3072, 32)])
 def test_avx512_bf16_sddmm_of_wide_inputs_takes_narrower_token_tiles(n_in, tw, sddmm_dpbf16_build,
                                                                      sddmm_dpbf16_calls):

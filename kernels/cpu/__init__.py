@@ -86,11 +86,34 @@ ABI = 10
 PANEL = 512
 _state: dict = {}
 _lock = threading.Lock()
+
+
+def _l2_bytes(cache: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The L2 cache of cpu0 in bytes (Linux sysfs: "512K", "1024K", "2048K"), None where unknown."""
+    try:
+        for idx in sorted(cache.glob("index*")):
+            if (idx / "level").read_text().strip() == "2":
+                size = (idx / "size").read_text().strip().upper()
+                return int(size.rstrip("KMB")) * {"K": 1024, "M": 1024 ** 2}.get(size.rstrip("B")[-1:], 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tile_bytes(l2: int | None) -> int:
+    """The budget of a token tile of x: half the L2, at least 256 KB (see TILE_BYTES)."""
+    return max(256 * 1024, (l2 or 0) // 2)
+
+
 # Token tiles (see csr_mm_* and sddmm_tiles in sparse_cpu.c) as wide as fit: the tile of x that
-# every stored weight reads a row of, n_in x tw x 4 B, within half of a 512 KB L2 (Zen 3). At
-# T = 197 on the loaded EPYC, Linear 3072 -> 768 at 90%: 4.4 ms at 16 tokens vs 5.9 at 32;
-# 768 -> 3072: 2.9 at 32 vs 3.9 at 16.
-TILE_BYTES = 256 * 1024
+# every stored weight reads a row of, n_in x tw x 4 B (2 B for the bf16 tiles), within half of
+# the L2 (at least 256 KB). Zen 3 (512 KB L2), T = 197 on the loaded EPYC, Linear 3072 -> 768 at
+# 90%: 4.4 ms at 16 tokens vs 5.9 at 32; 768 -> 3072: 2.9 at 32 vs 3.9 at 16. Zen 4 (1 MB L2),
+# 256 tokens, one thread, 512 KB against 256 KB, run after run: the bf16 weight gradient of
+# fan-in (sddmm_rows_dpbf16) 1.78-1.89 against 2.32-2.34 ms, fp32 (sddmm_rows) 3.38-3.55 against
+# 3.73-3.80, b = 16's elements in fp32 3.72-3.86 against 4.45-4.60; fan-in's bf16 step 7.3-7.6
+# against 7.9-8.4 ms.
+TILE_BYTES = tile_bytes(_l2_bytes())
 # Below this many multiply-adds a call stays on one thread: a batch-1 Linear(3072 -> 768) at
 # 90% is 236k, a product of tens of microseconds that a hand-off to a pool thread would not pay
 # for; ViT-B's sparse layers at 197 tokens are 12-46M.

@@ -546,9 +546,25 @@ def test_training_products_match_the_fp64_reference():
 
 
 @needs_library
-def test_training_products_of_wide_inputs_take_narrower_token_tiles():
-    assert cpu._tile_width(197, 2100, (8, 16, 24, 32)) == 24 and cpu._tile_width(197, 2100, (16, 32)) == 16
+@pytest.mark.parametrize("budget, widths", [(256 * 1024, (24, 16)), (512 * 1024, (32, 32))])
+def test_training_products_of_wide_inputs_take_narrower_token_tiles(budget, widths, monkeypatch):
+    """A tile of x within TILE_BYTES: 2100 inputs x 4 B take 24- / 16-token tiles at 256 KB (Zen 3's
+    half L2), 32 at 512 KB (Zen 4's); the products match fp64 either way."""
+    monkeypatch.setattr(cpu, "TILE_BYTES", budget)
+    assert (cpu._tile_width(197, 2100, (8, 16, 24, 32)), cpu._tile_width(197, 2100, (16, 32))) == widths
     check_training_products(23, "wide input", shapes=((24, 2100),), tokens=(40,))
+
+
+def test_the_token_tile_budget_is_half_the_l2(tmp_path):
+    """TILE_BYTES = half of cpu0's L2 from sysfs, at least 256 KB (also where sysfs says nothing)."""
+    for name, level, size in (("index0", "1", "48K"), ("index2", "2", "1024K"), ("index3", "3", "32768K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(level + "\n")
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert cpu._l2_bytes(tmp_path) == 1 << 20 and cpu.tile_bytes(1 << 20) == 512 * 1024
+    assert cpu._l2_bytes(tmp_path / "none") is None and cpu.tile_bytes(None) == 256 * 1024
+    assert cpu.tile_bytes(512 * 1024) == cpu.tile_bytes(256 * 1024) == 256 * 1024
+    assert cpu.TILE_BYTES == cpu.tile_bytes(cpu._l2_bytes())
 
 
 @needs_library
@@ -1196,9 +1212,10 @@ def test_avx512_bf16_sddmm_of_coordinates_by_row_takes_the_row_kernel(sddmm_dpbf
 
 @pytest.mark.parametrize("n_in, tw", [(1500, 64), (3072, 32)])
 def test_avx512_bf16_sddmm_of_wide_inputs_takes_narrower_token_tiles(n_in, tw, sddmm_dpbf16_build,
-                                                                     sddmm_dpbf16_calls):
-    """A tile of x within TILE_BYTES at 2 B an element: 256 tokens of a 1500- / 3072-wide x in
-    tiles of 64 / 32 tokens."""
+                                                                     sddmm_dpbf16_calls, monkeypatch):
+    """A tile of x within TILE_BYTES (here 256 KB) at 2 B an element: 256 tokens of a 1500- /
+    3072-wide x in tiles of 64 / 32 tokens."""
+    monkeypatch.setattr(cpu, "TILE_BYTES", 256 * 1024)
     assert cpu._tile_width(256, n_in, (32, 64, 128), elem_bytes=2) == tw
     g = torch.Generator().manual_seed(61)
     dy = torch.randn(256, 40, generator=g).to(torch.bfloat16)

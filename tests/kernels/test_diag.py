@@ -75,6 +75,28 @@ def test_element_diagonals_weight_gradient_in_either_coordinate_order(monkeypatc
     assert seen and all(seen) == (T >= 32 and kernels.cpu.lib() is not None)
 
 
+@pytest.mark.parametrize("T", [32, 63, 64, 100])
+@pytest.mark.parametrize("R,C,K", [(40, 96, 7), (96, 40, 9)])
+def test_bf16_element_diagonals_sort_from_64_tokens_with_the_avx512_bf16_sddmm(monkeypatch, T, R, C, K):
+    """bf16 dy and x: with the AVX-512-BF16 SDDMM ("sddmm_dpbf16") the sorted coordinates from 64
+    tokens on, else from 32 as in fp32; the gradient against fp64 of the bf16 numbers."""
+    from kernels.diag import cpu as diag_cpu
+    seen = []
+    real = diag_cpu.sddmm
+    monkeypatch.setattr(diag_cpu, "sddmm", lambda a, b, r, c, bs: seen.append(bool((r[1:] >= r[:-1]).all()))
+                        or real(a, b, r, c, bs))
+    g = torch.Generator().manual_seed(T + R + 1)
+    values, offsets = make(g, 1, R, C, K)
+    x = torch.randn(T, C, generator=g).to(torch.bfloat16)
+    dy = torch.randn(T, R, generator=g).to(torch.bfloat16)
+    got = diag_cpu.diag_dw_torch(dy, x, offsets, 1)
+    rows, cols = kernels.diag.element_coords(offsets, R, C, 1)
+    ref = (dy.double().t() @ x.double())[rows.long(), cols.long()].reshape(got.shape)
+    assert_matches(got, ref, (dy.t() @ x)[rows.long(), cols.long()].reshape(got.shape), f"T={T}")
+    least = 64 if "sddmm_dpbf16" in kernels.cpu.features() else 32
+    assert seen and all(seen) == (T >= least and kernels.cpu.lib() is not None)
+
+
 @pytest.mark.parametrize("R,C", [(4, 4), (6, 3), (3, 6), (5, 2)])
 def test_pattern_follows_the_wraparound_definition(R, C):
     P, D = max(R, C), min(R, C)

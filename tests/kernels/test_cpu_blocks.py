@@ -322,15 +322,21 @@ def test_amx_block_sddmm_matches_the_fp64_reference(b, tokens, threads, amx_buil
     repeated, against fp64 of the bf16 numbers at the fp32 tolerance (its sums are fp32)."""
     if threads == 2:
         request.getfixturevalue("two_threads")
-    g = torch.Generator().manual_seed(180 + b + tokens)
+    check_bf16_block_sddmm(180, b, tokens, f"{threads} threads, AMX ({amx_build})")
+    assert amx_dw_calls == [tokens]
+
+
+def check_bf16_block_sddmm(seed, b, tokens, what):
+    """cpu.sddmm_blocks of bf16 dy and x at 3 x 5 blocks of b (about half of them, two repeated)
+    against fp64 of the bf16 numbers at the fp32 tolerance."""
+    g = torch.Generator().manual_seed(seed + b + tokens)
     rows, cols = block_pattern(g, 3, 5, density=0.5)
     rows, cols = torch.cat([rows, rows[:2]]), torch.cat([cols, cols[:2]])
     dy = torch.randn(tokens, 3 * b, generator=g).to(torch.bfloat16)
     x = torch.randn(tokens, 5 * b, generator=g).to(torch.bfloat16)
     got = cpu.sddmm_blocks(dy, x, rows, cols, b)
     ref, lowp = block_reference(dy, x, rows, cols, b)
-    assert_close_to_reference(got, ref, lowp, f"b={b}, T={tokens}, {threads} threads, AMX ({amx_build})")
-    assert amx_dw_calls == [tokens]
+    assert_close_to_reference(got, ref, lowp, f"b={b}, T={tokens}, {what}")
 
 
 def test_amx_block_sddmm_reads_strided_operands_and_leaves_fp32_and_b8_alone(amx_build, amx_dw_calls):
@@ -479,14 +485,7 @@ def test_avx512_bf16_block_sddmm_matches_the_fp64_reference(b, tokens, threads, 
     the bf16 numbers at the fp32 tolerance (its sums are fp32)."""
     if threads == 2:
         request.getfixturevalue("two_threads")
-    g = torch.Generator().manual_seed(220 + b + tokens)
-    rows, cols = block_pattern(g, 3, 5, density=0.5)
-    rows, cols = torch.cat([rows, rows[:2]]), torch.cat([cols, cols[:2]])
-    dy = torch.randn(tokens, 3 * b, generator=g).to(torch.bfloat16)
-    x = torch.randn(tokens, 5 * b, generator=g).to(torch.bfloat16)
-    got = cpu.sddmm_blocks(dy, x, rows, cols, b)
-    ref, lowp = block_reference(dy, x, rows, cols, b)
-    assert_close_to_reference(got, ref, lowp, f"b={b}, T={tokens}, {threads} threads ({blocks_dpbf16_build})")
+    check_bf16_block_sddmm(220, b, tokens, f"{threads} threads ({blocks_dpbf16_build})")
     assert dpbf16_block_calls == [("dW", tokens)]
 
 

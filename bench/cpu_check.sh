@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The first thing to run on a CPU this project has not measured yet - above all an Intel Xeon
-# with AVX-512-BF16 and AMX (`lscpu` flags avx512_bf16 amx_bf16 amx_tile), whose native bf16
-# kernels (kernels/cpu: bsr16_mm_amx, bsr16_mv_dpbf16, csr_mm_*_dpbf16, sddmm_tiles_dpbf16) have so far run only on
-# the emulated build. One command, its phases under `timeout` within a total budget:
+# with AVX-512-BF16 and AMX (`lscpu` flags avx512_bf16 amx_bf16 amx_tile), whose AMX kernels
+# (kernels/cpu: bsr16_mm_amx, sddmm_blocks_amx) have so far run only on the emulated build (the
+# AVX-512-BF16 ones - bsr16_mv_dpbf16, csr_mm_*_dpbf16, sddmm_*_dpbf16, bsr16_mm_dpbf16,
+# sddmm_blocks_dpbf16 - ran on an AMD EPYC Zen 4 on 2026-12-07: results/cpu_check/amd_epyc_avx512_bf16/).
+# One command, its phases under `timeout` within a total budget:
 #
 #     bash bench/cpu_check.sh                       # -> bench/results/cpu_check/<cpu>_<build>/
 #     bash bench/cpu_check.sh OUT_DIR               # elsewhere
@@ -18,11 +20,14 @@
 #      the wide kernels' gain over the AVX2 ones on this CPU, one run after the other     <= 2 x 240 s
 #   4b. bench/cpu_train.py at 32 / 256 tokens (one layer's training step and the SDDMM weight
 #      gradient, fp32 and bf16, vs dense fp32 and bf16), this CPU's build then AVX2 forced <= 4 x 240 s
+#   4c. only where the CPU has AMX: cpu_infer bf16 at 32 / 256 tokens and cpu_train at 256 with
+#      the avx512-bf16 build forced - the AVX-512-BF16 block products (bsr16_mm_dpbf16,
+#      sddmm_blocks_dpbf16) against the AMX tiles on the same Xeon                       <= 3 x 240 s
 #   5. bench/e2e.py ViT-B/16 batch 32 under bf16 autocast, inference only, then the
 #      training step: dense, diag16, fan-in (issue 23's end-to-end rows)                   <= 600 s + 900 s
 # Files: cpu_check.log (every phase's output, with times), cpu_infer_bf16_batch{1,32,256}.md / .csv,
 # cpu_infer_bf16_batch{32,256}_avx2_forced.md,
-# cpu_train_t{32,256}.md and _avx2_forced.md, e2e_infer.md, e2e_train.md.
+# cpu_train_t{32,256}.md and _avx2_forced.md, (AMX CPUs) *_avx512_bf16_forced.md, e2e_infer.md, e2e_train.md.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -71,6 +76,17 @@ for T in 32 256; do
         --threads 1 --clock cpu --tokens "$T" --out "$SCRATCH/train_avx2_t$T"
     cp "$SCRATCH/train_avx2_t$T/cpu_train.md" "$OUT_DIR/cpu_train_t${T}_avx2_forced.md" 2>/dev/null
 done
+
+if grep -q -w amx_bf16 /proc/cpuinfo; then
+    for B in 32 256; do
+        phase "4c cpu_infer bf16, batch $B, AVX-512-BF16 build forced (no AMX)" 240 60 env KERNELS_CPU_VARIANT=avx512-bf16 \
+            "$PY" bench/cpu_infer.py --threads 1 --clock cpu --precision bf16 --batch "$B" --out "$SCRATCH/dp_b$B"
+        cp "$SCRATCH/dp_b$B/cpu_infer_bf16.md" "$OUT_DIR/cpu_infer_bf16_batch${B}_avx512_bf16_forced.md" 2>/dev/null
+    done
+    phase "4c cpu_train, 256 tokens, AVX-512-BF16 build forced (no AMX)" 240 60 env KERNELS_CPU_VARIANT=avx512-bf16 \
+        "$PY" bench/cpu_train.py --threads 1 --clock cpu --tokens 256 --out "$SCRATCH/train_dp_t256"
+    cp "$SCRATCH/train_dp_t256/cpu_train.md" "$OUT_DIR/cpu_train_t256_avx512_bf16_forced.md" 2>/dev/null
+fi
 
 phase "5a e2e ViT-B/16 batch 32, bf16 autocast, inference" 600 120 "$PY" bench/e2e.py --models vit-b16 \
     --formats dense,diag16,fanin --autocast bf16 --batch 32 --steps 3 --clock cpu --infer-only --out "$SCRATCH/e2e_infer"

@@ -417,7 +417,11 @@ def missing_feature(name: str) -> str:
     need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16", "csr_dpbf16": "avx512_bf16",
             "sddmm_dpbf16": "avx512_bf16", "blocks_dpbf16": "avx512_bf16"}[name]
     model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
-    return f"this CPU ({model}, the {variant()[0]} build) lacks {need}"
+    build = loaded_variant()
+    if set(need.split(", ")) <= _cpu_flags():  # (a narrower build than the CPU allows)
+        how = f"forced by {VARIANT_ENV}" if os.environ.get(VARIANT_ENV) else "a narrower build loaded"
+        return f"the {build} build ({how}) has no {name} kernels; this CPU ({model}) has {need}"
+    return f"this CPU ({model}, the {build} build) lacks {need}"
 
 
 def _cpuinfo_lines() -> list[str]:

@@ -837,6 +837,20 @@ def test_a_forced_variant_is_loaded_without_falling_back(monkeypatch, fresh_libr
     assert cpu.lib() is None and cpu.error() == "x86-64: RuntimeError: gcc failed (x86-64)"
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or cpu.lib() is None,
+                    reason="the variants are x86-64's")
+def test_a_missing_kernel_is_said_to_be_the_build_s_or_the_cpu_s(monkeypatch, fresh_library):
+    """The avx2 build forced on a CPU with avx512_bf16: the skip reason names the forced build, not
+    the CPU; on a CPU without the flag, the CPU."""
+    monkeypatch.setenv("KERNELS_CPU_VARIANT", "avx2")
+    assert cpu.lib() is not None and "blocks_dpbf16" not in cpu.features()
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512_bf16"})
+    assert cpu.missing_feature("blocks_dpbf16").startswith(
+        "the avx2 build (forced by KERNELS_CPU_VARIANT) has no blocks_dpbf16 kernels; this CPU")
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert cpu.missing_feature("blocks_dpbf16").endswith("the avx2 build) lacks avx512_bf16")
+
+
 @needs_library
 @pytest.mark.parametrize("name", ["diag b=16 wide", "diag b=16 tall", "diag b=64"])
 def test_the_16_by_16_tile_layout_holds_the_bf16_blocks(name):

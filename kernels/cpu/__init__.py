@@ -284,6 +284,8 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     for f in ("bf16_to_f32", "f32_to_bf16"):
         getattr(so, f).argtypes = [i64, p, p]
         getattr(so, f).restype = None
+    so.col_sums_bf16.argtypes = [i64, i64, i64, p, i64, p]
+    so.col_sums_bf16.restype = None
     so.sparse_cpu_features.restype = ctypes.c_int
     built = so.sparse_cpu_features()
     if built & 1:
@@ -875,6 +877,22 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
     _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, M, N, *ptrs))
     return g
+
+
+def column_sums(t: torch.Tensor) -> torch.Tensor | None:
+    """sum over the rows of a bf16 t [T, n] (columns contiguous) -> fp32 [n], fp32 sums in chunks
+    of rows (col_sums_bf16 in sparse_cpu.c): a layer's bias gradient under autocast, which torch's
+    ``sum(0, dtype=torch.float32)`` takes 25x as long for at 3072 columns as at 768 (6304 tokens,
+    the EPYC Zen 4: 46 against 6.4 ms here). None for fp32 (torch's is as fast there) and where the
+    library does not apply."""
+    if (t.dim() != 2 or t.dtype is not torch.bfloat16 or t.stride(1) != 1 or t.shape[0] == 0
+            or not _native_operands(t)):
+        return None
+    so = _state["lib"]
+    T, n = t.shape
+    out = torch.empty(n, dtype=torch.float32)
+    _split(n, T * n, lambda c0, c1: so.col_sums_bf16(c0, c1, T, t.data_ptr(), t.stride(0), out.data_ptr()))
+    return out
 
 
 def _row_pointers(rows: torch.Tensor, M: int) -> torch.Tensor | None:

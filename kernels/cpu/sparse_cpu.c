@@ -89,6 +89,38 @@ static inline void store_bf16x8(bf16 *p, f8 v) {
 #define LD8_F32(p) (*(const f8 *)(p))
 #define LD8_BF16(p) load_bf16x8(p)
 
+/* out[c] = sum_t x[t, c] for the columns [c0, c1) of x [T, *] (row stride st elements, columns
+   contiguous), bf16 widened, fp32 sums: the bias gradient of a layer, dy summed over
+   its tokens. Chunks of COL_SUM_COLS columns, every row's run of them read in turn (sequential
+   within a row), partial sums over COL_SUM_ROWS rows added to the chunk's total (two levels, so
+   the rounding grows with COL_SUM_ROWS + T / COL_SUM_ROWS terms, not T). torch's
+   dy.sum(0, dtype=torch.float32) of a bf16 [6304, 3072] took 46-47 ms on the EPYC Zen 4, one
+   thread (1.8-1.9 ms for [6304, 768]), this 6.4 (0.26); in fp32 torch's is as fast (8.9 against
+   8.2 ms) and its cascade rounds less, so fp32 keeps torch's. */
+#define COL_SUM_COLS 1024
+#define COL_SUM_ROWS 64
+#define COL_SUMS(NAME, VT, LD, LD8)                                                           \
+void NAME(int64_t c0, int64_t c1, int64_t T, const VT *restrict x, int64_t st, float *restrict out) { \
+    for (int64_t c = c0; c < c1; c += COL_SUM_COLS) {                                         \
+        const int64_t w = c1 - c < COL_SUM_COLS ? c1 - c : COL_SUM_COLS;                      \
+        float tot[COL_SUM_COLS], part[COL_SUM_COLS];                                          \
+        for (int64_t j = 0; j < w; ++j) tot[j] = 0.f;                                         \
+        for (int64_t t0 = 0; t0 < T; t0 += COL_SUM_ROWS) {                                    \
+            const int64_t t1 = T - t0 < COL_SUM_ROWS ? T : t0 + COL_SUM_ROWS;                 \
+            for (int64_t j = 0; j < w; ++j) part[j] = 0.f;                                    \
+            for (int64_t t = t0; t < t1; ++t) {                                               \
+                const VT *row = x + t * st + c;                                               \
+                int64_t j = 0;                                                                \
+                for (; j + 8 <= w; j += 8) *(f8 *)(part + j) += LD8(row + j);                 \
+                for (; j < w; ++j) part[j] += LD(row, j);                                     \
+            }                                                                                 \
+            for (int64_t j = 0; j < w; ++j) tot[j] += part[j];                                \
+        }                                                                                     \
+        for (int64_t j = 0; j < w; ++j) out[c + j] = tot[j];                                  \
+    }                                                                                         \
+}
+COL_SUMS(col_sums_bf16, bf16, LD_BF16, LD8_BF16)
+
 void bf16_to_f32(int64_t n, const bf16 *restrict src, float *restrict dst) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) *(f8 *)(dst + i) = load_bf16x8(src + i);

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import cpu as cpu_native
 from .. import runtime as rt
 from .cpu import diag_dw_torch, diag_dx_torch, diag_fwd_torch
 from .kernel import diag_dw, diag_dx, diag_dx_gelu_grad, diag_fwd, diag_fwd_gelu
@@ -64,7 +65,10 @@ def _backward(ctx, dy):
     dv = diag_weight_grad(dy, x2, offsets, b, values.shape) if ctx.needs_input_grad[1] else None
     db = None
     if ctx.has_bias and ctx.needs_input_grad[5]:
-        db = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype)
+        db = cpu_native.column_sums(dy)  # (CPU: the library's, else torch's)
+        if db is None:
+            db = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
+        db = db.to(dy.dtype)
     return dx, dv, None, None, None, db
 
 

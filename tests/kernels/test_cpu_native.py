@@ -1293,3 +1293,38 @@ def test_a_bf16_layer_takes_the_avx512_bf16_sddmm_for_its_weight_gradient(name, 
     ref = (dy.double().t() @ xb.double())[r, c].reshape(layer.values.shape)
     lowp = (dy.t() @ xb)[r, c].reshape(layer.values.shape)
     assert_matches(layer.values.grad.to(torch.bfloat16), ref, lowp, f"{name} dW ({sddmm_dpbf16_build})")
+
+
+@needs_library
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 5), (63, 1030), (130, 2051), (300, 16)])
+def test_column_sums_of_bf16_match_the_fp64_reference(shape, threads, request):
+    """kernels.cpu.column_sums (a bias gradient under autocast): every column chunk (1024) and its
+    tail, one and several row chunks (64) and a partial one, a column slice (row stride != width),
+    against fp64 at the fp32 tolerance; fp32, a transposed view and 0 rows are declined."""
+    if threads == 2:
+        request.getfixturevalue("two_threads")
+    g = torch.Generator().manual_seed(300 + shape[0])
+    wide = torch.randn(shape[0], shape[1] + 9, generator=g).to(torch.bfloat16)
+    for t in (wide[:, :shape[1]].contiguous(), wide[:, 4:4 + shape[1]]):
+        got = cpu.column_sums(t)
+        assert_close_to_reference(got, t.double().sum(0), t.float().sum(0), f"{shape}, strides {t.stride()}")
+    assert cpu.column_sums(wide.float()) is None and cpu.column_sums(wide.t()) is None
+    assert cpu.column_sums(wide[:0]) is None
+
+
+@needs_library
+def test_a_diag_layer_s_bias_gradient_under_autocast_takes_the_column_sums(monkeypatch):
+    calls = []
+    real = cpu.column_sums
+    monkeypatch.setattr(cpu, "column_sums", lambda t: (calls.append(t.shape), real(t))[1])
+    g = torch.Generator().manual_seed(310)
+    layer = kernels.DiagLinear(64, 48, density=0.5, block_size=16, generator=g)
+    x = torch.randn(70, 64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(dy)
+    assert calls == [(70, 48)]
+    assert_matches(layer.bias.grad.to(torch.bfloat16), dy.double().sum(0), dy.float().sum(0).to(torch.bfloat16),
+                   "bias gradient")

@@ -569,22 +569,27 @@ int sddmm_tiles(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, 
    index and TW / 8 x loads and FMAs (sddmm_tiles: a row index and TW / 8 dy loads more), the
    sums of eight weights reduced together. Returns -1 for another TW. */
 #define DY_IN_REGISTERS(i, u) (a[u])
-#define SDDMM_ROWS(NAME, TW)                                                                  \
+/* The weight gradient of coordinates stored row by row, each dy row's TW tokens held in registers
+   for its row's weights (RT registers of PER elements ET; LOADR(p) loads one): the fp32 sddmm_rows
+   here, the bf16 sddmm_rows_dpbf16 below, each with its dots (DOTS). */
+#define SDDMM_ROW_LOOP(NAME, TW, ET, RT, PER, LOADR, DOTS, A)                                 \
 static void NAME(int64_t r0, int64_t r1, int64_t n_tiles, int64_t M, int64_t N,               \
                  const int32_t *restrict crow, const int32_t *restrict cols,                  \
-                 const float *restrict dyt, const float *restrict xt, float *restrict g) {    \
+                 const ET *restrict dyt, const ET *restrict xt, float *restrict g) {          \
     for (int64_t j = crow[r0]; j < crow[r1]; ++j) g[j] = 0.f;                                 \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
-        const float *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                       \
+        const ET *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                          \
         for (int64_t r = r0; r < r1; ++r) {                                                   \
-            f8 a[(TW) / 8];                                                                   \
-            for (int u = 0; u < (TW) / 8; ++u) a[u] = ((const f8 *)(dys + r * (TW)))[u];      \
+            RT a[(TW) / (PER)];                                                               \
+            for (int u = 0; u < (TW) / (PER); ++u) a[u] = LOADR(dys + r * (TW) + (PER) * u);  \
             int64_t j = crow[r];                                                              \
             const int64_t end = crow[r + 1];                                                  \
-            SDDMM_DOTS(j, end, DY_IN_REGISTERS, TW)                                           \
+            DOTS(j, end, A, TW)                                                               \
         }                                                                                     \
     }                                                                                         \
 }
+#define LOAD_F8(p) (*(const f8 *)(p))
+#define SDDMM_ROWS(NAME, TW) SDDMM_ROW_LOOP(NAME, TW, float, f8, 8, LOAD_F8, SDDMM_DOTS, DY_IN_REGISTERS)
 SDDMM_ROWS(sddmm_rows_16, 16)
 SDDMM_ROWS(sddmm_rows_32, 32)
 
@@ -1426,7 +1431,6 @@ void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_
         g[I] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));            \
     }
 #define DPBF16_DY_OF_ROW(i, u) ZMM_LOADU_BH(dys + (int64_t)rows[i] * TILE_W + 32 * (u))
-#define DPBF16_DY_IN_REGISTERS(i, u) (a[u])
 #define SDDMM_DPBF16_TILES(NAME, TW)                                                          \
 static void NAME(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N,               \
                  const int32_t *restrict rows, const int32_t *restrict cols,                  \
@@ -1442,23 +1446,9 @@ static void NAME(int64_t i0, int64_t i1, int64_t n_tiles, int64_t M, int64_t N, 
 /* sddmm_rows_dpbf16: the same for coordinates stored row by row (crow over the rows [r0, r1), the
    weights crow[r0] .. crow[r1] - fan-in layers, sorted coordinates), each dy row's TW tokens held
    in TW / 32 registers for its row's weights (no row index, no dy load a weight), as sddmm_rows
-   does in fp32. */
-#define SDDMM_ROWS_DPBF16(NAME, TW)                                                           \
-static void NAME(int64_t r0, int64_t r1, int64_t n_tiles, int64_t M, int64_t N,               \
-                 const int32_t *restrict crow, const int32_t *restrict cols,                  \
-                 const bf16 *restrict dyt, const bf16 *restrict xt, float *restrict g) {      \
-    for (int64_t j = crow[r0]; j < crow[r1]; ++j) g[j] = 0.f;                                 \
-    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
-        const bf16 *dys = dyt + t * M * (TW), *xs = xt + t * N * (TW);                        \
-        for (int64_t r = r0; r < r1; ++r) {                                                   \
-            ZMM_BH a[(TW) / 32];                                                              \
-            for (int u = 0; u < (TW) / 32; ++u) a[u] = ZMM_LOADU_BH(dys + r * (TW) + 32 * u); \
-            int64_t j = crow[r];                                                              \
-            const int64_t end = crow[r + 1];                                                  \
-            SDDMM_DPBF16_DOTS(j, end, DPBF16_DY_IN_REGISTERS, TW)                             \
-        }                                                                                     \
-    }                                                                                         \
-}
+   does in fp32 (the same loop, SDDMM_ROW_LOOP). */
+#define SDDMM_ROWS_DPBF16(NAME, TW) \
+    SDDMM_ROW_LOOP(NAME, TW, bf16, ZMM_BH, 32, ZMM_LOADU_BH, SDDMM_DPBF16_DOTS, DY_IN_REGISTERS)
 SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_32, 32)
 SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_64, 64)
 SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_128, 128)

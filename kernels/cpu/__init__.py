@@ -79,7 +79,7 @@ from .. import runtime as rt
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 10
+ABI = 11
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -301,7 +301,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         so.bsr16_mv_dpbf16.restype = None
     if built & 4:
         for f in ("csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16"):
-            getattr(so, f).argtypes = [i64] * 6 + [p] * 6
+            getattr(so, f).argtypes = [i64] * 6 + [p] * 6 + [i64, ctypes.c_int]
             getattr(so, f).restype = None
         so.pack_tokens_dpbf16.argtypes = [i64, i64, p, i64, i64, p]
         so.pack_tokens_dpbf16.restype = None
@@ -662,6 +662,46 @@ def _tile_width(T: int, width: int, choices, elem_bytes: int = 4) -> int:
     return min(max(fit), next((tw for tw in choices if tw >= T), choices[-1]))
 
 
+# The products' temporaries (x packed into token tiles, fp32 sums before they are unpacked) are
+# reused between calls, per thread and per slot, so that a large one does not come back from
+# the OS as fresh pages on every call: glibc hands allocations of more than its mmap threshold
+# (at most 32 MB) straight to mmap and back to munmap, and first-touch page faults then cost
+# more than the product (Linear 768 -> 3072 at 90%, 6304 tokens, bf16 under autocast, one
+# thread, the EPYC Zen 4: a fan-in training step 305 ms, 174 ms with glibc told to keep its
+# memory; see bench/results/cpu_check/). A workspace grows to the largest temporary its slot
+# has held, up to WORKSPACE_MAX_BYTES; bigger ones are allocated per call.
+WORKSPACE_MAX_BYTES = 1 << 30
+
+
+class _Workspaces(threading.local):
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+
+_workspaces = _Workspaces()
+
+
+def workspace(slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous uninitialised tensor of ``shape`` for a temporary of one product call, in
+    this thread's reused buffer ``slot`` (one name per temporary alive at the same time; never
+    return it to the caller: the next call of the slot overwrites it)."""
+    n = math.prod(shape) * dtype.itemsize
+    if n > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    buf = _workspaces.buffers.get(slot)
+    if buf is None or buf.numel() < n:
+        _workspaces.buffers.pop(slot, None)  # (freed before its successor is allocated)
+        buf = _workspaces.buffers[slot] = torch.empty(n, dtype=torch.uint8)
+    return buf[:n].view(dtype).view(shape)
+
+
+def release_workspaces() -> int:
+    """Free this thread's workspaces (they are rebuilt on the next call); returns the bytes freed."""
+    freed = sum(b.numel() for b in _workspaces.buffers.values())
+    _workspaces.buffers.clear()
+    return freed
+
+
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -732,7 +772,7 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     tw = _tile_width(T, width, (8, 16, 24, 32))
     tiles = -(-T // tw)
     xt = _pack(so, x, tw)
-    yt = torch.empty(tiles, w.n_out, tw, dtype=torch.float32)
+    yt = workspace("yt", (tiles, w.n_out, tw), torch.float32)
     y = torch.empty(T, w.n_out, dtype=out_dtype)
     fn = getattr(so, f"csr_mm_i{w.index}" + ("_bf16" if w.values.dtype == torch.bfloat16 else ""))
     unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
@@ -749,23 +789,16 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
 def _csr_dpbf16_matmul(so, w: NativeWeight, pairs: torch.Tensor, x: torch.Tensor, bias_ptr, out_dtype: torch.dtype,
                        fmas: int) -> torch.Tensor:
     """bf16 x, several tokens, by AVX-512-BF16 on weight pairs (csr_mm_*_dpbf16, sparse_cpu.c): x
-    packed into bf16 tiles of 32 tokens (pack_tokens_dpbf16), fp32 sums in yt, y unpacked as by
-    matmul's fp32 loop."""
+    packed into bf16 tiles of 32 tokens (pack_tokens_dpbf16), fp32 sums, y written by the kernel
+    (64 rows' sums at a time)."""
     T = x.shape[0]
-    tiles = -(-T // 32)
-    xt = torch.empty(tiles, w.n_in, 32, dtype=torch.bfloat16)
+    xt = workspace("xt", (-(-T // 32), w.n_in, 32), torch.bfloat16)
     so.pack_tokens_dpbf16(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), xt.data_ptr())
-    yt = torch.empty(tiles, w.n_out, 32, dtype=torch.float32)
     y = torch.empty(T, w.n_out, dtype=out_dtype)
     fn = getattr(so, f"csr_mm_i{w.index}_dpbf16")
-    unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
-    crow, cols = w.crow.data_ptr(), w.cols.data_ptr()
-
-    def run(r0, r1):
-        fn(r0, r1, w.n_in, w.n_out, tiles, w.panels, crow, cols, pairs.data_ptr(), xt.data_ptr(), bias_ptr,
-           yt.data_ptr())
-        unpack(r0, r1, T, w.n_out, 32, yt.data_ptr(), y.data_ptr(), w.n_out)
-    _split(w.n_rows, fmas, run)
+    ptrs = (w.crow.data_ptr(), w.cols.data_ptr(), pairs.data_ptr(), xt.data_ptr(), bias_ptr, y.data_ptr())
+    y_bf16 = int(out_dtype is torch.bfloat16)
+    _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, w.n_in, w.n_out, T, w.panels, *ptrs, w.n_out, y_bf16))
     return y
 
 
@@ -794,10 +827,11 @@ def _bsr16_matmul(so, w: NativeWeight, x: torch.Tensor, bias_ptr, out_dtype: tor
     return y
 
 
-def _pack(so: ctypes.CDLL, x: torch.Tensor, tw: int) -> torch.Tensor:
-    """x [T, n] fp32 or bf16 (any strides) -> fp32 token tiles [n_tiles, n, tw] (pack_tokens)."""
+def _pack(so: ctypes.CDLL, x: torch.Tensor, tw: int, slot: str = "xt") -> torch.Tensor:
+    """x [T, n] fp32 or bf16 (any strides) -> fp32 token tiles [n_tiles, n, tw] (pack_tokens), in
+    the workspace ``slot``."""
     T, n = x.shape
-    xt = torch.empty(-(-T // tw), n, tw, dtype=torch.float32)
+    xt = workspace(slot, (-(-T // tw), n, tw), torch.float32)
     pack = so.pack_tokens if x.dtype is torch.float32 else so.pack_tokens_bf16
     pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
     return xt
@@ -867,7 +901,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     # and each weight's gradient is a dot of two contiguous rows per tile
     tw = _tile_width(T, x.shape[1], (16, 32))
     tiles = -(-T // tw)
-    dyt, xt = _pack(so, dy, tw), _pack(so, x, tw)
+    dyt, xt = _pack(so, dy, tw, "dyt"), _pack(so, x, tw)
     M, N = dy.shape[1], x.shape[1]
     crow = _row_pointers(coords[0], M)
     if crow is not None:  # stored row by row: each dy row read into registers once (sddmm_rows)
@@ -951,7 +985,7 @@ def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
     tiles = -(-T // tw)
     n_out = n_rows * b
     xt = _pack(so, x, tw)
-    yt = torch.empty(tiles, n_out, tw, dtype=torch.float32)
+    yt = workspace("yt", (tiles, n_out, tw), torch.float32)
     y = torch.empty(T, n_out, dtype=out_dtype)
     unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
     crow, bcols = crow.contiguous(), bcols.contiguous()
@@ -970,7 +1004,7 @@ def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
 def _pack_token_pairs16(so: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
     """bf16 x [T, n] (any strides, 16 | n) -> [tiles of 16 tokens, n / 2, 16, 2] bf16 (pack_token_pairs16)."""
     T, n = x.shape
-    xp = torch.empty(-(-T // 16), n * 16, dtype=torch.bfloat16)
+    xp = workspace("xt", (-(-T // 16), n * 16), torch.bfloat16)
     so.pack_token_pairs16(T, n, x.data_ptr(), x.stride(0), x.stride(1), xp.data_ptr())
     return xp
 
@@ -985,7 +1019,7 @@ def _bsr_dpbf16(so, crow, bcols, blocks, n_rows: int, n_cols: int, x: torch.Tens
     blocks = blocks.detach().contiguous()
     crow, bcols = crow.contiguous(), bcols.contiguous()
     bidx_ptr = None if bidx is None else bidx.contiguous().data_ptr()
-    vnni = torch.empty(nnz * q * q, 256, dtype=torch.bfloat16)
+    vnni = workspace("vnni", (nnz * q * q, 256), torch.bfloat16)
     so_, si = (1, b) if transpose else (b, 1)  # W'[l, k] of the product's block at l * so_ + k * si
     _split(nnz, nnz * b * b, lambda p0, p1: so.pack_vnni16(p0, p1, q, bidx_ptr, blocks.data_ptr(), so_, si,
                                                                   vnni.data_ptr()))
@@ -998,10 +1032,11 @@ def _bsr_dpbf16(so, crow, bcols, blocks, n_rows: int, n_cols: int, x: torch.Tens
     return y
 
 
-def _pack_blocks(so: ctypes.CDLL, x: torch.Tensor, b: int) -> torch.Tensor:
-    """x [T, n] fp32 or bf16 (any strides) -> fp32 block columns [n / b, T, b] (pack_blocks)."""
+def _pack_blocks(so: ctypes.CDLL, x: torch.Tensor, b: int, slot: str) -> torch.Tensor:
+    """x [T, n] fp32 or bf16 (any strides) -> fp32 block columns [n / b, T, b] (pack_blocks), in
+    the workspace ``slot``."""
     T, n = x.shape
-    xp = torch.empty(n // b, T, b, dtype=torch.float32)
+    xp = workspace(slot, (n // b, T, b), torch.float32)
     pack = so.pack_blocks if x.dtype is torch.float32 else so.pack_blocks_bf16
     pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), b, xp.data_ptr())
     return xp
@@ -1033,7 +1068,7 @@ def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
             return _sddmm_blocks_dpbf16(so, dy, x, rows, cols, b, g)
     # both packed into fp32 block columns [n / b, T, b] (pack_blocks: bf16 widened), which every
     # block then reads as two contiguous streams
-    dyp, xp = _pack_blocks(so, dy, b), _pack_blocks(so, x, b)
+    dyp, xp = _pack_blocks(so, dy, b, "dyt"), _pack_blocks(so, x, b, "xt")
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyp.data_ptr(), T * b, b, xp.data_ptr(), T * b, b, g.data_ptr())
     _split(n, n * b * b * T, lambda n0, n1: so.sddmm_blocks(n0, n1, b, T, *ptrs))
     return g
@@ -1045,9 +1080,9 @@ def _sddmm_blocks_amx(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
     32 (pack_tokens_bf16_tiles: the A operand), x into token pairs (pack_token_pairs: B)."""
     T, M, N = dy.shape[0], dy.shape[1], x.shape[1]
     chunks = -(-T // 32)
-    dyt = torch.empty(chunks, M, 32, dtype=torch.bfloat16)
+    dyt = workspace("dyt", (chunks, M, 32), torch.bfloat16)
     so.pack_tokens_bf16_tiles(T, M, dy.data_ptr(), dy.stride(0), dy.stride(1), 32, dyt.data_ptr())
-    xv = torch.empty(chunks * 16, N, 2, dtype=torch.bfloat16)
+    xv = workspace("xt", (chunks * 16, N, 2), torch.bfloat16)
     so.pack_token_pairs(T, N, x.data_ptr(), x.stride(0), x.stride(1), chunks * 16, xv.data_ptr())
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xv.data_ptr(), g.data_ptr())
 
@@ -1065,11 +1100,11 @@ def _sddmm_blocks_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tens
     T = dy.shape[0]
     pairs = -(-T // 2)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(t.shape[1] // 16, pairs, 32, dtype=torch.bfloat16)
+    def pack(t: torch.Tensor, slot: str) -> torch.Tensor:
+        out = workspace(slot, (t.shape[1] // 16, pairs, 32), torch.bfloat16)
         so.pack_pair_groups(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), pairs, out.data_ptr())
         return out
-    dyg, xg = pack(dy), pack(x)
+    dyg, xg = pack(dy, "dyt"), pack(x, "xt")
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyg.data_ptr(), xg.data_ptr(), g.data_ptr())
     _split(rows.numel(), rows.numel() * b * b * T, lambda n0, n1: so.sddmm_blocks_dpbf16(n0, n1, b, pairs, *ptrs))
     return g
@@ -1085,11 +1120,11 @@ def _sddmm_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, col
     tw = _tile_width(T, x.shape[1], (32, 64, 128), elem_bytes=2)
     tiles = -(-T // tw)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(tiles, t.shape[1], tw, dtype=torch.bfloat16)
+    def pack(t: torch.Tensor, slot: str) -> torch.Tensor:
+        out = workspace(slot, (tiles, t.shape[1], tw), torch.bfloat16)
         so.pack_tokens_bf16_tiles(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), tw, out.data_ptr())
         return out
-    dyt, xt = pack(dy), pack(x)
+    dyt, xt = pack(dy, "dyt"), pack(x, "xt")
     M, N = dy.shape[1], x.shape[1]
     if crow is not None:
         ptrs = (crow.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())

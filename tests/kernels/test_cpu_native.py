@@ -1050,12 +1050,14 @@ def test_avx512_bf16_csr_product_matches_the_fp64_reference(tokens, kind, bias, 
                                                            dpbf16_calls, monkeypatch, request):
     """kernels.cpu.matmul on bf16 x: the inference weight (3 panels, the last one partial) and the
     training one, every token count through csr_mm_*_dpbf16 (DPBF16_MIN_TOKENS lowered to 1: 2
-    and 5 tokens are a partial tile); y in bf16 or fp32, bias (fp32) or none, 1 or 2 threads."""
+    and 5 tokens are a partial tile); y in bf16 or fp32, bias (fp32) or none, 1 or 2 threads;
+    150 outputs: the kernel's sums go to y 64 rows at a time, so 64 + 64 + 22 on one thread and
+    64 + 11 from row 75 on the second."""
     if threads == 2:
         request.getfixturevalue("two_threads")
     monkeypatch.setattr(cpu, "DPBF16_MIN_TOKENS", 1)
     g = torch.Generator().manual_seed(42 + tokens)
-    n_out, n_in = 45, 2 * cpu.PANEL + 76
+    n_out, n_in = 150, 2 * cpu.PANEL + 76
     rows, cols = csr_mask(g, kind, n_out, n_in)
     values = torch.randn(rows.numel(), generator=g).to(torch.bfloat16)
     panelled = cpu.csr_weight(rows, cols, values, n_out, n_in, panels=True, dtype=torch.bfloat16)

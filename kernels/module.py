@@ -12,6 +12,28 @@ from . import runtime as rt
 from .coords import csr_structure, index_dtype
 
 
+class _BiasAdd(torch.autograd.Function):
+    """y + bias.to(y.dtype) whose bias gradient is kernels.cpu.column_sums of dy (fp32 sums of a
+    bf16 dy, rounded to y's dtype as autograd's own sum would be): torch's bf16 column sum takes
+    7x as long at 3072 columns (46 against 6.4 ms for [6304, 3072], one thread, EPYC Zen 4)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.bias_dtype = bias.dtype
+        return y + bias.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        db = None
+        if ctx.needs_input_grad[1]:
+            flat = dy.reshape(-1, dy.shape[-1])
+            db = cpu_native.column_sums(flat)
+            if db is None:  # (a dy of other strides)
+                db = flat.sum(0, dtype=torch.float32)
+            db = db.to(dy.dtype).to(ctx.bias_dtype)
+        return dy, db
+
+
 def resize_parameter(param: nn.Parameter, new: torch.Tensor) -> None:
     """``param.data = new`` keeping the Parameter object (optimizers and hooks hold it), also
     when the shape changes while an old graph is still alive.
@@ -125,8 +147,15 @@ class SparseLayer(nn.Module):
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """y + bias in y's dtype: under autocast the product is bf16/fp16 and so is the sum,
-        as for nn.Linear."""
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        as for nn.Linear. A bf16 y on CPU whose bias trains gets the bias gradient from the
+        native library's column sums (_BiasAdd), as DiagLinear's own backward does."""
+        if self.bias is None:
+            return y
+        if (y.dtype is torch.bfloat16 and self.bias.requires_grad and torch.is_grad_enabled()
+                and y.is_cpu and type(y) is torch.Tensor and not torch.compiler.is_compiling()
+                and cpu_native.lib() is not None):
+            return _BiasAdd.apply(y, self.bias)
+        return y + self.bias.to(y.dtype)
 
     def reset_bias(self, bound: float, generator=None) -> None:
         if self.bias is not None:

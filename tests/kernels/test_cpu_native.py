@@ -1316,17 +1316,96 @@ def test_column_sums_of_bf16_match_the_fp64_reference(shape, threads, request):
 
 
 @needs_library
-def test_a_diag_layer_s_bias_gradient_under_autocast_takes_the_column_sums(monkeypatch):
-    calls = []
+@pytest.mark.parametrize("name", ["diag b=16", "fan-in", "unstructured"])
+def test_a_layer_s_bias_gradient_under_autocast_takes_the_column_sums(name, monkeypatch):
+    """The bias gradient of bf16 dy on CPU: DiagLinear's backward and, for fan-in and unstructured
+    layers, module._BiasAdd sum it by kernels.cpu.column_sums (x [2, 35, 64]: the token rows
+    flattened); the gradients of x and the values are autograd's as before; fp32 keeps torch's."""
+    calls = []  # (the shapes the library summed)
     real = cpu.column_sums
-    monkeypatch.setattr(cpu, "column_sums", lambda t: (calls.append(t.shape), real(t))[1])
+
+    def spy(t):
+        out = real(t)
+        if out is not None:
+            calls.append(t.shape)
+        return out
+    monkeypatch.setattr(cpu, "column_sums", spy)
     g = torch.Generator().manual_seed(310)
-    layer = kernels.DiagLinear(64, 48, density=0.5, block_size=16, generator=g)
-    x = torch.randn(70, 64, generator=g)
+    layer = {"diag b=16": lambda: kernels.DiagLinear(64, 48, density=0.5, block_size=16, generator=g),
+             "fan-in": lambda: kernels.FanInLinear(64, 48, density=0.5, generator=g),
+             "unstructured": lambda: kernels.SparseLinear(64, 48, density=0.5, generator=g)}[name]()
+    x = torch.randn(2, 35, 64, generator=g, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
+    assert y.dtype == torch.bfloat16
     dy = torch.randn(y.shape, generator=g).to(torch.bfloat16)
     y.backward(dy)
     assert calls == [(70, 48)]
-    assert_matches(layer.bias.grad.to(torch.bfloat16), dy.double().sum(0), dy.float().sum(0).to(torch.bfloat16),
-                   "bias gradient")
+    flat = dy.reshape(70, 48)
+    assert layer.bias.grad.dtype == torch.float32
+    assert_matches(layer.bias.grad.to(torch.bfloat16), flat.double().sum(0), flat.float().sum(0).to(torch.bfloat16),
+                   f"{name}: bias gradient")
+    w = layer.to_dense().detach().to(torch.bfloat16)
+    assert_matches(x.grad.to(torch.bfloat16), dy.double() @ w.double(), dy @ w, f"{name}: input gradient")
+    calls.clear()
+    layer.zero_grad()
+    layer(x.detach()).backward(dy.float())  # fp32: torch's sum
+    assert calls == [] and torch.allclose(layer.bias.grad, flat.float().sum(0), atol=1e-4)
+
+
+def test_workspaces_are_reused_per_slot_and_per_thread(monkeypatch):
+    """kernels.cpu.workspace: one buffer per slot and thread, reused for anything that fits (any
+    dtype and shape, contiguous), grown for what does not, a fresh tensor per call above
+    WORKSPACE_MAX_BYTES; release_workspaces frees them and says how much."""
+    import threading
+    cpu.release_workspaces()
+    a = cpu.workspace("xt", (4, 8), torch.float32)
+    b = cpu.workspace("xt", (3, 8), torch.bfloat16)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (3, 8) and b.dtype == torch.bfloat16 and b.is_contiguous()
+    assert cpu.workspace("yt", (4, 8), torch.float32).data_ptr() != a.data_ptr(), "another slot shares a buffer"
+    big = cpu.workspace("xt", (64, 8), torch.float32)
+    assert big.shape == (64, 8) and cpu.workspace("xt", (64, 8), torch.float32).data_ptr() == big.data_ptr()
+    other = []
+    t = threading.Thread(target=lambda: other.append(cpu.workspace("xt", (4, 8), torch.float32).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != big.data_ptr(), "two threads share a workspace"
+    monkeypatch.setattr(cpu, "WORKSPACE_MAX_BYTES", 1024)
+    assert cpu.workspace("xt", (64, 8), torch.float32).data_ptr() != big.data_ptr()
+    assert cpu.release_workspaces() == 64 * 8 * 4 + 4 * 8 * 4
+    assert cpu.release_workspaces() == 0
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_return_no_workspace(dtype):
+    """Each training product's result survives the next call of the same product (its temporaries
+    live in reused workspaces; what it returns must not): fp32 and bf16, csr_matmul in the fp32
+    loop (8 tokens) and, in bf16 where the build has it, the AVX-512-BF16 kernel (40), sddmm,
+    bsr_matmul and sddmm_blocks (b = 16)."""
+    g = torch.Generator().manual_seed(3)
+    n_out, n_in = 64, 96
+    mask = torch.rand(n_out, n_in, generator=g) < 0.3
+    rows, cols = (c.int() for c in mask.nonzero(as_tuple=True))
+    order, crow, col = kernels.coords.csr_structure(rows, cols, n_out, n_in)
+    values = torch.randn(rows.numel(), generator=g).to(dtype)
+    brow = torch.tensor([0, 1, 3, 3], dtype=torch.int32)
+    bcol = torch.tensor([0, 2, 1, 5], dtype=torch.int32)
+    bcrow = torch.tensor([0, 1, 2, 2, 4], dtype=torch.int32)
+    blocks = torch.randn(4, 16, 16, generator=g).to(dtype)
+    products = {
+        "csr_matmul": lambda T: cpu.csr_matmul(crow.int(), col.int(), values, n_out, n_in,
+                                               torch.randn(T, n_in, generator=g).to(dtype).t()),
+        "sddmm": lambda T: cpu.sddmm(torch.randn(T, n_out, generator=g).to(dtype),
+                                     torch.randn(T, n_in, generator=g).to(dtype), rows, cols),
+        "bsr_matmul": lambda T: cpu.bsr_matmul(bcrow, bcol, blocks, 4, 6, torch.randn(T, 96, generator=g).to(dtype)),
+        "sddmm_blocks": lambda T: cpu.sddmm_blocks(torch.randn(T, 64, generator=g).to(dtype),
+                                                   torch.randn(T, 96, generator=g).to(dtype), brow, bcol, 16),
+    }
+    for name, product in products.items():
+        for T in (8, 40):
+            first = product(T)
+            kept = first.clone()
+            second = product(T)
+            assert torch.equal(first, kept), f"{name}, {T} tokens: the next call overwrote the result"
+            assert not torch.equal(first, second), f"{name}, {T} tokens: two calls gave one result"

@@ -260,7 +260,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, i64, p, p]
         getattr(so, f).restype = None
     for f in ("csr_mm_i16", "csr_mm_i32", "csr_mm_i16_bf16", "csr_mm_i32_bf16"):
-        getattr(so, f).argtypes = [i64] * 7 + [p] * 6
+        getattr(so, f).argtypes = [i64] * 7 + [p] * 6 + [i64, ctypes.c_int]
         getattr(so, f).restype = ctypes.c_int
     for f in ("bsr_mv", "bsr_mv_bf16"):
         getattr(so, f).argtypes = [i64, i64, i64, p, p, p, p, p, p]
@@ -767,21 +767,18 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
         return _csr_dpbf16_matmul(so, w, pairs, x, bias_ptr, out_dtype, fmas)
     # Tiles of tw tokens, token-minor ([tiles, in, tw]): each stored weight scales one
     # contiguous tw-wide row that stays in L2 (3072 x 32 x 4 B = 384 KB) for the whole tile.
-    # The library packs x and unpacks y itself: torch's permute copies of these layouts cost
+    # The library packs x and writes y itself: torch's permute copies of these layouts cost
     # as much as the product (Linear 768 -> 3072 at 90%, T = 197: 2.6 of 6.1 ms).
     tw = _tile_width(T, width, (8, 16, 24, 32))
-    tiles = -(-T // tw)
     xt = _pack(so, x, tw)
-    yt = workspace("yt", (tiles, w.n_out, tw), torch.float32)
     y = torch.empty(T, w.n_out, dtype=out_dtype)
     fn = getattr(so, f"csr_mm_i{w.index}" + ("_bf16" if w.values.dtype == torch.bfloat16 else ""))
-    unpack = so.unpack_tokens if out_dtype is torch.float32 else so.unpack_tokens_bf16
+    y_bf16 = int(out_dtype is torch.bfloat16)
 
     def run(r0, r1):
-        if fn(r0, r1, w.n_in, w.n_out, tiles, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
-              yt.data_ptr()):
+        if fn(r0, r1, w.n_in, w.n_out, T, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
+              y.data_ptr(), w.n_out, y_bf16):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
-        unpack(r0, r1, T, w.n_out, tw, yt.data_ptr(), y.data_ptr(), w.n_out)
     _split(w.n_rows, fmas, run)
     return y
 

@@ -247,12 +247,12 @@ CSR_MV_BF16(csr_mv_i32_bf16, int32_t, gather8_i32)
 #define CSR_MM_TILE(NAME, IDX, VT, LD, TW, S)                                                 \
 static void NAME(int64_t r0, int64_t r1, const int32_t *restrict crow,                        \
                  const IDX *restrict cols, const VT *restrict vals,                           \
-                 const float *restrict xt, const float *restrict bias, float *restrict yt,    \
-                 int first) {                                                                 \
+                 const float *restrict xt, const float *restrict bias, float *restrict out,   \
+                 int first) {  /* rows [r0, r1): sums to out [r1 - r0][TW] */                 \
     enum { U = (TW) / 8 };                                                                    \
     for (int64_t r = r0; r < r1; ++r) {                                                       \
         f8 acc[S][U];                                                                         \
-        f8 *q = (f8 *)(yt + r * (TW));                                                        \
+        f8 *q = (f8 *)(out + (r - r0) * (TW));                                                \
         const float b0 = bias ? bias[r] : 0.f;                                                \
         for (int u = 0; u < U; ++u) {                                                         \
             acc[0][u] = first ? (f8){b0, b0, b0, b0, b0, b0, b0, b0} : q[u];                  \
@@ -295,39 +295,6 @@ CSR_MM_TILE(csr_mm_i32_bf16_8, int32_t, bf16, LD_BF16, 8, 4)
 CSR_MM_TILE(csr_mm_i32_bf16_16, int32_t, bf16, LD_BF16, 16, 4)
 CSR_MM_TILE(csr_mm_i32_bf16_24, int32_t, bf16, LD_BF16, 24, 3)
 CSR_MM_TILE(csr_mm_i32_bf16_32, int32_t, bf16, LD_BF16, 32, 3)
-
-/* Several tokens: every tile of TW tokens in turn, and within a tile every panel of columns
-   in turn: the CSR is stored panel by panel (crow [n_panels * n_out + 1], row r of panel p at
-   crow[p * n_out + r]), so the xt rows a panel reads (PANEL = 512 columns x TW x 4 B = 64 KB at
-   TW = 32) stay in L2 while the weights stream past; one panel (a 3072-wide tile, 384 KB)
-   took ~1.2x longer at T = 32 on the EPYC. Returns 0, or -1 for a TW without a kernel. */
-#define CSR_MM(NAME, IDX, VT, T8, T16, T24, T32)                                              \
-int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t n_tiles, int64_t tw,    \
-         int64_t n_panels, const int32_t *restrict crow, const IDX *restrict cols,            \
-         const VT *restrict vals, const float *restrict xt, const float *restrict bias,       \
-         float *restrict yt) {                                                                \
-    for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
-        const float *xs = xt + t * n_in * tw;                                                 \
-        float *ys = yt + t * n_out * tw;                                                      \
-        for (int64_t p = 0; p < n_panels; ++p) {                                              \
-            const int32_t *cp = crow + p * n_out;                                             \
-            switch (tw) {                                                                     \
-            case 8: T8(r0, r1, cp, cols, vals, xs, bias, ys, p == 0); break;                  \
-            case 16: T16(r0, r1, cp, cols, vals, xs, bias, ys, p == 0); break;                \
-            case 24: T24(r0, r1, cp, cols, vals, xs, bias, ys, p == 0); break;                \
-            case 32: T32(r0, r1, cp, cols, vals, xs, bias, ys, p == 0); break;                \
-            default: return -1;                                                               \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-    return 0;                                                                                 \
-}
-CSR_MM(csr_mm_i16, uint16_t, float, csr_mm_i16_8, csr_mm_i16_16, csr_mm_i16_24, csr_mm_i16_32)
-CSR_MM(csr_mm_i32, int32_t, float, csr_mm_i32_8, csr_mm_i32_16, csr_mm_i32_24, csr_mm_i32_32)
-CSR_MM(csr_mm_i16_bf16, uint16_t, bf16, csr_mm_i16_bf16_8, csr_mm_i16_bf16_16, csr_mm_i16_bf16_24,
-       csr_mm_i16_bf16_32)
-CSR_MM(csr_mm_i32_bf16, int32_t, bf16, csr_mm_i32_bf16_8, csr_mm_i32_bf16_16, csr_mm_i32_bf16_24,
-       csr_mm_i32_bf16_32)
 
 /* One token, BSR with B = b a multiple of 8: the b outputs of a block row in B / 8 vector
    sums, two sets (even and odd j) so that consecutive FMAs do not wait on each other. The
@@ -506,6 +473,51 @@ void NAME(int64_t r0, int64_t r1, int64_t T, int64_t n, int64_t tw, const float 
 }
 UNPACK_TOKENS(unpack_tokens, float, unpack_tile_f32)
 UNPACK_TOKENS(unpack_tokens_bf16, bf16, unpack_tile_bf16)
+
+/* Several tokens: rows [r0, r1) of y [T, n_out] (row stride ld; bf16 for y_bf16, else fp32).
+   Every tile of TW tokens in turn, within a tile CSR_MM_ROWS rows at a time, and for those
+   every panel of columns in turn: the CSR is stored panel by panel (crow [n_panels * n_out +
+   1], row r of panel p at crow[p * n_out + r]), so the xt rows a panel reads (PANEL = 512
+   columns x TW x 4 B = 64 KB at TW = 32) stay in L2 while the weights stream past (one panel,
+   a 3072-wide tile, 384 KB, took ~1.2x longer at T = 32 on the EPYC); the rows' sums stay in a
+   stack buffer of 8 KB until they are written to y (unpack_tile_*), as csr_mm_*_dpbf16 does.
+   Returns 0, or -1 for a TW without a kernel. */
+#define CSR_MM_ROWS 64
+#define CSR_MM(NAME, IDX, VT, T8, T16, T24, T32)                                              \
+int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t T, int64_t tw,          \
+         int64_t n_panels, const int32_t *restrict crow, const IDX *restrict cols,            \
+         const VT *restrict vals, const float *restrict xt, const float *restrict bias,       \
+         void *restrict y, int64_t ld, int y_bf16) {                                          \
+    float acc[CSR_MM_ROWS * 32] __attribute__((aligned(64)));                                 \
+    if (tw != 8 && tw != 16 && tw != 24 && tw != 32) return -1;                               \
+    for (int64_t t = 0; t * tw < T; ++t) {                                                    \
+        const float *xs = xt + t * n_in * tw;                                                 \
+        const int64_t valid = T - t * tw < tw ? T - t * tw : tw;                              \
+        for (int64_t c = r0; c < r1; c += CSR_MM_ROWS) {                                      \
+            const int64_t c1 = c + CSR_MM_ROWS < r1 ? c + CSR_MM_ROWS : r1;                   \
+            for (int64_t p = 0; p < n_panels; ++p) {                                          \
+                const int32_t *cp = crow + p * n_out;                                         \
+                switch (tw) {                                                                 \
+                case 8: T8(c, c1, cp, cols, vals, xs, bias, acc, p == 0); break;              \
+                case 16: T16(c, c1, cp, cols, vals, xs, bias, acc, p == 0); break;            \
+                case 24: T24(c, c1, cp, cols, vals, xs, bias, acc, p == 0); break;            \
+                default: T32(c, c1, cp, cols, vals, xs, bias, acc, p == 0); break;            \
+                }                                                                             \
+            }                                                                                 \
+            if (y_bf16)                                                                       \
+                unpack_tile_bf16(acc, c1 - c, valid, tw, (bf16 *)y + t * tw * ld + c, ld);    \
+            else                                                                              \
+                unpack_tile_f32(acc, c1 - c, valid, tw, (float *)y + t * tw * ld + c, ld);    \
+        }                                                                                     \
+    }                                                                                         \
+    return 0;                                                                                 \
+}
+CSR_MM(csr_mm_i16, uint16_t, float, csr_mm_i16_8, csr_mm_i16_16, csr_mm_i16_24, csr_mm_i16_32)
+CSR_MM(csr_mm_i32, int32_t, float, csr_mm_i32_8, csr_mm_i32_16, csr_mm_i32_24, csr_mm_i32_32)
+CSR_MM(csr_mm_i16_bf16, uint16_t, bf16, csr_mm_i16_bf16_8, csr_mm_i16_bf16_16, csr_mm_i16_bf16_24,
+       csr_mm_i16_bf16_32)
+CSR_MM(csr_mm_i32_bf16, int32_t, bf16, csr_mm_i32_bf16_8, csr_mm_i32_bf16_16, csr_mm_i32_bf16_24,
+       csr_mm_i32_bf16_32)
 
 /* g[0:8] += the eight sums of the eight vectors v[0:8]. */
 static inline void add_hsum8(const f8 *v, float *restrict g) {

@@ -35,6 +35,13 @@ optional kernels the loaded build can run (AMX also needs Linux's arch_prctl per
 at load). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
 caller keeps torch's path.
 
+Memory: the products' temporaries (x packed into tiles, blocks into VNNI sub-blocks) live in
+per-thread workspaces that are reused from call to call (``workspace``; ``release_workspaces()``
+frees them), each as large as the largest it has held - at ViT-B/16's batch 32 (6304 tokens)
+~80 MB in bf16 (two slots of a packed [6304, 3072] operand: the weight gradient's dy and x),
+twice that in fp32. The CSR products write y
+themselves, 64 rows' sums at a time, with no buffer of all of them.
+
 ``KERNELS_CPU_VARIANT=<name>`` forces one of VARIANTS (``amx``, ``avx512-bf16``, ``avx2``,
 ``x86-64``, ``generic``, ``emu``) instead of the choice from the CPU's flags, with no fall back
 to a narrower one: a name not in VARIANTS raises ValueError and a variant this CPU cannot run

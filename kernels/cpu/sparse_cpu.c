@@ -1458,12 +1458,23 @@ void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_
         add_hsum8(h, g + (I));                                                                \
         add_hsum8(h + 8, g + (I) + 8);                                                        \
     }                                                                                         \
-    for (; (I) < (END); ++(I)) {                                                              \
-        const bf16 *b = xs + (int64_t)cols[I] * (TW);                                         \
-        ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A(I, 0), ZMM_LOADU_BH(b));                 \
-        for (int u = 1; u < (TW) / 32; ++u) s = ZMM_DPBF16_PS(s, A(I, u), ZMM_LOADU_BH(b + 32 * u)); \
-        const f8 v = (f8)ZMM_ADD_HALVES(s);                                                   \
-        g[I] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));            \
+    if ((I) < (END)) {  /* the last 1-15 as a group of 16, the missing ones' sums zero */     \
+        const int rem = (int)((END) - (I));                                                   \
+        f8 h[16];                                                                             \
+        float sums[16] = {0};                                                                 \
+        for (int k = 0; k < 16; ++k) {                                                        \
+            h[k] = (f8){0};                                                                   \
+            if (k >= rem) continue;                                                           \
+            const bf16 *b = xs + (int64_t)cols[(I) + k] * (TW);                               \
+            ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A((I) + k, 0), ZMM_LOADU_BH(b));       \
+            for (int u = 1; u < (TW) / 32; ++u)                                               \
+                s = ZMM_DPBF16_PS(s, A((I) + k, u), ZMM_LOADU_BH(b + 32 * u));                \
+            h[k] = (f8)ZMM_ADD_HALVES(s);                                                     \
+        }                                                                                     \
+        add_hsum8(h, sums);                                                                   \
+        add_hsum8(h + 8, sums + 8);                                                           \
+        for (int k = 0; k < rem; ++k) g[(I) + k] += sums[k];                                  \
+        (I) = (END);                                                                          \
     }
 #define DPBF16_DY_OF_ROW(i, u) ZMM_LOADU_BH(dys + (int64_t)rows[i] * TILE_W + 32 * (u))
 #define SDDMM_DPBF16_TILES(NAME, TW)                                                          \

@@ -267,7 +267,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         getattr(so, f).argtypes = [i64, i64, p, p, p, p, p, i64, p, p]
         getattr(so, f).restype = None
     for f in ("csr_mm_i16", "csr_mm_i32", "csr_mm_i16_bf16", "csr_mm_i32_bf16"):
-        getattr(so, f).argtypes = [i64] * 7 + [p] * 6 + [i64, ctypes.c_int]
+        getattr(so, f).argtypes = [i64] * 7 + [p] * 6 + [i64, ctypes.c_int, p]
         getattr(so, f).restype = ctypes.c_int
     for f in ("bsr_mv", "bsr_mv_bf16"):
         getattr(so, f).argtypes = [i64, i64, i64, p, p, p, p, p, p]
@@ -308,7 +308,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         so.bsr16_mv_dpbf16.restype = None
     if built & 4:
         for f in ("csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16"):
-            getattr(so, f).argtypes = [i64] * 6 + [p] * 6 + [i64, ctypes.c_int]
+            getattr(so, f).argtypes = [i64] * 6 + [p] * 6 + [i64, ctypes.c_int, p]
             getattr(so, f).restype = None
         so.pack_tokens_dpbf16.argtypes = [i64, i64, p, i64, i64, p]
         so.pack_tokens_dpbf16.restype = None
@@ -781,10 +781,11 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     y = torch.empty(T, w.n_out, dtype=out_dtype)
     fn = getattr(so, f"csr_mm_i{w.index}" + ("_bf16" if w.values.dtype == torch.bfloat16 else ""))
     y_bf16 = int(out_dtype is torch.bfloat16)
+    acc = _rows_acc(w, tw)
 
     def run(r0, r1):
         if fn(r0, r1, w.n_in, w.n_out, T, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
-              y.data_ptr(), w.n_out, y_bf16):
+              y.data_ptr(), w.n_out, y_bf16, acc):
             raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
     _split(w.n_rows, fmas, run)
     return y
@@ -802,8 +803,16 @@ def _csr_dpbf16_matmul(so, w: NativeWeight, pairs: torch.Tensor, x: torch.Tensor
     fn = getattr(so, f"csr_mm_i{w.index}_dpbf16")
     ptrs = (w.crow.data_ptr(), w.cols.data_ptr(), pairs.data_ptr(), xt.data_ptr(), bias_ptr, y.data_ptr())
     y_bf16 = int(out_dtype is torch.bfloat16)
-    _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, w.n_in, w.n_out, T, w.panels, *ptrs, w.n_out, y_bf16))
+    acc = _rows_acc(w, 32)
+    _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, w.n_in, w.n_out, T, w.panels, *ptrs, w.n_out, y_bf16, acc))
     return y
+
+
+def _rows_acc(w: NativeWeight, tw: int) -> int | None:
+    """The CSR products' sums of every row for one tile ([n_out, tw] fp32, a workspace) where the
+    weight is in several panels (each panel then read by every row before the next), else None
+    (64 rows at a time on the C stack)."""
+    return workspace("yt", (w.n_out, tw), torch.float32).data_ptr() if w.panels > 1 else None
 
 
 def _bsr16_matmul(so, w: NativeWeight, x: torch.Tensor, bias_ptr, out_dtype: torch.dtype, fmas: int) -> torch.Tensor:

@@ -431,10 +431,12 @@ PACK_TOKENS(pack_tokens, float, LD_F32, X_F32)
 PACK_TOKENS(pack_tokens_bf16, bf16, LD_BF16, X_BF16)
 
 /* y as fp32 (Y_F32) or bf16 rounded to nearest even (Y_BF16). unpack_tile_*: one tile's sums
-   s [n_cols][tw] -> y[j * ld + c] for its valid tokens j; token rows outermost (8 at a time,
-   in 8 x 8 transposes with AVX), so that the rows written at once are only eight: y's rows
-   for 3072 bf16 outputs lie 6 KB apart, and 32 of them in flight (the columns outermost) shared
-   two of L1D's sets - unpack_tokens_bf16 of [1576, 3072] took 3.7 ms that way, 2.4 ms so (Zen 4). */
+   s [n_cols][tw] -> y[j * ld + c] for its valid tokens j; in blocks of 64 columns, and within a
+   block token rows outermost (8 at a time, in 8 x 8 transposes with AVX), so that the rows
+   written at once are only eight: y's rows for 3072 bf16 outputs lie 6 KB apart, and 32 of them
+   in flight (the columns outermost) shared two of L1D's sets - unpack_tokens_bf16 of [1576,
+   3072] took 3.7 ms that way, 2.4 ms with the token rows outermost over all columns (Zen 4); the
+   blocks keep a block's sums in L1 for its token rows. */
 #define Y_F32(p, v) _mm256_storeu_ps(p, v)
 #define Y_BF16(p, v) store_bf16x8(p, (f8)(v))
 #define ST_F32(v) (v)
@@ -451,13 +453,16 @@ static inline void NAME(const float *restrict s, int64_t n_cols, int64_t valid, 
 #define UNPACK_AVX(STOREY)                                                                    \
     if (tw % 8 == 0) {                                                                        \
         c0 = n_cols / 8 * 8;                                                                  \
-        for (int64_t j0 = 0; j0 < valid; j0 += 8)                                             \
-            for (int64_t c = 0; c < c0; c += 8) {                                             \
-                __m256 r[8];                                                                  \
-                for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c + m) * tw + j0);    \
-                transpose8(r);                                                                \
-                for (int m = 0; m < 8 && j0 + m < valid; ++m) STOREY(y + (j0 + m) * ld + c, r[m]); \
-            }                                                                                 \
+        for (int64_t cb = 0; cb < c0; cb += 64) {                                             \
+            const int64_t ce = cb + 64 < c0 ? cb + 64 : c0;                                   \
+            for (int64_t j0 = 0; j0 < valid; j0 += 8)                                         \
+                for (int64_t c = cb; c < ce; c += 8) {                                        \
+                    __m256 r[8];                                                              \
+                    for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(s + (c + m) * tw + j0); \
+                    transpose8(r);                                                            \
+                    for (int m = 0; m < 8 && j0 + m < valid; ++m) STOREY(y + (j0 + m) * ld + c, r[m]); \
+                }                                                                             \
+        }                                                                                     \
     }
 #else
 #define UNPACK_AVX(STOREY)
@@ -480,21 +485,26 @@ UNPACK_TOKENS(unpack_tokens_bf16, bf16, unpack_tile_bf16)
    1], row r of panel p at crow[p * n_out + r]), so the xt rows a panel reads (PANEL = 512
    columns x TW x 4 B = 64 KB at TW = 32) stay in L2 while the weights stream past (one panel,
    a 3072-wide tile, 384 KB, took ~1.2x longer at T = 32 on the EPYC); the rows' sums stay in a
-   stack buffer of 8 KB until they are written to y (unpack_tile_*), as csr_mm_*_dpbf16 does.
+   buffer until they are written to y (unpack_tile_*), as csr_mm_*_dpbf16 does: 64 rows' on the
+   stack (8 KB), or with rows_acc ([n_out, tw], for a weight in several panels) all of [r0, r1)
+   at once, so that each panel is read by every row before the next - 64 rows at a time through
+   every panel was 8-14% slower at 256 tokens (fp32 fan-in inference, 3072 -> 768, Zen 4).
    Returns 0, or -1 for a TW without a kernel. */
 #define CSR_MM_ROWS 64
 #define CSR_MM(NAME, IDX, VT, T8, T16, T24, T32)                                              \
 int NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t T, int64_t tw,          \
          int64_t n_panels, const int32_t *restrict crow, const IDX *restrict cols,            \
          const VT *restrict vals, const float *restrict xt, const float *restrict bias,       \
-         void *restrict y, int64_t ld, int y_bf16) {                                          \
-    float acc[CSR_MM_ROWS * 32] __attribute__((aligned(64)));                                 \
+         void *restrict y, int64_t ld, int y_bf16, float *restrict rows_acc) {                \
+    float stack_acc[CSR_MM_ROWS * 32] __attribute__((aligned(64)));                           \
+    float *acc = rows_acc ? rows_acc + r0 * tw : stack_acc;                                   \
+    const int64_t chunk = rows_acc ? r1 - r0 : CSR_MM_ROWS;                                   \
     if (tw != 8 && tw != 16 && tw != 24 && tw != 32) return -1;                               \
     for (int64_t t = 0; t * tw < T; ++t) {                                                    \
         const float *xs = xt + t * n_in * tw;                                                 \
         const int64_t valid = T - t * tw < tw ? T - t * tw : tw;                              \
-        for (int64_t c = r0; c < r1; c += CSR_MM_ROWS) {                                      \
-            const int64_t c1 = c + CSR_MM_ROWS < r1 ? c + CSR_MM_ROWS : r1;                   \
+        for (int64_t c = r0; c < r1; c += chunk) {                                            \
+            const int64_t c1 = c + chunk < r1 ? c + chunk : r1;                               \
             for (int64_t p = 0; p < n_panels; ++p) {                                          \
                 const int32_t *cp = crow + p * n_out;                                         \
                 switch (tw) {                                                                 \
@@ -1342,19 +1352,22 @@ CSR_MM_DPBF16_TILE(csr_mm_i16_dpbf16_32, uint16_t, 4)
 CSR_MM_DPBF16_TILE(csr_mm_i32_dpbf16_32, int32_t, 4)
 
 /* Rows [r0, r1) of y [T, n_out] (row stride ld; bf16 for y_bf16, else fp32): every tile of 32
-   tokens, then CSR_DPBF16_ROWS rows at a time, every panel (n_panels of PANEL columns, crow by
-   panel) into the stack buffer, then those rows' columns of y. */
+   tokens, then CSR_DPBF16_ROWS rows at a time - or with rows_acc ([n_out, 32], for a weight in
+   several panels) all of them, as CSR_MM - every panel (n_panels of PANEL columns, crow by
+   panel) into the buffer, then those rows' columns of y. */
 #define CSR_DPBF16_ROWS 64
 #define CSR_MM_DPBF16(NAME, IDX, TILE)                                                        \
 void NAME(int64_t r0, int64_t r1, int64_t n_in, int64_t n_out, int64_t T, int64_t n_panels,   \
           const int32_t *restrict crow, const IDX *restrict cols, const bf16 *restrict vals,  \
           const bf16 *restrict xt, const float *restrict bias, void *restrict y, int64_t ld,  \
-          int y_bf16) {                                                                       \
-    float acc[CSR_DPBF16_ROWS * 32] __attribute__((aligned(64)));                             \
+          int y_bf16, float *restrict rows_acc) {                                             \
+    float stack_acc[CSR_DPBF16_ROWS * 32] __attribute__((aligned(64)));                       \
+    float *acc = rows_acc ? rows_acc + r0 * 32 : stack_acc;                                   \
+    const int64_t chunk = rows_acc ? r1 - r0 : CSR_DPBF16_ROWS;                               \
     for (int64_t t = 0; t * 32 < T; ++t) {                                                    \
         const int64_t valid = T - t * 32 < 32 ? T - t * 32 : 32;                              \
-        for (int64_t c = r0; c < r1; c += CSR_DPBF16_ROWS) {                                  \
-            const int64_t c1 = c + CSR_DPBF16_ROWS < r1 ? c + CSR_DPBF16_ROWS : r1;           \
+        for (int64_t c = r0; c < r1; c += chunk) {                                            \
+            const int64_t c1 = c + chunk < r1 ? c + chunk : r1;                               \
             for (int64_t p = 0; p < n_panels; ++p)                                            \
                 TILE(c, c1, crow + p * n_out, cols, vals, xt + t * n_in * 32, bias, acc, p == 0); \
             if (y_bf16)                                                                       \

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import runtime as rt
 from .coords import csr_structure, index_dtype, random_rows_of_distinct, stored_count
-from .module import SparseLayer
+from .module import SparseLayer, bias_add, check_bias
 from .sddmm import _token_contiguous, acc_dtype, sddmm
 from .sparse import csr_matmul
 
@@ -568,8 +568,9 @@ rt.register_linear_autograd(_fanin_op, _fanin_dx_op, _fanin_dw)
 
 
 def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                 rows: torch.Tensor | None = None, out_features: int | None = None) -> torch.Tensor:
-    """Constant fan-in sparse product y = x W^T with W stored condensed.
+                 rows: torch.Tensor | None = None, out_features: int | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Constant fan-in sparse product y = x W^T (+ bias) with W stored condensed.
 
     Args:
         x: [..., in].
@@ -578,8 +579,9 @@ def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
         rows: int32 [n_rows] distinct output neurons of the stored rows, or None for
             ``arange(n_rows)``. Neurons absent from ``rows`` are ablated and output 0.
         out_features: width of y; defaults to n_rows.
+        bias: [out_features] or None, added in y's dtype (module.bias_add: in place on CPU).
     Returns:
-        y: [..., out_features]. Differentiable in x and values.
+        y: [..., out_features]. Differentiable in x, values and bias.
 
     Example:
         >>> idx = torch.tensor([[0, 2], [1, 3]], dtype=torch.int32)
@@ -591,10 +593,11 @@ def fanin_matmul(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     if not isinstance(values, torch.Tensor) or values.dim() != 2:
         raise ValueError(f"values must be a 2-D tensor [n_rows, k], got {getattr(values, 'shape', values)!r}")
     out_features = values.shape[0] if out_features is None else int(out_features)
-    rt.check_same_device(x=x, values=values, indices=indices, rows=rows)
+    check_bias(bias, out_features)
+    rt.check_same_device(x=x, values=values, indices=indices, rows=rows, bias=bias)
     lead = x.shape[:-1]
     x2 = rt.flatten_tokens(x)
-    y = _fanin_op(x2, values, indices, rows, out_features)
+    y = bias_add(_fanin_op(x2, values, indices, rows, out_features), bias)
     return y.reshape(*lead, out_features)
 
 
@@ -634,8 +637,7 @@ class FanInLinear(SparseLayer):
         y = self.cpu_inference(x)
         if y is not None:
             return y
-        y = fanin_matmul(x, self.values, self.indices, self.rows, self.out_features)
-        return self.add_bias(y)
+        return fanin_matmul(x, self.values, self.indices, self.rows, self.out_features, self.bias)
 
     def nnz(self) -> int:
         return self.values.numel()

@@ -374,6 +374,17 @@ def _plain_eager_call(args) -> bool:
     return True
 
 
+def _own(out: torch.Tensor) -> torch.Tensor:
+    """``out``'s base where ``out`` is a view covering it exactly (the transpose of a transposed
+    product, as the CPU paths return): a custom Function's output that is a view may not be
+    modified in place, and the layers add their bias to their product in place (module.bias_add)."""
+    base = out._base
+    if (base is not None and base.shape == out.shape and base.stride() == out.stride()
+            and base.storage_offset() == out.storage_offset() and base.dtype == out.dtype):
+        return base
+    return out
+
+
 class BackendOp:
     """A custom op (``.op``, torch.library's CustomOpDef: what torch.compile, opcheck, export,
     every mode and every non-CPU tensor get) whose eager calls on plain CPU tensors go straight
@@ -394,7 +405,7 @@ class BackendOp:
             def forward(ctx, *args):
                 out = body(*args)
                 setup_context(ctx, args, out)
-                return out
+                return tuple(map(_own, out)) if isinstance(out, tuple) else _own(out)
 
             @staticmethod
             def backward(ctx, *grads):

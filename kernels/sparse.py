@@ -25,7 +25,7 @@ import torch
 from . import cpu as cpu_native
 from . import runtime as rt
 from .coords import csr_structure, sample_distinct, sort_coords, stored_count
-from .module import SparseLayer
+from .module import SparseLayer, bias_add, check_bias
 from .sddmm import sddmm
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -131,14 +131,15 @@ rt.register_linear_autograd(_sparse_op, _sparse_dx_op, sddmm)
 
 
 def sparse_matmul(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  out_features: int) -> torch.Tensor:
-    """Unstructured sparse product y = x W^T, W given by (rows, cols, values).
+                  out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Unstructured sparse product y = x W^T (+ bias), W given by (rows, cols, values).
 
     Args:
         x: [..., in]; values: [nnz] (dtype of x); rows, cols: int32 [nnz], distinct coordinates,
         rows in [0, out_features), cols in [0, in).
+        bias: [out_features] or None, added in y's dtype (module.bias_add: in place on CPU).
     Returns:
-        y: [..., out_features]. Differentiable in x and values.
+        y: [..., out_features]. Differentiable in x, values and bias.
 
     Example:
         >>> r, c = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32)
@@ -147,9 +148,10 @@ def sparse_matmul(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, col
     rt.check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in]")
-    rt.check_same_device(x=x, values=values, rows=rows, cols=cols)
+    check_bias(bias, out_features)
+    rt.check_same_device(x=x, values=values, rows=rows, cols=cols, bias=bias)
     lead = x.shape[:-1]
-    y = _sparse_op(rt.flatten_tokens(x), values, rows, cols, int(out_features))
+    y = bias_add(_sparse_op(rt.flatten_tokens(x), values, rows, cols, int(out_features)), bias)
     return y.reshape(*lead, out_features)
 
 
@@ -186,8 +188,7 @@ class SparseLinear(SparseLayer):
         y = self.cpu_inference(x)
         if y is not None:
             return y
-        y = sparse_matmul(x, self.values, self.rows, self.cols, self.out_features)
-        return self.add_bias(y)
+        return sparse_matmul(x, self.values, self.rows, self.cols, self.out_features, self.bias)
 
     def coords(self):
         return self.rows, self.cols

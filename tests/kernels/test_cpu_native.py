@@ -1409,3 +1409,30 @@ def test_products_return_no_workspace(dtype):
             second = product(T)
             assert torch.equal(first, kept), f"{name}, {T} tokens: the next call overwrote the result"
             assert not torch.equal(first, second), f"{name}, {T} tokens: two calls gave one result"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["fanin", "sparse"])
+def test_functional_products_add_their_bias(op, dtype):
+    """fanin_matmul / sparse_matmul with ``bias``: y = the product + bias in y's dtype (on CPU in
+    place on the product), and the bias gradient dy's column sums (x [2, 9, 40], so the bias is
+    added to the [18, 30] product before its reshape); without a gradient the same values."""
+    g = torch.Generator().manual_seed(400)
+    x = torch.randn(2, 9, 40, generator=g).to(dtype)
+    bias = torch.randn(30, generator=g).to(dtype).requires_grad_()
+    if op == "fanin":
+        layer = kernels.FanInLinear(40, 30, k=6, generator=g).to(dtype)
+        product = lambda b: kernels.fanin_matmul(x, layer.values, layer.indices, layer.rows, 30, b)  # noqa: E731
+    else:
+        layer = kernels.SparseLinear(40, 30, density=0.2, generator=g).to(dtype)
+        product = lambda b: kernels.sparse_matmul(x, layer.values, layer.rows, layer.cols, 30, b)  # noqa: E731
+    plain = product(None)
+    y = product(bias)
+    assert y.shape == (2, 9, 30) and y.dtype == dtype
+    assert torch.equal(y.detach(), plain.detach() + bias.detach()), "y != the product + bias"
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+    flat = dy.reshape(18, 30)
+    assert_matches(bias.grad, flat.double().sum(0), flat.float().sum(0).to(dtype), f"{op} {dtype}: bias gradient")
+    with torch.no_grad():
+        assert torch.equal(product(bias), y.detach())

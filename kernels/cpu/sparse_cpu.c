@@ -1455,34 +1455,31 @@ void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_
 #else
 #define ZMM_ADD_HALVES(v) _mm256_add_ps(_mm256_loadu_ps((v).f), _mm256_loadu_ps((v).f + 8))
 #endif
-/* The dots of sixteen weights at a time and of the rest one by one, the dy rows as A(i, u) gives
-   them: read per weight (sddmm_tiles_dpbf16) or held in registers for a row of the CSR
-   (sddmm_rows_dpbf16). */
+/* The dots of sixteen weights at a time, the last 1-15 of them as one more group of 16 whose
+   missing sums are zero, the dy rows as A(i, u) gives them: read per weight (sddmm_tiles_dpbf16)
+   or held in registers for a row of the CSR (sddmm_rows_dpbf16). DPBF16_DOT: weight i's dot,
+   folded to 8 lanes. */
+#define DPBF16_DOT(H, i, A, TW)                                                               \
+    {                                                                                         \
+        const bf16 *b = xs + (int64_t)cols[i] * (TW);                                         \
+        ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A(i, 0), ZMM_LOADU_BH(b));                 \
+        for (int u = 1; u < (TW) / 32; ++u) s = ZMM_DPBF16_PS(s, A(i, u), ZMM_LOADU_BH(b + 32 * u)); \
+        H = (f8)ZMM_ADD_HALVES(s);                                                            \
+    }
 #define SDDMM_DPBF16_DOTS(I, END, A, TW)                                                      \
     for (; (I) + 16 <= (END); (I) += 16) {                                                    \
         f8 h[16];                                                                             \
-        for (int k = 0; k < 16; ++k) {                                                        \
-            const bf16 *b = xs + (int64_t)cols[(I) + k] * (TW);                               \
-            ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A((I) + k, 0), ZMM_LOADU_BH(b));       \
-            for (int u = 1; u < (TW) / 32; ++u)                                               \
-                s = ZMM_DPBF16_PS(s, A((I) + k, u), ZMM_LOADU_BH(b + 32 * u));                \
-            h[k] = (f8)ZMM_ADD_HALVES(s);                                                     \
-        }                                                                                     \
+        for (int k = 0; k < 16; ++k) DPBF16_DOT(h[k], (I) + k, A, TW)                         \
         add_hsum8(h, g + (I));                                                                \
         add_hsum8(h + 8, g + (I) + 8);                                                        \
     }                                                                                         \
-    if ((I) < (END)) {  /* the last 1-15 as a group of 16, the missing ones' sums zero */     \
+    if ((I) < (END)) {                                                                        \
         const int rem = (int)((END) - (I));                                                   \
         f8 h[16];                                                                             \
         float sums[16] = {0};                                                                 \
         for (int k = 0; k < 16; ++k) {                                                        \
             h[k] = (f8){0};                                                                   \
-            if (k >= rem) continue;                                                           \
-            const bf16 *b = xs + (int64_t)cols[(I) + k] * (TW);                               \
-            ZMM_PS s = ZMM_DPBF16_PS(ZMM_SETZERO_PS(), A((I) + k, 0), ZMM_LOADU_BH(b));       \
-            for (int u = 1; u < (TW) / 32; ++u)                                               \
-                s = ZMM_DPBF16_PS(s, A((I) + k, u), ZMM_LOADU_BH(b + 32 * u));                \
-            h[k] = (f8)ZMM_ADD_HALVES(s);                                                     \
+            if (k < rem) DPBF16_DOT(h[k], (I) + k, A, TW)                                     \
         }                                                                                     \
         add_hsum8(h, sums);                                                                   \
         add_hsum8(h + 8, sums + 8);                                                           \

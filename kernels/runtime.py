@@ -374,13 +374,15 @@ def _plain_eager_call(args) -> bool:
     return True
 
 
-def _own(out: torch.Tensor) -> torch.Tensor:
-    """``out``'s base where ``out`` is a view covering it exactly (the transpose of a transposed
-    product, as the CPU paths return): a custom Function's output that is a view may not be
-    modified in place, and the layers add their bias to their product in place (module.bias_add)."""
-    base = out._base
+def _own(out, args: tuple):
+    """``out``'s base where ``out`` is a view covering all of a tensor the op made (the transpose
+    of a transposed product, as the CPU paths return): a custom Function's output that is a view
+    may not be modified in place, and the layers add their bias to their product in place
+    (module.bias_add). A view of an input stays a view."""
+    base = out._base if isinstance(out, torch.Tensor) else None
     if (base is not None and base.shape == out.shape and base.stride() == out.stride()
-            and base.storage_offset() == out.storage_offset() and base.dtype == out.dtype):
+            and base.storage_offset() == out.storage_offset() and base.dtype == out.dtype
+            and not any(base is a or (isinstance(a, torch.Tensor) and base is a._base) for a in args)):
         return base
     return out
 
@@ -405,7 +407,7 @@ class BackendOp:
             def forward(ctx, *args):
                 out = body(*args)
                 setup_context(ctx, args, out)
-                return tuple(map(_own, out)) if isinstance(out, tuple) else _own(out)
+                return tuple(_own(o, args) for o in out) if isinstance(out, tuple) else _own(out, args)
 
             @staticmethod
             def backward(ctx, *grads):

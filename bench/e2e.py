@@ -324,20 +324,43 @@ def measure_cpu(model: str, formats: list[str], args, device, dtype) -> dict[str
             out[fmt] = dict(status="wrong", reason=str(e)[:160])
     names = list(runners)
     times = {n: {"train": [], "infer": []} for n in names}
+    faults = {n: {"train": [], "infer": []} for n in names}
     for phase in args.phases:
         for n in names:
             for _ in range(args.warmup):
                 getattr(runners[n], f"{phase}_step")()
         for step in range(args.steps):
             for n in names[step % max(len(names), 1):] + names[:step % max(len(names), 1)]:
+                f0 = _minor_faults()
                 times[n][phase].append(_time_once(getattr(runners[n], f"{phase}_step")))
+                faults[n][phase].append(_minor_faults() - f0)
         if phase == "train" or "train" not in args.phases:
             for r in runners.values():
                 r.drop_optimizer()
     for n in names:
         out[n] = dict(_summary(times[n]["train"], times[n]["infer"]), **_finished(runners[n], "train" in args.phases),
-                      train_peak_mb=math.nan, infer_peak_mb=math.nan, status="ok", reason="")
+                      train_peak_mb=math.nan, infer_peak_mb=math.nan, status="ok", reason=_faults_note(faults[n]))
     return out
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _faults_note(faults: dict) -> str:
+    """The median minor page faults of a timed step, per phase: on CPU a step's time follows
+    them (fresh pages from the OS, ~2 us each on the EPYC VMs here), and they depend on the
+    process's allocation history, so they explain a part of the spread between runs."""
+    def count(v):
+        m = statistics.median(v)
+        return f"{m / 1e3:.0f}k" if m >= 10_000 else f"{m:.0f}"
+    parts = [f"{phase} {count(v)}" for phase, v in faults.items() if v]
+    return ("minor faults a step: " + ", ".join(parts)) if parts else ""
 
 
 def _target_line(rows, gpu, dtype, args) -> str:

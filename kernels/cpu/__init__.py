@@ -676,8 +676,10 @@ def _tile_width(T: int, width: int, choices, elem_bytes: int = 4) -> int:
 # more than the product (Linear 768 -> 3072 at 90%, 6304 tokens, bf16 under autocast, one
 # thread, the EPYC Zen 4: a fan-in training step 305 ms, 174 ms with glibc told to keep its
 # memory; see bench/results/cpu_check/). A workspace grows to the largest temporary its slot
-# has held, up to WORKSPACE_MAX_BYTES; bigger ones are allocated per call.
-WORKSPACE_MAX_BYTES = 1 << 30
+# has held, up to WORKSPACE_MAX_BYTES (a slot's largest at ViT-B/16's batch 32, 6304 tokens: a
+# packed fp32 [6304, 3072], 77 MB); bigger ones are allocated per call, so a rare huge call
+# leaves nothing behind.
+WORKSPACE_MAX_BYTES = 256 << 20
 
 
 class _Workspaces(threading.local):

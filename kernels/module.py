@@ -173,10 +173,6 @@ class SparseLayer(nn.Module):
         optimizer state (dst.apply_update does)."""
         resize_parameter(self.values, values)
 
-    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        """y + bias in y's dtype (bias_add; y the layer's own product)."""
-        return bias_add(y, self.bias)
-
     def reset_bias(self, bound: float, generator=None) -> None:
         if self.bias is not None:
             with torch.no_grad():

@@ -1509,30 +1509,24 @@ SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_32, 32)
 SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_64, 64)
 SDDMM_ROWS_DPBF16(sddmm_rows_dpbf16_128, 128)
 
-int sddmm_rows_dpbf16(int64_t r0, int64_t r1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,
-                      const int32_t *restrict crow, const int32_t *restrict cols, const bf16 *restrict dyt,
-                      const bf16 *restrict xt, float *restrict g) {
-    switch (tw) {
-    case 32: sddmm_rows_dpbf16_32(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
-    case 64: sddmm_rows_dpbf16_64(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
-    case 128: sddmm_rows_dpbf16_128(r0, r1, n_tiles, M, N, crow, cols, dyt, xt, g); return 0;
-    default: return -1;
-    }
+/* The entry points: the kernel of the tile width tw (32, 64 or 128), -1 for another. */
+#define SDDMM_DPBF16_ENTRY(NAME, FIRST)                                                       \
+int NAME(int64_t a0, int64_t a1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,           \
+         const int32_t *restrict FIRST, const int32_t *restrict cols, const bf16 *restrict dyt, \
+         const bf16 *restrict xt, float *restrict g) {                                        \
+    switch (tw) {                                                                             \
+    case 32: NAME##_32(a0, a1, n_tiles, M, N, FIRST, cols, dyt, xt, g); return 0;             \
+    case 64: NAME##_64(a0, a1, n_tiles, M, N, FIRST, cols, dyt, xt, g); return 0;             \
+    case 128: NAME##_128(a0, a1, n_tiles, M, N, FIRST, cols, dyt, xt, g); return 0;           \
+    default: return -1;                                                                       \
+    }                                                                                         \
 }
+SDDMM_DPBF16_ENTRY(sddmm_rows_dpbf16, crow)
 SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_32, 32)
 SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_64, 64)
 SDDMM_DPBF16_TILES(sddmm_tiles_dpbf16_128, 128)
 
-int sddmm_tiles_dpbf16(int64_t i0, int64_t i1, int64_t n_tiles, int64_t tw, int64_t M, int64_t N,
-                       const int32_t *restrict rows, const int32_t *restrict cols, const bf16 *restrict dyt,
-                       const bf16 *restrict xt, float *restrict g) {
-    switch (tw) {
-    case 32: sddmm_tiles_dpbf16_32(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
-    case 64: sddmm_tiles_dpbf16_64(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
-    case 128: sddmm_tiles_dpbf16_128(i0, i1, n_tiles, M, N, rows, cols, dyt, xt, g); return 0;
-    default: return -1;
-    }
-}
+SDDMM_DPBF16_ENTRY(sddmm_tiles_dpbf16, rows)
 
 /* AVX-512-BF16 block products of several tokens (b = 16 q: DiagLinear b = 16 / 32 / 64) - what
    AMX's tiles do on the Xeon, for the CPUs with avx512_bf16 and no AMX (Zen 4, Cooper Lake):

@@ -122,7 +122,7 @@ class DiagLinear(SparseLayer):
         y = self.cpu_inference(x)
         if y is not None:
             return y
-        # the bias is added in the kernel's epilogue (no pass over y), in y's dtype as add_bias
+        # the bias is added in the kernel's epilogue (no pass over y), in y's dtype as module.bias_add
         return diag_matmul(x, self.effective_values(), self.offsets, self.block_size, self.out_features, self.bias)
 
     def coords(self):

@@ -72,6 +72,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -86,7 +87,7 @@ from .. import runtime as rt
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 11
+ABI = 12
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -125,6 +126,10 @@ TILE_BYTES = tile_bytes(_l2_bytes())
 # 90% is 236k, a product of tens of microseconds that a hand-off to a pool thread would not pay
 # for; ViT-B's sparse layers at 197 tokens are 12-46M.
 PARALLEL_MIN_FMAS = 2_000_000
+PARALLEL_ARGS = 16  # (sparse_cpu.c's parallel_rows: the arguments it passes after r0, r1)
+# Split the products over torch's OpenMP threads (parallel_rows) where features() has "openmp";
+# False: over a Python thread pool (the tests run both).
+SPLIT_ON_OPENMP = True
 # Fewest tokens that take the AVX-512-BF16 CSR product (csr_mm_*_dpbf16, tiles of 32 tokens) where
 # the build has it: up to 16 the fp32 loop's 8- / 16-token tiles do a half or less of the
 # 32-token tile's token slots (per weight ~1 cycle either way in sparse_cpu.c's model; not timed).
@@ -235,27 +240,30 @@ def build(name: str | None = None) -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler (gcc / cc / $CC) found")
-    cmd = [cc, "-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", *flags]
     src = SOURCE.read_bytes()
-    tag = hashlib.sha1(src + " ".join(cmd[1:]).encode()).hexdigest()[:12]
     folder = build_dir()
-    target = folder / f"sparse_cpu-{name}-{tag}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # concurrent builds: each its own file
-    os.close(fd)
-    try:
-        done = subprocess.run([*cmd, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"building {SOURCE.name} failed: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    failed = None
+    for openmp in (["-fopenmp"], []):  # (parallel_rows; a compiler without OpenMP builds the rest)
+        cmd = [cc, "-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", *flags, *openmp]
+        tag = hashlib.sha1(src + " ".join(cmd[1:]).encode()).hexdigest()[:12]
+        target = folder / f"sparse_cpu-{name}-{tag}.so"
+        if target.exists():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # concurrent builds: each its own file
+        os.close(fd)
+        try:
+            done = subprocess.run([*cmd, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            failed = f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f"building {SOURCE.name} failed: {e}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(failed)
 
 
 def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
@@ -330,6 +338,10 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         so.sddmm_blocks_dpbf16.restype = None
         so.pack_pair_groups.argtypes = [i64, i64, p, i64, i64, i64, p]
         so.pack_pair_groups.restype = None
+    so.sparse_cpu_openmp.restype = ctypes.c_int
+    if so.sparse_cpu_openmp():
+        so.parallel_rows.argtypes = [i64, i64, p, ctypes.c_int, p]
+        so.parallel_rows.restype = ctypes.c_int
     so.sparse_cpu_abi.restype = ctypes.c_int
     if so.sparse_cpu_abi() != ABI:
         raise RuntimeError(f"{so._name}: ABI {so.sparse_cpu_abi()}, expected {ABI}")
@@ -373,6 +385,15 @@ def lib() -> ctypes.CDLL | None:
                     feats.add("sddmm_dpbf16")
                 if built & 16:
                     feats.add("blocks_dpbf16")
+                if so.sparse_cpu_openmp():
+                    runtimes = _openmp_runtimes()
+                    if len(runtimes) == 1:
+                        feats.add("openmp")
+                    else:
+                        why["openmp"] = (f"the process maps {len(runtimes)} OpenMP runtimes ({', '.join(runtimes)}), "
+                                         "not torch's alone: a Python thread pool splits the products")
+                else:
+                    why["openmp"] = "the library was built without OpenMP (the compiler has no -fopenmp)"
                 if built & 1:
                     if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
                         feats.add("amx")
@@ -380,6 +401,17 @@ def lib() -> ctypes.CDLL | None:
                         why["amx"] = "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
             _state.update(lib=so, error=err, features=frozenset(feats), features_why=why)
     return _state["lib"]
+
+
+def _openmp_runtimes(maps: Path = Path("/proc/self/maps")) -> list[str]:
+    """The OpenMP runtimes this process maps (libgomp, libiomp, libomp: their files), [] where
+    unknown. One means the library's parallel_rows runs on torch's own threads."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return []
+    names = {line.split()[-1] for line in lines if len(line.split()) >= 6}
+    return sorted(n for n in names if re.match(r"lib(gomp|iomp\d*|omp)[-.]", Path(n).name))
 
 
 class _Off(threading.local):
@@ -714,21 +746,31 @@ def release_workspaces() -> int:
 _pool: ThreadPoolExecutor | None = None
 
 
-def _split(n_rows: int, fmas: int, run) -> None:
-    """run(r0, r1) over [0, n_rows), on torch's thread count when the product is big enough
-    (ctypes drops the GIL during a call, so Python threads run the C code in parallel)."""
+def _split(n_rows: int, fmas: int, fn, *args) -> int:
+    """fn(r0, r1, *args) over [0, n_rows), on torch's thread count when the product is big enough;
+    returns the OR of the calls' results (0 for a function that returns nothing). fn is a
+    function of the library (its other arguments integers or pointers, None for NULL): where
+    features() has "openmp", one parallel_rows call runs it on torch's OpenMP threads; else (or
+    for a Python callable) Python threads do (ctypes drops the GIL during a call) - which compete
+    with torch's threads while those spin after torch's own parallel regions."""
     global _pool
     threads = min(torch.get_num_threads(), n_rows)
     if threads <= 1 or fmas < PARALLEL_MIN_FMAS:
-        run(0, n_rows)
-        return
+        return fn(0, n_rows, *args) or 0
+    if isinstance(fn, ctypes._CFuncPtr) and SPLIT_ON_OPENMP and "openmp" in features():
+        if len(args) > PARALLEL_ARGS:
+            raise ValueError(f"parallel_rows passes {PARALLEL_ARGS} arguments after the rows, got {len(args)}")
+        packed = (ctypes.c_int64 * PARALLEL_ARGS)(*(0 if a is None else int(a) for a in args))
+        return _state["lib"].parallel_rows(threads, n_rows, ctypes.cast(fn, ctypes.c_void_p),
+                                           int(fn.restype is not None), packed)
     if _pool is None or _pool._max_workers < threads:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernels-cpu")
     bounds = [n_rows * i // threads for i in range(threads + 1)]
-    futures = [_pool.submit(run, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    run(bounds[0], bounds[1])
+    futures = [_pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
+    err = fn(bounds[0], bounds[1], *args) or 0
     for f in futures:
-        f.result()
+        err |= f.result() or 0
+    return err
 
 
 def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
@@ -754,10 +796,9 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
         if w.widens:  # x widened once here, the rows then read the fp32 copy
             xf = torch.empty(w.n_in)
             so.bf16_to_f32(w.n_in, x.data_ptr(), xf.data_ptr())
-            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), xf.data_ptr(), 0, bias_ptr,
-                                                     y.data_ptr()))
+            _split(w.n_rows, fmas, fn, *lead[2:], x.data_ptr(), xf.data_ptr(), 0, bias_ptr, y.data_ptr())
         else:
-            _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr()))
+            _split(w.n_rows, fmas, fn, *lead[2:], x.data_ptr(), bias_ptr, y.data_ptr())
         return y.to(out_dtype)
     crow, cols, vals = w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr()
     if w.kind == "bsr16":
@@ -785,11 +826,9 @@ def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     y_bf16 = int(out_dtype is torch.bfloat16)
     acc = _rows_acc(w, tw)
 
-    def run(r0, r1):
-        if fn(r0, r1, w.n_in, w.n_out, T, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
+    if _split(w.n_rows, fmas, fn, w.n_in, w.n_out, T, tw, w.panels, crow, cols, vals, xt.data_ptr(), bias_ptr,
               y.data_ptr(), w.n_out, y_bf16, acc):
-            raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
-    _split(w.n_rows, fmas, run)
+        raise RuntimeError(f"csr_mm: no kernel for a tile of {tw} tokens")
     return y
 
 
@@ -806,7 +845,7 @@ def _csr_dpbf16_matmul(so, w: NativeWeight, pairs: torch.Tensor, x: torch.Tensor
     ptrs = (w.crow.data_ptr(), w.cols.data_ptr(), pairs.data_ptr(), xt.data_ptr(), bias_ptr, y.data_ptr())
     y_bf16 = int(out_dtype is torch.bfloat16)
     acc = _rows_acc(w, 32)
-    _split(w.n_rows, fmas, lambda r0, r1: fn(r0, r1, w.n_in, w.n_out, T, w.panels, *ptrs, w.n_out, y_bf16, acc))
+    _split(w.n_rows, fmas, fn, w.n_in, w.n_out, T, w.panels, *ptrs, w.n_out, y_bf16, acc)
     return y
 
 
@@ -831,14 +870,12 @@ def _bsr16_matmul(so, w: NativeWeight, x: torch.Tensor, bias_ptr, out_dtype: tor
     if "amx" not in feats:
         xp = _pack_token_pairs16(so, x)
         ptrs = (w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(), xp.data_ptr(), bias_ptr, y.data_ptr())
-        _split(w.n_rows, fmas, lambda r0, r1: so.bsr16_mm_dpbf16(r0, r1, 1, T, w.n_in, *ptrs, w.n_out, y_bf16))
+        _split(w.n_rows, fmas, so.bsr16_mm_dpbf16, 1, T, w.n_in, *ptrs, w.n_out, y_bf16)
         return y
 
-    def run(r0, r1):
-        if so.bsr16_mm_amx(r0, r1, T, w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(), x.data_ptr(),
-                           x.stride(0), bias_ptr, y.data_ptr(), w.n_out, y_bf16):
-            raise RuntimeError("bsr16_mm_amx: the AMX tile state is not granted to this process")
-    _split(w.n_rows, fmas, run)
+    if _split(w.n_rows, fmas, so.bsr16_mm_amx, T, w.crow.data_ptr(), w.cols.data_ptr(), w.values.data_ptr(),
+              x.data_ptr(), x.stride(0), bias_ptr, y.data_ptr(), w.n_out, y_bf16):
+        raise RuntimeError("bsr16_mm_amx: the AMX tile state is not granted to this process")
     return y
 
 
@@ -921,10 +958,10 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     crow = _row_pointers(coords[0], M)
     if crow is not None:  # stored row by row: each dy row read into registers once (sddmm_rows)
         ptrs = (crow.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-        _split(M, n * T, lambda r0, r1: so.sddmm_rows(r0, r1, tiles, tw, M, N, *ptrs))
+        _split(M, n * T, so.sddmm_rows, tiles, tw, M, N, *ptrs)
         return g
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-    _split(n, n * T, lambda i0, i1: so.sddmm_tiles(i0, i1, tiles, tw, M, N, *ptrs))
+    _split(n, n * T, so.sddmm_tiles, tiles, tw, M, N, *ptrs)
     return g
 
 
@@ -940,7 +977,7 @@ def column_sums(t: torch.Tensor) -> torch.Tensor | None:
     so = _state["lib"]
     T, n = t.shape
     out = torch.empty(n, dtype=torch.float32)
-    _split(n, T * n, lambda c0, c1: so.col_sums_bf16(c0, c1, T, t.data_ptr(), t.stride(0), out.data_ptr()))
+    _split(n, T * n, so.col_sums_bf16, T, t.data_ptr(), t.stride(0), out.data_ptr())
     return out
 
 
@@ -1007,12 +1044,11 @@ def bsr_matmul(crow: torch.Tensor, bcols: torch.Tensor, blocks: torch.Tensor, n_
     bidx_ptr = None if bidx is None else bidx.contiguous().data_ptr()
     ptrs = (crow.data_ptr(), bcols.data_ptr(), bidx_ptr, blocks.data_ptr())
 
-    def run(r0, r1):
-        if so.bsr_mm(r0, r1, b, x.shape[1], n_out, tiles, tw, *ptrs, so_, si, xt.data_ptr(), bias_ptr,
-                     yt.data_ptr()):
-            raise RuntimeError(f"bsr_mm: no kernel for b = {b}, a tile of {tw} tokens")
-        unpack(r0 * b, r1 * b, T, n_out, tw, yt.data_ptr(), y.data_ptr(), n_out)
-    _split(n_rows, bcols.numel() * b * b * T, run)
+    fmas = bcols.numel() * b * b * T
+    if _split(n_rows, fmas, so.bsr_mm, b, x.shape[1], n_out, tiles, tw, *ptrs, so_, si, xt.data_ptr(), bias_ptr,
+              yt.data_ptr()):
+        raise RuntimeError(f"bsr_mm: no kernel for b = {b}, a tile of {tw} tokens")
+    _split(n_out, fmas, unpack, T, n_out, tw, yt.data_ptr(), y.data_ptr(), n_out)
     return y
 
 
@@ -1036,14 +1072,12 @@ def _bsr_dpbf16(so, crow, bcols, blocks, n_rows: int, n_cols: int, x: torch.Tens
     bidx_ptr = None if bidx is None else bidx.contiguous().data_ptr()
     vnni = workspace("vnni", (nnz * q * q, 256), torch.bfloat16)
     so_, si = (1, b) if transpose else (b, 1)  # W'[l, k] of the product's block at l * so_ + k * si
-    _split(nnz, nnz * b * b, lambda p0, p1: so.pack_vnni16(p0, p1, q, bidx_ptr, blocks.data_ptr(), so_, si,
-                                                                  vnni.data_ptr()))
+    _split(nnz, nnz * b * b, so.pack_vnni16, q, bidx_ptr, blocks.data_ptr(), so_, si, vnni.data_ptr())
     xp = _pack_token_pairs16(so, x)
     y = torch.empty(T, n_rows * b, dtype=out_dtype)
     ptrs = (crow.data_ptr(), bcols.data_ptr(), vnni.data_ptr(), xp.data_ptr(), bias_ptr, y.data_ptr())
     y_bf16 = int(out_dtype is torch.bfloat16)
-    _split(n_rows * q, nnz * b * b * T,
-           lambda r0, r1: so.bsr16_mm_dpbf16(r0, r1, q, T, n_cols * b, *ptrs, n_rows * b, y_bf16))
+    _split(n_rows * q, nnz * b * b * T, so.bsr16_mm_dpbf16, q, T, n_cols * b, *ptrs, n_rows * b, y_bf16)
     return y
 
 
@@ -1085,7 +1119,7 @@ def sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     # block then reads as two contiguous streams
     dyp, xp = _pack_blocks(so, dy, b, "dyt"), _pack_blocks(so, x, b, "xt")
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyp.data_ptr(), T * b, b, xp.data_ptr(), T * b, b, g.data_ptr())
-    _split(n, n * b * b * T, lambda n0, n1: so.sddmm_blocks(n0, n1, b, T, *ptrs))
+    _split(n, n * b * b * T, so.sddmm_blocks, b, T, *ptrs)
     return g
 
 
@@ -1101,10 +1135,8 @@ def _sddmm_blocks_amx(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
     so.pack_token_pairs(T, N, x.data_ptr(), x.stride(0), x.stride(1), chunks * 16, xv.data_ptr())
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xv.data_ptr(), g.data_ptr())
 
-    def run(n0, n1):
-        if so.sddmm_blocks_amx(n0, n1, b, chunks, M, N, *ptrs):
-            raise RuntimeError("sddmm_blocks_amx: the AMX tile state is not granted to this process")
-    _split(rows.numel(), rows.numel() * b * b * T, run)
+    if _split(rows.numel(), rows.numel() * b * b * T, so.sddmm_blocks_amx, b, chunks, M, N, *ptrs):
+        raise RuntimeError("sddmm_blocks_amx: the AMX tile state is not granted to this process")
     return g
 
 
@@ -1121,7 +1153,7 @@ def _sddmm_blocks_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tens
         return out
     dyg, xg = pack(dy, "dyt"), pack(x, "xt")
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyg.data_ptr(), xg.data_ptr(), g.data_ptr())
-    _split(rows.numel(), rows.numel() * b * b * T, lambda n0, n1: so.sddmm_blocks_dpbf16(n0, n1, b, pairs, *ptrs))
+    _split(rows.numel(), rows.numel() * b * b * T, so.sddmm_blocks_dpbf16, b, pairs, *ptrs)
     return g
 
 
@@ -1143,8 +1175,8 @@ def _sddmm_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, col
     M, N = dy.shape[1], x.shape[1]
     if crow is not None:
         ptrs = (crow.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-        _split(M, n * T, lambda r0, r1: so.sddmm_rows_dpbf16(r0, r1, tiles, tw, M, N, *ptrs))
+        _split(M, n * T, so.sddmm_rows_dpbf16, tiles, tw, M, N, *ptrs)
         return g
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xt.data_ptr(), g.data_ptr())
-    _split(n, n * T, lambda i0, i1: so.sddmm_tiles_dpbf16(i0, i1, tiles, tw, M, N, *ptrs))
+    _split(n, n * T, so.sddmm_tiles_dpbf16, tiles, tw, M, N, *ptrs)
     return g

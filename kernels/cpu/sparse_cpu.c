@@ -18,7 +18,8 @@
    autocast; the SDDMM's tiles are fp32 (bf16 dy and x widened), except in the AVX-512-BF16 builds,
    whose sddmm_tiles_dpbf16 reads bf16 tiles of both.
    Every function does the rows [r0, r1) (block rows for BSR; stored weights for the SDDMM), so
-   callers may split them over threads. No allocation, no threads, no library: the speed comes from the bytes (2-byte
+   callers may split them over threads (parallel_rows at the end does, on OpenMP's threads). No
+   allocation, no threads of its own, no library: the speed comes from the bytes (2-byte
    column indices, one index per b x b block) and the loop order. Built by kernels/cpu in the
    variant the CPU runs (kernels.cpu.VARIANTS): -march=x86-64 (any x86-64), -mavx2 -mfma, and
    on top of those the AVX-512-BF16 and AMX kernels near the end (avx512-bf16, amx; emu: the
@@ -36,7 +37,7 @@ typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 11; }
+int sparse_cpu_abi(void) { return 12; }
 
 /* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
    NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
@@ -1725,3 +1726,43 @@ int sparse_cpu_features(void) {
 #endif
     return f;
 }
+
+/* fn(r0, r1, a[0], ..., a[PARALLEL_ARGS - 1]) for the rows [r0, r1) of each thread of an OpenMP team
+   of `threads` (its share of [0, n) as kernels.cpu._split cuts it), returning the OR of their
+   results (0 for `returns` = 0: fn returns nothing). fn is any function of this library: every
+   argument after r0, r1 is an integer or a pointer, so each is passed as an int64 in the integer
+   registers / stack slots of the x86-64 and AArch64 C conventions, and one that fn does not take
+   is ignored by it (the caller owns the stack). Built with -fopenmp, the library's libgomp is the
+   one torch has loaded (same soname, so the process maps one), and these threads are torch's
+   intra-op threads: a Python thread pool instead competed with them while they spun after
+   torch's own parallel regions (OpenMP's default wait policy), and two threads ran a layer's
+   training step no faster than one on the 2-core Zen 4. A build without OpenMP has no
+   parallel_rows (sparse_cpu_openmp() returns 0), and the caller keeps its own pool. */
+#define PARALLEL_ARGS 16
+typedef int (*rows_int_fn)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+typedef void (*rows_void_fn)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+#define ROWS_ARGS(a) a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], \
+                     a[14], a[15]
+#ifdef _OPENMP
+#include <omp.h>
+int sparse_cpu_openmp(void) { return 1; }
+int parallel_rows(int64_t threads, int64_t n, const void *fn, int returns, const int64_t *a) {
+    int err = 0;
+#pragma omp parallel num_threads((int)threads) reduction(| : err)
+    {
+        const int64_t t = omp_get_thread_num(), m = omp_get_num_threads();
+        const int64_t r0 = n * t / m, r1 = n * (t + 1) / m;
+        if (r0 < r1) {
+            if (returns)
+                err |= ((rows_int_fn)fn)(r0, r1, ROWS_ARGS(a));
+            else
+                ((rows_void_fn)fn)(r0, r1, ROWS_ARGS(a));
+        }
+    }
+    return err;
+}
+#else
+int sparse_cpu_openmp(void) { return 0; }
+#endif

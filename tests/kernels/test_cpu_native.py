@@ -85,6 +85,10 @@ def check_layers(names, tokens, seed, what):
             assert_close_to_reference(y, ref, lowp, f"{name}, T={t}, {what}")
 
 
+# (the two_threads fixture's two ways to split a product: torch's OpenMP threads, a Python pool)
+both_splitters = pytest.mark.parametrize("two_threads", ["openmp", "python threads"], indirect=True)
+
+
 @pytest.fixture
 def native_calls(monkeypatch):
     """Counts the calls into kernels.cpu.matmul and matvec (one token), as (kind, tokens): the
@@ -358,6 +362,7 @@ def test_a_layer_with_its_copy_can_be_deep_copied_and_pickled():
 
 
 @needs_library
+@both_splitters
 def test_rows_split_over_threads_give_the_same_result(monkeypatch, two_threads):
     check_layers(("fan-in ablated", "diag b=16 tall", "diag b=12"), (1, 40), 14, "2 threads")
 
@@ -374,13 +379,65 @@ def test_fp64_takes_the_mkl_path_not_the_native_one(native_calls):
 
 
 @pytest.fixture
-def two_threads(monkeypatch):
-    """torch at 2 threads, and every product split over them however small."""
+def two_threads(request, monkeypatch):
+    """torch at 2 threads, and every product split over them however small: on torch's OpenMP
+    threads where the library has "openmp" (parallel_rows), or - indirect parameter "python
+    threads" - on the Python thread pool (the fallback); yields which."""
+    splitter = getattr(request, "param", "openmp")
     previous = torch.get_num_threads()
     monkeypatch.setattr(cpu, "PARALLEL_MIN_FMAS", 0)
+    monkeypatch.setattr(cpu, "SPLIT_ON_OPENMP", splitter == "openmp")
     torch.set_num_threads(2)
-    yield
+    yield splitter
     torch.set_num_threads(previous)
+
+
+
+@needs_library
+@both_splitters
+def test_split_ors_the_results_of_its_threads(two_threads):
+    so = cpu.lib()
+    g = torch.zeros(8)
+    # sddmm_tiles has no kernel for tiles of 7 tokens: each thread returns -1 before reading anything
+    assert cpu._split(8, 10**9, so.sddmm_tiles, 1, 7, 1, 1, None, None, None, None, g.data_ptr()) == -1
+    x = torch.randn(300, 40).bfloat16()
+    out = torch.zeros(40)
+    assert cpu._split(40, 10**9, so.col_sums_bf16, 300, x.data_ptr(), 40, out.data_ptr()) == 0  # (void)
+    torch.testing.assert_close(out, x.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+
+
+@needs_library
+@both_splitters
+def test_split_on_openmp_goes_through_parallel_rows(two_threads, monkeypatch):
+    so = cpu.lib()
+    if two_threads == "openmp" and "openmp" not in cpu.features():
+        pytest.skip(f"no OpenMP split: {cpu.missing_feature('openmp')}")
+    calls = []
+    real = so.parallel_rows if two_threads == "openmp" else None
+
+    def spy(*a):
+        calls.append(a[:2])
+        return real(*a)
+    if real is not None:
+        monkeypatch.setattr(so, "parallel_rows", spy)
+    layer = LAYERS["fan-in wide"](torch.Generator().manual_seed(3), True)
+    x = torch.randn(40, layer.in_features)
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, x @ layer.to_dense().t() + layer.bias, rtol=1e-4, atol=1e-4)
+    assert calls if two_threads == "openmp" else not calls
+    assert all(threads == 2 for threads, _ in calls)
+
+
+def test_a_second_openmp_runtime_is_named(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /venv/torch/lib/libgomp.so.1\n"
+                    "7f02-7f03 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libgomp.so.1\n"
+                    "7f04-7f05 r--p 00000000 08:01 1 /venv/torch/lib/libgomp.so.1\n"
+                    "7f06-7f07 r-xp 00000000 08:01 3 /usr/lib/libgompish.so\n"
+                    "7f08-7f09 rw-p 00000000 00:00 0\n")
+    assert cpu._openmp_runtimes(maps) == ["/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/venv/torch/lib/libgomp.so.1"]
+    assert cpu._openmp_runtimes(tmp_path / "absent") == []
 
 
 @pytest.fixture
@@ -568,6 +625,7 @@ def test_the_token_tile_budget_is_half_the_l2(tmp_path):
 
 
 @needs_library
+@both_splitters
 def test_training_products_split_over_threads(two_threads):
     check_training_products(21, "2 threads", shapes=((300, 37), (37, 300)), tokens=(5, 70))
 
@@ -737,6 +795,7 @@ def test_bf16_training_products_match_the_fp64_reference():
 
 
 @needs_library
+@both_splitters
 def test_bf16_training_products_split_over_threads(two_threads):
     check_bf16_training_products(35, "2 threads", tokens=(5, 70))
 
@@ -797,7 +856,7 @@ def test_a_build_that_fails_falls_back_to_the_next_narrower_variant(monkeypatch,
     if so is None:
         pytest.skip(f"no native library here at all: {cpu.error()}")
     assert cpu.loaded_variant() == ("avx2" if {"avx2", "fma"} <= cpu._cpu_flags() else "x86-64")
-    assert not cpu.features()
+    assert cpu.features() <= {"openmp"}
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the variants are x86-64's")
@@ -825,7 +884,7 @@ def test_kernels_cpu_variant_forces_a_build_and_refuses_what_the_cpu_cannot_run(
                     reason="needs x86-64 and a C compiler")
 def test_a_forced_variant_is_loaded_without_falling_back(monkeypatch, fresh_library):
     monkeypatch.setenv("KERNELS_CPU_VARIANT", "x86-64")
-    assert cpu.lib() is not None and cpu.loaded_variant() == "x86-64" and not cpu.features()
+    assert cpu.lib() is not None and cpu.loaded_variant() == "x86-64" and cpu.features() <= {"openmp"}
     cpu.reset()
     real = cpu.build
 
@@ -880,8 +939,8 @@ def emu_library(monkeypatch):
     cpu.reset()
     if cpu.lib() is None:
         pytest.skip(f"no native library here: {cpu.error()}")
-    assert cpu.loaded_variant() == "emu" and cpu.features() == {"amx", "avx512_bf16", "csr_dpbf16", "sddmm_dpbf16",
-                                                                "blocks_dpbf16"}
+    assert cpu.loaded_variant() == "emu" and cpu.features() - {"openmp"} == {"amx", "avx512_bf16", "csr_dpbf16",
+                                                                             "sddmm_dpbf16", "blocks_dpbf16"}
     yield
     monkeypatch.undo()
     cpu.reset()

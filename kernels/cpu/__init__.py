@@ -87,7 +87,7 @@ from .. import runtime as rt
 from ..coords import csr_structure
 
 SOURCE = Path(__file__).with_name("sparse_cpu.c")
-ABI = 12
+ABI = 13
 # Columns per panel of the several-token CSR (see CSR_MM in sparse_cpu.c): 512 x 32 tokens x
 # 4 B = 64 KB of x per panel, in L2 (256 to 1024 timed alike at T = 8 and 32 on the loaded
 # EPYC; 128 columns and one panel ~10-30% slower).
@@ -127,6 +127,10 @@ TILE_BYTES = tile_bytes(_l2_bytes())
 # for; ViT-B's sparse layers at 197 tokens are 12-46M.
 PARALLEL_MIN_FMAS = 2_000_000
 PARALLEL_ARGS = 16  # (sparse_cpu.c's parallel_rows: the arguments it passes after r0, r1)
+# Elements from which a pack (x or dy into the products' layouts) splits over the threads too:
+# a pack moves ~4-8 elements a ns on one Zen 4 core (bf16 [1576, 768] ~0.3 ms, [6304, 3072]
+# 1.5-6 ms), so from here it pays for waking the team.
+PARALLEL_MIN_PACK = 1 << 18
 # Split the products over torch's OpenMP threads (parallel_rows) where features() has "openmp";
 # False: over a Python thread pool (the tests run both).
 SPLIT_ON_OPENMP = True
@@ -280,8 +284,8 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     for f in ("bsr_mv", "bsr_mv_bf16"):
         getattr(so, f).argtypes = [i64, i64, i64, p, p, p, p, p, p]
         getattr(so, f).restype = None
-    for f in ("pack_tokens", "pack_tokens_bf16"):
-        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p]
+    for f in ("pack_tokens", "pack_tokens_bf16"):  # (the packs' last argument: their threads)
+        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p, i64]
         getattr(so, f).restype = None
     for f in ("unpack_tokens", "unpack_tokens_bf16"):
         getattr(so, f).argtypes = [i64, i64, i64, i64, i64, p, p, i64]
@@ -293,7 +297,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     so.bsr_mm.restype = ctypes.c_int
     so.sddmm_blocks.argtypes = [i64] * 4 + [p] * 3 + [i64, i64, p, i64, i64, p]
     for f in ("pack_blocks", "pack_blocks_bf16"):
-        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p]
+        getattr(so, f).argtypes = [i64, i64, p, i64, i64, i64, p, i64]
         getattr(so, f).restype = None
     so.sddmm_blocks.restype = ctypes.c_int
     for f in ("bf16_to_f32", "f32_to_bf16"):
@@ -308,7 +312,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         so.bsr16_mm_amx.restype = ctypes.c_int
         so.sddmm_blocks_amx.argtypes = [i64] * 6 + [p] * 5
         so.sddmm_blocks_amx.restype = ctypes.c_int
-        so.pack_token_pairs.argtypes = [i64, i64, p, i64, i64, i64, p]
+        so.pack_token_pairs.argtypes = [i64, i64, p, i64, i64, i64, p, i64]
         so.pack_token_pairs.restype = None
         so.sparse_cpu_amx_init.restype = ctypes.c_int
     if built & 2:
@@ -318,25 +322,25 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         for f in ("csr_mm_i16_dpbf16", "csr_mm_i32_dpbf16"):
             getattr(so, f).argtypes = [i64] * 6 + [p] * 6 + [i64, ctypes.c_int, p]
             getattr(so, f).restype = None
-        so.pack_tokens_dpbf16.argtypes = [i64, i64, p, i64, i64, p]
+        so.pack_tokens_dpbf16.argtypes = [i64, i64, p, i64, i64, p, i64]
         so.pack_tokens_dpbf16.restype = None
     if built & 8:
         so.sddmm_tiles_dpbf16.argtypes = [i64] * 6 + [p] * 5
         so.sddmm_tiles_dpbf16.restype = ctypes.c_int
         so.sddmm_rows_dpbf16.argtypes = [i64] * 6 + [p] * 5
         so.sddmm_rows_dpbf16.restype = ctypes.c_int
-        so.pack_tokens_bf16_tiles.argtypes = [i64, i64, p, i64, i64, i64, p]
+        so.pack_tokens_bf16_tiles.argtypes = [i64, i64, p, i64, i64, i64, p, i64]
         so.pack_tokens_bf16_tiles.restype = None
     if built & 16:
         so.bsr16_mm_dpbf16.argtypes = [i64] * 5 + [p] * 6 + [i64, ctypes.c_int]
         so.bsr16_mm_dpbf16.restype = None
-        so.pack_token_pairs16.argtypes = [i64, i64, p, i64, i64, p]
+        so.pack_token_pairs16.argtypes = [i64, i64, p, i64, i64, p, i64]
         so.pack_token_pairs16.restype = None
         so.pack_vnni16.argtypes = [i64, i64, i64, p, p, i64, i64, p]
         so.pack_vnni16.restype = None
         so.sddmm_blocks_dpbf16.argtypes = [i64] * 4 + [p] * 5
         so.sddmm_blocks_dpbf16.restype = None
-        so.pack_pair_groups.argtypes = [i64, i64, p, i64, i64, i64, p]
+        so.pack_pair_groups.argtypes = [i64, i64, p, i64, i64, i64, p, i64]
         so.pack_pair_groups.restype = None
     so.sparse_cpu_openmp.restype = ctypes.c_int
     if so.sparse_cpu_openmp():
@@ -773,6 +777,14 @@ def _split(n_rows: int, fmas: int, fn, *args) -> int:
     return err
 
 
+def _pack_threads(x: torch.Tensor) -> int:
+    """The threads a pack of x takes (its last argument): torch's count where the products split
+    on OpenMP (features() has "openmp") and x has PARALLEL_MIN_PACK elements or more, else 1."""
+    if x.numel() < PARALLEL_MIN_PACK or not (SPLIT_ON_OPENMP and "openmp" in features()):
+        return 1
+    return torch.get_num_threads()
+
+
 def matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x W^T + bias: x [T, in] fp32 or bf16 (CPU, any strides), bias [out] or None (added in
@@ -839,7 +851,7 @@ def _csr_dpbf16_matmul(so, w: NativeWeight, pairs: torch.Tensor, x: torch.Tensor
     (64 rows' sums at a time)."""
     T = x.shape[0]
     xt = workspace("xt", (-(-T // 32), w.n_in, 32), torch.bfloat16)
-    so.pack_tokens_dpbf16(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), xt.data_ptr())
+    so.pack_tokens_dpbf16(T, w.n_in, x.data_ptr(), x.stride(0), x.stride(1), xt.data_ptr(), _pack_threads(x))
     y = torch.empty(T, w.n_out, dtype=out_dtype)
     fn = getattr(so, f"csr_mm_i{w.index}_dpbf16")
     ptrs = (w.crow.data_ptr(), w.cols.data_ptr(), pairs.data_ptr(), xt.data_ptr(), bias_ptr, y.data_ptr())
@@ -885,7 +897,7 @@ def _pack(so: ctypes.CDLL, x: torch.Tensor, tw: int, slot: str = "xt") -> torch.
     T, n = x.shape
     xt = workspace(slot, (-(-T // tw), n, tw), torch.float32)
     pack = so.pack_tokens if x.dtype is torch.float32 else so.pack_tokens_bf16
-    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr())
+    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), tw, xt.data_ptr(), _pack_threads(x))
     return xt
 
 
@@ -1056,7 +1068,7 @@ def _pack_token_pairs16(so: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
     """bf16 x [T, n] (any strides, 16 | n) -> [tiles of 16 tokens, n / 2, 16, 2] bf16 (pack_token_pairs16)."""
     T, n = x.shape
     xp = workspace("xt", (-(-T // 16), n * 16), torch.bfloat16)
-    so.pack_token_pairs16(T, n, x.data_ptr(), x.stride(0), x.stride(1), xp.data_ptr())
+    so.pack_token_pairs16(T, n, x.data_ptr(), x.stride(0), x.stride(1), xp.data_ptr(), _pack_threads(x))
     return xp
 
 
@@ -1087,7 +1099,7 @@ def _pack_blocks(so: ctypes.CDLL, x: torch.Tensor, b: int, slot: str) -> torch.T
     T, n = x.shape
     xp = workspace(slot, (n // b, T, b), torch.float32)
     pack = so.pack_blocks if x.dtype is torch.float32 else so.pack_blocks_bf16
-    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), b, xp.data_ptr())
+    pack(T, n, x.data_ptr(), x.stride(0), x.stride(1), b, xp.data_ptr(), _pack_threads(x))
     return xp
 
 
@@ -1130,9 +1142,9 @@ def _sddmm_blocks_amx(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
     T, M, N = dy.shape[0], dy.shape[1], x.shape[1]
     chunks = -(-T // 32)
     dyt = workspace("dyt", (chunks, M, 32), torch.bfloat16)
-    so.pack_tokens_bf16_tiles(T, M, dy.data_ptr(), dy.stride(0), dy.stride(1), 32, dyt.data_ptr())
+    so.pack_tokens_bf16_tiles(T, M, dy.data_ptr(), dy.stride(0), dy.stride(1), 32, dyt.data_ptr(), _pack_threads(dy))
     xv = workspace("xt", (chunks * 16, N, 2), torch.bfloat16)
-    so.pack_token_pairs(T, N, x.data_ptr(), x.stride(0), x.stride(1), chunks * 16, xv.data_ptr())
+    so.pack_token_pairs(T, N, x.data_ptr(), x.stride(0), x.stride(1), chunks * 16, xv.data_ptr(), _pack_threads(x))
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyt.data_ptr(), xv.data_ptr(), g.data_ptr())
 
     if _split(rows.numel(), rows.numel() * b * b * T, so.sddmm_blocks_amx, b, chunks, M, N, *ptrs):
@@ -1149,7 +1161,8 @@ def _sddmm_blocks_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tens
 
     def pack(t: torch.Tensor, slot: str) -> torch.Tensor:
         out = workspace(slot, (t.shape[1] // 16, pairs, 32), torch.bfloat16)
-        so.pack_pair_groups(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), pairs, out.data_ptr())
+        so.pack_pair_groups(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), pairs, out.data_ptr(),
+                            _pack_threads(t))
         return out
     dyg, xg = pack(dy, "dyt"), pack(x, "xt")
     ptrs = (rows.data_ptr(), cols.data_ptr(), dyg.data_ptr(), xg.data_ptr(), g.data_ptr())
@@ -1169,7 +1182,8 @@ def _sddmm_dpbf16(so, dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, col
 
     def pack(t: torch.Tensor, slot: str) -> torch.Tensor:
         out = workspace(slot, (tiles, t.shape[1], tw), torch.bfloat16)
-        so.pack_tokens_bf16_tiles(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), tw, out.data_ptr())
+        so.pack_tokens_bf16_tiles(T, t.shape[1], t.data_ptr(), t.stride(0), t.stride(1), tw, out.data_ptr(),
+                                  _pack_threads(t))
         return out
     dyt, xt = pack(dy, "dyt"), pack(x, "xt")
     M, N = dy.shape[1], x.shape[1]

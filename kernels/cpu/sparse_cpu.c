@@ -37,7 +37,12 @@ typedef uint32_t u8v __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t bf16;  /* the bits of a bfloat16: the upper half of an fp32 */
 
-int sparse_cpu_abi(void) { return 12; }
+int sparse_cpu_abi(void) { return 13; }
+
+/* The packs' outer loops (token tiles or rows, each writing its own part of the output) over
+   `threads` OpenMP threads, their last argument: torch's intra-op threads, as parallel_rows'
+   (a build without OpenMP ignores the pragma and runs them on the calling thread). */
+#define PACK_PARALLEL _Pragma("omp parallel for num_threads((int)threads) schedule(static) if (threads > 1)")
 
 /* bf16 <-> fp32. Up is exact (a shift); down rounds to nearest even as torch does, NaN kept
    NaN (quiet). Eight at a time as GCC vectors: with AVX2 vpmovzxwd + vpslld up; the weights
@@ -398,8 +403,9 @@ static inline void transpose8(__m256 *r) {
 #define X_BF16(p) ((__m256)load_bf16x8(p))
 #define PACK_TOKENS(NAME, VT, LD, LOADX)                                                      \
 void NAME(int64_t T, int64_t n, const VT *restrict x, int64_t st, int64_t sc, int64_t tw,     \
-          float *restrict xt) {                                                               \
+          float *restrict xt, int64_t threads) {                                              \
     const int64_t n_tiles = (T + tw - 1) / tw;                                                \
+    PACK_PARALLEL                                                                             \
     for (int64_t t = 0; t < n_tiles; ++t) {                                                   \
         float *d = xt + t * n * tw;                                                           \
         int64_t c0 = 0;                                                                       \
@@ -771,7 +777,8 @@ int sddmm_blocks(int64_t n0, int64_t n1, int64_t b, int64_t T, const int32_t *re
    columns of sddmm_blocks, each T x b contiguous. */
 #define PACK_BLOCKS(NAME, VT, LD, LD8)                                                        \
 void NAME(int64_t T, int64_t n, const VT *restrict x, int64_t st, int64_t sc, int64_t b,      \
-          float *restrict xp) {                                                               \
+          float *restrict xp, int64_t threads) {                                              \
+    PACK_PARALLEL                                                                             \
     for (int64_t t = 0; t < T; ++t) {                                                         \
         const VT *row = x + t * st;                                                           \
         for (int64_t q = 0; q < n / b; ++q) {                                                 \
@@ -1221,7 +1228,8 @@ int sddmm_blocks_amx(int64_t n0, int64_t n1, int64_t b, int64_t n_chunks, int64_
 /* x [T, n] bf16 (element strides st, sc) -> xv [n_pairs, n, 2]: xv[p][i] = (x[2p, i], x[2p + 1,
    i]), tokens past T zero (the B operand of sddmm_blocks_amx). */
 void pack_token_pairs(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t n_pairs,
-                      bf16 *restrict xv) {
+                      bf16 *restrict xv, int64_t threads) {
+    PACK_PARALLEL
     for (int64_t p = 0; p < n_pairs; ++p) {
         bf16 *d = xv + p * n * 2;
         const bf16 *r0 = 2 * p < T ? x + 2 * p * st : 0, *r1 = 2 * p + 1 < T ? x + (2 * p + 1) * st : 0;
@@ -1391,8 +1399,9 @@ static inline int64_t dpbf16_slot(int64_t j) { return 8 * ((j % 16) / 4) + 4 * (
 static inline int64_t token_slot(int64_t j) { return j; }
 static inline __attribute__((always_inline)) void
 pack_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
-                int64_t (*slot)(int64_t), bf16 *restrict xt) {
+                int64_t (*slot)(int64_t), bf16 *restrict xt, int64_t threads) {
     const int64_t n_tiles = (T + tw - 1) / tw;
+    PACK_PARALLEL
     for (int64_t t = 0; t < n_tiles; ++t) {
         bf16 *d = xt + t * n * tw;
         int64_t c0 = 0;
@@ -1422,12 +1431,12 @@ pack_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_
     }
 }
 void pack_tokens_dpbf16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc,
-                        bf16 *restrict xt) {
-    pack_bf16_tiles(T, n, x, st, sc, 32, dpbf16_slot, xt);
+                        bf16 *restrict xt, int64_t threads) {
+    pack_bf16_tiles(T, n, x, st, sc, 32, dpbf16_slot, xt, threads);
 }
 void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
-                            bf16 *restrict xt) {
-    pack_bf16_tiles(T, n, x, st, sc, tw, token_slot, xt);
+                            bf16 *restrict xt, int64_t threads) {
+    pack_bf16_tiles(T, n, x, st, sc, tw, token_slot, xt, threads);
 }
 
 /* AVX-512-BF16 weight gradient at the stored elements (the SDDMM of sddmm_tiles) for bf16 dy and
@@ -1586,8 +1595,10 @@ void bsr16_mm_dpbf16(int64_t r0, int64_t r1, int64_t q, int64_t T, int64_t n_in,
    each tile of 16 tokens and input pair k, the 16 tokens' (x[t, 2 k], x[t, 2 k + 1]) as dwords,
    tokens past T zero (bsr16_mm_dpbf16's x). With sc = 1 by 8 x 8 transposes of the dwords
    (transpose8: moves only, the bits as they were), else element by element. */
-void pack_token_pairs16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, bf16 *restrict xp) {
+void pack_token_pairs16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, bf16 *restrict xp,
+                        int64_t threads) {
     const int64_t n_tiles = (T + 15) / 16, kp = n / 2;
+    PACK_PARALLEL
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
         bf16 *d = xp + tile * n * 16;
         if (sc == 1) {
@@ -1690,8 +1701,9 @@ void sddmm_blocks_dpbf16(int64_t n0, int64_t n1, int64_t b, int64_t n_pairs, con
    (v[2 u, 16 c + l], v[2 u + 1, 16 c + l]) at [c][u][l], tokens past T zero (the operands of
    sddmm_blocks_dpbf16). With sc = 1 two token rows' 16 columns interleaved word by word. */
 void pack_pair_groups(int64_t T, int64_t n, const bf16 *restrict v, int64_t st, int64_t sc, int64_t n_pairs,
-                      bf16 *restrict out) {
+                      bf16 *restrict out, int64_t threads) {
     const h16 zero = {0};
+    PACK_PARALLEL
     for (int64_t u = 0; u < n_pairs; ++u) {
         const bf16 *r0 = 2 * u < T ? v + 2 * u * st : 0, *r1 = 2 * u + 1 < T ? v + (2 * u + 1) * st : 0;
         for (int64_t c = 0; c < n / 16; ++c) {

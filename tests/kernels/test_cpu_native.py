@@ -380,12 +380,13 @@ def test_fp64_takes_the_mkl_path_not_the_native_one(native_calls):
 
 @pytest.fixture
 def two_threads(request, monkeypatch):
-    """torch at 2 threads, and every product split over them however small: on torch's OpenMP
+    """torch at 2 threads, and every product and pack split over them however small: on torch's OpenMP
     threads where the library has "openmp" (parallel_rows), or - indirect parameter "python
     threads" - on the Python thread pool (the fallback); yields which."""
     splitter = getattr(request, "param", "openmp")
     previous = torch.get_num_threads()
     monkeypatch.setattr(cpu, "PARALLEL_MIN_FMAS", 0)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_PACK", 0)
     monkeypatch.setattr(cpu, "SPLIT_ON_OPENMP", splitter == "openmp")
     torch.set_num_threads(2)
     yield splitter

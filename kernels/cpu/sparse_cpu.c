@@ -1398,11 +1398,9 @@ CSR_MM_DPBF16(csr_mm_i32_dpbf16, int32_t, csr_mm_i32_dpbf16_32)
 static inline int64_t dpbf16_slot(int64_t j) { return 8 * ((j % 16) / 4) + 4 * (j / 16) + j % 4; }
 static inline int64_t token_slot(int64_t j) { return j; }
 static inline __attribute__((always_inline)) void
-pack_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
-                int64_t (*slot)(int64_t), bf16 *restrict xt, int64_t threads) {
-    const int64_t n_tiles = (T + tw - 1) / tw;
-    PACK_PARALLEL
-    for (int64_t t = 0; t < n_tiles; ++t) {
+pack_bf16_tile(int64_t t, int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
+               int64_t (*slot)(int64_t), bf16 *restrict xt) {  /* tile t (each entry point's loop inlines slot) */
+    {
         bf16 *d = xt + t * n * tw;
         int64_t c0 = 0;
         if (sc == 1) {
@@ -1432,11 +1430,13 @@ pack_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_
 }
 void pack_tokens_dpbf16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc,
                         bf16 *restrict xt, int64_t threads) {
-    pack_bf16_tiles(T, n, x, st, sc, 32, dpbf16_slot, xt, threads);
+    PACK_PARALLEL
+    for (int64_t t = 0; t < (T + 31) / 32; ++t) pack_bf16_tile(t, T, n, x, st, sc, 32, dpbf16_slot, xt);
 }
 void pack_tokens_bf16_tiles(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
                             bf16 *restrict xt, int64_t threads) {
-    pack_bf16_tiles(T, n, x, st, sc, tw, token_slot, xt, threads);
+    PACK_PARALLEL
+    for (int64_t t = 0; t < (T + tw - 1) / tw; ++t) pack_bf16_tile(t, T, n, x, st, sc, tw, token_slot, xt);
 }
 
 /* AVX-512-BF16 weight gradient at the stored elements (the SDDMM of sddmm_tiles) for bf16 dy and

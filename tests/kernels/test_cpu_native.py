@@ -881,6 +881,27 @@ def test_kernels_cpu_variant_forces_a_build_and_refuses_what_the_cpu_cannot_run(
             cpu.variant()
 
 
+@pytest.mark.skipif(cpu.lib() is None or shutil.which("gcc") is None, reason="needs gcc and the native library")
+def test_a_compiler_without_openmp_builds_the_rest_and_splits_on_python_threads(monkeypatch, fresh_library,
+                                                                              tmp_path):
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unknown option -fopenmp" >&2; exit 1; }; '
+                  f'done\nexec {shutil.which("gcc")} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert cpu.lib() is not None and "openmp" not in cpu.features()
+    assert cpu.missing_feature("openmp") == "the library was built without OpenMP (the compiler has no -fopenmp)"
+    assert not hasattr(cpu.lib(), "parallel_rows")
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_FMAS", 0)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_PACK", 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layers(("fan-in ablated", "diag b=16 tall"), (1, 40), 16, "2 Python threads")
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or cpu.lib() is None,
                     reason="needs x86-64 and a C compiler")
 def test_a_forced_variant_is_loaded_without_falling_back(monkeypatch, fresh_library):

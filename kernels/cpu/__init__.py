@@ -123,7 +123,7 @@ def tile_bytes(l2: int | None) -> int:
 # against 7.9-8.4 ms.
 TILE_BYTES = tile_bytes(_l2_bytes())
 # Below this many multiply-adds a call stays on one thread: a batch-1 Linear(3072 -> 768) at
-# 90% is 236k, a product of tens of microseconds that a hand-off to a pool thread would not pay
+# 90% is 236k, a product of tens of microseconds that a hand-off to other threads would not pay
 # for; ViT-B's sparse layers at 197 tokens are 12-46M.
 PARALLEL_MIN_FMAS = 2_000_000
 PARALLEL_ARGS = 16  # (sparse_cpu.c's parallel_rows: the arguments it passes after r0, r1)

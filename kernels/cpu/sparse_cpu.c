@@ -1400,33 +1400,31 @@ static inline int64_t token_slot(int64_t j) { return j; }
 static inline __attribute__((always_inline)) void
 pack_bf16_tile(int64_t t, int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc, int64_t tw,
                int64_t (*slot)(int64_t), bf16 *restrict xt) {  /* tile t (each entry point's loop inlines slot) */
-    {
-        bf16 *d = xt + t * n * tw;
-        int64_t c0 = 0;
-        if (sc == 1) {
-            for (; c0 + 8 <= n; c0 += 8)
-                for (int64_t j0 = 0; j0 < tw; j0 += 8) {
-                    __m256 r[8];
-                    for (int m = 0; m < 8; ++m) {
-                        const int64_t tok = t * tw + j0 + m;
-                        r[m] = tok < T ? (__m256)load_bf16x8(x + tok * st + c0) : _mm256_setzero_ps();
-                    }
-                    transpose8(r);
-                    const int64_t s0 = slot(j0), s4 = slot(j0 + 4);  /* tokens j0..j0+3, j0+4..j0+7 */
-                    for (int m = 0; m < 8; ++m) {
-                        const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(r[m]), 16);
-                        const __m256i h = _mm256_packus_epi32(u, u);  /* per 128-bit half: 4 words, twice */
-                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * tw + s0), _mm256_castsi256_si128(h));
-                        _mm_storel_epi64((__m128i *)(d + (c0 + m) * tw + s4), _mm256_extracti128_si256(h, 1));
-                    }
+    bf16 *d = xt + t * n * tw;
+    int64_t c0 = 0;
+    if (sc == 1) {
+        for (; c0 + 8 <= n; c0 += 8)
+            for (int64_t j0 = 0; j0 < tw; j0 += 8) {
+                __m256 r[8];
+                for (int m = 0; m < 8; ++m) {
+                    const int64_t tok = t * tw + j0 + m;
+                    r[m] = tok < T ? (__m256)load_bf16x8(x + tok * st + c0) : _mm256_setzero_ps();
                 }
-        }
-        for (int64_t c = c0; c < n; ++c)
-            for (int64_t j = 0; j < tw; ++j) {
-                const int64_t tok = t * tw + j;
-                d[c * tw + slot(j)] = tok < T ? x[tok * st + c * sc] : 0;
+                transpose8(r);
+                const int64_t s0 = slot(j0), s4 = slot(j0 + 4);  /* tokens j0..j0+3, j0+4..j0+7 */
+                for (int m = 0; m < 8; ++m) {
+                    const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(r[m]), 16);
+                    const __m256i h = _mm256_packus_epi32(u, u);  /* per 128-bit half: 4 words, twice */
+                    _mm_storel_epi64((__m128i *)(d + (c0 + m) * tw + s0), _mm256_castsi256_si128(h));
+                    _mm_storel_epi64((__m128i *)(d + (c0 + m) * tw + s4), _mm256_extracti128_si256(h, 1));
+                }
             }
     }
+    for (int64_t c = c0; c < n; ++c)
+        for (int64_t j = 0; j < tw; ++j) {
+            const int64_t tok = t * tw + j;
+            d[c * tw + slot(j)] = tok < T ? x[tok * st + c * sc] : 0;
+        }
 }
 void pack_tokens_dpbf16(int64_t T, int64_t n, const bf16 *restrict x, int64_t st, int64_t sc,
                         bf16 *restrict xt, int64_t threads) {

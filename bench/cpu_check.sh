@@ -25,9 +25,13 @@
 #      sddmm_blocks_dpbf16) against the AMX tiles on the same Xeon                       <= 3 x 240 s
 #   5. bench/e2e.py ViT-B/16 batch 32 under bf16 autocast, inference only, then the
 #      training step: dense, diag16, fan-in (issue 23's end-to-end rows)                   <= 600 s + 900 s
+#   5c. the same for BERT-base, batch 8 (1024 tokens), training step and inference         <= 600 s
+#   6. bench/cpu_targets.py: issue 23's targets judged from the files above for this CPU's class
+#      (AMX / AVX-512-BF16 / AVX2), met / missed / not measured, into cpu_targets.md      (always)
 # Files: cpu_check.log (every phase's output, with times), cpu_infer_bf16_batch{1,32,256}.md / .csv,
 # cpu_infer_bf16_batch{32,256}_avx2_forced.md,
-# cpu_train_t{32,256}.md and _avx2_forced.md, (AMX CPUs) *_avx512_bf16_forced.md, e2e_infer.md, e2e_train.md.
+# cpu_train_t{32,256}.md and _avx2_forced.md, (AMX CPUs) *_avx512_bf16_forced.md,
+# e2e_{infer,train,bert}.md / .csv, cpu_targets.md.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -91,9 +95,19 @@ fi
 phase "5a e2e ViT-B/16 batch 32, bf16 autocast, inference" 600 120 "$PY" bench/e2e.py --models vit-b16 \
     --formats dense,diag16,fanin --autocast bf16 --batch 32 --steps 3 --clock cpu --infer-only --out "$SCRATCH/e2e_infer"
 cp "$SCRATCH"/e2e_infer/e2e.md "$OUT_DIR/e2e_infer.md" 2>/dev/null
+cp "$SCRATCH"/e2e_infer/e2e.csv "$OUT_DIR/e2e_infer.csv" 2>/dev/null
 phase "5b e2e ViT-B/16 batch 32, bf16 autocast, training step" 900 300 "$PY" bench/e2e.py --models vit-b16 \
     --formats dense,diag16,fanin --autocast bf16 --batch 32 --steps 3 --clock cpu --out "$SCRATCH/e2e_train"
 cp "$SCRATCH"/e2e_train/e2e.md "$OUT_DIR/e2e_train.md" 2>/dev/null
+cp "$SCRATCH"/e2e_train/e2e.csv "$OUT_DIR/e2e_train.csv" 2>/dev/null
+phase "5c e2e BERT-base batch 8, bf16 autocast" 600 120 "$PY" bench/e2e.py --models bert-base \
+    --formats dense,diag16,fanin --autocast bf16 --batch 8 --steps 3 --clock cpu --out "$SCRATCH/e2e_bert"
+cp "$SCRATCH"/e2e_bert/e2e.md "$OUT_DIR/e2e_bert.md" 2>/dev/null
+cp "$SCRATCH"/e2e_bert/e2e.csv "$OUT_DIR/e2e_bert.csv" 2>/dev/null
+
+echo "== 6 issue 23's targets: bench/cpu_targets.py $OUT_DIR" >> "$LOG"
+"$PY" bench/cpu_targets.py "$OUT_DIR" >> "$LOG" 2>&1
+echo "== 6 issue 23's targets: exit $?" >> "$LOG"
 
 echo "== done in $(( $(date +%s) - START )) s; scratch $SCRATCH; files:" >> "$LOG"
 (cd "$OUT_DIR" && find . -type f | sort) >> "$LOG"

@@ -32,7 +32,7 @@ sddmm_blocks_dpbf16 on token pairs - which the amx build leaves to its tiles whe
 ``avx2`` (``-mavx2
 -mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the
 optional kernels the loaded build can run (AMX also needs Linux's arch_prctl permission, asked
-at load). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
+at load, and its kernels' first-run check in a child process, once per build and CPU: PROBE_ENV). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
 caller keeps torch's path.
 
 Memory: the products' temporaries (x packed into tiles, blocks into VNNI sub-blocks) live in
@@ -74,7 +74,9 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -399,12 +401,111 @@ def lib() -> ctypes.CDLL | None:
                 else:
                     why["openmp"] = "the library was built without OpenMP (the compiler has no -fopenmp)"
                 if built & 1:
-                    if so.sparse_cpu_amx_init() == 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
-                        feats.add("amx")
-                    else:
+                    if so.sparse_cpu_amx_init() != 0:  # Linux: arch_prctl(ARCH_REQ_XCOMP_PERM)
                         why["amx"] = "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+                    else:
+                        failed = _amx_probe(Path(so._name), _state["variant"])
+                        if failed is None:
+                            feats.add("amx")
+                        else:
+                            why["amx"] = failed
             _state.update(lib=so, error=err, features=frozenset(feats), features_why=why)
     return _state["lib"]
+
+
+# The AMX kernels (bsr16_mm_amx, sddmm_blocks_amx) have run only on the emulated build: no AMX CPU
+# had been at hand when they were written. So before a process first uses them on a CPU, a child
+# process runs both once on small operands against fp64 (``python -m kernels.cpu --probe-amx``,
+# ~2 s); if it crashes (an instruction the kernel or the CPU gets wrong ends a process: SIGILL,
+# SIGSEGV) or a result is wrong, this process leaves "amx" out of features() - the AVX-512-BF16
+# block products run instead - and missing_feature("amx") says what happened. The verdict is
+# kept beside the library (<library>.amx-probe, with the CPU's model name), so it runs once per
+# build and CPU; a timed-out probe is not kept. KERNELS_CPU_PROBE=0 skips it (the child's own
+# setting), =1 probes any build with AMX kernels (the emu build, for tests).
+PROBE_ENV = "KERNELS_CPU_PROBE"
+PROBE_TIMEOUT_S = 120
+
+
+def _cpu_model() -> str:
+    return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
+
+
+def _probe_marker(so_path: Path) -> Path:
+    return so_path.with_name(so_path.name + ".amx-probe")
+
+
+def _probe_command() -> list[str]:
+    return [sys.executable, "-m", __name__, "--probe-amx"]
+
+
+def _amx_probe(so_path: Path, build: str) -> str | None:
+    """None where the AMX kernels of the library at ``so_path`` passed their first run on this CPU
+    (now, or as kept beside it), else why not."""
+    setting = os.environ.get(PROBE_ENV, "")
+    if setting == "0" or (build != "amx" and setting != "1"):
+        return None
+    marker, model = _probe_marker(so_path), _cpu_model()
+    try:
+        verdict, seen = marker.read_text().split("\n")[:2]
+        if seen == model:
+            return None if verdict == "ok" else verdict
+    except (OSError, ValueError):
+        pass
+    env = {**os.environ, PROBE_ENV: "0", VARIANT_ENV: build,
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's imports
+    try:
+        proc = subprocess.run(_probe_command(), env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return (f"the AMX kernels' first-run check (a child process) took over {PROBE_TIMEOUT_S} s; "
+                "the AVX-512-BF16 block products run instead, and the next process checks again")
+    except OSError as e:
+        return f"the AMX kernels' first-run check could not start a child process ({e})"
+    if proc.returncode == 0:
+        verdict = "ok"
+    else:
+        rc = proc.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit {rc}"
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1][:300]
+        verdict = (f"the AMX kernels failed their first run on this CPU ({model}; a child process, {how}: {last}); "
+                   f"the AVX-512-BF16 block products run instead (kept in {marker}: delete it to check again)")
+    try:
+        marker.write_text(f"{verdict}\n{model}\n")
+    except OSError:
+        pass
+    return None if verdict == "ok" else verdict
+
+
+def _probe_amx_run() -> str | None:
+    """In the child: bsr16_mm_amx and sddmm_blocks_amx once on small bf16 operands (b = 16, 17
+    and 45 tokens: a partial tile each), against fp64 of the same bf16 numbers; None where both
+    are right, else what is wrong."""
+    if lib() is None or "amx" not in features():
+        return f"no AMX kernels to check: {error() or missing_feature('amx')}"
+    g = torch.Generator().manual_seed(0)
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)  # 2 x 3 blocks of 16: (0, 0), (0, 2), (1, 1)
+    bcols = torch.tensor([0, 2, 1], dtype=torch.int32)
+    blocks = torch.randn(3, 16, 16, generator=g).to(torch.bfloat16)
+    bias = torch.randn(32, generator=g)
+    dense = torch.zeros(32, 48, dtype=torch.float64)
+    for n, (r, c) in enumerate(((0, 0), (0, 2), (1, 1))):
+        dense[16 * r:16 * r + 16, 16 * c:16 * c + 16] = blocks[n].double()
+    x = torch.randn(17, 48, generator=g).to(torch.bfloat16)
+    y = matmul(bsr16_weight(crow, bcols, blocks, 32, 48), x, bias, out_dtype=torch.float32)
+    ref = x.double() @ dense.t() + bias.double()
+    bound = 1e-5 * (x.double().abs() @ dense.abs().t() + bias.double().abs()) + 1e-6
+    if not ((y.double() - ref).abs() <= bound).all():
+        return f"bsr16_mm_amx: max error {(y.double() - ref).abs().max().item():.3g} against fp64"
+    dy = torch.randn(45, 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(45, 48, generator=g).to(torch.bfloat16)
+    rows = torch.tensor([0, 0, 1], dtype=torch.int32)
+    got = sddmm_blocks(dy, x, rows, bcols, 16)
+    d, xd = dy.double(), x.double()
+    for n, (r, c) in enumerate(zip(rows.tolist(), bcols.tolist())):
+        a, b = d[:, 16 * r:16 * r + 16], xd[:, 16 * c:16 * c + 16]
+        err = (got[n].double() - a.t() @ b).abs()
+        if not (err <= 1e-5 * (a.abs().t() @ b.abs()) + 1e-6).all():
+            return f"sddmm_blocks_amx: block {n}, max error {err.max().item():.3g} against fp64"
+    return None
 
 
 def _openmp_runtimes(maps: Path = Path("/proc/self/maps")) -> list[str]:

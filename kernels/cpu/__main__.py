@@ -1,9 +1,16 @@
 """``python -m kernels.cpu``: build the native CPU library now (.ci/setup runs it); prints its
-path, or why it could not be built (exit 0 either way: the layers then use torch's path)."""
+path, or why it could not be built (exit 0 either way: the layers then use torch's path).
+``python -m kernels.cpu --probe-amx``: the AMX kernels' first-run check (kernels.cpu._amx_probe
+runs it in a child process): exit 0 where they are right on this CPU, else 1 with what is wrong."""
 import sys
 
-from . import error, features, lib, loaded_variant
+from . import _probe_amx_run, error, features, lib, loaded_variant
 
+if sys.argv[1:] == ["--probe-amx"]:
+    wrong = _probe_amx_run()
+    if wrong:
+        print(wrong, file=sys.stderr)
+    sys.exit(1 if wrong else 0)
 so = lib()
 if so is not None:
     print(f"kernels.cpu: built {so._name} ({loaded_variant()}; optional kernels: {', '.join(sorted(features())) or 'none'})")

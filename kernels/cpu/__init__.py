@@ -32,7 +32,8 @@ sddmm_blocks_dpbf16 on token pairs - which the amx build leaves to its tiles whe
 ``avx2`` (``-mavx2
 -mfma``) and ``-march=x86-64`` otherwise (``-O3`` alone off x86); ``features()`` names the
 optional kernels the loaded build can run (AMX also needs Linux's arch_prctl permission, asked
-at load, and its kernels' first-run check in a child process, once per build and CPU: PROBE_ENV). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
+at load, and its kernels' first-run check in a child process, once per build and CPU:
+PROBE_ENV). No compiler, a failed build or ``KERNELS_NATIVE_CPU=0``: ``lib()`` is None and the
 caller keeps torch's path.
 
 Memory: the products' temporaries (x packed into tiles, blocks into VNNI sub-blocks) live in
@@ -214,7 +215,7 @@ def _runnable(name: str) -> list[str]:
         raise RuntimeError(f"{VARIANT_ENV}={name}: an x86-64 build, and this machine is {platform.machine()}")
     missing = _VARIANT_CPU[name] - _cpu_flags()
     if missing:
-        model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
+        model = _cpu_model()
         raise RuntimeError(f"{VARIANT_ENV}={name}: this CPU ({model}) lacks {', '.join(sorted(missing))}"
                            + ("; KERNELS_CPU_VARIANT=emu runs those kernels on emulated instructions wherever "
                               "avx2 and fma are" if name in ("amx", "avx512-bf16") else ""))
@@ -562,7 +563,7 @@ def missing_feature(name: str) -> str:
         return _state["features_why"][name]
     need = {"amx": "amx_tile, amx_bf16", "avx512_bf16": "avx512_bf16", "csr_dpbf16": "avx512_bf16",
             "sddmm_dpbf16": "avx512_bf16", "blocks_dpbf16": "avx512_bf16"}[name]
-    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo_lines() if ln.startswith("model name")), "?")
+    model = _cpu_model()
     build = loaded_variant()
     if set(need.split(", ")) <= _cpu_flags():  # (a narrower build than the CPU allows)
         how = f"forced by {VARIANT_ENV}" if os.environ.get(VARIANT_ENV) else "a narrower build loaded"

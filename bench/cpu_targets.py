@@ -32,7 +32,7 @@ DENSE_BF16 = "dense nn.Linear bf16"
 # (figure, anchor, source, key, {class: threshold or None (report only)}).
 # source "infer": (batch, variant or "*" for the worst bf16 sparse layer, column);
 # source "e2e": (model, column) over the sparse formats of the folder's e2e runs.
-_XEON = {"amx": None, "avx512_bf16": None}
+_XEON = {"amx": None, "avx512_bf16": None}  # report only on the Xeon column
 TARGETS = [
     ("DiagLinear b=16, 32 tokens", "dense bf16", "infer", (32, B16, "x_dense"), {"amx": 4.0, "avx512_bf16": 4.0}),
     ("DiagLinear b=16, 256 tokens", "dense bf16", "infer", (256, B16, "x_dense"), {"amx": 3.0, "avx512_bf16": 3.0}),

@@ -36,9 +36,9 @@ def _folder(tmp_path, klass: str, b16_32: float = 6.0, vit_infer: float = 2.5) -
     return tmp_path
 
 
-def _verdicts(folder, **kw) -> dict[tuple[str, str], dict]:
+def _verdicts(folder) -> dict[tuple[str, str], dict]:
     klass = cpu_targets.cpu_class(cpu_targets.logged_flags(folder / "cpu_check.log"))
-    return {(r["figure"], r["anchor"]): r for r in cpu_targets.judge(folder, klass, **kw)}
+    return {(r["figure"], r["anchor"]): r for r in cpu_targets.judge(folder, klass)}
 
 
 def test_the_cpu_class_comes_from_the_logged_flags(tmp_path):

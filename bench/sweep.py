@@ -6,6 +6,7 @@ unfused diagonal MLP.
     python bench/sweep.py --ops diag_fwd,diag_dx --tokens 50432 --dtypes bfloat16
     python bench/sweep.py --ops mlp_fwd --mlp-shapes 768x3072 --blocks 16,32,64
     python bench/sweep.py --quick                  # CPU: the whole pipeline, interpreter, < 2 min
+                                                   # (what a bare run does without a GPU; --full: the grid anyway)
 
 1. Tune. For every case at the tuning sparsities, each candidate launch config runs through
    the real launcher (the config is injected where the launcher looks up its table entry),
@@ -93,7 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes through the Triton interpreter on CPU (pipeline check, no speed figures)")
+                   help="tiny shapes through the Triton interpreter on CPU (pipeline check, no speed figures); "
+                        "the default without a GPU")
+    p.add_argument("--full", action="store_true",
+                   help="the full grid even without a GPU (through the interpreter: days; no speed figures)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default bench/results/<device> or bench/results/quick)")
     p.add_argument("--table-dir", type=Path, default=None,
@@ -125,6 +129,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip table keys already tuned and cases already in sweep.csv for this device")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.quick and args.full:
+        p.error("--quick and --full exclude each other")
+    # Without a GPU the full grid through the interpreter would take days and time numpy: a bare
+    # run checks the pipeline instead (main says so).
+    args.cpu_default = not (args.quick or args.full or torch.cuda.is_available())
+    args.quick = args.quick or args.cpu_default
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
         if getattr(args, name) is None:
@@ -349,9 +359,12 @@ def main(argv=None, log=print) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     head = common.header()
     mode = "interpreter" if common.interpreting() else ("gpu" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available() and not args.quick:
-        log("no GPU: the full grid through the interpreter would take days; running it anyway as asked "
-            "(use --quick for the CPU pipeline check)")
+    if args.cpu_default:
+        log("no GPU: running the --quick pipeline check (tiny shapes through the Triton interpreter); "
+            "the full grid there would take days - --full runs it anyway")
+    elif not torch.cuda.is_available() and not args.quick:
+        log("no GPU: the full grid through the interpreter (--full) would take days and measures numpy, "
+            "not the kernels")
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + head["git"]
     run_info = dict(run=run_id, device=head["table"], mode=mode)
     log("\n".join(f"{k}: {v}" for k, v in head.items()))

@@ -71,7 +71,7 @@ def test_quick_sweep_times_the_fused_mlp_beside_dense_and_unfused_only_at_the_ml
 
 
 def test_mlp_cases_are_built_for_the_mlp_shapes_and_blocks_of_16_or_more_only():
-    args = sweep.parse_args([])
+    args = sweep.parse_args(["--full"])
     cases = sweep.build_cases(args, args.sparsities, args.ablations)
     mlp = [c for c in cases if c.op == "mlp_fwd"]
     assert {(c.in_features, c.out_features) for c in mlp} == {(768, 3072)}
@@ -91,6 +91,18 @@ def test_quick_sweep_table_is_written_and_reads_back_through_launch_config(quick
     for kernel in KERNELS:
         for key, cfg in table[kernel].items():
             assert rt.launch_config(kernel, _parse_key(key), {"unrelated": 1}) == {"unrelated": 1, **cfg}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bare run's CPU default")
+def test_a_bare_run_without_a_gpu_is_the_quick_check_and_full_asks_for_the_grid(tmp_path, capsys):
+    bare, full = sweep.parse_args([]), sweep.parse_args(["--full"])
+    quick = sweep.parse_args(["--quick"])
+    assert bare.quick and bare.cpu_default and not quick.cpu_default
+    assert (bare.tokens, bare.shapes, bare.out) == (quick.tokens, quick.shapes, quick.out)
+    assert not full.quick and full.tokens != quick.tokens and full.table_dir == common.ROOT / "kernels" / "configs"
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--quick", "--full"])
+    assert "exclude each other" in capsys.readouterr().err
 
 
 def test_merging_a_table_keeps_the_entries_it_does_not_touch(tmp_path):

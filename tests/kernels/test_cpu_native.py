@@ -1125,6 +1125,40 @@ def csr_mask(g, kind, n_out, n_in):
 DPBF16_TOKENS = [2, 5, 31, 32, 33, 70, 256]
 
 
+def dpbf16_slot(j: int) -> int:
+    """Where pack_tokens_dpbf16 puts token j of a tile of 32 (sparse_cpu.c's dpbf16_slot)."""
+    return 8 * ((j % 16) // 4) + 4 * (j // 16) + j % 4
+
+
+@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("n", [3, 8, 16, 24, 40, 333])
+@pytest.mark.parametrize("layout", ["x", "x.T"])
+def test_bf16_token_tile_packs_put_every_token_where_the_products_read_it(tokens, n, layout, dpbf16_build):
+    """pack_tokens_dpbf16 (tiles of 32 in csr_mm_*_dpbf16's slot order) and pack_tokens_bf16_tiles
+    (16 / 32 / 64 / 128 in token order) against torch's permute of the zero-padded x, bit for bit:
+    16-column blocks of word transposes, the 8-column and element-by-element tails (n = 3, 24,
+    40, 333), partial tiles (tokens past T zero) and a transposed x (the element-by-element path).
+    The outputs start NaN, so an unwritten slot fails."""
+    so = cpu.lib()
+    g = torch.Generator().manual_seed(71)
+    x = torch.randn(tokens, n, generator=g).bfloat16()
+    if layout == "x.T":
+        x = x.t().contiguous().t()
+    for tw, order in ((32, "slots"), (16, "tokens"), (32, "tokens"), (64, "tokens"), (128, "tokens")):
+        tiles = -(-tokens // tw)
+        padded = torch.zeros(tiles * tw, n, dtype=torch.bfloat16)
+        padded[:tokens] = x
+        want = padded.reshape(tiles, tw, n).permute(0, 2, 1)  # [tiles, n, tw], token order
+        if order == "slots":
+            want = want[:, :, torch.tensor(sorted(range(32), key=dpbf16_slot))]
+        out = torch.full((tiles, n, tw), float("nan"), dtype=torch.bfloat16)
+        if order == "slots":
+            so.pack_tokens_dpbf16(tokens, n, x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(), 1)
+        else:
+            so.pack_tokens_bf16_tiles(tokens, n, x.data_ptr(), x.stride(0), x.stride(1), tw, out.data_ptr(), 1)
+        assert torch.equal(out.view(torch.int16), want.contiguous().view(torch.int16)), (tw, order)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])

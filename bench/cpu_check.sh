@@ -13,6 +13,9 @@
 # Phases, in order, each skipped when the budget is spent:
 #   1. the CPU, the variant kernels.cpu loads and the kernels it can run (on an AMX CPU the
 #      AMX kernels' first-run check runs here: "amx: on" or why not)                    <= 60 s
+#   1b. only where the CPU has AMX: the amx build's instructions one step at a time (python -m
+#      kernels.cpu --amx-steps: the grant, LDTILECFG, TILEZERO / TILESTORED, TILELOADD,
+#      TDPBF16PS, each in a child process; the first to fault or go wrong is named)      <= 60 s
 #   2. the native-product tests on this CPU's build (the "this CPU" halves of the AMX /
 #      AVX-512-BF16 tests run here where the flags are present; emu runs them anywhere)   <= 400 s
 #   3. bench/cpu_infer.py --precision bf16, 1 thread, batch 1 / 32 / 256 (issue 23's layer
@@ -58,6 +61,11 @@ phase "1 this CPU" 60 10 bash -c "lscpu | grep -E '^(Model name|Vendor ID|CPU\(s
     grep -m1 -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; \
     $PY -c 'import alwayssparse.kernels.cpu as c; c.lib(); print(\"variant\", c.loaded_variant(), \"features\", sorted(c.features()), \"error\", c.error()); \
     print(\"amx:\", \"on\" if \"amx\" in c.features() else c.missing_feature(\"amx\"))'"
+
+if grep -q -w amx_bf16 /proc/cpuinfo; then
+    phase "1b the AMX instructions step by step" 60 10 env KERNELS_CPU_VARIANT=amx "$PY" -m alwayssparse.kernels.cpu \
+        --amx-steps
+fi
 
 phase "2 native-product tests" 400 60 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels/test_cpu_native.py \
     tests/kernels/test_cpu_blocks.py tests/kernels/test_cpu_emu.py tests/kernels/test_cpu_inference.py \

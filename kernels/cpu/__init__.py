@@ -464,16 +464,71 @@ def _amx_probe(so_path: Path, build: str) -> str | None:
     if proc.returncode == 0:
         verdict = "ok"
     else:
-        rc = proc.returncode
-        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit {rc}"
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1][:300]
-        verdict = (f"the AMX kernels failed their first run on this CPU ({model}; a child process, {how}: {last}); "
+        steps = "; ".join(f"{name}: {how}" for name, how in amx_steps(so_path))
+        verdict = (f"the AMX kernels failed their first run on this CPU ({model}; a child process, "
+                   f"{_child_outcome(proc)}); the instructions step by step: {steps}; "
                    f"the AVX-512-BF16 block products run instead (kept in {marker}: delete it to check again)")
     try:
         marker.write_text(f"{verdict}\n{model}\n")
     except OSError:
         pass
     return None if verdict == "ok" else verdict
+
+
+def _child_outcome(proc: subprocess.CompletedProcess) -> str:
+    """How a child process ended: 'killed by SIGILL: <its last line>', 'exit 1: ...'."""
+    rc = proc.returncode
+    how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit {rc}"
+    return f"{how}: {(proc.stderr.strip() or proc.stdout.strip() or 'no output').splitlines()[-1][:300]}"
+
+
+# amx_selftest's steps (sparse_cpu.c), each adding an instruction to the ones before
+AMX_STEPS = ("arch_prctl's grant of the tile data", "LDTILECFG + TILERELEASE", "TILEZERO + TILESTORED", "TILELOADD",
+             "TDPBF16PS")
+_AMX_STEP_CHILD = ("import ctypes, sys; "
+                   "sys.exit(ctypes.CDLL(sys.argv[1]).amx_selftest(int(sys.argv[2]), int(sys.argv[3])))")
+XTILEDATA_BIT = 1 << 18
+
+
+def _amx_step_command(so_path: Path, step: int, grant: bool) -> list[str]:
+    return [sys.executable, "-c", _AMX_STEP_CHILD, str(so_path), str(step), str(int(grant))]
+
+
+def amx_steps(so_path: Path, grant: bool = True) -> list[tuple[str, str]]:
+    """The AMX instructions of the library at ``so_path`` one step at a time (its amx_selftest),
+    each step in a child process of its own (ctypes, no torch: ~50 ms) until one fails:
+    [(step, "ok" or what went wrong)]. The diagnosis that a failed first-run check adds to its
+    message; ``python -m kernels.cpu --amx-steps`` prints it. ``grant=False`` skips the
+    arch_prctl request (the tests' fault). A library without AMX kernels: one step saying so."""
+    so = ctypes.CDLL(str(so_path))  # (loading runs no tile instruction)
+    if not hasattr(so, "amx_selftest"):
+        return [("AMX kernels", f"none in {Path(so_path).name}: its build has no AMX")]
+    so.amx_xcomp.restype = ctypes.c_int64
+    out = []
+    for step, name in enumerate(AMX_STEPS, 1):
+        if step == 1 and not grant:
+            out.append((name, "skipped"))
+            continue
+        try:
+            proc = subprocess.run(_amx_step_command(so_path, step, grant), capture_output=True, text=True,
+                                  timeout=60)
+        except subprocess.TimeoutExpired:
+            out.append((name, "no answer in 60 s"))
+            break
+        if proc.returncode == 0:
+            out.append((name, "ok"))
+            continue
+        if proc.returncode == step == 1:
+            supported = so.amx_xcomp(0)
+            out.append((name, "refused (this kernel's arch_prctl(ARCH_GET_XCOMP_SUPP) is "
+                              + ("unavailable" if supported < 0 else f"{supported:#x}, XTILEDATA "
+                                 + ("supported" if supported & XTILEDATA_BIT else "not supported")) + ")"))
+        elif proc.returncode == step:
+            out.append((name, "a wrong result"))
+        else:
+            out.append((name, _child_outcome(proc)))
+        break
+    return out
 
 
 def _probe_amx_run() -> str | None:

@@ -1107,11 +1107,69 @@ void emu_tdpbf16ps(int c, int a, int b) {
    TILE_* wrappers above: the tests run it where the CPU has amx_bf16, and through the emulated
    instructions (the emu build) on any AVX2 CPU. */
 #ifdef HAVE_AMX
+#include <sys/syscall.h>  /* (amx_xcomp's arch_prctl, in the emu build too) */
+#include <unistd.h>
 static int amx_ready = 0;
 
 int sparse_cpu_amx_init(void) {
     if (!amx_ready && ARCH_PRCTL(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) amx_ready = 1;
     return amx_ready ? 0 : -1;
+}
+
+/* The AMX instructions one step at a time, for a diagnosis where the first-run check failed
+   (kernels.cpu._amx_steps runs each step in a child process of its own, so the first to fault is
+   named): 1 the arch_prctl grant of the tile data (skipped for grant = 0: the tests' fault), 2 +
+   LDTILECFG (palette 1, tiles 0-2 of 16 rows x 64 bytes) and TILERELEASE, 3 + TILEZERO and
+   TILESTORED (zeros back), 4 + TILELOADD (a pattern back as it was), 5 + TDPBF16PS (C = A B of
+   small integers, 16 x 16 x 32: exact in fp32). Returns 0 where every step up to `step` did what
+   it should, else the number of the first step whose result was wrong (a fault ends the process
+   instead: SIGILL, SIGSEGV, the emulation's abort). */
+#define AMX_STEP_FAILS(k) do { TILE_RELEASE(); return (k); } while (0)
+int amx_selftest(int step, int grant) {
+    if (grant && sparse_cpu_amx_init() != 0) return 1;
+    if (step < 2) return 0;
+    struct tile_config c;
+    __builtin_memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 3; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }  /* C fp32 16 x 16; A 16 x 32 bf16; B 16 x (16 x 2) */
+    TILE_LOADCONFIG(&c);
+    if (step < 3) AMX_STEP_FAILS(0);
+    float out[256];
+    for (int i = 0; i < 256; ++i) out[i] = 1.f;
+    TILE_ZERO(0);
+    TILE_STORED(0, out, 64);
+    for (int i = 0; i < 256; ++i) if (out[i] != 0.f) AMX_STEP_FAILS(3);
+    if (step < 4) AMX_STEP_FAILS(0);
+    float pattern[256];
+    for (int i = 0; i < 256; ++i) { pattern[i] = (float)i - 100.5f; out[i] = 0.f; }
+    TILE_LOADD(0, pattern, 64);
+    TILE_STORED(0, out, 64);
+    for (int i = 0; i < 256; ++i) if (out[i] != pattern[i]) AMX_STEP_FAILS(4);
+    if (step < 5) AMX_STEP_FAILS(0);
+    bf16 a[16][32], b[16][32];  /* A[m][k]; B[k][n] at b[k / 2][2 n + k % 2] (VNNI) */
+    for (int m = 0; m < 16; ++m)
+        for (int k = 0; k < 32; ++k) a[m][k] = f32_bf16((float)((m + 2 * k) % 5 - 2));
+    for (int k = 0; k < 32; ++k)
+        for (int n = 0; n < 16; ++n) b[k / 2][2 * n + k % 2] = f32_bf16((float)((3 * k + n) % 7 - 3));
+    TILE_ZERO(0);
+    TILE_LOADD(1, a, 64);
+    TILE_LOADD(2, b, 64);
+    TILE_DPBF16PS(0, 1, 2);
+    TILE_STORED(0, out, 64);
+    for (int m = 0; m < 16; ++m)
+        for (int n = 0; n < 16; ++n) {
+            float want = 0.f;
+            for (int k = 0; k < 32; ++k) want += (float)((m + 2 * k) % 5 - 2) * (float)((3 * k + n) % 7 - 3);
+            if (out[m * 16 + n] != want) AMX_STEP_FAILS(5);
+        }
+    AMX_STEP_FAILS(0);
+}
+
+/* arch_prctl(ARCH_GET_XCOMP_SUPP) (which = 0: the xstate features this kernel supports) or
+   ARCH_GET_XCOMP_PERM (1: those this process may use); bit 18 is XTILEDATA. -1 where refused. */
+int64_t amx_xcomp(int which) {
+    uint64_t mask = 0;
+    return syscall(SYS_arch_prctl, which ? 0x1022 : 0x1021, &mask) == 0 ? (int64_t)mask : -1;
 }
 
 /* rows of tokens (1..16) for the C and A tiles */

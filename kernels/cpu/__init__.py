@@ -503,7 +503,7 @@ def amx_steps(so_path: Path, grant: bool = True) -> list[tuple[str, str]]:
     so = ctypes.CDLL(str(so_path))  # (loading runs no tile instruction)
     if not hasattr(so, "amx_selftest"):
         return [("AMX kernels", f"none in {Path(so_path).name}: its build has no AMX")]
-    so.amx_xcomp.restype = ctypes.c_int64
+    so.amx_xcomp_supported.restype = ctypes.c_int64
     out = []
     for step, name in enumerate(AMX_STEPS, 1):
         if step == 1 and not grant:
@@ -519,7 +519,7 @@ def amx_steps(so_path: Path, grant: bool = True) -> list[tuple[str, str]]:
             out.append((name, "ok"))
             continue
         if proc.returncode == step == 1:
-            supported = so.amx_xcomp(0)
+            supported = so.amx_xcomp_supported()
             out.append((name, "refused (this kernel's arch_prctl(ARCH_GET_XCOMP_SUPP) is "
                               + ("unavailable" if supported < 0 else f"{supported:#x}, XTILEDATA "
                                  + ("supported" if supported & XTILEDATA_BIT else "not supported")) + ")"))

@@ -1107,7 +1107,7 @@ void emu_tdpbf16ps(int c, int a, int b) {
    TILE_* wrappers above: the tests run it where the CPU has amx_bf16, and through the emulated
    instructions (the emu build) on any AVX2 CPU. */
 #ifdef HAVE_AMX
-#include <sys/syscall.h>  /* (amx_xcomp's arch_prctl, in the emu build too) */
+#include <sys/syscall.h>  /* (amx_xcomp_supported: arch_prctl, in the emu build too) */
 #include <unistd.h>
 static int amx_ready = 0;
 
@@ -1117,14 +1117,14 @@ int sparse_cpu_amx_init(void) {
 }
 
 /* The AMX instructions one step at a time, for a diagnosis where the first-run check failed
-   (kernels.cpu._amx_steps runs each step in a child process of its own, so the first to fault is
+   (kernels.cpu.amx_steps runs each step in a child process of its own, so the first to fault is
    named): 1 the arch_prctl grant of the tile data (skipped for grant = 0: the tests' fault), 2 +
    LDTILECFG (palette 1, tiles 0-2 of 16 rows x 64 bytes) and TILERELEASE, 3 + TILEZERO and
    TILESTORED (zeros back), 4 + TILELOADD (a pattern back as it was), 5 + TDPBF16PS (C = A B of
    small integers, 16 x 16 x 32: exact in fp32). Returns 0 where every step up to `step` did what
    it should, else the number of the first step whose result was wrong (a fault ends the process
    instead: SIGILL, SIGSEGV, the emulation's abort). */
-#define AMX_STEP_FAILS(k) do { TILE_RELEASE(); return (k); } while (0)
+#define AMX_STEP_END(k) do { TILE_RELEASE(); return (k); } while (0)  /* the tiles released, k returned */
 int amx_selftest(int step, int grant) {
     if (grant && sparse_cpu_amx_init() != 0) return 1;
     if (step < 2) return 0;
@@ -1133,19 +1133,19 @@ int amx_selftest(int step, int grant) {
     c.palette_id = 1;
     for (int t = 0; t < 3; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }  /* C fp32 16 x 16; A 16 x 32 bf16; B 16 x (16 x 2) */
     TILE_LOADCONFIG(&c);
-    if (step < 3) AMX_STEP_FAILS(0);
+    if (step < 3) AMX_STEP_END(0);
     float out[256];
     for (int i = 0; i < 256; ++i) out[i] = 1.f;
     TILE_ZERO(0);
     TILE_STORED(0, out, 64);
-    for (int i = 0; i < 256; ++i) if (out[i] != 0.f) AMX_STEP_FAILS(3);
-    if (step < 4) AMX_STEP_FAILS(0);
+    for (int i = 0; i < 256; ++i) if (out[i] != 0.f) AMX_STEP_END(3);
+    if (step < 4) AMX_STEP_END(0);
     float pattern[256];
     for (int i = 0; i < 256; ++i) { pattern[i] = (float)i - 100.5f; out[i] = 0.f; }
     TILE_LOADD(0, pattern, 64);
     TILE_STORED(0, out, 64);
-    for (int i = 0; i < 256; ++i) if (out[i] != pattern[i]) AMX_STEP_FAILS(4);
-    if (step < 5) AMX_STEP_FAILS(0);
+    for (int i = 0; i < 256; ++i) if (out[i] != pattern[i]) AMX_STEP_END(4);
+    if (step < 5) AMX_STEP_END(0);
     bf16 a[16][32], b[16][32];  /* A[m][k]; B[k][n] at b[k / 2][2 n + k % 2] (VNNI) */
     for (int m = 0; m < 16; ++m)
         for (int k = 0; k < 32; ++k) a[m][k] = f32_bf16((float)((m + 2 * k) % 5 - 2));
@@ -1160,16 +1160,16 @@ int amx_selftest(int step, int grant) {
         for (int n = 0; n < 16; ++n) {
             float want = 0.f;
             for (int k = 0; k < 32; ++k) want += (float)((m + 2 * k) % 5 - 2) * (float)((3 * k + n) % 7 - 3);
-            if (out[m * 16 + n] != want) AMX_STEP_FAILS(5);
+            if (out[m * 16 + n] != want) AMX_STEP_END(5);
         }
-    AMX_STEP_FAILS(0);
+    AMX_STEP_END(0);
 }
 
-/* arch_prctl(ARCH_GET_XCOMP_SUPP) (which = 0: the xstate features this kernel supports) or
-   ARCH_GET_XCOMP_PERM (1: those this process may use); bit 18 is XTILEDATA. -1 where refused. */
-int64_t amx_xcomp(int which) {
+/* arch_prctl(ARCH_GET_XCOMP_SUPP): the xstate features this kernel supports (bit 18: XTILEDATA),
+   -1 where refused. */
+int64_t amx_xcomp_supported(void) {
     uint64_t mask = 0;
-    return syscall(SYS_arch_prctl, which ? 0x1022 : 0x1021, &mask) == 0 ? (int64_t)mask : -1;
+    return syscall(SYS_arch_prctl, 0x1021, &mask) == 0 ? (int64_t)mask : -1;
 }
 
 /* rows of tokens (1..16) for the C and A tiles */

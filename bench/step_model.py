@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import types
 from dataclasses import dataclass, replace
 from pathlib import Path
+from unittest import mock
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from bench import common  # noqa: E402
 from kernels import cpu as kernels_cpu  # noqa: E402
 from kernels import runtime as rt  # noqa: E402
+from models import attention  # noqa: E402
 
 # FlashAttention's published H100 figures at head dim 64 are ~35% of the dense bf16 peak
 # forward and less backward; 197 tokens fill its 128-row tiles to 77%. Taken: 0.3 (a model).
@@ -146,7 +149,8 @@ class Trace(TorchDispatchMode):
 def _backend(name: str):
     """CPU tensors through ``name`` ("torch": the CPU path computes; "triton": the launchers,
     captured and never run), per-call index checks off as bench/e2e.py and the report run;
-    both restored after. The native CPU library is off inside: a bf16 layer without a gradient
+    both restored after. Attention takes torch's scaled_dot_product_attention, as on a GPU (on
+    CPU in bf16 models.attention's "auto" would take its batched GEMMs). The native CPU library is off inside: a bf16 layer without a gradient
     would otherwise multiply in it through ctypes (SparseLayer.cpu_inference), which no
     dispatch mode sees - the trace would lose the GPU's sparse products and record the CPU
     weight copy's build instead."""
@@ -154,7 +158,7 @@ def _backend(name: str):
     rt.set_backend(name)
     rt.set_checks(False)
     try:
-        with kernels_cpu.disabled():
+        with kernels_cpu.disabled(), mock.patch.dict(os.environ, {attention.BACKEND_ENV: "sdpa"}):
             yield
     finally:
         rt.set_backend(backend)

@@ -22,11 +22,12 @@ from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 import alwayssparse.kernels as kernels
 from alwayssparse.kernels.fused import MIN_BLOCK_SIZE
+
+from .attention import self_attention
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -89,28 +90,10 @@ def sparse_layer_shapes(build: Callable[..., nn.Module], *args, **kwargs) -> dic
     return shapes
 
 
-class _SplitHeads(torch.autograd.Function):
-    """qkv [B, N, 3 * H * D] -> q, k, v, each a [B, H, N, D] view. Its backward writes the three
-    gradients into the packed layout in one pass: autograd's own (einops' unbind and permute)
-    stacks them [3, B, H, N, D] and then copies that transpose into [B, N, 3 H D], two passes
-    over a qkv-sized tensor a layer (ViT-B at 50,432 tokens: 5.6 GB a training step)."""
-
-    @staticmethod
-    def forward(ctx, qkv, heads: int):
-        b, n, _ = qkv.shape
-        t = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        return t[0], t[1], t[2]
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        # [B, H, N, D] -> [B, N, H, D] views, stacked at dim 2: [B, N, 3, H, D], the qkv layout
-        g = torch.stack([d.transpose(1, 2) for d in (dq, dk, dv)], dim=2)
-        return g.flatten(2), None
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention; ``causal=True``: token i attends to tokens 0..i only
-    (scaled_dot_product_attention's is_causal, which takes no padding mask besides)."""
+    """Multi-head self-attention (models/attention.py: torch's scaled_dot_product_attention, or
+    on CPU in bf16 our batched GEMMs); ``causal=True``: token i attends to tokens 0..i only
+    (no padding mask besides)."""
 
     def __init__(self, name: str, dim: int, heads: int, dropout: float, linear: LinearFactory,
                  causal: bool = False):
@@ -124,14 +107,10 @@ class Attention(nn.Module):
         self.out = linear(f"{name}.out", dim, dim, True)
 
     def forward(self, x, key_mask=None):
-        q, k, v = _SplitHeads.apply(self.qkv(x), self.heads)  # "b n (three h d) -> three b h n d"
-        if self.causal and key_mask is not None:
-            raise ValueError("causal attention takes no key_mask (pad at the end: a causal token never sees it)")
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self_attention(self.qkv(x), self.heads, key_mask, self.causal,
+                           dropout_p=self.dropout if self.training else 0.0)
         # Under autocast y is bf16; the sparse layers take it as nn.Linear does (no cast back).
-        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+        return self.out(y)
 
 
 def check_fusable(name: str, fc1: nn.Module, fc2: nn.Module) -> None:

@@ -7,9 +7,8 @@ import torch
 import kernels
 from dst import DSTConfig, Sparsifier, make_layer
 from models.bert import Bert, BertConfig
-from einops import rearrange
 
-from models.transformer import MLP, _SplitHeads, sparse_layer_shapes
+from models.transformer import MLP, sparse_layer_shapes
 from models.vit import ViT, ViTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,24 +146,3 @@ def test_layer_shapes_of_a_fused_config_are_those_of_the_unfused_one():
     assert sparse_layer_shapes(ViT, cfg) == sparse_layer_shapes(ViT, ViTConfig.preset("micro"))
     with pytest.raises(ValueError, match="fused_mlp must be a bool"):
         ViTConfig.preset("micro", fused_mlp=1).validate()
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_split_heads_is_einops_split_and_its_gradient_lands_packed(dtype):
-    """q, k, v as einops' split gives them; the backward's one-pass packing equals autograd's
-    own gradient bit for bit (a copy, no arithmetic), contiguous in qkv's layout; a head whose
-    gradient is unused (k, v here) contributes zeros."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 3 * 4 * 6, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    ours = _SplitHeads.apply(x, 4)
-    ref = rearrange(x, "b n (three h d) -> three b h n d", three=3, h=4)
-    assert all(torch.equal(a, b) and a.shape == (2, 4, 5, 6) for a, b in zip(ours, ref))
-    w = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in ours]
-    mine, = torch.autograd.grad(sum((a * c).sum() for a, c in zip(ours, w)), x)
-    theirs, = torch.autograd.grad(sum((a * c).sum() for a, c in zip(ref, w)), x)
-    assert torch.equal(mine, theirs) and mine.is_contiguous() and mine.shape == x.shape
-    q_only, = torch.autograd.grad(_SplitHeads.apply(x, 4)[0].sum(), x)
-    assert torch.equal(q_only.view(2, 5, 3, -1)[:, :, 1:], torch.zeros(2, 5, 2, 24, dtype=dtype))
-    assert torch.equal(q_only.view(2, 5, 3, -1)[:, :, 0], torch.ones(2, 5, 24, dtype=dtype))
-    if dtype == torch.float64:
-        assert torch.autograd.gradcheck(lambda t: _SplitHeads.apply(t, 4), (x.detach().requires_grad_(),))

@@ -30,12 +30,18 @@
 #   5. bench/e2e.py ViT-B/16 batch 32 under bf16 autocast, inference only, then the
 #      training step: dense, diag16, fan-in (issue 23's end-to-end rows)                   <= 600 s + 900 s
 #   5c. the same for BERT-base, batch 8 (1024 tokens), training step and inference         <= 600 s
+#   5d. bench/cpu_attention.py in bf16: torch's CPU flash attention against models.attention's
+#      batched GEMMs at ViT-B/16 / BERT-base / GPT-2 shapes ("auto" takes the GEMMs on CPUs
+#      without AMX, measured on a Zen 4; on AMX CPUs torch's kernel until this measures it)  <= 300 s
+#   5e. only where the CPU has AMX: 5b again with MODELS_ATTENTION=bmm (the e2e rows with the
+#      attention path "auto" does not take there)                                          <= 900 s
 #   6. bench/cpu_targets.py: issue 23's targets judged from the files above for this CPU's class
 #      (AMX / AVX-512-BF16 / AVX2), met / missed / not measured, into cpu_targets.md      (always)
 # Files: cpu_check.log (every phase's output, with times), cpu_infer_bf16_batch{1,32,256}.md / .csv,
 # cpu_infer_bf16_batch{32,256}_avx2_forced.md,
 # cpu_train_t{32,256}.md and _avx2_forced.md, (AMX CPUs) *_avx512_bf16_forced.md,
-# e2e_{infer,train,bert}.md / .csv, cpu_targets.md.
+# e2e_{infer,train,bert}.md / .csv, cpu_attention_bfloat16.md / .csv, (AMX CPUs)
+# e2e_train_attention_bmm.md / .csv, cpu_targets.md.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -114,6 +120,18 @@ phase "5c e2e BERT-base batch 8, bf16 autocast" 600 120 "$PY" bench/e2e.py --mod
     --formats dense,diag16,fanin --autocast bf16 --batch 8 --steps 3 --clock cpu --out "$SCRATCH/e2e_bert"
 cp "$SCRATCH"/e2e_bert/e2e.md "$OUT_DIR/e2e_bert.md" 2>/dev/null
 cp "$SCRATCH"/e2e_bert/e2e.csv "$OUT_DIR/e2e_bert.csv" 2>/dev/null
+phase "5d attention, bf16: torch's CPU flash kernel vs batched GEMMs" 300 60 "$PY" bench/cpu_attention.py \
+    --threads 1 --clock cpu --shapes "vit-b16 b8,bert-base b8,gpt2-small b8,512 tokens b2,gpt2-small 1024 b1" \
+    --out "$SCRATCH/attention"
+cp "$SCRATCH"/attention/cpu_attention_bfloat16.md "$OUT_DIR/" 2>/dev/null
+cp "$SCRATCH"/attention/cpu_attention_bfloat16.csv "$OUT_DIR/" 2>/dev/null
+if grep -q -w amx_bf16 /proc/cpuinfo; then
+    phase "5e e2e ViT-B/16 batch 32, bf16 autocast, training step, attention as batched GEMMs" 900 300 \
+        env MODELS_ATTENTION=bmm "$PY" bench/e2e.py --models vit-b16 --formats dense,diag16,fanin --autocast bf16 \
+        --batch 32 --steps 3 --clock cpu --out "$SCRATCH/e2e_train_bmm"
+    cp "$SCRATCH"/e2e_train_bmm/e2e.md "$OUT_DIR/e2e_train_attention_bmm.md" 2>/dev/null
+    cp "$SCRATCH"/e2e_train_bmm/e2e.csv "$OUT_DIR/e2e_train_attention_bmm.csv" 2>/dev/null
+fi
 
 echo "== 6 issue 23's targets: bench/cpu_targets.py $OUT_DIR" >> "$LOG"
 "$PY" bench/cpu_targets.py "$OUT_DIR" >> "$LOG" 2>&1

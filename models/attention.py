@@ -11,11 +11,11 @@ at batch 8 (12 heads, 197 tokens, D 64); three bf16 GEMMs per image and a softma
 took 12 and 41 ms. Attention was then ~45% of a 90%-sparse ViT-B/16 training step under bf16
 autocast (the sparse linears ~38%). ``bench/cpu_attention.py`` measures both paths on any CPU.
 
-The ``bmm`` path, per sequence (all heads at once, so the scores stay in cache): s = (q k^T) *
+The ``bmm`` path, a chunk of sequences at a time (all their heads at once; CHUNK_BYTES): s = (q k^T) *
 scale as one GEMM with bf16 output, masked positions -inf, p = softmax(s) (fp32 inside, bf16
 out), y = dropout(p) v. Nothing of size N x N is kept for the backward: it saves qkv (as the
 flash kernel saves q, k, v) and the dropout's keep mask where dropout acts, and recomputes s
-and p per sequence. The scores are rounded to bf16 before the softmax (as attention written
+and p per chunk. The scores are rounded to bf16 before the softmax (as attention written
 with bf16 matmuls is, e.g. an eager implementation under autocast), where the flash kernel
 keeps them in fp32: the output's error against fp64 is about twice the flash kernel's (tests:
 tests/models/test_attention.py).
@@ -39,9 +39,10 @@ import alwayssparse.kernels as kernels
 
 BACKENDS = ("auto", "sdpa", "bmm")
 BACKEND_ENV = "MODELS_ATTENTION"
-# Up to this many tokens "auto" takes bmm: measured on the Zen 4 at batch 8 / 2 / 1 (bf16, one
-# thread, forward + backward): 128 tokens bmm 3.7x faster, 197 1.9x, 512 about level, 1024
-# causal slower (torch's flash kernel skips the masked blocks). The cut sits between.
+# Up to this many tokens "auto" takes bmm: measured on the Zen 4 (bench/cpu_attention.py, bf16, one
+# thread, forward + backward, two runs): 128 tokens 1.95-2.72x torch's kernel, 197 1.80-2.00x,
+# 512 1.36-1.49x, 1024 0.79x in one run and 1.35x in the other, 1024 causal 0.81x in both (torch's
+# flash kernel skips the masked blocks). The cut stays below what was consistent.
 BMM_MAX_TOKENS = 256
 
 

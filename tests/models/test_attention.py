@@ -152,6 +152,12 @@ def test_bad_arguments_are_refused_by_name(qkv, key_mask, causal, message):
         self_attention(qkv, 2, key_mask, causal)
 
 
+@pytest.mark.parametrize("heads", [0, -1, 2.0])
+def test_a_bad_head_count_is_refused_by_name(heads):
+    with pytest.raises(ValueError, match="heads must be an int >= 1"):
+        self_attention(torch.zeros(1, 4, 24), heads)
+
+
 def test_a_vit_step_under_autocast_errs_on_the_bmm_path_at_most_twice_torchs(monkeypatch):
     """The same tiny ViT step under bf16 autocast on both paths, against the step in fp64: the
     loss and all gradients (as one vector) of the bmm path err within 2x torch's path + 1e-3,

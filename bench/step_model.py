@@ -150,10 +150,10 @@ def _backend(name: str):
     """CPU tensors through ``name`` ("torch": the CPU path computes; "triton": the launchers,
     captured and never run), per-call index checks off as bench/e2e.py and the report run;
     both restored after. Attention takes torch's scaled_dot_product_attention, as on a GPU (on
-    CPU in bf16 models.attention's "auto" would take its batched GEMMs). The native CPU library is off inside: a bf16 layer without a gradient
-    would otherwise multiply in it through ctypes (SparseLayer.cpu_inference), which no
-    dispatch mode sees - the trace would lose the GPU's sparse products and record the CPU
-    weight copy's build instead."""
+    CPU in bf16 models.attention's "auto" would take its batched GEMMs). The native CPU library
+    is off inside: a bf16 layer without a gradient would otherwise multiply in it through ctypes
+    (SparseLayer.cpu_inference), which no dispatch mode sees - the trace would lose the GPU's
+    sparse products and record the CPU weight copy's build instead."""
     backend, checks = rt.get_backend(), rt.checks_enabled()
     rt.set_backend(name)
     rt.set_checks(False)

@@ -20,8 +20,8 @@ with bf16 matmuls is, e.g. an eager implementation under autocast), where the fl
 keeps them in fp32: the output's error against fp64 is about twice the flash kernel's (tests:
 tests/models/test_attention.py).
 
-The dropout's keep mask is ``torch.rand(B, H, N, N) >= p``, one draw from the default generator
-per forward (its bool mask [B, H, N, N] is kept for the backward).
+The dropout's keep mask is ``models.dropout.keep_mask((B, H, N, N), p)``, one draw from the
+default generator per forward (the bool mask is kept for the backward).
 
 Which path (``backend``): "auto" takes ``bmm`` for a CPU tensor in bf16 with N <=
 BMM_MAX_TOKENS on a CPU without AMX, else torch's; ``MODELS_ATTENTION=sdpa`` or ``=bmm``
@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import alwayssparse.kernels as kernels
+
+from .dropout import keep_mask
 
 BACKENDS = ("auto", "sdpa", "bmm")
 BACKEND_ENV = "MODELS_ATTENTION"
@@ -137,23 +139,23 @@ class _BmmAttention(torch.autograd.Function):
         D = width // (3 * heads)
         scale = D ** -0.5
         t = qkv.view(B, N, 3, heads, D)
-        keep = torch.rand(B, heads, N, N) >= dropout_p if dropout_p > 0 else None
+        keep, keep_scale = keep_mask((B, heads, N, N), dropout_p) if dropout_p > 0 else (None, 1.0)
         y = qkv.new_empty(B, N, heads, D)
         with torch.autocast("cpu", enabled=False):
             for b0, b1 in _chunks(B, heads, N):
                 q, k, v = _heads(t, b0, b1)
                 p = _probabilities(q, k, scale, None if hidden is None else hidden[b0:b1])
                 if keep is not None:
-                    p = p * _keep(keep, b0, b1) * (1 / (1 - dropout_p))
+                    p = p * _keep(keep, b0, b1) * keep_scale
                 y[b0:b1] = _unheads(torch.bmm(p, v), b1 - b0)
         ctx.save_for_backward(qkv, hidden, keep)
-        ctx.heads, ctx.dropout_p = heads, dropout_p
+        ctx.heads, ctx.keep_scale = heads, keep_scale
         return y.view(B, N, heads * D)
 
     @staticmethod
     def backward(ctx, dy):
         qkv, hidden, keep = ctx.saved_tensors
-        heads, dropout_p = ctx.heads, ctx.dropout_p
+        heads, keep_scale = ctx.heads, ctx.keep_scale
         B, N, width = qkv.shape
         D = width // (3 * heads)
         scale = D ** -0.5
@@ -169,8 +171,8 @@ class _BmmAttention(torch.autograd.Function):
                 dp = torch.bmm(do, v.transpose(1, 2))   # d(dropped p) [c H, N, N]
                 dropped = p
                 if keep is not None:   # as the forward: the same rounding of the same products
-                    dropped = p * _keep(keep, b0, b1) * (1 / (1 - dropout_p))
-                    dp = dp * _keep(keep, b0, b1) * (1 / (1 - dropout_p))
+                    dropped = p * _keep(keep, b0, b1) * keep_scale
+                    dp = dp * _keep(keep, b0, b1) * keep_scale
                 dt[b0:b1, :, 2] = _unheads(torch.bmm(dropped.transpose(1, 2), do), c)
                 ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)   # d(scaled scores)
                 dt[b0:b1, :, 0] = _unheads(_scaled_bmm(ds, k, scale), c)

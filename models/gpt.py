@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout
 from .transformer import EncoderConfig, LinearFactory, dense_linear, encoder_blocks
 
 
@@ -64,7 +65,7 @@ class GPT(nn.Module):
         self.config = c = config.validate()
         self.tok_embed = nn.Embedding(c.vocab_size, c.dim)
         self.pos_embed = nn.Embedding(c.max_len, c.dim)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.blocks = encoder_blocks(c, linear)
         self.norm = nn.LayerNorm(c.dim)
         with torch.no_grad():

@@ -28,6 +28,7 @@ import alwayssparse.kernels as kernels
 from alwayssparse.kernels.fused import MIN_BLOCK_SIZE
 
 from .attention import self_attention
+from .dropout import Dropout
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -143,7 +144,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = linear(f"{name}.fc1", dim, mlp_dim, True)
         self.fc2 = linear(f"{name}.fc2", mlp_dim, dim, True)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         if fused:
             check_fusable(name, self.fc1, self.fc2)
         self.fused = fused
@@ -167,7 +168,7 @@ class Block(nn.Module):
         self.attn = Attention(f"{name}.attn", dim, heads, dropout, linear, causal=causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(f"{name}.mlp", dim, mlp_dim, dropout, linear, fused=fused_mlp)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x, key_mask=None):
         x = x + self.drop(self.attn(self.norm1(x), key_mask))

@@ -7,6 +7,7 @@ from einops import rearrange
 
 from models import attention
 from models.attention import _SplitHeads, backend_for, self_attention
+from models.dropout import keep_mask
 from models.vit import ViT, ViTConfig
 
 SHAPES = [  # B, N, heads, D, mask
@@ -29,8 +30,9 @@ def _inputs(B, N, heads, D, mask, seed=0):
     return qkv, key_mask, mask == "causal", torch.randn(B, N, heads * D, generator=g, dtype=torch.float64)
 
 
-def reference(qkv, heads, key_mask=None, causal=False, keep=None, dropout_p=0.0):
-    """Attention written out in plain torch; ``keep`` [B, H, N, N] the dropout's keep mask."""
+def reference(qkv, heads, key_mask=None, causal=False, keep=None, keep_scale=1.0):
+    """Attention written out in plain torch; ``keep`` [B, H, N, N] the dropout's keep mask, kept
+    probabilities scaled by ``keep_scale``."""
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
     s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     N = qkv.shape[1]
@@ -40,7 +42,7 @@ def reference(qkv, heads, key_mask=None, causal=False, keep=None, dropout_p=0.0)
         s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     p = torch.softmax(s, -1)
     if keep is not None:
-        p = p * keep / (1 - dropout_p)
+        p = p * keep * keep_scale
     return rearrange(p @ v, "b h n d -> b n (h d)")
 
 
@@ -83,16 +85,16 @@ def test_bmm_path_in_bf16_errs_at_most_twice_torchs_flash_kernel(B, N, heads, D,
 
 @pytest.mark.parametrize("mask", [None, "key_mask", "causal"])
 def test_dropout_keeps_the_drawn_mask_in_forward_and_backward(mask):
-    """The keep mask is torch.rand(B, H, N, N) >= p from the default generator, the same in the
-    backward as in the forward."""
+    """The keep mask is models.dropout.keep_mask((B, H, N, N), p) from the default generator, the
+    same in the backward as in the forward."""
     B, N, heads, D, p = 2, 19, 3, 8, 0.3
     qkv, key_mask, causal, dy = _inputs(B, N, heads, D, mask, seed=1)
     torch.manual_seed(7)
     y, g = _output_and_grad(lambda x: self_attention(x, heads, key_mask, causal, dropout_p=p, backend="bmm"), qkv, dy)
     torch.manual_seed(7)
-    keep = torch.rand(B, heads, N, N) >= p
+    keep, scale = keep_mask((B, heads, N, N), p)
     assert 0 < keep.float().mean() < 1
-    y_ref, g_ref = _output_and_grad(lambda x: reference(x, heads, key_mask, causal, keep, p), qkv, dy)
+    y_ref, g_ref = _output_and_grad(lambda x: reference(x, heads, key_mask, causal, keep, scale), qkv, dy)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 

@@ -126,8 +126,21 @@ def _probabilities(q, k, scale: float, hidden: torch.Tensor | None) -> torch.Ten
     return torch.softmax(s, -1)
 
 
-def _keep(keep: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None:
-    return None if keep is None else keep[b0:b1].flatten(0, 1)
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, scale: float, b0: int, b1: int) -> torch.Tensor:
+    """x [c H, N, N] of sequences b0..b1 with the dropout's keep mask [B, H, N, N] applied (the
+    forward's probabilities and the backward's gradient alike: the same rounding)."""
+    return x if keep is None else x * keep[b0:b1].flatten(0, 1) * scale
+
+
+def _layout(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, int, float]:
+    """(qkv as [B, N, 3, H, D], D, the scores' scale D^-1/2)."""
+    B, N, width = qkv.shape
+    D = width // (3 * heads)
+    return qkv.view(B, N, 3, heads, D), D, D ** -0.5
+
+
+def _hidden(hidden: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None:
+    return None if hidden is None else hidden[b0:b1]
 
 
 class _BmmAttention(torch.autograd.Function):
@@ -135,18 +148,14 @@ class _BmmAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, heads: int, hidden, dropout_p: float):
-        B, N, width = qkv.shape
-        D = width // (3 * heads)
-        scale = D ** -0.5
-        t = qkv.view(B, N, 3, heads, D)
+        B, N, _ = qkv.shape
+        t, D, scale = _layout(qkv, heads)
         keep, keep_scale = keep_mask((B, heads, N, N), dropout_p) if dropout_p > 0 else (None, 1.0)
         y = qkv.new_empty(B, N, heads, D)
         with torch.autocast("cpu", enabled=False):
             for b0, b1 in _chunks(B, heads, N):
                 q, k, v = _heads(t, b0, b1)
-                p = _probabilities(q, k, scale, None if hidden is None else hidden[b0:b1])
-                if keep is not None:
-                    p = p * _keep(keep, b0, b1) * keep_scale
+                p = _dropped(_probabilities(q, k, scale, _hidden(hidden, b0, b1)), keep, keep_scale, b0, b1)
                 y[b0:b1] = _unheads(torch.bmm(p, v), b1 - b0)
         ctx.save_for_backward(qkv, hidden, keep)
         ctx.heads, ctx.keep_scale = heads, keep_scale
@@ -157,9 +166,7 @@ class _BmmAttention(torch.autograd.Function):
         qkv, hidden, keep = ctx.saved_tensors
         heads, keep_scale = ctx.heads, ctx.keep_scale
         B, N, width = qkv.shape
-        D = width // (3 * heads)
-        scale = D ** -0.5
-        t = qkv.view(B, N, 3, heads, D)
+        t, D, scale = _layout(qkv, heads)
         dy = dy.reshape(B, N, heads, D)
         dt = torch.empty_like(t)   # [B, N, 3, H, D]: the qkv gradient in qkv's layout
         with torch.autocast("cpu", enabled=False):
@@ -167,12 +174,9 @@ class _BmmAttention(torch.autograd.Function):
                 c = b1 - b0
                 q, k, v = _heads(t, b0, b1)
                 do = dy[b0:b1].transpose(1, 2).reshape(-1, N, D).contiguous()   # [c H, N, D]
-                p = _probabilities(q, k, scale, None if hidden is None else hidden[b0:b1])
-                dp = torch.bmm(do, v.transpose(1, 2))   # d(dropped p) [c H, N, N]
-                dropped = p
-                if keep is not None:   # as the forward: the same rounding of the same products
-                    dropped = p * _keep(keep, b0, b1) * keep_scale
-                    dp = dp * _keep(keep, b0, b1) * keep_scale
+                p = _probabilities(q, k, scale, _hidden(hidden, b0, b1))
+                dp = _dropped(torch.bmm(do, v.transpose(1, 2)), keep, keep_scale, b0, b1)   # d p [c H, N, N]
+                dropped = _dropped(p, keep, keep_scale, b0, b1)   # the forward's, bit for bit
                 dt[b0:b1, :, 2] = _unheads(torch.bmm(dropped.transpose(1, 2), do), c)
                 ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)   # d(scaled scores)
                 dt[b0:b1, :, 0] = _unheads(_scaled_bmm(ds, k, scale), c)

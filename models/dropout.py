@@ -54,9 +54,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 class Dropout(nn.Dropout):
     """nn.Dropout with this module's CPU mask (``p``, ``train()`` / ``eval()`` as nn.Dropout)."""
 
-    def forward(self, x):
-        if self.inplace:
+    def __init__(self, p: float = 0.5, inplace: bool = False):
+        if inplace:
             raise ValueError("models.dropout.Dropout does not drop in place (inplace=True)")
+        super().__init__(p)
+
+    def forward(self, x):
         return dropout(x, self.p, self.training)
 
 
